@@ -1,0 +1,192 @@
+"""Load a frozen CLIP vision tower and tap the CLS token of its blocks.
+
+Two taps come out of one forward pass:
+
+``ln2``
+    the output of each encoder layer's ``layer_norm2``, i.e.
+    ``LayerNorm2(x + Attention(LayerNorm1(x)))`` inside the block, before the
+    MLP. This is the tensor the authors' code hooks, and the only one their
+    released heads and published numbers were made with.
+``hidden``
+    the block outputs, ``hidden_states[1:]`` of ``output_hidden_states=True``
+    (``hidden_states[0]`` is the embedding, not a block): what the paper's
+    text describes.
+"""
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.utils import cached_file
+from transformers.utils import logging as hf_logging
+
+from .cache import DEFAULT_MODEL, TAPS
+from .devices import resolve_device
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What to load and how to run it."""
+
+    model: str = DEFAULT_MODEL
+    revision: str | None = None
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "auto"  # "auto" = float16 on GPU (the authors' setting), float32 on CPU
+
+
+def parse_blocks(text: str, n_layers: int) -> tuple[int, ...]:
+    """Block selection like timm's feature_take_indices.
+
+    ``all``; ``last:K`` (the last K blocks); or a comma list of indices where
+    negative ones count from the end (``-1`` = last block).
+    """
+    text = text.strip()
+    if text == "all":
+        return tuple(range(n_layers))
+    if text.startswith("last:"):
+        count = int(text.split(":", 1)[1])
+        if not 1 <= count <= n_layers:
+            raise ValueError(f"blocks {text!r}: K must be in 1..{n_layers}")
+        return tuple(range(n_layers - count, n_layers))
+    indices = []
+    for part in text.split(","):
+        index = int(part)
+        if not -n_layers <= index < n_layers:
+            raise ValueError(f"blocks {text!r}: index {index} outside a {n_layers}-block model")
+        indices.append(index % n_layers)
+    if len(set(indices)) != len(indices) or indices != sorted(indices):
+        raise ValueError(f"blocks {text!r}: indices must be distinct and increasing")
+    return tuple(indices)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Backbone:
+    """A frozen CLIP vision tower returning per-block CLS tokens for chosen taps."""
+
+    def __init__(self, spec: BackboneSpec, blocks: str = "all") -> None:
+        self.spec = spec
+        self.device = resolve_device(spec.device)
+        self.dtype = resolve_dtype(spec.dtype, self.device)
+        # A full CLIPModel checkpoint works too: the vision config and the
+        # vision_model.* weights are taken from it, the text tower is ignored.
+        with _quiet_transformers():
+            self.model, loading = CLIPVisionModel.from_pretrained(
+                spec.model,
+                revision=spec.revision,
+                dtype=self.dtype,
+                attn_implementation="sdpa",
+                output_loading_info=True,
+            )
+        if loading["missing_keys"]:
+            missing = sorted(loading["missing_keys"])
+            raise ValueError(
+                f"{spec.model}: the checkpoint lacks {len(missing)} vision-tower weights "
+                f"(e.g. {missing[:3]}); refusing to run a partly random backbone"
+            )
+        self.model.to(self.device).eval().requires_grad_(False)
+        config: CLIPVisionConfig = self.model.config
+        self.n_layers = config.num_hidden_layers
+        self.dim = config.hidden_size
+        self.crop_size = config.image_size
+        self.blocks = parse_blocks(blocks, self.n_layers)
+        self.mean, self.std = _normalisation(spec)
+        self.revision = _resolved_revision(spec, config)
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+
+    def pixel_values(self, images: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 RGB -> normalised (B, 3, S, S) in the model dtype."""
+        batch = torch.from_numpy(images).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        return ((batch - self._mean) / self._std).to(self.dtype)
+
+    @torch.inference_mode()
+    def forward_taps(self, images: np.ndarray, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+        """CLS tokens (B, n_blocks, dim) per tap, from one forward pass."""
+        unknown = set(taps) - set(TAPS)
+        if unknown:
+            raise ValueError(f"unknown tap(s) {sorted(unknown)}; choose from {TAPS}")
+        captured: dict[int, torch.Tensor] = {}
+        handles = []
+        if "ln2" in taps:
+            # transformers 5 puts the encoder on CLIPVisionModel itself, 4.x under .vision_model
+            layers = getattr(self.model, "vision_model", self.model).encoder.layers
+            for block in self.blocks:
+                handles.append(layers[block].layer_norm2.register_forward_hook(_cls_hook(captured, block)))
+        try:
+            outputs = self.model(pixel_values=self.pixel_values(images), output_hidden_states="hidden" in taps)
+        finally:
+            for handle in handles:
+                handle.remove()
+        result = {}
+        if "ln2" in taps:
+            result["ln2"] = torch.stack([captured[b] for b in self.blocks], dim=1)
+        if "hidden" in taps:
+            hidden = outputs.hidden_states[1:]
+            result["hidden"] = torch.stack([hidden[b][:, 0] for b in self.blocks], dim=1)
+        return result
+
+
+@contextmanager
+def _quiet_transformers():
+    """Hide the load report listing the text-tower weights of a full CLIPModel."""
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _cls_hook(captured: dict[int, torch.Tensor], block: int):
+    def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        captured[block] = output[:, 0]
+
+    return hook
+
+
+def _normalisation(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from the checkpoint's preprocessor_config.json, else CLIP's."""
+    config_file = cached_file(
+        spec.model,
+        "preprocessor_config.json",
+        revision=spec.revision,
+        _raise_exceptions_for_missing_entries=False,
+    )
+    if config_file is None:
+        return CLIP_MEAN, CLIP_STD
+    config = json.loads(Path(config_file).read_text())
+    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _resolved_revision(spec: BackboneSpec, config: CLIPVisionConfig) -> str:
+    """The hub commit a hub id resolved to, or a content hash of a local dir."""
+    local = Path(spec.model)
+    if local.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
+            with open(file, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    digest.update(block)
+        return "local-sha256:" + digest.hexdigest()[:16]
+    commit = getattr(config, "_commit_hash", None)
+    return commit or spec.revision or "unknown"

@@ -1,0 +1,175 @@
+"""The `pipeline` command: parse options, build a config, call one function."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from . import cache, images
+from .backbone import BackboneSpec
+from .cache import DEFAULT_MODEL, TAPS
+from .config import ConfigError, load_grid
+from .extract import ExtractConfig, ExtractError, run_extract
+from .grid import FitOptions, run_grid
+from .manifest import LAYOUTS, ManifestError, build_manifest, manifest_path, write_manifest
+from .train import DataError
+
+
+def _comma_list(value: str | None) -> tuple[str, ...] | None:
+    return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="rine-pipeline")
+def main() -> None:
+    """RINE synthetic-image detection: CLIP block features cached once, heads trained from the cache.
+
+    \b
+    Typical order:
+      pipeline manifest  -> manifests/<split>.csv
+      pipeline extract   -> cache/<model>/<tap>/<split>.zarr
+      pipeline fit       -> runs/<grid>/results.csv
+      pipeline report    -> reports/*.csv, *.png
+      pipeline predict   -> scores for new images
+    """
+
+
+@main.command("manifest")
+@click.option("--layout", type=click.Choice(LAYOUTS), required=True, help="On-disk layout of the data set (README: Manifests).")
+@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Top folder of the data set.")
+@click.option("--split", required=True, help="Name of the split; written to <manifests-dir>/<split>.csv.")
+@click.option("--classes", help="Comma list of classes to keep (train/val layouts), e.g. car,cat,chair,horse.")
+@click.option("--generators", help="Comma list of generators/sets to keep (test layouts).")
+@click.option("--raise-root", type=click.Path(exists=True, file_okay=False, path_type=Path), help="RAISE reals (synthbuster layout).")
+@click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
+def manifest_command(layout, root, split, classes, generators, raise_root, manifests_dir) -> None:
+    """List the images of a data set layout as a split manifest (CSV: path,label,dataset[,class])."""
+    try:
+        manifest = build_manifest(
+            layout, root, split, classes=_comma_list(classes), generators=_comma_list(generators), raise_root=raise_root
+        )
+    except (ManifestError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from None
+    path = manifest_path(manifests_dir, split)
+    write_manifest(manifest, path)
+    n_fake = sum(row.label for row in manifest.rows)
+    datasets = sorted({row.dataset for row in manifest.rows})
+    click.echo(f"{len(manifest)} images ({len(manifest) - n_fake} real, {n_fake} fake) in {len(datasets)} dataset(s)", err=True)
+    click.echo(str(path))
+
+
+@main.command("extract")
+@click.option("--split", required=True, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
+@click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
+@click.option("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local directory of a CLIP (vision) model.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to load.")
+@click.option("--tap", "taps", type=click.Choice(TAPS), multiple=True, default=("ln2",),
+              help="Tensor taken from each block: ln2 = layer_norm2 output (authors' code, released heads), "
+                   "hidden = block output (paper text). Repeat to write both from one forward pass.")
+@click.option("--blocks", default="all", help="Blocks to keep: all, last:K, or a comma list (negative from the end).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Explicit store path (one tap only).")
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.")
+@click.option("--store-dtype", default="float16", type=click.Choice(["float16", "float32"]), help="dtype of the stored features.")
+@click.option("--views", type=click.IntRange(1), default=1, help="Seeded augmented views per training image (epoch e reads view e mod K).")
+@click.option("--augment/--no-augment", default=None,
+              help="Training recipe (blur/JPEG/random crop/flip) or center crop. Default: augment when the split name starts with 'train'.")
+@click.option("--perturb", type=click.Choice(images.PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5).")
+@click.option("--perturb-preset", type=click.Choice(images.PERTURB_PRESETS), default="official",
+              help="official = the authors' code with its quirks; paper = the parameters the paper describes.")
+@click.option("--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view).")
+@click.option("--shard-rows", type=click.IntRange(1), default=cache.DEFAULT_SHARD_ROWS, help="Rows per shard: the unit of work and resume.")
+@click.option("--chunk-rows", type=click.IntRange(1), default=cache.DEFAULT_CHUNK_ROWS, help="Rows per inner chunk (divides --shard-rows).")
+@click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
+@click.option("--max-pixels", type=click.IntRange(1), default=images.DEFAULT_MAX_PIXELS, help="Images with more pixels are recorded as invalid.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be used (exit status 1).")
+@click.option("--overwrite", is_flag=True, help="Delete an existing store and rebuild it.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def extract_command(split, manifest_file, data_root, model, revision, taps, blocks, cache_dir, out, batch_size, device,
+                    dtype, store_dtype, views, augment, perturb, perturb_preset, seed, shard_rows, chunk_rows, workers,
+                    max_pixels, fail_fast, overwrite, no_progress) -> None:
+    """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable).
+
+    Prints the store path(s). Exit status: 0 when the store is complete (images
+    that could not be decoded are recorded with valid=false and summarised);
+    1 on an error or with --fail-fast at the first bad image; 2 on bad options.
+    """
+    config = ExtractConfig(
+        split=split,
+        manifest=manifest_file or manifest_path(Path("manifests"), split),
+        backbone=BackboneSpec(model=model, revision=revision, device=device, dtype=dtype),
+        data_root=data_root,
+        taps=tuple(dict.fromkeys(taps)),
+        blocks=blocks,
+        cache_dir=cache_dir,
+        out=out,
+        batch_size=batch_size,
+        store_dtype=store_dtype,
+        views=views,
+        augment=augment,
+        perturbation=perturb,
+        perturb_preset=perturb_preset,
+        seed=seed,
+        shard_rows=shard_rows,
+        chunk_rows=min(chunk_rows, shard_rows),
+        decode_workers=workers,
+        max_pixels=max_pixels,
+        fail_fast=fail_fast,
+        overwrite=overwrite,
+        progress=not no_progress,
+    )
+    try:
+        summary = run_extract(config)
+    except (ExtractError, ManifestError, cache.StoreError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(summary.report(), err=True)
+    for path in summary.stores.values():
+        click.echo(str(path))
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect feature stores."""
+
+
+@cache_group.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def cache_info_command(path: Path) -> None:
+    """Print a store's attributes, variants and completion, and its invalid rows."""
+    try:
+        click.echo(cache.describe_store(path))
+    except cache.StoreError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command("fit")
+@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=Path("grid.yaml"),
+              help="Grid YAML: data (train/val/test stores), base config and grid of lists.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: the grid's `out`, else runs/<name>).")
+@click.option("--jobs", type=click.IntRange(1), default=1, help="Configs fitted in parallel (threads sharing one copy of the features).")
+@click.option("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
+    """Train and evaluate every head config of a grid from cached features (finished runs are skipped).
+
+    Prints the results table path. Exit status 1 when any config failed
+    (its error row is in results.csv), 0 otherwise.
+    """
+    try:
+        spec = load_grid(grid_file, out=out)
+        summary = run_grid(spec, FitOptions(device=device, jobs=jobs, fail_fast=fail_fast, progress=not no_progress))
+    except (ConfigError, DataError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(
+        f"{summary.n_runs} runs ({summary.n_skipped} already done, {summary.n_errors} failed) in {summary.seconds:.1f} s; "
+        f"best configs in {summary.selection}",
+        err=True,
+    )
+    click.echo(str(summary.results))
+    if summary.n_errors:
+        raise SystemExit(1)

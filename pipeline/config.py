@@ -1,0 +1,268 @@
+"""Typed configs of stage two; the only place grid YAML is parsed.
+
+A grid file names the data (train, val and test stores), a ``base`` run
+config and a ``grid`` of lists (or a list of such blocks) expanded with
+scikit-learn's ParameterGrid: deterministic order, every value validated,
+unknown keys rejected by name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from sklearn.model_selection import ParameterGrid
+
+from .cache import DEFAULT_MODEL, TAPS, default_store_path
+
+
+class ConfigError(ValueError):
+    """A grid file or value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Hyper-parameters of one head fit (defaults: the authors' protocol)."""
+
+    contrastive_factor: float = 0.2  # xi, weight of SupCon
+    proj_layers: int = 2  # q
+    proj_dim: int = 1024  # d'
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_milestones: tuple[int, ...] = (6, 11)  # lr / 10 at each of these epochs
+    classes: tuple[str, ...] | None = None  # train (and val) classes; None = all in the store
+    train_fraction: float = 1.0
+    blocks: str = "all"  # "all" or "last" (ablation: without intermediate blocks)
+    aggregation: str = "tie"  # "tie" or "mean" (ablation: without TIE)
+    seed: int = 0
+    amp: str = "none"  # "none" or "bf16" (autocast)
+
+    def setting(self) -> str:
+        """Everything but the three searched hyper-parameters, as a short string."""
+        searched = {"contrastive_factor", "proj_layers", "proj_dim"}
+        parts = []
+        for f in fields(self):
+            if f.name in searched:
+                continue
+            value = getattr(self, f.name)
+            if f.name == "classes":
+                value = classes_label(value)
+            elif isinstance(value, tuple):
+                value = ",".join(str(v) for v in value)
+            parts.append(f"{f.name}={value}")
+        return " ".join(parts)
+
+
+def classes_label(classes: tuple[str, ...] | None) -> str:
+    return "all" if classes is None else "+".join(classes)
+
+
+RUN_KEYS = tuple(f.name for f in fields(RunConfig))
+
+
+def _check_number(key: str, value: Any, kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ConfigError(f"{key}: {value!r} is outside {bound}")
+    return kind(value)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConfig:
+    """Validate a mapping of hyper-parameters into a RunConfig."""
+    unknown = sorted(set(values) - set(RUN_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}")
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{where}.{key}"
+        if key == "contrastive_factor":
+            checked[key] = _check_number(name, value, float, 0.0)
+        elif key in ("proj_layers", "proj_dim", "epochs"):
+            checked[key] = _check_number(name, value, int, 1)
+        elif key == "batch_size":
+            checked[key] = _check_number(name, value, int, 2)
+        elif key == "lr":
+            checked[key] = _check_number(name, value, float, 0.0, low_open=True)
+        elif key == "train_fraction":
+            checked[key] = _check_number(name, value, float, 0.0, 1.0, low_open=True)
+        elif key == "seed":
+            checked[key] = _check_number(name, value, int, 0)
+        elif key == "lr_milestones":
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name}: expected a list of epochs, got {value!r}")
+            checked[key] = tuple(_check_number(name, v, int, 1) for v in value)
+        elif key == "classes":
+            checked[key] = _parse_classes(name, value)
+        elif key == "blocks":
+            checked[key] = _check_choice(name, value, ("all", "last"))
+        elif key == "aggregation":
+            checked[key] = _check_choice(name, value, ("tie", "mean"))
+        elif key == "amp":
+            checked[key] = _check_choice(name, value, ("none", "bf16"))
+    return RunConfig(**checked)
+
+
+def _parse_classes(name: str, value: Any) -> tuple[str, ...] | None:
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{name}: expected a list of class names, 'all' or null, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{name}: repeated class in {value!r}")
+    return tuple(sorted(value))
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """One store to read: by split name (resolved in the cache) or by path."""
+
+    name: str  # label in results (split name by default)
+    path: Path
+    variant: str | None = None  # None: "center" for evaluation, training views for train
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """A parsed grid file."""
+
+    name: str
+    out: Path
+    model: str
+    tap: str
+    train: StoreRef
+    val: StoreRef
+    tests: tuple[StoreRef, ...]
+    runs: tuple[RunConfig, ...]
+    source: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+
+_GRID_KEYS = ("name", "out", "data", "base", "grid")
+_DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test")
+_REF_KEYS = ("split", "store", "variant", "name")
+
+
+def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str) -> StoreRef:
+    if isinstance(value, str):
+        value = {"split": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a split name or a mapping with split/store, got {value!r}")
+    unknown = sorted(set(value) - set(_REF_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_REF_KEYS)}")
+    if ("split" in value) == ("store" in value):
+        raise ConfigError(f"{where}: give exactly one of split (a name in the cache) or store (a path)")
+    variant = value.get("variant")
+    if "split" in value:
+        split = str(value["split"])
+        path = default_store_path(cache_dir, model, tap, split)
+        default_name = split
+    else:
+        path = Path(value["store"])
+        default_name = path.stem
+    if variant not in (None, "center"):
+        default_name = f"{default_name}_{variant}"
+    name = str(value.get("name", default_name))
+    if not name or "/" in name:
+        raise ConfigError(f"{where}.name: {name!r} must be a non-empty name without '/'")
+    return StoreRef(name=name, path=path, variant=variant)
+
+
+def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None) -> GridSpec:
+    """Parse grid YAML text (relative paths are relative to the working directory)."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source or 'grid'}: not valid YAML: {error}") from None
+    where = str(source or "grid")
+    if not isinstance(document, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(_GRID_KEYS)}")
+    unknown = sorted(set(document) - set(_GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(_GRID_KEYS)}")
+    for key in ("name", "data"):
+        if key not in document:
+            raise ConfigError(f"{where}: missing key {key!r}")
+    name = str(document["name"])
+    data = document["data"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: data: expected a mapping")
+    unknown = sorted(set(data) - set(_DATA_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: data: unknown key(s) {', '.join(unknown)}; known: {', '.join(_DATA_KEYS)}")
+    for key in ("train", "val", "test"):
+        if key not in data:
+            raise ConfigError(f"{where}: data: missing key {key!r}")
+    cache_dir = Path(data.get("cache_dir", "cache"))
+    model = str(data.get("model", DEFAULT_MODEL))
+    tap = _check_choice("data.tap", data.get("tap", "ln2"), TAPS)
+    ref = lambda value, key: _parse_ref(value, f"data.{key}", cache_dir, model, tap)  # noqa: E731
+    tests_value = data["test"] if isinstance(data["test"], list) else [data["test"]]
+    tests = tuple(ref(value, f"test[{i}]") for i, value in enumerate(tests_value))
+    names = [t.name for t in tests] + ["val"]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: data.test: names must be distinct and not 'val': {names}")
+
+    base = document.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: base: expected a mapping of hyper-parameters")
+    make_run_config(base, "base")  # validate base alone, so its errors name it
+    runs = tuple(make_run_config({**base, **point}, "grid") for point in expand_grid(document.get("grid"), where))
+    return GridSpec(
+        name=name,
+        out=out or Path(document.get("out", Path("runs") / name)),
+        model=model,
+        tap=tap,
+        train=ref(data["train"], "train"),
+        val=ref(data["val"], "val"),
+        tests=tests,
+        runs=runs,
+        source=source,
+    )
+
+
+def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
+    """ParameterGrid over a mapping of lists or a list of such mappings."""
+    if grid is None:
+        return [{}]
+    blocks = grid if isinstance(grid, list) else [grid]
+    for i, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            raise ConfigError(f"{where}: grid[{i}]: expected a mapping of key: [values]")
+        for key, values in block.items():
+            if key not in RUN_KEYS:
+                raise ConfigError(f"{where}: grid: unknown key {key!r}; known: {', '.join(RUN_KEYS)}")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
+    points = list(ParameterGrid(blocks))
+    for point in points:
+        make_run_config(point, "grid")
+    return points
+
+
+def load_grid(path: Path, out: Path | None = None) -> GridSpec:
+    if not path.is_file():
+        raise ConfigError(f"{path}: grid file not found")
+    return parse_grid(path.read_text(), source=path, out=out)
+
+
+def run_config_dict(config: RunConfig) -> dict[str, Any]:
+    """Plain, YAML-friendly values (tuples as lists)."""
+    values = asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
