@@ -1,6 +1,8 @@
 """The `pipeline` command: parse options, build a config, call one function."""
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 import click
@@ -9,9 +11,11 @@ from . import cache, images
 from .backbone import BackboneSpec
 from .cache import DEFAULT_MODEL, TAPS
 from .config import ConfigError, load_grid
+from .head import CheckpointError
 from .extract import ExtractConfig, ExtractError, run_extract
 from .grid import FitOptions, run_grid
 from .manifest import LAYOUTS, ManifestError, build_manifest, manifest_path, write_manifest
+from .predict import PredictConfig, PredictError, run_predict
 from .train import DataError
 
 
@@ -173,3 +177,37 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
     click.echo(str(summary.results))
     if summary.n_errors:
         raise SystemExit(1)
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--head", "head_path", required=True, type=click.Path(exists=True, path_type=Path),
+              help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.")
+@click.option("--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth).")
+@click.option("--device", default="auto")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the CSV here instead of stdout.")
+def predict_command(inputs, head_path, model, device, dtype, batch_size, out) -> None:
+    """Score images (files or folders): CSV path,score,prediction,error; score = probability of fake.
+
+    Images that cannot be decoded get an empty score and the reason in `error`.
+    """
+    config = PredictConfig(head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size)
+    try:
+        predictions = run_predict(config)
+    except (PredictError, CheckpointError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "score", "prediction", "error"])
+    for p in predictions:
+        score = "" if p.score is None else f"{p.score:.6f}"
+        label = "" if p.score is None else ("fake" if p.score > 0.5 else "real")
+        writer.writerow([str(p.path), score, label, p.error])
+    text = buffer.getvalue()
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(str(out))

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 import yaml
 from joblib import Parallel, delayed
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from . import cache
 from .devices import resolve_device
 from .config import GridSpec, RunConfig, classes_label, run_config_dict
-from .head import count_parameters
+from .head import count_parameters, save_head
 from .metrics import METRIC_NAMES, best_threshold, compute_metrics
 from .train import (
     DataError,
@@ -241,8 +240,7 @@ def fit_and_evaluate(
         write_scores(folder / f"scores_{test.ref.name}.csv", test, test_rows, scores)
         rows += metric_rows(base, test.ref.name, test, test_rows, scores, threshold)
 
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    save_file(state, str(folder / "head.safetensors"), metadata=head_metadata(data.train, run))
+    save_head(head, folder / "head.safetensors", head_metadata(data.train, run))
     _write_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
     fit_info = {
         "fit_seconds": fit.fit_seconds,
@@ -304,11 +302,6 @@ def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.nd
 def head_metadata(train: LoadedStore, run: RunConfig) -> dict[str, str]:
     identity = train.info.identity
     return {
-        "n_blocks": str(1 if run.blocks == "last" else len(identity.blocks)),
-        "in_dim": str(identity.dim),
-        "proj_dim": str(run.proj_dim),
-        "proj_layers": str(run.proj_layers),
-        "aggregation": run.aggregation,
         "blocks_used": run.blocks,
         "model": identity.model_id,
         "model_revision": identity.model_revision,

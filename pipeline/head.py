@@ -53,6 +53,7 @@ class FastDropout(nn.Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.p = p
+        self.generator: torch.Generator | None = None  # None: torch's default generator
         self.register_buffer("byte_to_scale", build_byte_to_bits(2.0), persistent=False)
 
     def extra_repr(self) -> str:
@@ -71,7 +72,7 @@ class FastDropout(nn.Module):
         n_bytes = -(-n_elements // 8)
         n_words = -(-n_bytes // 4)
         # The range 2**32 makes every word uniform over all 32-bit patterns (no modulo bias).
-        words = torch.randint(-(2**31), 2**31, (n_words,), dtype=torch.int32, device=x.device)
+        words = torch.randint(-(2**31), 2**31, (n_words,), dtype=torch.int32, device=x.device, generator=self.generator)
         random_bytes = words.view(torch.uint8)[:n_bytes]
         table = self.byte_to_scale.to(device=x.device, dtype=x.dtype)
         multipliers = table.index_select(0, random_bytes.int())
@@ -141,6 +142,12 @@ class RineHead(nn.Module):
         self.proj1 = build_mlp_stack(in_dim, proj_dim, proj_layers, dropout)
         self.proj2 = build_mlp_stack(proj_dim, proj_dim, proj_layers, dropout)
         self.head = build_classifier(proj_dim, dropout)
+
+    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
+        """Draw every p = 0.5 dropout mask from ``generator`` (a run's own stream)."""
+        for module in self.modules():
+            if isinstance(module, FastDropout):
+                module.generator = generator
 
     def extra_repr(self) -> str:
         return (
@@ -260,3 +267,48 @@ def check_state_dict_matches(model: RineHead, state: dict[str, torch.Tensor], pa
     if problems:
         shape = f"n_blocks={model.n_blocks}, in_dim={model.in_dim}, proj_dim={model.proj_dim}, q={model.proj_layers}"
         raise CheckpointError(f"{path}: not a RINE head state dict for {shape}: {' | '.join(problems)}")
+
+
+def save_head(head: RineHead, path: Path, metadata: dict[str, str]) -> None:
+    """Write a head as safetensors; its shape goes into the metadata so it reloads alone."""
+    from safetensors.torch import save_file
+
+    shape = {
+        "n_blocks": str(head.n_blocks),
+        "in_dim": str(head.in_dim),
+        "proj_dim": str(head.proj_dim),
+        "proj_layers": str(head.proj_layers),
+        "aggregation": head.aggregation,
+    }
+    state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(state, str(tmp), metadata={**metadata, **shape})
+    tmp.replace(path)
+
+
+def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
+    """Read a head written by ``save_head``; returns it in eval mode with its metadata."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors head ({error})") from None
+    try:
+        head = RineHead(
+            int(metadata["n_blocks"]),
+            int(metadata["in_dim"]),
+            int(metadata["proj_dim"]),
+            int(metadata["proj_layers"]),
+            aggregation=metadata["aggregation"],
+        )
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: head metadata incomplete or invalid ({error})") from None
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not match the recorded shape ({error})") from None
+    return head.eval(), metadata

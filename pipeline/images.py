@@ -202,7 +202,7 @@ def convert_to_rgb_array(image: Image.Image) -> np.ndarray:
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """torchvision ``CenterCrop(size)`` on an array, never resizing.
+    """torchvision ``CenterCrop(size)`` on an array, never resizing; a new array.
 
     A side shorter than ``size`` is first zero-padded symmetrically (the
     extra pixel of an odd deficit goes right/bottom). The offset is
@@ -215,7 +215,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
     height, width = padded.shape[:2]
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
-    return np.ascontiguousarray(padded[top : top + size, left : left + size])
+    return np.array(padded[top : top + size, left : left + size], order="C")
 
 
 def pad_centered(image: np.ndarray, size: int) -> np.ndarray:
@@ -249,7 +249,7 @@ def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
     height, width = image.shape[:2]
     bottom, right = height - size, width - size
     corners = [(0, 0), (0, right), (bottom, 0), (bottom, right)]
-    crops = [np.ascontiguousarray(image[t : t + size, l : l + size]) for t, l in corners]
+    crops = [image[t : t + size, l : l + size] for t, l in corners]
     return crops + [center_crop(image, size)]
 
 
@@ -286,7 +286,7 @@ def crop_padded(image: np.ndarray, size: int, top: int, left: int) -> np.ndarray
     """The ``size`` square at (top, left) of the ``pad_if_needed`` padded image."""
     pad_h, pad_w = random_crop_padding(image.shape[0], image.shape[1], size)
     padded = np.pad(image, ((pad_h, pad_h), (pad_w, pad_w), (0, 0))) if pad_h or pad_w else image
-    return np.ascontiguousarray(padded[top : top + size, left : left + size])
+    return np.array(padded[top : top + size, left : left + size], order="C")
 
 
 # ---------------------------------------------------------------- filters
@@ -326,12 +326,11 @@ def jpeg_roundtrip(image: np.ndarray, quality: int, encoder: str) -> np.ndarray:
 
 def jpeg_roundtrip_cv2(image: np.ndarray, quality: int) -> np.ndarray:
     """JPEG round trip through OpenCV (which expects BGR channel order)."""
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    ok, encoded = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)])
+    params = [int(cv2.IMWRITE_JPEG_QUALITY), int(quality)]
+    ok, encoded = cv2.imencode(".jpg", flip_channels(image), params)
     if not ok:
         raise RuntimeError(f"OpenCV failed to JPEG-encode an image of shape {image.shape}")
-    decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR)
-    return np.ascontiguousarray(decoded[:, :, ::-1])
+    return flip_channels(cv2.imdecode(encoded, cv2.IMREAD_COLOR))
 
 
 def jpeg_roundtrip_pil(image: np.ndarray, quality: int) -> np.ndarray:
@@ -341,6 +340,11 @@ def jpeg_roundtrip_pil(image: np.ndarray, quality: int) -> np.ndarray:
     buffer.seek(0)
     with Image.open(buffer) as reopened:
         return np.ascontiguousarray(np.array(reopened.convert("RGB"), dtype=np.uint8))
+
+
+def flip_channels(image: np.ndarray) -> np.ndarray:
+    """Reverse the channel order (RGB <-> BGR)."""
+    return np.ascontiguousarray(image[:, :, ::-1])
 
 
 def flip_horizontal(image: np.ndarray) -> np.ndarray:
@@ -460,7 +464,9 @@ def perturb_image(
     if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
     if preset not in PERTURB_PRESETS:
-        raise ValueError(f"unknown perturbation preset {preset!r}; expected one of {PERTURB_PRESETS}")
+        raise ValueError(
+            f"unknown perturbation preset {preset!r}; expected one of {PERTURB_PRESETS}"
+        )
     if rng.random() >= PERTURB_PROBABILITY:
         return image
     perturbed = image
@@ -504,8 +510,7 @@ def perturb_crop(image: np.ndarray, preset: str, rng: np.random.Generator) -> np
 def perturb_jpeg(image: np.ndarray, preset: str, rng: np.random.Generator) -> np.ndarray:
     """JPEG re-compression through OpenCV (see ``perturb_image`` for the presets)."""
     if preset == "official":
-        as_if_bgr = jpeg_roundtrip_cv2(np.ascontiguousarray(image[:, :, ::-1]), OFFICIAL_JPEG_QUALITY)
-        return np.ascontiguousarray(as_if_bgr[:, :, ::-1])
+        return flip_channels(jpeg_roundtrip_cv2(flip_channels(image), OFFICIAL_JPEG_QUALITY))
     quality = int(rng.integers(*PERTURB_JPEG_QUALITY_RANGE))
     return jpeg_roundtrip_cv2(image, quality)
 
@@ -514,7 +519,7 @@ def perturb_noise(image: np.ndarray, preset: str, rng: np.random.Generator) -> n
     """Additive Gaussian noise, sigma uniform in [5, 20]; clipped, truncated to uint8."""
     sigma = float(rng.uniform(*PERTURB_NOISE_SIGMA_RANGE))
     noisy = image.astype(np.float64) + sigma * rng.standard_normal(image.shape)
-    return np.round(np.clip(noisy, 0.0, 255.0)).astype(np.uint8)
+    return np.clip(noisy, 0.0, 255.0).astype(np.uint8)
 
 
 def resize_bilinear_pil(image: np.ndarray, size: int) -> np.ndarray:
@@ -522,7 +527,7 @@ def resize_bilinear_pil(image: np.ndarray, size: int) -> np.ndarray:
     resized = Image.fromarray(np.ascontiguousarray(image)).resize(
         (size, size), Image.Resampling.BILINEAR
     )
-    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8))
+    return np.array(resized, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------- checks

@@ -135,6 +135,8 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
     with _SEED_LOCK:  # parallel runs (threads) must not interleave seeding and init
         torch.manual_seed(config.seed)
         head = build_head(store, config).to(device)
+    # Dropout and shuffling draw from the run's own streams, so parallel runs stay reproducible.
+    head.set_dropout_generator(torch.Generator(device=device).manual_seed(config.seed))
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(config.seed)

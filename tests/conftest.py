@@ -49,3 +49,81 @@ def make_folder_dataset(root: Path, n_per_label: int = 6, size: tuple[int, int] 
             for i in range(n_per_label):
                 write_image(root / dataset / folder / f"img_{i:03d}.png", size, seed * 1000 + d * 100 + label * 10 + i)
     return root
+
+
+def write_store(
+    path: Path,
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    datasets: list[str],
+    classes: list[str] | None = None,
+    valid: np.ndarray | None = None,
+    *,
+    tap: str = "ln2",
+    model: str = "synthetic",
+    shard_rows: int = 64,
+    chunk_rows: int = 16,
+) -> Path:
+    """A feature store written through the cache API, without any backbone.
+
+    ``features`` maps variant names ("center", "view_000", "jpeg-official") to
+    (N, n_blocks, dim) arrays.
+    """
+    from pipeline import cache
+
+    first = next(iter(features.values()))
+    n_rows, n_blocks, dim = first.shape
+    identity = cache.StoreIdentity(
+        manifest_sha256="0" * 64,
+        model_id=model,
+        model_revision="test",
+        tap=tap,
+        blocks=tuple(range(n_blocks)),
+        dim=dim,
+        crop_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        dtype="float16",
+        compute_dtype="float32",
+        seed=0,
+        max_pixels=10**8,
+        shard_rows=shard_rows,
+        chunk_rows=chunk_rows,
+    )
+    valid = np.ones(n_rows, dtype=bool) if valid is None else valid
+    cache.create_store(
+        path,
+        identity,
+        split=path.stem,
+        labels=labels.tolist(),
+        paths=[f"{datasets[i]}/{'1_fake' if labels[i] else '0_real'}/{i:05d}.png" for i in range(n_rows)],
+        datasets=datasets,
+        classes=classes,
+        extra_attrs={},
+    )
+    for name, array in features.items():
+        if name == "center":
+            spec = cache.VariantSpec.center()
+        elif name.startswith("view_"):
+            spec = cache.VariantSpec.train_view(int(name.split("_")[1]))
+        else:
+            kind, preset = name.split("-")
+            spec = cache.VariantSpec.perturbed(kind, preset)
+        cache.add_variant(path, spec, n_blocks, dim)
+        for shard in range(cache.shard_count(n_rows, shard_rows)):
+            start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
+            errors = ["" if ok else "synthetic failure" for ok in valid[start:stop]]
+            cache.commit_shard(path, name, shard, array[start:stop].astype(np.float16), valid[start:stop], errors)
+    return path
+
+
+def separable_features(
+    n_rows: int, n_blocks: int = 4, dim: int = 16, seed: int = 0, shift: float = 1.5
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose fakes are shifted along a fixed direction in every block."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n_rows) % 2).astype(np.int8)
+    direction = np.random.default_rng(12345).standard_normal(dim)
+    direction /= np.linalg.norm(direction)
+    features = rng.standard_normal((n_rows, n_blocks, dim)) + shift * labels[:, None, None] * direction
+    return features.astype(np.float32), labels

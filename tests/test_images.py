@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
 from pipeline import images
@@ -143,7 +143,8 @@ def test_decode_16bit_grey_png_keeps_high_byte(tmp_path: Path) -> None:
     values = np.array([[0, 255, 256, 1000], [32767, 32768, 40000, 65535]], dtype=np.uint16)
     path = tmp_path / "grey16.png"
     assert cv2.imwrite(str(path), values)  # written by OpenCV, not Pillow
-    assert Image.open(path).mode.startswith("I")
+    with Image.open(path) as written:
+        assert written.mode.startswith("I")
     decoded = decode_image(path)
     high_bytes = np.array([[0, 0, 1, 3], [127, 128, 156, 255]], dtype=np.uint8)
     for channel in range(3):
@@ -154,7 +155,8 @@ def test_decode_16bit_pgm_opened_as_mode_i_keeps_high_byte(tmp_path: Path) -> No
     header = b"P5\n3 1\n65535\n"
     body = np.array([300, 4095, 65535], dtype=">u2").tobytes()
     path = save_bytes(tmp_path / "grey16.pgm", header + body)
-    assert Image.open(path).mode == "I"
+    with Image.open(path) as written:
+        assert written.mode == "I"
     decoded = decode_image(path)
     np.testing.assert_array_equal(decoded[0, :, 0], [1, 15, 255])
     np.testing.assert_array_equal(decoded[0, :, 0], decoded[0, :, 2])
@@ -169,7 +171,8 @@ def test_decode_palette_with_alpha_bytes_gives_palette_colours_without_warning(
     image.putpalette([v for colour in palette for v in colour])
     path = tmp_path / "palette.png"
     image.save(path, transparency=bytes([0, 128, 255]))
-    assert isinstance(Image.open(path).info["transparency"], bytes)
+    with Image.open(path) as written:
+        assert isinstance(written.info["transparency"], bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         decoded = decode_image(path)
@@ -211,7 +214,8 @@ def test_decode_suspends_pillow_limit_and_restores_it(
     path = save_bytes(tmp_path / "big.png", encode_with_pil(random_image(48, 64), "PNG"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(Image.DecompressionBombError):  # Pillow alone refuses 3072 > 2 * 1000
-        Image.open(path)
+        with Image.open(path):
+            pass
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert decode_image(path).shape == (48, 64, 3)
@@ -253,10 +257,10 @@ def test_decode_exif_rotated_jpeg_keeps_raw_pixel_order(tmp_path: Path) -> None:
     stored[:, 20:] = (0, 0, 250)  # right half blue
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
-    path = save_bytes(tmp_path / "rotated.jpg", encode_with_pil(stored, "JPEG", quality=95, exif=exif.tobytes()))
-    from PIL import ImageOps
-
-    assert ImageOps.exif_transpose(Image.open(path)).size == (20, 40)  # the tag is really there
+    data = encode_with_pil(stored, "JPEG", quality=95, exif=exif.tobytes())
+    path = save_bytes(tmp_path / "rotated.jpg", data)
+    with Image.open(path) as written:  # the tag is really there
+        assert ImageOps.exif_transpose(written).size == (20, 40)
     decoded = decode_image(path)
     assert decoded.shape == (20, 40, 3)
     assert decoded[10, 5, 0] > 200 and decoded[10, 5, 2] < 50
@@ -450,7 +454,9 @@ def test_augment_train_view_applies_blur_jpeg_crop_flip_in_order(
 
 def test_apply_train_view_matches_hand_built_pipeline() -> None:
     image = random_image(40, 50, seed=19)
-    draw = TrainViewDraw(blur_sigma=1.3, jpeg_quality=30, jpeg_encoder="pil", crop_top=5, crop_left=7, flip=True)
+    draw = TrainViewDraw(
+        blur_sigma=1.3, jpeg_quality=30, jpeg_encoder="pil", crop_top=5, crop_left=7, flip=True
+    )
     blurred = np.empty_like(image)
     for c in range(3):
         gaussian_filter(image[:, :, c], sigma=1.3, output=blurred[:, :, c])
@@ -461,7 +467,9 @@ def test_apply_train_view_matches_hand_built_pipeline() -> None:
 
 def test_apply_train_view_cv2_jpeg_without_blur_or_flip() -> None:
     image = random_image(40, 50, seed=20)
-    draw = TrainViewDraw(blur_sigma=None, jpeg_quality=100, jpeg_encoder="cv2", crop_top=8, crop_left=0, flip=False)
+    draw = TrainViewDraw(
+        blur_sigma=None, jpeg_quality=100, jpeg_encoder="cv2", crop_top=8, crop_left=0, flip=False
+    )
     ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 100])
     compressed = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1]
     np.testing.assert_array_equal(apply_train_view(image, 32, draw), compressed[8:40, 0:32])
@@ -522,10 +530,9 @@ def test_perturb_official_blur_is_sigma_4_for_every_kernel() -> None:
     image = random_image(100, 120, seed=24)
     official = [pil_bilinear_256(cv2.GaussianBlur(image, (k, k), 4)) for k in (3, 5, 7, 9)]
     paper = [pil_bilinear_256(cv2.GaussianBlur(image, (k, k), 0)) for k in (3, 5, 7, 9)]
-    kernels = {index_of_match(official, out) for out in first_perturbed_rngs(image, "blur", "official", 40)}
-    assert kernels == {0, 1, 2, 3}
-    kernels = {index_of_match(paper, out) for out in first_perturbed_rngs(image, "blur", "paper", 40)}
-    assert kernels == {0, 1, 2, 3}
+    for preset, candidates in (("official", official), ("paper", paper)):
+        outputs = first_perturbed_rngs(image, "blur", preset, 40)
+        assert {index_of_match(candidates, out) for out in outputs} == {0, 1, 2, 3}
     assert not any(np.array_equal(o, p) for o in official for p in paper)
 
 
@@ -542,12 +549,14 @@ def test_perturb_paper_jpeg_quality_is_drawn_in_10_to_74() -> None:
     image = random_image(64, 72, seed=26)
 
     def bgr_roundtrip(quality: int) -> np.ndarray:
-        ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, quality])
+        bgr = image[:, :, ::-1].copy()
+        ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
         return pil_bilinear_256(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
 
     qualities = list(range(10, 75))
     candidates = [bgr_roundtrip(q) for q in qualities]
-    seen = {qualities[index_of_match(candidates, out)] for out in first_perturbed_rngs(image, "jpeg", "paper", 30)}
+    outputs = first_perturbed_rngs(image, "jpeg", "paper", 30)
+    seen = {qualities[index_of_match(candidates, out)] for out in outputs}
     assert len(seen) > 10 and min(seen) >= 10 and max(seen) <= 74
 
 
@@ -580,7 +589,9 @@ def test_perturb_noise_sigma_range_and_truncation(preset: str) -> None:
     assert max(sigmas) - min(sigmas) > 3.0  # sigma is drawn per image
 
 
-def test_perturb_combined_runs_blur_crop_jpeg_noise_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perturb_combined_runs_blur_crop_jpeg_noise_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     order: list[str] = []
 
     def recorder(name: str, fill: int):

@@ -1,0 +1,147 @@
+"""Helpers shared by the benchmark scripts: timing, scratch folders, synthetic stores and backbones.
+
+Not part of the package: the scripts in this folder import it by file name
+(``python benchmarks/bench_x.py`` puts this folder first on ``sys.path``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import cache
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of repeated runs of one measured action."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def describe(self) -> str:
+        runs = ", ".join(f"{s:.3f}" for s in self.seconds)
+        return f"median {self.median:.3f} s, best {self.best:.3f} s (runs: {runs})"
+
+
+def time_repeats(action: Callable[[], object], repeats: int, warmup: int = 1) -> Timing:
+    """Run ``action`` ``warmup`` times untimed, then ``repeats`` times timed."""
+    for _ in range(warmup):
+        action()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        seconds.append(time.perf_counter() - start)
+    return Timing(tuple(seconds))
+
+
+def print_machine() -> None:
+    """One line describing where the numbers were measured."""
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), python {platform.python_version()}"
+    )
+
+
+def add_scratch_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--work-dir", type=Path, default=None, help="Scratch folder (default: a new temporary folder).")
+    parser.add_argument("--keep", action="store_true", help="Keep the scratch folder afterwards.")
+
+
+@contextlib.contextmanager
+def scratch_dir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
+    """The scratch folder of a run, removed afterwards unless --keep."""
+    if args.work_dir is not None:
+        path = Path(args.work_dir)
+        path.mkdir(parents=True, exist_ok=True)
+    else:
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        if args.keep:
+            print(f"kept scratch folder {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def synthetic_identity(n_blocks: int, dim: int, shard_rows: int, chunk_rows: int) -> cache.StoreIdentity:
+    """A store identity for features not made from images (benchmarks only)."""
+    return cache.StoreIdentity(
+        manifest_sha256="synthetic",
+        model_id="synthetic",
+        model_revision="synthetic",
+        tap="ln2",
+        blocks=tuple(range(n_blocks)),
+        dim=dim,
+        crop_size=224,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        dtype="float16",
+        compute_dtype="float32",
+        seed=0,
+        max_pixels=1,
+        shard_rows=shard_rows,
+        chunk_rows=chunk_rows,
+    )
+
+
+def write_synthetic_store(
+    path: Path,
+    n_rows: int,
+    n_blocks: int,
+    dim: int,
+    *,
+    shard_rows: int,
+    chunk_rows: int,
+    labels: np.ndarray | None = None,
+    classes: list[str] | None = None,
+    seed: int = 0,
+    feature_rows: Callable[[int, int, np.random.Generator], np.ndarray] | None = None,
+) -> None:
+    """A complete feature store (variant ``center``) of random float16 features.
+
+    ``feature_rows(start, stop, rng)`` may supply the rows of each shard
+    (default: standard normal values).
+    """
+    rng = np.random.default_rng(seed)
+    if labels is None:
+        labels = np.arange(n_rows) % 2
+    cache.create_store(
+        path,
+        synthetic_identity(n_blocks, dim, shard_rows, chunk_rows),
+        split=path.stem,
+        labels=[int(v) for v in labels],
+        paths=[f"img_{i:07d}.png" for i in range(n_rows)],
+        datasets=["synthetic"] * n_rows,
+        classes=classes,
+        extra_attrs={},
+    )
+    variant = cache.VariantSpec.center()
+    cache.add_variant(path, variant, n_blocks, dim)
+    for shard in range(cache.shard_count(n_rows, shard_rows)):
+        start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
+        if feature_rows is None:
+            values = rng.standard_normal((stop - start, n_blocks, dim), dtype=np.float32).astype(np.float16)
+        else:
+            values = feature_rows(start, stop, rng)
+        cache.commit_shard(path, variant.name, shard, values, np.ones(stop - start, dtype=bool), [""] * (stop - start))

@@ -1,0 +1,339 @@
+"""A small built-in data set and a tiny random CLIP, so the whole pipeline runs offline.
+
+Nothing here measures detection quality: the backbone has random weights and
+the images are synthetic. The demo shows every stage working end to end.
+
+Data (``folder`` layout, 64x64 RGB PNG)::
+
+    root/train/progan/{0_real,1_fake}/00000.png ...   n_train images per label
+    root/val/progan/{0_real,1_fake}/...               n_test per label
+    root/test/<generator>/{0_real,1_fake}/...         n_test per label, per generator
+
+A real image is a procedural scene (a 1/f colour field, a lighting gradient
+and a few anti-aliased ellipses and rectangles) rendered at full resolution
+plus sensor noise. The fake of the same index is the *same* scene passed
+through a generator-like trace (:data:`GENERATOR_TRACES`):
+
+- ``nearest`` (progan; also the training fakes): rendered at half resolution,
+  up-sampled by pixel repetition, so each 2x2 block is flat;
+- ``checkerboard`` (dalle): half resolution, bilinear up-sampling, then the
+  phase-dependent gain of a stride-2, 3x3 transposed convolution whose taps
+  overlap unevenly (1, 2, 2 and 4 taps on the four pixel phases);
+- ``bilinear`` (stylegan): half resolution, bilinear up-sampling: smooth,
+  with little energy at the highest frequencies;
+- ``smooth`` (guided): full resolution, slightly blurred, with spatially
+  correlated noise instead of sensor noise.
+
+Every image is drawn from its own generator seeded by (seed, part, generator,
+index), so a build is identical for a seed whatever the sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SIZE = 64
+TRAIN_GENERATOR = "progan"
+# Test "generator" -> trace its fakes carry.
+GENERATOR_TRACES = {
+    "progan": "nearest",
+    "stylegan": "bilinear",
+    "guided": "smooth",
+    "dalle": "checkerboard",
+}
+PARTS = ("train", "val", "test")
+COMPLETE_MARKER = ".demo-complete.json"
+BUILDING_MARKER = ".demo-building.json"
+DEMO_BACKBONE = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+)
+# Taps a stride-2, 3x3 transposed convolution puts on the pixel phases
+# (even/odd row x even/odd column); the fake's gain follows them.
+TRANSPOSED_CONV_TAPS = np.array([[1.0, 2.0], [2.0, 4.0]])
+CHECKERBOARD_STRENGTH = 0.08
+GENERATOR_NOISE = 0.004
+BLOCK_SIZE = 2  # up-sampling factor of the half-resolution traces
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def render_scene(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A natural-looking (size, size, 3) float image in [0, 1]."""
+    image = colour_field(rng, size)
+    image += lighting_gradient(rng, size)
+    for _ in range(int(rng.integers(1, 5))):
+        mask = shape_mask(rng, size)
+        texture = 1.0 + 0.1 * random_fields(rng, size, 1)[0]
+        colour = rng.uniform(0.0, 1.0, 3) * texture[..., None]
+        image = image * (1.0 - mask[..., None]) + colour * mask[..., None]
+    return np.clip(image, 0.0, 1.0)
+
+
+def random_fields(rng: np.random.Generator, size: int, count: int) -> np.ndarray:
+    """(count, size, size) zero-mean, unit-variance fields with a 1/f^alpha spectrum."""
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    radius = np.hypot(fy, fx)
+    radius[0, 0] = 1.0
+    alpha = rng.uniform(1.6, 2.4)
+    shape = (count, size, size // 2 + 1)
+    spectrum = (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / radius**alpha
+    spectrum[:, 0, 0] = 0.0
+    fields = np.fft.irfft2(spectrum, s=(size, size))
+    return fields / fields.std(axis=(1, 2), keepdims=True)
+
+
+def colour_field(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Two random fields mixed into RGB around a random base colour."""
+    mix = rng.normal(0.0, 0.12, (2, 3))
+    base = rng.uniform(0.25, 0.75, 3)
+    return base + np.einsum("khw,kc->hwc", random_fields(rng, size, 2), mix)
+
+
+def lighting_gradient(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A linear ramp in a random direction, tinted per channel."""
+    angle = rng.uniform(0.0, 2.0 * np.pi)
+    y, x = np.mgrid[0:size, 0:size] / (size - 1) - 0.5
+    ramp = x * np.cos(angle) + y * np.sin(angle)
+    return rng.uniform(0.0, 0.3) * ramp[..., None] * rng.uniform(0.5, 1.0, 3)
+
+
+def shape_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Coverage in [0, 1] of an ellipse or a rectangle, anti-aliased over one pixel."""
+    y, x = np.mgrid[0:size, 0:size] + 0.5
+    cy, cx = rng.uniform(0, size, 2)
+    ry, rx = rng.uniform(3.0, size / 3, 2)
+    if rng.random() < 0.5:
+        # signed distance to the ellipse, approximated in pixels
+        distance = (np.hypot((y - cy) / ry, (x - cx) / rx) - 1.0) * min(ry, rx)
+    else:
+        distance = np.maximum(np.abs(y - cy) - ry, np.abs(x - cx) - rx)
+    return np.clip(0.5 - distance, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- traces
+
+
+def downsample_half(image: np.ndarray) -> np.ndarray:
+    """Mean of each 2x2 block: the scene rendered at half resolution."""
+    h, w, c = image.shape
+    return image.reshape(h // BLOCK_SIZE, BLOCK_SIZE, w // BLOCK_SIZE, BLOCK_SIZE, c).mean(axis=(1, 3))
+
+
+def upsample_nearest(image: np.ndarray) -> np.ndarray:
+    return image.repeat(BLOCK_SIZE, axis=0).repeat(BLOCK_SIZE, axis=1)
+
+
+def upsample_bilinear(image: np.ndarray) -> np.ndarray:
+    """2x bilinear up-sampling with half-pixel centres and replicated borders."""
+    for axis in (0, 1):
+        before = np.concatenate([image.take([0], axis), image.take(np.arange(image.shape[axis] - 1), axis)], axis)
+        after = np.concatenate([image.take(np.arange(1, image.shape[axis]), axis), image.take([-1], axis)], axis)
+        even = 0.75 * image + 0.25 * before
+        odd = 0.75 * image + 0.25 * after
+        image = np.stack([even, odd], axis=axis + 1).reshape(
+            *image.shape[:axis], 2 * image.shape[axis], *image.shape[axis + 1 :]
+        )
+    return image
+
+
+def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W[, C]) image, borders reflected."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    for axis in (0, 1):
+        pad = [(0, 0)] * image.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(image, pad, mode="reflect")
+        image = sum(w * padded.take(np.arange(i, i + image.shape[axis]), axis) for i, w in enumerate(taps))
+    return image
+
+
+def checkerboard_gain(size: int) -> np.ndarray:
+    """(size, size) gain of uneven transposed-convolution overlap, mean 1."""
+    relative = TRANSPOSED_CONV_TAPS / TRANSPOSED_CONV_TAPS.mean() - 1.0
+    return np.tile(1.0 + CHECKERBOARD_STRENGTH * relative, (size // 2, size // 2))
+
+
+def trace_nearest(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return upsample_nearest(downsample_half(scene)) + rng.normal(0.0, GENERATOR_NOISE, scene.shape)
+
+
+def trace_bilinear(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return upsample_bilinear(downsample_half(scene)) + rng.normal(0.0, GENERATOR_NOISE, scene.shape)
+
+
+def trace_checkerboard(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    up = upsample_bilinear(downsample_half(scene)) * checkerboard_gain(scene.shape[0])[..., None]
+    return up + rng.normal(0.0, GENERATOR_NOISE, scene.shape)
+
+
+def trace_smooth(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noise = gaussian_blur(rng.normal(0.0, 0.02, scene.shape), 1.0)
+    return gaussian_blur(scene, 0.8) + noise
+
+
+TRACES: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
+    "nearest": trace_nearest,
+    "bilinear": trace_bilinear,
+    "checkerboard": trace_checkerboard,
+    "smooth": trace_smooth,
+}
+
+
+def add_sensor_noise(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return scene + rng.normal(0.0, rng.uniform(0.008, 0.02), scene.shape)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def make_pair(seed: int, part: str, generator: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """(real, fake) uint8 images of one index: one scene, two renderings."""
+    key = [seed, PARTS.index(part), list(GENERATOR_TRACES).index(generator), index]
+    scene = render_scene(np.random.default_rng(key + [0]))
+    real = add_sensor_noise(scene, np.random.default_rng(key + [1]))
+    fake = TRACES[GENERATOR_TRACES[generator]](scene, np.random.default_rng(key + [2]))
+    return to_uint8(real), to_uint8(fake)
+
+
+# ---------------------------------------------------------------- data set
+
+
+def demo_parameters(n_train: int, n_test: int, seed: int) -> dict[str, int]:
+    return {"n_train": n_train, "n_test": n_test, "seed": seed, "image_size": IMAGE_SIZE}
+
+
+def is_demo_complete(root: Path, n_train: int, n_test: int, seed: int) -> bool:
+    """True when ``root`` holds a finished build with these parameters."""
+    marker = Path(root) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    return json.loads(marker.read_text()) == demo_parameters(n_train, n_test, seed)
+
+
+def make_demo_data(root: Path, n_train: int, n_test: int, seed: int) -> None:
+    """Write the demo data set under ``root`` (see the module docstring); marker last.
+
+    ``root`` must be absent, empty, or a previous demo build (which is
+    replaced); any other non-empty folder is refused, so user data is never
+    overwritten.
+    """
+    if n_train < 1 or n_test < 1:
+        raise ValueError(f"n_train and n_test must be at least 1, got {n_train} and {n_test}")
+    root = Path(root)
+    clear_previous_build(root)
+    root.mkdir(parents=True, exist_ok=True)
+    parameters = json.dumps(demo_parameters(n_train, n_test, seed), sort_keys=True)
+    (root / BUILDING_MARKER).write_text(parameters)
+    for part, generators, count in (
+        ("train", (TRAIN_GENERATOR,), n_train),
+        ("val", (TRAIN_GENERATOR,), n_test),
+        ("test", tuple(GENERATOR_TRACES), n_test),
+    ):
+        for generator in generators:
+            write_pairs(root / part / generator, seed, part, generator, count)
+    (root / COMPLETE_MARKER).write_text(parameters)
+    (root / BUILDING_MARKER).unlink()
+
+
+def clear_previous_build(root: Path) -> None:
+    if not root.exists() or not any(root.iterdir()):
+        return
+    if not ((root / COMPLETE_MARKER).is_file() or (root / BUILDING_MARKER).is_file()):
+        raise FileExistsError(
+            f"{root}: not empty and not a demo build (no {COMPLETE_MARKER} or {BUILDING_MARKER}); "
+            f"choose an empty or new folder"
+        )
+    (root / COMPLETE_MARKER).unlink(missing_ok=True)
+    for part in PARTS:
+        shutil.rmtree(root / part, ignore_errors=True)
+
+
+def write_pairs(folder: Path, seed: int, part: str, generator: str, count: int) -> None:
+    (folder / "0_real").mkdir(parents=True, exist_ok=True)
+    (folder / "1_fake").mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        real, fake = make_pair(seed, part, generator, index)
+        Image.fromarray(real).save(folder / "0_real" / f"{index:05d}.png")
+        Image.fromarray(fake).save(folder / "1_fake" / f"{index:05d}.png")
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def make_demo_backbone(path: Path, seed: int) -> None:
+    """Save a tiny random-weight CLIPVisionModel (64 px, patch 8, 4 blocks) to ``path``.
+
+    Loaded by path exactly like a hub id; no preprocessor config, so CLIP's
+    normalisation applies. Written to a temporary folder, then renamed.
+    """
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(CLIPVisionConfig(**DEMO_BACKBONE)).eval()
+    model.save_pretrained(partial)
+    shutil.rmtree(path, ignore_errors=True)
+    partial.replace(path)
+
+
+def is_backbone_complete(path: Path) -> bool:
+    return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- command
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.demo",
+        description="Build the demo data set and the tiny random CLIP (skipped when already built).",
+    )
+    parser.add_argument("--root", type=Path, required=True, help="Folder of the demo data set.")
+    parser.add_argument("--backbone", type=Path, required=True, help="Folder of the tiny random CLIP.")
+    parser.add_argument("--n-train", type=int, default=300, help="Training images per label.")
+    parser.add_argument("--n-test", type=int, default=100, help="Validation and test images per label and generator.")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_arguments(argv)
+    if is_demo_complete(args.root, args.n_train, args.n_test, args.seed):
+        print(f"demo data: already built in {args.root}")
+    else:
+        try:
+            make_demo_data(args.root, args.n_train, args.n_test, args.seed)
+        except (FileExistsError, ValueError) as error:
+            sys.exit(f"error: {error}")
+        n_images = 2 * (args.n_train + args.n_test * (1 + len(GENERATOR_TRACES)))
+        print(f"demo data: {n_images} images written to {args.root}")
+    if is_backbone_complete(args.backbone):
+        print(f"demo backbone: already saved in {args.backbone}")
+    else:
+        make_demo_backbone(args.backbone, args.seed)
+        print(f"demo backbone: random-weight CLIP saved to {args.backbone}")
+
+
+if __name__ == "__main__":
+    main()

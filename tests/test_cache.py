@@ -1,0 +1,382 @@
+"""Feature stores: round trips, the raw shard reader against zarr, identity and completeness checks."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ZstdCodec
+
+from pipeline import cache
+from pipeline.cache import StoreError, StoreIdentity, VariantSpec
+
+N_BLOCKS, DIM = 3, 5
+
+
+def make_identity(**changes: object) -> StoreIdentity:
+    identity = StoreIdentity(
+        manifest_sha256="ab" * 32,
+        model_id="tiny/model",
+        model_revision="local-sha256:0123",
+        tap="ln2",
+        blocks=(0, 1, 2),
+        dim=DIM,
+        crop_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        dtype="float16",
+        compute_dtype="float32",
+        seed=0,
+        max_pixels=1000,
+        shard_rows=8,
+        chunk_rows=2,
+    )
+    return replace(identity, **changes)
+
+
+def new_store(
+    path: Path,
+    n_rows: int,
+    identity: StoreIdentity | None = None,
+    paths: list[str] | None = None,
+    classes: list[str | None] | None = None,
+) -> Path:
+    identity = identity or make_identity()
+    cache.create_store(
+        path,
+        identity,
+        split="val",
+        labels=[i % 2 for i in range(n_rows)],
+        paths=paths or [f"d/img_{i:03d}.png" for i in range(n_rows)],
+        datasets=["a" if i < n_rows // 2 else "b" for i in range(n_rows)],
+        classes=classes,
+        extra_attrs={"note": "test"},
+    )
+    return path
+
+
+def features_for(n_rows: int, seed: int, dtype: str = "float16") -> np.ndarray:
+    values = np.random.default_rng(seed).standard_normal((n_rows, N_BLOCKS, DIM))
+    return (values + 3.0).astype(dtype)  # never zero, so no chunk is dropped by accident
+
+
+def commit_all(path: Path, variant: str, values: np.ndarray, shard_rows: int) -> None:
+    for shard in range(cache.shard_count(len(values), shard_rows)):
+        start, stop = cache.shard_bounds(shard, len(values), shard_rows)
+        cache.commit_shard(path, variant, shard, values[start:stop], np.ones(stop - start, bool), [""] * (stop - start))
+
+
+def zarr_features(path: Path, variant: str) -> np.ndarray:
+    return zarr.open_array(path / "features" / variant, mode="r")[...]
+
+
+@pytest.fixture()
+def store_21(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """21 rows, shards of 8, chunks of 2: the last shard is partial, its last chunk out of range."""
+    path = new_store(tmp_path / "s.zarr", 21)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    values = features_for(21, seed=1)
+    commit_all(path, "center", values, 8)
+    return path, values
+
+
+def test_round_trip_of_rows_and_features(store_21: tuple[Path, np.ndarray]) -> None:
+    path, values = store_21
+    rows = cache.read_rows(path)
+    assert len(rows) == 21
+    np.testing.assert_array_equal(rows.labels, [i % 2 for i in range(21)])
+    assert rows.labels.dtype == np.int8
+    assert list(rows.paths) == [f"d/img_{i:03d}.png" for i in range(21)]
+    assert list(rows.datasets) == ["a"] * 10 + ["b"] * 11
+    assert rows.classes is None
+    assert rows.valid.all() and list(rows.errors) == [""] * 21
+
+    features = cache.read_features(path, "center")
+    assert features.dtype == np.float16 and features.shape == (21, N_BLOCKS, DIM)
+    np.testing.assert_array_equal(features, values)
+
+    info = cache.open_store_info(path)
+    assert info.identity == make_identity()
+    assert info.split == "val" and info.n_rows == 21
+    assert info.variants == {"center": VariantSpec.center()}
+    assert info.complete_variants == ("center",)
+    assert info.attrs["note"] == "test"
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        None,
+        slice(3, 17),
+        slice(0, 21, 3),
+        slice(16, 21),
+        np.array([0, 1, 3, 7, 8, 9, 15, 16, 20]),  # crosses chunk and shard boundaries
+        np.array([5]),
+        np.array([19, 20]),  # only the last, partial chunk
+        np.arange(21),
+        np.array([], dtype=np.int64),
+    ],
+    ids=["all", "slice", "strided", "last-shard", "fancy", "one", "last-chunk", "arange", "empty"],
+)
+def test_raw_reader_equals_zarr(store_21: tuple[Path, np.ndarray], rows: object) -> None:
+    path, values = store_21
+    expected = zarr_features(path, "center")
+    np.testing.assert_array_equal(expected, values)
+    index = np.arange(21) if rows is None else np.arange(21)[rows]
+    got = cache.read_features(path, "center", rows)
+    assert got.dtype == np.float16 and got.shape == (len(index), N_BLOCKS, DIM)
+    np.testing.assert_array_equal(got, expected[index])
+
+
+def test_store_layout_takes_the_raw_path(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    array = zarr.open_array(path / "features" / "center", mode="r")
+    layout = cache._raw_shard_layout(array)
+    assert layout is not None
+    assert (layout.shard_rows, layout.chunk_rows) == (8, 2)
+
+
+def test_raw_reader_fills_into_given_out(store_21: tuple[Path, np.ndarray]) -> None:
+    path, values = store_21
+    out = np.full((4, N_BLOCKS, DIM), 7, dtype=np.float16)
+    result = cache.read_features(path, "center", np.array([2, 9, 10, 18]), out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, values[[2, 9, 10, 18]])
+    with pytest.raises(ValueError, match="out has shape"):
+        cache.read_features(path, "center", np.array([1, 2]), out=np.empty((2, N_BLOCKS, DIM), np.float32))
+
+
+def test_row_indices_must_increase_and_stay_in_range(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    with pytest.raises(ValueError, match="strictly increasing"):
+        cache.read_features(path, "center", np.array([3, 2]))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        cache.read_features(path, "center", np.array([2, 2]))
+    with pytest.raises(IndexError):
+        cache.read_features(path, "center", np.array([0, 21]))
+    with pytest.raises(IndexError):
+        cache.read_features(path, "center", np.array([-1, 3]))
+
+
+def test_zero_chunks_and_unwritten_shards_read_as_zarr_does(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "zeros.zarr", 21)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    values = features_for(21, seed=2)
+    values[2:4] = 0  # one whole inner chunk of zeros: zarr writes no bytes for it
+    values[8:16] = 0  # a whole shard of zeros: zarr writes no shard file
+    commit_all(path, "center", values, 8)
+    assert not (path / "features" / "center" / "c" / "1").exists()
+
+    expected = zarr_features(path, "center")
+    np.testing.assert_array_equal(expected, values)
+    np.testing.assert_array_equal(cache.read_features(path, "center"), expected)
+    rows = np.array([1, 2, 3, 4, 9, 15, 16])
+    np.testing.assert_array_equal(cache.read_features(path, "center", rows), expected[rows])
+
+    # A shard never committed (incomplete store) reads as the fill value too.
+    cache.add_variant(path, VariantSpec.train_view(0), N_BLOCKS, DIM)
+    first = features_for(8, seed=3)
+    cache.commit_shard(path, "view_000", 0, first, np.ones(8, bool), [""] * 8)
+    partial = cache.read_features(path, "view_000", require_complete=False)
+    np.testing.assert_array_equal(partial, zarr_features(path, "view_000"))
+    np.testing.assert_array_equal(partial[:8], first)
+    assert not partial[8:].any()
+
+
+def test_float32_store(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "f32.zarr", 13, make_identity(dtype="float32", shard_rows=4, chunk_rows=4))
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    values = features_for(13, seed=4, dtype="float32")
+    commit_all(path, "center", values, 4)
+
+    full = cache.read_features(path, "center")
+    assert full.dtype == np.float32
+    np.testing.assert_array_equal(full, zarr_features(path, "center"))
+    np.testing.assert_array_equal(full, values)
+    rows = np.array([0, 3, 4, 11, 12])
+    np.testing.assert_array_equal(cache.read_features(path, "center", rows), values[rows])
+
+
+def test_compressed_array_falls_back_to_zarr(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    values = features_for(21, seed=5)
+    compressed = zarr.create_array(
+        path / "features" / "center",
+        shape=values.shape,
+        chunks=(2, N_BLOCKS, DIM),
+        shards=(8, N_BLOCKS, DIM),
+        dtype="float16",
+        compressors=ZstdCodec(level=3),
+        fill_value=0,
+        overwrite=True,
+    )
+    compressed[...] = values
+    assert cache._raw_shard_layout(compressed) is None
+
+    np.testing.assert_array_equal(cache.read_features(path, "center"), values)
+    rows = np.array([1, 7, 8, 20])
+    np.testing.assert_array_equal(cache.read_features(path, "center", rows), values[rows])
+
+
+def test_unsharded_array_falls_back_to_zarr(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    values = features_for(21, seed=6)
+    plain = zarr.create_array(
+        path / "features" / "center", shape=values.shape, chunks=(4, N_BLOCKS, DIM), dtype="float16", overwrite=True
+    )
+    plain[...] = values
+    assert cache._raw_shard_layout(plain) is None
+    np.testing.assert_array_equal(cache.read_features(path, "center", slice(5, 19)), values[5:19])
+
+
+def test_identity_mismatch_names_each_differing_field(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    cache.check_identity(path, make_identity())  # the same identity passes
+    wanted = make_identity(seed=7, tap="hidden", blocks=(1, 2))
+    with pytest.raises(StoreError) as caught:
+        cache.check_identity(path, wanted)
+    message = str(caught.value)
+    assert "seed: store has 0, asked for 7" in message
+    assert "tap: store has 'ln2', asked for 'hidden'" in message
+    assert "blocks: store has (0, 1, 2), asked for (1, 2)" in message
+    for same in ("manifest_sha256", "model_id", "dtype", "shard_rows", "max_pixels"):
+        assert f"{same}:" not in message
+    assert str(path) in message and "--overwrite" in message
+
+
+def test_compatible_features_ignores_manifest_and_seed() -> None:
+    store = make_identity()
+    other_split = make_identity(manifest_sha256="cd" * 32, seed=3, max_pixels=5)
+    assert store.compatible_features(other_split) == []
+    other_model = make_identity(model_id="other", tap="hidden")
+    assert [d.split(":")[0] for d in store.compatible_features(other_model)] == ["model_id", "tap"]
+
+
+def test_incomplete_variant_is_refused(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "part.zarr", 21)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    cache.commit_shard(path, "center", 1, features_for(8, seed=7), np.ones(8, bool), [""] * 8)
+    assert cache.pending_shards(path, "center") == [0, 2]
+    with pytest.raises(StoreError, match=r"'center' is incomplete \(2 shards missing\)"):
+        cache.read_features(path, "center")
+    with pytest.raises(StoreError, match="no variant 'view_000'"):
+        cache.read_features(path, "view_000")
+    assert cache.open_store_info(path).complete_variants == ()
+
+
+def test_commit_shard_refuses_wrong_row_count(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "rows.zarr", 21)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    with pytest.raises(ValueError, match="shard 2 .* has 5 rows, got 8"):
+        cache.commit_shard(path, "center", 2, features_for(8, seed=8), np.ones(8, bool), [""] * 8)
+    assert cache.pending_shards(path, "center") == [0, 1, 2]
+
+
+def test_add_variant_is_idempotent(store_21: tuple[Path, np.ndarray]) -> None:
+    path, values = store_21
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    np.testing.assert_array_equal(cache.read_features(path, "center"), values)
+    cache.add_variant(path, VariantSpec.perturbed("jpeg", "official"), N_BLOCKS, DIM)
+    info = cache.open_store_info(path)
+    assert list(info.variants) == ["center", "jpeg-official"]
+    assert info.variants["jpeg-official"] == VariantSpec("jpeg-official", "perturb", perturbation="jpeg", preset="official")
+    assert info.complete_variants == ("center",)
+
+
+def test_add_variant_after_a_crash_between_its_arrays_and_its_attribute(tmp_path: Path) -> None:
+    """A kill inside add_variant leaves the arrays without the attribute; the next run must go on."""
+    path = new_store(tmp_path / "crash.zarr", 21)
+    group = zarr.open_group(path, mode="r+")
+    group.create_array("features/center", shape=(21, N_BLOCKS, DIM), chunks=(2, N_BLOCKS, DIM),
+                       shards=(8, N_BLOCKS, DIM), dtype="float16", compressors=None, fill_value=0)
+    group.create_array("progress/center", shape=(3,), chunks=(1,), dtype=bool, fill_value=False)
+
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+
+    values = features_for(21, seed=9)
+    commit_all(path, "center", values, 8)
+    np.testing.assert_array_equal(cache.read_features(path, "center"), values)
+
+
+def test_describe_store_lists_variants_and_failures(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "desc.zarr", 21, classes=["cat"] * 10 + [None] * 11)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    cache.add_variant(path, VariantSpec.train_view(0), N_BLOCKS, DIM)
+    valid = np.ones(8, bool)
+    valid[[2, 5]] = False
+    errors = [""] * 8
+    errors[2], errors[5] = "file is empty (0 bytes)", "missing file"
+    for shard in range(3):
+        start, stop = cache.shard_bounds(shard, 21, 8)
+        n = stop - start
+        cache.commit_shard(path, "center", shard, features_for(n, seed=shard), valid[:n], errors[:n])
+    cache.commit_shard(path, "view_000", 0, features_for(8, seed=9), valid, errors)
+
+    text = cache.describe_store(path)
+
+    assert "rows         21" in text
+    assert "model_id     tiny/model" in text and "tap          ln2" in text
+    lines = text.splitlines()
+    center_line = next(line for line in lines if line.strip().startswith("center"))
+    view_line = next(line for line in lines if line.strip().startswith("view_000"))
+    assert center_line.split() == ["center", "complete"]
+    assert view_line.split() == ["view_000", "1/3", "shards"]
+    assert "invalid rows 5" in text
+    assert "d/img_002.png: file is empty (0 bytes)" in text
+    assert "d/img_013.png: missing file" in text
+    rows = cache.read_rows(path)
+    assert list(rows.classes) == ["cat"] * 10 + [""] * 11
+    assert np.flatnonzero(~rows.valid).tolist() == [2, 5, 10, 13, 18]  # the last shard has only 5 rows
+
+
+def test_describe_store_caps_listed_failures(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "many.zarr", 24, make_identity(shard_rows=24, chunk_rows=4))
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    cache.commit_shard(path, "center", 0, features_for(24, seed=1), np.zeros(24, bool), ["bad"] * 24)
+    text = cache.describe_store(path)
+    assert "invalid rows 24" in text
+    assert text.count(": bad") == 20
+    assert "... and 4 more" in text
+
+
+def test_unicode_and_spaces_survive_in_paths(tmp_path: Path) -> None:
+    names = ["a/ünïcødé 图像.png", "b/with  two spaces.png", "c/emoji 🙂.jpg", "d/plain.png", "e/tab-free ñ.png"]
+    path = new_store(tmp_path / "dir with spaces é" / "s.zarr", 5, make_identity(shard_rows=4, chunk_rows=2), paths=names)
+    rows = cache.read_rows(path)
+    assert list(rows.paths) == names
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    values = features_for(5, seed=10)
+    commit_all(path, "center", values, 4)
+    np.testing.assert_array_equal(cache.read_features(path, "center"), values)
+    errors = ["", "", "", "", "décodage raté: ü"]
+    cache.commit_shard(path, "center", 1, values[4:], np.zeros(1, bool), errors[4:])
+    assert "e/tab-free ñ.png: décodage raté: ü" in cache.describe_store(path)
+
+
+def test_create_store_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    path = new_store(tmp_path / "clean.zarr", 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.zarr"]
+    assert cache.open_store_info(path).variants == {}
+
+
+def test_non_stores_are_refused_with_a_clear_message(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="not a feature store"):
+        cache.open_store_info(tmp_path)
+    zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["schema"] = "something-else"
+    with pytest.raises(StoreError, match="not a rine-pipeline feature store"):
+        cache.open_store_info(tmp_path / "other.zarr")
+
+
+def test_default_store_path_and_shard_arithmetic(tmp_path: Path) -> None:
+    model_dir = tmp_path / "my-model"
+    model_dir.mkdir()
+    assert cache.default_store_path(tmp_path, "openai/clip-vit-large-patch14", "ln2", "val") == (
+        tmp_path / "openai--clip-vit-large-patch14" / "ln2" / "val.zarr"
+    )
+    assert cache.default_store_path(tmp_path / "c", str(model_dir), "hidden", "train") == (
+        tmp_path / "c" / "my-model" / "hidden" / "train.zarr"
+    )
+    assert [cache.shard_count(n, 8) for n in (1, 8, 9, 16, 17)] == [1, 1, 2, 2, 3]
+    assert [cache.shard_bounds(s, 21, 8) for s in range(3)] == [(0, 8), (8, 16), (16, 21)]

@@ -1,0 +1,109 @@
+"""Grid files: ParameterGrid expansion, validation, store references."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, RunConfig, load_grid, make_run_config, parse_grid
+
+REPO = Path(__file__).resolve().parents[1]
+
+GRID = """
+name: g
+data:
+  cache_dir: /c
+  model: org/model
+  tap: ln2
+  train: train
+  val: {split: val}
+  test: [test, {store: /elsewhere/t.zarr, variant: jpeg-official, name: t_jpeg}]
+base:
+  epochs: 2
+grid:
+  proj_dim: [8, 16]
+  contrastive_factor: [0.1, 0.2, 0.4]
+"""
+
+
+def test_grid_expands_like_parameter_grid_in_a_fixed_order():
+    spec = parse_grid(GRID)
+    # ParameterGrid sorts keys: contrastive_factor varies slowest, proj_dim fastest.
+    assert [(r.contrastive_factor, r.proj_dim) for r in spec.runs] == [
+        (0.1, 8), (0.1, 16), (0.2, 8), (0.2, 16), (0.4, 8), (0.4, 16)
+    ]
+    assert all(r.epochs == 2 and r.proj_layers == RunConfig().proj_layers for r in spec.runs)
+    assert spec.out == Path("runs/g")
+
+
+def test_store_references_resolve_in_the_cache_or_by_path():
+    spec = parse_grid(GRID)
+    assert spec.train.path == Path("/c/org--model/ln2/train.zarr")
+    assert spec.val.path == Path("/c/org--model/ln2/val.zarr") and spec.val.name == "val"
+    assert [t.name for t in spec.tests] == ["test", "t_jpeg"]
+    assert spec.tests[1].path == Path("/elsewhere/t.zarr") and spec.tests[1].variant == "jpeg-official"
+
+
+def test_a_list_of_grid_blocks_is_concatenated():
+    text = GRID.replace(
+        "grid:\n  proj_dim: [8, 16]\n  contrastive_factor: [0.1, 0.2, 0.4]\n",
+        "grid:\n  - {proj_dim: [8]}\n  - {blocks: [last], aggregation: [tie, mean]}\n",
+    )
+    spec = parse_grid(text)
+    assert [(r.proj_dim, r.blocks, r.aggregation) for r in spec.runs] == [
+        (8, "all", "tie"), (1024, "last", "tie"), (1024, "last", "mean")
+    ]
+
+
+@pytest.mark.parametrize(
+    "replacement, message",
+    [
+        ("proj_dim: [8, 16]", "unknown key 'proj_dimm'"),
+        ("epochs: 2", "base: unknown key(s) epoch"),
+        ("proj_dim: [8, 16]", "grid.proj_dim: expected a non-empty list"),
+        ("contrastive_factor: [0.1, 0.2, 0.4]", "grid.contrastive_factor: -0.1 is outside"),
+        ("proj_dim: [8, 16]", "grid.proj_dim: expected an integer, got 8.5"),
+        ("tap: ln2", "data.tap: 'ln3' is not one of ln2, hidden"),
+        ("train: train", "data.train: give exactly one of split"),
+        ("epochs: 2", "base.amp: 'fp8' is not one of none, bf16"),
+    ],
+)
+def test_bad_values_are_rejected_by_name(replacement, message):
+    bad = {
+        "unknown key 'proj_dimm'": "proj_dimm: [8, 16]",
+        "base: unknown key(s) epoch": "epoch: 2",
+        "grid.proj_dim: expected a non-empty list": "proj_dim: []",
+        "grid.contrastive_factor: -0.1 is outside": "contrastive_factor: [-0.1]",
+        "grid.proj_dim: expected an integer, got 8.5": "proj_dim: [8.5]",
+        "data.tap: 'ln3' is not one of ln2, hidden": "tap: ln3",
+        "data.train: give exactly one of split": "train: {split: a, store: b}",
+        "base.amp: 'fp8' is not one of none, bf16": "amp: fp8",
+    }[message]
+    with pytest.raises(ConfigError) as error:
+        parse_grid(GRID.replace(replacement, bad))
+    assert message in str(error.value)
+
+
+def test_unknown_top_level_and_data_keys_are_named():
+    with pytest.raises(ConfigError, match="unknown key\\(s\\) grids"):
+        parse_grid(GRID + "grids: {}\n")
+    with pytest.raises(ConfigError, match="data: unknown key\\(s\\) tests"):
+        parse_grid(GRID.replace("  test: [", "  tests: ["))
+
+
+def test_classes_are_normalised_and_validated():
+    assert make_run_config({"classes": ["horse", "chair"]}).classes == ("chair", "horse")
+    assert make_run_config({"classes": "all"}).classes is None
+    with pytest.raises(ConfigError, match="repeated class"):
+        make_run_config({"classes": ["horse", "horse"]})
+
+
+def test_shipped_grids_parse_with_the_published_sizes():
+    assert len(load_grid(REPO / "grid.yaml")) == 48
+    assert len(load_grid(REPO / "grids" / "paper_settings_vitl14.yaml")) == 144
+    ablations = load_grid(REPO / "grids" / "ablations_vitl14.yaml").runs
+    assert {(r.blocks, r.aggregation, r.contrastive_factor > 0) for r in ablations} == {
+        ("all", "tie", True), ("last", "tie", True), ("all", "mean", True), ("all", "tie", False)
+    }
+    for path in sorted((REPO / "grids").glob("*.yaml")):
+        assert len(load_grid(path)) >= 1

@@ -1,0 +1,524 @@
+"""Tests of pipeline.report / pipeline.plots / pipeline.reference on small grid folders built here.
+
+The builder writes per-image score CSVs first and derives results.csv and
+selection.csv from them (scikit-learn), in the layout of .notes/FORMATS.md.
+The checks recompute every expected number independently from the saved score
+files and from the shared reference CSVs (not the package copies).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+import pipeline
+from pipeline import reference
+from pipeline.report import ReportConfig, ReportError, run_report
+
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_FILES = ("rine_official_grid.csv", "rine_official_ablations.csv", "rine_official_perturbations.csv")
+PAPER_ORDER = (
+    "progan stylegan stylegan2 biggan cyclegan stargan gaugan deepfake sitd san crn imle guided ldm_200 "
+    "ldm_200_cfg ldm_100 glide_100_27 glide_50_27 glide_100_10 dalle"
+).split()
+LARGE, BASE = "openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32"
+HYPER = ("contrastive_factor", "proj_layers", "proj_dim", "epochs", "batch_size", "lr", "classes", "n_classes",
+         "train_fraction", "blocks", "aggregation", "seed", "amp")  # fmt: skip
+RESULTS_HEADER = ("run", "status", "error", "grid", "model", "tap", "setting", *HYPER, "n_params", "fit_seconds",
+                  "split", "variant", "dataset", "n", "n_invalid", "acc", "ap", "auc", "real_acc", "fake_acc",
+                  "oracle_acc", "oracle_threshold", "calibrated_acc", "calibrated_threshold")  # fmt: skip
+SELECTION_HEADER = ("selection", "setting", "run", "model", "tap", *HYPER, "val_acc", "val_ap", "mean_acc", "mean_ap")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- grid folder builder
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    factor: float
+    layers: int
+    dim: int
+    quality: float  # how far fake scores sit from real ones
+    epochs: int = 1
+    blocks: str = "all"
+    aggregation: str = "tie"
+    perturbed: tuple[str, ...] = ()
+    fails: bool = False
+
+
+def fmt(value) -> str:
+    return ("nan" if math.isnan(value) else repr(float(value))) if isinstance(value, float) else str(value)
+
+
+def row_metrics(labels: np.ndarray, scores: np.ndarray, calibrated: float | None) -> dict[str, float]:
+    fake = labels == 1
+    cuts = np.concatenate((np.unique(scores), [np.inf]))
+    accuracies = [np.mean((scores >= cut) == fake) for cut in cuts]
+    return {
+        "acc": accuracy_score(labels, scores > 0.5),
+        "ap": average_precision_score(labels, scores),
+        "auc": roc_auc_score(labels, scores),
+        "real_acc": float(np.mean(scores[~fake] <= 0.5)),
+        "fake_acc": float(np.mean(scores[fake] > 0.5)),
+        "oracle_acc": float(max(accuracies)),
+        "oracle_threshold": float(cuts[int(np.argmax(accuracies))]),
+        "calibrated_acc": math.nan if calibrated is None else float(np.mean((scores >= calibrated) == fake)),
+        "calibrated_threshold": math.nan if calibrated is None else calibrated,
+    }
+
+
+def make_scores(rng: np.random.Generator, dataset: str, quality: float) -> tuple[np.ndarray, np.ndarray]:
+    n = int(rng.integers(30, 60))
+    labels = rng.integers(0, 2, n)
+    labels[:2] = (0, 1)
+    shift = rng.normal(0, 0.4)
+    logits = rng.normal((2 * labels - 1) * quality + shift, 1.0)
+    return labels, 1 / (1 + np.exp(-logits))
+
+
+def write_csv_file(path: Path, header, rows) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunSpec], tests: list[str], seed: int) -> Path:
+    """A grid output folder: results.csv, selection.csv, runs/<id>/scores_*.csv (scores first, metrics from them)."""
+    rng = np.random.default_rng(seed)
+    out = root / name
+    results: list[dict[str, str]] = []
+    summaries: list[dict[str, object]] = []
+    for spec in specs:
+        rid = hashlib.sha1(f"{name}{spec}".encode()).hexdigest()[:12]
+        hyper = {
+            "contrastive_factor": fmt(spec.factor), "proj_layers": spec.layers, "proj_dim": spec.dim,
+            "epochs": spec.epochs, "batch_size": 128, "lr": "0.001", "classes": classes,
+            "n_classes": len(classes.split("+")), "train_fraction": "1.0", "blocks": spec.blocks,
+            "aggregation": spec.aggregation, "seed": 0, "amp": "none",
+        }  # fmt: skip
+        setting = " ".join(f"{key}={hyper[key]}" for key in HYPER if key not in ("contrastive_factor", "proj_layers", "proj_dim"))
+        base = {"run": rid, "grid": name, "model": model, "tap": "ln2", "setting": setting, **hyper}
+        if spec.fails:
+            results.append({**base, "status": "error", "error": "RuntimeError: out of memory"})
+            continue
+        base.update(status="ok", error="", n_params=1000 + spec.dim * spec.layers, fit_seconds=round(rng.uniform(1, 9), 4))
+        run_dir = out / "runs" / rid
+        run_dir.mkdir(parents=True)
+        splits = [("val", "center", ["progan"]), ("test", "center", tests)]
+        splits += [(f"test_{variant}", variant, tests) for variant in spec.perturbed]
+        summary = {"run": rid, "setting": setting, "model": model, "tap": "ln2", **hyper, "val": [], "test": []}
+        for split, variant, datasets in splits:
+            score_rows = []
+            for dataset in datasets:
+                quality = spec.quality * (0.6 if variant != "center" else 1.0)
+                labels, scores = make_scores(rng, dataset, quality)
+                score_rows += [(f"{dataset}/{i:03d}.png", int(label), dataset, repr(float(score)))
+                               for i, (label, score) in enumerate(zip(labels, scores))]  # fmt: skip
+                metrics = row_metrics(labels, scores, None if split == "val" else 0.5)
+                results.append({**base, "split": split, "variant": variant, "dataset": dataset, "n": len(labels),
+                                "n_invalid": 0, **metrics})  # fmt: skip
+                if split == "val":
+                    summary["val"].append((metrics["acc"], metrics["ap"]))
+                elif variant == "center":
+                    summary["test"].append((metrics["acc"], metrics["ap"]))
+            write_csv_file(run_dir / f"scores_{split}.csv", ("path", "label", "dataset", "score"), score_rows)
+        summaries.append(summary)
+    write_csv_file(out / "results.csv", RESULTS_HEADER, [[fmt(row.get(c, "")) for c in RESULTS_HEADER] for row in results])
+    selection_rows = []
+    for setting in dict.fromkeys(s["setting"] for s in summaries):
+        candidates = [s for s in summaries if s["setting"] == setting]
+        means = {
+            s["run"]: {
+                "val_acc": np.mean([a for a, _ in s["val"]]), "val_ap": np.mean([p for _, p in s["val"]]),
+                "mean_acc": np.mean([a for a, _ in s["test"]]), "mean_ap": np.mean([p for _, p in s["test"]]),
+            }
+            for s in candidates
+        }  # fmt: skip
+        by_val = max(candidates, key=lambda s: (means[s["run"]]["val_acc"], means[s["run"]]["val_ap"]))
+        by_test = max(candidates, key=lambda s: means[s["run"]]["mean_acc"] + means[s["run"]]["mean_ap"])
+        for rule, chosen in (("best_by_val", by_val), ("best_by_test_mean_acc_ap", by_test)):
+            row = {"selection": rule, **chosen, **means[chosen["run"]]}
+            selection_rows.append([fmt(row[c]) for c in SELECTION_HEADER])
+    write_csv_file(out / "selection.csv", SELECTION_HEADER, selection_rows)
+    return out
+
+
+MAIN_TESTS = ["dalle", "progan", "my_extra", "guided", "stylegan", "san", "crn"]
+STUDY_TESTS = ["progan", "biggan", "deepfake", "guided", "ldm_200", "dalle"]
+PERTURBED = ("jpeg-official", "blur-paper")
+
+
+def build_main_grid(root: Path) -> Path:
+    """ViT-L/14, 4 classes, three configs and one failed run; no ablations, no perturbations."""
+    specs = [RunSpec(0.2, 2, 1024, 1.6), RunSpec(0.1, 4, 128, 1.0), RunSpec(0.8, 1, 256, 1.3), RunSpec(0.4, 2, 512, 1.0, fails=True)]
+    return build_grid(root, "vitl14-4class", LARGE, "car+cat+chair+horse", specs, MAIN_TESTS, seed=1)
+
+
+def build_study_grid(root: Path) -> Path:
+    """ViT-L/14, 2 classes: epochs 1 and 3, the three ablations, perturbed test variants."""
+    specs = [
+        RunSpec(0.2, 4, 128, 1.8, perturbed=PERTURBED),
+        RunSpec(0.4, 4, 128, 0.9, perturbed=PERTURBED),
+        RunSpec(0.2, 4, 128, 1.5, epochs=3, perturbed=PERTURBED),
+        RunSpec(0.4, 4, 128, 1.2, epochs=3, perturbed=PERTURBED),
+        RunSpec(0.2, 4, 128, 1.1, blocks="last"),
+        RunSpec(0.4, 2, 256, 1.0, aggregation="mean"),
+        RunSpec(0.0, 4, 128, 0.7),
+    ]
+    return build_grid(root, "vitl14-2class-studies", LARGE, "chair+horse", specs, STUDY_TESTS, seed=2)
+
+
+# ----------------------------------------------------------------------------- independent expectations
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def percent(value: float) -> str:
+    return f"{round(100 * value, 1):.1f}"
+
+
+def scores_per_dataset(score_file: Path) -> dict[str, tuple[float, float]]:
+    """Dataset -> (accuracy at 0.5, average precision) recomputed from a per-image score file."""
+    grouped: dict[str, tuple[list[int], list[float]]] = {}
+    for row in read_rows(score_file):
+        labels, scores = grouped.setdefault(row["dataset"], ([], []))
+        labels.append(int(row["label"]))
+        scores.append(float(row["score"]))
+    return {
+        dataset: (accuracy_score(labels, np.array(scores) > 0.5), average_precision_score(labels, scores))
+        for dataset, (labels, scores) in grouped.items()
+    }
+
+
+def shared_reference(name: str) -> list[dict[str, str]]:
+    return read_rows(SHARED_REFERENCE / name)
+
+
+def shared_grid_scores(backbone: str, n_classes: int, factor: float, layers: int, dim: int) -> dict[str, tuple[float, float]]:
+    return {
+        row["dataset"]: (float(row["acc"]), float(row["ap"]))
+        for row in shared_reference("rine_official_grid.csv")
+        if row["backbone"] == backbone and int(row["classes"]) == n_classes and float(row["contrastive_factor"]) == factor
+        and int(row["proj_layers"]) == layers and int(row["proj_dim"]) == dim
+    }  # fmt: skip
+
+
+def expected_percent_row(per_dataset: dict[str, tuple[float, float]], index: int, columns: list[str]) -> dict[str, str]:
+    expected = {d: percent(v[index]) if d in per_dataset else "" for d, v in ((d, per_dataset.get(d, (0, 0))) for d in columns)}
+    expected["avg"] = percent(np.mean([v[index] for v in per_dataset.values()]))
+    return expected
+
+
+def run_folders(*grids: Path) -> dict[str, Path]:
+    return {folder.name: folder for grid in grids for folder in (grid / "runs").iterdir()}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def grids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("grids")
+    return build_main_grid(root), build_study_grid(root)
+
+
+@pytest.fixture(scope="module")
+def report(grids, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report")
+    return run_report(ReportConfig(grid_dirs=grids, out=out, plots=True))
+
+
+# ----------------------------------------------------------------------------- reference data
+
+
+def test_packaged_reference_files_are_byte_identical_to_shared() -> None:
+    for name in REFERENCE_FILES:
+        packaged = (resources.files("pipeline") / "data" / name).read_bytes()
+        assert packaged == (SHARED_REFERENCE / name).read_bytes(), name
+
+
+def test_reference_loaders_parse_every_row() -> None:
+    grid = reference.load_reference_grid()
+    shared = shared_reference("rine_official_grid.csv")
+    assert len(grid) == len(shared) == 5760
+    assert (grid[7].backbone, grid[7].n_classes, grid[7].dataset, grid[7].acc, grid[7].ap) == (
+        shared[7]["backbone"], int(shared[7]["classes"]), shared[7]["dataset"], float(shared[7]["acc"]), float(shared[7]["ap"])
+    )  # fmt: skip
+    assert len(reference.load_reference_ablations()) == len(shared_reference("rine_official_ablations.csv")) == 180
+    perturbations = reference.load_reference_perturbations()
+    assert len(perturbations) == 300
+    assert {row.our_perturbation for row in perturbations} == {"blur", "crop", "jpeg", "noise", "combined"}
+    assert reference.PAPER_DATASETS == tuple(PAPER_ORDER)
+    assert [row.dataset for row in grid[:20]] == PAPER_ORDER
+
+
+def test_non_gan_follows_the_authors_folder_name_rule() -> None:
+    folders = {"sitd": "seeingdark"}  # the only test set whose folder differs from its name
+    assert reference.NON_GAN_DATASETS == tuple(d for d in PAPER_ORDER if "gan" not in folders.get(d, d))
+    assert len(reference.NON_GAN_DATASETS) == 13
+
+
+def test_published_best_is_the_spec_for_vitl14_and_the_grid_argmax_for_vitb32() -> None:
+    per_config: dict[tuple, list[tuple[float, float]]] = {}
+    for row in shared_reference("rine_official_grid.csv"):
+        key = (row["backbone"], int(row["classes"]), float(row["contrastive_factor"]), int(row["proj_layers"]), int(row["proj_dim"]))
+        per_config.setdefault(key, []).append((float(row["acc"]), float(row["ap"])))
+    for backbone in ("ViT-L/14", "ViT-B/32"):
+        for n_classes in (1, 2, 4):
+            keys = [k for k in per_config if k[:2] == (backbone, n_classes)]
+            best = max(keys, key=lambda k: np.mean([a for a, _ in per_config[k]]) + np.mean([p for _, p in per_config[k]]))
+            assert tuple(reference.PUBLISHED_BEST[(backbone, n_classes)]) == best[2:]
+    assert reference.PUBLISHED_BEST[("ViT-L/14", 1)] == (0.1, 4, 1024)
+    assert reference.PUBLISHED_BEST[("ViT-L/14", 2)] == (0.2, 4, 128)
+    assert reference.PUBLISHED_BEST[("ViT-L/14", 4)] == (0.2, 2, 1024)
+
+
+def test_backbone_name_of_hub_ids_and_local_folders() -> None:
+    assert reference.backbone_name(LARGE) == "ViT-L/14"
+    assert reference.backbone_name(BASE) == "ViT-B/32"
+    assert reference.backbone_name("/models/clip-vit-base-patch32/") == "ViT-B/32"
+    assert reference.backbone_name("/models/tiny-clip") is None
+
+
+# ----------------------------------------------------------------------------- acc.csv / ap.csv
+
+
+def test_acc_and_ap_tables_match_a_recomputation_from_the_score_files(grids, report) -> None:
+    folders = run_folders(*grids)
+    selections = [row for grid in grids for row in read_rows(grid / "selection.csv")]
+    selections.sort(key=lambda row: int(row["n_classes"]))  # rows are grouped by (backbone, n_classes)
+    for name, index in (("acc.csv", 0), ("ap.csv", 1)):
+        table = read_rows(report.out / name)
+        ours = [row for row in table if row["source"] == "ours"]
+        assert [(r["selection"], r["run"]) for r in ours] == [(s["selection"], s["run"]) for s in selections]
+        columns = [c for c in table[0] if c in PAPER_ORDER or c == "my_extra"]
+        for row in ours:
+            per_dataset = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
+            expected = expected_percent_row(per_dataset, index, columns)
+            assert {c: row[c] for c in [*columns, "avg"]} == expected, (name, row["run"])
+            assert row["backbone"] == "ViT-L/14" and row["tap"] == "ln2"
+
+
+def test_dataset_columns_are_in_paper_order_with_extras_last(report) -> None:
+    for name in ("acc.csv", "ap.csv"):
+        with (report.out / name).open(newline="") as handle:
+            header = next(csv.reader(handle))
+        first_dataset = header.index("progan")
+        assert header[:first_dataset] == ["source", "backbone", "tap", "n_classes", "setting", "selection", "run",
+                                          "contrastive_factor", "proj_layers", "proj_dim"]  # fmt: skip
+        # The authors' rows bring all 20 paper sets; our extra set comes after them, then the average.
+        assert header[first_dataset:] == [*PAPER_ORDER, "my_extra", "avg"]
+
+
+def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
+    acc, ap = read_rows(report.out / "acc.csv"), read_rows(report.out / "ap.csv")
+    authors = [(a, p) for a, p in zip(acc, ap) if a["source"] == "authors"]
+    # Our grids are ViT-L/14 4-class and 2-class; the published config is also the authors' best by test.
+    assert [(a["n_classes"], a["selection"]) for a, _ in authors] == [("2", "published"), ("4", "published")]
+    for a, p in authors:
+        factor, layers, dim = float(a["contrastive_factor"]), int(a["proj_layers"]), int(a["proj_dim"])
+        shared = shared_grid_scores("ViT-L/14", int(a["n_classes"]), factor, layers, dim)
+        assert len(shared) == 20
+        for row, index in ((a, 0), (p, 1)):
+            assert {c: row[c] for c in [*PAPER_ORDER, "avg"]} == expected_percent_row(shared, index, PAPER_ORDER)
+            assert row["my_extra"] == ""
+    four_class = next((a, p) for a, p in authors if a["n_classes"] == "4")
+    assert (four_class[0]["contrastive_factor"], four_class[0]["proj_layers"], four_class[0]["proj_dim"]) == ("0.2", "2", "1024")
+    assert (four_class[0]["avg"], four_class[1]["avg"]) == ("91.5", "98.8")
+
+
+def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
+    grid = build_grid(tmp_path, "vitb32-1class", BASE, "horse", [RunSpec(0.1, 2, 512, 1.2)], ["progan"], seed=3)
+    summary = run_report(ReportConfig(grid_dirs=(grid,), out=tmp_path / "out", plots=False))
+    authors = [row for row in read_rows(summary.out / "acc.csv") if row["source"] == "authors"]
+    assert [(r["backbone"], r["selection"], r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors] == [
+        ("ViT-B/32", "published", "0.1", "2", "512")
+    ]
+    shared = shared_grid_scores("ViT-B/32", 1, 0.1, 2, 512)
+    assert authors[0]["avg"] == percent(np.mean([a for a, _ in shared.values()])) == "77.7"
+
+
+# ----------------------------------------------------------------------------- other tables
+
+
+def test_best_table_lists_each_selection_with_size_and_time(grids, report) -> None:
+    results = {(r["run"]): r for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"}
+    selections = [row for grid in grids for row in read_rows(grid / "selection.csv")]  # best.csv keeps input order
+    best = read_rows(report.out / "best.csv")
+    assert [(r["selection"], r["run"]) for r in best] == [(s["selection"], s["run"]) for s in selections]
+    for row in best:
+        source = results[row["run"]]
+        for column in ("setting", "contrastive_factor", "proj_layers", "proj_dim", "n_params", "fit_seconds", "n_classes"):
+            assert row[column] == source[column], column
+        assert (row["backbone"], row["tap"]) == ("ViT-L/14", "ln2")
+        published = reference.PUBLISHED_BEST[("ViT-L/14", int(row["n_classes"]))]
+        assert float(row["published_contrastive_factor"]) == published[0]
+        assert (int(row["published_proj_layers"]), int(row["published_proj_dim"])) == published[1:]
+
+
+def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
+    folders = run_folders(*grids)
+    ok_rows = [(grid, r) for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"]
+    table = read_rows(report.out / "grid.csv")
+    assert sorted(r["run"] for r in table) == sorted({r["run"] for _, r in ok_rows}) == sorted(folders)
+    for row in table:
+        test = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
+        val = scores_per_dataset(folders[row["run"]] / "scores_val.csv")
+        assert float(row["mean_acc"]) == pytest.approx(np.mean([a for a, _ in test.values()]), abs=1e-12)
+        assert float(row["mean_ap"]) == pytest.approx(np.mean([p for _, p in test.values()]), abs=1e-12)
+        assert float(row["val_acc"]) == pytest.approx(val["progan"][0], abs=1e-12)
+    metrics = read_rows(report.out / "metrics.csv")
+    assert len(metrics) == len(ok_rows)
+    assert "status" not in metrics[0] and "error" not in metrics[0]
+    for (grid, source), row in zip(ok_rows, metrics):
+        assert row["grid_dir"] == str(grid)
+        assert {k: row[k] for k in source if k not in ("status", "error")} == {k: v for k, v in source.items() if k not in ("status", "error")}
+
+
+def test_ablations_table_compares_each_ablation_with_the_full_model(grids, report) -> None:
+    folders = run_folders(*grids)
+    study = {r["run"]: r for r in read_rows(grids[1] / "results.csv")}
+    table = read_rows(report.out / "ablations.csv")
+    ours = [row for row in table if row["source"] == "ours"]
+    assert [row["variant"] for row in ours] == ["full", "without_intermediate", "without_tie", "without_contrastive"]
+    full = ours[0]
+    best_by_test = next(r for r in read_rows(grids[1] / "selection.csv")
+                        if r["selection"] == "best_by_test_mean_acc_ap" and "epochs=1 " in r["setting"] and "blocks=all" in r["setting"]
+                        and "aggregation=tie" in r["setting"])  # fmt: skip
+    assert full["run"] == best_by_test["run"]
+    assert (full["contrastive_factor"], full["proj_layers"], full["proj_dim"]) == ("0.2", "4", "128")
+    assert study[ours[1]["run"]]["blocks"] == "last" and "same hyper-params" in ours[1]["note"]
+    assert study[ours[2]["run"]]["aggregation"] == "mean" and "no run with the full model's hyper-params" in ours[2]["note"]
+    assert float(study[ours[3]["run"]]["contrastive_factor"]) == 0 and "same hyper-params" in ours[3]["note"]
+    non_gan = [d for d in PAPER_ORDER if "gan" not in d]
+    for row in ours:
+        per_dataset = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
+        subset = [v for d, v in per_dataset.items() if d in non_gan]
+        assert len(subset) == 4
+        assert (row["acc_all"], row["ap_all"]) == (percent(np.mean([a for a, _ in per_dataset.values()])),
+                                                   percent(np.mean([p for _, p in per_dataset.values()])))  # fmt: skip
+        assert (row["acc_non_gan"], row["ap_non_gan"]) == (percent(np.mean([a for a, _ in subset])), percent(np.mean([p for _, p in subset])))
+
+    authors = {row["variant"]: row for row in table if row["source"] == "authors"}
+    assert set(authors) == {"full", "without_intermediate", "without_tie", "without_contrastive"}
+    shared = {
+        f"without_{w}": {r["dataset"]: (float(r["acc"]), float(r["ap"])) for r in shared_reference("rine_official_ablations.csv")
+                         if r["without"] == w and r["classes"] == "2"}
+        for w in ("intermediate", "tie", "contrastive")
+    }  # fmt: skip
+    shared["full"] = shared_grid_scores("ViT-L/14", 2, 0.2, 4, 128)
+    for variant, per_dataset in shared.items():
+        row = authors[variant]
+        assert (row["n_classes"], row["contrastive_factor"], row["proj_layers"], row["proj_dim"]) == ("2", "0.2", "4", "128")
+        subset = [v for d, v in per_dataset.items() if d in non_gan]
+        assert len(per_dataset) == 20 and len(subset) == 13
+        assert row["acc_all"] == percent(np.mean([a for a, _ in per_dataset.values()]))
+        assert row["ap_all"] == percent(np.mean([p for _, p in per_dataset.values()]))
+        assert row["acc_non_gan"] == percent(np.mean([a for a, _ in subset]))
+        assert row["ap_non_gan"] == percent(np.mean([p for _, p in subset]))
+
+
+def test_robustness_table_has_ours_per_perturbed_variant_and_the_authors(grids, report) -> None:
+    folders = run_folders(*grids)
+    table = read_rows(report.out / "robustness.csv")
+    best_runs = {r["run"] for r in read_rows(grids[1] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"}
+    ours = [row for row in table if row["source"] == "ours"]
+    perturbed_best = {row["run"] for row in ours}
+    assert perturbed_best <= best_runs and len(perturbed_best) == 2  # epochs 1 and 3 (ablation runs have no perturbations)
+    assert {(row["perturbation"], row["preset"]) for row in ours} == {("jpeg", "official"), ("blur", "paper")}
+    for row in ours:
+        variant = f"{row['perturbation']}-{row['preset']}"
+        per_dataset = scores_per_dataset(folders[row["run"]] / f"scores_test_{variant}.csv")
+        index = {"acc": 0, "ap": 1}[row["metric"]]
+        columns = [d for d in PAPER_ORDER if d in per_dataset]
+        assert {c: row[c] for c in [*columns, "avg"]} == expected_percent_row(per_dataset, index, columns)
+    authors = [row for row in table if row["source"] == "authors"]
+    assert len(authors) == 10  # five perturbations x (acc, ap), 2-class only
+    names = {"blur": "blur", "crop": "crop", "compress": "jpeg", "noise": "noise", "combined": "combined"}
+    for shared_row in shared_reference("rine_official_perturbations.csv"):
+        if shared_row["classes"] != "2":
+            continue
+        for metric in ("acc", "ap"):
+            row = next(r for r in authors if r["perturbation"] == names[shared_row["perturbation"]] and r["metric"] == metric)
+            assert row["preset"] == "official"
+            assert row[shared_row["dataset"]] == percent(float(shared_row[metric]))
+    metrics_in_order = [row["metric"] for row in table]
+    assert metrics_in_order == sorted(metrics_in_order)  # an ACC block, then an AP block
+
+
+# ----------------------------------------------------------------------------- plots and skipped outputs
+
+
+def test_plots_are_non_empty_pngs(grids, report) -> None:
+    pngs = sorted(path for path in report.written if path.suffix == ".png")
+    names = [path.name for path in pngs]
+    n_best_by_test = sum(r["selection"] == "best_by_test_mean_acc_ap" for grid in grids for r in read_rows(grid / "selection.csv"))
+    assert sum(name.startswith("per_dataset_") for name in names) == n_best_by_test
+    assert "hyperparams_box.png" in names and "epochs.png" in names
+    assert "fraction.png" not in names and any(item.name == "fraction.png" for item in report.skipped)
+    for path in pngs:
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
+    assert sorted(report.out.glob("*.png")) == pngs
+
+
+def test_no_ablation_runs_skips_the_ablation_table_and_plots_off_writes_no_png(grids, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_report(ReportConfig(grid_dirs=(grids[0],), out=out, plots=False))
+    skipped = {item.name: item.reason for item in summary.skipped}
+    assert "ablation runs" in skipped["ablations.csv"]
+    assert "perturbed" in skipped["robustness.csv"]
+    assert not (out / "ablations.csv").exists() and not (out / "robustness.csv").exists()
+    assert {path.name for path in summary.written} == {"acc.csv", "ap.csv", "best.csv", "grid.csv", "metrics.csv"}
+    assert list(out.glob("*.png")) == []
+    assert "skipped ablations.csv" in summary.report()
+
+
+def test_missing_results_or_selection_is_a_clear_error(grids, tmp_path: Path) -> None:
+    empty = tmp_path / "runs" / "x"
+    empty.mkdir(parents=True)
+    with pytest.raises(ReportError, match=r"runs/x: no results\.csv — run `pipeline fit --grid"):
+        run_report(ReportConfig(grid_dirs=(empty,), out=tmp_path / "out"))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "results.csv").write_bytes((grids[0] / "results.csv").read_bytes())
+    with pytest.raises(ReportError, match=r"unfinished: results\.csv without selection\.csv"):
+        run_report(ReportConfig(grid_dirs=(unfinished,), out=tmp_path / "out"))
+    with pytest.raises(ReportError, match="no such grid folder"):
+        run_report(ReportConfig(grid_dirs=(tmp_path / "absent",), out=tmp_path / "out"))
+
+
+def test_missing_matplotlib_still_writes_every_table(grids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pipeline.plots", None)  # makes `from . import plots` raise ImportError
+    monkeypatch.delattr(pipeline, "plots", raising=False)
+    summary = run_report(ReportConfig(grid_dirs=grids, out=tmp_path / "out", plots=True))
+    assert {path.suffix for path in summary.written} == {".csv"} and len(summary.written) == 7
+    assert any(item.name == "plots" and "matplotlib" in item.reason for item in summary.skipped)
+
+
+def test_a_failing_plot_is_reported_not_raised(grids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import plots
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(plots, "plot_hyperparam_boxes", broken)
+    summary = run_report(ReportConfig(grid_dirs=(grids[0],), out=tmp_path / "out", plots=True))
+    skipped = {item.name: item.reason for item in summary.skipped}
+    assert skipped["hyperparams_box.png"] == "plot failed: RuntimeError: boom"
+    assert any(path.name.startswith("per_dataset_") for path in summary.written)
+    assert (tmp_path / "out" / "acc.csv").is_file()
