@@ -54,6 +54,21 @@ def time_repeats(action: Callable[[], object], repeats: int, warmup: int = 1) ->
     return Timing(tuple(seconds))
 
 
+def time_interleaved(actions: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
+    """Time several actions in alternation (round by round), so that load from
+    other processes on this shared machine hits all of them alike."""
+    for _ in range(warmup):
+        for action in actions.values():
+            action()
+    seconds: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, action in actions.items():
+            start = time.perf_counter()
+            action()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in seconds.items()}
+
+
 def print_machine() -> None:
     """One line describing where the numbers were measured."""
     print(

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import zarr
 
-from _common import add_scratch_options, print_machine, scratch_dir, time_repeats, write_synthetic_store
+from _common import add_scratch_options, print_machine, scratch_dir, time_interleaved, time_repeats, write_synthetic_store
 from pipeline import cache
 
 TARGET = 0.8
@@ -83,7 +83,7 @@ def main() -> int:
     n_bytes = int(np.prod(shape)) * 2
     print(
         f"inputs: features {shape} float16 = {n_bytes / 1e9:.2f} GB, shard_rows {args.shard_rows}, "
-        f"chunk_rows {args.chunk_rows}, uncompressed; {args.repeats} timed repeats after one warm read"
+        f"chunk_rows {args.chunk_rows}, uncompressed; {args.repeats} timed rounds after one warm read, raw and read_features alternating"
     )
     with scratch_dir(args, "bench_read_") as work:
         store = work / "features.zarr"
@@ -96,8 +96,11 @@ def main() -> int:
         out = np.empty(shape, dtype=np.float16)
         out.fill(0)
 
-        raw = time_repeats(lambda: read_raw(files, raw_buffer), args.repeats)
-        ours = time_repeats(lambda: cache.read_features(store, "center", out=out), args.repeats)
+        timings = time_interleaved(
+            {"raw": lambda: read_raw(files, raw_buffer), "ours": lambda: cache.read_features(store, "center", out=out)},
+            args.repeats,
+        )
+        raw, ours = timings["raw"], timings["ours"]
         print(f"raw files: {len(files)} shard files, {raw_bytes / 1e9:.3f} GB (features + shard indexes)")
         report("raw readinto (sequential)", raw_bytes, raw, None)
         report("cache.read_features(out=...)", n_bytes, ours, raw.median * n_bytes / raw_bytes)

@@ -16,6 +16,7 @@ from .extract import ExtractConfig, ExtractError, run_extract
 from .grid import FitOptions, run_grid
 from .manifest import LAYOUTS, ManifestError, build_manifest, manifest_path, write_manifest
 from .predict import PredictConfig, PredictError, run_predict
+from .report import ReportConfig, ReportError, run_report
 from .train import DataError
 
 
@@ -211,3 +212,23 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, out) ->
     else:
         out.write_text(text)
         click.echo(str(out))
+
+
+@main.command("report")
+@click.argument("grid_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), help="Folder for the tables and plots.")
+@click.option("--no-plots", is_flag=True, help="Write the CSV tables only.")
+def report_command(grid_dirs, out, no_plots) -> None:
+    """Write the paper's tables (CSV) and plots (PNG) from one or more grid output folders.
+
+    Tables whose inputs are absent (no ablation runs, no perturbed test
+    variants, ...) are skipped with the reason; plots never stop a table.
+    """
+    try:
+        summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
+    except ReportError as error:
+        raise click.ClickException(str(error)) from None
+    for skipped in summary.skipped:
+        click.echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
+    for path in summary.written:
+        click.echo(str(path))

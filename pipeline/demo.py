@@ -58,6 +58,7 @@ DEMO_BACKBONE = dict(
     intermediate_size=128,
     num_hidden_layers=4,
     num_attention_heads=4,
+    initializer_factor=3.0,
 )
 # Taps a stride-2, 3x3 transposed convolution puts on the pixel phases
 # (even/odd row x even/odd column); the fake's gain follows them.
@@ -280,8 +281,11 @@ def write_pairs(folder: Path, seed: int, part: str, generator: str, count: int) 
 def make_demo_backbone(path: Path, seed: int) -> None:
     """Save a tiny random-weight CLIPVisionModel (64 px, patch 8, 4 blocks) to ``path``.
 
-    Loaded by path exactly like a hub id; no preprocessor config, so CLIP's
-    normalisation applies. Written to a temporary folder, then renamed.
+    Random weights, with one change: every patch-embedding kernel is made
+    zero-mean (a random high-pass filter bank), so the CLS tokens follow image
+    texture more than mean colour and the demo's up-sampling traces reach the
+    head. Loaded by path exactly like a hub id; no preprocessor config, so
+    CLIP's normalisation applies. Written to a temporary folder, then renamed.
     """
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -292,6 +296,9 @@ def make_demo_backbone(path: Path, seed: int) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPVisionModel(CLIPVisionConfig(**DEMO_BACKBONE)).eval()
+    kernels = model.get_input_embeddings().weight  # (hidden, 3, patch, patch)
+    with torch.no_grad():
+        kernels -= kernels.mean(dim=(2, 3), keepdim=True)
     model.save_pretrained(partial)
     shutil.rmtree(path, ignore_errors=True)
     partial.replace(path)

@@ -7,7 +7,6 @@ nothing about results.csv.
 
 from __future__ import annotations
 
-import math
 import os
 import textwrap
 from pathlib import Path
@@ -18,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-DPI = 120
+DPI = 100
 ACC_COLOR = "tab:olive"
 AP_COLOR = "goldenrod"
 
@@ -44,19 +43,21 @@ def plot_per_dataset(
     path: Path, title: str, datasets: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
 ) -> Path:
     """Grouped bars per test set, one bar per series (label -> (ACC %, AP %)); ACC panel above AP panel."""
-    figure = new_figure(max(8.0, 0.55 * len(datasets) * max(1, len(series)) + 3), 7.5)
+    figure = new_figure(max(8.0, 0.3 * len(datasets) * max(1, len(series)) + 3), 7.5)
     axes = figure.subplots(2, 1, sharex=True)
     positions = np.arange(len(datasets))
     width = 0.8 / max(1, len(series))
     for axis, metric, index in ((axes[0], "ACC", 0), (axes[1], "AP", 1)):
         for k, (label, values) in enumerate(series.items()):
             heights = np.asarray(values[index], dtype=float)
-            mean = np.nanmean(heights) if np.isfinite(heights).any() else math.nan
-            axis.bar(positions + (k - (len(series) - 1) / 2) * width, heights, width, label=f"{label} (avg {mean:.1f})")
+            present = heights[np.isfinite(heights)]
+            average = f"avg {present.mean():.1f} over {present.size} sets" if present.size else "no values"
+            axis.bar(positions + (k - (len(series) - 1) / 2) * width, heights, width, label=f"{label} ({average})")
         axis.set_ylabel(f"{metric} (%)")
-        axis.set_ylim(0, 102)
+        axis.set_ylim(0, 122)  # room for the legend above the 100 % line
+        axis.set_yticks(range(0, 101, 20))
         axis.grid(axis="y", alpha=0.4)
-        axis.legend(loc="lower left", fontsize="small")
+        axis.legend(loc="upper center", ncol=len(series), fontsize="small")
     axes[1].set_xticks(positions, datasets, rotation=40, ha="right")
     axes[1].set_xlabel("test set")
     figure.suptitle(wrap_title(title), fontsize="medium")
@@ -81,7 +82,8 @@ def plot_hyperparam_boxes(
         axis.set_xlabel(label)
         axis.grid(axis="y", alpha=0.4)
     axes[0].set_ylabel("mean over test sets (%)")
-    axes[0].legend(handles=[Patch(facecolor=ACC_COLOR, label="ACC"), Patch(facecolor=AP_COLOR, label="AP")], loc="lower left")
+    legend = [Patch(facecolor=ACC_COLOR, label="ACC"), Patch(facecolor=AP_COLOR, label="AP")]
+    axes[0].legend(handles=legend, loc="lower left")
     figure.suptitle(wrap_title(title), fontsize="medium")
     return save_png(figure, path)
 

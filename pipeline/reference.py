@@ -195,7 +195,9 @@ class ReferencePerturbation:
 Record = TypeVar("Record")
 
 
-def read_packaged_csv(name: str, columns: tuple[str, ...], make: Callable[[dict[str, str]], Record]) -> tuple[Record, ...]:
+def read_packaged_csv(
+    name: str, columns: tuple[str, ...], make: Callable[[dict[str, str]], Record]
+) -> tuple[Record, ...]:
     """Parse ``pipeline/data/<name>`` into records, naming the file and line of any bad value."""
     resource = resources.files("pipeline") / "data" / name
     with resource.open("r", encoding="utf-8", newline="") as handle:
@@ -287,7 +289,7 @@ def load_reference_perturbations() -> tuple[ReferencePerturbation, ...]:
 
 
 def backbone_name(model: str) -> str | None:
-    """The authors' backbone name of a hub id, or of a local folder named like one (…/clip-vit-large-patch14); else None."""
+    """The authors' name of a hub id, or of a local folder named like one (.../clip-vit-large-patch14); else None."""
     if model in BACKBONE_NAMES:
         return BACKBONE_NAMES[model]
     folder = PurePath(model.rstrip("/\\")).name
@@ -307,7 +309,7 @@ def reference_scores(backbone: str, n_classes: int, config: HeadConfig) -> dict[
 
 
 def best_reference_config(backbone: str, n_classes: int) -> HeadConfig | None:
-    """The official grid config with the highest mean ACC + mean AP over its test sets (None if the setting is absent)."""
+    """The official grid config with the highest mean ACC + mean AP over its test sets (None if none)."""
     per_config: dict[HeadConfig, list[tuple[float, float]]] = {}
     for row in load_reference_grid():
         if row.backbone == backbone and row.n_classes == n_classes:

@@ -27,7 +27,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from types import ModuleType
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -52,7 +53,6 @@ SELECTION_REQUIRED_COLUMNS: tuple[str, ...] = ("selection", "setting", "run", "m
 
 VAL_SPLIT = "val"
 CENTER = "center"
-BEST_BY_VAL = "best_by_val"
 BEST_BY_TEST = "best_by_test_mean_acc_ap"
 PUBLISHED = "published"
 OURS, AUTHORS = "ours", "authors"
@@ -146,7 +146,9 @@ class RunResult:
     @property
     def is_full_model(self) -> bool:
         """All blocks, TIE and a contrastive term: the model the grid searches."""
-        return self.config["blocks"] != "last" and self.config["aggregation"] != "mean" and self.head_config.contrastive_factor != 0
+        config = self.config
+        with_contrastive = self.head_config.contrastive_factor != 0
+        return config["blocks"] != "last" and config["aggregation"] != "mean" and with_contrastive
 
     @property
     def center(self) -> Mapping[str, Scores]:
@@ -222,6 +224,20 @@ class AblationRow:
     note: str
 
 
+@dataclass(frozen=True)
+class PerturbedRow:
+    """One model's scores on one perturbed variant of the test sets (a row pair of robustness.csv)."""
+
+    backbone: str
+    n_classes: int | None
+    setting: str
+    run: str
+    perturbation: str
+    preset: str
+    source: str
+    scores: Mapping[str, Scores]
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -242,7 +258,7 @@ def read_csv_rows(path: Path, required: Sequence[str]) -> list[tuple[int, dict[s
         return [(reader.line_num, row) for row in reader]
 
 
-def parse_number(path: Path, line: int, row: Mapping[str, str], column: str, kind: Callable[[str], float | int]):
+def parse_number(path: Path, line: int, row: Mapping[str, str], column: str, kind: Callable[[str], Any]) -> Any:
     try:
         return kind(row[column])
     except (TypeError, ValueError):
@@ -262,7 +278,9 @@ def read_grid_dir(path: Path) -> GridResults:
         raise ReportError(f"{path}: no results.csv — run `pipeline fit --grid ...` first")
     selection = path / "selection.csv"
     if not selection.is_file():
-        raise ReportError(f"{path}: results.csv without selection.csv — the grid did not finish; rerun `pipeline fit --grid ...`")
+        raise ReportError(
+            f"{path}: results.csv without selection.csv — the grid did not finish; rerun `pipeline fit --grid ...`"
+        )
     ok_rows = []
     for line, row in read_csv_rows(results, RESULTS_COLUMNS):
         if row["status"] not in ("ok", "error"):
@@ -480,7 +498,7 @@ def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
 
 
 def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
-    """Ours (every selection, center test sets), grouped by (backbone, n_classes), each group followed by the authors'."""
+    """Ours (every selection, center test sets) grouped by (backbone, n_classes), each group then the authors'."""
     ours = [
         ScoreRow(OURS, s.run.backbone, s.run.tap, s.run.n_classes, s.run.setting, s.rule, s.run.run, run_hyper(s.run),
                  s.run.center)  # fmt: skip
@@ -524,20 +542,24 @@ def choose_full_run(
             return run, f"{BEST_BY_TEST} selection of its setting"
     if not candidates:
         return None, ""
-    return best_run(candidates), f"no {BEST_BY_TEST} selection is a full model; best of {len(candidates)} full runs by mean test ACC+AP"
+    note = f"no {BEST_BY_TEST} selection is a full model; best of {len(candidates)} full runs by mean test ACC+AP"
+    return best_run(candidates), note
 
 
 def choose_ablation_run(variant: str, candidates: Sequence[RunResult], full: RunResult | None) -> tuple[RunResult, str]:
-    """The ablation run with the full model's xi/q/d' (q/d' for without_contrastive), else the best by mean test ACC+AP."""
-    if full is not None:
-        def same_hyper(run: RunResult) -> bool:
-            if variant == "without_contrastive":
-                return (run.head_config.proj_layers, run.head_config.proj_dim) == (full.head_config.proj_layers, full.head_config.proj_dim)
-            return run.head_config.matches(full.head_config)
+    """The ablation run with the full model's xi/q/d' (q/d' for without_contrastive), else the best one.
 
-        same = [run for run in candidates if same_hyper(run)]
+    "Best" is by mean test ACC + AP; the returned note says which rule applied.
+    """
+    without_contrastive = variant == "without_contrastive"
+    if full is not None:
+        if without_contrastive:
+            target = full.head_config._replace(contrastive_factor=0.0)
+        else:
+            target = full.head_config
+        same = [run for run in candidates if run.head_config.matches(target)]
         if same:
-            return best_run(same), "same hyper-params as the full model" + (" (xi=0)" if variant == "without_contrastive" else "")
+            return best_run(same), "same hyper-params as the full model" + (" (xi=0)" if without_contrastive else "")
         reason = "no run with the full model's hyper-params"
     else:
         reason = "no full-model run of this setting"
@@ -560,7 +582,9 @@ def ours_ablation_rows(grids: Sequence[GridResults]) -> list[AblationRow]:
             if candidates:
                 chosen.append((variant, *choose_ablation_run(variant, candidates, full)))
         rows += [
-            AblationRow(run.backbone, run.n_classes, run.setting, variant, OURS, run.run, run_hyper(run), run.center, note)
+            AblationRow(
+                run.backbone, run.n_classes, run.setting, variant, OURS, run.run, run_hyper(run), run.center, note
+            )
             for variant, run, note in chosen
         ]
     return rows
@@ -631,36 +655,42 @@ def perturbation_sort_key(perturbation: str) -> tuple[int, str]:
 def build_robustness_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """Paper Table 5: per perturbation, ACC and AP per test set (percent) of each setting's best_by_test run.
 
-    One row per metric (a ``metric`` column, acc then ap), so the table reads as
-    the paper's two blocks; within a block ours then the authors' per perturbation.
+    One row per metric (a ``metric`` column): all acc rows, then all ap rows, so
+    the table reads as the paper's two blocks; within a block, per perturbation,
+    ours first, then the authors' (released ViT-L/14 checkpoints, official preset).
     """
-    entries = []  # (backbone, n_classes, setting, run, perturbation, preset, source, scores)
+    entries: list[PerturbedRow] = []
     for selection in all_selections(grids):
         run = selection.run
         if selection.rule != BEST_BY_TEST:
             continue
         for variant, scores in run.test.items():
             if variant != CENTER:
-                entries.append((run.backbone, run.n_classes, run.setting, run.run, *split_variant(variant), OURS, scores))
+                perturbation, preset = split_variant(variant)
+                entries.append(
+                    PerturbedRow(run.backbone, run.n_classes, run.setting, run.run, perturbation, preset, OURS, scores)
+                )
     if not entries:
         return SkippedOutput("robustness.csv", "no perturbed test variants in the results of any best_by_test run")
-    groups = sorted({(e[0], e[1]) for e in entries}, key=lambda key: group_sort_key(*key))
+    groups = sorted({(e.backbone, e.n_classes) for e in entries}, key=lambda key: group_sort_key(*key))
     for backbone, n_classes in groups:
         if backbone == ref.AUTHORS_BACKBONE_OF_PERTURBATIONS and n_classes is not None:
             for perturbation, pairs in ref.reference_perturbation_scores(n_classes).items():
-                entries.append((backbone, n_classes, "", "", perturbation, ref.AUTHORS_PERTURBATION_PRESET, AUTHORS,
-                                scores_from_reference(pairs)))  # fmt: skip
-    datasets = order_datasets(dataset for entry in entries for dataset in entry[7])
+                entries.append(
+                    PerturbedRow(backbone, n_classes, "", "", perturbation, ref.AUTHORS_PERTURBATION_PRESET, AUTHORS,
+                                 scores_from_reference(pairs))
+                )  # fmt: skip
+    datasets = order_datasets(dataset for entry in entries for dataset in entry.scores)
     header = ("backbone", "n_classes", "setting", "run", "perturbation", "preset", "source", "metric", *datasets, "avg")
     rows = []
     for backbone, n_classes in groups:
-        group = [e for e in entries if (e[0], e[1]) == (backbone, n_classes)]
-        group.sort(key=lambda e: (perturbation_sort_key(e[4]), e[6] != OURS, e[5], e[2]))
+        group = [e for e in entries if (e.backbone, e.n_classes) == (backbone, n_classes)]
+        group.sort(key=lambda e: (perturbation_sort_key(e.perturbation), e.source != OURS, e.preset, e.setting))
         for metric in ("acc", "ap"):
-            for _, _, setting, run_id, perturbation, preset, source, scores in group:
-                values = {dataset: getattr(s, metric) for dataset, s in scores.items()}
+            for e in group:
+                values = {dataset: getattr(scores, metric) for dataset, scores in e.scores.items()}
                 rows.append(
-                    (backbone, format_n_classes(n_classes), setting, run_id, perturbation, preset, source, metric,
+                    (backbone, format_n_classes(n_classes), e.setting, e.run, e.perturbation, e.preset, e.source, metric,
                      *(format_percent(values.get(d)) for d in datasets), format_percent(nan_mean(values.values())))
                 )  # fmt: skip
     return Table("robustness.csv", header, tuple(rows))
@@ -689,9 +719,12 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def per_dataset_plot_name(run: RunResult) -> str:
+def per_dataset_plot_name(run: RunResult, common_tokens: set[str]) -> str:
+    """per_dataset_<backbone>-<tap>-<n>class-<setting parts that differ between plotted runs>-<hash>.png"""
     digest = hashlib.sha1("\n".join((run.grid_dir.name, run.model, run.tap, run.setting)).encode()).hexdigest()[:6]
-    readable = slugify(f"{run.backbone} {run.tap} {run.n_classes or ''}class {run.setting}")[:80].rstrip("-")
+    distinct = " ".join(token for token in run.setting.split() if token not in common_tokens)
+    classes = f"{run.n_classes}class" if run.n_classes is not None else ""
+    readable = slugify(f"{run.backbone} {run.tap} {classes} {distinct}")[:80].rstrip("-")
     return f"per_dataset_{readable}-{digest}.png"
 
 
@@ -702,19 +735,22 @@ def percent_lists(scores: Mapping[str, Scores], datasets: Sequence[str]) -> tupl
     )
 
 
-def per_dataset_jobs(grids: Sequence[GridResults], out: Path, plots) -> list[PlotJob]:
+def per_dataset_jobs(grids: Sequence[GridResults], out: Path, plots: ModuleType) -> list[PlotJob]:
+    """One figure per full-model setting (its best_by_test run) next to the authors' published config.
+
+    Ablation settings are left out: ablations.csv compares them with their full model.
+    """
+    runs = [s.run for s in all_selections(grids) if s.rule == BEST_BY_TEST and s.run.is_full_model]
+    common_tokens = set.intersection(*(set(run.setting.split()) for run in runs)) if runs else set()
     jobs = []
-    for selection in all_selections(grids):
-        run = selection.run
-        if selection.rule != BEST_BY_TEST:
-            continue
+    for run in runs:
         series = {f"ours, xi/q/d' = {'/'.join(run_hyper(run))}": run.center}
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         if published is not None:
             pairs = ref.reference_scores(run.backbone, run.n_classes, published)
             series[f"authors (published), xi/q/d' = {'/'.join(format_hyper(published))}"] = scores_from_reference(pairs)
         datasets = order_datasets(d for scores in series.values() for d in scores)
-        name = per_dataset_plot_name(run)
+        name = per_dataset_plot_name(run, common_tokens)
         classes = f"{run.n_classes}-class" if run.n_classes is not None else "classes=" + run.config["classes"]
         title = f"{run.backbone} ({run.tap}), {classes}, run {run.run} (best by mean test ACC+AP)\n{run.setting}"
         bars = {label: percent_lists(scores, datasets) for label, scores in series.items()}
@@ -732,14 +768,18 @@ def numeric_order(values: Iterable[str]) -> list[str]:
     return sorted(set(values), key=key)
 
 
-def hyperparam_job(grids: Sequence[GridResults], out: Path, plots) -> PlotJob | SkippedOutput:
+def hyperparam_job(grids: Sequence[GridResults], out: Path, plots: ModuleType) -> PlotJob | SkippedOutput:
     runs = [run for run in all_runs(grids) if run.is_full_model and not math.isnan(run.mean_acc)]
     name = "hyperparams_box.png"
     if not runs:
         return SkippedOutput(name, "no full-model runs with test results")
     panels = {}
-    for column, label in (("contrastive_factor", "contrastive factor xi"), ("proj_layers", "projection layers q"),
-                          ("proj_dim", "projection dim d'")):  # fmt: skip
+    labels = {
+        "contrastive_factor": r"contrastive factor $\xi$",
+        "proj_layers": r"projection layers $q$",
+        "proj_dim": r"projection dim $d'$",
+    }
+    for column, label in labels.items():
         panels[label] = {
             value: (
                 [100 * run.mean_acc for run in runs if run.config[column] == value],
@@ -751,7 +791,9 @@ def hyperparam_job(grids: Sequence[GridResults], out: Path, plots) -> PlotJob | 
     return (name, functools.partial(plots.plot_hyperparam_boxes, out / name, title, panels))
 
 
-def study_job(grids: Sequence[GridResults], out: Path, plots, column: str, name: str, xlabel: str) -> PlotJob | SkippedOutput:
+def study_job(
+    grids: Sequence[GridResults], out: Path, plots: ModuleType, column: str, name: str, xlabel: str
+) -> PlotJob | SkippedOutput:
     """Mean ACC/AP against ``column`` for full-model runs that differ only in it (and in xi/q/d')."""
     groups: dict[tuple[str, ...], list[RunResult]] = {}
     for run in all_runs(grids):
@@ -780,27 +822,36 @@ def study_job(grids: Sequence[GridResults], out: Path, plots, column: str, name:
 
 
 def write_plots(grids: Sequence[GridResults], out: Path) -> tuple[list[Path], list[SkippedOutput]]:
-    """Every plot in its own try: a failure is reported, never raised."""
+    """Prepare and draw every plot in its own try: a failure is reported, never raised."""
     try:
         from . import plots
     except ImportError as error:
         return [], [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
-    jobs: list[PlotJob | SkippedOutput] = [
-        *per_dataset_jobs(grids, out, plots),
-        hyperparam_job(grids, out, plots),
-        study_job(grids, out, plots, "epochs", "epochs.png", "epochs"),
-        study_job(grids, out, plots, "train_fraction", "fraction.png", "train_fraction"),
-    ]
-    written, skipped = [], []
-    for job in jobs:
-        if isinstance(job, SkippedOutput):
-            skipped.append(job)
-            continue
-        name, draw = job
+    except Exception as error:  # noqa: BLE001 - a broken matplotlib must not take the tables down
+        return [], [SkippedOutput("plots", f"matplotlib failed to load ({type(error).__name__}: {error}); tables only")]
+    preparers: tuple[tuple[str, Callable[[], list[PlotJob | SkippedOutput]]], ...] = (
+        ("per_dataset_*.png", lambda: list(per_dataset_jobs(grids, out, plots))),
+        ("hyperparams_box.png", lambda: [hyperparam_job(grids, out, plots)]),
+        ("epochs.png", lambda: [study_job(grids, out, plots, "epochs", "epochs.png", "epochs")]),
+        ("fraction.png", lambda: [study_job(grids, out, plots, "train_fraction", "fraction.png", "train_fraction")]),
+    )
+    written: list[Path] = []
+    skipped: list[SkippedOutput] = []
+    for label, prepare in preparers:
         try:
-            written.append(draw())
-        except Exception as error:  # noqa: BLE001 - a plot must never take the tables down
-            skipped.append(SkippedOutput(name, f"plot failed: {type(error).__name__}: {error}"))
+            jobs = prepare()
+        except Exception as error:  # noqa: BLE001
+            skipped.append(SkippedOutput(label, f"plot failed: {type(error).__name__}: {error}"))
+            continue
+        for job in jobs:
+            if isinstance(job, SkippedOutput):
+                skipped.append(job)
+                continue
+            name, draw = job
+            try:
+                written.append(draw())
+            except Exception as error:  # noqa: BLE001 - a plot must never take the tables down
+                skipped.append(SkippedOutput(name, f"plot failed: {type(error).__name__}: {error}"))
     return written, skipped
 
 

@@ -72,14 +72,25 @@ def zarr_features(path: Path, variant: str) -> np.ndarray:
     return zarr.open_array(path / "features" / variant, mode="r")[...]
 
 
-@pytest.fixture()
-def store_21(tmp_path: Path) -> tuple[Path, np.ndarray]:
-    """21 rows, shards of 8, chunks of 2: the last shard is partial, its last chunk out of range."""
-    path = new_store(tmp_path / "s.zarr", 21)
+def build_store_21(path: Path, chunk_rows: int) -> tuple[Path, np.ndarray]:
+    """21 rows in shards of 8, every shard committed; the last shard is partial."""
+    new_store(path, 21, make_identity(chunk_rows=chunk_rows))
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
     values = features_for(21, seed=1)
     commit_all(path, "center", values, 8)
     return path, values
+
+
+@pytest.fixture()
+def store_21(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    return build_store_21(tmp_path / "s.zarr", chunk_rows=2)
+
+
+@pytest.fixture(params=[2, 4], ids=["chunk2", "chunk4"])
+def reader_store(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, np.ndarray]:
+    """With chunks of 2 the last shard's last chunk lies wholly past row 20;
+    with chunks of 4, rows inside one chunk can be non-adjacent."""
+    return build_store_21(tmp_path / "s.zarr", chunk_rows=request.param)
 
 
 def test_round_trip_of_rows_and_features(store_21: tuple[Path, np.ndarray]) -> None:
@@ -113,15 +124,17 @@ def test_round_trip_of_rows_and_features(store_21: tuple[Path, np.ndarray]) -> N
         slice(0, 21, 3),
         slice(16, 21),
         np.array([0, 1, 3, 7, 8, 9, 15, 16, 20]),  # crosses chunk and shard boundaries
+        np.array([0, 2, 5, 7, 9, 12, 14, 19, 20]),  # gaps inside chunks
+        np.array([16, 18, 20]),  # gaps inside the last, partial shard
         np.array([5]),
-        np.array([19, 20]),  # only the last, partial chunk
+        np.array([19, 20]),
         np.arange(21),
         np.array([], dtype=np.int64),
     ],
-    ids=["all", "slice", "strided", "last-shard", "fancy", "one", "last-chunk", "arange", "empty"],
+    ids=["all", "slice", "strided", "last-shard", "fancy", "gaps", "last-gaps", "one", "last-rows", "arange", "empty"],
 )
-def test_raw_reader_equals_zarr(store_21: tuple[Path, np.ndarray], rows: object) -> None:
-    path, values = store_21
+def test_raw_reader_equals_zarr(reader_store: tuple[Path, np.ndarray], rows: object) -> None:
+    path, values = reader_store
     expected = zarr_features(path, "center")
     np.testing.assert_array_equal(expected, values)
     index = np.arange(21) if rows is None else np.arange(21)[rows]
@@ -130,22 +143,56 @@ def test_raw_reader_equals_zarr(store_21: tuple[Path, np.ndarray], rows: object)
     np.testing.assert_array_equal(got, expected[index])
 
 
-def test_store_layout_takes_the_raw_path(store_21: tuple[Path, np.ndarray]) -> None:
-    path, _ = store_21
+def test_store_layout_takes_the_raw_path(reader_store: tuple[Path, np.ndarray]) -> None:
+    path, _ = reader_store
     array = zarr.open_array(path / "features" / "center", mode="r")
     layout = cache._raw_shard_layout(array)
     assert layout is not None
-    assert (layout.shard_rows, layout.chunk_rows) == (8, 2)
+    assert (layout.shard_rows, layout.chunk_rows) == (8, cache.open_store_info(path).identity.chunk_rows)
 
 
-def test_raw_reader_fills_into_given_out(store_21: tuple[Path, np.ndarray]) -> None:
-    path, values = store_21
+def test_raw_reader_fills_into_given_out(reader_store: tuple[Path, np.ndarray]) -> None:
+    path, values = reader_store
     out = np.full((4, N_BLOCKS, DIM), 7, dtype=np.float16)
     result = cache.read_features(path, "center", np.array([2, 9, 10, 18]), out=out)
     assert result is out
     np.testing.assert_array_equal(out, values[[2, 9, 10, 18]])
     with pytest.raises(ValueError, match="out has shape"):
         cache.read_features(path, "center", np.array([1, 2]), out=np.empty((2, N_BLOCKS, DIM), np.float32))
+
+
+def test_raw_reader_into_strided_and_unaligned_out(reader_store: tuple[Path, np.ndarray]) -> None:
+    path, values = reader_store
+    expected = zarr_features(path, "center")
+    rows = np.array([0, 1, 2, 3, 4, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17, 20])
+    strided = np.full((2 * len(rows), N_BLOCKS, DIM), 9, dtype=np.float16)[::2]
+    assert not strided.flags.c_contiguous
+    cache.read_features(path, "center", rows, out=strided)
+    np.testing.assert_array_equal(strided, expected[rows])
+    nbytes = len(rows) * N_BLOCKS * DIM * 2
+    buffer = np.zeros(nbytes + 128, dtype=np.uint8)
+    for shift in range(0, 64, 2):  # every float16 offset modulo the copy alignment
+        out = buffer[shift : shift + nbytes].view(np.float16).reshape(len(rows), N_BLOCKS, DIM)
+        out[...] = 9
+        cache.read_features(path, "center", rows, out=out)
+        np.testing.assert_array_equal(out, expected[rows], err_msg=f"shift {shift}")
+
+
+def test_raw_reader_with_small_read_pieces(reader_store: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans split into pieces of 3 rows and a staging buffer smaller than a span read the same bytes."""
+    path, values = reader_store
+    row_bytes = N_BLOCKS * DIM * 2
+    monkeypatch.setattr(cache, "_SPAN_BYTES", 3 * row_bytes)
+    monkeypatch.setattr(cache, "_STAGING_BYTES", 128)
+    monkeypatch.setattr(cache, "_STAGING", [])
+    expected = zarr_features(path, "center")
+    for rows in (None, np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19, 20]), slice(2, 19)):
+        index = np.arange(21) if rows is None else np.arange(21)[rows]
+        buffer = np.zeros(len(index) * row_bytes + 64, dtype=np.uint8)
+        for shift in (0, 2, 10):
+            out = buffer[shift : shift + len(index) * row_bytes].view(np.float16).reshape(len(index), N_BLOCKS, DIM)
+            cache.read_features(path, "center", rows, out=out)
+            np.testing.assert_array_equal(out, expected[index])
 
 
 def test_row_indices_must_increase_and_stay_in_range(store_21: tuple[Path, np.ndarray]) -> None:
@@ -199,13 +246,13 @@ def test_float32_store(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cache.read_features(path, "center", rows), values[rows])
 
 
-def test_compressed_array_falls_back_to_zarr(store_21: tuple[Path, np.ndarray]) -> None:
-    path, _ = store_21
+def test_compressed_array_falls_back_to_zarr(reader_store: tuple[Path, np.ndarray]) -> None:
+    path, _ = reader_store
     values = features_for(21, seed=5)
     compressed = zarr.create_array(
         path / "features" / "center",
         shape=values.shape,
-        chunks=(2, N_BLOCKS, DIM),
+        chunks=(4, N_BLOCKS, DIM),
         shards=(8, N_BLOCKS, DIM),
         dtype="float16",
         compressors=ZstdCodec(level=3),
@@ -216,7 +263,7 @@ def test_compressed_array_falls_back_to_zarr(store_21: tuple[Path, np.ndarray]) 
     assert cache._raw_shard_layout(compressed) is None
 
     np.testing.assert_array_equal(cache.read_features(path, "center"), values)
-    rows = np.array([1, 7, 8, 20])
+    rows = np.array([1, 3, 7, 8, 20])
     np.testing.assert_array_equal(cache.read_features(path, "center", rows), values[rows])
 
 

@@ -1,0 +1,142 @@
+"""The stage-one commands through click: manifest, extract, cache info."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import make_folder_dataset
+from pipeline import cache, images
+from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.cli import main
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def extracted(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`pipeline manifest` then `pipeline extract` on a 12-image folder dataset."""
+    base = tmp_path_factory.mktemp("cli")
+    root = make_folder_dataset(base / "data", n_per_label=3, seed=5)
+    (root / "b" / "0_real" / "zz broken.png").write_text("not an image")
+    manifests = base / "manifests"
+    made = invoke("manifest", "--layout", "folder", "--root", root, "--split", "val", "--manifests-dir", manifests)
+    extract_args = [
+        "extract", "--split", "val", "--manifest", manifests / "val.csv", "--model", tiny_clip_dir,
+        "--cache-dir", base / "cache", "--shard-rows", "8", "--chunk-rows", "4", "--no-progress", "--device", "cpu",
+    ]
+    result = invoke(*extract_args)
+    return {"base": base, "root": root, "manifest": made, "extract": result, "args": extract_args}
+
+
+def test_manifest_command_prints_the_csv_path(extracted: dict) -> None:
+    result = extracted["manifest"]
+    assert result.exit_code == 0, result.output
+    csv_path = extracted["base"] / "manifests" / "val.csv"
+    assert result.stdout.strip() == str(csv_path)
+    assert "13 images (7 real, 6 fake) in 2 dataset(s)" in result.stderr
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "path,label,dataset" and len(lines) == 14
+    assert "a/0_real/img_000.png,0,a" in lines and "b/0_real/zz broken.png,0,b" in lines
+
+
+def test_extract_prints_the_store_path_and_records_the_bad_file(extracted: dict, tiny_clip_dir: Path) -> None:
+    result = extracted["extract"]
+    assert result.exit_code == 0, result.output
+    store = extracted["base"] / "cache" / tiny_clip_dir.name / "ln2" / "val.zarr"
+    assert result.stdout.splitlines() == [str(store)]
+    assert "13 rows; 2 shards extracted, 0 already done" in result.stderr
+    assert "1 images could not be used" in result.stderr
+    assert "b/0_real/zz broken.png: not an image" in result.stderr
+
+    rows = cache.read_rows(store)
+    assert len(rows) == 13 and int(np.count_nonzero(~rows.valid)) == 1
+    features = cache.read_features(store, "center")
+    backbone = Backbone(BackboneSpec(model=str(tiny_clip_dir), device="cpu", dtype="float32"))
+    first = images.center_crop(np.asarray(Image.open(extracted["root"] / rows.paths[0]).convert("RGB")), 32)
+    expected = backbone.forward_taps(first[None], ["ln2"])["ln2"].numpy()[0].astype(np.float16)
+    np.testing.assert_allclose(features[0].astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_cache_info_lists_model_tap_variants_and_failures(extracted: dict, tiny_clip_dir: Path) -> None:
+    store = extracted["base"] / "cache" / tiny_clip_dir.name / "ln2" / "val.zarr"
+    result = invoke("cache", "info", store)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"model_id     {tiny_clip_dir}" in out
+    assert "tap          ln2" in out
+    assert "rows         13" in out
+    assert "variants:" in out and any(line.split() == ["center", "complete"] for line in out.splitlines())
+    assert "invalid rows 1" in out and "b/0_real/zz broken.png: not an image" in out
+
+
+def test_cache_info_on_a_folder_that_is_not_a_store(tmp_path: Path) -> None:
+    result = invoke("cache", "info", tmp_path)
+    assert result.exit_code == 1
+    assert "not a feature store" in result.output
+
+
+def test_rerun_of_the_same_command_skips_everything(extracted: dict) -> None:
+    result = invoke(*extracted["args"])
+    assert result.exit_code == 0, result.output
+    assert "0 shards extracted, 2 already done; 0 images" in result.stderr
+
+
+def test_mismatched_rerun_exits_1_naming_the_difference(extracted: dict) -> None:
+    result = invoke(*extracted["args"], "--seed", "9")
+    assert result.exit_code == 1
+    assert "seed: store has 0, asked for 9" in result.output
+    assert "--overwrite" in result.output
+    result = invoke(*extracted["args"], "--blocks", "-1")
+    assert result.exit_code == 1
+    assert "blocks: store has (0, 1, 2), asked for (2,)" in result.output
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--tap", "mlp"],
+        ["--batch-size", "0"],
+        ["--store-dtype", "int8"],
+        ["--perturb", "rain"],
+        ["--no-such-option"],
+    ],
+)
+def test_bad_options_exit_2(extracted: dict, bad: list[str]) -> None:
+    result = invoke(*extracted["args"], *bad)
+    assert result.exit_code == 2, result.output
+    assert bad[0] in result.output
+
+
+def test_manifest_bad_layout_exits_2_and_missing_root_exits_2(tmp_path: Path) -> None:
+    assert invoke("manifest", "--layout", "nope", "--root", tmp_path, "--split", "x").exit_code == 2
+    assert invoke("manifest", "--layout", "folder", "--root", tmp_path / "absent", "--split", "x").exit_code == 2
+
+
+def test_manifest_of_a_folder_without_label_folders_exits_1(tmp_path: Path) -> None:
+    result = invoke("manifest", "--layout", "folder", "--root", tmp_path, "--split", "x",
+                    "--manifests-dir", tmp_path / "m")
+    assert result.exit_code == 1
+    assert "no folder named 0_real/ or 1_fake/" in result.output
+
+
+@pytest.mark.parametrize(
+    ("command", "options"),
+    [
+        (["manifest"], ["--layout", "--root", "--split", "--manifests-dir", "folder", "cnndetection-train"]),
+        (["extract"], ["--split", "--manifest", "--model", "--tap", "ln2", "hidden", "--blocks", "--cache-dir",
+                       "--out", "--shard-rows", "--chunk-rows", "--views", "--perturb", "--seed", "--overwrite",
+                       "--fail-fast", "--max-pixels"]),
+        (["cache", "info"], ["PATH"]),
+    ],
+)
+def test_help_mentions_key_options(command: list[str], options: list[str]) -> None:
+    result = invoke(*command, "--help")
+    assert result.exit_code == 0
+    for option in options:
+        assert option in result.output, option

@@ -1,0 +1,573 @@
+"""Stage one end to end at library level: stores checked against the backbone run here by hand."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from conftest import TINY_CLIP, make_folder_dataset, write_image
+from pipeline import cache, images
+from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.cli import main
+from pipeline.extract import ExtractConfig, ExtractError, run_extract
+from pipeline.manifest import Manifest, ManifestRow, build_manifest, write_manifest
+
+CROP = 32  # TINY_CLIP image_size
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def cpu_spec(model: Path) -> BackboneSpec:
+    return BackboneSpec(model=str(model), device="cpu", dtype="float32")
+
+
+def extract_config(model: Path, manifest: Path, cache_dir: Path, **changes: object) -> ExtractConfig:
+    config = ExtractConfig(
+        split=manifest.stem,
+        manifest=manifest,
+        backbone=cpu_spec(model),
+        cache_dir=cache_dir,
+        batch_size=4,
+        shard_rows=8,
+        chunk_rows=4,
+        progress=False,
+    )
+    return replace(config, **changes)
+
+
+def folder_manifest(root: Path, split: str, manifests: Path) -> Path:
+    path = manifests / f"{split}.csv"
+    write_manifest(build_manifest("folder", root, split), path)
+    return path
+
+
+def write_images(root: Path, sizes: list[tuple[int, int]], seed: int = 0) -> None:
+    """root/set/{0_real,1_fake}/img_XX.png alternating labels, sizes (width, height) as given."""
+    for i, size in enumerate(sizes):
+        folder = ("0_real", "1_fake")[i % 2]
+        write_image(root / "set" / folder / f"img_{i:02d}.png", size, seed * 100 + i)
+
+
+def tokens_by_hand(model: Path, pixels: list[np.ndarray], tap: str = "ln2") -> np.ndarray:
+    """Float32 CLS tokens of each crop, one forward pass per crop, blocks all."""
+    backbone = Backbone(cpu_spec(model))
+    return np.concatenate([backbone.forward_taps(p[None], [tap])[tap].numpy() for p in pixels])
+
+
+def assert_fp16_equal(stored: np.ndarray, expected32: np.ndarray) -> None:
+    """Stored float16 equals the float32 reference cast to float16, up to one float16 step.
+
+    (Batched and single-image forward passes may differ in the last float32 bits,
+    which can move a value across a float16 rounding boundary.)
+    """
+    assert stored.dtype == np.float16 and stored.shape == expected32.shape
+    expected = expected32.astype(np.float16)
+    step = np.maximum(np.spacing(np.abs(expected)), np.spacing(np.abs(stored))).astype(np.float32)
+    diff = np.abs(stored.astype(np.float32) - expected.astype(np.float32))
+    assert np.all(diff <= step), f"max difference {diff.max()} over float16 steps {step[diff > step][:5]}"
+    assert np.abs(expected).max() > 0.1
+
+
+def read_zarr(store: Path, name: str) -> np.ndarray:
+    return zarr.open_array(store / name, mode="r")[...]
+
+
+def resolve_rows(manifest: Path) -> list[Path]:
+    from pipeline.manifest import read_manifest
+
+    loaded = read_manifest(manifest)
+    return [loaded.resolve(i) for i in range(len(loaded))]
+
+
+# ---------------------------------------------------------------- evaluation store
+
+
+@pytest.fixture(scope="module")
+def eval_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An evaluation split of 11 rows with classes (hand-written manifest), extracted once."""
+    base = tmp_path_factory.mktemp("eval")
+    root = base / "data"
+    sizes = [(40, 36), (28, 30), (33, 50), (32, 32), (64, 20), (41, 41), (40, 36), (17, 60), (36, 40), (50, 50), (35, 33)]
+    write_images(root, sizes, seed=1)
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
+    classes = ["cat", "dog", ""] * 4
+    lines = ["path,label,dataset,class"]
+    for i, name in enumerate(files):
+        lines.append(f"{name},{int('1_fake' in name)},{'gan' if i < 6 else 'diffusion'},{classes[i]}")
+    manifest = base / "manifests" / "val.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("\n".join(lines) + "\n")
+    manifest.with_suffix(".json").write_text(json.dumps({"data_root": str(root)}))
+    config = extract_config(tiny_clip_dir, manifest, base / "cache")
+    summary = run_extract(config)
+    return {"config": config, "summary": summary, "files": files, "classes": classes[: len(files)], "root": root}
+
+
+def test_store_rows_align_with_manifest(eval_run: dict) -> None:
+    summary, files, root = eval_run["summary"], eval_run["files"], eval_run["root"]
+    store = summary.stores["ln2"]
+    assert store == eval_run["config"].cache_dir / eval_run["config"].backbone.model.split("/")[-1] / "ln2" / "val.zarr"
+    assert (summary.n_rows, summary.shards_done, summary.shards_skipped, summary.images_processed) == (11, 2, 0, 11)
+    assert summary.failures == ()
+    rows = cache.read_rows(store)
+    assert list(rows.paths) == files
+    np.testing.assert_array_equal(rows.labels, [int("1_fake" in f) for f in files])
+    assert list(rows.datasets) == ["gan"] * 6 + ["diffusion"] * 5
+    assert list(rows.classes) == eval_run["classes"]
+    assert rows.valid.all() and set(rows.errors) == {""}
+    info = cache.open_store_info(store)
+    assert info.split == "val" and info.attrs["training"] is False
+    assert info.identity.tap == "ln2" and info.identity.blocks == (0, 1, 2)
+    assert (info.identity.dim, info.identity.crop_size, info.identity.shard_rows, info.identity.chunk_rows) == (32, 32, 8, 4)
+    assert info.attrs["data_root"] == str(root)
+    assert list(info.variants) == ["center"] and info.complete_variants == ("center",)
+
+
+def test_center_features_equal_backbone_on_center_crop(eval_run: dict, tiny_clip_dir: Path) -> None:
+    store = eval_run["summary"].stores["ln2"]
+    files, root = eval_run["files"], eval_run["root"]
+    crops = []
+    for name in files:
+        pixels = np.asarray(Image.open(root / name).convert("RGB"))
+        crops.append(images.center_crop(pixels, CROP))
+    # The 28x30 image is zero-padded by 1 row above and below, 2 columns left and right.
+    k = files.index("set/1_fake/img_01.png")
+    small = np.asarray(Image.open(root / files[k]).convert("RGB"))
+    assert small.shape == (30, 28, 3)
+    assert not crops[k][[0, 31]].any() and not crops[k][:, [0, 1, 30, 31]].any()
+    np.testing.assert_array_equal(crops[k][1:31, 2:30], small)
+    expected = tokens_by_hand(tiny_clip_dir, crops)
+    stored = cache.read_features(store, "center")
+    assert stored.shape == (11, 3, 32)
+    assert_fp16_equal(stored, expected)
+    np.testing.assert_array_equal(read_zarr(store, "features/center"), stored)
+
+
+def test_rerun_skips_every_shard_without_backbone_work(eval_run: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = eval_run["summary"].stores["ln2"]
+    before = read_zarr(store, "features/center")
+    calls = []
+    original = Backbone.forward_taps
+
+    def counting(self, pixels, taps):
+        calls.append(len(pixels))
+        return original(self, pixels, taps)
+
+    monkeypatch.setattr(Backbone, "forward_taps", counting)
+    summary = run_extract(eval_run["config"])
+    assert calls == []
+    assert (summary.shards_done, summary.shards_skipped, summary.images_processed) == (0, 2, 0)
+    np.testing.assert_array_equal(read_zarr(store, "features/center"), before)
+
+
+# ---------------------------------------------------------------- training views
+
+
+def test_training_views_follow_the_seeded_recipe(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_images(root, [(40, 36), (28, 30), (33, 50), (64, 64), (36, 40), (45, 38)], seed=2)
+    manifest = folder_manifest(root, "train", tmp_path / "manifests")
+    config = extract_config(tiny_clip_dir, manifest, tmp_path / "cache", views=3, seed=11, shard_rows=4, chunk_rows=2)
+    store = run_extract(config).stores["ln2"]
+
+    info = cache.open_store_info(store)
+    assert list(info.variants) == ["view_000", "view_001", "view_002"]
+    assert info.attrs["training"] is True and info.identity.seed == 11
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
+    for view in range(3):
+        crops = [images.augment_train_view(img, CROP, images.view_rng(11, row, view)) for row, img in enumerate(decoded)]
+        assert_fp16_equal(cache.read_features(store, f"view_{view:03d}"), tokens_by_hand(tiny_clip_dir, crops))
+    views = [cache.read_features(store, f"view_{v:03d}") for v in range(3)]
+    assert not np.array_equal(views[0], views[1])
+
+    again = run_extract(replace(config, cache_dir=tmp_path / "again")).stores["ln2"]
+    for name in ("features/view_000", "features/view_001", "features/view_002", "valid", "error", "labels", "paths"):
+        np.testing.assert_array_equal(read_zarr(again, name), read_zarr(store, name))
+    other_seed = run_extract(replace(config, cache_dir=tmp_path / "seed12", seed=12, views=1)).stores["ln2"]
+    assert not np.array_equal(read_zarr(other_seed, "features/view_000"), views[0])
+
+
+# ---------------------------------------------------------------- resume after kill -9
+
+THROTTLE = '''\
+"""Test helper: slow every backbone call so that a test can kill the process mid-run."""
+import os
+import time
+
+import pipeline.backbone as _backbone
+
+_DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])
+_forward_taps = _backbone.Backbone.forward_taps
+
+
+def _slow_forward_taps(self, images, taps):
+    time.sleep(_DELAY)
+    return _forward_taps(self, images, taps)
+
+
+_backbone.Backbone.forward_taps = _slow_forward_taps
+'''
+KILL_SHARDS = 11  # 41 rows in shards of 4
+KILL_VARIANTS = ("view_000", "view_001")
+
+
+def kill_args(model: Path, manifest: Path, out: Path) -> list[str]:
+    return [
+        "extract", "--split", "train", "--manifest", str(manifest), "--model", str(model), "--out", str(out),
+        "--shard-rows", "4", "--chunk-rows", "2", "--batch-size", "2", "--views", "2", "--device", "cpu",
+        "--no-progress",
+    ]
+
+
+def shards_done(store: Path, variant: str) -> int | None:
+    """Committed shards of a variant, None while the store has no such progress array."""
+    if not (store / "progress" / variant / "zarr.json").is_file():
+        return None
+    return int(np.count_nonzero(zarr.open_array(store / "progress" / variant, mode="r")[...]))
+
+
+@pytest.fixture(scope="module")
+def kill_setup(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """41 training images (one empty file among them), an uninterrupted CLI run, and two killed ones.
+
+    Both killed runs are real ``python -m pipeline extract`` processes started
+    together; a sitecustomize on their PYTHONPATH slows each backbone call so
+    that the kill lands where the test wants it.
+    """
+    base = tmp_path_factory.mktemp("kill")
+    root = make_folder_dataset(base / "data", n_per_label=10, seed=3)
+    (root / "a" / "1_fake" / "zz_empty.png").write_bytes(b"")
+    manifest = folder_manifest(root, "train", base / "manifests")
+    throttle = base / "throttle"
+    throttle.mkdir()
+    (throttle / "sitecustomize.py").write_text(THROTTLE)
+
+    def start(name: str, delay: float) -> tuple[subprocess.Popen, Path]:
+        out = base / f"{name}.zarr"
+        env = {**os.environ, "PYTHONPATH": str(throttle), "RINE_TEST_FORWARD_DELAY": str(delay), "HF_HUB_OFFLINE": "1"}
+        log = open(base / f"{name}.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", *kill_args(tiny_clip_dir, manifest, out)],
+            cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        return process, out
+
+    # mid: kill once a shard (not all) of the first view is committed; early: once the
+    # store and its progress arrays exist but no shard is committed (each call sleeps 0.5 s).
+    children = {"mid": start("mid", 0.03), "early": start("early", 0.5)}
+    reference = base / "reference.zarr"
+    result = CliRunner().invoke(main, kill_args(tiny_clip_dir, manifest, reference))
+    assert result.exit_code == 0, result.output
+
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + 120
+    while len(seen) < len(children) and time.monotonic() < deadline:
+        for name, (process, out) in children.items():
+            if name in seen:
+                continue
+            done = shards_done(out, KILL_VARIANTS[-1])
+            ready = done is not None and (done >= 1 if name == "mid" else done == 0)
+            if ready:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                seen[name] = done
+            elif process.poll() is not None:
+                pytest.fail(f"{name} run ended (status {process.returncode}) before it could be killed:\n"
+                            + (base / f"{name}.log").read_text())
+        time.sleep(0.005)
+    for process, _ in children.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert len(seen) == len(children), f"timed out waiting for the runs to reach their kill points: {seen}"
+    return {"manifest": manifest, "reference": reference, "children": {n: out for n, (_, out) in children.items()}}
+
+
+def assert_stores_identical(store: Path, reference: Path) -> None:
+    for name in ("labels", "paths", "dataset", "valid", "error", *(f"features/{v}" for v in KILL_VARIANTS)):
+        got, want = read_zarr(store, name), read_zarr(reference, name)
+        assert got.dtype == want.dtype, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    for variant in KILL_VARIANTS:
+        np.testing.assert_array_equal(cache.read_features(store, variant), cache.read_features(reference, variant))
+        assert cache.pending_shards(store, variant) == []
+
+
+def resume(model: Path, setup: dict, name: str) -> str:
+    result = CliRunner().invoke(main, kill_args(model, setup["manifest"], setup["children"][name]))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_reference_run_is_complete_and_records_the_empty_file(kill_setup: dict) -> None:
+    reference = kill_setup["reference"]
+    rows = cache.read_rows(reference)
+    assert len(rows) == 41
+    bad = np.flatnonzero(~rows.valid)
+    assert [rows.paths[i] for i in bad] == ["a/1_fake/zz_empty.png"]
+    assert rows.errors[bad[0]] == "file is empty (0 bytes)"
+    for variant in KILL_VARIANTS:
+        features = cache.read_features(reference, variant)
+        assert not features[bad].any() and np.all(np.abs(features[rows.valid]).max(axis=(1, 2)) > 0)
+
+
+def test_resume_after_kill_mid_run_matches_an_uninterrupted_run(kill_setup: dict, tiny_clip_dir: Path) -> None:
+    store = kill_setup["children"]["mid"]
+    done = [shards_done(store, v) for v in KILL_VARIANTS]
+    assert 1 <= done[-1] and min(done) < KILL_SHARDS, f"kill did not land mid-run: {done}"
+    output = resume(tiny_clip_dir, kill_setup, "mid")
+    assert f"{KILL_SHARDS - min(done)} shards extracted, {min(done)} already done" in output
+    assert_stores_identical(store, kill_setup["reference"])
+
+
+def test_resume_after_kill_before_any_shard_matches_an_uninterrupted_run(kill_setup: dict, tiny_clip_dir: Path) -> None:
+    store = kill_setup["children"]["early"]
+    assert [shards_done(store, v) for v in KILL_VARIANTS] == [0, 0]
+    output = resume(tiny_clip_dir, kill_setup, "early")
+    assert f"{KILL_SHARDS} shards extracted, 0 already done" in output
+    assert_stores_identical(store, kill_setup["reference"])
+
+
+# ---------------------------------------------------------------- refusing other inputs
+
+
+@pytest.fixture()
+def small_split(tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    write_images(root, [(40, 36), (30, 44), (36, 36), (50, 40)], seed=4)
+    return folder_manifest(root, "val", tmp_path / "manifests")
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other-clip")
+    CLIPVisionModel(CLIPVisionConfig(**TINY_CLIP)).eval().save_pretrained(path)
+    return path
+
+
+def test_store_from_another_manifest_is_refused(tiny_clip_dir: Path, small_split: Path, tmp_path: Path) -> None:
+    config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache")
+    store = run_extract(config).stores["ln2"]
+    write_image(tmp_path / "data" / "set" / "0_real" / "img_99.png", (40, 36), seed=99)
+    folder_manifest(tmp_path / "data", "val", tmp_path / "manifests")
+    with pytest.raises(ExtractError) as caught:
+        run_extract(config)
+    message = str(caught.value)
+    assert str(store) in message and "manifest_sha256: store has" in message
+    assert "seed:" not in message and "model_id:" not in message and "--overwrite" in message
+
+    summary = run_extract(replace(config, overwrite=True))
+    assert summary.stores["ln2"] == store and summary.n_rows == 5 and summary.images_processed == 5
+    assert len(cache.read_rows(store)) == 5
+
+
+def test_store_from_another_model_tap_or_seed_is_refused_and_overwrite_rebuilds(
+    tiny_clip_dir: Path, other_model_dir: Path, small_split: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "explicit.zarr"
+    config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache", out=out)
+    run_extract(config)
+    cases = {
+        "model": (replace(config, backbone=cpu_spec(other_model_dir)), ["model_id: store has", "model_revision: store has"]),
+        "tap": (replace(config, taps=("hidden",)), ["tap: store has 'ln2', asked for 'hidden'"]),
+        "seed": (replace(config, seed=3), ["seed: store has 0, asked for 3"]),
+        "blocks": (replace(config, blocks="last:2"), ["blocks: store has (0, 1, 2), asked for (1, 2)"]),
+    }
+    for name, (changed, expected) in cases.items():
+        with pytest.raises(ExtractError) as caught:
+            run_extract(changed)
+        message = str(caught.value)
+        for text in expected:
+            assert text in message, (name, message)
+        assert message.count(": store has") == len(expected), (name, message)
+
+    rebuilt = run_extract(replace(config, backbone=cpu_spec(other_model_dir), overwrite=True))
+    assert rebuilt.stores["ln2"] == out and rebuilt.images_processed == 4
+    assert cache.open_store_info(out).identity.model_id == str(other_model_dir)
+    crops = [images.center_crop(np.asarray(Image.open(p).convert("RGB")), CROP) for p in resolve_rows(small_split)]
+    assert_fp16_equal(cache.read_features(out, "center"), tokens_by_hand(other_model_dir, crops))
+
+
+def test_config_errors_are_refused(tiny_clip_dir: Path, small_split: Path, tmp_path: Path) -> None:
+    config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache")
+    bad = {
+        "taps must be a non-empty subset": replace(config, taps=("ln2", "mlp")),
+        "exactly one --tap": replace(config, out=tmp_path / "x.zarr", taps=("ln2", "hidden")),
+        "not a training split": replace(config, views=2),
+        "must be a multiple of chunk rows": replace(config, shard_rows=6, chunk_rows=4),
+        "unknown perturbation 'rain'": replace(config, perturbation="rain"),
+        "perturbations are for evaluation splits": replace(config, augment=True, perturbation="jpeg"),
+    }
+    for text, changed in bad.items():
+        with pytest.raises(ExtractError, match=text):
+            run_extract(changed)
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def save_png_16bit(path: Path, seed: int) -> np.ndarray:
+    values = np.random.default_rng(seed).integers(0, 65536, (36, 40), dtype=np.uint16)
+    Image.fromarray(values).save(path)  # mode I;16
+    return values
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One split holding every kind of awkward file, and the pixels we expect for the good ones."""
+    base = tmp_path_factory.mktemp("corpus")
+    real, fake = base / "data" / "set" / "0_real", base / "data" / "set" / "1_fake"
+    real.mkdir(parents=True)
+    fake.mkdir(parents=True)
+    expected: dict[str, np.ndarray] = {}
+
+    def rgb_of(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"))
+
+    write_image(real / "plain.png", (40, 36), 1)
+    expected["set/0_real/plain.png"] = rgb_of(real / "plain.png")
+    write_image(real / "ünïcødé 图 name.png", (36, 40), 2)
+    expected["set/0_real/ünïcødé 图 name.png"] = rgb_of(real / "ünïcødé 图 name.png")
+    write_image(fake / "with  spaces.png", (40, 36), 3)
+    expected["set/1_fake/with  spaces.png"] = rgb_of(fake / "with  spaces.png")
+    write_image(real / "grey.png", (40, 36), 4, mode="L")
+    grey = np.asarray(Image.open(real / "grey.png"))
+    assert grey.ndim == 2
+    expected["set/0_real/grey.png"] = np.repeat(grey[:, :, None], 3, axis=2)
+    write_image(fake / "cmyk.jpg", (40, 36), 5, mode="CMYK")
+    with Image.open(fake / "cmyk.jpg") as opened:
+        assert opened.mode == "CMYK"
+    expected["set/1_fake/cmyk.jpg"] = rgb_of(fake / "cmyk.jpg")
+    wide = save_png_16bit(fake / "sixteen.png", 6)
+    with Image.open(fake / "sixteen.png") as opened:
+        assert opened.mode.startswith("I")
+    expected["set/1_fake/sixteen.png"] = np.repeat((wide >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+    palette = Image.fromarray(np.random.default_rng(7).integers(0, 256, (36, 40, 3), dtype=np.uint8)).convert("P")
+    palette.save(fake / "palette.png", transparency=0)
+    with Image.open(fake / "palette.png") as opened:
+        assert opened.mode == "P" and "transparency" in opened.info
+    expected["set/1_fake/palette.png"] = rgb_of(fake / "palette.png")
+    write_image(real / "one.png", (1, 1), 8)
+    expected["set/0_real/one.png"] = rgb_of(real / "one.png")
+
+    (real / "empty.png").write_bytes(b"")
+    write_image(fake / "truncated.png", (40, 36), 9)
+    data = (fake / "truncated.png").read_bytes()
+    (fake / "truncated.png").write_bytes(data[: len(data) // 2])
+    (fake / "text.png").write_text("this is not an image\n")
+    write_image(real / "huge.png", (120, 100), 10)  # 12000 pixels > max_pixels below
+    bad = {
+        "set/0_real/empty.png": "file is empty",
+        "set/1_fake/truncated.png": "truncated",
+        "set/1_fake/text.png": "not an image",
+        "set/0_real/huge.png": "120x100 = 12000 pixels exceeds the limit of 5000",
+        "set/1_fake/gone.png": "missing file",
+    }
+    built = build_manifest("folder", base / "data", "val")
+    rows = built.rows + (ManifestRow("set/1_fake/gone.png", 1, "set"),)
+    manifest_file = base / "manifests" / "val.csv"
+    write_manifest(Manifest(split="val", rows=rows, data_root=built.data_root), manifest_file)
+    assert {r.path for r in rows} == set(expected) | set(bad)
+    return {"base": base, "manifest": manifest_file, "rows": rows, "expected": expected, "bad": bad}
+
+
+def test_bad_inputs_are_recorded_in_place_and_good_ones_extracted(corpus: dict, tiny_clip_dir: Path) -> None:
+    config = extract_config(tiny_clip_dir, corpus["manifest"], corpus["base"] / "cache", max_pixels=5000, batch_size=3)
+    summary = run_extract(config)
+
+    store = summary.stores["ln2"]
+    rows = cache.read_rows(store)
+    paths = [r.path for r in corpus["rows"]]
+    assert list(rows.paths) == paths
+    features = cache.read_features(store, "center")
+    for i, path in enumerate(paths):
+        if path in corpus["bad"]:
+            assert not rows.valid[i], path
+            assert corpus["bad"][path] in rows.errors[i], (path, rows.errors[i])
+            assert not features[i].any(), path
+        else:
+            assert rows.valid[i] and rows.errors[i] == "", (path, rows.errors[i])
+    assert dict(summary.failures).keys() == corpus["bad"].keys()
+    for path, reason in summary.failures:
+        assert corpus["bad"][path] in reason
+    good = [i for i, p in enumerate(paths) if p not in corpus["bad"]]
+    crops = [images.center_crop(corpus["expected"][paths[i]], CROP) for i in good]
+    assert_fp16_equal(features[good], tokens_by_hand(tiny_clip_dir, crops))
+    report = summary.report()
+    assert "5 images could not be used" in report and "set/1_fake/gone.png: missing file" in report
+
+
+def test_fail_fast_names_the_first_bad_file(corpus: dict, tiny_clip_dir: Path) -> None:
+    config = extract_config(
+        tiny_clip_dir, corpus["manifest"], corpus["base"] / "fail-fast", max_pixels=5000, fail_fast=True
+    )
+    first_bad = next(r.path for r in corpus["rows"] if r.path in corpus["bad"])
+    with pytest.raises(ExtractError, match="--fail-fast") as caught:
+        run_extract(config)
+    assert str(caught.value).startswith(f"{first_bad}: {corpus['bad'][first_bad]}")
+
+
+# ---------------------------------------------------------------- taps and perturbations
+
+
+def test_two_taps_from_one_run_equal_single_tap_runs(tiny_clip_dir: Path, small_split: Path, tmp_path: Path) -> None:
+    both = run_extract(extract_config(tiny_clip_dir, small_split, tmp_path / "both", taps=("ln2", "hidden")))
+    assert set(both.stores) == {"ln2", "hidden"}
+    assert both.stores["hidden"] == tmp_path / "both" / tiny_clip_dir.name / "hidden" / "val.zarr"
+    ln2 = cache.read_features(both.stores["ln2"], "center")
+    hidden = cache.read_features(both.stores["hidden"], "center")
+    assert np.abs(ln2.astype(np.float32) - hidden.astype(np.float32)).max() > 0.1
+    for tap, values in (("ln2", ln2), ("hidden", hidden)):
+        single = run_extract(extract_config(tiny_clip_dir, small_split, tmp_path / tap, taps=(tap,))).stores[tap]
+        np.testing.assert_array_equal(values, cache.read_features(single, "center"))
+        assert cache.open_store_info(both.stores[tap]).identity.tap == tap
+    crops = [images.center_crop(np.asarray(Image.open(p).convert("RGB")), CROP) for p in resolve_rows(small_split)]
+    assert_fp16_equal(hidden, tokens_by_hand(tiny_clip_dir, crops, "hidden"))
+
+
+def test_perturbation_is_added_as_a_variant_of_the_evaluation_store(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_images(root, [(40, 36), (64, 48), (36, 40), (50, 50), (33, 45), (40, 40), (48, 36), (60, 30)], seed=5)
+    manifest = folder_manifest(root, "test", tmp_path / "manifests")
+    config = extract_config(tiny_clip_dir, manifest, tmp_path / "cache", seed=4)
+    store = run_extract(config).stores["ln2"]
+    center = cache.read_features(store, "center")
+
+    summary = run_extract(replace(config, perturbation="jpeg"))
+
+    assert summary.stores["ln2"] == store and summary.images_processed == 8
+    info = cache.open_store_info(store)
+    assert list(info.variants) == ["center", "jpeg-official"]
+    assert info.complete_variants == ("center", "jpeg-official")
+    np.testing.assert_array_equal(cache.read_features(store, "center"), center)
+    perturbed = cache.read_features(store, "jpeg-official")
+    # Each row's perturbation draws from view_rng(seed, row, 1000 + index of the kind).
+    stream = 1000 + images.PERTURBATIONS.index("jpeg")
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
+    untouched = [row for row in range(8) if images.view_rng(4, row, stream).random() >= 0.5]
+    assert 0 < len(untouched) < 8
+    for row in untouched:
+        np.testing.assert_array_equal(perturbed[row], center[row])
+    crops = [
+        images.center_crop(images.perturb_image(img, "jpeg", "official", images.view_rng(4, row, stream)), CROP)
+        for row, img in enumerate(decoded)
+    ]
+    assert_fp16_equal(perturbed, tokens_by_hand(tiny_clip_dir, crops))
+    changed = [row for row in range(8) if row not in untouched]
+    assert all(not np.array_equal(perturbed[row], center[row]) for row in changed)

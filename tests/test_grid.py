@@ -1,0 +1,164 @@
+"""Grids of heads from cached stores: run folders, results, selection, resume, errors."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from conftest import separable_features, write_store
+from pipeline.cli import main
+from pipeline.config import parse_grid
+from pipeline.grid import FitOptions, run_grid
+from pipeline.train import DataError
+
+
+def read(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stores")
+    features, labels = separable_features(360, seed=1, shift=3.0)
+    classes = ["chair", "horse"] * 80
+    write_store(root / "train.zarr", {"view_000": features[:160], "view_001": features[:160] + 0.01}, labels[:160], ["progan"] * 160, classes)
+    write_store(root / "val.zarr", {"center": features[160:200]}, labels[160:200], ["progan"] * 40, ["chair", "horse"] * 20)
+    test_datasets = ["gan_a"] * 80 + ["diff_b"] * 80
+    valid = np.ones(160, dtype=bool)
+    valid[[5, 90]] = False
+    write_store(
+        root / "test.zarr",
+        {"center": features[200:], "jpeg-official": features[200:] * 0.5},
+        labels[200:],
+        test_datasets,
+        valid=valid,
+    )
+    return root
+
+
+def grid_text(root: Path, out: Path, grid: str = "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16, 32]\n") -> str:
+    return f"""
+name: unit
+out: {out}
+data:
+  train: {{store: {root / 'train.zarr'}}}
+  val: {{store: {root / 'val.zarr'}}}
+  test:
+    - {{store: {root / 'test.zarr'}, name: test}}
+    - {{store: {root / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}
+base:
+  proj_layers: 1
+  batch_size: 32
+  epochs: 2
+grid:
+{grid}"""
+
+
+def run(root: Path, out: Path, jobs: int = 1, grid: str | None = None):
+    spec = parse_grid(grid_text(root, out) if grid is None else grid_text(root, out, grid))
+    return run_grid(spec, FitOptions(device="cpu", jobs=jobs, progress=False))
+
+
+def test_results_equal_metrics_recomputed_from_saved_scores(stores, tmp_path):
+    summary = run(stores, tmp_path / "g")
+    rows = read(summary.results)
+    runs = sorted({r["run"] for r in rows})
+    assert summary.n_runs == 4 and len(runs) == 4
+    # 1 val dataset + 2 datasets x 2 test entries, per run
+    assert len(rows) == 4 * 5
+    for row in rows:
+        scores = read(tmp_path / "g" / "runs" / row["run"] / f"scores_{row['split']}.csv")
+        mine = [s for s in scores if s["dataset"] == row["dataset"]]
+        labels = np.array([int(s["label"]) for s in mine])
+        values = np.array([float(s["score"]) for s in mine])
+        assert int(row["n"]) == len(mine)
+        assert float(row["acc"]) == pytest.approx(accuracy_score(labels, values > 0.5), abs=1e-12)
+        assert float(row["ap"]) == pytest.approx(average_precision_score(labels, values), abs=1e-12)
+        assert float(row["auc"]) == pytest.approx(roc_auc_score(labels, values), abs=1e-12)
+        assert float(row["real_acc"]) == pytest.approx(np.mean(values[labels == 0] <= 0.5), abs=1e-12)
+        assert float(row["fake_acc"]) == pytest.approx(np.mean(values[labels == 1] > 0.5), abs=1e-12)
+    test_rows = [r for r in rows if r["split"] == "test"]
+    assert {r["dataset"]: r["n_invalid"] for r in test_rows} == {"gan_a": "1", "diff_b": "1"}
+    assert {r["variant"] for r in rows if r["split"] == "test_jpeg"} == {"jpeg-official"}
+    assert all(not math.isnan(float(r["calibrated_threshold"])) for r in test_rows)
+
+
+def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
+    run(stores, tmp_path / "g", grid="  proj_dim: [16]\n")
+    (folder,) = (tmp_path / "g" / "runs").iterdir()
+    assert {p.name for p in folder.iterdir()} == {
+        "config.yaml", "fit.json", "head.safetensors", "metrics.csv", "scores_val.csv", "scores_test.csv", "scores_test_jpeg.csv"
+    }
+    header = (folder / "scores_test.csv").read_text().splitlines()[0]
+    assert header == "path,label,dataset,score"
+    from pipeline.head import load_head
+
+    head, metadata = load_head(folder / "head.safetensors")
+    assert (head.n_blocks, head.in_dim, head.proj_dim) == (4, 16, 16) and metadata["tap"] == "ln2"
+
+
+def test_selection_labels_both_rules(stores, tmp_path):
+    summary = run(stores, tmp_path / "g")
+    rows = read(summary.results)
+    selection = read(summary.selection)
+    assert [s["selection"] for s in selection] == ["best_by_val", "best_by_test_mean_acc_ap"]
+    per_run = {}
+    for r in rows:
+        if r["split"] in ("test", "test_jpeg") and r["variant"] == "center":
+            per_run.setdefault(r["run"], []).append((float(r["acc"]), float(r["ap"])))
+    best = max(per_run, key=lambda k: (np.mean([a for a, _ in per_run[k]]) + np.mean([p for _, p in per_run[k]]), k))
+    assert selection[1]["run"] == best
+    assert float(selection[1]["mean_acc"]) == pytest.approx(np.mean([a for a, _ in per_run[best]]))
+
+
+def test_rerun_skips_finished_runs_and_same_seed_gives_same_metrics(stores, tmp_path):
+    first = run(stores, tmp_path / "a")
+    again = run(stores, tmp_path / "a")
+    assert again.n_skipped == 4
+    other_folder = run(stores, tmp_path / "b", jobs=2)
+    assert other_folder.n_skipped == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
+    assert strip(read(first.results)) == strip(read(other_folder.results))
+
+
+def test_a_failing_config_becomes_an_error_row_and_the_grid_goes_on(stores, tmp_path):
+    grid = "  - {proj_dim: [16]}\n  - {proj_dim: [16], classes: [[dog]]}\n"
+    summary = run(stores, tmp_path / "g", grid=grid)
+    rows = read(summary.results)
+    errors = [r for r in rows if r["status"] == "error"]
+    assert summary.n_errors == 1 and len(errors) == 1
+    assert "classes ['dog'] not in the store" in errors[0]["error"]
+    assert len([r for r in rows if r["status"] == "ok"]) == 5
+    with pytest.raises(DataError):
+        spec = parse_grid(grid_text(stores, tmp_path / "h", grid))
+        run_grid(spec, FitOptions(device="cpu", fail_fast=True, progress=False))
+
+
+def test_stores_with_other_features_are_refused(stores, tmp_path):
+    features, labels = separable_features(40)
+    write_store(tmp_path / "hidden.zarr", {"center": features}, labels, ["x"] * 40, tap="hidden")
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(str(stores / "val.zarr"), str(tmp_path / "hidden.zarr"))
+    with pytest.raises(DataError, match="tap: store has 'ln2', asked for 'hidden'"):
+        run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+
+
+def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n"))
+    result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith("results.csv")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(grid_text(stores, tmp_path / "g2", "  proj_dim: [16]\n  classes: [[dog]]\n"))
+    result = CliRunner().invoke(main, ["fit", "--grid", str(bad), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(grid_text(stores, tmp_path / "g3", "  proj_dimm: [16]\n"))
+    result = CliRunner().invoke(main, ["fit", "--grid", str(unknown), "--no-progress"])
+    assert result.exit_code == 1 and "unknown key 'proj_dimm'" in result.output
