@@ -132,6 +132,7 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
     except (ExtractError, ManifestError, cache.StoreError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(summary.report(), err=True)
+    click.echo(str(summary.out))
     for path in summary.stores.values():
         click.echo(str(path))
 
@@ -228,7 +229,5 @@ def report_command(grid_dirs, out, no_plots) -> None:
         summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
     except ReportError as error:
         raise click.ClickException(str(error)) from None
-    for skipped in summary.skipped:
-        click.echo(f"skipped {skipped.name}: {skipped.reason}", err=True)
-    for path in summary.written:
-        click.echo(str(path))
+    click.echo(summary.report(), err=True)
+    click.echo(str(summary.out))
