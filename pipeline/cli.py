@@ -8,16 +8,11 @@ from pathlib import Path
 import click
 
 from . import cache, images
-from .backbone import BackboneSpec
 from .cache import DEFAULT_MODEL, TAPS
-from .config import ConfigError, load_grid
-from .head import CheckpointError
-from .extract import ExtractConfig, ExtractError, run_extract
-from .grid import FitOptions, run_grid
 from .manifest import LAYOUTS, ManifestError, build_manifest, manifest_path, write_manifest
-from .predict import PredictConfig, PredictError, run_predict
-from .report import ReportConfig, ReportError, run_report
-from .train import DataError
+
+# Each command imports its own stage inside its body, so that `pipeline --help`
+# and stage one do not pay for loading stage two (and the other way round).
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:
@@ -103,6 +98,9 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
     that could not be decoded are recorded with valid=false and summarised);
     1 on an error or with --fail-fast at the first bad image; 2 on bad options.
     """
+    from .backbone import BackboneSpec
+    from .extract import ExtractConfig, ExtractError, run_extract
+
     config = ExtractConfig(
         split=split,
         manifest=manifest_file or manifest_path(Path("manifests"), split),
@@ -132,7 +130,6 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
     except (ExtractError, ManifestError, cache.StoreError) as error:
         raise click.ClickException(str(error)) from None
     click.echo(summary.report(), err=True)
-    click.echo(str(summary.out))
     for path in summary.stores.values():
         click.echo(str(path))
 
@@ -166,6 +163,10 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
     Prints the results table path. Exit status 1 when any config failed
     (its error row is in results.csv), 0 otherwise.
     """
+    from .config import ConfigError, load_grid
+    from .grid import FitOptions, run_grid
+    from .train import DataError
+
     try:
         spec = load_grid(grid_file, out=out)
         summary = run_grid(spec, FitOptions(device=device, jobs=jobs, fail_fast=fail_fast, progress=not no_progress))
@@ -195,6 +196,9 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, out) ->
 
     Images that cannot be decoded get an empty score and the reason in `error`.
     """
+    from .head import CheckpointError
+    from .predict import PredictConfig, PredictError, run_predict
+
     config = PredictConfig(head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size)
     try:
         predictions = run_predict(config)
@@ -225,6 +229,8 @@ def report_command(grid_dirs, out, no_plots) -> None:
     Tables whose inputs are absent (no ablation runs, no perturbed test
     variants, ...) are skipped with the reason; plots never stop a table.
     """
+    from .report import ReportConfig, ReportError, run_report
+
     try:
         summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
     except ReportError as error:

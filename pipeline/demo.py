@@ -318,7 +318,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--root", type=Path, required=True, help="Folder of the demo data set.")
     parser.add_argument("--backbone", type=Path, required=True, help="Folder of the tiny random CLIP.")
-    parser.add_argument("--n-train", type=int, default=300, help="Training images per label.")
+    parser.add_argument("--n-train", type=int, default=1000, help="Training images per label.")
     parser.add_argument("--n-test", type=int, default=100, help="Validation and test images per label and generator.")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)

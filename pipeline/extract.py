@@ -255,7 +255,10 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
     manifest = read_manifest(config.manifest)
     if config.data_root is None and manifest.data_root is None:
         raise ExtractError(f"{config.manifest}: no data root recorded; pass --data-root")
-    backbone = Backbone(config.backbone, config.blocks)
+    try:
+        backbone = Backbone(config.backbone, config.blocks)
+    except (OSError, ValueError) as error:
+        raise ExtractError(f"{config.backbone.model}: cannot load the backbone ({error})") from None
     variants = config.variants()
     stores = {tap: prepare_store(config, manifest, backbone, tap, variants) for tap in config.taps}
 

@@ -140,3 +140,23 @@ def test_help_mentions_key_options(command: list[str], options: list[str]) -> No
     assert result.exit_code == 0
     for option in options:
         assert option in result.output, option
+
+
+def test_missing_manifest_exits_1_naming_it(tmp_path: Path, tiny_clip_dir: Path) -> None:
+    missing = tmp_path / "manifests" / "val.csv"
+    result = invoke("extract", "--split", "val", "--manifest", missing, "--model", tiny_clip_dir,
+                    "--cache-dir", tmp_path / "cache", "--no-progress")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"Error: {missing}: no such file" in result.output
+
+
+def test_unloadable_model_exits_1_with_a_clean_message(extracted: dict, tmp_path: Path) -> None:
+    """A model path that holds no checkpoint is an error message naming it, not a traceback."""
+    args = list(extracted["args"])
+    missing_model = tmp_path / "no-such-model"
+    args[args.index("--model") + 1] = missing_model
+    args[args.index("--cache-dir") + 1] = tmp_path / "cache"
+    result = invoke(*args)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Error:" in result.output and str(missing_model) in result.output

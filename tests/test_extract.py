@@ -23,7 +23,7 @@ from pipeline import cache, images
 from pipeline.backbone import Backbone, BackboneSpec
 from pipeline.cli import main
 from pipeline.extract import ExtractConfig, ExtractError, run_extract
-from pipeline.manifest import Manifest, ManifestRow, build_manifest, write_manifest
+from pipeline.manifest import Manifest, ManifestRow, build_manifest, read_manifest, write_manifest
 
 CROP = 32  # TINY_CLIP image_size
 
@@ -87,8 +87,6 @@ def read_zarr(store: Path, name: str) -> np.ndarray:
 
 
 def resolve_rows(manifest: Path) -> list[Path]:
-    from pipeline.manifest import read_manifest
-
     loaded = read_manifest(manifest)
     return [loaded.resolve(i) for i in range(len(loaded))]
 
@@ -258,21 +256,34 @@ def kill_setup(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     def start(name: str, delay: float) -> tuple[subprocess.Popen, Path]:
         out = base / f"{name}.zarr"
-        env = {**os.environ, "PYTHONPATH": str(throttle), "RINE_TEST_FORWARD_DELAY": str(delay), "HF_HUB_OFFLINE": "1"}
-        log = open(base / f"{name}.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *kill_args(tiny_clip_dir, manifest, out)],
-            cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        python_path = os.pathsep.join(p for p in (str(throttle), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_FORWARD_DELAY": str(delay), "HF_HUB_OFFLINE": "1"}
+        with open(base / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", *kill_args(tiny_clip_dir, manifest, out)],
+                cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
         return process, out
 
-    # mid: kill once a shard (not all) of the first view is committed; early: once the
+    # mid: kill once a shard (not all) of the last view is committed; early: once the
     # store and its progress arrays exist but no shard is committed (each call sleeps 0.5 s).
     children = {"mid": start("mid", 0.03), "early": start("early", 0.5)}
-    reference = base / "reference.zarr"
-    result = CliRunner().invoke(main, kill_args(tiny_clip_dir, manifest, reference))
-    assert result.exit_code == 0, result.output
+    try:
+        reference = base / "reference.zarr"
+        result = CliRunner().invoke(main, kill_args(tiny_clip_dir, manifest, reference))
+        assert result.exit_code == 0, result.output
+        seen = kill_at_checkpoints(children, base)
+    finally:
+        for process, _ in children.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert len(seen) == len(children), f"timed out waiting for the runs to reach their kill points: {seen}"
+    return {"manifest": manifest, "reference": reference, "children": {n: out for n, (_, out) in children.items()}}
 
+
+def kill_at_checkpoints(children: dict[str, tuple[subprocess.Popen, Path]], logs: Path) -> dict[str, int]:
+    """SIGKILL each child at its point; the committed shard count of each when killed."""
     seen: dict[str, int] = {}
     deadline = time.monotonic() + 120
     while len(seen) < len(children) and time.monotonic() < deadline:
@@ -280,21 +291,15 @@ def kill_setup(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
             if name in seen:
                 continue
             done = shards_done(out, KILL_VARIANTS[-1])
-            ready = done is not None and (done >= 1 if name == "mid" else done == 0)
-            if ready:
+            if done is not None and (done >= 1 if name == "mid" else done == 0):
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait()
                 seen[name] = done
             elif process.poll() is not None:
                 pytest.fail(f"{name} run ended (status {process.returncode}) before it could be killed:\n"
-                            + (base / f"{name}.log").read_text())
+                            + (logs / f"{name}.log").read_text())
         time.sleep(0.005)
-    for process, _ in children.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert len(seen) == len(children), f"timed out waiting for the runs to reach their kill points: {seen}"
-    return {"manifest": manifest, "reference": reference, "children": {n: out for n, (_, out) in children.items()}}
+    return seen
 
 
 def assert_stores_identical(store: Path, reference: Path) -> None:

@@ -1,0 +1,287 @@
+"""The embedded demo: its data carry the traces they claim, and the whole chain runs on them."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import CLIPVisionModel
+
+from pipeline import cache
+from pipeline.cli import main as cli
+from pipeline.config import load_grid
+from pipeline.demo import (
+    COMPLETE_MARKER,
+    GENERATOR_TRACES,
+    make_demo_backbone,
+    make_demo_data,
+)
+from pipeline.demo import main as demo_main
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")
+
+
+def read_pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.float64)
+
+
+def read_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
+    names = sorted(p.name for p in (folder / "0_real").iterdir())
+    assert names == sorted(p.name for p in (folder / "1_fake").iterdir())
+    return [(read_pixels(folder / "0_real" / n), read_pixels(folder / "1_fake" / n)) for n in names]
+
+
+def block_flatness(image: np.ndarray) -> float:
+    """Energy of horizontal differences inside 2x2 blocks over that across block borders."""
+    inside = image[:, 0::2] - image[:, 1::2]
+    across = image[:, 1:-1:2] - image[:, 2::2]
+    return float((inside**2).mean() / (across**2).mean())
+
+
+def odd_over_even_phase(image: np.ndarray) -> float:
+    """Mean of the (odd row, odd column) pixels over that of the (even, even) pixels."""
+    return float(image[1::2, 1::2].mean() / image[0::2, 0::2].mean())
+
+
+def laplacian_energy(image: np.ndarray) -> float:
+    lap = 4 * image[1:-1, 1:-1] - image[:-2, 1:-1] - image[2:, 1:-1] - image[1:-1, :-2] - image[1:-1, 2:]
+    return float((lap**2).mean())
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---------------------------------------------------------------- data
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demo") / "data"
+    make_demo_data(root, n_train=12, n_test=6, seed=0)
+    return root
+
+
+def test_demo_data_has_the_folder_layout(demo_data: Path) -> None:
+    files = sorted(p.relative_to(demo_data).as_posix() for p in demo_data.rglob("*.png"))
+    expected = []
+    for part, generators, count in (("train", ["progan"], 12), ("val", ["progan"], 6), ("test", TEST_GENERATORS, 6)):
+        for generator in generators:
+            for label in ("0_real", "1_fake"):
+                expected += [f"{part}/{generator}/{label}/{i:05d}.png" for i in range(count)]
+    assert files == sorted(expected)
+    assert set(GENERATOR_TRACES) == set(TEST_GENERATORS)
+    image = Image.open(demo_data / "test" / "dalle" / "1_fake" / "00000.png")
+    assert (image.mode, image.size) == ("RGB", (64, 64))
+    assert (demo_data / COMPLETE_MARKER).is_file()
+
+
+def test_demo_data_is_deterministic_for_a_seed(tmp_path: Path, demo_data: Path) -> None:
+    make_demo_data(tmp_path / "again", n_train=12, n_test=6, seed=0)
+    make_demo_data(tmp_path / "other", n_train=12, n_test=6, seed=1)
+    first, again, other = tree_digest(demo_data), tree_digest(tmp_path / "again"), tree_digest(tmp_path / "other")
+    assert first == again
+    assert first.keys() == other.keys()
+    png = [name for name in first if name.endswith(".png")]
+    assert all(first[name] != other[name] for name in png)
+
+
+def test_nearest_fakes_are_flat_inside_2x2_blocks(demo_data: Path) -> None:
+    for folder in (demo_data / "train" / "progan", demo_data / "test" / "progan"):
+        for real, fake in read_pairs(folder):
+            assert block_flatness(fake) < 0.15
+            assert block_flatness(real) > 0.4
+
+
+def test_checkerboard_fakes_brighten_one_pixel_phase(demo_data: Path) -> None:
+    pairs = read_pairs(demo_data / "test" / "dalle")
+    real_ratio = np.mean([odd_over_even_phase(real) for real, _ in pairs])
+    fake_ratio = np.mean([odd_over_even_phase(fake) for _, fake in pairs])
+    # 3x3 stride-2 transposed convolution: 4 taps on (odd, odd) vs 1 on (even, even), strength 0.08
+    expected = (1 + 0.08 * (4 / 2.25 - 1)) / (1 + 0.08 * (1 / 2.25 - 1))
+    assert abs(real_ratio - 1.0) < 0.02
+    assert abs(fake_ratio - expected) < 0.03
+
+
+def test_smooth_fakes_lack_high_frequencies(demo_data: Path) -> None:
+    for generator in ("stylegan", "guided"):
+        for real, fake in read_pairs(demo_data / "test" / generator):
+            assert laplacian_energy(fake) < 0.6 * laplacian_energy(real)
+
+
+def test_fake_shows_the_scene_of_its_real(demo_data: Path) -> None:
+    for generator in TEST_GENERATORS:
+        pairs = read_pairs(demo_data / "test" / generator)
+        for index, (real, fake) in enumerate(pairs):
+            coarse = lambda image: image.reshape(8, 8, 8, 8, 3).mean(axis=(1, 3))  # noqa: E731
+            own = np.abs(coarse(real) - coarse(fake)).mean()
+            other = np.abs(coarse(real) - coarse(pairs[(index + 1) % len(pairs)][1])).mean()
+            assert own < 6.0 < other
+
+
+def test_demo_data_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not a demo build"):
+        make_demo_data(tmp_path, n_train=2, n_test=2, seed=0)
+    assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_demo_main_skips_a_finished_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--root", str(tmp_path / "data"), "--backbone", str(tmp_path / "clip"), "--n-train", "2", "--n-test", "1"]
+    demo_main(args)
+    image = tmp_path / "data" / "train" / "progan" / "1_fake" / "00001.png"
+    weights = tmp_path / "clip" / "model.safetensors"
+    stamps = (image.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+    capsys.readouterr()
+    demo_main(args)
+    assert "already built" in capsys.readouterr().out
+    assert (image.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
+    # other sizes rebuild the demo folder in place
+    demo_main([*args[:4], "--n-train", "1", "--n-test", "1"])
+    assert not image.exists()
+
+
+# ---------------------------------------------------------------- backbone
+
+
+def test_demo_backbone_is_a_seeded_tiny_clip_with_zero_mean_patch_kernels(tmp_path: Path) -> None:
+    make_demo_backbone(tmp_path / "a", seed=3)
+    make_demo_backbone(tmp_path / "b", seed=3)
+    make_demo_backbone(tmp_path / "c", seed=4)
+    model = CLIPVisionModel.from_pretrained(tmp_path / "a")
+    config = model.config
+    assert (config.image_size, config.patch_size, config.hidden_size) == (64, 8, 64)
+    assert (config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (4, 4, 128)
+    assert not (tmp_path / "a" / "preprocessor_config.json").exists()
+    kernels = model.get_input_embeddings().weight.detach()
+    assert kernels.shape == (64, 3, 8, 8)
+    assert kernels.mean(dim=(2, 3)).abs().max() < 1e-6
+    assert kernels.std() > 0.01
+    a, b, c = (load_file(tmp_path / name / "model.safetensors") for name in "abc")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not all(torch.equal(a[key], c[key]) for key in a)
+
+
+# ---------------------------------------------------------------- the chain
+
+
+def invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def reduced_demo_grid(tmp_path: Path, backbone: Path) -> Path:
+    """grids/demo.yaml with this test's paths and a two-run grid."""
+    document = yaml.safe_load((REPO / "grids" / "demo.yaml").read_text())
+    document["out"] = str(tmp_path / "runs" / "demo")
+    document["data"]["cache_dir"] = str(tmp_path / "cache")
+    document["data"]["model"] = str(backbone)
+    document["base"].update(epochs=2, batch_size=16)
+    document["grid"] = {"contrastive_factor": [0.1], "proj_layers": [1], "proj_dim": [16, 32]}
+    path = tmp_path / "demo.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def test_demo_chain_manifest_extract_fit_report(tmp_path: Path) -> None:
+    data, backbone = tmp_path / "data", tmp_path / "tiny-random-clip"
+    make_demo_data(data, n_train=16, n_test=4, seed=0)
+    make_demo_backbone(backbone, seed=0)
+    manifests, cache_dir = tmp_path / "manifests", tmp_path / "cache"
+    for split in ("train", "val", "test"):
+        invoke("manifest", "--layout", "folder", "--root", str(data / split), "--split", split, "--manifests-dir", str(manifests))
+    common = ["--model", str(backbone), "--cache-dir", str(cache_dir), "--no-progress", "--workers", "1"]
+    invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), "--views", "2", *common)
+    for split in ("val", "test"):
+        invoke("extract", "--split", split, "--manifest", str(manifests / f"{split}.csv"), *common)
+
+    expected_rows = {"train": 32, "val": 8, "test": 32}
+    expected_variants = {"train": {"view_000", "view_001"}, "val": {"center"}, "test": {"center"}}
+    for split, n_rows in expected_rows.items():
+        path = cache.default_store_path(cache_dir, str(backbone), "ln2", split)
+        info = cache.open_store_info(path)
+        assert set(info.complete_variants) == expected_variants[split]
+        rows = cache.read_rows(path)
+        assert len(rows.labels) == n_rows and rows.valid.all()
+        assert rows.labels.sum() == n_rows // 2
+        for variant in expected_variants[split]:
+            assert cache.read_features(path, variant).shape == (n_rows, 4, 64)
+    test_rows = cache.read_rows(cache.default_store_path(cache_dir, str(backbone), "ln2", "test"))
+    assert sorted(set(test_rows.datasets)) == sorted(TEST_GENERATORS)
+
+    grid = reduced_demo_grid(tmp_path, backbone)
+    results = Path(invoke("fit", "--grid", str(grid), "--no-progress").strip().splitlines()[-1])
+    with open(results, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    n_runs, n_datasets = 2, 1 + len(TEST_GENERATORS)  # val (progan) + the four test generators
+    assert len(rows) == n_runs * n_datasets
+    assert {row["status"] for row in rows} == {"ok"}
+    assert sorted((row["split"], row["dataset"]) for row in rows if row["proj_dim"] == "16") == sorted(
+        [("val", "progan")] + [("test", g) for g in TEST_GENERATORS]
+    )
+    assert {row["n"] for row in rows if row["split"] == "test"} == {"8"}
+    assert all(0.0 <= float(row["ap"]) <= 1.0 for row in rows)
+
+    reports = tmp_path / "reports"
+    invoke("report", "--no-plots", "--out", str(reports), str(results.parent))
+    with open(reports / "metrics.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == n_runs * n_datasets
+
+
+def test_demo_grid_file_matches_what_run_all_builds() -> None:
+    spec = load_grid(REPO / "grids" / "demo.yaml")
+    run_all = (REPO / "run_all.sh").read_text()
+    assert spec.model == "demo/tiny-random-clip" and f"--model {spec.model}" in run_all
+    assert f"--cache-dir {spec.train.path.parents[2]}" in run_all
+    assert [spec.train.name, spec.val.name, [t.name for t in spec.tests]] == ["train", "val", ["test"]]
+    searched = [r for r in spec.runs if r.blocks == "all" and r.aggregation == "tie" and r.contrastive_factor > 0]
+    assert len(searched) == 8
+    assert {(r.contrastive_factor, r.proj_layers, r.proj_dim) for r in searched} == {
+        (xi, q, d) for xi in (0.1, 0.8) for q in (1, 2) for d in (32, 64)
+    }
+    assert sorted((r.blocks, r.aggregation, r.contrastive_factor) for r in spec.runs if r not in searched) == [
+        ("all", "mean", 0.1), ("all", "tie", 0.0), ("last", "tie", 0.1)
+    ]
+
+
+# ---------------------------------------------------------------- run_all.sh
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(REPO / "run_all.sh"), *args], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL
+    )
+
+
+def test_run_all_unknown_mode_prints_usage_and_exits_2() -> None:
+    for args in ((), ("bogus",), ("demo", "extra")):
+        result = run_script(*args)
+        assert result.returncode == 2
+        assert "usage: ./run_all.sh demo" in result.stderr
+
+
+def test_run_all_paper_names_the_missing_folders(tmp_path: Path) -> None:
+    (tmp_path / "train" / "car" / "0_real").mkdir(parents=True)
+    (tmp_path / "test" / "diffusion_datasets" / "laion" / "0_real").mkdir(parents=True)
+    result = run_script("paper", str(tmp_path))
+    assert result.returncode == 1
+    missing = result.stderr.split("missing:")[1].split("expected")[0].split()
+    assert "train/car/0_real/" not in missing and "train/car/1_fake/" in missing
+    assert "test/diffusion_datasets/laion/0_real/" not in missing
+    assert {"val/horse/0_real/", "test/seeingdark/", "test/diffusion_datasets/dalle/1_fake/"} <= set(missing)
+    assert len(missing) == 16 - 1 + 12 + 8 + 2 - 1
