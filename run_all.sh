@@ -96,6 +96,9 @@ run_demo() {
     demo_banner
     setup_venv
     export HF_HUB_OFFLINE=1
+    # The demo's models are tiny: one torch thread is as fast, and it does not
+    # collapse when other processes share the CPU.
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     step "building the demo data (demo/data) and the random backbone (demo/tiny-random-clip)"
     "$VENV/bin/python" -m pipeline.demo --root demo/data --backbone demo/tiny-random-clip
     step "manifests (demo/manifests)"

@@ -73,7 +73,8 @@ def print_machine() -> None:
     """One line describing where the numbers were measured."""
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), python {platform.python_version()}"
+        f"torch {torch.__version__} ({torch.get_num_threads()} intra-op threads), python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.2f} (other processes share these CPUs)"
     )
 
 

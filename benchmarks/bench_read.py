@@ -13,7 +13,12 @@ all warm (each read once before timing) and into pre-allocated buffers:
   and an HDF5 copy of the same array (same chunk shape, no compression) read
   with h5py's ``read_direct`` into a pre-allocated buffer.
 
-Prints the throughput of each and the ratio read_features / raw (target >= 0.8).
+Prints the throughput of each and the ratio read_features / raw (target >= 0.8)
+for both placements of ``out``. A kernel read whose target is 8 or 16 bytes
+off the file offset modulo 64 runs at about half speed on this machine, and
+numpy places large arrays 16 bytes past a page boundary; ``read_features``
+allocates its own result page-aligned and sends other targets through a
+staging buffer.
 
     .venv/bin/python benchmarks/bench_read.py [--rows 40960] [--repeats 5]
 """
@@ -147,6 +152,7 @@ def main() -> int:
         timings = time_interleaved(readers, args.repeats)
         raw = timings["raw readinto (sequential, aligned)"]
         ours = timings["cache.read_features(out=np.empty)"]
+        aligned = timings["cache.read_features(out=aligned)"]
         print(f"raw: {len(files)} shard files, {raw_bytes / 1e9:.3f} GB (features + shard indexes), each at a page boundary")
         print(f"np.empty out buffer address mod {PAGE}: {out.ctypes.data % PAGE}")
         for name, timing in timings.items():
@@ -154,9 +160,10 @@ def main() -> int:
         if not args.skip_context:
             plain = time_repeats(lambda: zarr.open_array(array_dir, mode="r")[:], max(1, args.repeats // 3))
             report("zarr.open_array(...)[:] (allocates)", n_bytes, plain, raw, raw_bytes)
-        ratio = (n_bytes / ours.median) / (raw_bytes / raw.median)
-        verdict = "meets" if ratio >= TARGET else "BELOW"
-        print(f"RATIO read_features(out=np.empty) / raw throughput = {ratio:.3f} ({verdict} target {TARGET})")
+        for label, timing in (("page-aligned out, as read_features allocates it", aligned), ("np.empty out", ours)):
+            ratio = (n_bytes / timing.median) / (raw_bytes / raw.median)
+            verdict = "meets" if ratio >= TARGET else "BELOW"
+            print(f"RATIO read_features / raw throughput ({label}) = {ratio:.3f} ({verdict} target {TARGET})")
     return 0
 
 

@@ -13,7 +13,8 @@ in manifest order::
     progress/<variant>  (n_shards,) bool    a shard is committed when True
 
 A variant is one way of turning an image into pixels: ``center`` (the
-evaluation crop), ``view_000`` ... (seeded training augmentations) or a
+evaluation crop), ``view_000`` ... (seeded training augmentations),
+``tencrop_0`` ... ``tencrop_9`` (ten-crop evaluation of large images) or a
 perturbation such as ``jpeg-official``. Work is committed shard by shard: the
 feature shard, the shard's ``valid`` and ``error`` chunks, then its progress
 flag. Zarr's local store writes every file through a temporary name and a
@@ -41,6 +42,7 @@ import zarr
 SCHEMA = "rine-pipeline/feature-store@1"
 TAPS = ("ln2", "hidden")  # see backbone.py for what each tap is
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
+TEN_CROP = "tencrop"  # variants tencrop_0 .. tencrop_9; scored as the mean of their sigmoids
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 256
 _READ_THREADS = 2
@@ -104,7 +106,7 @@ class VariantSpec:
     """How the pixels of one feature array were produced."""
 
     name: str
-    kind: str  # "center", "train_view" or "perturb"
+    kind: str  # "center", "train_view", "ten_crop" or "perturb"
     view: int = 0
     perturbation: str | None = None
     preset: str | None = None
@@ -116,6 +118,11 @@ class VariantSpec:
     @staticmethod
     def train_view(view: int) -> "VariantSpec":
         return VariantSpec(f"view_{view:03d}", "train_view", view=view)
+
+    @staticmethod
+    def ten_crop(crop: int) -> "VariantSpec":
+        """One of torchvision's ten crops (corners, center, then the same of the flip)."""
+        return VariantSpec(f"{TEN_CROP}_{crop}", "ten_crop", view=crop)
 
     @staticmethod
     def perturbed(perturbation: str, preset: str) -> "VariantSpec":

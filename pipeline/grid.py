@@ -39,7 +39,7 @@ from .train import (
     class_mask,
     fit_head,
     load_store,
-    score_rows,
+    score_store,
     train_variants,
 )
 
@@ -230,13 +230,13 @@ def fit_and_evaluate(
     base = {**base_row(spec, run, rid, data.train), "n_params": count_parameters(head), "fit_seconds": round(fit.fit_seconds, 4)}
 
     val_rows = evaluation_rows(data.val, run)
-    val_scores = score_rows(head, data.val.features[data.val.variants[0]], val_rows, run)
+    val_scores = score_store(head, data.val, val_rows, run)
     threshold, _ = best_threshold(data.val.rows.labels[val_rows], val_scores)
     rows = metric_rows(base, "val", data.val, val_rows, val_scores, None)
     write_scores(folder / "scores_val.csv", data.val, val_rows, val_scores)
     for test in data.tests:
         test_rows = np.flatnonzero(test.rows.valid)
-        scores = score_rows(head, test.features[test.variants[0]], test_rows, run)
+        scores = score_store(head, test, test_rows, run)
         write_scores(folder / f"scores_{test.ref.name}.csv", test, test_rows, scores)
         rows += metric_rows(base, test.ref.name, test, test_rows, scores, threshold)
 
@@ -280,7 +280,7 @@ def metric_rows(
             {
                 **base,
                 "split": split,
-                "variant": store.variants[0],
+                "variant": store.ref.variant or "center",
                 "dataset": dataset,
                 "n": int(mask.sum()),
                 "n_invalid": int(np.count_nonzero(invalid == dataset)),

@@ -55,13 +55,20 @@ def train_variants(info: cache.StoreInfo, ref: StoreRef, max_epochs: int) -> tup
     return tuple(views[: max(1, min(max_epochs, len(views)))])
 
 
+def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
+    """Variants scored for an evaluation store: one, or the ten crops."""
+    if ref.variant == cache.TEN_CROP:
+        return tuple(cache.VariantSpec.ten_crop(i).name for i in range(10))
+    return (ref.variant or "center",)
+
+
 def load_store(ref: StoreRef, variants: tuple[str, ...] | None, device: torch.device) -> LoadedStore:
-    """Read a store's rows and variants into memory (one copy, shared by all runs)."""
+    """Read a store's rows and variants (default: its evaluation variants) into memory once."""
     try:
         info = cache.open_store_info(ref.path)
     except cache.StoreError as error:
         raise DataError(f"{ref.name}: {error}") from None
-    wanted = variants or (ref.variant or "center",)
+    wanted = variants or evaluation_variants(ref)
     features = {}
     for variant in wanted:
         try:
@@ -172,6 +179,11 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
     bar.close()
     head.eval()
     return FitResult(head, fit_seconds, len(rows), n_invalid, tuple(losses))
+
+
+def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> np.ndarray:
+    """Probability of fake per row; with several variants (ten-crop) the mean of their sigmoids."""
+    return np.mean([score_rows(head, store.features[v], rows, config) for v in store.variants], axis=0)
 
 
 @torch.inference_mode()

@@ -106,6 +106,8 @@ def write_store(
             spec = cache.VariantSpec.center()
         elif name.startswith("view_"):
             spec = cache.VariantSpec.train_view(int(name.split("_")[1]))
+        elif name.startswith("tencrop_"):
+            spec = cache.VariantSpec.ten_crop(int(name.split("_")[1]))
         else:
             kind, preset = name.split("-")
             spec = cache.VariantSpec.perturbed(kind, preset)

@@ -101,9 +101,11 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path: Path, demo_data: Path) 
 
 def test_nearest_fakes_are_flat_inside_2x2_blocks(demo_data: Path) -> None:
     for folder in (demo_data / "train" / "progan", demo_data / "test" / "progan"):
-        for real, fake in read_pairs(folder):
-            assert block_flatness(fake) < 0.15
-            assert block_flatness(real) > 0.4
+        pairs = read_pairs(folder)
+        # a fake's 2x2 blocks differ only by the generator's faint noise
+        assert max(block_flatness(fake) for _, fake in pairs) < 0.1
+        # a real's pixel pairs differ alike inside and across blocks (ratio about 1)
+        assert np.median([block_flatness(real) for real, _ in pairs]) > 0.5
 
 
 def test_checkerboard_fakes_brighten_one_pixel_phase(demo_data: Path) -> None:

@@ -162,3 +162,27 @@ def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
     unknown.write_text(grid_text(stores, tmp_path / "g3", "  proj_dimm: [16]\n"))
     result = CliRunner().invoke(main, ["fit", "--grid", str(unknown), "--no-progress"])
     assert result.exit_code == 1 and "unknown key 'proj_dimm'" in result.output
+
+
+def test_ten_crop_scores_are_the_mean_of_the_crops_sigmoids(stores, tmp_path):
+    import torch
+
+    from pipeline.head import load_head
+
+    features, labels = separable_features(40, seed=7, shift=3.0)
+    crops = {f"tencrop_{i}": features + 0.3 * i for i in range(10)}
+    write_store(tmp_path / "big.zarr", crops, labels, ["synthbuster_x"] * 40)
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
+        f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
+        f"    - {{store: {tmp_path / 'big.zarr'}, variant: tencrop}}\n",
+    )
+    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    rows = [r for r in read(summary.results) if r["split"] == "big_tencrop"]
+    assert len(rows) == 1 and rows[0]["variant"] == "tencrop" and rows[0]["n"] == "40"
+    head, _ = load_head(tmp_path / "g" / "runs" / rows[0]["run"] / "head.safetensors")
+    with torch.no_grad():
+        per_crop = [torch.sigmoid(head(torch.from_numpy(c.astype(np.float16)).float())[0]).squeeze(1).numpy() for c in crops.values()]
+    expected = np.mean(per_crop, axis=0)
+    saved = read(tmp_path / "g" / "runs" / rows[0]["run"] / "scores_big_tencrop.csv")
+    assert np.allclose([float(s["score"]) for s in saved], expected, atol=1e-6)
+    assert float(rows[0]["acc"]) == pytest.approx(accuracy_score(labels, expected > 0.5))
