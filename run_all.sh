@@ -65,10 +65,10 @@ setup_venv() {
         step "installing torch into .venv: pip install $TORCH_SPEC"
         local torch_args
         read -r -a torch_args <<<"$TORCH_SPEC"
-        "$VENV/bin/python" -m pip install -q "${torch_args[@]}"
+        "$VENV/bin/python" -m pip install -qq "${torch_args[@]}"
     fi
     step "installing the pipeline into .venv: pip install -e '.[test]'"
-    "$VENV/bin/python" -m pip install -q -e "$REPO[test]"
+    "$VENV/bin/python" -m pip install -qq -e ".[test]"
     setup_checksum >"$STAMP"
 }
 
@@ -154,11 +154,11 @@ check_paper_layout() {
         echo "error: DATA_ROOT $root is not a folder" >&2
         exit 1
     fi
-    missing=$(missing_paper_folders "$root")
-    if [[ -n "$missing" ]]; then
+    mapfile -t missing < <(missing_paper_folders "$root")
+    if [[ ${#missing[@]} -gt 0 ]]; then
         {
             echo "error: $root does not have the expected layout; missing:"
-            sed 's/^/  /' <<<"$missing"
+            printf '  %s\n' "${missing[@]}"
             cat <<'EOF'
 expected (CNNDetection + UniversalFakeDetect diffusion sets):
   train/<class>/{0_real,1_fake}/         for car, cat, chair, horse
@@ -176,8 +176,9 @@ EOF
 }
 
 # Prints the work the grid files ask for, one tab-separated line each:
-#   extract <model> <split> <variant> <tap>   for every backbone (the four standard splits) and
-#                                             every split/variant/tap a grid of that backbone names
+#   extract <model> <split> <variant> <taps>  for every backbone (the four standard splits, ln2) and
+#                                             every split/variant a grid of that backbone names, with
+#                                             the comma list of taps wanted (one forward pass for all)
 #   fit <grid file> <output folder>           for every grid whose backbone is selected
 #   skip <grid file> <model>                  for the others
 plan_paper_work() {
@@ -190,7 +191,7 @@ from pipeline.config import ConfigError, load_grid
 backbones = sys.argv[1].split(",")
 grid_files = [Path(name) for name in sys.argv[2:]]
 standard = [("train_4class", "center"), ("val_4class", "center"), ("test_gan", "center"), ("test_diffusion", "center")]
-extract = {(model, split, variant, "ln2"): None for model in backbones for split, variant in standard}
+taps = {(model, split, variant): ["ln2"] for model in backbones for split, variant in standard}
 for grid_file in grid_files:
     try:
         spec = load_grid(grid_file)
@@ -200,10 +201,12 @@ for grid_file in grid_files:
         print(f"skip\t{grid_file}\t{spec.model}")
         continue
     for ref in (spec.train, spec.val, *spec.tests):
-        extract[(spec.model, ref.path.stem, ref.variant or "center", spec.tap)] = None
+        wanted = taps.setdefault((spec.model, ref.path.stem, ref.variant or "center"), [])
+        if spec.tap not in wanted:
+            wanted.append(spec.tap)
     print(f"fit\t{grid_file}\t{spec.out}")
-for key in extract:
-    print("extract\t" + "\t".join(key))
+for (model, split, variant), names in taps.items():
+    print(f"extract\t{model}\t{split}\t{variant}\t{','.join(names)}")
 EOF
 }
 
@@ -252,10 +255,13 @@ run_paper() {
     plan=$(plan_paper_work "$backbones" "${grids[@]}")
 
     step "features (cache/): the frozen CLIP over every split the grids need"
-    local kind model split variant tap options
-    while IFS=$'\t' read -r -u 3 kind model split variant tap; do
+    local kind model split variant taps tap options
+    while IFS=$'\t' read -r -u 3 kind model split variant taps; do
         [[ "$kind" == extract ]] || continue
-        options=(--split "$split" --model "$model" --tap "$tap")
+        options=(--split "$split" --model "$model")
+        for tap in ${taps//,/ }; do
+            options+=(--tap "$tap")
+        done
         if [[ "$variant" != center ]]; then
             options+=(--perturb "${variant%-*}" --perturb-preset "${variant##*-}")
         elif [[ "$split" == train* ]]; then
@@ -278,6 +284,10 @@ run_paper() {
         esac
     done 3<<<"$plan"
 
+    if [[ ${#outs[@]} -eq 0 ]]; then
+        echo "no grid file names any of the backbones $backbones: nothing to fit or report"
+        return
+    fi
     step "report (reports/)"
     run_pipeline report --out reports "${outs[@]}"
     step "done: tables and plots in reports/"

@@ -161,3 +161,46 @@ def write_synthetic_store(
         else:
             values = feature_rows(start, stop, rng)
         cache.commit_shard(path, variant.name, shard, values, np.ones(stop - start, dtype=bool), [""] * (stop - start))
+
+
+VIT_B32_SHAPE = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    patch_size=32,
+    image_size=224,
+    intermediate_size=3072,
+)
+
+
+def save_random_clip(path: Path, seed: int = 0, **shape: int) -> Path:
+    """A randomly initialised CLIP vision tower (ViT-B/32 shape by default), saved like a hub checkpoint."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(**{**VIT_B32_SHAPE, **shape})).eval()
+    model.save_pretrained(path)
+    return path
+
+
+def write_folder_images(root: Path, n_images: int, size: int, seed: int = 0) -> Path:
+    """``n_images`` random RGB PNGs of size x size under root/<set>/{0_real,1_fake}/ (half each)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(n_images):
+        folder = root / "bench" / ("0_real" if i % 2 == 0 else "1_fake")
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:06d}.png", compress_level=1)
+    return root
+
+
+def write_folder_manifest(root: Path, manifests_dir: Path, split: str) -> Path:
+    """The ``folder``-layout manifest of ``root`` written as ``manifests_dir/<split>.csv``."""
+    from pipeline.manifest import build_manifest, manifest_path, write_manifest
+
+    manifest = build_manifest("folder", root, split)
+    path = manifest_path(manifests_dir, split)
+    write_manifest(manifest, path)
+    return path

@@ -22,6 +22,7 @@ from .head import RineHead
 from .loss import rine_loss
 
 EVAL_BATCH = 1024
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")
 _SEED_LOCK = threading.Lock()
 
 
@@ -144,7 +145,8 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
         head = build_head(store, config).to(device)
     # Dropout and shuffling draw from the run's own streams, so parallel runs stay reproducible.
     head.set_dropout_generator(torch.Generator(device=device).manual_seed(config.seed))
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
+    # One fused pass over the parameters per step (the default per-tensor loop took ~20 % of a step on CPU).
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, fused=device.type in _FUSED_ADAM_DEVICES)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(store.rows.labels.astype(np.float32)).to(device)
@@ -158,7 +160,7 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
     for epoch in range(config.epochs):
         features = store.features[variants[epoch % len(variants)]]
         order = rows_tensor[torch.randperm(len(rows), generator=generator).to(device)]
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
         for batch_start in range(0, len(order), config.batch_size):
             batch_rows = order[batch_start : batch_start + config.batch_size]
             x = block_view(features[batch_rows], config).float()
@@ -169,10 +171,10 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach())
+            total += loss.detach()
             bar.update(1)
         scheduler.step()
-        losses.append(total / len(order))
+        losses.append(float(total) / len(order))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     fit_seconds = time.perf_counter() - start
