@@ -204,3 +204,21 @@ def write_folder_manifest(root: Path, manifests_dir: Path, split: str) -> Path:
     path = manifest_path(manifests_dir, split)
     write_manifest(manifest, path)
     return path
+
+
+def premade_center_batches(manifest_csv: Path, crop: int, batch: int) -> list[np.ndarray]:
+    """The manifest's images decoded and center-cropped beforehand, in order, as uint8 batches."""
+    from pipeline import images
+    from pipeline.manifest import read_manifest
+
+    manifest = read_manifest(manifest_csv)
+    crops = [images.center_crop(images.decode_image(manifest.resolve(i)), crop) for i in range(len(manifest))]
+    return [np.stack(crops[i : i + batch]) for i in range(0, len(crops), batch)]
+
+
+def quiet_transformers() -> None:
+    """No download or loading progress bars from transformers, and no hub access."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 from _common import (
+    premade_center_batches,
+    quiet_transformers,
     add_scratch_options,
     print_machine,
     save_random_clip,
@@ -36,10 +38,8 @@ from _common import (
     write_folder_images,
     write_folder_manifest,
 )
-from pipeline import images
 from pipeline.backbone import Backbone, BackboneSpec
 from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
-from pipeline.manifest import read_manifest
 
 TARGET = 0.9
 
@@ -54,13 +54,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=12, help="Encoder layers (12 = ViT-B/32).")
     add_scratch_options(parser)
     return parser.parse_args()
-
-
-def premade_batches(manifest_csv: Path, crop: int, batch: int) -> list[np.ndarray]:
-    """The manifest's images decoded and center-cropped, in manifest order, as uint8 batches."""
-    manifest = read_manifest(manifest_csv)
-    crops = [images.center_crop(images.decode_image(manifest.resolve(i)), crop) for i in range(len(manifest))]
-    return [np.stack(crops[i : i + batch]) for i in range(0, len(crops), batch)]
 
 
 def time_backbone(backbone: Backbone, batches: list[np.ndarray]) -> float:
@@ -78,7 +71,7 @@ def extract_once(config: ExtractConfig) -> tuple[float, ExtractSummary]:
 
 def main() -> int:
     args = parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_transformers()
     print_machine()
     print(
         f"inputs: {args.images} random {args.size}x{args.size} PNGs (folder layout), random CLIP vision tower "
@@ -93,7 +86,7 @@ def main() -> int:
         load_start = time.perf_counter()
         backbone = Backbone(spec)
         load_seconds = time.perf_counter() - load_start
-        batches = premade_batches(manifest_csv, backbone.crop_size, args.batch)
+        batches = premade_center_batches(manifest_csv, backbone.crop_size, args.batch)
         config = ExtractConfig(
             split="bench",
             manifest=manifest_csv,

@@ -81,6 +81,12 @@ def manifest_command(layout, root, split, classes, generators, raise_root, manif
 @click.option("--perturb", type=click.Choice(images.PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5).")
 @click.option("--perturb-preset", type=click.Choice(images.PERTURB_PRESETS), default="official",
               help="official = the authors' code with its quirks; paper = the parameters the paper describes.")
+@click.option("--ten-crop", is_flag=True,
+              help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
+                   "scored as the mean of the ten sigmoids: the authors' protocol for large images (Synthbuster).")
+@click.option("--ten-crop", is_flag=True,
+              help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), scored as "
+                   "the mean of the ten sigmoids: the authors' protocol for large images (Synthbuster).")
 @click.option("--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view).")
 @click.option("--shard-rows", type=click.IntRange(1), default=cache.DEFAULT_SHARD_ROWS, help="Rows per shard: the unit of work and resume.")
 @click.option("--chunk-rows", type=click.IntRange(1), default=cache.DEFAULT_CHUNK_ROWS, help="Rows per inner chunk (divides --shard-rows).")
@@ -90,7 +96,7 @@ def manifest_command(layout, root, split, classes, generators, raise_root, manif
 @click.option("--overwrite", is_flag=True, help="Delete an existing store and rebuild it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract_command(split, manifest_file, data_root, model, revision, taps, blocks, cache_dir, out, batch_size, device,
-                    dtype, store_dtype, views, augment, perturb, perturb_preset, seed, shard_rows, chunk_rows, workers,
+                    dtype, store_dtype, views, augment, perturb, perturb_preset, ten_crop, seed, shard_rows, chunk_rows, workers,
                     max_pixels, fail_fast, overwrite, no_progress) -> None:
     """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable).
 
@@ -116,6 +122,7 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
         augment=augment,
         perturbation=perturb,
         perturb_preset=perturb_preset,
+        ten_crop=ten_crop,
         seed=seed,
         shard_rows=shard_rows,
         chunk_rows=min(chunk_rows, shard_rows),

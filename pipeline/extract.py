@@ -52,6 +52,7 @@ class ExtractConfig:
     augment: bool | None = None  # None: augment when the split name starts with "train"
     perturbation: str | None = None
     perturb_preset: str = "official"
+    ten_crop: bool = False  # evaluation by ten crops (large images, e.g. Synthbuster)
     seed: int = 0
     shard_rows: int = cache.DEFAULT_SHARD_ROWS
     chunk_rows: int = cache.DEFAULT_CHUNK_ROWS
@@ -72,6 +73,8 @@ class ExtractConfig:
             return (cache.VariantSpec.perturbed(self.perturbation, self.perturb_preset),)
         if self.is_training():
             return tuple(cache.VariantSpec.train_view(v) for v in range(self.views))
+        if self.ten_crop:
+            return tuple(cache.VariantSpec.ten_crop(i) for i in range(10))
         return (cache.VariantSpec.center(),)
 
     def validate(self) -> None:
@@ -87,6 +90,8 @@ class ExtractConfig:
             raise ExtractError(f"shard rows ({self.shard_rows}) must be a multiple of chunk rows ({self.chunk_rows})")
         if self.perturbation is not None and self.perturbation not in images.PERTURBATIONS:
             raise ExtractError(f"unknown perturbation {self.perturbation!r}; choose from {images.PERTURBATIONS}")
+        if self.ten_crop and (self.perturbation is not None or self.is_training()):
+            raise ExtractError("--ten-crop is an evaluation crop: not with --perturb or a training split")
         if self.perturb_preset not in images.PERTURB_PRESETS:
             raise ExtractError(f"unknown perturbation preset {self.perturb_preset!r}; choose from {images.PERTURB_PRESETS}")
 
@@ -156,6 +161,8 @@ def make_pixel_function(variant: cache.VariantSpec, crop: int, seed: int) -> Cal
         return lambda image, row: images.center_crop(image, crop)
     if variant.kind == "train_view":
         return lambda image, row: images.augment_train_view(image, crop, images.view_rng(seed, row, variant.view))
+    if variant.kind == "ten_crop":
+        return lambda image, row: images.ten_crop(image, crop)[variant.view]
     stream = 1000 + images.PERTURBATIONS.index(variant.perturbation)
 
     def perturbed(image: np.ndarray, row: int) -> np.ndarray:

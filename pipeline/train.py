@@ -22,7 +22,6 @@ from .head import RineHead
 from .loss import rine_loss
 
 EVAL_BATCH = 1024
-_FUSED_ADAM_DEVICES = ("cpu", "cuda")
 _SEED_LOCK = threading.Lock()
 
 
@@ -145,8 +144,7 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
         head = build_head(store, config).to(device)
     # Dropout and shuffling draw from the run's own streams, so parallel runs stay reproducible.
     head.set_dropout_generator(torch.Generator(device=device).manual_seed(config.seed))
-    # One fused pass over the parameters per step (the default per-tensor loop took ~20 % of a step on CPU).
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, fused=device.type in _FUSED_ADAM_DEVICES)
+    optimizer = make_adam(head, config.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(store.rows.labels.astype(np.float32)).to(device)
@@ -186,6 +184,19 @@ def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, pro
 def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> np.ndarray:
     """Probability of fake per row; with several variants (ten-crop) the mean of their sigmoids."""
     return np.mean([score_rows(head, store.features[v], rows, config) for v in store.variants], axis=0)
+
+
+def make_adam(head: RineHead, lr: float) -> torch.optim.Adam:
+    """Adam, fused into one pass over the parameters per step where torch has that kernel.
+
+    The same update as the default per-tensor loop up to float rounding; that
+    loop took ~20 % of a training step of the 4-class head on a 2-core CPU.
+    Torch has fused Adam for CUDA, and for the CPU from version 2.4.
+    """
+    try:
+        return torch.optim.Adam(head.parameters(), lr=lr, fused=True)
+    except RuntimeError:  # no fused kernel for this device in this torch version
+        return torch.optim.Adam(head.parameters(), lr=lr)
 
 
 @torch.inference_mode()

@@ -576,3 +576,18 @@ def test_perturbation_is_added_as_a_variant_of_the_evaluation_store(tiny_clip_di
     assert_fp16_equal(perturbed, tokens_by_hand(tiny_clip_dir, crops))
     changed = [row for row in range(8) if row not in untouched]
     assert all(not np.array_equal(perturbed[row], center[row]) for row in changed)
+
+
+def test_ten_crop_variants_hold_the_ten_torchvision_crops(tiny_clip_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_images(root, [(64, 48), (40, 40), (70, 33), (48, 64)], seed=9)
+    manifest = folder_manifest(root, "test", tmp_path / "manifests")
+    store = run_extract(extract_config(tiny_clip_dir, manifest, tmp_path / "cache", ten_crop=True)).stores["ln2"]
+    info = cache.open_store_info(store)
+    assert info.complete_variants == tuple(f"tencrop_{i}" for i in range(10))
+    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
+    for crop in (0, 4, 5, 9):  # top-left, center, flipped top-left, flipped center
+        pixels = [images.ten_crop(img, CROP)[crop] for img in decoded]
+        assert_fp16_equal(cache.read_features(store, f"tencrop_{crop}"), tokens_by_hand(tiny_clip_dir, pixels))
+    with pytest.raises(ExtractError, match="--ten-crop is an evaluation crop"):
+        run_extract(extract_config(tiny_clip_dir, manifest, tmp_path / "cache2", ten_crop=True, augment=True))
