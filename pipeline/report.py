@@ -498,11 +498,16 @@ def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
 
 
 def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
-    """Ours (every selection, center test sets) grouped by (backbone, n_classes), each group then the authors'."""
+    """Ours (every selection, center test sets) grouped by (backbone, n_classes), each group then the authors'.
+
+    Settings of the architecture ablations (last block only, mean instead of
+    TIE) belong to ablations.csv, not to the paper's Tables 2 and 3.
+    """
     ours = [
         ScoreRow(OURS, s.run.backbone, s.run.tap, s.run.n_classes, s.run.setting, s.rule, s.run.run, run_hyper(s.run),
                  s.run.center)  # fmt: skip
         for s in all_selections(grids)
+        if s.run.config["blocks"] != "last" and s.run.config["aggregation"] != "mean"
     ]
     groups = sorted({(row.backbone, row.n_classes) for row in ours}, key=lambda key: group_sort_key(*key))
     rows: list[ScoreRow] = []
