@@ -28,7 +28,7 @@ def new_figure(width: float, height: float) -> Figure:
     return figure
 
 
-def wrap_title(title: str, width: int = 110) -> str:
+def wrap_title(title: str, width: int = 80) -> str:
     return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
