@@ -19,20 +19,17 @@ times ``run_extract`` reports and the backbone load time alone.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from _common import (
-    premade_center_batches,
-    quiet_transformers,
     add_scratch_options,
+    premade_center_batches,
     print_machine,
+    quiet_transformers,
     save_random_clip,
     scratch_dir,
     write_folder_images,

@@ -4,21 +4,23 @@ Writes a (rows, blocks, dim) float16 array (default 40960 x 24 x 1024, 2 GB)
 through ``cache.create_store`` / ``add_variant`` / ``commit_shard``, then times,
 all warm (each read once before timing) and into pre-allocated buffers:
 
-* raw: the shard files read sequentially with ``readinto`` into one buffer,
-  each file at a page-aligned offset (the kernel copies fastest there);
-* ``cache.read_features(..., out=buffer)`` into a ``np.empty`` array (what a
-  caller would pre-allocate; numpy places it 16 bytes past a page boundary)
-  and, for context, into a page-aligned array;
-* for context: plain ``zarr.open_array(...)[:]`` (zarr allocates its result)
-  and an HDF5 copy of the same array (same chunk shape, no compression) read
-  with h5py's ``read_direct`` into a pre-allocated buffer.
+* raw: the shard files read sequentially with ``readinto`` into one
+  pre-allocated buffer, each file at a page-aligned offset (where the
+  kernel copies fastest, so the strongest baseline);
+* ``cache.read_features(..., out=buffer)`` into a pre-allocated page-aligned
+  array (the placement of the raw buffer, and the one ``read_features``
+  gives the arrays it allocates itself, as ``train.load_store`` uses it);
+* the same into a ``np.empty`` array, which numpy places 16 bytes past a
+  page boundary: a kernel read whose target is 8 or 16 bytes off the file
+  offset modulo 64 runs at about half speed on this machine, so
+  ``read_features`` sends such targets through a staging buffer;
+* for context: an HDF5 copy of the same array (same chunk shape, no
+  compression) read with h5py's ``read_direct`` into the ``np.empty`` array,
+  and plain ``zarr.open_array(...)[:]`` (zarr allocates its result).
 
-Prints the throughput of each and the ratio read_features / raw (target >= 0.8)
-for both placements of ``out``. A kernel read whose target is 8 or 16 bytes
-off the file offset modulo 64 runs at about half speed on this machine, and
-numpy places large arrays 16 bytes past a page boundary; ``read_features``
-allocates its own result page-aligned and sends other targets through a
-staging buffer.
+The readers take turns round by round. Prints the throughput of each and the
+ratio read_features / raw for both placements of ``out`` (target >= 0.8; the
+first is the headline).
 
     .venv/bin/python benchmarks/bench_read.py [--rows 40960] [--repeats 5]
 """
@@ -32,7 +34,15 @@ import h5py
 import numpy as np
 import zarr
 
-from _common import Timing, add_scratch_options, print_machine, scratch_dir, time_interleaved, time_repeats, write_synthetic_store
+from _common import (
+    Timing,
+    add_scratch_options,
+    print_machine,
+    scratch_dir,
+    time_interleaved,
+    time_repeats,
+    write_synthetic_store,
+)
 from pipeline import cache
 
 TARGET = 0.8
@@ -106,7 +116,7 @@ def read_hdf5(path: Path, out: np.ndarray) -> None:
 def report(name: str, n_bytes: int, timing: Timing, raw: Timing | None, raw_bytes: int) -> None:
     rate = n_bytes / timing.median / 1e9
     ratio = "" if raw is None else f"  ({rate / (raw_bytes / raw.median / 1e9):.2f} of raw)"
-    print(f"{name:<38} {rate:6.2f} GB/s{ratio:<16} {timing.describe()}")
+    print(f"{name:<42} {rate:6.2f} GB/s{ratio:<16} {timing.describe()}")
 
 
 def check_same_as_zarr(array_dir: Path, values: np.ndarray) -> None:
@@ -137,13 +147,13 @@ def main() -> int:
         out.fill(0)  # first touch outside the timed region
         aligned_out = page_aligned_empty(n_bytes).view(np.float16).reshape(shape)
 
-        cache.read_features(store, "center", out=out)
-        check_same_as_zarr(array_dir, out)
-        print("check: read_features == zarr.open_array(...)[:] bit for bit")
+        for target in (aligned_out, out):
+            check_same_as_zarr(array_dir, cache.read_features(store, "center", out=target))
+        print("check: read_features == zarr.open_array(...)[:] bit for bit, into both buffers")
         readers = {
             "raw readinto (sequential, aligned)": lambda: read_raw(slots, raw_buffer),
-            "cache.read_features(out=np.empty)": lambda: cache.read_features(store, "center", out=out),
             "cache.read_features(out=aligned)": lambda: cache.read_features(store, "center", out=aligned_out),
+            "cache.read_features(out=np.empty)": lambda: cache.read_features(store, "center", out=out),
         }
         if not args.skip_context:
             h5_path = work / "features.h5"
