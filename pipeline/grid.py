@@ -154,7 +154,9 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     def task(index: int) -> tuple[int, list[dict[str, Any]]]:
         run = spec.runs[index]
         try:
-            return index, fit_and_evaluate(spec, data, run, ids[index], out / "runs" / ids[index], device)
+            folder = out / "runs" / ids[index]
+            step_bar = options.progress and options.jobs == 1  # one config at a time: show its steps too
+            return index, fit_and_evaluate(spec, data, run, ids[index], folder, device, step_bar)
         except Exception as error:  # noqa: BLE001 - one failing config becomes an error row
             if options.fail_fast:
                 raise
@@ -167,9 +169,13 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     bar = tqdm(total=len(todo), unit="run", desc=f"grid {spec.name}", disable=not options.progress)
     parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
     for index, rows in parallel(delayed(task)(i) for i in todo):
+        run = spec.runs[index]
+        label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
         if rows and rows[0]["status"] == "error":
             errors[index] = rows
-            bar.write(f"run {ids[index]} failed: {rows[0]['error']}")
+            bar.write(f"{label} failed: {rows[0]['error']}")
+        elif options.progress:
+            bar.write(f"{label}: fit {rows[0]['fit_seconds']:.1f} s")
         bar.update(1)
     bar.close()
 
@@ -221,11 +227,17 @@ def error_row(spec: GridSpec, run: RunConfig, rid: str, message: str) -> dict[st
 
 
 def fit_and_evaluate(
-    spec: GridSpec, data: GridData, run: RunConfig, rid: str, folder: Path, device: torch.device
+    spec: GridSpec,
+    data: GridData,
+    run: RunConfig,
+    rid: str,
+    folder: Path,
+    device: torch.device,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Fit one config, score val and every test store, write the run folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    fit = fit_head(data.train, run, device=device)
+    fit = fit_head(data.train, run, device=device, progress=progress)
     head = fit.head
     base = {**base_row(spec, run, rid, data.train), "n_params": count_parameters(head), "fit_seconds": round(fit.fit_seconds, 4)}
 
