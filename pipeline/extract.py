@@ -271,12 +271,11 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
 
     n_rows = len(manifest)
     n_shards = cache.shard_count(n_rows, config.shard_rows)
-    missing: dict[int, list[str]] = {}
+    missing: dict[int, list[str]] = {}  # shard -> variants some tap's store still lacks
     for variant in variants:
-        for tap, path in stores.items():
-            for shard in cache.pending_shards(path, variant.name):
-                if variant.name not in missing.setdefault(shard, []):
-                    missing[shard].append(variant.name)
+        pending = set().union(*(cache.pending_shards(path, variant.name) for path in stores.values()))
+        for shard in pending:
+            missing.setdefault(shard, []).append(variant.name)
     work = []
     for shard in sorted(missing):
         start, stop = cache.shard_bounds(shard, n_rows, config.shard_rows)
@@ -287,7 +286,6 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
     source = PixelSource(manifest, config.data_root, pixel_functions, backbone.crop_size, config.max_pixels, config.decode_workers)
     committer = ShardCommitter(stores)
     times = StageTimes()
-    failures: list[tuple[str, str]] = []
     total_images = sum(len(rows) for _, rows, _ in work)
     progress = tqdm(total=total_images, unit="img", desc=f"extract {config.split}", disable=not config.progress, smoothing=0.05)
     buffers: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -302,7 +300,8 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             times.decode += batch.decode_seconds
             if batch.shard != current_shard:
                 current_shard, buffers, shard_valid, shard_errors = batch.shard, {}, [], []
-            record_failures(config, manifest, batch, failures)
+            if config.fail_fast:
+                stop_at_first_failure(manifest, batch)
             start = time.perf_counter()
             for variant, pixels in batch.pixels.items():
                 tokens = backbone.forward_taps(pixels, config.taps)
@@ -313,8 +312,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             times.backbone += time.perf_counter() - start
             shard_valid.append(batch.valid)
             shard_errors.extend(batch.errors)
-            shard_start, shard_stop = cache.shard_bounds(batch.shard, n_rows, config.shard_rows)
-            if batch.rows[-1] == shard_stop - 1:
+            if batch.rows[-1] == cache.shard_bounds(batch.shard, n_rows, config.shard_rows)[1] - 1:
                 features = {key: np.concatenate(parts) for key, parts in buffers.items()}
                 committer.submit(batch.shard, features, np.concatenate(shard_valid), shard_errors)
             progress.update(len(batch.rows))
@@ -325,28 +323,26 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         committer.close()
     times.write = committer.seconds
     times.wall = time.perf_counter() - wall_start
-    all_failures = collect_failures(next(iter(stores.values())))
     return ExtractSummary(
         stores=stores,
         n_rows=n_rows,
         shards_done=len(missing),
         shards_skipped=n_shards - len(missing),
         images_processed=total_images,
-        failures=all_failures,
+        failures=collect_failures(next(iter(stores.values()))),
         times=times,
     )
 
 
-def record_failures(config: ExtractConfig, manifest: Manifest, batch: PixelBatch, failures: list[tuple[str, str]]) -> None:
+def stop_at_first_failure(manifest: Manifest, batch: PixelBatch) -> None:
     for row, ok, reason in zip(batch.rows, batch.valid, batch.errors):
         if not ok:
             path = manifest.rows[int(row)].path
-            if config.fail_fast:
-                raise ExtractError(f"{path}: {reason} (stopped by --fail-fast; committed shards are kept)")
-            failures.append((path, reason))
+            raise ExtractError(f"{path}: {reason} (stopped by --fail-fast; committed shards are kept)")
 
 
 def collect_failures(path: Path) -> tuple[tuple[str, str], ...]:
+    """(path, reason) of every image the store records as unusable, this run's and earlier ones'."""
     rows = cache.read_rows(path)
     bad = np.flatnonzero(rows.errors != "")
     return tuple((str(rows.paths[i]), str(rows.errors[i])) for i in bad)
