@@ -29,13 +29,15 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .devices import resolve_device
-from .config import GridSpec, RunConfig, classes_label, run_config_dict
+from .config import GridSpec, RunConfig, StoreRef, classes_label, run_config_dict
 from .head import count_parameters, save_head
 from .metrics import METRIC_NAMES, best_threshold, compute_metrics
 from .train import (
     DataError,
     LoadedStore,
     check_compatible,
+    evaluation_variants,
+    open_info,
     class_mask,
     fit_head,
     load_store,
@@ -78,20 +80,19 @@ class FitOptions:
 
 
 @dataclass(frozen=True)
-class GridData:
-    """The stores of a grid, loaded once."""
+class GridStores:
+    """The stores a grid reads and the variants it needs of each (nothing loaded yet)."""
 
-    train: LoadedStore
-    val: LoadedStore
-    tests: tuple[LoadedStore, ...]
+    refs: tuple[StoreRef, ...]  # train, val, tests...
+    infos: tuple[cache.StoreInfo, ...]
+    variants: tuple[tuple[str, ...], ...]
 
     def identity(self) -> dict[str, Any]:
         """What a run's numbers depend on besides its config (for the run id)."""
 
-        def describe(store: LoadedStore) -> dict[str, Any]:
-            info = store.info
+        def describe(ref: StoreRef, info: cache.StoreInfo, variants: tuple[str, ...]) -> dict[str, Any]:
             return {
-                "name": store.ref.name,
+                "name": ref.name,
                 "manifest": info.identity.manifest_sha256,
                 "model": info.identity.model_id,
                 "revision": info.identity.model_revision,
@@ -101,10 +102,21 @@ class GridData:
                 "dtype": info.identity.dtype,
                 "compute_dtype": info.identity.compute_dtype,
                 "seed": info.identity.seed,
-                "variants": list(store.variants),
+                "variants": list(variants),
             }
 
-        return {"train": describe(self.train), "val": describe(self.val), "tests": [describe(t) for t in self.tests]}
+        described = [describe(*item) for item in zip(self.refs, self.infos, self.variants)]
+        return {"train": described[0], "val": described[1], "tests": described[2:]}
+
+
+@dataclass(frozen=True)
+class GridData:
+    """The stores of a grid, loaded once and shared by every run."""
+
+    train: LoadedStore
+    val: LoadedStore
+    tests: tuple[LoadedStore, ...]
+    identity: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -123,17 +135,19 @@ def run_id(config: RunConfig, data_identity: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def load_grid_data(spec: GridSpec, device: torch.device) -> GridData:
+def plan_grid_stores(spec: GridSpec) -> GridStores:
+    """Open every store's attributes, check they hold the same kind of features."""
+    refs = (spec.train, spec.val, *spec.tests)
+    infos = tuple(open_info(ref) for ref in refs)
+    check_compatible(list(infos))
     max_epochs = max(run.epochs for run in spec.runs)
-    try:
-        info = cache.open_store_info(spec.train.path)
-    except cache.StoreError as error:
-        raise DataError(f"train: {error}") from None
-    train = load_store(spec.train, train_variants(info, spec.train, max_epochs), device)
-    val = load_store(spec.val, None, device)
-    tests = tuple(load_store(ref, None, device) for ref in spec.tests)
-    check_compatible([train, val, *tests])
-    return GridData(train, val, tests)
+    variants = (train_variants(infos[0], spec.train, max_epochs),) + tuple(evaluation_variants(ref) for ref in refs[1:])
+    return GridStores(refs, infos, variants)
+
+
+def load_grid_data(stores: GridStores, device: torch.device) -> GridData:
+    train, val, *tests = (load_store(ref, v, device) for ref, v in zip(stores.refs, stores.variants))
+    return GridData(train, val, tuple(tests), stores.identity())
 
 
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
@@ -144,10 +158,11 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.source is not None:
         _write_atomic(out / "grid.yaml", spec.source.read_text())
-    data = load_grid_data(spec, device)
-    identity = data.identity()
+    stores = plan_grid_stores(spec)
+    identity = stores.identity()
     ids = [run_id(run, identity) for run in spec.runs]
     todo = [i for i, rid in enumerate(ids) if not (out / "runs" / rid / "metrics.csv").is_file()]
+    data = load_grid_data(stores, device) if todo else None  # a finished grid reads no features
     if options.jobs > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
 
@@ -327,7 +342,7 @@ def run_document(spec: GridSpec, run: RunConfig, data: GridData) -> dict[str, An
     return {
         "grid": spec.name,
         "run": run_config_dict(run),
-        "data": data.identity(),
+        "data": data.identity,
         "stores": {
             "train": str(data.train.ref.path),
             "val": str(data.val.ref.path),

@@ -64,10 +64,7 @@ def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
 
 def load_store(ref: StoreRef, variants: tuple[str, ...] | None, device: torch.device) -> LoadedStore:
     """Read a store's rows and variants (default: its evaluation variants) into memory once."""
-    try:
-        info = cache.open_store_info(ref.path)
-    except cache.StoreError as error:
-        raise DataError(f"{ref.name}: {error}") from None
+    info = open_info(ref)
     wanted = variants or evaluation_variants(ref)
     features = {}
     for variant in wanted:
@@ -79,15 +76,20 @@ def load_store(ref: StoreRef, variants: tuple[str, ...] | None, device: torch.de
     return LoadedStore(ref=ref, info=info, rows=cache.read_rows(ref.path), features=features)
 
 
-def check_compatible(stores: list[LoadedStore]) -> None:
+def open_info(ref: StoreRef) -> cache.StoreInfo:
+    try:
+        return cache.open_store_info(ref.path)
+    except cache.StoreError as error:
+        raise DataError(f"{ref.name}: {error}") from None
+
+
+def check_compatible(infos: list[cache.StoreInfo]) -> None:
     """Refuse to train on one store and score another made differently."""
-    first = stores[0]
-    for other in stores[1:]:
-        differences = first.info.identity.compatible_features(other.info.identity)
+    first = infos[0]
+    for other in infos[1:]:
+        differences = first.identity.compatible_features(other.identity)
         if differences:
-            raise DataError(
-                f"{other.info.path} and {first.info.path} hold different features:\n  " + "\n  ".join(differences)
-            )
+            raise DataError(f"{other.path} and {first.path} hold different features:\n  " + "\n  ".join(differences))
 
 
 def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Path) -> np.ndarray:

@@ -117,10 +117,13 @@ def test_selection_labels_both_rules(stores, tmp_path):
     assert float(selection[1]["mean_acc"]) == pytest.approx(np.mean([a for a, _ in per_run[best]]))
 
 
-def test_rerun_skips_finished_runs_and_same_seed_gives_same_metrics(stores, tmp_path):
+def test_rerun_skips_finished_runs_and_same_seed_gives_same_metrics(stores, tmp_path, monkeypatch):
     first = run(stores, tmp_path / "a")
-    again = run(stores, tmp_path / "a")
+    with monkeypatch.context() as patch:
+        patch.setattr("pipeline.cache.read_features", lambda *a, **k: pytest.fail("a finished grid read features"))
+        again = run(stores, tmp_path / "a")
     assert again.n_skipped == 4
+    assert read(again.results) == read(first.results)
     other_folder = run(stores, tmp_path / "b", jobs=2)
     assert other_folder.n_skipped == 0
     strip = lambda rows: [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]  # noqa: E731
