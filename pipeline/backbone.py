@@ -108,7 +108,7 @@ class Backbone:
         self.crop_size = config.image_size
         self.blocks = parse_blocks(blocks, self.n_layers)
         self.mean, self.std = _normalisation(spec)
-        self.revision = _resolved_revision(spec, config)
+        self.revision = _resolved_revision(spec)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
 
@@ -178,8 +178,13 @@ def _normalisation(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, 
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _resolved_revision(spec: BackboneSpec, config: CLIPVisionConfig) -> str:
-    """The hub commit a hub id resolved to, or a content hash of a local dir."""
+def _resolved_revision(spec: BackboneSpec) -> str:
+    """The hub commit a hub id resolved to, or a content hash of a local dir.
+
+    A hub download lives in ``.../snapshots/<commit>/``: the folder the
+    checkpoint's config.json was read from names the exact commit, whether
+    ``--revision`` was a branch, a tag, a commit or absent.
+    """
     local = Path(spec.model)
     if local.is_dir():
         digest = hashlib.sha256()
@@ -188,5 +193,7 @@ def _resolved_revision(spec: BackboneSpec, config: CLIPVisionConfig) -> str:
                 for block in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(block)
         return "local-sha256:" + digest.hexdigest()[:16]
-    commit = getattr(config, "_commit_hash", None)
-    return commit or spec.revision or "unknown"
+    snapshot = Path(cached_file(spec.model, "config.json", revision=spec.revision)).parent
+    if snapshot.parent.name != "snapshots":
+        raise ValueError(f"{spec.model}: cannot tell which commit was loaded (config.json at {snapshot})")
+    return snapshot.name

@@ -217,3 +217,22 @@ def test_crop_size_follows_config_image_size(tmp_path: Path) -> None:
     assert backbone.crop_size == 48
     ln2, _ = reference_tokens(model_dir, images)
     np.testing.assert_allclose(tokens, ln2, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hub_id_loads_from_the_hub_cache_and_records_the_commit(tiny_clip_dir, tmp_path, monkeypatch):
+    """The same code path as `openai/clip-vit-large-patch14`, served offline from a hub cache layout."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--test-org--tiny-clip"
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    from_hub = Backbone(BackboneSpec("test-org/tiny-clip", device="cpu"))
+    assert from_hub.revision == commit
+    assert Backbone(BackboneSpec("test-org/tiny-clip", revision="main", device="cpu")).revision == commit
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    from_dir = Backbone(BackboneSpec(str(tiny_clip_dir), device="cpu"))
+    assert torch.equal(from_hub.forward_taps(images, ["ln2"])["ln2"], from_dir.forward_taps(images, ["ln2"])["ln2"])
