@@ -14,7 +14,6 @@ import io
 import json
 import math
 import os
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -29,11 +28,11 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .devices import resolve_device
+from .files import write_text_atomic
 from .config import GridSpec, RunConfig, StoreRef, classes_label, run_config_dict
 from .head import count_parameters, save_head
 from .metrics import METRIC_NAMES, best_threshold, compute_metrics
 from .train import (
-    DataError,
     LoadedStore,
     check_compatible,
     evaluation_variants,
@@ -157,7 +156,7 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     out = spec.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.source is not None:
-        _write_atomic(out / "grid.yaml", spec.source.read_text())
+        write_text_atomic(out / "grid.yaml", spec.source.read_text())
     stores = plan_grid_stores(spec)
     identity = stores.identity()
     ids = [run_id(run, identity) for run in spec.runs]
@@ -177,7 +176,7 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
                 raise
             message = f"{type(error).__name__}: {error}"
             (out / "runs" / ids[index]).mkdir(parents=True, exist_ok=True)
-            _write_atomic(out / "runs" / ids[index] / "error.txt", traceback.format_exc())
+            write_text_atomic(out / "runs" / ids[index] / "error.txt", traceback.format_exc())
             return index, [error_row(spec, run, ids[index], message)]
 
     errors: dict[int, list[dict[str, Any]]] = {}
@@ -268,7 +267,7 @@ def fit_and_evaluate(
         rows += metric_rows(base, test.ref.name, test, test_rows, scores, threshold)
 
     save_head(head, folder / "head.safetensors", head_metadata(data.train, run))
-    _write_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
+    write_text_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
     fit_info = {
         "fit_seconds": fit.fit_seconds,
         "n_train": fit.n_train,
@@ -277,7 +276,7 @@ def fit_and_evaluate(
         "device": str(device),
         "torch": torch.__version__,
     }
-    _write_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
+    write_text_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
     write_csv(folder / "metrics.csv", RESULT_COLUMNS, rows)
     return rows
 
@@ -323,7 +322,7 @@ def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.nd
     writer.writerow(["path", "label", "dataset", "score"])
     for row, score in zip(rows, scores):
         writer.writerow([store.rows.paths[row], int(store.rows.labels[row]), store.rows.datasets[row], repr(float(score))])
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def head_metadata(train: LoadedStore, run: RunConfig) -> dict[str, str]:
@@ -411,17 +410,10 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]
     writer.writeheader()
     for row in rows:
         writer.writerow({key: _format(row.get(key, "")) for key in columns})
-    _write_atomic(path, buffer.getvalue())
+    write_text_atomic(path, buffer.getvalue())
 
 
 def _format(value: Any) -> Any:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else repr(value)
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import atomic_path
+
 AGGREGATIONS = ("tie", "mean")
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
@@ -281,9 +283,8 @@ def save_head(head: RineHead, path: Path, metadata: dict[str, str]) -> None:
         "aggregation": head.aggregation,
     }
     state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={**metadata, **shape})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={**metadata, **shape})
 
 
 def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:

@@ -7,7 +7,6 @@ nothing about results.csv.
 
 from __future__ import annotations
 
-import os
 import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -16,6 +15,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+
+from .files import atomic_path
 
 DPI = 100
 ACC_COLOR = "tab:olive"
@@ -33,9 +34,8 @@ def wrap_title(title: str, width: int = 80) -> str:
 
 
 def save_png(figure: Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
     return path
 
 

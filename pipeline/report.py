@@ -23,7 +23,6 @@ import csv
 import functools
 import hashlib
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from . import reference as ref
+from .files import atomic_path
 from .reference import HeadConfig
 
 RESULTS_COLUMNS: tuple[str, ...] = (
@@ -405,12 +405,10 @@ def scores_from_reference(pairs: Mapping[str, tuple[float, float]]) -> dict[str,
 def write_table(out: Path, table: Table) -> Path:
     """Write a table atomically (temporary name, then rename)."""
     path = out / table.name
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(table.header)
         writer.writerows(table.rows)
-    os.replace(tmp, path)
     return path
 
 
