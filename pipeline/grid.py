@@ -166,17 +166,15 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
 
     def task(index: int) -> tuple[int, list[dict[str, Any]]]:
-        run = spec.runs[index]
+        run, folder = spec.runs[index], out / "runs" / ids[index]
+        step_bar = options.progress and options.jobs == 1  # one config at a time: show its steps too
         try:
-            folder = out / "runs" / ids[index]
-            step_bar = options.progress and options.jobs == 1  # one config at a time: show its steps too
             return index, fit_and_evaluate(spec, data, run, ids[index], folder, device, step_bar)
         except Exception as error:  # noqa: BLE001 - one failing config becomes an error row
             if options.fail_fast:
                 raise
             message = f"{type(error).__name__}: {error}"
-            (out / "runs" / ids[index]).mkdir(parents=True, exist_ok=True)
-            write_text_atomic(out / "runs" / ids[index] / "error.txt", traceback.format_exc())
+            write_text_atomic(folder / "error.txt", traceback.format_exc())
             return index, [error_row(spec, run, ids[index], message)]
 
     errors: dict[int, list[dict[str, Any]]] = {}

@@ -52,7 +52,7 @@ def train_variants(info: cache.StoreInfo, ref: StoreRef, max_epochs: int) -> tup
         if "center" in info.complete_variants:
             return ("center",)
         raise DataError(f"{info.path}: no complete training views; extract it with --augment")
-    return tuple(views[: max(1, min(max_epochs, len(views)))])
+    return tuple(views[:max_epochs])
 
 
 def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
