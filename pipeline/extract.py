@@ -12,6 +12,7 @@ shard is committed to every tap's store.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -162,7 +163,7 @@ def make_pixel_function(variant: cache.VariantSpec, crop: int, seed: int) -> Cal
     if variant.kind == "train_view":
         return lambda image, row: images.augment_train_view(image, crop, images.view_rng(seed, row, variant.view))
     if variant.kind == "ten_crop":
-        return lambda image, row: images.ten_crop(image, crop)[variant.view]
+        return lambda image, row: ten_crops_of(image, crop)[variant.view]
     stream = 1000 + images.PERTURBATIONS.index(variant.perturbation)
 
     def perturbed(image: np.ndarray, row: int) -> np.ndarray:
@@ -170,6 +171,18 @@ def make_pixel_function(variant: cache.VariantSpec, crop: int, seed: int) -> Cal
         return images.center_crop(images.perturb_image(image, variant.perturbation, variant.preset, rng), crop)
 
     return perturbed
+
+
+_last_ten_crops = threading.local()
+
+
+def ten_crops_of(image: np.ndarray, crop: int) -> np.ndarray:
+    """The ten crops of ``image``, computed once for the ten variants that each take one."""
+    last = getattr(_last_ten_crops, "value", None)
+    if last is None or last[0] is not image or last[1] != crop:
+        last = (image, crop, images.ten_crop(image, crop))
+        _last_ten_crops.value = last
+    return last[2]
 
 
 class PixelSource:
