@@ -30,6 +30,7 @@ def main() -> None:
       pipeline extract   -> cache/<model>/<tap>/<split>.zarr
       pipeline fit       -> runs/<grid>/results.csv
       pipeline report    -> reports/*.csv, *.png
+      pipeline audit     -> reports/audit_<split>*.csv: metadata shortcuts of a split
       pipeline predict   -> scores for new images
     """
 
@@ -135,6 +136,40 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
         raise click.ClickException(str(error)) from None
     click.echo(summary.report(), err=True)
     for path in summary.stores.values():
+        click.echo(str(path))
+
+
+@main.command("audit")
+@click.option("--split", required=True, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
+@click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), help="Folder for audit_<split>*.csv and .json.")
+@click.option("--threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=0.8, help="Flag a dataset whose metadata predicts the label with at least this AUC.")
+@click.option("--folds", type=click.IntRange(2), default=5, help="Stratified cross-validation folds (fewer when a label has fewer images).")
+@click.option("--seed", type=int, default=0, help="Seed of the folds and the trees.")
+@click.option("--workers", type=click.IntRange(1), default=8, help="Header-reading threads.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, workers, no_progress) -> None:
+    """Check a split for metadata shortcuts: can format, JPEG quality, size, mode, EXIF or file size alone tell reals from fakes?
+
+    Reads the image headers only (no decoding, no backbone). Per dataset: the
+    header statistics of reals and fakes, and the cross-validated AUC of a
+    shallow tree predicting the label from each feature and from all together;
+    a dataset reaching --threshold is FLAGGED with the feature responsible.
+    Prints the flags, then the paths of the CSVs and JSON written.
+    """
+    from .audit import AuditConfig, run_audit
+
+    try:  # AuditError and ManifestError are ValueErrors, as is a bad split name
+        config = AuditConfig(
+            split=split, manifest=manifest_file or manifest_path(Path("manifests"), split), data_root=data_root, out=out,
+            threshold=threshold, folds=folds, seed=seed, workers=workers, progress=not no_progress,
+        )
+        summary = run_audit(config)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(summary.report(), err=True)
+    for path in summary.written:
         click.echo(str(path))
 
 
