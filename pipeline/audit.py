@@ -252,6 +252,10 @@ class AuditResult:
     summaries: tuple[LabelSummary, ...]
     flags: tuple[DatasetFlag, ...]
 
+    @property
+    def n_errors(self) -> int:
+        return sum(1 for header in self.headers if header.error)
+
 
 def audit_headers(manifest: Manifest, headers: Sequence[ImageHeader], threshold: float, folds: int, seed: int) -> AuditResult:
     """Statistics, AUCs and flags of every dataset of ``manifest`` from its row-aligned ``headers``."""
@@ -297,14 +301,10 @@ class AuditSummary:
     result: AuditResult
     written: tuple[Path, ...]
 
-    @property
-    def n_errors(self) -> int:
-        return sum(1 for header in self.result.headers if header.error)
-
     def report(self) -> str:
         result = self.result
         n_datasets = len({row.dataset for row in result.aucs})
-        lines = [f"audit of {self.split}: {len(result.headers)} images in {n_datasets} dataset(s), {self.n_errors} unreadable"]
+        lines = [f"audit of {self.split}: {len(result.headers)} images in {n_datasets} dataset(s), {result.n_errors} unreadable"]
         lines += [flag.describe() for flag in result.flags]
         if not result.flags:
             lines.append(f"no dataset flagged: no header feature reaches AUC {result.threshold:g}")
@@ -410,7 +410,7 @@ def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) ->
         "model": f"DecisionTreeClassifier(max_depth={TREE_MAX_DEPTH}), mean test-fold ROC AUC over StratifiedKFold",
         "features": {feature.name: feature.description for feature in FEATURES} | {ALL_FEATURES: "every feature together"},
         "n_images": len(result.headers),
-        "n_errors": sum(1 for header in result.headers if header.error),
+        "n_errors": result.n_errors,
         "flags": [asdict(flag) | {"over_threshold": dict(flag.over_threshold)} for flag in result.flags],
         "feature_aucs": aucs,
         "summary": summaries,

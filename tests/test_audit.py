@@ -285,7 +285,7 @@ def test_unreadable_files_are_counted_rows_not_crashes(tmp_path: Path) -> None:
     csv_path = write_split(tmp_path / "data", "broken", images)
     (tmp_path / "data" / "gan" / "0" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     summary = audit(csv_path, tmp_path / "out")
-    assert summary.n_errors == 2
+    assert summary.result.n_errors == 2
     assert "14 images in 1 dataset(s), 2 unreadable" in summary.report()
     rows = read_csv(tmp_path / "out" / "audit_broken_images.csv")
     assert len(rows) == 14
@@ -321,9 +321,9 @@ def test_bad_config_and_data_root_override(tmp_path: Path) -> None:
         audit(csv_path, tmp_path / "out", folds=1)
     (tmp_path / "data").rename(tmp_path / "elsewhere")
     moved = tmp_path / "elsewhere" / "manifests" / "moved.csv"
-    assert audit(moved, tmp_path / "out").n_errors == 8  # the remembered root is gone
+    assert audit(moved, tmp_path / "out").result.n_errors == 8  # the remembered root is gone
     summary = audit(moved, tmp_path / "out", data_root=tmp_path / "elsewhere")
-    assert summary.n_errors == 0 and summary.result.flags[0].feature == "format"
+    assert summary.result.n_errors == 0 and summary.result.flags[0].feature == "format"
 
 
 # ---------------------------------------------------------------- CLI
