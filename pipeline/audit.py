@@ -321,7 +321,10 @@ def run_audit(config: AuditConfig) -> AuditSummary:
     paths = [manifest.resolve(index, config.data_root) for index in range(len(manifest))]
     headers = read_headers(paths, config.workers, config.progress, f"audit {config.split}")
     result = audit_headers(manifest, headers, config.threshold, config.folds, config.seed)
-    written = write_audit(result, manifest, config)
+    try:
+        written = write_audit(result, manifest, config)
+    except OSError as error:
+        raise AuditError(f"{config.out}: cannot write the audit ({error})") from error
     return AuditSummary(config.split, result, written)
 
 

@@ -298,6 +298,17 @@ def test_unreadable_files_are_counted_rows_not_crashes(tmp_path: Path) -> None:
     assert document["n_errors"] == 2 and document["flags"][0]["feature"] == "format"
 
 
+def test_a_dataset_with_one_label_is_reported_unmeasured(tmp_path: Path) -> None:
+    images = format_shortcut(4) + [("reals_only", 0, f"r{i}.png", {"size": (8, 8)}) for i in range(3)]
+    summary = audit(write_split(tmp_path / "data", "one_label", images), tmp_path / "out")
+    assert "not measured (too few readable images of a label): reals_only" in summary.report()
+    rows = [row for row in read_csv(tmp_path / "out" / "audit_one_label.csv") if row["dataset"] == "reals_only"]
+    assert len(rows) == len(FEATURE_NAMES) + 1 and {(row["auc"], row["flagged"], row["folds"]) for row in rows} == {("", "False", "0")}
+    document = json.loads((tmp_path / "out" / "audit_one_label.json").read_text())
+    assert [row["auc"] for row in document["feature_aucs"] if row["dataset"] == "reals_only"] == [None] * len(rows)
+    assert [flag["dataset"] for flag in document["flags"]] == ["gan"]
+
+
 def test_json_holds_the_csv_content(tmp_path: Path) -> None:
     summary = audit(write_split(tmp_path / "data", "j", format_shortcut(6)), tmp_path / "out")
     document = json.loads((tmp_path / "out" / "audit_j.json").read_text())
@@ -319,6 +330,9 @@ def test_bad_config_and_data_root_override(tmp_path: Path) -> None:
         audit(csv_path, tmp_path / "out", threshold=0.4)
     with pytest.raises(AuditError, match="folds"):
         audit(csv_path, tmp_path / "out", folds=1)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(AuditError, match=f"{tmp_path / 'a_file'}: cannot write the audit"):
+        audit(csv_path, tmp_path / "a_file")
     (tmp_path / "data").rename(tmp_path / "elsewhere")
     moved = tmp_path / "elsewhere" / "manifests" / "moved.csv"
     assert audit(moved, tmp_path / "out").result.n_errors == 8  # the remembered root is gone
