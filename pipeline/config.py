@@ -16,6 +16,7 @@ import yaml
 from sklearn.model_selection import ParameterGrid
 
 from .cache import DEFAULT_MODEL, TAPS, default_store_path
+from .results import AGGREGATIONS, ALL_CLASSES, AMP_MODES, HEAD_BLOCKS, LIST_SEPARATOR
 
 
 class ConfigError(ValueError):
@@ -32,35 +33,30 @@ class RunConfig:
     epochs: int = 1
     batch_size: int = 128
     lr: float = 1e-3
-    lr_milestones: tuple[int, ...] = (6, 11)  # lr / 10 at each of these epochs
+    # 1-based epochs at whose start lr /= 10 (the authors' list: epochs 6 and 11, i.e. 0-based 5 and 10)
+    lr_milestones: tuple[int, ...] = (6, 11)
     classes: tuple[str, ...] | None = None  # train (and val) classes; None = all in the store
     train_fraction: float = 1.0
-    blocks: str = "all"  # "all" or "last" (ablation: without intermediate blocks)
-    aggregation: str = "tie"  # "tie" or "mean" (ablation: without TIE)
+    head_blocks: str = "all"  # one of HEAD_BLOCKS; "last": ablation without intermediate blocks
+    aggregation: str = "tie"  # one of AGGREGATIONS; "mean": ablation without TIE
     seed: int = 0
-    amp: str = "none"  # "none" or "bf16" (autocast)
+    amp: str = "none"  # one of AMP_MODES; "bf16": autocast
 
-    def setting(self) -> str:
-        """Everything but the three searched hyper-parameters, as a short string."""
-        searched = {"contrastive_factor", "proj_layers", "proj_dim"}
-        parts = []
-        for f in fields(self):
-            if f.name in searched:
-                continue
-            value = getattr(self, f.name)
-            if f.name == "classes":
-                value = classes_label(value)
-            elif isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
-            parts.append(f"{f.name}={value}")
-        return " ".join(parts)
+    def lr_at_epoch(self, epoch: int) -> float:
+        """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""
+        return self.lr / 10 ** sum(1 for milestone in self.lr_milestones if epoch + 1 >= milestone)
 
 
 def classes_label(classes: tuple[str, ...] | None) -> str:
-    return "all" if classes is None else "+".join(classes)
+    return ALL_CLASSES if classes is None else LIST_SEPARATOR.join(classes)
 
 
 RUN_KEYS = tuple(f.name for f in fields(RunConfig))
+_RENAMED_KEYS = {"blocks": "head_blocks"}
+
+
+def _renamed_hint(keys: list[str]) -> str:
+    return "".join(f" ({key} is now called {_RENAMED_KEYS[key]})" for key in keys if key in _RENAMED_KEYS)
 
 
 def _check_number(key: str, value: Any, kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Any:
@@ -82,7 +78,7 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
     """Validate a mapping of hyper-parameters into a RunConfig."""
     unknown = sorted(set(values) - set(RUN_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}{_renamed_hint(unknown)}")
     checked: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{where}.{key}"
@@ -101,20 +97,23 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
         elif key == "lr_milestones":
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{name}: expected a list of epochs, got {value!r}")
-            checked[key] = tuple(_check_number(name, v, int, 1) for v in value)
+            milestones = tuple(_check_number(name, v, int, 1) for v in value)
+            if list(milestones) != sorted(set(milestones)):
+                raise ConfigError(f"{name}: expected increasing epoch numbers, got {list(value)!r}")
+            checked[key] = milestones
         elif key == "classes":
             checked[key] = _parse_classes(name, value)
-        elif key == "blocks":
-            checked[key] = _check_choice(name, value, ("all", "last"))
+        elif key == "head_blocks":
+            checked[key] = _check_choice(name, value, HEAD_BLOCKS)
         elif key == "aggregation":
-            checked[key] = _check_choice(name, value, ("tie", "mean"))
+            checked[key] = _check_choice(name, value, AGGREGATIONS)
         elif key == "amp":
-            checked[key] = _check_choice(name, value, ("none", "bf16"))
+            checked[key] = _check_choice(name, value, AMP_MODES)
     return RunConfig(**checked)
 
 
 def _parse_classes(name: str, value: Any) -> tuple[str, ...] | None:
-    if value is None or value == "all":
+    if value is None or value == ALL_CLASSES:
         return None
     if isinstance(value, str):
         value = [value]
@@ -246,7 +245,7 @@ def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}: grid[{i}]: expected a mapping of key: [values]")
         for key, values in block.items():
             if key not in RUN_KEYS:
-                raise ConfigError(f"{where}: grid: unknown key {key!r}; known: {', '.join(RUN_KEYS)}")
+                raise ConfigError(f"{where}: grid: unknown key {key!r}; known: {', '.join(RUN_KEYS)}{_renamed_hint([key])}")
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
     points = list(ParameterGrid(blocks))

@@ -1,24 +1,32 @@
-"""Run a grid of head configs from cached features; one row per run x dataset.
+"""Run a grid of head configs from cached features; one results row per run x dataset.
 
-The stores are loaded once per process; every run (also with ``--jobs N``,
-which uses threads) reads the same tensors. Each run writes a folder named by
-a hash of its config and data, with ``metrics.csv`` written last: a folder
-with it is finished and skipped on re-run. A failing config becomes an error
-row and the grid goes on unless ``fail_fast``.
+The evaluation stores are loaded once per process and the training views
+stream through one shared ``ViewCache``; every run (also with ``--jobs N``,
+which uses threads) reads the same tensors. Each run writes a folder named
+by a hash of its config, its data and ``RUN_PROTOCOL``, with ``metrics.csv``
+written last: a folder with it is finished and skipped on re-run. A failing
+config becomes an error row and the grid goes on unless ``fail_fast``.
+
+After every run, ``results.csv`` and ``selection.csv`` are written (format
+and selection rules: ``pipeline.results``), and each selected run gets
+``embeddings.npz``: the head's z for a seeded sample of at most
+``EMBEDDING_ROWS_PER_SET`` rows per test set (center-crop test entries), which
+the report draws as a t-SNE.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,47 +35,51 @@ from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from . import cache
+from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import resolve_device
-from .files import write_text_atomic
-from .config import GridSpec, RunConfig, StoreRef, classes_label, run_config_dict
-from .head import count_parameters, save_head
+from .files import atomic_path, write_text_atomic
+from .head import count_parameters, load_head, save_head
 from .metrics import METRIC_NAMES, best_threshold, compute_metrics
+from .results import (
+    CENTER,
+    ERROR,
+    OK,
+    RESULT_COLUMNS,
+    SELECTION_COLUMNS,
+    VAL_SPLIT,
+    ResultRow,
+    read_result_rows,
+    select_runs,
+    selection_record,
+    summarize_runs,
+    write_csv,
+)
 from .train import (
     LoadedStore,
+    TrainStore,
     check_compatible,
-    evaluation_variants,
-    open_info,
     class_mask,
+    evaluation_variants,
     fit_head,
+    forward_rows,
     load_store,
+    open_info,
+    open_train_store,
     score_store,
-    train_variants,
+    store_block_indices,
+    train_views,
 )
 
-HYPER_COLUMNS = (
-    "contrastive_factor",
-    "proj_layers",
-    "proj_dim",
-    "epochs",
-    "batch_size",
-    "lr",
-    "classes",
-    "n_classes",
-    "train_fraction",
-    "blocks",
-    "aggregation",
-    "seed",
-    "amp",
-)
-RESULT_COLUMNS = (
-    ("run", "status", "error", "grid", "model", "tap", "setting")
-    + HYPER_COLUMNS
-    + ("n_params", "fit_seconds", "split", "variant", "dataset", "n", "n_invalid")
-    + METRIC_NAMES
-)
-SELECTION_COLUMNS = (
-    ("selection", "setting", "run", "model", "tap") + HYPER_COLUMNS + ("val_acc", "val_ap", "mean_acc", "mean_ap")
-)
+# Bumped whenever training or scoring changes what a config computes, so that
+# finished runs of an older protocol are not reused. 2: the authors' lr
+# schedule, ten-crop by the mean logit, the view of each epoch streamed.
+RUN_PROTOCOL = 2
+EMBEDDING_ROWS_PER_SET = 200
+EMBEDDINGS_FILE = "embeddings.npz"
+
+
+class ViewReuseWarning(UserWarning):
+    """Runs of a grid have more epochs than the training store has views."""
 
 
 @dataclass(frozen=True)
@@ -84,35 +96,41 @@ class GridStores:
 
     refs: tuple[StoreRef, ...]  # train, val, tests...
     infos: tuple[cache.StoreInfo, ...]
-    variants: tuple[tuple[str, ...], ...]
+    train_views: tuple[str, ...]  # every training view of the train store
 
     def identity(self) -> dict[str, Any]:
-        """What a run's numbers depend on besides its config (for the run id)."""
+        """What a run's numbers depend on besides its config and its views (for the run id)."""
 
         def describe(ref: StoreRef, info: cache.StoreInfo, variants: tuple[str, ...]) -> dict[str, Any]:
+            identity = info.identity
             return {
                 "name": ref.name,
-                "manifest": info.identity.manifest_sha256,
-                "model": info.identity.model_id,
-                "revision": info.identity.model_revision,
-                "tap": info.identity.tap,
-                "blocks": list(info.identity.blocks),
-                "crop": info.identity.crop_size,
-                "dtype": info.identity.dtype,
-                "compute_dtype": info.identity.compute_dtype,
-                "seed": info.identity.seed,
+                "manifest": identity.manifest_sha256,
+                "model": identity.model_id,
+                "revision": identity.model_revision,
+                "tap": identity.tap,
+                "blocks": list(store_block_indices(identity)),
+                "crop": identity.crop_size,
+                "dtype": identity.dtype,
+                "compute_dtype": identity.compute_dtype,
+                "seed": identity.seed,
                 "variants": list(variants),
             }
 
-        described = [describe(*item) for item in zip(self.refs, self.infos, self.variants)]
-        return {"train": described[0], "val": described[1], "tests": described[2:]}
+        train = describe(self.refs[0], self.infos[0], ())
+        evaluated = [describe(ref, info, evaluation_variants(ref)) for ref, info in zip(self.refs[1:], self.infos[1:])]
+        return {"protocol": RUN_PROTOCOL, "train": train, "val": evaluated[0], "tests": evaluated[1:]}
+
+    def run_views(self, run: RunConfig) -> tuple[str, ...]:
+        """The distinct views a run reads, in epoch order."""
+        return tuple(dict.fromkeys(self.train_views[epoch % len(self.train_views)] for epoch in range(run.epochs)))
 
 
 @dataclass(frozen=True)
 class GridData:
-    """The stores of a grid, loaded once and shared by every run."""
+    """The stores of a grid, opened once and shared by every run."""
 
-    train: LoadedStore
+    train: TrainStore
     val: LoadedStore
     tests: tuple[LoadedStore, ...]
     identity: dict[str, Any]
@@ -129,8 +147,8 @@ class GridSummary:
     seconds: float
 
 
-def run_id(config: RunConfig, data_identity: dict[str, Any]) -> str:
-    text = json.dumps({"run": run_config_dict(config), "data": data_identity}, sort_keys=True)
+def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, ...]) -> str:
+    text = json.dumps({"run": run_config_dict(config), "data": data_identity, "views": list(views)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -139,18 +157,33 @@ def plan_grid_stores(spec: GridSpec) -> GridStores:
     refs = (spec.train, spec.val, *spec.tests)
     infos = tuple(open_info(ref) for ref in refs)
     check_compatible(list(infos))
-    max_epochs = max(run.epochs for run in spec.runs)
-    variants = (train_variants(infos[0], spec.train, max_epochs),) + tuple(evaluation_variants(ref) for ref in refs[1:])
-    return GridStores(refs, infos, variants)
+    return GridStores(refs, infos, train_views(infos[0], spec.train))
+
+
+def warn_view_reuse(spec: GridSpec, stores: GridStores) -> None:
+    """Warn once per grid when runs have more epochs than the store has views."""
+    n_views = len(stores.train_views)
+    longer = [run for run in spec.runs if run.epochs > n_views]
+    if longer:
+        most = max(run.epochs for run in longer)
+        warnings.warn(
+            f"grid {spec.name}: {len(longer)} of {len(spec.runs)} runs train for more epochs (up to {most}) than "
+            f"{spec.train.path} has training views ({n_views}); epoch e reads view e mod {n_views}, so views are "
+            f"reused (views_used / views_reused in results.csv). Extract the split with --views {most} for a fresh "
+            "augmentation every epoch, as the authors.",
+            ViewReuseWarning,
+            stacklevel=2,
+        )
 
 
 def load_grid_data(stores: GridStores, device: torch.device) -> GridData:
-    train, val, *tests = (load_store(ref, v, device) for ref, v in zip(stores.refs, stores.variants))
+    train = open_train_store(stores.refs[0], device, stores.train_views)
+    val, *tests = (load_store(ref, device) for ref in stores.refs[1:])
     return GridData(train, val, tuple(tests), stores.identity())
 
 
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
-    """Fit and evaluate every config of ``spec``; write results.csv and selection.csv."""
+    """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings."""
     start = time.perf_counter()
     device = resolve_device(options.device)
     out = spec.out
@@ -158,14 +191,15 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     if spec.source is not None:
         write_text_atomic(out / "grid.yaml", spec.source.read_text())
     stores = plan_grid_stores(spec)
+    warn_view_reuse(spec, stores)
     identity = stores.identity()
-    ids = [run_id(run, identity) for run in spec.runs]
+    ids = [run_id(run, identity, stores.run_views(run)) for run in spec.runs]
     todo = [i for i, rid in enumerate(ids) if not (out / "runs" / rid / "metrics.csv").is_file()]
     data = load_grid_data(stores, device) if todo else None  # a finished grid reads no features
     if options.jobs > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
 
-    def task(index: int) -> tuple[int, list[dict[str, Any]]]:
+    def task(index: int) -> tuple[int, list[ResultRow]]:
         run, folder = spec.runs[index], out / "runs" / ids[index]
         step_bar = options.progress and options.jobs == 1  # one config at a time: show its steps too
         try:
@@ -173,34 +207,39 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
         except Exception as error:  # noqa: BLE001 - one failing config becomes an error row
             if options.fail_fast:
                 raise
-            message = f"{type(error).__name__}: {error}"
             write_text_atomic(folder / "error.txt", traceback.format_exc())
-            return index, [error_row(spec, run, ids[index], message)]
+            return index, [error_row(spec, data, run, ids[index], f"{type(error).__name__}: {error}")]
 
-    errors: dict[int, list[dict[str, Any]]] = {}
+    errors: dict[int, list[ResultRow]] = {}
     bar = tqdm(total=len(todo), unit="run", desc=f"grid {spec.name}", disable=not options.progress)
     parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
-    for index, rows in parallel(delayed(task)(i) for i in todo):
-        run = spec.runs[index]
-        label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
-        if rows and rows[0]["status"] == "error":
-            errors[index] = rows
-            bar.write(f"{label} failed: {rows[0]['error']}")
-        elif options.progress:
-            bar.write(f"{label}: fit {rows[0]['fit_seconds']:.1f} s")
-        bar.update(1)
-    bar.close()
+    try:
+        for index, rows in parallel(delayed(task)(i) for i in todo):
+            run = spec.runs[index]
+            label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
+            if rows[0].status == ERROR:
+                errors[index] = rows
+                bar.write(f"{label} failed: {rows[0].error}")
+            elif options.progress:
+                bar.write(f"{label}: fit {rows[0].fit_seconds:.1f} s")
+            bar.update(1)
+    finally:
+        bar.close()
+        if data is not None:
+            data.train.view_cache.close()
 
-    all_rows: list[dict[str, Any]] = []
+    all_rows: list[ResultRow] = []
     for index, rid in enumerate(ids):
         if index in errors:
             all_rows.extend(errors[index])
         else:
-            all_rows.extend(read_csv_rows(out / "runs" / rid / "metrics.csv"))
+            all_rows.extend(row for _, row in read_result_rows(out / "runs" / rid / "metrics.csv"))
     results = out / "results.csv"
-    write_csv(results, RESULT_COLUMNS, all_rows)
+    write_csv(results, RESULT_COLUMNS, (row.to_csv() for row in all_rows))
+    selections = select_runs(summarize_runs(all_rows).values())
     selection = out / "selection.csv"
-    write_csv(selection, SELECTION_COLUMNS, select_runs(all_rows))
+    write_csv(selection, SELECTION_COLUMNS, (selection_record(s) for s in selections))
+    write_embeddings(spec, data, [out / "runs" / s.summary.run for s in selections], device)
     return GridSummary(
         out=out,
         n_runs=len(ids),
@@ -212,30 +251,28 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     )
 
 
-def hyper_values(run: RunConfig, train: LoadedStore | None) -> dict[str, Any]:
-    values = run_config_dict(run)
-    n_classes: Any = ""
-    if train is not None and train.rows.classes is not None:
-        n_classes = len(set(train.rows.classes.tolist())) if run.classes is None else len(run.classes)
-    values.update(classes=classes_label(run.classes), n_classes=n_classes)
-    return {key: values[key] for key in HYPER_COLUMNS}
+def base_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
+    """A run's row before anything is scored: its setting and head config."""
+    n_classes = None
+    if data is not None and data.train.rows.classes is not None:
+        n_classes = len(set(data.train.rows.classes.tolist())) if run.classes is None else len(run.classes)
+    values = {key: value for key, value in dataclasses.asdict(run).items() if key != "classes"}
+    return ResultRow(
+        run=rid,
+        status=OK,
+        error="",
+        grid=spec.name,
+        model=spec.model,
+        tap=spec.tap,
+        train=spec.train.name,
+        classes=classes_label(run.classes),
+        n_classes=n_classes,
+        **values,
+    )
 
 
-def base_row(spec: GridSpec, run: RunConfig, rid: str, train: LoadedStore | None) -> dict[str, Any]:
-    return {
-        "run": rid,
-        "status": "ok",
-        "error": "",
-        "grid": spec.name,
-        "model": spec.model,
-        "tap": spec.tap,
-        "setting": run.setting(),
-        **hyper_values(run, train),
-    }
-
-
-def error_row(spec: GridSpec, run: RunConfig, rid: str, message: str) -> dict[str, Any]:
-    return {**base_row(spec, run, rid, None), "status": "error", "error": message}
+def error_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str, message: str) -> ResultRow:
+    return dataclasses.replace(base_row(spec, data, run, rid), status=ERROR, error=message)
 
 
 def fit_and_evaluate(
@@ -246,17 +283,22 @@ def fit_and_evaluate(
     folder: Path,
     device: torch.device,
     progress: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     """Fit one config, score val and every test store, write the run folder."""
     folder.mkdir(parents=True, exist_ok=True)
     fit = fit_head(data.train, run, device=device, progress=progress)
     head = fit.head
-    base = {**base_row(spec, run, rid, data.train), "n_params": count_parameters(head), "fit_seconds": round(fit.fit_seconds, 4)}
-
+    base = dataclasses.replace(
+        base_row(spec, data, run, rid),
+        n_params=count_parameters(head),
+        fit_seconds=round(fit.fit_seconds, 4),
+        views_used=fit.views_used,
+        views_reused=fit.views_reused,
+    )
     val_rows = evaluation_rows(data.val, run)
     val_scores = score_store(head, data.val, val_rows, run)
     threshold, _ = best_threshold(data.val.rows.labels[val_rows], val_scores)
-    rows = metric_rows(base, "val", data.val, val_rows, val_scores, None)
+    rows = metric_rows(base, VAL_SPLIT, data.val, val_rows, val_scores, None)
     write_scores(folder / "scores_val.csv", data.val, val_rows, val_scores)
     for test in data.tests:
         test_rows = np.flatnonzero(test.rows.valid)
@@ -271,11 +313,15 @@ def fit_and_evaluate(
         "n_train": fit.n_train,
         "n_train_invalid": fit.n_train_invalid,
         "epoch_losses": list(fit.epoch_losses),
+        "epoch_lrs": list(fit.epoch_lrs),
+        "epoch_views": list(fit.epoch_views),
+        "views_used": fit.views_used,
+        "views_reused": fit.views_reused,
         "device": str(device),
         "torch": torch.__version__,
     }
     write_text_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
-    write_csv(folder / "metrics.csv", RESULT_COLUMNS, rows)
+    write_csv(folder / "metrics.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
     return rows
 
 
@@ -286,13 +332,13 @@ def evaluation_rows(store: LoadedStore, run: RunConfig) -> np.ndarray:
 
 
 def metric_rows(
-    base: dict[str, Any],
+    base: ResultRow,
     split: str,
     store: LoadedStore,
     rows: np.ndarray,
     scores: np.ndarray,
     calibrated_threshold: float | None,
-) -> list[dict[str, Any]]:
+) -> list[ResultRow]:
     labels = store.rows.labels[rows]
     datasets = store.rows.datasets[rows]
     invalid = store.rows.datasets[~store.rows.valid]
@@ -301,15 +347,15 @@ def metric_rows(
         mask = datasets == dataset
         metrics = compute_metrics(labels[mask], scores[mask], calibrated_threshold)
         out.append(
-            {
-                **base,
-                "split": split,
-                "variant": store.ref.variant or "center",
-                "dataset": dataset,
-                "n": int(mask.sum()),
-                "n_invalid": int(np.count_nonzero(invalid == dataset)),
-                **{name: getattr(metrics, name) for name in METRIC_NAMES},
-            }
+            dataclasses.replace(
+                base,
+                split=split,
+                variant=store.ref.variant or CENTER,
+                dataset=dataset,
+                n=int(mask.sum()),
+                n_invalid=int(np.count_nonzero(invalid == dataset)),
+                metrics={name: getattr(metrics, name) for name in METRIC_NAMES},
+            )
         )
     return out
 
@@ -323,14 +369,14 @@ def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.nd
     write_text_atomic(path, buffer.getvalue())
 
 
-def head_metadata(train: LoadedStore, run: RunConfig) -> dict[str, str]:
+def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
     identity = train.info.identity
     return {
-        "blocks_used": run.blocks,
+        "head_blocks": run.head_blocks,
         "model": identity.model_id,
         "model_revision": identity.model_revision,
         "tap": identity.tap,
-        "store_blocks": json.dumps(list(identity.blocks)),
+        "store_blocks": json.dumps(list(store_block_indices(identity))),
         "crop_size": str(identity.crop_size),
     }
 
@@ -348,70 +394,39 @@ def run_document(spec: GridSpec, run: RunConfig, data: GridData) -> dict[str, An
     }
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else float("nan")
+def embedding_sample(store: LoadedStore, per_set: int = EMBEDDING_ROWS_PER_SET, seed: int = 0) -> np.ndarray:
+    """Sorted valid rows: at most ``per_set`` per dataset, drawn with a fixed seed (the same for every run)."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for dataset in sorted(set(store.rows.datasets.tolist())):
+        candidates = np.flatnonzero((store.rows.datasets == dataset) & store.rows.valid)
+        if len(candidates) > per_set:
+            candidates = rng.choice(candidates, size=per_set, replace=False)
+        chosen.append(candidates)
+    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
-def select_runs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Best run per setting by val (honest) and by mean test ACC+AP (paper protocol)."""
-    per_run: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        entry = per_run.setdefault(row["run"], {"row": row, "val": [], "test_acc": [], "test_ap": []})
-        if row["split"] == "val":
-            entry["val"].append((float(row["acc"]), float(row["ap"])))
-        elif row["variant"] == "center":
-            entry["test_acc"].append(float(row["acc"]))
-            entry["test_ap"].append(float(row["ap"]))
-    by_setting: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    for rid, entry in per_run.items():
-        row = entry["row"]
-        summary = {
-            "setting": row["setting"],
-            "run": rid,
-            "model": row["model"],
-            "tap": row["tap"],
-            **{key: row[key] for key in HYPER_COLUMNS},
-            "val_acc": _mean(a for a, _ in entry["val"]),
-            "val_ap": _mean(p for _, p in entry["val"]),
-            "mean_acc": _mean(entry["test_acc"]),
-            "mean_ap": _mean(entry["test_ap"]),
-        }
-        by_setting.setdefault((row["model"], row["tap"], row["setting"]), []).append(summary)
-    selected = []
-    for key in sorted(by_setting):
-        candidates = by_setting[key]
-        rules = (
-            ("best_by_val", lambda s: (_nan_low(s["val_acc"]), _nan_low(s["val_ap"]))),
-            ("best_by_test_mean_acc_ap", lambda s: _nan_low(s["mean_acc"] + s["mean_ap"])),
-        )
-        for name, score in rules:
-            best = max(candidates, key=lambda s: (score(s), s["run"]))
-            selected.append({"selection": name, **best})
-    return selected
-
-
-def _nan_low(value: float) -> float:
-    return -math.inf if math.isnan(value) else value
-
-
-def read_csv_rows(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", restval="")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: _format(row.get(key, "")) for key in columns})
-    write_text_atomic(path, buffer.getvalue())
-
-
-def _format(value: Any) -> Any:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else repr(value)
-    return value
+def write_embeddings(spec: GridSpec, data: GridData | None, folders: list[Path], device: torch.device) -> None:
+    """embeddings.npz for each selected run folder that has a head and no embeddings yet."""
+    missing = [folder for folder in dict.fromkeys(folders) if not (folder / EMBEDDINGS_FILE).is_file()]
+    missing = [folder for folder in missing if (folder / "head.safetensors").is_file()]
+    refs = [ref for ref in spec.tests if (ref.variant or CENTER) == CENTER]
+    if not missing or not refs:
+        return
+    tests = [t for t in data.tests if t.ref in refs] if data is not None else [load_store(ref, device) for ref in refs]
+    samples = [(test, embedding_sample(test)) for test in tests]
+    for folder in missing:
+        head = load_head(folder / "head.safetensors")[0].to(device)
+        run = make_run_config(yaml.safe_load((folder / "config.yaml").read_text())["run"], str(folder / "config.yaml"))
+        parts: dict[str, list[np.ndarray]] = {"z": [], "label": [], "dataset": [], "split": [], "path": []}
+        for test, rows in samples:
+            _, z = forward_rows(head, test.features[CENTER], rows, run)
+            parts["z"].append(z.numpy())
+            parts["label"].append(test.rows.labels[rows].astype(np.int8))
+            parts["dataset"].append(test.rows.datasets[rows].astype(str))
+            parts["split"].append(np.full(len(rows), test.ref.name))
+            parts["path"].append(test.rows.paths[rows].astype(str))
+        arrays = {key: np.concatenate(values) for key, values in parts.items()}
+        with atomic_path(folder / EMBEDDINGS_FILE) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)

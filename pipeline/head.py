@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .files import atomic_path
-
-AGGREGATIONS = ("tie", "mean")
+from .results import AGGREGATIONS
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -113,8 +112,12 @@ class RineHead(nn.Module):
     ``n_blocks=1`` (with one block the softmax weight is 1, which is what the
     authors' ablation computes).
 
-    ``alpha`` is created before the Linear layers, in the authors' order, so a seed
-    draws the same initial values as their code on the same device.
+    Parameters are created in the authors' order (``alpha``, then the Linear
+    layers), so a seed fixes the initial weights, but they are not the authors'
+    initial weights for the same seed: their model first builds CLIP with
+    ``clip.load``, whose module initialisation draws from the global generator,
+    and only then draws ``alpha`` and the head; that state cannot be reproduced
+    here without building CLIP the same way.
     """
 
     def __init__(
@@ -170,6 +173,17 @@ class RineHead(nn.Module):
             pooled = per_block.mean(dim=1)
         z = self.proj2(pooled)
         return self.head(z), z
+
+
+def crop_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Probability of fake per image from the logits of its crops, shape (B, n_crops): sigmoid of their mean.
+
+    The authors' ten-crop evaluation (``torch.sigmoid(outputs.view(B, 10).mean(1))``),
+    not the mean of the ten sigmoids; with one crop it is the sigmoid of the logit.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"crop_scores expects logits of shape (B, n_crops), got {tuple(logits.shape)}")
+    return torch.sigmoid(logits.float().mean(dim=1))
 
 
 def count_parameters(module: nn.Module) -> int:

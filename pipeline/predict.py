@@ -65,7 +65,7 @@ def load_head_source(path: Path) -> HeadSource:
     if path.suffix == ".safetensors":
         head, metadata = load_head(path)
         blocks = ",".join(str(b) for b in json.loads(metadata["store_blocks"]))
-        return HeadSource(head, metadata["model"], metadata["tap"], blocks, metadata.get("blocks_used") == "last")
+        return HeadSource(head, metadata["model"], metadata["tap"], blocks, metadata.get("head_blocks", metadata.get("blocks_used")) == "last")
     # The authors' heads were trained on every block's ln_2 output of ViT-L/14.
     return HeadSource(load_official_checkpoint(path), DEFAULT_MODEL, "ln2", "all", False)
 

@@ -1,16 +1,28 @@
 """Fit one RINE head from cached block tokens, and score stores with it.
 
-Features stay in one float16 tensor per store (on the GPU when there is one)
-that every run of a process shares: a run only holds the indices of its rows
-(class subset, training fraction, valid rows) and gathers each batch from
-the shared tensor.
+Evaluation stores (val, tests) are read once into one float16 tensor per
+variant (on the GPU when there is one) that every run of a process shares: a
+run only holds the indices of its rows and gathers each batch from them.
+
+Training follows the authors' loop: epoch e (0-based) reads training view
+``e mod K`` of the K views in the store, with the lr of ``RunConfig.lr_at_epoch``
+(lr / 10 from the start of the 6th and of the 11th epoch). Views are not all
+held in memory: a ``ViewCache`` loads the view of epoch e when the epoch
+starts and the next one in the background while it trains, keeps at most
+``capacity`` (2) views that no run is using, and is shared by the runs of a
+process, so a grid of one-epoch configs reads ``view_000`` once. Loading
+order never changes what is trained: streamed training equals training on
+views held in memory bit for bit.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,10 +30,12 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .config import RunConfig, StoreRef
-from .head import RineHead
+from .head import RineHead, crop_scores
 from .loss import rine_loss
+from .results import CENTER, TEN_CROP
 
 EVAL_BATCH = 1024
+VIEW_CACHE_CAPACITY = 2
 _SEED_LOCK = threading.Lock()
 
 
@@ -29,9 +43,14 @@ class DataError(RuntimeError):
     """Stores that cannot be trained or evaluated on as asked."""
 
 
+def store_block_indices(identity: cache.StoreIdentity) -> tuple[int, ...]:
+    """The backbone blocks a store holds (the one place that names the identity field)."""
+    return identity.blocks
+
+
 @dataclass(frozen=True)
 class LoadedStore:
-    """One store's rows and the features of the variants a grid needs."""
+    """An evaluation store's rows and the features of the variants a grid scores."""
 
     ref: StoreRef
     info: cache.StoreInfo
@@ -43,37 +62,128 @@ class LoadedStore:
         return tuple(self.features)
 
 
-def train_variants(info: cache.StoreInfo, ref: StoreRef, max_epochs: int) -> tuple[str, ...]:
-    """Variants read by training: view e mod K for epochs 0..max_epochs-1."""
+class ViewCache:
+    """Training views (variant name -> tensor) loaded on demand, shared by the runs of a process.
+
+    ``acquire(name)`` returns a future of the view and holds it until
+    ``release(name)``; a view no run holds stays cached, least recently used
+    first out, while more than ``capacity`` views are resident. Loads run on
+    one background thread, so acquiring the next epoch's view prefetches it.
+    ``loads`` counts the loads per view (a view evicted and needed again is
+    loaded again); ``peak_resident`` is the most views held at once.
+    """
+
+    def __init__(self, load: Callable[[str], torch.Tensor], capacity: int = VIEW_CACHE_CAPACITY) -> None:
+        self._load = load
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _CachedView] = OrderedDict()
+        self._executor: ThreadPoolExecutor | None = None
+        self.loads: Counter[str] = Counter()
+        self.peak_resident = 0
+
+    def acquire(self, name: str) -> Future[torch.Tensor]:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or (entry.future.done() and entry.future.exception() is not None):
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="view-loader")
+                entry = _CachedView(self._executor.submit(self._load_counted, name))
+                self._entries[name] = entry
+            entry.holders += 1
+            self._entries.move_to_end(name)
+            self._evict()
+            self.peak_resident = max(self.peak_resident, len(self._entries))
+            return entry.future
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries[name]
+            entry.holders -= 1
+            if entry.holders == 0 and entry.future.done() and entry.future.exception() is not None:
+                del self._entries[name]
+            self._evict()
+
+    def close(self) -> None:
+        """Drop every cached view and stop the loader thread."""
+        with self._lock:
+            self._entries.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _load_counted(self, name: str) -> torch.Tensor:
+        tensor = self._load(name)
+        with self._lock:
+            self.loads[name] += 1
+        return tensor
+
+    def _evict(self) -> None:
+        idle = [name for name, entry in self._entries.items() if entry.holders == 0]
+        while len(self._entries) > self.capacity and idle:
+            del self._entries[idle.pop(0)]
+
+
+@dataclass
+class _CachedView:
+    future: Future[torch.Tensor]
+    holders: int = 0
+
+
+@dataclass(frozen=True)
+class TrainStore:
+    """The training store: its rows, its training views (names) and the cache that loads them."""
+
+    ref: StoreRef
+    info: cache.StoreInfo
+    rows: cache.RowTable
+    views: tuple[str, ...]
+    view_cache: ViewCache = field(compare=False)
+
+    def epoch_views(self, epochs: int) -> tuple[str, ...]:
+        """The view each epoch reads: view e mod K."""
+        return tuple(self.views[epoch % len(self.views)] for epoch in range(epochs))
+
+
+def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
+    """The complete training views of a store (or the variant the grid names, or ``center`` without views)."""
     if ref.variant is not None:
         return (ref.variant,)
     views = sorted(name for name, spec in info.variants.items() if spec.kind == "train_view" and name in info.complete_variants)
-    if not views:
-        if "center" in info.complete_variants:
-            return ("center",)
-        raise DataError(f"{info.path}: no complete training views; extract it with --augment")
-    return tuple(views[:max_epochs])
+    if views:
+        return tuple(views)
+    if CENTER in info.complete_variants:
+        return (CENTER,)
+    raise DataError(f"{info.path}: no complete training views; extract it with --augment")
 
 
 def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
     """Variants scored for an evaluation store: one, or the ten crops."""
-    if ref.variant == cache.TEN_CROP:
+    if ref.variant == TEN_CROP:
         return tuple(cache.VariantSpec.ten_crop(i).name for i in range(10))
-    return (ref.variant or "center",)
+    return (ref.variant or CENTER,)
 
 
-def load_store(ref: StoreRef, variants: tuple[str, ...] | None, device: torch.device) -> LoadedStore:
-    """Read a store's rows and variants (default: its evaluation variants) into memory once."""
+def read_variant(ref: StoreRef, variant: str, device: torch.device) -> torch.Tensor:
+    try:
+        array = cache.read_features(ref.path, variant)
+    except cache.StoreError as error:
+        raise DataError(f"{ref.name}: {error}") from None
+    return torch.from_numpy(array).to(device)
+
+
+def load_store(ref: StoreRef, device: torch.device) -> LoadedStore:
+    """Read an evaluation store's rows and its evaluation variants into memory once."""
+    features = {variant: read_variant(ref, variant, device) for variant in evaluation_variants(ref)}
+    return LoadedStore(ref=ref, info=open_info(ref), rows=cache.read_rows(ref.path), features=features)
+
+
+def open_train_store(ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None) -> TrainStore:
+    """The training store with a view cache that reads its views on demand (nothing loaded yet)."""
     info = open_info(ref)
-    wanted = variants or evaluation_variants(ref)
-    features = {}
-    for variant in wanted:
-        try:
-            array = cache.read_features(ref.path, variant)
-        except cache.StoreError as error:
-            raise DataError(f"{ref.name}: {error}") from None
-        features[variant] = torch.from_numpy(array).to(device)
-    return LoadedStore(ref=ref, info=info, rows=cache.read_rows(ref.path), features=features)
+    views = views or train_views(info, ref)
+    view_cache = ViewCache(lambda variant: read_variant(ref, variant, device))
+    return TrainStore(ref=ref, info=info, rows=cache.read_rows(ref.path), views=views, view_cache=view_cache)
 
 
 def open_info(ref: StoreRef) -> cache.StoreInfo:
@@ -105,7 +215,7 @@ def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Pat
     return np.isin(rows.classes, classes)
 
 
-def training_rows(store: LoadedStore, config: RunConfig) -> tuple[np.ndarray, int]:
+def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
     """Rows a run trains on, and how many invalid rows of its classes were excluded."""
     of_classes = class_mask(store.rows, config.classes, store.info.path)
     rows = np.flatnonzero(of_classes & store.rows.valid)
@@ -121,12 +231,12 @@ def training_rows(store: LoadedStore, config: RunConfig) -> tuple[np.ndarray, in
 
 def block_view(x: torch.Tensor, config: RunConfig) -> torch.Tensor:
     """The blocks the head sees: all, or only the last (ablation)."""
-    return x[:, -1:] if config.blocks == "last" else x
+    return x[:, -1:] if config.head_blocks == "last" else x
 
 
-def build_head(store: LoadedStore, config: RunConfig) -> RineHead:
-    n_blocks = 1 if config.blocks == "last" else len(store.info.identity.blocks)
-    return RineHead(n_blocks, store.info.identity.dim, config.proj_dim, config.proj_layers, aggregation=config.aggregation)
+def build_head(info: cache.StoreInfo, config: RunConfig) -> RineHead:
+    n_blocks = 1 if config.head_blocks == "last" else len(store_block_indices(info.identity))
+    return RineHead(n_blocks, info.identity.dim, config.proj_dim, config.proj_layers, aggregation=config.aggregation)
 
 
 @dataclass(frozen=True)
@@ -136,56 +246,75 @@ class FitResult:
     n_train: int
     n_train_invalid: int
     epoch_losses: tuple[float, ...]
+    epoch_views: tuple[str, ...]  # the view each epoch read
+    epoch_lrs: tuple[float, ...]  # the lr each epoch trained with
+
+    @property
+    def views_used(self) -> int:
+        return len(set(self.epoch_views))
+
+    @property
+    def views_reused(self) -> int:
+        """Epochs that read a view an earlier epoch had read (more epochs than views)."""
+        return len(self.epoch_views) - self.views_used
 
 
-def fit_head(store: LoadedStore, config: RunConfig, *, device: torch.device, progress: bool = False) -> FitResult:
-    """Train one head with the authors' protocol from in-memory features."""
+def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, progress: bool = False) -> FitResult:
+    """Train one head with the authors' protocol; each epoch's view is loaded (and the next prefetched) as it starts."""
     rows, n_invalid = training_rows(store, config)
     with _SEED_LOCK:  # parallel runs (threads) must not interleave seeding and init
         torch.manual_seed(config.seed)
-        head = build_head(store, config).to(device)
+        head = build_head(store.info, config).to(device)
     # Dropout and shuffling draw from the run's own streams, so parallel runs stay reproducible.
     head.set_dropout_generator(torch.Generator(device=device).manual_seed(config.seed))
     optimizer = make_adam(head, config.lr)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(store.rows.labels.astype(np.float32)).to(device)
     rows_tensor = torch.from_numpy(rows).to(device)
-    variants = store.variants
+    epoch_views = store.epoch_views(config.epochs)
     steps_per_epoch = -(-len(rows) // config.batch_size)
     bar = tqdm(total=config.epochs * steps_per_epoch, unit="step", leave=False, disable=not progress, desc="fit")
-    losses = []
+    losses, lrs = [], []
+    held: list[str] = [epoch_views[0]]
+    pending = store.view_cache.acquire(epoch_views[0])
     start = time.perf_counter()
     head.train()
-    for epoch in range(config.epochs):
-        features = store.features[variants[epoch % len(variants)]]
-        order = rows_tensor[torch.randperm(len(rows), generator=generator).to(device)]
-        total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
-        for batch_start in range(0, len(order), config.batch_size):
-            batch_rows = order[batch_start : batch_start + config.batch_size]
-            x = block_view(features[batch_rows], config).float()
-            y = labels[batch_rows]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
-                logits, z = head(x)
-            loss = rine_loss(logits.float().squeeze(1), z.float(), y, config.contrastive_factor)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            bar.update(1)
-        scheduler.step()
-        losses.append(float(total) / len(order))
+    try:
+        for epoch in range(config.epochs):
+            features = pending.result()
+            if epoch + 1 < config.epochs:  # prefetch the next epoch's view while this one trains
+                held.append(epoch_views[epoch + 1])
+                pending = store.view_cache.acquire(epoch_views[epoch + 1])
+            lr = config.lr_at_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            lrs.append(lr)
+            order = rows_tensor[torch.randperm(len(rows), generator=generator).to(device)]
+            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            for batch_start in range(0, len(order), config.batch_size):
+                batch_rows = order[batch_start : batch_start + config.batch_size]
+                x = block_view(features[batch_rows], config).float()
+                y = labels[batch_rows]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
+                    logits, z = head(x)
+                loss = rine_loss(logits.float().squeeze(1), z.float(), y, config.contrastive_factor)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+                bar.update(1)
+            losses.append(float(total) / len(order))
+            del features
+            store.view_cache.release(held.pop(0))
+    finally:
+        for name in held:
+            store.view_cache.release(name)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     fit_seconds = time.perf_counter() - start
     bar.close()
     head.eval()
-    return FitResult(head, fit_seconds, len(rows), n_invalid, tuple(losses))
-
-
-def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> np.ndarray:
-    """Probability of fake per row; with several variants (ten-crop) the mean of their sigmoids."""
-    return np.mean([score_rows(head, store.features[v], rows, config) for v in store.variants], axis=0)
+    return FitResult(head, fit_seconds, len(rows), n_invalid, tuple(losses), epoch_views, tuple(lrs))
 
 
 def make_adam(head: RineHead, lr: float) -> torch.optim.Adam:
@@ -201,15 +330,23 @@ def make_adam(head: RineHead, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(head.parameters(), lr=lr)
 
 
+def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> np.ndarray:
+    """Probability of fake per row: sigmoid of the logit, or of the mean logit over the ten crops."""
+    logits = torch.stack([forward_rows(head, store.features[v], rows, config)[0] for v in store.variants], dim=1)
+    return crop_scores(logits).double().numpy()
+
+
 @torch.inference_mode()
-def score_rows(head: RineHead, features: torch.Tensor, rows: np.ndarray, config: RunConfig) -> np.ndarray:
-    """Probability of fake (sigmoid of the logit) for ``rows``."""
+def forward_rows(head: RineHead, features: torch.Tensor, rows: np.ndarray, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N,), z (N, proj_dim)) of ``rows``, float32 on the CPU."""
     head.eval()
-    out = np.empty(len(rows), dtype=np.float64)
+    logits = torch.empty(len(rows), dtype=torch.float32)
+    z = torch.empty(len(rows), head.proj_dim, dtype=torch.float32)
     index = torch.from_numpy(rows).to(features.device)
     for start in range(0, len(rows), EVAL_BATCH):
         x = block_view(features[index[start : start + EVAL_BATCH]], config).float()
         with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
-            logits, _ = head(x)
-        out[start : start + EVAL_BATCH] = torch.sigmoid(logits.float().squeeze(1)).cpu().numpy()
-    return out
+            batch_logits, batch_z = head(x)
+        logits[start : start + EVAL_BATCH] = batch_logits.float().squeeze(1).cpu()
+        z[start : start + EVAL_BATCH] = batch_z.float().cpu()
+    return logits, z

@@ -47,10 +47,10 @@ def test_store_references_resolve_in_the_cache_or_by_path():
 def test_a_list_of_grid_blocks_is_concatenated():
     text = GRID.replace(
         "grid:\n  proj_dim: [8, 16]\n  contrastive_factor: [0.1, 0.2, 0.4]\n",
-        "grid:\n  - {proj_dim: [8]}\n  - {blocks: [last], aggregation: [tie, mean]}\n",
+        "grid:\n  - {proj_dim: [8]}\n  - {head_blocks: [last], aggregation: [tie, mean]}\n",
     )
     spec = parse_grid(text)
-    assert [(r.proj_dim, r.blocks, r.aggregation) for r in spec.runs] == [
+    assert [(r.proj_dim, r.head_blocks, r.aggregation) for r in spec.runs] == [
         (8, "all", "tie"), (1024, "last", "tie"), (1024, "last", "mean")
     ]
 
@@ -66,6 +66,8 @@ def test_a_list_of_grid_blocks_is_concatenated():
         ("tap: ln2", "data.tap: 'ln3' is not one of ln2, hidden"),
         ("train: train", "data.train: give exactly one of split"),
         ("epochs: 2", "base.amp: 'fp8' is not one of none, bf16"),
+        ("proj_dim: [8, 16]", "unknown key 'blocks'; known:"),
+        ("epochs: 2", "base.lr_milestones: expected increasing epoch numbers"),
     ],
 )
 def test_bad_values_are_rejected_by_name(replacement, message):
@@ -78,6 +80,8 @@ def test_bad_values_are_rejected_by_name(replacement, message):
         "data.tap: 'ln3' is not one of ln2, hidden": "tap: ln3",
         "data.train: give exactly one of split": "train: {split: a, store: b}",
         "base.amp: 'fp8' is not one of none, bf16": "amp: fp8",
+        "unknown key 'blocks'; known:": "blocks: [last]",
+        "base.lr_milestones: expected increasing epoch numbers": "lr_milestones: [11, 6]",
     }[message]
     with pytest.raises(ConfigError) as error:
         parse_grid(GRID.replace(replacement, bad))
@@ -102,8 +106,23 @@ def test_shipped_grids_parse_with_the_published_sizes():
     assert len(load_grid(REPO / "grid.yaml")) == 48
     assert len(load_grid(REPO / "grids" / "paper_settings_vitl14.yaml")) == 144
     ablations = load_grid(REPO / "grids" / "ablations_vitl14.yaml").runs
-    assert {(r.blocks, r.aggregation, r.contrastive_factor > 0) for r in ablations} == {
+    assert {(r.head_blocks, r.aggregation, r.contrastive_factor > 0) for r in ablations} == {
         ("all", "tie", True), ("last", "tie", True), ("all", "mean", True), ("all", "tie", False)
     }
-    for path in sorted((REPO / "grids").glob("*.yaml")):
+    shipped = sorted((REPO / "grids").glob("*.yaml"))
+    assert len(shipped) >= 8
+    for path in shipped:
         assert len(load_grid(path)) >= 1
+
+
+def test_renamed_key_is_named_with_its_new_name():
+    with pytest.raises(ConfigError, match=r"\(blocks is now called head_blocks\)"):
+        make_run_config({"blocks": "last"})
+
+
+def test_lr_of_each_epoch_follows_the_authors_milestones():
+    # the authors: before training 0-based epoch e, if e + 1 in (6, 11): lr = lr0 / 10**k
+    config = RunConfig(lr=1e-3)
+    assert [config.lr_at_epoch(e) for e in range(12)] == [1e-3] * 5 + [1e-3 / 10] * 5 + [1e-3 / 100] * 2
+    assert [RunConfig(lr=0.5, lr_milestones=(1, 3)).lr_at_epoch(e) for e in range(3)] == [0.05, 0.05, 0.005]
+    assert [RunConfig(lr_milestones=()).lr_at_epoch(e) for e in (0, 20)] == [1e-3, 1e-3]

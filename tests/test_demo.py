@@ -251,12 +251,12 @@ def test_demo_grid_file_matches_what_run_all_builds() -> None:
     assert spec.model == "demo/tiny-random-clip" and f"--model {spec.model}" in run_all
     assert f"--cache-dir {spec.train.path.parents[2]}" in run_all
     assert [spec.train.name, spec.val.name, [t.name for t in spec.tests]] == ["train", "val", ["test"]]
-    searched = [r for r in spec.runs if r.blocks == "all" and r.aggregation == "tie" and r.contrastive_factor > 0]
+    searched = [r for r in spec.runs if r.head_blocks == "all" and r.aggregation == "tie" and r.contrastive_factor > 0]
     assert len(searched) == 8
     assert {(r.contrastive_factor, r.proj_layers, r.proj_dim) for r in searched} == {
         (xi, q, d) for xi in (0.1, 0.8) for q in (1, 2) for d in (32, 64)
     }
-    assert sorted((r.blocks, r.aggregation, r.contrastive_factor) for r in spec.runs if r not in searched) == [
+    assert sorted((r.head_blocks, r.aggregation, r.contrastive_factor) for r in spec.runs if r not in searched) == [
         ("all", "mean", 0.1), ("all", "tie", 0.0), ("last", "tie", 0.1)
     ]
 

@@ -1,0 +1,330 @@
+"""The report's figures: plot jobs prepared from typed grid results, drawn as PNG files with matplotlib's Agg canvas.
+
+Importing this module imports matplotlib (``pipeline.report`` imports it only
+when plots are asked for). Drawing uses no pyplot and no global backend
+state; each figure is written complete-or-absent. Jobs: ACC/AP per test set
+beside the authors' published config (one per selected full-model setting),
+box plots of mean ACC/AP per hyper-parameter value (paper Figs. 3-4), mean
+ACC/AP against epochs and against training fraction, the TIE block
+importance per setting (``tie.png``, the numbers of ``tie.csv``) and a t-SNE
+of the head's z on a sample of the test sets (``tsne_*.png``, from the
+``embeddings.npz`` that ``pipeline fit`` writes for selected runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import re
+import textwrap
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from .. import reference as ref
+from ..files import atomic_path
+from .inputs import EMBEDDINGS_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
+from .tables import HEAD_FILE, SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
+
+DPI = 100
+ACC_COLOR = "tab:olive"
+AP_COLOR = "goldenrod"
+
+
+def new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def wrap_title(title: str, width: int = 80) -> str:
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
+
+
+def save_png(figure: Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=DPI)
+    return path
+
+
+def plot_per_dataset(
+    path: Path, title: str, datasets: Sequence[str], series: Mapping[str, tuple[Sequence[float], Sequence[float]]]
+) -> Path:
+    """Grouped bars per test set, one bar per series (label -> (ACC %, AP %)); ACC panel above AP panel."""
+    figure = new_figure(max(8.0, 0.3 * len(datasets) * max(1, len(series)) + 3), 7.5)
+    axes = figure.subplots(2, 1, sharex=True)
+    positions = np.arange(len(datasets))
+    width = 0.8 / max(1, len(series))
+    for axis, metric, index in ((axes[0], "ACC", 0), (axes[1], "AP", 1)):
+        for k, (label, values) in enumerate(series.items()):
+            heights = np.asarray(values[index], dtype=float)
+            present = heights[np.isfinite(heights)]
+            average = f"avg {present.mean():.1f} over {present.size} sets" if present.size else "no values"
+            axis.bar(positions + (k - (len(series) - 1) / 2) * width, heights, width, label=f"{label} ({average})")
+        axis.set_ylabel(f"{metric} (%)")
+        axis.set_ylim(0, 122)  # room for the legend above the 100 % line
+        axis.set_yticks(range(0, 101, 20))
+        axis.grid(axis="y", alpha=0.4)
+        axis.legend(loc="upper center", ncol=len(series), fontsize="small")
+    axes[1].set_xticks(positions, datasets, rotation=40, ha="right")
+    axes[1].set_xlabel("test set")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+def plot_hyperparam_boxes(
+    path: Path, title: str, panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]
+) -> Path:
+    """One panel per hyper-parameter: for each value, a box of ACC % and a box of AP % over runs."""
+    figure = new_figure(4.5 * len(panels), 4.8)
+    axes = np.atleast_1d(figure.subplots(1, len(panels), sharey=True))
+    width = 0.35
+    for axis, (label, per_value) in zip(axes, panels.items()):
+        positions = np.arange(len(per_value))
+        for offset, index, color in ((-width / 2, 0, ACC_COLOR), (width / 2, 1, AP_COLOR)):
+            data = [list(values[index]) for values in per_value.values()]
+            boxes = axis.boxplot(data, positions=positions + offset, widths=width * 0.9, patch_artist=True)
+            for box in boxes["boxes"]:
+                box.set_facecolor(color)
+        axis.set_xticks(positions, list(per_value))
+        axis.set_xlabel(label)
+        axis.grid(axis="y", alpha=0.4)
+    axes[0].set_ylabel("mean over test sets (%)")
+    legend = [Patch(facecolor=ACC_COLOR, label="ACC"), Patch(facecolor=AP_COLOR, label="AP")]
+    axes[0].legend(handles=legend, loc="lower left")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+def plot_study(
+    path: Path, title: str, xlabel: str, groups: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]
+) -> Path:
+    """One panel per group: mean and max over runs of ACC % and AP % at each x value."""
+    figure = new_figure(7.0, 3.6 * len(groups) + 0.6)
+    axes = np.atleast_1d(figure.subplots(len(groups), 1, squeeze=False)[:, 0])
+    for axis, (label, per_value) in zip(axes, groups.items()):
+        positions = np.arange(len(per_value))
+        for index, metric, color, marker in ((0, "ACC", ACC_COLOR, "o"), (1, "AP", AP_COLOR, "d")):
+            values = [np.asarray(v[index], dtype=float) for v in per_value.values()]
+            axis.plot(positions, [v.max() for v in values], marker=marker, color=color, label=f"{metric} (max)")
+            axis.plot(positions, [v.mean() for v in values], linestyle="--", color=color, label=f"{metric} (mean)")
+        axis.set_xticks(positions, list(per_value))
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel("mean over test sets (%)")
+        axis.set_title(label, fontsize="medium")
+        axis.grid(alpha=0.4)
+        axis.legend(fontsize="small")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+def plot_tie(path: Path, title: str, series: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> Path:
+    """One line per setting: the TIE weight of each block (label -> (block indices, weights))."""
+    figure = new_figure(8.0, 4.5)
+    axis = figure.subplots()
+    for label, (blocks, weights) in series.items():
+        axis.plot(blocks, weights, marker="o", markersize=3, label=label)
+    axis.set_xlabel("block")
+    axis.set_ylabel("softmax(alpha), mean over projection dims")
+    axis.grid(alpha=0.4)
+    axis.legend(fontsize="small")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+def plot_embedding(path: Path, title: str, points: np.ndarray, groups: Mapping[str, np.ndarray]) -> Path:
+    """A 2-D scatter of ``points``, one marker style per group (label -> boolean mask)."""
+    figure = new_figure(6.5, 5.0)
+    axis = figure.subplots()
+    styles = (("tab:blue", "d"), ("tab:red", "o"), ("tab:brown", "^"), ("tab:green", "s"))
+    for (label, mask), (color, marker) in zip(groups.items(), styles):
+        axis.scatter(points[mask, 0], points[mask, 1], s=12, facecolors="none", edgecolors=color, marker=marker, label=label)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    axis.legend(fontsize="small")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+# ----------------------------------------------------------------------------- plot jobs
+
+PlotJob = tuple[str, Callable[[], Path]]
+
+
+def slugify(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def run_plot_name(prefix: str, run: RunResult, common_tokens: set[str]) -> str:
+    """<prefix>_<backbone>-<tap>-<n>class-<setting parts that differ between plotted runs>-<hash>.png"""
+    label = run.setting.label(without=())
+    digest = hashlib.sha1("\n".join((run.grid_dir.name, label)).encode()).hexdigest()[:6]
+    distinct = " ".join(token for token in label.split() if token not in common_tokens)
+    classes = f"{run.n_classes}class" if run.n_classes is not None else ""
+    readable = slugify(f"{run.backbone} {run.row.tap} {classes} {distinct}")[:80].rstrip("-")
+    return f"{prefix}_{readable}-{digest}.png"
+
+
+def common_tokens(runs: Sequence[RunResult]) -> set[str]:
+    return set.intersection(*(set(run.setting.label(without=()).split()) for run in runs)) if runs else set()
+
+
+def percent_lists(scores: Mapping[str, Scores], datasets: Sequence[str]) -> tuple[list[float], list[float]]:
+    return (
+        [100 * scores[d].acc if d in scores else math.nan for d in datasets],
+        [100 * scores[d].ap if d in scores else math.nan for d in datasets],
+    )
+
+
+def run_title(run: RunResult, what: str) -> str:
+    classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.row.train}"
+    return f"{what}: {run.backbone} ({run.row.tap}), {classes}, run {run.run} (best by mean test ACC+AP)\n{run.setting.label()}"
+
+
+def per_dataset_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob]:
+    """One figure per full-model setting (its best_by_test run, center test sets) next to the authors' published config."""
+    runs = [run for run in best_by_test_full_models(grids) if run.center]
+    tokens = common_tokens(runs)
+    jobs = []
+    for run in runs:
+        series = {f"ours, xi/q/d' = {run.head_config.label()}": run.center}
+        published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
+        if published is not None:
+            pairs = ref.reference_scores(run.backbone, run.n_classes, published)
+            series[f"authors (published), xi/q/d' = {'/'.join(format_hyper(published))}"] = scores_from_reference(pairs)
+        datasets = order_datasets(d for scores in series.values() for d in scores)
+        name = run_plot_name("per_dataset", run, tokens)
+        bars = {label: percent_lists(scores, datasets) for label, scores in series.items()}
+        jobs.append((name, functools.partial(plot_per_dataset, out / name, run_title(run, "ACC / AP"), datasets, bars)))
+    return jobs
+
+
+def numeric_order(values: Iterable[str]) -> list[str]:
+    def key(value: str) -> tuple[int, float, str]:
+        try:
+            return (0, float(value), value)
+        except ValueError:
+            return (1, 0.0, value)
+
+    return sorted(set(values), key=key)
+
+
+def mean_percents(runs: Sequence[RunResult]) -> tuple[list[float], list[float]]:
+    return [100 * run.mean_acc for run in runs], [100 * run.mean_ap for run in runs]
+
+
+def hyperparam_job(grids: Sequence[GridResults], out: Path) -> PlotJob | SkippedOutput:
+    runs = [run for run in all_runs(grids) if run.is_full_model and run.has_test_mean]
+    name = "hyperparams_box.png"
+    if not runs:
+        return SkippedOutput(name, "no full-model runs with test results")
+    labels = {
+        "contrastive_factor": r"contrastive factor $\xi$",
+        "proj_layers": r"projection layers $q$",
+        "proj_dim": r"projection dim $d'$",
+    }
+    panels = {}
+    for column, label in labels.items():
+        values = {run.run: str(getattr(run.head_config, column)) for run in runs}
+        panels[label] = {
+            value: mean_percents([run for run in runs if values[run.run] == value]) for value in numeric_order(values.values())
+        }
+    title = f"Mean test ACC / AP per hyper-parameter value ({len(runs)} runs, all settings pooled)"
+    return (name, functools.partial(plot_hyperparam_boxes, out / name, title, panels))
+
+
+def study_job(grids: Sequence[GridResults], out: Path, column: str, name: str) -> PlotJob | SkippedOutput:
+    """Mean ACC/AP against ``column`` for full-model runs that differ only in it (and in xi/q/d')."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for run in all_runs(grids):
+        if run.is_full_model and run.has_test_mean:
+            setting = run.setting
+            key = tuple(getattr(setting, field) for field in setting.__dataclass_fields__ if field != column)
+            groups.setdefault(key, []).append(run)
+    studies = {}
+    for runs in groups.values():
+        values = numeric_order(str(getattr(run.setting, column)) for run in runs)
+        if len(values) < 2:
+            continue
+        first = runs[0]
+        label = f"{first.backbone} {first.row.tap} classes={first.setting.classes} train={first.setting.train}"
+        if label in studies:
+            label = f"{label} #{len(studies) + 1}"
+        studies[label] = {
+            value: mean_percents([run for run in runs if str(getattr(run.setting, column)) == value]) for value in values
+        }
+    if not studies:
+        return SkippedOutput(name, f"no runs that differ only in {column} within a setting")
+    title = f"Mean test ACC / AP vs {column} (mean and max over head configs)"
+    return (name, functools.partial(plot_study, out / name, title, column, studies))
+
+
+def tie_job(grids: Sequence[GridResults], out: Path) -> PlotJob | SkippedOutput:
+    runs = tie_runs(grids)
+    name = "tie.png"
+    if not runs:
+        return SkippedOutput(name, f"no best_by_test full-model run with a {HEAD_FILE} in its run folder")
+    series = {}
+    for run in runs:
+        blocks, weights = block_importance(run.folder / HEAD_FILE)
+        classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.row.train}"
+        series[f"{run.backbone} {classes} {run.setting.label(without=('model', 'tap', 'train', 'classes'))}"] = (
+            blocks.tolist(),
+            weights.tolist(),
+        )
+    title = "TIE block importance of each setting's selected run (best by mean test ACC+AP)"
+    return (name, functools.partial(plot_tie, out / name, title, series))
+
+
+def tsne_points(z: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE of ``z`` (scikit-learn; PCA init, perplexity 30 or less for small samples, fixed seed)."""
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30.0, max(1.0, (len(z) - 1) / 3)))
+    return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(z)
+
+
+def embedding_groups(labels: np.ndarray, datasets: np.ndarray) -> dict[str, np.ndarray]:
+    """real / fake of a set whose name holds 'gan' / other fakes (the authors' split of their t-SNE)."""
+    gan = np.array(["gan" in name for name in datasets])
+    groups = {"real": labels == 0, "fake (GAN)": (labels == 1) & gan, "fake (other)": (labels == 1) & ~gan}
+    return {label: mask for label, mask in groups.items() if mask.any()}
+
+
+def draw_tsne(path: Path, title: str, embeddings: Path) -> Path:
+    with np.load(embeddings) as data:
+        z, labels, datasets = data["z"], data["label"], data["dataset"]
+    if len(z) < 5:
+        raise ValueError(f"{embeddings}: only {len(z)} embedded rows, too few for a t-SNE")
+    return plot_embedding(path, title, tsne_points(z), embedding_groups(labels, datasets))
+
+
+def tsne_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | SkippedOutput]:
+    runs = best_by_test_full_models(grids)
+    with_embeddings = [run for run in runs if (run.folder / EMBEDDINGS_FILE).is_file()]
+    if not with_embeddings:
+        return [SkippedOutput("tsne_*.png", f"no best_by_test full-model run with {EMBEDDINGS_FILE} (written by pipeline fit)")]
+    tokens = common_tokens(with_embeddings)
+    jobs: list[PlotJob | SkippedOutput] = []
+    for run in with_embeddings:
+        name = run_plot_name("tsne", run, tokens)
+        title = run_title(run, "t-SNE of the head's z on the test sets")
+        jobs.append((name, functools.partial(draw_tsne, out / name, title, run.folder / EMBEDDINGS_FILE)))
+    return jobs
+
+
+def plot_preparers(grids: Sequence[GridResults], out: Path) -> tuple[tuple[str, Callable[[], list[PlotJob | SkippedOutput]]], ...]:
+    """(label, prepare) per kind of figure; each prepare returns its jobs or why it has none."""
+    return (
+        ("per_dataset_*.png", lambda: list(per_dataset_jobs(grids, out))),
+        ("hyperparams_box.png", lambda: [hyperparam_job(grids, out)]),
+        ("epochs.png", lambda: [study_job(grids, out, "epochs", "epochs.png")]),
+        ("fraction.png", lambda: [study_job(grids, out, "train_fraction", "fraction.png")]),
+        ("tie.png", lambda: [tie_job(grids, out)]),
+        ("tsne_*.png", lambda: tsne_jobs(grids, out)),
+    )

@@ -1,0 +1,229 @@
+"""Read and validate grid output folders (results.csv, selection.csv, run folders) into typed records.
+
+The formats are those of ``pipeline.results`` (README: "Results and
+selection"); every problem names the file (and line) and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .. import reference as ref
+from ..results import (
+    BEST_BY_TEST,
+    CENTER,
+    OK,
+    SELECTION_COLUMNS,
+    SELECTION_RULES,
+    VAL_SPLIT,
+    HeadConfig,
+    ResultRow,
+    ResultsFormatError,
+    RunSummary,
+    Setting,
+    read_csv_records,
+    read_result_rows,
+    summarize_runs,
+)
+
+HEAD_FILE = "head.safetensors"
+EMBEDDINGS_FILE = "embeddings.npz"
+LDM_MARK = "ldm"  # a training split whose name holds it is the LDM training setting (paper mode: train_ldm)
+
+
+class ReportError(RuntimeError):
+    """The report cannot be made from the given grid folders (missing or malformed inputs)."""
+
+
+@dataclass(frozen=True)
+class Scores:
+    """ACC and AP (fractions) of one test set."""
+
+    acc: float
+    ap: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One ok run of a grid folder, with its scores per split kind and its means (pipeline.results rules)."""
+
+    grid_dir: Path
+    summary: RunSummary
+    val: Mapping[str, Scores]  # dataset -> scores of the val split
+    test: Mapping[str, Mapping[str, Scores]]  # variant -> dataset -> scores over all test splits
+
+    @property
+    def row(self) -> ResultRow:
+        return self.summary.row
+
+    @property
+    def run(self) -> str:
+        return self.summary.run
+
+    @property
+    def folder(self) -> Path:
+        return self.grid_dir / "runs" / self.run
+
+    @property
+    def setting(self) -> Setting:
+        return self.row.setting
+
+    @property
+    def head_config(self) -> HeadConfig:
+        return self.row.head_config
+
+    @property
+    def n_classes(self) -> int | None:
+        return self.row.n_classes
+
+    @property
+    def backbone(self) -> str:
+        """The authors' name of the backbone (ViT-L/14, ...), or the model id when it is not one of theirs."""
+        return ref.backbone_name(self.row.model) or self.row.model
+
+    @property
+    def is_ldm(self) -> bool:
+        """Trained on the LDM training set (its training split's name holds 'ldm')."""
+        return LDM_MARK in self.row.train.lower()
+
+    @property
+    def ablation(self) -> str | None:
+        """without_intermediate | without_tie | without_contrastive for a single-ablation run; None otherwise."""
+        kinds = [
+            kind
+            for kind, flagged in (
+                ("without_intermediate", self.row.head_blocks == "last"),
+                ("without_tie", self.row.aggregation == "mean"),
+                ("without_contrastive", self.row.contrastive_factor == 0),
+            )
+            if flagged
+        ]
+        return kinds[0] if len(kinds) == 1 else None
+
+    @property
+    def is_full_architecture(self) -> bool:
+        """All blocks and TIE (the contrastive factor may be 0)."""
+        return self.row.head_blocks == "all" and self.row.aggregation == "tie"
+
+    @property
+    def is_full_model(self) -> bool:
+        """All blocks, TIE and a contrastive term: the model the grid searches."""
+        return self.is_full_architecture and self.row.contrastive_factor != 0
+
+    @property
+    def center(self) -> Mapping[str, Scores]:
+        return self.test.get(CENTER, {})
+
+    @property
+    def mean_acc(self) -> float:
+        return self.summary.mean_acc
+
+    @property
+    def mean_ap(self) -> float:
+        return self.summary.mean_ap
+
+    @property
+    def has_test_mean(self) -> bool:
+        return not math.isnan(self.mean_acc)
+
+
+@dataclass(frozen=True)
+class Selection:
+    rule: str  # one of pipeline.results.SELECTION_RULES
+    run: RunResult
+
+
+@dataclass(frozen=True)
+class GridResults:
+    path: Path
+    runs: Mapping[str, RunResult]
+    selections: tuple[Selection, ...]
+    ok_rows: tuple[Mapping[str, str], ...]  # as written, for metrics.csv
+
+
+def read_grid_dir(path: Path) -> GridResults:
+    """Read one grid folder's results.csv (ok rows) and selection.csv into typed records."""
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such grid folder")
+    results = path / "results.csv"
+    if not results.is_file():
+        raise ReportError(f"{path}: no results.csv — run `pipeline fit --grid ...` first")
+    selection = path / "selection.csv"
+    if not selection.is_file():
+        raise ReportError(
+            f"{path}: results.csv without selection.csv — the grid did not finish; rerun `pipeline fit --grid ...`"
+        )
+    try:
+        rows = [(line, row) for line, row in read_result_rows(results) if row.status == OK]
+        records = read_csv_records(selection, SELECTION_COLUMNS)
+    except ResultsFormatError as error:
+        raise ReportError(str(error)) from None
+    runs = build_runs(path, results, rows)
+    selections = read_selections(selection, records, runs)
+    return GridResults(path=path, runs=runs, selections=selections, ok_rows=tuple(row.to_csv() for _, row in rows))
+
+
+def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRow]]) -> dict[str, RunResult]:
+    """Group ok rows by run; one test set may appear once per variant over all test splits."""
+    first: dict[str, tuple[int, ResultRow]] = {}
+    val: dict[str, dict[str, Scores]] = {}
+    test: dict[str, dict[str, dict[str, Scores]]] = {}
+    seen_in_split: dict[tuple[str, str, str], str] = {}
+    for line, row in rows:
+        first_line, first_row = first.setdefault(row.run, (line, row))
+        if (row.setting, row.head_config, row.grid) != (first_row.setting, first_row.head_config, first_row.grid):
+            raise ReportError(f"{results}:{line}: run {row.run} has another config than on line {first_line}")
+        scores = Scores(row.metric("acc"), row.metric("ap"))
+        split, variant, dataset = row.split or "", row.variant or "", row.dataset or ""
+        if split == VAL_SPLIT:
+            if variant == CENTER:
+                val.setdefault(row.run, {})[dataset] = scores
+            continue
+        earlier = seen_in_split.setdefault((row.run, variant, dataset), split)
+        if earlier != split or dataset in test.get(row.run, {}).get(variant, {}):
+            raise ReportError(
+                f"{results}:{line}: run {row.run} scores test set {dataset!r} (variant {variant}) twice "
+                f"(splits {earlier!r} and {split!r}); the report cannot tell which to use"
+            )
+        test.setdefault(row.run, {}).setdefault(variant, {})[dataset] = scores
+    summaries = summarize_runs(row for _, row in rows)
+    return {
+        run: RunResult(grid_dir=grid_dir, summary=summaries[run], val=val.get(run, {}), test=test.get(run, {}))
+        for run in first
+    }
+
+
+def read_selections(
+    path: Path, records: Sequence[tuple[int, Mapping[str, str]]], runs: Mapping[str, RunResult]
+) -> tuple[Selection, ...]:
+    """The rows of selection.csv, each resolved to its ok run."""
+    selections = []
+    for line, record in records:
+        run = runs.get(record["run"])
+        if run is None:
+            raise ReportError(f"{path}:{line}: run {record['run']!r} is not an ok run of {path.parent / 'results.csv'}")
+        if record["selection"] not in SELECTION_RULES:
+            raise ReportError(f"{path}:{line}: selection {record['selection']!r} is not one of {list(SELECTION_RULES)}")
+        written = run.row.to_csv()
+        mismatched = [column for column in ("model", "tap", "train", "epochs", "classes") if record[column] != written[column]]
+        if mismatched:
+            raise ReportError(f"{path}:{line}: {mismatched} differ from run {run.run} in results.csv")
+        selections.append(Selection(rule=record["selection"], run=run))
+    return tuple(selections)
+
+
+def all_runs(grids: Sequence[GridResults]) -> list[RunResult]:
+    return [run for grid in grids for run in grid.runs.values()]
+
+
+def all_selections(grids: Sequence[GridResults], rule: str | None = None) -> list[Selection]:
+    return [s for grid in grids for s in grid.selections if rule is None or s.rule == rule]
+
+
+def best_by_test_full_models(grids: Sequence[GridResults]) -> list[RunResult]:
+    """Each setting's best_by_test run when it is a full model (the runs the figures show), once each."""
+    runs = [s.run for s in all_selections(grids, BEST_BY_TEST) if s.run.is_full_model]
+    return list({(run.grid_dir, run.run): run for run in runs}.values())
