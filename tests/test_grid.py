@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,10 @@ from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from conftest import separable_features, write_store
+from pipeline import cache
 from pipeline.cli import main
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, run_grid
+from pipeline.grid import FitOptions, ViewReuseWarning, run_grid
 from pipeline.train import DataError
 
 
@@ -93,7 +96,8 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
     run(stores, tmp_path / "g", grid="  proj_dim: [16]\n")
     (folder,) = (tmp_path / "g" / "runs").iterdir()
     assert {p.name for p in folder.iterdir()} == {
-        "config.yaml", "fit.json", "head.safetensors", "metrics.csv", "scores_val.csv", "scores_test.csv", "scores_test_jpeg.csv"
+        "config.yaml", "fit.json", "head.safetensors", "metrics.csv", "scores_val.csv", "scores_test.csv", "scores_test_jpeg.csv",
+        "embeddings.npz",  # the run is selected (it is the only one)
     }
     header = (folder / "scores_test.csv").read_text().splitlines()[0]
     assert header == "path,label,dataset,score"
@@ -101,6 +105,10 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
 
     head, metadata = load_head(folder / "head.safetensors")
     assert (head.n_blocks, head.in_dim, head.proj_dim) == (4, 16, 16) and metadata["tap"] == "ln2"
+    assert metadata["head_blocks"] == "all"
+    fit = json.loads((folder / "fit.json").read_text())
+    assert fit["epoch_views"] == ["view_000", "view_001"] and (fit["views_used"], fit["views_reused"]) == (2, 0)
+    assert fit["epoch_lrs"] == [0.001, 0.001]
 
 
 def test_selection_labels_both_rules(stores, tmp_path):
@@ -167,13 +175,13 @@ def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
     assert result.exit_code == 1 and "unknown key 'proj_dimm'" in result.output
 
 
-def test_ten_crop_scores_are_the_mean_of_the_crops_sigmoids(stores, tmp_path):
+def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp_path):
     import torch
 
     from pipeline.head import load_head
 
     features, labels = separable_features(40, seed=7, shift=3.0)
-    crops = {f"tencrop_{i}": features + 0.3 * i for i in range(10)}
+    crops = {f"tencrop_{i}": features * (1 + i) - 2.0 * i for i in range(10)}
     write_store(tmp_path / "big.zarr", crops, labels, ["synthbuster_x"] * 40)
     text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
         f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
@@ -183,9 +191,84 @@ def test_ten_crop_scores_are_the_mean_of_the_crops_sigmoids(stores, tmp_path):
     rows = [r for r in read(summary.results) if r["split"] == "big_tencrop"]
     assert len(rows) == 1 and rows[0]["variant"] == "tencrop" and rows[0]["n"] == "40"
     head, _ = load_head(tmp_path / "g" / "runs" / rows[0]["run"] / "head.safetensors")
-    with torch.no_grad():
-        per_crop = [torch.sigmoid(head(torch.from_numpy(c.astype(np.float16)).float())[0]).squeeze(1).numpy() for c in crops.values()]
-    expected = np.mean(per_crop, axis=0)
+    with torch.no_grad():  # by hand, from the stored (float16) crops: the authors' sigmoid(logits.view(B, 10).mean(1))
+        stored = [cache.read_features(tmp_path / "big.zarr", name) for name in crops]
+        logits = np.stack([head(torch.from_numpy(c).float())[0].squeeze(1).double().numpy() for c in stored], axis=1)
+    expected = 1 / (1 + np.exp(-logits.mean(axis=1)))
+    mean_of_sigmoids = (1 / (1 + np.exp(-logits))).mean(axis=1)
+    assert not np.allclose(expected, mean_of_sigmoids, atol=1e-4)  # the two rules differ on these crops
     saved = read(tmp_path / "g" / "runs" / rows[0]["run"] / "scores_big_tencrop.csv")
     assert np.allclose([float(s["score"]) for s in saved], expected, atol=1e-6)
     assert float(rows[0]["acc"]) == pytest.approx(accuracy_score(labels, expected > 0.5))
+
+
+def test_more_epochs_than_views_warns_once_per_grid_and_is_recorded(stores, tmp_path):
+    grid = "  epochs: [1, 3, 4]\n  proj_dim: [16]\n"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run(stores, tmp_path / "g", grid=grid)
+    reuse = [w for w in caught if issubclass(w.category, ViewReuseWarning)]
+    assert len(reuse) == 1 and "2 of 3 runs" in str(reuse[0].message) and "--views 4" in str(reuse[0].message)
+    rows = read(summary.results)
+    assert {(r["epochs"], r["views_used"], r["views_reused"]) for r in rows} == {("1", "1", "0"), ("3", "2", "1"), ("4", "2", "2")}
+    for run_id in {r["run"] for r in rows if r["epochs"] == "4"}:
+        fit = json.loads((tmp_path / "g" / "runs" / run_id / "fit.json").read_text())
+        assert fit["epoch_views"] == ["view_000", "view_001", "view_000", "view_001"]
+        assert (fit["views_used"], fit["views_reused"]) == (2, 2)
+
+
+def test_a_grid_of_one_epoch_configs_reads_the_first_view_once(stores, tmp_path, monkeypatch):
+    reads: list[str] = []
+    read_features = cache.read_features
+
+    def counting(path, variant, *args, **kwargs):
+        reads.append(f"{Path(path).name}:{variant}")
+        return read_features(path, variant, *args, **kwargs)
+
+    monkeypatch.setattr(cache, "read_features", counting)
+    grid = "  contrastive_factor: [0.1, 0.2, 0.4]\n  proj_dim: [8, 16]\n  epochs: [1]\n"
+    run(stores, tmp_path / "g", jobs=2, grid=grid)
+    assert reads.count("train.zarr:view_000") == 1 and "train.zarr:view_001" not in reads
+
+
+def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp_path):
+    features, labels = separable_features(120, seed=3, shift=2.0)
+    datasets = ["progan"] * 40 + ["guided"] * 40 + ["whichfaceisreal"] * 40
+    write_store(tmp_path / "mixed.zarr", {"center": features}, labels, datasets)
+    text = grid_text(stores, tmp_path / "g", "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16]\n").replace(
+        f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
+        f"    - {{store: {tmp_path / 'mixed.zarr'}, name: mixed}}\n",
+    )
+    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    rows = read(summary.results)
+    assert "whichfaceisreal" in {r["dataset"] for r in rows}  # still scored, in its own rows
+    for selected in read(summary.selection):
+        mine = [r for r in rows if r["run"] == selected["run"] and r["split"] == "mixed" and r["dataset"] != "whichfaceisreal"]
+        assert float(selected["mean_acc"]) == pytest.approx(np.mean([float(r["acc"]) for r in mine]))
+        assert float(selected["mean_ap"]) == pytest.approx(np.mean([float(r["ap"]) for r in mine]))
+        # gan_a / diff_b of the other test store are not paper sets either
+        assert selected["excluded_from_mean"] == "diff_b+gan_a+whichfaceisreal" and selected["n_mean_sets"] == "2"
+
+
+def test_selected_runs_get_embeddings_of_a_sample_of_their_test_rows(stores, tmp_path):
+    from pipeline.head import load_head
+
+    summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16]\n")
+    selected = {r["run"] for r in read(summary.selection)}
+    folders = {folder.name: folder for folder in (tmp_path / "g" / "runs").iterdir()}
+    assert {name for name, folder in folders.items() if (folder / "embeddings.npz").is_file()} == selected
+    folder = folders[sorted(selected)[0]]
+    with np.load(folder / "embeddings.npz") as data:
+        z, label, dataset, split, path = (data[k] for k in ("z", "label", "dataset", "split", "path"))
+    assert set(split) == {"test"}  # the center-crop test entry only, not test_jpeg
+    assert len(z) == 158 and sorted(set(dataset)) == ["diff_b", "gan_a"]  # 160 rows, 2 invalid; < 200 per set
+    rows = cache.read_rows(stores / "test.zarr")
+    index = {p: i for i, p in enumerate(rows.paths)}
+    order = np.array([index[p] for p in path])
+    assert (label == rows.labels[order]).all()
+    head, _ = load_head(folder / "head.safetensors")
+    import torch
+
+    with torch.no_grad():
+        expected = head(torch.from_numpy(cache.read_features(stores / "test.zarr", "center")[order]).float())[1]
+    assert np.allclose(z, expected.numpy(), atol=1e-5)

@@ -1,5 +1,7 @@
-"""Fitting heads from cached tensors."""
+"""Fitting heads from cached tensors: rows, lr schedule, streamed views, scoring."""
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -7,16 +9,34 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from conftest import separable_features, write_store
+from pipeline import train as train_module
 from pipeline.config import RunConfig, StoreRef
-from pipeline.train import DataError, fit_head, load_store, score_rows, training_rows, train_variants
-from pipeline import cache
+from pipeline.train import (
+    DataError,
+    TrainStore,
+    ViewCache,
+    fit_head,
+    forward_rows,
+    load_store,
+    open_train_store,
+    training_rows,
+)
 
 CPU = torch.device("cpu")
 SMALL = dict(proj_dim=16, proj_layers=1, batch_size=32)
 
 
-def load(path, variants=None):
-    return load_store(StoreRef(path.stem, path), variants, CPU)
+def open_train(path) -> TrainStore:
+    return open_train_store(StoreRef(path.stem, path), CPU)
+
+
+def in_memory(store: TrainStore, tensors: dict[str, torch.Tensor]) -> TrainStore:
+    """The same store with every view already in memory (no loading at all)."""
+    return TrainStore(store.ref, store.info, store.rows, store.views, ViewCache(tensors.__getitem__, capacity=len(tensors)))
+
+
+def parameters(head) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in head.parameters()])
 
 
 def test_a_head_learns_a_separable_store_and_generalises(tmp_path):
@@ -24,18 +44,18 @@ def test_a_head_learns_a_separable_store_and_generalises(tmp_path):
     path = write_store(tmp_path / "train.zarr", {"center": features[:400]}, labels[:400], ["d"] * 400)
     held_out = write_store(tmp_path / "test.zarr", {"center": features[400:]}, labels[400:], ["d"] * 200)
     config = RunConfig(epochs=3, proj_dim=64, proj_layers=1, batch_size=32)
-    fit = fit_head(load(path), config, device=CPU)
-    test = load(held_out)
-    scores = score_rows(fit.head, test.features["center"], np.arange(200), config)
-    assert average_precision_score(labels[400:], scores) > 0.95
+    fit = fit_head(open_train(path), config, device=CPU)
+    test = load_store(StoreRef("test", held_out), CPU)
+    logits, _ = forward_rows(fit.head, test.features["center"], np.arange(200), config)
+    assert average_precision_score(labels[400:], logits.numpy()) > 0.95
     assert fit.n_train == 400 and len(fit.epoch_losses) == 3
 
 
 def test_same_seed_same_head_and_other_seed_differs(tmp_path):
     features, labels = separable_features(128)
-    store = load(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 128))
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 128))
     heads = [fit_head(store, RunConfig(seed=seed, **SMALL), device=CPU).head for seed in (3, 3, 4)]
-    first, again, other = (torch.cat([p.flatten() for p in h.parameters()]) for h in heads)
+    first, again, other = (parameters(h) for h in heads)
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
 
@@ -45,7 +65,7 @@ def test_invalid_rows_classes_and_fraction_select_training_rows(tmp_path):
     classes = ["car", "cat", "chair", "horse"] * 10
     valid = np.ones(40, dtype=bool)
     valid[[3, 7]] = False  # two horses
-    store = load(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["progan"] * 40, classes, valid))
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["progan"] * 40, classes, valid))
     rows, n_invalid = training_rows(store, RunConfig(classes=("chair", "horse")))
     assert rows.tolist() == [i for i in range(40) if i % 4 in (2, 3) and i not in (3, 7)]
     assert n_invalid == 2
@@ -55,31 +75,112 @@ def test_invalid_rows_classes_and_fraction_select_training_rows(tmp_path):
         training_rows(store, RunConfig(classes=("dog",)))
 
 
-def test_epoch_e_reads_view_e_mod_k(tmp_path, monkeypatch):
+def test_the_lr_of_every_epoch_of_a_12_epoch_run(tmp_path, monkeypatch):
+    """The authors set lr = lr0 / 10**k before 0-based epochs 5 and 10 (their `epoch + 1 in (6, 11)`)."""
+    features, labels = separable_features(32)
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 32))
+    used: list[float] = []
+    make_adam = train_module.make_adam
+
+    def recording_adam(head, lr):
+        optimizer = make_adam(head, lr)
+        step = optimizer.step
+
+        def recorded_step(*args, **kwargs):
+            used.append(optimizer.param_groups[0]["lr"])
+            return step(*args, **kwargs)
+
+        optimizer.step = recorded_step
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_adam", recording_adam)
+    fit = fit_head(store, RunConfig(epochs=12, batch_size=32, proj_dim=8, proj_layers=1, lr=1e-3), device=CPU)
+    assert len(used) == 12  # one step per epoch
+    assert used == [0.001] * 5 + [0.0001] * 5 + [1e-05] * 2
+    assert list(fit.epoch_lrs) == used
+
+
+def test_epoch_e_reads_view_e_mod_k_streamed_equals_in_memory_bit_for_bit(tmp_path):
+    features, labels = separable_features(96)
+    views = {f"view_{v:03d}": features + 0.5 * v for v in range(3)}
+    path = write_store(tmp_path / "train.zarr", views, labels, ["d"] * 96, shard_rows=32, chunk_rows=16)
+    config = RunConfig(epochs=5, batch_size=32, proj_dim=8, proj_layers=1)
+    streamed = open_train(path)
+    requested: list[str] = []
+    acquire = streamed.view_cache.acquire
+    streamed.view_cache.acquire = lambda name: requested.append(name) or acquire(name)  # type: ignore[method-assign]
+    fit = fit_head(streamed, config, device=CPU)
+    assert requested == ["view_000", "view_001", "view_002", "view_000", "view_001"]
+    assert fit.epoch_views == tuple(requested) and (fit.views_used, fit.views_reused) == (3, 2)
+    # memory: the view being trained and the one prefetched, never more
+    assert streamed.view_cache.peak_resident == 2
+    assert dict(streamed.view_cache.loads) == {"view_000": 2, "view_001": 2, "view_002": 1}
+
+    # the reference: every view read up front (float16 as stored), nothing streamed
+    tensors = {name: torch.from_numpy(array.astype(np.float16)) for name, array in views.items()}
+    reference = fit_head(in_memory(streamed, tensors), config, device=CPU)
+    assert torch.equal(parameters(fit.head), parameters(reference.head))
+    assert fit.epoch_losses == reference.epoch_losses
+
+
+def test_runs_sharing_a_view_load_it_once_and_threads_see_their_own_views(tmp_path):
     features, labels = separable_features(64)
-    views = {f"view_{v:03d}": features + v for v in range(3)}
-    path = write_store(tmp_path / "train.zarr", views, labels, ["d"] * 64)
-    info = cache.open_store_info(path)
-    assert train_variants(info, StoreRef("t", path), max_epochs=2) == ("view_000", "view_001")
-    store = load(path, train_variants(info, StoreRef("t", path), max_epochs=5))
-    seen = []
-    original = torch.Tensor.__getitem__
+    views = {f"view_{v:03d}": features * (1 + v) for v in range(2)}
+    store = open_train(write_store(tmp_path / "train.zarr", views, labels, ["d"] * 64))
+    one_epoch = [RunConfig(contrastive_factor=xi, **SMALL) for xi in (0.1, 0.2, 0.4, 0.8)]
+    for config in one_epoch:
+        fit_head(store, config, device=CPU)
+    assert dict(store.view_cache.loads) == {"view_000": 1}
 
-    def spy(tensor, index):
-        for name, array in store.features.items():
-            if tensor is array:
-                seen.append(name)
-        return original(tensor, index)
+    two_epochs = [RunConfig(epochs=2, seed=seed, **SMALL) for seed in range(4)]
+    alone = [parameters(fit_head(store, config, device=CPU).head) for config in two_epochs]
+    together: dict[int, torch.Tensor] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: together.__setitem__(i, parameters(fit_head(store, two_epochs[i], device=CPU).head)))
+        for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(torch.equal(alone[i], together[i]) for i in range(4))
 
-    monkeypatch.setattr(torch.Tensor, "__getitem__", spy)
-    fit_head(store, RunConfig(epochs=5, batch_size=64, proj_dim=8, proj_layers=1), device=CPU)
-    assert seen == ["view_000", "view_001", "view_002", "view_000", "view_001"]
+
+def test_view_cache_keeps_views_in_use_and_evicts_the_least_recent_idle_one():
+    loads: list[str] = []
+    cache = ViewCache(lambda name: loads.append(name) or torch.zeros(1), capacity=2)
+    for name in ("a", "b"):
+        cache.acquire(name).result()
+    cache.release("a")
+    cache.acquire("c").result()  # a is idle and least recent: evicted; b is held
+    cache.acquire("b").result()
+    assert loads == ["a", "b", "c"]
+    cache.acquire("a").result()  # loaded again
+    assert loads == ["a", "b", "c", "a"]
+    cache.close()
+
+
+def test_a_failed_load_is_an_error_and_is_retried():
+    attempts = []
+
+    def load(name):
+        attempts.append(name)
+        if len(attempts) == 1:
+            raise DataError("disk on fire")
+        return torch.ones(1)
+
+    cache = ViewCache(load)
+    with pytest.raises(DataError, match="disk on fire"):
+        cache.acquire("v").result()
+    cache.release("v")
+    assert torch.equal(cache.acquire("v").result(), torch.ones(1))
+    cache.close()
 
 
 def test_last_block_and_mean_ablations_train(tmp_path):
     features, labels = separable_features(64)
-    store = load(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
-    last = fit_head(store, RunConfig(blocks="last", **SMALL), device=CPU).head
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
+    last = fit_head(store, RunConfig(head_blocks="last", **SMALL), device=CPU).head
     assert last.n_blocks == 1
     mean = fit_head(store, RunConfig(aggregation="mean", contrastive_factor=0.0, **SMALL), device=CPU).head
     assert not hasattr(mean, "alpha")
