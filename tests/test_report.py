@@ -1,15 +1,17 @@
-"""Tests of pipeline.report / pipeline.plots / pipeline.reference on small grid folders built here.
+"""Tests of pipeline.report / pipeline.reference on small grid folders built here.
 
 The builder writes per-image score CSVs first and derives results.csv and
-selection.csv from them (scikit-learn), in the layout of .notes/FORMATS.md.
-The checks recompute every expected number independently from the saved score
-files and from the shared reference CSVs (not the package copies).
+selection.csv from them (scikit-learn), in the format documented in
+pipeline/results.py, spelled out here independently. The checks recompute
+every expected number from the saved score files and from the packaged
+reference CSVs read with the csv module (not through pipeline.reference).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -20,24 +22,28 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-import pipeline
 from pipeline import reference
 from pipeline.report import ReportConfig, ReportError, run_report
 
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-REFERENCE_FILES = ("rine_official_grid.csv", "rine_official_ablations.csv", "rine_official_perturbations.csv")
 PAPER_ORDER = (
     "progan stylegan stylegan2 biggan cyclegan stargan gaugan deepfake sitd san crn imle guided ldm_200 "
     "ldm_200_cfg ldm_100 glide_100_27 glide_50_27 glide_100_10 dalle"
 ).split()
+SYNTHBUSTER = ("dalle2 dalle3 stable-diffusion-1-3 stable-diffusion-1-4 stable-diffusion-2 stable-diffusion-xl glide "
+               "firefly midjourney-v5").split()  # fmt: skip
 LARGE, BASE = "openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32"
-HYPER = ("contrastive_factor", "proj_layers", "proj_dim", "epochs", "batch_size", "lr", "classes", "n_classes",
-         "train_fraction", "blocks", "aggregation", "seed", "amp")  # fmt: skip
-RESULTS_HEADER = ("run", "status", "error", "grid", "model", "tap", "setting", *HYPER, "n_params", "fit_seconds",
-                  "split", "variant", "dataset", "n", "n_invalid", "acc", "ap", "auc", "real_acc", "fake_acc",
-                  "oracle_acc", "oracle_threshold", "calibrated_acc", "calibrated_threshold")  # fmt: skip
-SELECTION_HEADER = ("selection", "setting", "run", "model", "tap", *HYPER, "val_acc", "val_ap", "mean_acc", "mean_ap")
+SEARCHED = ("contrastive_factor", "proj_layers", "proj_dim")
+SETTING = ("epochs", "batch_size", "lr", "lr_milestones", "classes", "n_classes", "train_fraction", "head_blocks",
+           "aggregation", "seed", "amp")  # fmt: skip
+METRIC_COLUMNS = ("acc", "ap", "auc", "real_acc", "fake_acc", "oracle_acc", "oracle_threshold", "calibrated_acc",
+                  "calibrated_threshold")  # fmt: skip
+RESULTS_HEADER = ("run", "status", "error", "grid", "model", "tap", "train", *SEARCHED, *SETTING, "n_params",
+                  "fit_seconds", "views_used", "views_reused", "split", "variant", "dataset", "n", "n_invalid",
+                  *METRIC_COLUMNS)  # fmt: skip
+SELECTION_HEADER = ("selection", "run", "grid", "model", "tap", "train", *SEARCHED, *SETTING, "val_acc", "val_ap",
+                    "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean")  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+N_BLOCKS = 6
 
 
 # ----------------------------------------------------------------------------- grid folder builder
@@ -50,10 +56,12 @@ class RunSpec:
     dim: int
     quality: float  # how far fake scores sit from real ones
     epochs: int = 1
-    blocks: str = "all"
+    fraction: float = 1.0
+    head_blocks: str = "all"
     aggregation: str = "tie"
     perturbed: tuple[str, ...] = ()
     fails: bool = False
+    head: bool = False  # write head.safetensors (TIE) and embeddings.npz
 
 
 def fmt(value) -> str:
@@ -93,35 +101,57 @@ def write_csv_file(path: Path, header, rows) -> None:
         writer.writerows(rows)
 
 
-def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunSpec], tests: list[str], seed: int) -> Path:
+def paper_mean(values: dict[str, float]) -> float:
+    """The 20-set rule: the paper's sets when any is present, else every set."""
+    keys = [d for d in values if d in PAPER_ORDER] or list(values)
+    return float(np.mean([values[d] for d in keys]))
+
+
+def write_head_files(run_dir: Path, rng: np.random.Generator, dim: int, tests: list[str]) -> None:
+    from safetensors.numpy import save_file
+
+    alpha = rng.normal(size=(1, N_BLOCKS, dim)).astype(np.float32)
+    save_file({"alpha": alpha}, str(run_dir / "head.safetensors"), metadata={"store_blocks": json.dumps(list(range(N_BLOCKS)))})
+    n = 12 * len(tests)
+    labels = np.tile([0, 1], n // 2).astype(np.int8)
+    z = rng.normal(size=(n, 8)) + 2.0 * labels[:, None]
+    np.savez(run_dir / "embeddings.npz", z=z.astype(np.float32), label=labels, dataset=np.repeat(tests, 12),
+             split=np.full(n, "test"), path=np.array([f"{i}.png" for i in range(n)]))  # fmt: skip
+
+
+def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunSpec], tests: list[str], seed: int,
+               train: str = "train_4class", test_variant: str = "center") -> Path:  # fmt: skip
     """A grid output folder: results.csv, selection.csv, runs/<id>/scores_*.csv (scores first, metrics from them)."""
     rng = np.random.default_rng(seed)
     out = root / name
-    results: list[dict[str, str]] = []
+    results: list[dict[str, object]] = []
     summaries: list[dict[str, object]] = []
     for spec in specs:
         rid = hashlib.sha1(f"{name}{spec}".encode()).hexdigest()[:12]
-        hyper = {
+        values = {
             "contrastive_factor": fmt(spec.factor), "proj_layers": spec.layers, "proj_dim": spec.dim,
-            "epochs": spec.epochs, "batch_size": 128, "lr": "0.001", "classes": classes,
-            "n_classes": len(classes.split("+")), "train_fraction": "1.0", "blocks": spec.blocks,
-            "aggregation": spec.aggregation, "seed": 0, "amp": "none",
+            "epochs": spec.epochs, "batch_size": 128, "lr": "0.001", "lr_milestones": "6+11", "classes": classes,
+            "n_classes": "" if classes == "all" else len(classes.split("+")), "train_fraction": fmt(spec.fraction),
+            "head_blocks": spec.head_blocks, "aggregation": spec.aggregation, "seed": 0, "amp": "none",
         }  # fmt: skip
-        setting = " ".join(f"{key}={hyper[key]}" for key in HYPER if key not in ("contrastive_factor", "proj_layers", "proj_dim"))
-        base = {"run": rid, "grid": name, "model": model, "tap": "ln2", "setting": setting, **hyper}
+        base = {"run": rid, "grid": name, "model": model, "tap": "ln2", "train": train, **values}
         if spec.fails:
             results.append({**base, "status": "error", "error": "RuntimeError: out of memory"})
             continue
-        base.update(status="ok", error="", n_params=1000 + spec.dim * spec.layers, fit_seconds=round(rng.uniform(1, 9), 4))
+        base.update(status="ok", error="", n_params=1000 + spec.dim * spec.layers, fit_seconds=round(rng.uniform(1, 9), 4),
+                    views_used=1, views_reused=spec.epochs - 1)  # fmt: skip
         run_dir = out / "runs" / rid
         run_dir.mkdir(parents=True)
-        splits = [("val", "center", ["progan"]), ("test", "center", tests)]
+        if spec.head:
+            write_head_files(run_dir, rng, spec.dim, tests)
+        splits = [("val", "center", ["progan"]), ("test", test_variant, tests)]
         splits += [(f"test_{variant}", variant, tests) for variant in spec.perturbed]
-        summary = {"run": rid, "setting": setting, "model": model, "tap": "ln2", **hyper, "val": [], "test": []}
+        key = tuple(str(base[c]) for c in ("model", "tap", "train", *SETTING))
+        summary = {"run": rid, "key": key, "row": base, "val": [], "test": {}}
         for split, variant, datasets in splits:
             score_rows = []
             for dataset in datasets:
-                quality = spec.quality * (0.6 if variant != "center" else 1.0)
+                quality = spec.quality * (0.6 if variant not in ("center", "tencrop") else 1.0)
                 labels, scores = make_scores(rng, dataset, quality)
                 score_rows += [(f"{dataset}/{i:03d}.png", int(label), dataset, repr(float(score)))
                                for i, (label, score) in enumerate(zip(labels, scores))]  # fmt: skip
@@ -130,25 +160,26 @@ def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunS
                                 "n_invalid": 0, **metrics})  # fmt: skip
                 if split == "val":
                     summary["val"].append((metrics["acc"], metrics["ap"]))
-                elif variant == "center":
-                    summary["test"].append((metrics["acc"], metrics["ap"]))
+                elif variant in ("center", "tencrop"):
+                    summary["test"][dataset] = (metrics["acc"], metrics["ap"])
             write_csv_file(run_dir / f"scores_{split}.csv", ("path", "label", "dataset", "score"), score_rows)
         summaries.append(summary)
     write_csv_file(out / "results.csv", RESULTS_HEADER, [[fmt(row.get(c, "")) for c in RESULTS_HEADER] for row in results])
     selection_rows = []
-    for setting in dict.fromkeys(s["setting"] for s in summaries):
-        candidates = [s for s in summaries if s["setting"] == setting]
-        means = {
-            s["run"]: {
+    for key in dict.fromkeys(s["key"] for s in summaries):
+        candidates = [s for s in summaries if s["key"] == key]
+        means = {}
+        for s in candidates:
+            averaged = [d for d in s["test"] if d in PAPER_ORDER] or list(s["test"])
+            means[s["run"]] = {
                 "val_acc": np.mean([a for a, _ in s["val"]]), "val_ap": np.mean([p for _, p in s["val"]]),
-                "mean_acc": np.mean([a for a, _ in s["test"]]), "mean_ap": np.mean([p for _, p in s["test"]]),
-            }
-            for s in candidates
-        }  # fmt: skip
+                "mean_acc": np.mean([s["test"][d][0] for d in averaged]), "mean_ap": np.mean([s["test"][d][1] for d in averaged]),
+                "n_mean_sets": len(averaged), "excluded_from_mean": "+".join(sorted(set(s["test"]) - set(averaged))),
+            }  # fmt: skip
         by_val = max(candidates, key=lambda s: (means[s["run"]]["val_acc"], means[s["run"]]["val_ap"]))
         by_test = max(candidates, key=lambda s: means[s["run"]]["mean_acc"] + means[s["run"]]["mean_ap"])
         for rule, chosen in (("best_by_val", by_val), ("best_by_test_mean_acc_ap", by_test)):
-            row = {"selection": rule, **chosen, **means[chosen["run"]]}
+            row = {"selection": rule, **chosen["row"], **means[chosen["run"]]}
             selection_rows.append([fmt(row[c]) for c in SELECTION_HEADER])
     write_csv_file(out / "selection.csv", SELECTION_HEADER, selection_rows)
     return out
@@ -162,8 +193,8 @@ PERTURBED = ("jpeg-official", "blur-paper")
 def build_main_grid(root: Path) -> Path:
     """ViT-L/14, 4 classes, three configs and one failed run; no ablations, no perturbations."""
     specs = [
-        RunSpec(0.2, 2, 1024, 1.6),
-        RunSpec(0.1, 4, 128, 1.0),
+        RunSpec(0.2, 2, 1024, 1.6, head=True),
+        RunSpec(0.1, 4, 128, 1.0, head=True),
         RunSpec(0.8, 1, 256, 1.3),
         RunSpec(0.4, 2, 512, 1.0, fails=True),
     ]
@@ -177,11 +208,23 @@ def build_study_grid(root: Path) -> Path:
         RunSpec(0.4, 4, 128, 0.9, perturbed=PERTURBED),
         RunSpec(0.2, 4, 128, 1.5, epochs=3, perturbed=PERTURBED),
         RunSpec(0.4, 4, 128, 1.2, epochs=3, perturbed=PERTURBED),
-        RunSpec(0.2, 4, 128, 1.1, blocks="last"),
+        RunSpec(0.2, 4, 128, 1.1, head_blocks="last"),
         RunSpec(0.4, 2, 256, 1.0, aggregation="mean"),
         RunSpec(0.0, 4, 128, 0.7),
     ]
     return build_grid(root, "vitl14-2class-studies", LARGE, "chair+horse", specs, STUDY_TESTS, seed=2)
+
+
+def build_fractions_grid(root: Path) -> Path:
+    """ViT-L/14, 4 classes, the published config on 20 % and 100 % of the training set."""
+    specs = [RunSpec(0.2, 2, 1024, 1.0, fraction=0.2), RunSpec(0.2, 2, 1024, 1.5)]
+    return build_grid(root, "vitl14-fractions", LARGE, "car+cat+chair+horse", specs, STUDY_TESTS, seed=4)
+
+
+def build_ldm_grid(root: Path) -> Path:
+    """ViT-L/14 on the LDM training set (no classes), Synthbuster by ten crops, 1 and 3 epochs."""
+    specs = [RunSpec(0.2, 4, 1024, 1.0), RunSpec(0.2, 4, 1024, 1.4, epochs=3)]
+    return build_grid(root, "vitl14-ldm", LARGE, "all", specs, list(SYNTHBUSTER), seed=5, train="train_ldm", test_variant="tencrop")
 
 
 # ----------------------------------------------------------------------------- independent expectations
@@ -209,14 +252,15 @@ def scores_per_dataset(score_file: Path) -> dict[str, tuple[float, float]]:
     }
 
 
-def shared_reference(name: str) -> list[dict[str, str]]:
-    return read_rows(SHARED_REFERENCE / name)
+def packaged_reference(name: str) -> list[dict[str, str]]:
+    with (resources.files("pipeline") / "data" / name).open("r", encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
-def shared_grid_scores(backbone: str, n_classes: int, factor: float, layers: int, dim: int) -> dict[str, tuple[float, float]]:
+def packaged_grid_scores(backbone: str, n_classes: int, factor: float, layers: int, dim: int) -> dict[str, tuple[float, float]]:
     return {
         row["dataset"]: (float(row["acc"]), float(row["ap"]))
-        for row in shared_reference("rine_official_grid.csv")
+        for row in packaged_reference("rine_official_grid.csv")
         if row["backbone"] == backbone and int(row["classes"]) == n_classes and float(row["contrastive_factor"]) == factor
         and int(row["proj_layers"]) == layers and int(row["proj_dim"]) == dim
     }  # fmt: skip
@@ -224,7 +268,7 @@ def shared_grid_scores(backbone: str, n_classes: int, factor: float, layers: int
 
 def expected_percent_row(per_dataset: dict[str, tuple[float, float]], index: int, columns: list[str]) -> dict[str, str]:
     expected = {d: percent(v[index]) if d in per_dataset else "" for d, v in ((d, per_dataset.get(d, (0, 0))) for d in columns)}
-    expected["avg"] = percent(np.mean([v[index] for v in per_dataset.values()]))
+    expected["avg"] = percent(paper_mean({d: v[index] for d, v in per_dataset.items()}))
     return expected
 
 
@@ -236,9 +280,9 @@ def run_folders(*grids: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def grids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def grids(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ...]:
     root = tmp_path_factory.mktemp("grids")
-    return build_main_grid(root), build_study_grid(root)
+    return build_main_grid(root), build_study_grid(root), build_fractions_grid(root), build_ldm_grid(root)
 
 
 @pytest.fixture(scope="module")
@@ -250,20 +294,14 @@ def report(grids, tmp_path_factory: pytest.TempPathFactory):
 # ----------------------------------------------------------------------------- reference data
 
 
-def test_packaged_reference_files_are_byte_identical_to_shared() -> None:
-    for name in REFERENCE_FILES:
-        packaged = (resources.files("pipeline") / "data" / name).read_bytes()
-        assert packaged == (SHARED_REFERENCE / name).read_bytes(), name
-
-
 def test_reference_loaders_parse_every_row() -> None:
     grid = reference.load_reference_grid()
-    shared = shared_reference("rine_official_grid.csv")
+    shared = packaged_reference("rine_official_grid.csv")
     assert len(grid) == len(shared) == 5760
     assert (grid[7].backbone, grid[7].n_classes, grid[7].dataset, grid[7].acc, grid[7].ap) == (
         shared[7]["backbone"], int(shared[7]["classes"]), shared[7]["dataset"], float(shared[7]["acc"]), float(shared[7]["ap"])
     )  # fmt: skip
-    assert len(reference.load_reference_ablations()) == len(shared_reference("rine_official_ablations.csv")) == 180
+    assert len(reference.load_reference_ablations()) == len(packaged_reference("rine_official_ablations.csv")) == 180
     perturbations = reference.load_reference_perturbations()
     assert len(perturbations) == 300
     assert {row.our_perturbation for row in perturbations} == {"blur", "crop", "jpeg", "noise", "combined"}
@@ -279,7 +317,7 @@ def test_non_gan_follows_the_authors_folder_name_rule() -> None:
 
 def test_published_best_is_the_spec_for_vitl14_and_the_grid_argmax_for_vitb32() -> None:
     per_config: dict[tuple, list[tuple[float, float]]] = {}
-    for row in shared_reference("rine_official_grid.csv"):
+    for row in packaged_reference("rine_official_grid.csv"):
         key = (row["backbone"], int(row["classes"]), float(row["contrastive_factor"]), int(row["proj_layers"]),
                int(row["proj_dim"]))  # fmt: skip
         per_config.setdefault(key, []).append((float(row["acc"]), float(row["ap"])))
@@ -307,7 +345,9 @@ def test_acc_and_ap_tables_match_a_recomputation_from_the_score_files(grids, rep
     folders = run_folders(*grids)
     selections = [row for grid in grids for row in read_rows(grid / "selection.csv")]
     # Architecture-ablation settings go to ablations.csv, not to Tables 2/3.
-    selections = [row for row in selections if row["blocks"] != "last" and row["aggregation"] != "mean"]
+    # The LDM setting (scored by ten crops on Synthbuster) goes to ldm.csv.
+    selections = [row for row in selections if row["head_blocks"] != "last" and row["aggregation"] != "mean"
+                  and row["train"] != "train_ldm"]  # fmt: skip
     assert selections
     selections.sort(key=lambda row: int(row["n_classes"]))  # rows are grouped by (backbone, n_classes)
     for name, index in (("acc.csv", 0), ("ap.csv", 1)):
@@ -329,8 +369,11 @@ def test_dataset_columns_are_in_paper_order_with_extras_last(report) -> None:
         first_dataset = header.index("progan")
         assert header[:first_dataset] == ["source", "backbone", "tap", "n_classes", "setting", "selection", "run",
                                           "contrastive_factor", "proj_layers", "proj_dim"]  # fmt: skip
-        # The authors' rows bring all 20 paper sets; our extra set comes after them, then the average.
-        assert header[first_dataset:] == [*PAPER_ORDER, "my_extra", "avg"]
+        # The authors' rows bring all 20 paper sets; our extra set comes after them, then the average (20-set rule).
+        assert header[first_dataset:] == [*PAPER_ORDER, "my_extra", "avg", "excluded_from_avg"]
+    acc = read_rows(report.out / "acc.csv")
+    assert {row["excluded_from_avg"] for row in acc if row["source"] == "ours" and row["my_extra"]} == {"my_extra"}
+    assert {row["excluded_from_avg"] for row in acc if row["source"] == "authors"} == {""}
 
 
 def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
@@ -340,7 +383,7 @@ def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
     assert [(a["n_classes"], a["selection"]) for a, _ in authors] == [("2", "published"), ("4", "published")]
     for a, p in authors:
         factor, layers, dim = float(a["contrastive_factor"]), int(a["proj_layers"]), int(a["proj_dim"])
-        shared = shared_grid_scores("ViT-L/14", int(a["n_classes"]), factor, layers, dim)
+        shared = packaged_grid_scores("ViT-L/14", int(a["n_classes"]), factor, layers, dim)
         assert len(shared) == 20
         for row, index in ((a, 0), (p, 1)):
             assert {c: row[c] for c in [*PAPER_ORDER, "avg"]} == expected_percent_row(shared, index, PAPER_ORDER)
@@ -357,7 +400,7 @@ def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
     assert [(r["backbone"], r["selection"], r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors] == [
         ("ViT-B/32", "published", "0.1", "2", "512")
     ]
-    shared = shared_grid_scores("ViT-B/32", 1, 0.1, 2, 512)
+    shared = packaged_grid_scores("ViT-B/32", 1, 0.1, 2, 512)
     assert authors[0]["avg"] == percent(np.mean([a for a, _ in shared.values()])) == "77.7"
 
 
@@ -371,8 +414,12 @@ def test_best_table_lists_each_selection_with_size_and_time(grids, report) -> No
     assert [(r["selection"], r["run"]) for r in best] == [(s["selection"], s["run"]) for s in selections]
     for row in best:
         source = results[row["run"]]
-        for column in ("setting", "contrastive_factor", "proj_layers", "proj_dim", "n_params", "fit_seconds", "n_classes"):
+        for column in ("train", "contrastive_factor", "proj_layers", "proj_dim", "n_params", "fit_seconds", "n_classes"):
             assert row[column] == source[column], column
+        assert f"epochs={source['epochs']}" in row["setting"].split()
+        if row["train"] == "train_ldm":
+            assert row["published_proj_dim"] == ""
+            continue
         assert (row["backbone"], row["tap"]) == ("ViT-L/14", "ln2")
         published = reference.PUBLISHED_BEST[("ViT-L/14", int(row["n_classes"]))]
         assert float(row["published_contrastive_factor"]) == published[0]
@@ -387,8 +434,9 @@ def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
     for row in table:
         test = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
         val = scores_per_dataset(folders[row["run"]] / "scores_val.csv")
-        assert float(row["mean_acc"]) == pytest.approx(np.mean([a for a, _ in test.values()]), abs=1e-12)
-        assert float(row["mean_ap"]) == pytest.approx(np.mean([p for _, p in test.values()]), abs=1e-12)
+        assert float(row["mean_acc"]) == pytest.approx(paper_mean({d: a for d, (a, _) in test.items()}), abs=1e-12)
+        assert float(row["mean_ap"]) == pytest.approx(paper_mean({d: p for d, (_, p) in test.items()}), abs=1e-12)
+        assert row["excluded_from_mean"] == ("my_extra" if "my_extra" in test else "")
         assert float(row["val_acc"]) == pytest.approx(val["progan"][0], abs=1e-12)
     metrics = read_rows(report.out / "metrics.csv")
     assert len(metrics) == len(ok_rows)
@@ -407,11 +455,11 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
     assert [row["variant"] for row in ours] == ["full", "without_intermediate", "without_tie", "without_contrastive"]
     full = ours[0]
     best_by_test = next(r for r in read_rows(grids[1] / "selection.csv")
-                        if r["selection"] == "best_by_test_mean_acc_ap" and r["epochs"] == "1" and r["blocks"] == "all"
+                        if r["selection"] == "best_by_test_mean_acc_ap" and r["epochs"] == "1" and r["head_blocks"] == "all"
                         and r["aggregation"] == "tie")  # fmt: skip
     assert full["run"] == best_by_test["run"]
     assert (full["contrastive_factor"], full["proj_layers"], full["proj_dim"]) == ("0.2", "4", "128")
-    assert study[ours[1]["run"]]["blocks"] == "last" and "same hyper-params" in ours[1]["note"]
+    assert study[ours[1]["run"]]["head_blocks"] == "last" and "same hyper-params" in ours[1]["note"]
     assert study[ours[2]["run"]]["aggregation"] == "mean" and "no run with the full model's hyper-params" in ours[2]["note"]
     assert float(study[ours[3]["run"]]["contrastive_factor"]) == 0 and "same hyper-params" in ours[3]["note"]
     non_gan = [d for d in PAPER_ORDER if "gan" not in d]
@@ -427,11 +475,11 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
     authors = {row["variant"]: row for row in table if row["source"] == "authors"}
     assert set(authors) == {"full", "without_intermediate", "without_tie", "without_contrastive"}
     shared = {
-        f"without_{w}": {r["dataset"]: (float(r["acc"]), float(r["ap"])) for r in shared_reference("rine_official_ablations.csv")
+        f"without_{w}": {r["dataset"]: (float(r["acc"]), float(r["ap"])) for r in packaged_reference("rine_official_ablations.csv")
                          if r["without"] == w and r["classes"] == "2"}
         for w in ("intermediate", "tie", "contrastive")
     }  # fmt: skip
-    shared["full"] = shared_grid_scores("ViT-L/14", 2, 0.2, 4, 128)
+    shared["full"] = packaged_grid_scores("ViT-L/14", 2, 0.2, 4, 128)
     for variant, per_dataset in shared.items():
         row = authors[variant]
         assert (row["n_classes"], row["contrastive_factor"], row["proj_layers"], row["proj_dim"]) == ("2", "0.2", "4", "128")
@@ -460,7 +508,7 @@ def test_robustness_table_has_ours_per_perturbed_variant_and_the_authors(grids, 
     authors = [row for row in table if row["source"] == "authors"]
     assert len(authors) == 10  # five perturbations x (acc, ap), 2-class only
     names = {"blur": "blur", "crop": "crop", "compress": "jpeg", "noise": "noise", "combined": "combined"}
-    for shared_row in shared_reference("rine_official_perturbations.csv"):
+    for shared_row in packaged_reference("rine_official_perturbations.csv"):
         if shared_row["classes"] != "2":
             continue
         for metric in ("acc", "ap"):
@@ -479,14 +527,16 @@ def test_plots_are_non_empty_pngs(grids, report) -> None:
     names = [path.name for path in pngs]
     full_settings = [
         r for grid in grids for r in read_rows(grid / "selection.csv")
-        if r["selection"] == "best_by_test_mean_acc_ap" and r["blocks"] == "all" and r["aggregation"] == "tie"
-        and float(r["contrastive_factor"]) != 0
+        if r["selection"] == "best_by_test_mean_acc_ap" and r["head_blocks"] == "all" and r["aggregation"] == "tie"
+        and float(r["contrastive_factor"]) != 0 and r["train"] != "train_ldm"
     ]  # fmt: skip
     per_dataset = [name for name in names if name.startswith("per_dataset_")]
-    assert len(per_dataset) == len(full_settings) == 3  # 4-class, 2-class epochs 1 and 3; not the ablation settings
+    # 4-class, 2-class epochs 1 and 3, 4-class fractions 0.2 and 1.0; not the ablation or LDM settings
+    assert len(per_dataset) == len(full_settings) == 5
     assert sum("epochs-3" in name for name in per_dataset) == 1
-    assert "hyperparams_box.png" in names and "epochs.png" in names
-    assert "fraction.png" not in names and any(item.name == "fraction.png" for item in report.skipped)
+    assert {"hyperparams_box.png", "epochs.png", "fraction.png", "tie.png"} <= set(names)
+    assert len([name for name in names if name.startswith("tsne_")]) == 1  # the one selected run with embeddings
+    assert report.skipped == ()
     for path in pngs:
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
@@ -500,7 +550,8 @@ def test_no_ablation_runs_skips_the_ablation_table_and_plots_off_writes_no_png(g
     assert "ablation runs" in skipped["ablations.csv"]
     assert "perturbed" in skipped["robustness.csv"]
     assert not (out / "ablations.csv").exists() and not (out / "robustness.csv").exists()
-    assert {path.name for path in summary.written} == {"acc.csv", "ap.csv", "best.csv", "grid.csv", "metrics.csv"}
+    assert {path.name for path in summary.written} == {"acc.csv", "ap.csv", "best.csv", "grid.csv", "metrics.csv", "tie.csv"}
+    assert {"epochs.csv", "fractions.csv", "ldm.csv"} <= set(skipped)
     assert list(out.glob("*.png")) == []
     assert "skipped ablations.csv" in summary.report()
 
@@ -520,20 +571,22 @@ def test_missing_results_or_selection_is_a_clear_error(grids, tmp_path: Path) ->
 
 
 def test_missing_matplotlib_still_writes_every_table(grids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pipeline.plots", None)  # makes `from . import plots` raise ImportError
-    monkeypatch.delattr(pipeline, "plots", raising=False)
+    import pipeline.report
+
+    monkeypatch.setitem(sys.modules, "pipeline.report.figures", None)  # makes `from . import figures` raise ImportError
+    monkeypatch.delattr(pipeline.report, "figures", raising=False)
     summary = run_report(ReportConfig(grid_dirs=grids, out=tmp_path / "out", plots=True))
-    assert {path.suffix for path in summary.written} == {".csv"} and len(summary.written) == 7
+    assert {path.suffix for path in summary.written} == {".csv"} and len(summary.written) == 11
     assert any(item.name == "plots" and "matplotlib" in item.reason for item in summary.skipped)
 
 
 def test_a_failing_plot_is_reported_not_raised(grids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import plots
+    from pipeline.report import figures
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(plots, "plot_hyperparam_boxes", broken)
+    monkeypatch.setattr(figures, "plot_hyperparam_boxes", broken)
     summary = run_report(ReportConfig(grid_dirs=(grids[0],), out=tmp_path / "out", plots=True))
     skipped = {item.name: item.reason for item in summary.skipped}
     assert skipped["hyperparams_box.png"] == "plot failed: RuntimeError: boom"
@@ -562,3 +615,137 @@ def test_report_module_does_not_import_matplotlib() -> None:
     code = "import sys, pipeline.report; print('matplotlib' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+# ----------------------------------------------------------------------------- the studies: epochs, fractions, LDM
+
+
+def packaged_runs(name: str) -> dict[tuple, dict[str, tuple[float, float]]]:
+    """(backbone, classes, xi, q, d', epochs, fraction) -> dataset -> (acc, ap) of a packaged run file."""
+    runs: dict[tuple, dict[str, tuple[float, float]]] = {}
+    for row in packaged_reference(name):
+        key = (row["backbone"], row.get("classes", ""), float(row["contrastive_factor"]), int(row["proj_layers"]),
+               int(row["proj_dim"]), int(row["epochs"]), float(row.get("train_fraction", 1.0)))  # fmt: skip
+        runs.setdefault(key, {})[row["dataset"]] = (float(row["acc"]), float(row["ap"]))
+    return runs
+
+
+def test_study_reference_files_have_their_shape_and_agree_with_the_grid_file() -> None:
+    grid = packaged_runs("rine_official_grid.csv")
+    epochs = packaged_runs("rine_official_epochs.csv")
+    assert len(epochs) == 9 * 4 and {key[5] for key in epochs} == {3, 5, 10, 15}
+    assert all(list(scores) == PAPER_ORDER for scores in epochs.values())
+    # the studied configs are the authors' three best grid configs (mean ACC + mean AP) of each class setting
+    for n_classes in ("1", "2", "4"):
+        ranked = sorted((key for key in grid if key[1] == n_classes),
+                        key=lambda k: -(np.mean([a for a, _ in grid[k].values()]) + np.mean([p for _, p in grid[k].values()])))  # fmt: skip
+        studied = {key[:5] for key in epochs if key[1] == n_classes}
+        assert studied == {key[:5] for key in ranked[:3]}
+        assert reference.best_reference_configs("ViT-L/14", int(n_classes), 3) == [reference.HeadConfig(*k[2:5]) for k in ranked[:3]]
+    fractions = packaged_runs("rine_official_fractions.csv")
+    assert len(fractions) == 3 * 4 and {key[6] for key in fractions} == {0.2, 0.5, 0.8, 1.0}
+    for key, scores in fractions.items():
+        published = reference.PUBLISHED_BEST[("ViT-L/14", int(key[1]))]
+        assert key[2:5] == tuple(published) and key[5] == 1
+        if key[6] == 1.0:  # the full training set is the grid's run of the same config (grid file: 6 decimals)
+            same = grid[key[:6] + (1.0,)]
+            assert all(abs(scores[d][i] - same[d][i]) < 1e-6 for d in PAPER_ORDER for i in (0, 1))
+    ldm = packaged_runs("rine_official_ldm.csv")
+    assert len(ldm) == 2 * 2 * 2 * 3 and all(list(scores) == SYNTHBUSTER for scores in ldm.values())
+    assert {key[2:6] for key in ldm} == {(xi, q, d, e) for xi in (0.2, 0.4) for q in (2, 4) for d in (512, 1024) for e in (1, 3, 5)}
+    # the typed loaders read the same rows
+    assert len(reference.load_reference_epochs()) == 720 and len(reference.load_reference_fractions()) == 240
+    assert {row.n_classes for row in reference.load_reference_ldm()} == {None} and len(reference.load_reference_ldm()) == 216
+    study = reference.reference_epochs_study()
+    assert len(study) == 9 * 5 and {key.epochs for key in study} == {1, 3, 5, 10, 15}
+
+
+def study_rows(report, name: str) -> list[dict[str, str]]:
+    return read_rows(report.out / name)
+
+
+def test_epochs_table_has_ours_per_epochs_and_the_authors_top_three(grids, report) -> None:
+    table = study_rows(report, "epochs.csv")
+    folders = run_folders(*grids)
+    ours = [row for row in table if row["source"] == "ours"]
+    # the study grid's full models at (0.2, 4, 128) and (0.4, 4, 128), each at 1 and 3 epochs, acc then ap
+    assert sorted({(r["contrastive_factor"], r["epochs"]) for r in ours}) == [("0.2", "1"), ("0.2", "3"), ("0.4", "1"), ("0.4", "3")]
+    for row in ours:
+        per_dataset = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
+        index = {"acc": 0, "ap": 1}[row["metric"]]
+        assert {c: row[c] for c in [*STUDY_TESTS, "avg"]} == expected_percent_row(per_dataset, index, STUDY_TESTS)
+    authors = [row for row in table if row["source"] == "authors"]
+    assert {r["n_classes"] for r in authors} == {"2"}  # only the settings we ran
+    assert {(r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors} == {
+        ("0.2", "4", "128"), ("0.4", "4", "128"), ("0.8", "4", "128")
+    }
+    assert len(authors) == 2 * 3 * 5
+    expected = packaged_runs("rine_official_epochs.csv")[("ViT-L/14", "2", 0.8, 4, 128, 10, 1.0)]
+    row = next(r for r in authors if (r["contrastive_factor"], r["epochs"], r["metric"]) == ("0.8", "10", "ap"))
+    assert {c: row[c] for c in [*PAPER_ORDER, "avg"]} == expected_percent_row(expected, 1, PAPER_ORDER)
+    one_epoch = packaged_grid_scores("ViT-L/14", 2, 0.8, 4, 128)
+    row = next(r for r in authors if (r["contrastive_factor"], r["epochs"], r["metric"]) == ("0.8", "1", "acc"))
+    assert row["avg"] == percent(np.mean([a for a, _ in one_epoch.values()]))
+
+
+def test_fractions_table_has_ours_per_fraction_and_the_authors(grids, report) -> None:
+    table = study_rows(report, "fractions.csv")
+    ours = [row for row in table if row["source"] == "ours"]
+    assert sorted({r["train_fraction"] for r in ours}) == ["0.2", "1"] and {r["n_classes"] for r in ours} == {"4"}
+    authors = [row for row in table if row["source"] == "authors"]
+    assert len(authors) == 4 * 2 and {r["train_fraction"] for r in authors} == {"0.2", "0.5", "0.8", "1"}
+    expected = packaged_runs("rine_official_fractions.csv")[("ViT-L/14", "4", 0.2, 2, 1024, 1, 0.5)]
+    row = next(r for r in authors if (r["train_fraction"], r["metric"]) == ("0.5", "acc"))
+    assert {c: row[c] for c in [*PAPER_ORDER, "avg"]} == expected_percent_row(expected, 0, PAPER_ORDER)
+
+
+def test_ldm_table_averages_the_synthbuster_sets_beside_the_authors(grids, report) -> None:
+    table = study_rows(report, "ldm.csv")
+    folders = run_folders(*grids)
+    ours = [row for row in table if row["source"] == "ours"]
+    assert {r["train"] for r in ours} == {"train_ldm"} and sorted({r["epochs"] for r in ours}) == ["1", "3"]
+    for row in ours:
+        per_dataset = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
+        index = {"acc": 0, "ap": 1}[row["metric"]]
+        # none of the paper's 20 sets: all nine Synthbuster sets form the mean
+        assert row["avg"] == percent(np.mean([v[index] for v in per_dataset.values()]))
+        assert row["excluded_from_avg"] == ""
+    authors = [row for row in table if row["source"] == "authors"]
+    assert len(authors) == 24 * 2
+    expected = packaged_runs("rine_official_ldm.csv")[("ViT-L/14", "", 0.2, 4, 1024, 1, 1.0)]
+    row = next(r for r in authors if (r["contrastive_factor"], r["proj_layers"], r["proj_dim"], r["epochs"], r["metric"])
+               == ("0.2", "4", "1024", "1", "acc"))  # fmt: skip
+    assert {c: row[c] for c in SYNTHBUSTER} == {d: percent(a) for d, (a, _) in expected.items()}
+    assert row["avg"] == percent(np.mean([a for a, _ in expected.values()]))
+    assert not set(SYNTHBUSTER) & set(read_rows(report.out / "acc.csv")[0])  # ten-crop LDM runs stay out of Tables 2/3
+
+
+def test_tie_table_is_the_softmax_of_alpha_per_block_of_the_selected_runs(grids, report) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    table = read_rows(report.out / "tie.csv")
+    selected = {r["run"] for r in read_rows(grids[0] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"}
+    with_heads = {folder.name for folder in (grids[0] / "runs").iterdir() if (folder / "head.safetensors").is_file()}
+    assert {row["run"] for row in table} == selected & with_heads and len(table) == N_BLOCKS * len(selected & with_heads)
+    for run in {row["run"] for row in table}:
+        alpha = load_file(str(grids[0] / "runs" / run / "head.safetensors"))["alpha"].double()
+        expected = torch.softmax(alpha, dim=1).mean(dim=2).squeeze(0)
+        weights = [float(row["weight"]) for row in table if row["run"] == run]
+        assert [int(row["block"]) for row in table if row["run"] == run] == list(range(N_BLOCKS))
+        assert np.allclose(weights, expected.numpy(), atol=1e-12) and math.isclose(sum(weights), 1.0)
+
+
+def test_tsne_points_are_scikit_learns_tsne() -> None:
+    from sklearn.manifold import TSNE
+
+    from pipeline.report.figures import embedding_groups, tsne_points
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(40, 5))
+    expected = TSNE(n_components=2, init="pca", perplexity=13.0, random_state=0).fit_transform(z)
+    assert np.allclose(tsne_points(z), expected)
+    groups = embedding_groups(np.array([0, 1, 1, 0]), np.array(["progan", "progan", "guided", "guided"]))
+    assert {k: v.tolist() for k, v in groups.items()} == {
+        "real": [True, False, False, True], "fake (GAN)": [False, True, False, False], "fake (other)": [False, False, True, False]
+    }
