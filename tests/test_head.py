@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -234,3 +235,14 @@ def test_fast_dropout_keeps_bfloat16_dtype() -> None:
     assert out.dtype == torch.bfloat16
     kept = out != 0
     torch.testing.assert_close(out[kept], x[kept] * 2, rtol=0, atol=0)
+
+
+def test_crop_score_is_the_sigmoid_of_the_mean_logit():
+    from pipeline.head import crop_scores
+
+    logits = torch.tensor([[4.0, -2.0, 0.0], [1.0, 1.0, 1.0]])
+    expected = [1 / (1 + math.exp(-2 / 3)), 1 / (1 + math.exp(-1.0))]
+    assert torch.allclose(crop_scores(logits), torch.tensor(expected))
+    assert not math.isclose(float(crop_scores(logits)[0]), float(torch.sigmoid(logits[0]).mean()), abs_tol=1e-3)
+    with pytest.raises(ValueError, match=r"\(B, n_crops\)"):
+        crop_scores(torch.zeros(3))

@@ -1,0 +1,89 @@
+"""The results.csv / selection.csv format and the selection rules (pipeline.results)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+
+from pipeline import cache, config, metrics
+from pipeline.results import (
+    BEST_BY_TEST,
+    BEST_BY_VAL,
+    RESULT_COLUMNS,
+    SETTING_COLUMNS,
+    ResultRow,
+    ResultsFormatError,
+    mean_datasets,
+    nan_mean,
+    read_result_rows,
+    select_runs,
+    summarize_runs,
+    write_csv,
+)
+
+BASE = ResultRow(
+    run="r", status="ok", error="", grid="g", model="m", tap="ln2", train="train_4class", contrastive_factor=0.2,
+    proj_layers=2, proj_dim=64, epochs=1, batch_size=128, lr=0.001, lr_milestones=(6, 11), classes="chair+horse",
+    n_classes=2, train_fraction=1.0, head_blocks="all", aggregation="tie", seed=0, amp="none", n_params=10,
+    fit_seconds=1.5, views_used=1, views_reused=0,
+)  # fmt: skip
+
+
+def scored(run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", **changes) -> ResultRow:
+    values = {name: 0.5 for name in metrics.METRIC_NAMES} | {"acc": acc, "ap": ap}
+    return dataclasses.replace(BASE, run=run, split=split, variant=variant, dataset=dataset, n=10, n_invalid=0,
+                               metrics=values, **changes)  # fmt: skip
+
+
+def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
+    assert set(f.name for f in dataclasses.fields(config.RunConfig)) <= set(RESULT_COLUMNS)
+    assert set(SETTING_COLUMNS) | {"contrastive_factor", "proj_layers", "proj_dim", "n_classes"} >= {
+        f.name for f in dataclasses.fields(config.RunConfig)
+    }
+    assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES):] == metrics.METRIC_NAMES
+    assert cache.TEN_CROP == "tencrop"  # the variant name results.UNPERTURBED_VARIANTS expects
+    rows = [scored("a", "val", "progan", 0.9, math.nan), dataclasses.replace(BASE, status="error", error="boom", n_classes=None)]
+    write_csv(tmp_path / "results.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
+    text = (tmp_path / "results.csv").read_text().splitlines()
+    assert text[1].split(",")[RESULT_COLUMNS.index("lr_milestones")] == "6+11"
+    back = [row for _, row in read_result_rows(tmp_path / "results.csv")]
+    assert back[1] == rows[1]
+    assert back[0].metrics["acc"] == 0.9 and math.isnan(back[0].metrics["ap"])
+    assert dataclasses.replace(back[0], metrics=None) == dataclasses.replace(rows[0], metrics=None)
+
+
+def test_a_bad_value_names_the_file_line_and_column(tmp_path):
+    record = scored("a", "val", "progan", 0.9, 0.8).to_csv()
+    write_csv(tmp_path / "results.csv", RESULT_COLUMNS, [record, {**record, "proj_dim": "wide"}])
+    with pytest.raises(ResultsFormatError, match=r"results\.csv:3: column proj_dim: 'wide'"):
+        read_result_rows(tmp_path / "results.csv")
+    write_csv(tmp_path / "results.csv", RESULT_COLUMNS, [{**record, "status": "maybe"}])
+    with pytest.raises(ResultsFormatError, match="status: 'maybe' is neither"):
+        read_result_rows(tmp_path / "results.csv")
+
+
+def test_the_paper_sets_form_the_mean_when_present_else_all_sets():
+    assert mean_datasets(["whichfaceisreal", "dalle", "progan"]) == (("progan", "dalle"), ("whichfaceisreal",))
+    assert mean_datasets(["mine_b", "mine_a"]) == (("mine_a", "mine_b"), ())
+    assert nan_mean([1.0, math.nan, 0.0]) == 0.5 and math.isnan(nan_mean([math.nan]))
+
+
+def test_selection_by_val_and_by_mean_test_acc_ap_per_setting_with_the_20_set_rule():
+    rows = [
+        # run a: best val; run b: best test mean over the paper sets; whichfaceisreal and perturbed rows do not count
+        scored("a", "val", "progan", 0.99, 0.99), scored("a", "test", "progan", 0.7, 0.7),
+        scored("a", "test", "whichfaceisreal", 1.0, 1.0), scored("a", "test_jpeg", "progan", 1.0, 1.0, variant="jpeg-official"),
+        scored("b", "val", "progan", 0.80, 0.99), scored("b", "test", "progan", 0.8, 0.8),
+        scored("b", "test", "whichfaceisreal", 0.0, 0.0),
+        # run c: another setting (3 epochs), alone in it
+        scored("c", "val", "progan", 0.5, 0.5, epochs=3), scored("c", "test", "progan", 0.5, 0.5, epochs=3),
+        dataclasses.replace(BASE, run="d", status="error", error="x"),
+    ]  # fmt: skip
+    summaries = summarize_runs(rows)
+    assert set(summaries) == {"a", "b", "c"}
+    assert (summaries["a"].mean_acc, summaries["a"].excluded_from_mean) == (0.7, ("whichfaceisreal",))
+    chosen = [(s.rule, s.summary.run) for s in select_runs(summaries.values())]
+    assert chosen == [(BEST_BY_VAL, "a"), (BEST_BY_TEST, "b"), (BEST_BY_VAL, "c"), (BEST_BY_TEST, "c")]
+    tie = [scored(run, "test", "progan", 0.5, 0.5) for run in ("x", "y")]
+    assert [s.summary.run for s in select_runs(summarize_runs(tie).values())] == ["y", "y"]  # ties: the larger id
