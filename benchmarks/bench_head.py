@@ -3,7 +3,7 @@
 The published 4-class head (ViT-L/14 features: n = 24 blocks, d = 1024;
 q = 2, d' = 1024), batch 128, BCE + SupCon, Adam, trained for one epoch from
 float16 features held in memory (a synthetic store loaded by
-``train.load_store``). Its FLOPs are counted analytically (printed below);
+``train.open_train_store``; the first fit loads the view, later fits reuse it). Its FLOPs are counted analytically (printed below);
 the peak is a loop of (4096 x 1024) @ (1024 x 1024) matmuls in the same run.
 Both are timed in alternating rounds. Prints the fp32 ratio (target >= 0.6)
 and the bf16-autocast ratio against bf16 matmuls.
@@ -121,7 +121,7 @@ def main() -> int:
         path = work / "train.zarr"
         labels = np.random.default_rng(0).integers(0, 2, args.rows)
         write_synthetic_store(path, args.rows, args.blocks, args.dim, shard_rows=1024, chunk_rows=256, labels=labels)
-        store = train.load_store(StoreRef("train", path), ("center",), device)
+        store = train.open_train_store(StoreRef("train", path), device)
         for run_config, _ in modes.values():
             train.fit_head(store, run_config, device=device)  # warm-up: allocator, kernels, first touch
         fit_seconds: dict[str, list[float]] = {name: [] for name in modes}
