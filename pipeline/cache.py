@@ -42,7 +42,7 @@ import zarr
 SCHEMA = "rine-pipeline/feature-store@1"
 TAPS = ("ln2", "hidden")  # see backbone.py for what each tap is
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
-TEN_CROP = "tencrop"  # variants tencrop_0 .. tencrop_9; scored as the mean of their sigmoids
+TEN_CROP = "tencrop"  # variants tencrop_0 .. tencrop_9; scored by the sigmoid of their mean logit
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 256
 _READ_THREADS = 2

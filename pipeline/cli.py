@@ -84,7 +84,7 @@ def manifest_command(layout, root, split, classes, generators, raise_root, manif
               help="official = the authors' code with its quirks; paper = the parameters the paper describes.")
 @click.option("--ten-crop", is_flag=True,
               help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
-                   "scored as the mean of the ten sigmoids: the authors' protocol for large images (Synthbuster).")
+                   "scored by the sigmoid of the mean of the ten logits: the authors' protocol for large images (Synthbuster).")
 @click.option("--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view).")
 @click.option("--shard-rows", type=click.IntRange(1), default=cache.DEFAULT_SHARD_ROWS, help="Rows per shard: the unit of work and resume.")
 @click.option("--chunk-rows", type=click.IntRange(1), default=cache.DEFAULT_CHUNK_ROWS, help="Rows per inner chunk (divides --shard-rows).")

@@ -1,7 +1,7 @@
 """Binary detection metrics for one test set: accuracy at 0.5, AP, AUC, per-class and thresholded accuracies.
 
 Labels: 0 = real, 1 = fake. Scores are fake probabilities in [0, 1] (a sigmoid
-output, or the mean of ten-crop sigmoids). Two threshold conventions, both documented:
+output, or the sigmoid of the mean ten-crop logit). Two threshold conventions, both documented:
 
 * ``acc``, ``real_acc``, ``fake_acc`` predict fake when ``score > 0.5`` (strictly), as
   the authors' evaluation does (``accuracy_score(y_true, y_score > 0.5)``).
