@@ -46,8 +46,11 @@ from .results import (
     OK,
     RESULT_COLUMNS,
     SELECTION_COLUMNS,
+    SETTING_FIELDS,
     VAL_SPLIT,
+    HeadConfig,
     ResultRow,
+    Setting,
     read_result_rows,
     select_runs,
     selection_record,
@@ -256,19 +259,17 @@ def base_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str) ->
     n_classes = None
     if data is not None and data.train.rows.classes is not None:
         n_classes = len(set(data.train.rows.classes.tolist())) if run.classes is None else len(run.classes)
-    values = {key: value for key, value in dataclasses.asdict(run).items() if key != "classes"}
-    return ResultRow(
-        run=rid,
-        status=OK,
-        error="",
-        grid=spec.name,
+    values = dataclasses.asdict(run)
+    setting = Setting(
         model=spec.model,
         tap=spec.tap,
         train=spec.train.name,
+        **{name: values[name] for name in SETTING_FIELDS if name in values and name != "classes"},
         classes=classes_label(run.classes),
         n_classes=n_classes,
-        **values,
     )
+    head = HeadConfig(run.contrastive_factor, run.proj_layers, run.proj_dim)
+    return ResultRow(run=rid, status=OK, error="", grid=spec.name, head=head, setting=setting)
 
 
 def error_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str, message: str) -> ResultRow:

@@ -58,21 +58,8 @@ __all__ = ["PAPER_DATASETS", "HeadConfig"]  # re-exported: the reference data is
 # contain "gan" (sitd's folder is "seeingdark"): the five CNNDetection sets
 # made without a GAN (deepfake, SITD, SAN, CRN, IMLE) plus the eight diffusion
 # sets. We follow that definition so our column matches theirs.
-NON_GAN_DATASETS: tuple[str, ...] = (
-    "deepfake",
-    "sitd",
-    "san",
-    "crn",
-    "imle",
-    "guided",
-    "ldm_200",
-    "ldm_200_cfg",
-    "ldm_100",
-    "glide_100_27",
-    "glide_50_27",
-    "glide_100_10",
-    "dalle",
-)
+AUTHORS_FOLDERS: dict[str, str] = {"sitd": "seeingdark"}  # test sets whose folder is named otherwise
+NON_GAN_DATASETS: tuple[str, ...] = tuple(name for name in PAPER_DATASETS if "gan" not in AUTHORS_FOLDERS.get(name, name))
 
 BACKBONE_NAMES: dict[str, str] = {
     "openai/clip-vit-large-patch14": "ViT-L/14",

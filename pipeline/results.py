@@ -163,23 +163,8 @@ class ResultRow:
     status: str
     error: str
     grid: str
-    model: str
-    tap: str
-    train: str
-    contrastive_factor: float
-    proj_layers: int
-    proj_dim: int
-    epochs: int
-    batch_size: int
-    lr: float
-    lr_milestones: tuple[int, ...]
-    classes: str
-    n_classes: int | None
-    train_fraction: float
-    head_blocks: str
-    aggregation: str
-    seed: int
-    amp: str
+    head: HeadConfig
+    setting: Setting
     n_params: int | None = None
     fit_seconds: float | None = None
     views_used: int | None = None
@@ -192,18 +177,6 @@ class ResultRow:
     metrics: Mapping[str, float] | None = None  # METRIC_NAMES -> value
 
     @property
-    def head_config(self) -> HeadConfig:
-        return HeadConfig(self.contrastive_factor, self.proj_layers, self.proj_dim)
-
-    @property
-    def setting(self) -> Setting:
-        return Setting(**{name: getattr(self, name) for name in SETTING_FIELDS})
-
-    @property
-    def is_test(self) -> bool:
-        return self.split is not None and self.split != VAL_SPLIT
-
-    @property
     def is_perturbed(self) -> bool:
         return self.variant not in UNPERTURBED_VARIANTS
 
@@ -214,7 +187,9 @@ class ResultRow:
 
     def to_csv(self) -> dict[str, str]:
         """Column -> text as written to results.csv."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "metrics"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("head", "setting", "metrics")}
+        values.update(self.head._asdict())
+        values.update({name: getattr(self.setting, name) for name in SETTING_FIELDS})
         values.update({name: (None if self.metrics is None else self.metrics[name]) for name in METRIC_NAMES})
         return {column: format_value(values[column]) for column in RESULT_COLUMNS}
 
@@ -227,10 +202,19 @@ class ResultRow:
         metrics = None
         if row.get("acc", "") != "":
             metrics = {name: parse_column(name, row, _parse_float) for name in METRIC_NAMES}
-        return cls(**values, metrics=metrics)
+        head = HeadConfig(*(values.pop(name) for name in HEAD_COLUMNS))
+        setting = Setting(**{name: values.pop(name) for name in SETTING_FIELDS})
+        return cls(**values, head=head, setting=setting, metrics=metrics)
 
 
-RESULT_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(ResultRow) if f.name != "metrics") + METRIC_NAMES
+RESULT_COLUMNS: tuple[str, ...] = (
+    ("run", "status", "error", "grid")
+    + SETTING_FIELDS[: SETTING_FIELDS.index("epochs")]  # model, tap, train
+    + HEAD_COLUMNS
+    + SETTING_COLUMNS
+    + tuple(f.name for f in fields(ResultRow) if f.name not in ("run", "status", "error", "grid", "head", "setting", "metrics"))
+    + METRIC_NAMES
+)
 
 
 def format_value(value: Any) -> str:
@@ -433,8 +417,8 @@ SELECTION_COLUMNS: tuple[str, ...] = (
 def selection_record(selection: Selection) -> dict[str, str]:
     """A selection.csv row."""
     summary = selection.summary
-    row = summary.row.to_csv()
-    values = {column: row[column] for column in SELECTION_COLUMNS if column in row}
+    written = summary.row.to_csv()
+    values = {column: written[column] for column in SELECTION_COLUMNS if column in written}
     values.update(
         selection=selection.rule,
         val_acc=format_value(summary.val_acc),

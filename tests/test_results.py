@@ -12,8 +12,10 @@ from pipeline.results import (
     BEST_BY_VAL,
     RESULT_COLUMNS,
     SETTING_COLUMNS,
+    HeadConfig,
     ResultRow,
     ResultsFormatError,
+    Setting,
     mean_datasets,
     nan_mean,
     read_result_rows,
@@ -22,28 +24,31 @@ from pipeline.results import (
     write_csv,
 )
 
-BASE = ResultRow(
-    run="r", status="ok", error="", grid="g", model="m", tap="ln2", train="train_4class", contrastive_factor=0.2,
-    proj_layers=2, proj_dim=64, epochs=1, batch_size=128, lr=0.001, lr_milestones=(6, 11), classes="chair+horse",
-    n_classes=2, train_fraction=1.0, head_blocks="all", aggregation="tie", seed=0, amp="none", n_params=10,
-    fit_seconds=1.5, views_used=1, views_reused=0,
+SETTING = Setting(
+    model="m", tap="ln2", train="train_4class", epochs=1, batch_size=128, lr=0.001, lr_milestones=(6, 11),
+    classes="chair+horse", n_classes=2, train_fraction=1.0, head_blocks="all", aggregation="tie", seed=0, amp="none",
 )  # fmt: skip
+BASE = ResultRow(run="r", status="ok", error="", grid="g", head=HeadConfig(0.2, 2, 64), setting=SETTING, n_params=10,
+                 fit_seconds=1.5, views_used=1, views_reused=0)  # fmt: skip
 
 
-def scored(run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", **changes) -> ResultRow:
+def scored(run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", epochs: int = 1) -> ResultRow:
     values = {name: 0.5 for name in metrics.METRIC_NAMES} | {"acc": acc, "ap": ap}
+    setting = dataclasses.replace(SETTING, epochs=epochs)
     return dataclasses.replace(BASE, run=run, split=split, variant=variant, dataset=dataset, n=10, n_invalid=0,
-                               metrics=values, **changes)  # fmt: skip
+                               metrics=values, setting=setting)  # fmt: skip
 
 
 def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
     assert set(f.name for f in dataclasses.fields(config.RunConfig)) <= set(RESULT_COLUMNS)
+    assert RESULT_COLUMNS[:10] == ("run", "status", "error", "grid", "model", "tap", "train", "contrastive_factor",
+                                   "proj_layers", "proj_dim")  # fmt: skip
     assert set(SETTING_COLUMNS) | {"contrastive_factor", "proj_layers", "proj_dim", "n_classes"} >= {
         f.name for f in dataclasses.fields(config.RunConfig)
     }
     assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES):] == metrics.METRIC_NAMES
     assert cache.TEN_CROP == "tencrop"  # the variant name results.UNPERTURBED_VARIANTS expects
-    rows = [scored("a", "val", "progan", 0.9, math.nan), dataclasses.replace(BASE, status="error", error="boom", n_classes=None)]
+    rows = [scored("a", "val", "progan", 0.9, math.nan), dataclasses.replace(BASE, status="error", error="boom", setting=dataclasses.replace(SETTING, n_classes=None))]
     write_csv(tmp_path / "results.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
     text = (tmp_path / "results.csv").read_text().splitlines()
     assert text[1].split(",")[RESULT_COLUMNS.index("lr_milestones")] == "6+11"

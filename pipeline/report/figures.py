@@ -166,7 +166,7 @@ def run_plot_name(prefix: str, run: RunResult, common_tokens: set[str]) -> str:
     digest = hashlib.sha1("\n".join((run.grid_dir.name, label)).encode()).hexdigest()[:6]
     distinct = " ".join(token for token in label.split() if token not in common_tokens)
     classes = f"{run.n_classes}class" if run.n_classes is not None else ""
-    readable = slugify(f"{run.backbone} {run.row.tap} {classes} {distinct}")[:80].rstrip("-")
+    readable = slugify(f"{run.backbone} {run.setting.tap} {classes} {distinct}")[:80].rstrip("-")
     return f"{prefix}_{readable}-{digest}.png"
 
 
@@ -182,8 +182,8 @@ def percent_lists(scores: Mapping[str, Scores], datasets: Sequence[str]) -> tupl
 
 
 def run_title(run: RunResult, what: str) -> str:
-    classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.row.train}"
-    return f"{what}: {run.backbone} ({run.row.tap}), {classes}, run {run.run} (best by mean test ACC+AP)\n{run.setting.label()}"
+    classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.setting.train}"
+    return f"{what}: {run.backbone} ({run.setting.tap}), {classes}, run {run.run} (best by mean test ACC+AP)\n{run.setting.label()}"
 
 
 def per_dataset_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob]:
@@ -252,7 +252,7 @@ def study_job(grids: Sequence[GridResults], out: Path, column: str, name: str) -
         if len(values) < 2:
             continue
         first = runs[0]
-        label = f"{first.backbone} {first.row.tap} classes={first.setting.classes} train={first.setting.train}"
+        label = f"{first.backbone} {first.setting.tap} classes={first.setting.classes} train={first.setting.train}"
         if label in studies:
             label = f"{label} #{len(studies) + 1}"
         studies[label] = {
@@ -272,7 +272,7 @@ def tie_job(grids: Sequence[GridResults], out: Path) -> PlotJob | SkippedOutput:
     series = {}
     for run in runs:
         blocks, weights = block_importance(run.folder / HEAD_FILE)
-        classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.row.train}"
+        classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.setting.train}"
         series[f"{run.backbone} {classes} {run.setting.label(without=('model', 'tap', 'train', 'classes'))}"] = (
             blocks.tolist(),
             weights.tolist(),

@@ -73,21 +73,21 @@ class RunResult:
 
     @property
     def head_config(self) -> HeadConfig:
-        return self.row.head_config
+        return self.row.head
 
     @property
     def n_classes(self) -> int | None:
-        return self.row.n_classes
+        return self.row.setting.n_classes
 
     @property
     def backbone(self) -> str:
         """The authors' name of the backbone (ViT-L/14, ...), or the model id when it is not one of theirs."""
-        return ref.backbone_name(self.row.model) or self.row.model
+        return ref.backbone_name(self.setting.model) or self.setting.model
 
     @property
     def is_ldm(self) -> bool:
         """Trained on the LDM training set (its training split's name holds 'ldm')."""
-        return LDM_MARK in self.row.train.lower()
+        return LDM_MARK in self.setting.train.lower()
 
     @property
     def ablation(self) -> str | None:
@@ -95,9 +95,9 @@ class RunResult:
         kinds = [
             kind
             for kind, flagged in (
-                ("without_intermediate", self.row.head_blocks == "last"),
-                ("without_tie", self.row.aggregation == "mean"),
-                ("without_contrastive", self.row.contrastive_factor == 0),
+                ("without_intermediate", self.setting.head_blocks == "last"),
+                ("without_tie", self.setting.aggregation == "mean"),
+                ("without_contrastive", self.head_config.contrastive_factor == 0),
             )
             if flagged
         ]
@@ -106,12 +106,12 @@ class RunResult:
     @property
     def is_full_architecture(self) -> bool:
         """All blocks and TIE (the contrastive factor may be 0)."""
-        return self.row.head_blocks == "all" and self.row.aggregation == "tie"
+        return self.setting.head_blocks == "all" and self.setting.aggregation == "tie"
 
     @property
     def is_full_model(self) -> bool:
         """All blocks, TIE and a contrastive term: the model the grid searches."""
-        return self.is_full_architecture and self.row.contrastive_factor != 0
+        return self.is_full_architecture and self.head_config.contrastive_factor != 0
 
     @property
     def center(self) -> Mapping[str, Scores]:
@@ -174,7 +174,7 @@ def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRo
     seen_in_split: dict[tuple[str, str, str], str] = {}
     for line, row in rows:
         first_line, first_row = first.setdefault(row.run, (line, row))
-        if (row.setting, row.head_config, row.grid) != (first_row.setting, first_row.head_config, first_row.grid):
+        if (row.setting, row.head, row.grid) != (first_row.setting, first_row.head, first_row.grid):
             raise ReportError(f"{results}:{line}: run {row.run} has another config than on line {first_line}")
         scores = Scores(row.metric("acc"), row.metric("ap"))
         split, variant, dataset = row.split or "", row.variant or "", row.dataset or ""

@@ -173,7 +173,7 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
     setting, scored on Synthbuster by ten crops) to ldm.csv.
     """
     ours = [
-        (s.run, ScoreRow(score_key(OURS, s.run.backbone, s.run.row.tap, s.run.n_classes, s.run.setting.label(), s.rule,
+        (s.run, ScoreRow(score_key(OURS, s.run.backbone, s.run.setting.tap, s.run.n_classes, s.run.setting.label(), s.rule,
                                    s.run.run, s.run.head_config), s.run.center))  # fmt: skip
         for s in all_selections(grids)
         if s.run.is_full_architecture and s.run.center
@@ -233,7 +233,7 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         run = selection.run
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         rows.append(
-            (run.setting.label(), run.backbone, run.row.tap, run.row.train, format_n_classes(run.n_classes),
+            (run.setting.label(), run.backbone, run.setting.tap, run.setting.train, format_n_classes(run.n_classes),
              selection.rule, *format_hyper(run.head_config), str(run.row.n_params), str(run.row.fit_seconds), run.run,
              str(run.grid_dir), *(format_hyper(published) if published else ("", "", "")))  # fmt: skip
         )
@@ -529,7 +529,7 @@ def build_tie_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     for run in runs:
         blocks, weights = block_importance(run.folder / HEAD_FILE)
         rows += [
-            (run.backbone, run.row.tap, format_n_classes(run.n_classes), run.setting.label(), run.run, str(int(block)),
+            (run.backbone, run.setting.tap, format_n_classes(run.n_classes), run.setting.label(), run.run, str(int(block)),
              repr(float(weight)))  # fmt: skip
             for block, weight in zip(blocks, weights)
         ]
