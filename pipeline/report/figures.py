@@ -28,8 +28,8 @@ from matplotlib.patches import Patch
 
 from .. import reference as ref
 from ..files import atomic_path
-from .inputs import EMBEDDINGS_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
-from .tables import HEAD_FILE, SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
+from .inputs import EMBEDDINGS_FILE, HEAD_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
+from .tables import SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
 
 DPI = 100
 ACC_COLOR = "tab:olive"
