@@ -107,7 +107,7 @@ def synthetic_identity(n_blocks: int, dim: int, shard_rows: int, chunk_rows: int
         model_id="synthetic",
         model_revision="synthetic",
         tap="ln2",
-        blocks=tuple(range(n_blocks)),
+        block_indices=tuple(range(n_blocks)),
         dim=dim,
         crop_size=224,
         mean=(0.0, 0.0, 0.0),
@@ -121,6 +121,23 @@ def synthetic_identity(n_blocks: int, dim: int, shard_rows: int, chunk_rows: int
     )
 
 
+@dataclass(frozen=True)
+class RandomRows:
+    """Standard normal float16 rows made on demand, so that a store of many GB never sits in memory.
+
+    ``rows[start:stop]`` draws from a generator seeded by (seed, start): the
+    same slice always holds the same values.
+    """
+
+    shape: tuple[int, int, int]
+    seed: int = 0
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        rng = np.random.default_rng([self.seed, start])
+        return rng.standard_normal((stop - start, *self.shape[1:]), dtype=np.float32).astype(np.float16)
+
+
 def write_synthetic_store(
     path: Path,
     n_rows: int,
@@ -130,37 +147,19 @@ def write_synthetic_store(
     shard_rows: int,
     chunk_rows: int,
     labels: np.ndarray | None = None,
-    classes: list[str] | None = None,
     seed: int = 0,
-    feature_rows: Callable[[int, int, np.random.Generator], np.ndarray] | None = None,
 ) -> None:
-    """A complete feature store (variant ``center``) of random float16 features.
-
-    ``feature_rows(start, stop, rng)`` may supply the rows of each shard
-    (default: standard normal values).
-    """
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        labels = np.arange(n_rows) % 2
-    cache.create_store(
+    """A complete feature store (variant ``center``) of random float16 features, via ``cache.write_store``."""
+    labels = np.arange(n_rows) % 2 if labels is None else labels
+    cache.write_store(
         path,
         synthetic_identity(n_blocks, dim, shard_rows, chunk_rows),
         split=path.stem,
         labels=[int(v) for v in labels],
         paths=[f"img_{i:07d}.png" for i in range(n_rows)],
         datasets=["synthetic"] * n_rows,
-        classes=classes,
-        extra_attrs={},
+        features={"center": RandomRows((n_rows, n_blocks, dim), seed)},
     )
-    variant = cache.VariantSpec.center()
-    cache.add_variant(path, variant, n_blocks, dim)
-    for shard in range(cache.shard_count(n_rows, shard_rows)):
-        start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
-        if feature_rows is None:
-            values = rng.standard_normal((stop - start, n_blocks, dim), dtype=np.float32).astype(np.float16)
-        else:
-            values = feature_rows(start, stop, rng)
-        cache.commit_shard(path, variant.name, shard, values, np.ones(stop - start, dtype=bool), [""] * (stop - start))
 
 
 VIT_B32_SHAPE = dict(
@@ -198,7 +197,8 @@ def write_folder_images(root: Path, n_images: int, size: int, seed: int = 0) -> 
 
 def write_folder_manifest(root: Path, manifests_dir: Path, split: str) -> Path:
     """The ``folder``-layout manifest of ``root`` written as ``manifests_dir/<split>.csv``."""
-    from pipeline.manifest import build_manifest, manifest_path, write_manifest
+    from pipeline.layouts import build_manifest
+    from pipeline.manifest import manifest_path, write_manifest
 
     manifest = build_manifest("folder", root, split)
     path = manifest_path(manifests_dir, split)

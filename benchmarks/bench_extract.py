@@ -35,7 +35,7 @@ from _common import (
     write_folder_images,
     write_folder_manifest,
 )
-from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 
 TARGET = 0.9
@@ -79,15 +79,15 @@ def main() -> int:
         model_dir = save_random_clip(work / "vit-b32-random", num_hidden_layers=args.layers)
         write_folder_images(work / "data", args.images, args.size)
         manifest_csv = write_folder_manifest(work / "data", work / "manifests", "bench")
-        spec = BackboneSpec(model=str(model_dir), device="cpu", dtype="float32")
+        backbone_config = BackboneConfig(model=str(model_dir), device="cpu", dtype="float32")
         load_start = time.perf_counter()
-        backbone = Backbone(spec)
+        backbone = Backbone(backbone_config)
         load_seconds = time.perf_counter() - load_start
         batches = premade_center_batches(manifest_csv, backbone.crop_size, args.batch)
         config = ExtractConfig(
             split="bench",
             manifest=manifest_csv,
-            backbone=spec,
+            backbone=backbone_config,
             cache_dir=work / "cache",
             batch_size=args.batch,
             decode_workers=args.workers,
@@ -104,7 +104,7 @@ def main() -> int:
             summaries.append(summary)
     bare = args.images / statistics.median(bare_seconds)
     end_to_end = args.images / statistics.median(extract_seconds)
-    print(f"backbone load (Backbone(spec), includes hashing the weights): {load_seconds:.2f} s")
+    print(f"backbone load (Backbone(backbone_config), includes hashing the weights): {load_seconds:.2f} s")
     print(f"bare forward_taps: {bare:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in bare_seconds)})")
     print(f"run_extract end to end: {end_to_end:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in extract_seconds)})")
     for summary in summaries:

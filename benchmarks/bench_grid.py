@@ -40,7 +40,7 @@ from _common import (
     write_folder_images,
     write_folder_manifest,
 )
-from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.config import parse_grid
 from pipeline.extract import ExtractConfig, run_extract
 from pipeline.grid import FitOptions, run_grid
@@ -93,13 +93,13 @@ def main() -> int:
     )
     with scratch_dir(args, "bench_grid_") as work:
         model_dir = save_random_clip(work / "vit-b32-random")
-        spec = BackboneSpec(model=str(model_dir), device="cpu", dtype="float32")
+        backbone_config = BackboneConfig(model=str(model_dir), device="cpu", dtype="float32")
         manifests = {}
         for seed, (split, count) in enumerate((("train", args.train), ("val", args.val), ("test", args.test))):
             write_folder_images(work / "data" / split, count, args.size, seed=seed)
             manifests[split] = write_folder_manifest(work / "data" / split, work / "manifests", split)
 
-        backbone = Backbone(spec)
+        backbone = Backbone(backbone_config)
         backbone_seconds: dict[str, float] = {}
         extract_seconds: dict[str, float] = {}
         for split in ("train", "test", "val"):  # each bare pass right before its extraction: same machine load
@@ -113,7 +113,7 @@ def main() -> int:
             config = ExtractConfig(
                 split=split,
                 manifest=manifests[split],
-                backbone=spec,
+                backbone=backbone_config,
                 cache_dir=work / "cache",
                 batch_size=args.batch,
                 augment=False,

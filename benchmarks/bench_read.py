@@ -1,7 +1,7 @@
 """Full read of a feature store through ``cache.read_features`` against a raw read of the same bytes.
 
 Writes a (rows, blocks, dim) float16 array (default 40960 x 24 x 1024, 2 GB)
-through ``cache.create_store`` / ``add_variant`` / ``commit_shard``, then times,
+through ``cache.write_store`` (rows made shard by shard), then times,
 all warm (each read once before timing) and into pre-allocated buffers:
 
 * raw: the shard files read sequentially with ``readinto`` into one

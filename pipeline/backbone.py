@@ -27,25 +27,25 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
-from .cache import DEFAULT_MODEL, TAPS
+from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS
 from .devices import resolve_device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 @dataclass(frozen=True)
-class BackboneSpec:
+class BackboneConfig:
     """What to load and how to run it."""
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    dtype: str = "auto"  # "auto" = float16 on GPU (the authors' setting), float32 on CPU
+    dtype: str = "auto"  # "auto" = float16 on GPU (the authors' setting), float32 on CPU; else one of COMPUTE_DTYPES
 
 
-def parse_blocks(text: str, n_layers: int) -> tuple[int, ...]:
+def parse_block_selection(text: str, n_layers: int) -> tuple[int, ...]:
     """Block selection like timm's feature_take_indices.
 
     ``all``; ``last:K`` (the last K blocks); or a comma list of indices where
@@ -57,16 +57,16 @@ def parse_blocks(text: str, n_layers: int) -> tuple[int, ...]:
     if text.startswith("last:"):
         count = int(text.split(":", 1)[1])
         if not 1 <= count <= n_layers:
-            raise ValueError(f"blocks {text!r}: K must be in 1..{n_layers}")
+            raise ValueError(f"block selection {text!r}: K must be in 1..{n_layers}")
         return tuple(range(n_layers - count, n_layers))
     indices = []
     for part in text.split(","):
         index = int(part)
         if not -n_layers <= index < n_layers:
-            raise ValueError(f"blocks {text!r}: index {index} outside a {n_layers}-block model")
+            raise ValueError(f"block selection {text!r}: index {index} outside a {n_layers}-block model")
         indices.append(index % n_layers)
     if len(set(indices)) != len(indices) or indices != sorted(indices):
-        raise ValueError(f"blocks {text!r}: indices must be distinct and increasing")
+        raise ValueError(f"block selection {text!r}: indices must be distinct and increasing")
     return tuple(indices)
 
 
@@ -74,23 +74,23 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {dtype!r}: choose one of auto, {', '.join(COMPUTE_DTYPES)}")
     return DTYPES[dtype]
 
 
 class Backbone:
     """A frozen CLIP vision tower returning per-block CLS tokens for chosen taps."""
 
-    def __init__(self, spec: BackboneSpec, blocks: str = "all") -> None:
-        self.spec = spec
-        self.device = resolve_device(spec.device)
-        self.dtype = resolve_dtype(spec.dtype, self.device)
+    def __init__(self, config: BackboneConfig, block_selection: str = "all") -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
         # A full CLIPModel checkpoint works too: the vision config and the
         # vision_model.* weights are taken from it, the text tower is ignored.
         with _quiet_transformers():
             self.model, loading = CLIPVisionModel.from_pretrained(
-                spec.model,
-                revision=spec.revision,
+                config.model,
+                revision=config.revision,
                 dtype=self.dtype,
                 attn_implementation="sdpa",
                 output_loading_info=True,
@@ -98,17 +98,17 @@ class Backbone:
         if loading["missing_keys"]:
             missing = sorted(loading["missing_keys"])
             raise ValueError(
-                f"{spec.model}: the checkpoint lacks {len(missing)} vision-tower weights "
+                f"{config.model}: the checkpoint lacks {len(missing)} vision-tower weights "
                 f"(e.g. {missing[:3]}); refusing to run a partly random backbone"
             )
         self.model.to(self.device).eval().requires_grad_(False)
-        config: CLIPVisionConfig = self.model.config
-        self.n_layers = config.num_hidden_layers
-        self.dim = config.hidden_size
-        self.crop_size = config.image_size
-        self.blocks = parse_blocks(blocks, self.n_layers)
-        self.mean, self.std = _normalisation(spec)
-        self.revision = _resolved_revision(spec)
+        vision: CLIPVisionConfig = self.model.config
+        self.n_layers = vision.num_hidden_layers
+        self.dim = vision.hidden_size
+        self.crop_size = vision.image_size
+        self.block_indices = parse_block_selection(block_selection, self.n_layers)
+        self.mean, self.std = _normalisation(config)
+        self.revision = _resolved_revision(config)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
 
@@ -129,7 +129,7 @@ class Backbone:
         if "ln2" in taps:
             # transformers 5 puts the encoder on CLIPVisionModel itself, 4.x under .vision_model
             layers = getattr(self.model, "vision_model", self.model).encoder.layers
-            for block in self.blocks:
+            for block in self.block_indices:
                 handles.append(layers[block].layer_norm2.register_forward_hook(_cls_hook(captured, block)))
         try:
             outputs = self.model(pixel_values=self.pixel_values(images), output_hidden_states="hidden" in taps)
@@ -138,10 +138,10 @@ class Backbone:
                 handle.remove()
         result = {}
         if "ln2" in taps:
-            result["ln2"] = torch.stack([captured[b] for b in self.blocks], dim=1)
+            result["ln2"] = torch.stack([captured[b] for b in self.block_indices], dim=1)
         if "hidden" in taps:
             hidden = outputs.hidden_states[1:]
-            result["hidden"] = torch.stack([hidden[b][:, 0] for b in self.blocks], dim=1)
+            result["hidden"] = torch.stack([hidden[b][:, 0] for b in self.block_indices], dim=1)
         return result
 
 
@@ -163,29 +163,29 @@ def _cls_hook(captured: dict[int, torch.Tensor], block: int):
     return hook
 
 
-def _normalisation(spec: BackboneSpec) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean/std from the checkpoint's preprocessor_config.json, else CLIP's."""
     config_file = cached_file(
-        spec.model,
+        config.model,
         "preprocessor_config.json",
-        revision=spec.revision,
+        revision=config.revision,
         _raise_exceptions_for_missing_entries=False,
     )
     if config_file is None:
         return CLIP_MEAN, CLIP_STD
-    config = json.loads(Path(config_file).read_text())
-    mean, std = config.get("image_mean", CLIP_MEAN), config.get("image_std", CLIP_STD)
+    preprocessor = json.loads(Path(config_file).read_text())
+    mean, std = preprocessor.get("image_mean", CLIP_MEAN), preprocessor.get("image_std", CLIP_STD)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
-def _resolved_revision(spec: BackboneSpec) -> str:
+def _resolved_revision(config: BackboneConfig) -> str:
     """The hub commit a hub id resolved to, or a content hash of a local dir.
 
     A hub download lives in ``.../snapshots/<commit>/``: the folder the
     checkpoint's config.json was read from names the exact commit, whether
     ``--revision`` was a branch, a tag, a commit or absent.
     """
-    local = Path(spec.model)
+    local = Path(config.model)
     if local.is_dir():
         digest = hashlib.sha256()
         for file in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
@@ -193,7 +193,7 @@ def _resolved_revision(spec: BackboneSpec) -> str:
                 for block in iter(lambda: handle.read(1 << 24), b""):
                     digest.update(block)
         return "local-sha256:" + digest.hexdigest()[:16]
-    snapshot = Path(cached_file(spec.model, "config.json", revision=spec.revision)).parent
+    snapshot = Path(cached_file(config.model, "config.json", revision=config.revision)).parent
     if snapshot.parent.name != "snapshots":
-        raise ValueError(f"{spec.model}: cannot tell which commit was loaded (config.json at {snapshot})")
+        raise ValueError(f"{config.model}: cannot tell which commit was loaded (config.json at {snapshot})")
     return snapshot.name

@@ -1,4 +1,4 @@
-"""The feature cache: the only module that touches Zarr.
+"""The feature cache: the one door between stage one and stage two, and the only module that touches Zarr.
 
 One store per (split, model, tap) is a Zarr v3 group holding row-aligned arrays
 in manifest order::
@@ -12,46 +12,51 @@ in manifest order::
     features/<variant>  (N, n_blocks, dim)  float16 by default, sharded
     progress/<variant>  (n_shards,) bool    a shard is committed when True
 
-A variant is one way of turning an image into pixels: ``center`` (the
-evaluation crop), ``view_000`` ... (seeded training augmentations),
-``tencrop_0`` ... ``tencrop_9`` (ten-crop evaluation of large images) or a
-perturbation such as ``jpeg-official``. Work is committed shard by shard: the
+and attributes: the :class:`StoreIdentity` fields (what the numbers depend
+on), ``split``, ``n_rows``, ``variants`` and whatever the writer adds
+(``training``, ``data_root``, ...). A variant is one way of turning an image
+into pixels (``center``, ``view_000``, ``tencrop_3``, ``jpeg-official``):
+``pipeline/variants.py`` names and parses them, for both stages.
+
+Writing: :func:`create_store` (rows and attributes, whole or absent), then
+per variant :func:`add_variant` and :func:`commit_shard` shard by shard: the
 feature shard, the shard's ``valid`` and ``error`` chunks, then its progress
 flag. Zarr's local store writes every file through a temporary name and a
 rename, so each of those files is whole or absent and a resume can trust
-every flag it finds.
+every flag it finds. :func:`write_store` does all of it in one call for
+features already in hand (tests, benchmarks, converters).
 
-Reading goes through whole inner chunks of uncompressed shards, mapped
-straight from the shard files into one pre-allocated array (plain
-``zarr`` reads measured 0.12 of raw disk speed on this layout); anything else
-falls back to ``zarr``.
+Reading: :func:`open_store_info`, :func:`read_rows` and
+:func:`read_features`, which reads whole inner chunks of uncompressed shards
+straight from the shard files into one pre-allocated array
+(``pipeline/_shard_reader.py``); anything else falls back to ``zarr``.
+
+Stores written before ``block_indices`` was so named (attribute ``blocks``)
+still open.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import zarr
 
+from . import _shard_reader
+from .files import atomic_directory
+from .variants import VariantKind, VariantSpec
+
 SCHEMA = "rine-pipeline/feature-store@1"
 TAPS = ("ln2", "hidden")  # see backbone.py for what each tap is
+STORE_DTYPES = ("float16", "float32")  # dtypes of the stored features
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in (backbone.py)
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
-TEN_CROP = "tencrop"  # variants tencrop_0 .. tencrop_9; scored by the sigmoid of their mean logit
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 256
-_READ_THREADS = 2
-_EMPTY_CHUNK = np.iinfo(np.uint64).max
-_SPAN_BYTES = 64 << 20  # largest direct read one thread does at a time
-_COPY_ALIGNMENT = 64
-_PAGE_BYTES = 4096
-_STAGING_BYTES = 4 << 20
-_STAGING: list[np.ndarray] = []  # free staging buffers (list.append/pop are atomic)
+_LEGACY_ATTRIBUTE_NAMES = {"block_indices": "blocks"}  # field -> its name in older stores
 
 
 class StoreError(RuntimeError):
@@ -60,13 +65,17 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class StoreIdentity:
-    """What the stored numbers depend on; a store built otherwise is refused."""
+    """What the stored numbers depend on; a store built otherwise is refused.
+
+    ``block_indices`` are the backbone blocks whose tokens are stored (0-based,
+    increasing), ``dtype`` the stored dtype, ``compute_dtype`` the backbone's.
+    """
 
     manifest_sha256: str
     model_id: str
     model_revision: str
     tap: str
-    blocks: tuple[int, ...]
+    block_indices: tuple[int, ...]
     dim: int
     crop_size: int
     mean: tuple[float, ...]
@@ -79,14 +88,14 @@ class StoreIdentity:
     chunk_rows: int
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> "StoreIdentity":
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreIdentity:
         values = {}
         for f in fields(cls):
-            value = attrs[f.name]
+            value = attrs[f.name] if f.name in attrs else attrs[_LEGACY_ATTRIBUTE_NAMES.get(f.name, f.name)]
             values[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
-    def differences(self, other: "StoreIdentity") -> list[str]:
+    def differences(self, other: StoreIdentity) -> list[str]:
         """Human-readable list of the fields where ``other`` differs."""
         out = []
         for f in fields(self):
@@ -95,38 +104,10 @@ class StoreIdentity:
                 out.append(f"{f.name}: store has {mine!r}, asked for {theirs!r}")
         return out
 
-    def compatible_features(self, other: "StoreIdentity") -> list[str]:
+    def compatible_features(self, other: StoreIdentity) -> list[str]:
         """Differences that forbid training on one store and scoring another."""
-        keys = ("model_id", "model_revision", "tap", "blocks", "dim", "crop_size", "mean", "std")
+        keys = ("model_id", "model_revision", "tap", "block_indices", "dim", "crop_size", "mean", "std")
         return [d for d in self.differences(other) if d.split(":")[0] in keys]
-
-
-@dataclass(frozen=True)
-class VariantSpec:
-    """How the pixels of one feature array were produced."""
-
-    name: str
-    kind: str  # "center", "train_view", "ten_crop" or "perturb"
-    view: int = 0
-    perturbation: str | None = None
-    preset: str | None = None
-
-    @staticmethod
-    def center() -> "VariantSpec":
-        return VariantSpec("center", "center")
-
-    @staticmethod
-    def train_view(view: int) -> "VariantSpec":
-        return VariantSpec(f"view_{view:03d}", "train_view", view=view)
-
-    @staticmethod
-    def ten_crop(crop: int) -> "VariantSpec":
-        """One of torchvision's ten crops (corners, center, then the same of the flip)."""
-        return VariantSpec(f"{TEN_CROP}_{crop}", "ten_crop", view=crop)
-
-    @staticmethod
-    def perturbed(perturbation: str, preset: str) -> "VariantSpec":
-        return VariantSpec(f"{perturbation}-{preset}", "perturb", perturbation=perturbation, preset=preset)
 
 
 @dataclass(frozen=True)
@@ -155,6 +136,11 @@ class StoreInfo:
     variants: dict[str, VariantSpec]
     complete_variants: tuple[str, ...]
     attrs: dict[str, Any] = field(repr=False)
+
+    def train_views(self) -> tuple[str, ...]:
+        """Names of the complete training views, in view order."""
+        views = [spec for name, spec in self.variants.items() if spec.kind is VariantKind.TRAIN_VIEW and name in self.complete_variants]
+        return tuple(spec.name for spec in sorted(views, key=lambda spec: spec.index))
 
 
 def model_slug(model: str) -> str:
@@ -185,33 +171,79 @@ def create_store(
     labels: Sequence[int],
     paths: Sequence[str],
     datasets: Sequence[str],
-    classes: Sequence[str | None] | None,
-    extra_attrs: dict[str, Any],
+    classes: Sequence[str | None] | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a new store's row metadata and attributes; whole or absent."""
+    """Write a new store's row metadata and attributes, without variants; whole or absent."""
     n_rows = len(labels)
-    tmp = path.with_name(path.name + f".creating-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    _write_1d(group, "labels", np.asarray(labels, dtype=np.int8))
-    _write_1d(group, "paths", np.asarray(paths, dtype=object), dtype=str)
-    _write_1d(group, "dataset", np.asarray(datasets, dtype=object), dtype=str)
-    if classes is not None:
-        _write_1d(group, "class", np.asarray([c or "" for c in classes], dtype=object), dtype=str)
-    group.create_array("valid", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=bool, fill_value=False)
-    group.create_array("error", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=str, fill_value="")
-    group.attrs.update(
-        {
-            "schema": SCHEMA,
-            "split": split,
-            "n_rows": n_rows,
-            "variants": {},
-            **_jsonable(asdict(identity)),
-            **_jsonable(extra_attrs),
-        }
+    with atomic_directory(path) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        _write_1d(group, "labels", np.asarray(labels, dtype=np.int8))
+        _write_1d(group, "paths", np.asarray(paths, dtype=object), dtype=str)
+        _write_1d(group, "dataset", np.asarray(datasets, dtype=object), dtype=str)
+        if classes is not None:
+            _write_1d(group, "class", np.asarray([c or "" for c in classes], dtype=object), dtype=str)
+        group.create_array("valid", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=bool, fill_value=False)
+        group.create_array("error", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=str, fill_value="")
+        group.attrs.update(
+            {
+                "schema": SCHEMA,
+                "split": split,
+                "n_rows": n_rows,
+                "variants": {},
+                **_jsonable(asdict(identity)),
+                **_jsonable(dict(extra_attrs or {})),
+            }
+        )
+
+
+def write_store(
+    path: Path,
+    identity: StoreIdentity,
+    *,
+    split: str,
+    labels: Sequence[int],
+    paths: Sequence[str],
+    datasets: Sequence[str],
+    features: Mapping[str, Any],
+    classes: Sequence[str | None] | None = None,
+    valid: Sequence[bool] | None = None,
+    errors: Sequence[str] | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a complete store in one call from features already in hand.
+
+    ``features`` maps stored variant names (``VariantSpec.from_name``) to
+    (N, len(identity.block_indices), identity.dim) arrays, or anything with
+    that ``shape`` that returns rows for ``[start:stop]`` (so a generator of
+    synthetic rows need not hold them all); values are cast to
+    ``identity.dtype``. ``valid`` defaults to all rows valid; ``errors`` to
+    "" for valid rows and "invalid" for the others. Shards are committed as
+    an extraction commits them, so the result is indistinguishable from an
+    extracted store.
+    """
+    n_rows = len(labels)
+    valid_rows = np.ones(n_rows, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    reasons = np.asarray(
+        ["" if ok else "invalid" for ok in valid_rows] if errors is None else list(errors), dtype=object
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, path)
+    expected = (n_rows, len(identity.block_indices), identity.dim)
+    for name, array in features.items():
+        if tuple(array.shape) != expected:
+            raise ValueError(f"features[{name!r}] has shape {tuple(array.shape)}, the store needs {expected}")
+    if len(valid_rows) != n_rows or len(reasons) != n_rows:
+        raise ValueError(f"valid and errors need {n_rows} entries, got {len(valid_rows)} and {len(reasons)}")
+    specs = [VariantSpec.from_name(name) for name in features]
+    create_store(
+        path, identity, split=split, labels=labels, paths=paths, datasets=datasets, classes=classes, extra_attrs=extra_attrs
+    )
+    for spec in specs:
+        add_variant(path, spec, *expected[1:])
+        for shard in range(shard_count(n_rows, identity.shard_rows)):
+            start, stop = shard_bounds(shard, n_rows, identity.shard_rows)
+            values = np.asarray(features[spec.name][start:stop], dtype=identity.dtype)
+            commit_shard(path, spec.name, shard, values, valid_rows[start:stop], reasons[start:stop])
+    return path
 
 
 def _write_1d(group: zarr.Group, name: str, values: np.ndarray, dtype: Any = None) -> None:
@@ -237,7 +269,7 @@ def open_store_info(path: Path) -> StoreInfo:
     attrs = dict(group.attrs)
     if attrs.get("schema") != SCHEMA:
         raise StoreError(f"{path}: not a rine-pipeline feature store (schema {attrs.get('schema')!r}, expected {SCHEMA!r})")
-    variants = {name: VariantSpec(**spec) for name, spec in attrs["variants"].items()}
+    variants = {name: VariantSpec.from_name(name) for name in attrs["variants"]}
     identity = StoreIdentity.from_attrs(attrs)
     n_shards = shard_count(attrs["n_rows"], identity.shard_rows)
     complete = tuple(
@@ -293,7 +325,7 @@ def add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int) -> No
         fill_value=False,
         overwrite=True,
     )
-    variants[variant.name] = asdict(variant)
+    variants[variant.name] = _jsonable(asdict(variant))
     group.attrs["variants"] = variants
 
 
@@ -346,7 +378,8 @@ def read_features(
     """Load features of ``variant`` for ``rows`` (all by default) as one array.
 
     ``rows`` is a slice or an increasing array of row indices. Whole inner
-    chunks are read straight from the shard files by a few threads; ``out``
+    chunks are read straight from the shard files by a few threads
+    (``_shard_reader``), other layouts through ``zarr``; ``out``
     may be a pre-allocated (len(rows), n_blocks, dim) array to fill. Arrays
     that start on a page boundary (as the ones allocated here do) are filled
     fastest; others go through a small staging buffer.
@@ -361,14 +394,17 @@ def read_features(
     row_index = _row_index(rows, array.shape[0])
     shape = (len(row_index),) + tuple(array.shape[1:])
     if out is None:
-        out = _page_aligned_empty(shape, array.dtype)
+        out = _shard_reader.page_aligned_empty(shape, array.dtype)
     elif out.shape != shape or out.dtype != array.dtype:
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {array.dtype}")
-    layout = _raw_shard_layout(array)
+    layout = _shard_reader.raw_shard_layout(array)
     if layout is None:
         out[...] = array.get_orthogonal_selection((row_index,))
-    else:
-        _read_raw(path / "features" / variant, layout, array, row_index, out)
+        return out
+    try:
+        _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out)
+    except _shard_reader.ShardFileError as error:
+        raise StoreError(str(error)) from None
     return out
 
 
@@ -383,228 +419,6 @@ def _row_index(rows: slice | np.ndarray | None, n_rows: int) -> np.ndarray:
     if np.any(np.diff(index) <= 0):
         raise ValueError("row indices must be strictly increasing")
     return index
-
-
-@dataclass(frozen=True)
-class _ShardLayout:
-    shard_rows: int
-    chunk_rows: int
-    index_at_end: bool
-
-
-def _raw_shard_layout(array: zarr.Array) -> _ShardLayout | None:
-    """The layout when shards are raw little-endian chunks, else None."""
-    meta = array.metadata.to_dict()
-    codecs = meta["codecs"]
-    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-        return None
-    config = codecs[0]["configuration"]
-    inner = config["codecs"]
-    if len(inner) != 1 or inner[0]["name"] != "bytes":
-        return None
-    if array.dtype.itemsize > 1 and inner[0].get("configuration", {}).get("endian", "little") != "little":
-        return None
-    if meta["chunk_key_encoding"] != {"name": "default", "configuration": {"separator": "/"}}:
-        return None
-    shard_shape = meta["chunk_grid"]["configuration"]["chunk_shape"]
-    chunk_shape = config["chunk_shape"]
-    if tuple(shard_shape[1:]) != tuple(array.shape[1:]) or tuple(chunk_shape[1:]) != tuple(array.shape[1:]):
-        return None
-    index_codecs = [c["name"] for c in config["index_codecs"]]
-    if index_codecs not in (["bytes"], ["bytes", "crc32c"]):
-        return None
-    return _ShardLayout(shard_shape[0], chunk_shape[0], config.get("index_location", "end") == "end")
-
-
-@dataclass(frozen=True)
-class _Span:
-    """Bytes of one shard file that land, in order, in ``out`` rows [lo, hi)."""
-
-    file: Path
-    offset: int
-    lo: int
-    hi: int
-
-
-@dataclass(frozen=True)
-class _Gather:
-    """Rows of ``out`` [lo, hi) picked (``wanted``) from one whole chunk of a shard file."""
-
-    file: Path
-    offset: int
-    chunk_rows: int
-    wanted: np.ndarray
-    lo: int
-    hi: int
-
-
-def _read_raw(array_dir: Path, layout: _ShardLayout, array: zarr.Array, row_index: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out`` from the shard files: contiguous runs by direct reads, scattered rows by whole chunks."""
-    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-    if not out.flags.c_contiguous:
-        contiguous = np.empty(out.shape, dtype=out.dtype)
-        _read_raw(array_dir, layout, array, row_index, contiguous)
-        out[...] = contiguous
-        return
-    spans, gathers, empty = _plan_raw_reads(array_dir, layout, array, row_index, row_bytes)
-    fill = np.asarray(array.fill_value, dtype=array.dtype)
-    for lo, hi in empty:
-        out[lo:hi] = fill
-    flat_out = out.reshape(len(row_index), row_bytes // array.dtype.itemsize).view(np.uint8)
-
-    def run(task: _Span | _Gather) -> None:
-        if isinstance(task, _Span):
-            _read_span(task, flat_out, row_bytes)
-        else:
-            _read_gather(task, flat_out, row_bytes)
-
-    tasks: list[_Span | _Gather] = [*spans, *gathers]
-    if len(tasks) == 1:
-        run(tasks[0])
-        return
-    with ThreadPoolExecutor(min(_READ_THREADS, len(tasks)) or 1) as pool:
-        list(pool.map(run, tasks))
-
-
-def _plan_raw_reads(
-    array_dir: Path, layout: _ShardLayout, array: zarr.Array, row_index: np.ndarray, row_bytes: int
-) -> tuple[list[_Span], list[_Gather], list[tuple[int, int]]]:
-    """Group wanted rows by inner chunk; merge runs contiguous both in a file and in ``out``.
-
-    Returns the direct reads (split to at most ``_SPAN_BYTES`` each, so that
-    threads share the work), the chunks to read whole and pick rows from, and
-    the ``out`` row ranges of chunks that hold no bytes (fill value).
-    """
-    chunks_per_shard = layout.shard_rows // layout.chunk_rows
-    chunk_bytes = layout.chunk_rows * row_bytes
-    trailing = "/".join("0" for _ in array.shape[1:])
-    chunk_of_row = row_index // layout.chunk_rows
-    boundaries = np.flatnonzero(np.diff(chunk_of_row)) + 1
-    starts = np.concatenate([[0], boundaries]).astype(np.int64) if len(row_index) else np.array([], dtype=np.int64)
-    stops = np.concatenate([boundaries, [len(row_index)]]).astype(np.int64) if len(row_index) else np.array([], dtype=np.int64)
-    crc_bytes = 4 * _has_crc(array)
-
-    indexes: dict[int, np.ndarray | None] = {}
-    for shard in np.unique(chunk_of_row // chunks_per_shard):
-        shard_file = array_dir / "c" / str(int(shard)) / trailing
-        indexes[int(shard)] = _read_shard_index(shard_file, chunks_per_shard, layout.index_at_end, crc_bytes)
-
-    spans: list[_Span] = []
-    gathers: list[_Gather] = []
-    empty: list[tuple[int, int]] = []
-    for lo, hi in zip(starts.tolist(), stops.tolist()):
-        chunk = int(chunk_of_row[lo])
-        shard, local = divmod(chunk, chunks_per_shard)
-        index = indexes[shard]
-        if index is None or index[local, 0] == _EMPTY_CHUNK:
-            empty.append((lo, hi))
-            continue
-        offset, nbytes = int(index[local, 0]), int(index[local, 1])
-        if nbytes != chunk_bytes:
-            raise StoreError(f"{array_dir}: chunk {chunk} has {nbytes} bytes, expected {chunk_bytes}")
-        shard_file = array_dir / "c" / str(shard) / trailing
-        first_row = chunk * layout.chunk_rows
-        wanted = row_index[lo:hi] - first_row
-        if hi - lo != int(wanted[-1] - wanted[0]) + 1:
-            gathers.append(_Gather(shard_file, offset, layout.chunk_rows, wanted, lo, hi))
-            continue
-        span = _Span(shard_file, offset + int(wanted[0]) * row_bytes, lo, hi)
-        previous = spans[-1] if spans else None
-        if (
-            previous is not None
-            and previous.file == span.file
-            and previous.hi == span.lo
-            and previous.offset + (previous.hi - previous.lo) * row_bytes == span.offset
-        ):
-            spans[-1] = _Span(previous.file, previous.offset, previous.lo, span.hi)
-        else:
-            spans.append(span)
-    rows_per_piece = max(1, _SPAN_BYTES // row_bytes)
-    pieces = [
-        _Span(span.file, span.offset + (lo - span.lo) * row_bytes, lo, min(lo + rows_per_piece, span.hi))
-        for span in spans
-        for lo in range(span.lo, span.hi, rows_per_piece)
-    ]
-    return pieces, gathers, empty
-
-
-def _read_shard_index(shard_file: Path, chunks_per_shard: int, index_at_end: bool, crc_bytes: int) -> np.ndarray | None:
-    """The (chunks, 2) offset/length table of a shard file, None when the file does not exist."""
-    if not shard_file.exists():
-        return None
-    index_bytes = chunks_per_shard * 16
-    with open(shard_file, "rb") as handle:
-        if index_at_end:
-            handle.seek(-(index_bytes + crc_bytes), os.SEEK_END)
-        index = np.frombuffer(handle.read(index_bytes), dtype="<u8")
-    return index.reshape(chunks_per_shard, 2)
-
-
-def _read_span(span: _Span, flat_out: np.ndarray, row_bytes: int) -> None:
-    """Read a span straight into ``out`` when the kernel copy is cache-line aligned, else via a staging buffer.
-
-    Measured on this project's VMs: a kernel read whose target and file offset
-    differ by 8 or 16 bytes modulo 64 (numpy puts large arrays 16 bytes past a
-    page boundary) runs at half speed; reading into an aligned staging buffer
-    and copying from it costs far less than that.
-    """
-    target = flat_out[span.lo : span.hi].reshape(-1)
-    with open(span.file, "rb", buffering=0) as handle:
-        handle.seek(span.offset)
-        if (target.ctypes.data - span.offset) % _COPY_ALIGNMENT == 0:
-            _read_exact(handle, memoryview(target), span.file)
-            return
-        staging = _take_staging()
-        try:
-            shift = span.offset % _COPY_ALIGNMENT
-            room = len(staging) - shift
-            for start in range(0, len(target), room):
-                piece = target[start : start + room]
-                _read_exact(handle, memoryview(staging[shift : shift + len(piece)]), span.file)
-                piece[...] = staging[shift : shift + len(piece)]
-        finally:
-            _STAGING.append(staging)
-
-
-def _read_gather(task: _Gather, flat_out: np.ndarray, row_bytes: int) -> None:
-    scratch = np.empty((task.chunk_rows, row_bytes), dtype=np.uint8)
-    with open(task.file, "rb", buffering=0) as handle:
-        handle.seek(task.offset)
-        _read_exact(handle, memoryview(scratch).cast("B"), task.file)
-    flat_out[task.lo : task.hi] = scratch[task.wanted]
-
-
-def _page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``np.empty`` starting on a page boundary, where the kernel copies shard bytes fastest (see ``_read_span``)."""
-    dtype = np.dtype(dtype)
-    n_bytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(n_bytes + _PAGE_BYTES, dtype=np.uint8)
-    start = (-raw.ctypes.data) % _PAGE_BYTES
-    return raw[start : start + n_bytes].view(dtype).reshape(shape)
-
-
-def _take_staging() -> np.ndarray:
-    """A page-aligned staging buffer, reused across reads (new pages fault slowly on first touch)."""
-    try:
-        return _STAGING.pop()
-    except IndexError:
-        raw = np.empty(_STAGING_BYTES + _PAGE_BYTES, dtype=np.uint8)
-        start = (-raw.ctypes.data) % _PAGE_BYTES
-        return raw[start : start + _STAGING_BYTES]
-
-
-def _has_crc(array: zarr.Array) -> int:
-    config = array.metadata.to_dict()["codecs"][0]["configuration"]
-    return int(any(c["name"] == "crc32c" for c in config["index_codecs"]))
-
-
-def _read_exact(handle: Any, view: memoryview, name: Path) -> None:
-    done = 0
-    while done < len(view):
-        got = handle.readinto(view[done:])
-        if not got:
-            raise StoreError(f"{name}: shard file is shorter than its index says")
-        done += got
 
 
 def describe_store(path: Path) -> str:

@@ -1,15 +1,15 @@
 """The `pipeline` command: parse options, build a config, call one function."""
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import click
 
 from . import cache, images
-from .cache import DEFAULT_MODEL, TAPS
-from .manifest import LAYOUTS, ManifestError, build_manifest, manifest_path, write_manifest
+from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
+from .layouts import LAYOUTS, build_manifest
+from .manifest import ManifestError, manifest_path, write_manifest
+from .variants import PERTURB_PRESETS, PERTURBATIONS
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
@@ -36,18 +36,23 @@ def main() -> None:
 
 
 @main.command("manifest")
-@click.option("--layout", type=click.Choice(LAYOUTS), required=True, help="On-disk layout of the data set (README: Manifests).")
+@click.option("--layout", type=click.Choice(tuple(LAYOUTS)), required=True, help="On-disk layout of the data set (README: Manifests).")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Top folder of the data set.")
 @click.option("--split", required=True, help="Name of the split; written to <manifests-dir>/<split>.csv.")
 @click.option("--classes", help="Comma list of classes to keep (train/val layouts), e.g. car,cat,chair,horse.")
 @click.option("--generators", help="Comma list of generators/sets to keep (test layouts).")
 @click.option("--raise-root", type=click.Path(exists=True, file_okay=False, path_type=Path), help="RAISE reals (synthbuster layout).")
+@click.option("--progan-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="CNNDetection root whose train/<class>/0_real/ hold the LSUN reals (ldm-* layouts).")
+@click.option("--coco-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="COCO root holding train2014/ and val2014/ (ldm-* layouts).")
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
-def manifest_command(layout, root, split, classes, generators, raise_root, manifests_dir) -> None:
+def manifest_command(layout, root, split, classes, generators, raise_root, progan_root, coco_root, manifests_dir) -> None:
     """List the images of a data set layout as a split manifest (CSV: path,label,dataset[,class])."""
     try:
         manifest = build_manifest(
-            layout, root, split, classes=_comma_list(classes), generators=_comma_list(generators), raise_root=raise_root
+            layout, root, split, classes=_comma_list(classes), generators=_comma_list(generators), raise_root=raise_root,
+            progan_root=progan_root, coco_root=coco_root,
         )
     except (ManifestError, ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from None
@@ -73,14 +78,14 @@ def manifest_command(layout, root, split, classes, generators, raise_root, manif
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Explicit store path (one tap only).")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @click.option("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)),
               help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.")
-@click.option("--store-dtype", default="float16", type=click.Choice(["float16", "float32"]), help="dtype of the stored features.")
+@click.option("--store-dtype", default="float16", type=click.Choice(STORE_DTYPES), help="dtype of the stored features.")
 @click.option("--views", type=click.IntRange(1), default=1, help="Seeded augmented views per training image (epoch e reads view e mod K).")
 @click.option("--augment/--no-augment", default=None,
               help="Training recipe (blur/JPEG/random crop/flip) or center crop. Default: augment when the split name starts with 'train'.")
-@click.option("--perturb", type=click.Choice(images.PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5).")
-@click.option("--perturb-preset", type=click.Choice(images.PERTURB_PRESETS), default="official",
+@click.option("--perturb", type=click.Choice(PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5).")
+@click.option("--perturb-preset", type=click.Choice(PERTURB_PRESETS), default="official",
               help="official = the authors' code with its quirks; paper = the parameters the paper describes.")
 @click.option("--ten-crop", is_flag=True,
               help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
@@ -102,16 +107,16 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
     that could not be decoded are recorded with valid=false and summarised);
     1 on an error or with --fail-fast at the first bad image; 2 on bad options.
     """
-    from .backbone import BackboneSpec
+    from .backbone import BackboneConfig
     from .extract import ExtractConfig, ExtractError, run_extract
 
     config = ExtractConfig(
         split=split,
         manifest=manifest_file or manifest_path(Path("manifests"), split),
-        backbone=BackboneSpec(model=model, revision=revision, device=device, dtype=dtype),
+        backbone=BackboneConfig(model=model, revision=revision, device=device, dtype=dtype),
         data_root=data_root,
         taps=tuple(dict.fromkeys(taps)),
-        blocks=blocks,
+        block_selection=blocks,
         cache_dir=cache_dir,
         out=out,
         batch_size=batch_size,
@@ -123,7 +128,7 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
         ten_crop=ten_crop,
         seed=seed,
         shard_rows=shard_rows,
-        chunk_rows=min(chunk_rows, shard_rows),
+        chunk_rows=chunk_rows,
         decode_workers=workers,
         max_pixels=max_pixels,
         fail_fast=fail_fast,
@@ -227,34 +232,31 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
               help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.")
 @click.option("--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth).")
 @click.option("--device", default="auto")
-@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)))
 @click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--ten-crop", is_flag=True,
+              help="Score by ten crops (corners, center and their flips): sigmoid of the mean of the ten logits, "
+                   "the authors' protocol for large images (Synthbuster).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the CSV here instead of stdout.")
-def predict_command(inputs, head_path, model, device, dtype, batch_size, out) -> None:
+def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_crop, out) -> None:
     """Score images (files or folders): CSV path,score,prediction,error; score = probability of fake.
 
     Images that cannot be decoded get an empty score and the reason in `error`.
     """
     from .head import CheckpointError
-    from .predict import PredictConfig, PredictError, run_predict
+    from .predict import PredictConfig, PredictError, predictions_csv, run_predict, write_predictions
 
-    config = PredictConfig(head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size)
+    config = PredictConfig(
+        head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size, ten_crop=ten_crop
+    )
     try:
         predictions = run_predict(config)
     except (PredictError, CheckpointError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "score", "prediction", "error"])
-    for p in predictions:
-        score = "" if p.score is None else f"{p.score:.6f}"
-        label = "" if p.score is None else ("fake" if p.score > 0.5 else "real")
-        writer.writerow([str(p.path), score, label, p.error])
-    text = buffer.getvalue()
     if out is None:
-        click.echo(text, nl=False)
+        click.echo(predictions_csv(predictions), nl=False)
     else:
-        out.write_text(text)
+        write_predictions(predictions, out)
         click.echo(str(out))
 
 

@@ -39,6 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from .files import atomic_directory
+
 IMAGE_SIZE = 64
 TRAIN_GENERATOR = "progan"
 # Test "generator" -> trace its fakes carry.
@@ -291,17 +293,15 @@ def make_demo_backbone(path: Path, seed: int) -> None:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPVisionModel(CLIPVisionConfig(**DEMO_BACKBONE)).eval()
     kernels = model.get_input_embeddings().weight  # (hidden, 3, patch, patch)
     with torch.no_grad():
         kernels -= kernels.mean(dim=(2, 3), keepdim=True)
-    model.save_pretrained(partial)
-    shutil.rmtree(path, ignore_errors=True)
-    partial.replace(path)
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
+    with atomic_directory(path) as partial:
+        model.save_pretrained(partial)
 
 
 def is_backbone_complete(path: Path) -> bool:

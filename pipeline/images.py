@@ -25,7 +25,11 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import gaussian_filter
 
+from .variants import PERTURB_PRESETS, PERTURBATIONS
+
 DEFAULT_MAX_PIXELS: int = 100_000_000
+# File name endings (any case) that layouts and `pipeline predict` take for images.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
 JPEG_ENCODERS = ("cv2", "pil")
 TRAIN_BLUR_PROBABILITY = 0.5
@@ -34,8 +38,6 @@ TRAIN_JPEG_PROBABILITY = 0.5
 TRAIN_JPEG_QUALITIES = (30, 100)
 TRAIN_FLIP_PROBABILITY = 0.5
 
-PERTURBATIONS = ("blur", "crop", "jpeg", "noise", "combined")
-PERTURB_PRESETS = ("official", "paper")
 PERTURB_PROBABILITY = 0.5
 PERTURB_OUTPUT_SIZE = 256
 PERTURB_BLUR_KERNEL_SIZES = (3, 5, 7, 9)
@@ -251,20 +253,6 @@ def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
     corners = [(0, 0), (0, right), (bottom, 0), (bottom, right)]
     crops = [image[t : t + size, l : l + size] for t, l in corners]
     return crops + [center_crop(image, size)]
-
-
-def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """torchvision ``RandomCrop(size, pad_if_needed=True)`` on an array.
-
-    A side shorter than ``size`` gets ``size - side`` zeros on *both* ends
-    (torchvision's ``pad_if_needed`` pads by the full deficit left and right,
-    or top and bottom), then top and left are uniform in ``[0, padded - size]``.
-    """
-    require_rgb_image(image)
-    require_positive_size(size)
-    height, width = image.shape[:2]
-    top, left = draw_crop_offsets(rng, height, width, size)
-    return crop_padded(image, size, top, left)
 
 
 def random_crop_padding(height: int, width: int, size: int) -> tuple[int, int]:

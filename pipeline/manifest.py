@@ -1,4 +1,4 @@
-"""Splits as validated records: build them from data layouts, read and write them.
+"""Splits as validated records, and their CSV files: read and write them.
 
 A split is a CSV ``manifests/<split>.csv`` with the header ``path,label,dataset``
 and, when any row has a class, a fourth column ``class`` (empty for rows
@@ -18,35 +18,17 @@ import csv
 import hashlib
 import io
 import json
-import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
+from .files import replace_files_atomically
+
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
-LABEL_FOLDERS = {"0_real": 0, "1_fake": 1}
-LAYOUTS: tuple[str, ...] = (
-    "cnndetection-train",
-    "cnndetection-val",
-    "cnndetection-test",
-    "ufd-diffusion",
-    "synthbuster",
-    "folder",
-)
 SIDECAR_KEYS = ("data_root", "layout", "options")
-# Test-set folders whose published dataset name differs from the folder name.
-GENERATOR_DATASET_NAMES = {"seeingdark": "sitd"}
-UFD_DIFFUSION_FOLDER = "diffusion_datasets"
-# The real folder each UFD diffusion set is scored against; every set not
-# listed here uses UFD_DEFAULT_REAL_FOLDER.
-UFD_REAL_FOLDER_OF_SET = {"guided": "imagenet"}
-UFD_DEFAULT_REAL_FOLDER = "laion"
-UFD_REAL_FOLDERS = ("imagenet", "laion")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -72,8 +54,8 @@ class ManifestRow:
 class Manifest:
     """A split: its rows in order, and where the data were when it was built.
 
-    ``options`` records what the layout was built with (root, classes,
-    generators, raise_root); lists are stored as tuples.
+    ``options`` records what the layout was built with (``root`` and the
+    fields of ``layouts.LayoutOptions``); lists are stored as tuples.
     """
 
     split: str
@@ -364,7 +346,7 @@ def parse_sidecar_options(value: Any, json_path: Path) -> dict[str, Any]:
 
 
 def write_manifest(manifest: Manifest, csv_path: Path) -> None:
-    """Write the CSV and its sidecar, each complete or absent (temp file + os.replace).
+    """Write the CSV and its sidecar, each complete or absent (``files.replace_files_atomically``).
 
     The rows are validated first, so what is written always reads back as the
     same manifest. ``csv_path`` must be ``<split>.csv``.
@@ -387,384 +369,9 @@ def write_manifest(manifest: Manifest, csv_path: Path) -> None:
             for key, value in manifest.options.items()
         },
     }
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    staged = [
-        (stage_bytes(csv_path, render_csv(manifest.rows).encode("utf-8")), csv_path),
-        (
-            stage_bytes(
-                sidecar_path(csv_path),
-                (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
-            ),
-            sidecar_path(csv_path),
-        ),
-    ]
-    try:
-        for temporary, final in staged:
-            os.replace(temporary, final)
-    finally:
-        for temporary, _ in staged:
-            temporary.unlink(missing_ok=True)
-
-
-def stage_bytes(final_path: Path, data: bytes) -> Path:
-    """Write ``data`` to a new hidden file next to ``final_path``, synced; return its path."""
-    temporary = final_path.with_name(f".{final_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
-
-
-# ---------------------------------------------------------------- building
-
-
-def build_manifest(
-    layout: str,
-    root: Path,
-    split: str,
-    *,
-    classes: Sequence[str] | None = None,
-    generators: Sequence[str] | None = None,
-    raise_root: Path | None = None,
-) -> Manifest:
-    """List the images of a dataset as downloaded, following one of :data:`LAYOUTS`.
-
-    ``root`` is the top folder of the dataset. Images are files ending in
-    png/jpg/jpeg/bmp/webp/tif/tiff (any case); hidden files and folders (name
-    starting with '.') are ignored, symbolic links are followed. Below a
-    ``0_real``/``1_fake`` folder images are collected at any depth. Rows are
-    sorted by (path, dataset). Paths are relative to ``root``, which becomes
-    the data root (resolved to an absolute path) -- except for
-    ``synthbuster``, whose reals live outside ``root``: there the data root is
-    the deepest common parent of ``root`` and ``raise_root`` and paths are
-    relative to it (e.g. ``synthbuster/dalle2/x.png`` and ``RAISEpng/r.png``
-    under ``/data``).
-
-    Layouts:
-
-    - ``cnndetection-train`` / ``cnndetection-val``:
-      ``root/{train,val}/<class>/{0_real,1_fake}``; dataset ``progan``;
-      ``classes`` keeps only those classes (all when None).
-    - ``cnndetection-test``: ``root/test/<generator>/[<class>/]{0_real,1_fake}``,
-      class folders detected per generator; dataset = generator folder name,
-      except ``seeingdark`` -> ``sitd``; ``diffusion_datasets`` is skipped;
-      ``generators`` keeps only those dataset names.
-    - ``ufd-diffusion``: ``root/test/diffusion_datasets/<set>/1_fake`` fakes;
-      reals from ``imagenet/0_real`` for ``guided`` and ``laion/0_real`` for
-      every other set, listed once per set; ``generators`` keeps only those sets.
-    - ``synthbuster``: ``root/<generator>/*`` fakes (images directly in the
-      folder; folders without images are skipped), reals directly in
-      ``raise_root`` (required), listed once per generator; ``generators``
-      keeps only those.
-    - ``folder``: every image below any ``0_real``/``1_fake`` folder under
-      ``root``; dataset = the folder path between ``root`` and that folder
-      (``root``'s own name when the label folder is directly under it).
-
-    Raises ValueError for options the layout does not take and ManifestError
-    for data on disk that do not match the layout (naming the missing
-    folder), for unknown requested classes/generators, and for a label
-    folder without images (so a manifest is never empty).
-    """
-    check_split_name(split)
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
-    check_layout_options(layout, classes, generators, raise_root)
-    root = Path(root)
-    if not root.is_dir():
-        raise ManifestError(f"{root}: data root is not a folder")
-    root = root.resolve()
-    data_root = root
-    if layout in ("cnndetection-train", "cnndetection-val"):
-        rows = list_cnndetection_training(root, layout.removeprefix("cnndetection-"), classes)
-    elif layout == "cnndetection-test":
-        rows = list_cnndetection_test(root, generators)
-    elif layout == "ufd-diffusion":
-        rows = list_ufd_diffusion(root, generators)
-    elif layout == "synthbuster":
-        assert raise_root is not None  # checked by check_layout_options
-        data_root, rows = list_synthbuster(root, Path(raise_root), generators)
-    else:
-        rows = list_label_folders_anywhere(root)
-    options = {
-        "root": str(root),
-        "classes": None if classes is None else sorted(set(classes)),
-        "generators": None if generators is None else sorted(set(generators)),
-        "raise_root": None if raise_root is None else str(Path(raise_root).resolve()),
-    }
-    ordered = tuple(sorted(rows, key=lambda row: (row.path, row.dataset)))
-    return Manifest(split=split, rows=ordered, data_root=data_root, layout=layout, options=options)
-
-
-def check_layout_options(
-    layout: str,
-    classes: Sequence[str] | None,
-    generators: Sequence[str] | None,
-    raise_root: Path | None,
-) -> None:
-    takes_classes = layout in ("cnndetection-train", "cnndetection-val")
-    takes_generators = layout in ("cnndetection-test", "ufd-diffusion", "synthbuster")
-    for name, value, allowed in (
-        ("classes", classes, takes_classes),
-        ("generators", generators, takes_generators),
-    ):
-        if value is None:
-            continue
-        if not allowed:
-            raise ValueError(f"layout '{layout}' does not take {name}")
-        if isinstance(value, str):
-            raise ValueError(f"{name} must be a sequence of names, not the string {value!r}")
-        if len(value) == 0:
-            raise ValueError(f"{name} must not be empty (use None for all)")
-    if layout == "synthbuster" and raise_root is None:
-        raise ValueError("layout 'synthbuster' needs raise_root (the folder of RAISE real images)")
-    if layout != "synthbuster" and raise_root is not None:
-        raise ValueError(f"layout '{layout}' does not take raise_root")
-
-
-def require_folder(root: Path, relative: str, expected: str) -> Path:
-    folder = root.joinpath(*relative.split("/"))
-    if not folder.is_dir():
-        raise ManifestError(f"no folder {relative}/ under {root}: expected {expected}")
-    return folder
-
-
-def list_subfolders(folder: Path) -> list[str]:
-    """Names of the non-hidden folders (links followed) directly in ``folder``, sorted."""
-    return sorted(
-        entry.name
-        for entry in os.scandir(folder)
-        if not entry.name.startswith(".") and entry.is_dir()
+    replace_files_atomically(
+        {
+            csv_path: render_csv(manifest.rows).encode("utf-8"),
+            sidecar_path(csv_path): (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+        }
     )
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def walk_images(
-    folder: Path,
-    relative: str,
-    *,
-    recursive: bool,
-    ancestors: frozenset[tuple[int, int]] = frozenset(),
-) -> Iterator[str]:
-    """Relative POSIX paths (prefixed by ``relative``) of the images in ``folder``.
-
-    When ``recursive``, sub-folders are walked too; a ``0_real``/``1_fake``
-    folder below is an error (the label would be ambiguous), and so is a
-    symbolic link back to a folder being walked.
-    """
-    stat = folder.stat()
-    ancestors = ancestors | {(stat.st_dev, stat.st_ino)}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        entry_relative = join_relative(relative, entry.name)
-        if entry.is_dir():
-            if not recursive:
-                continue
-            if entry.name in LABEL_FOLDERS:
-                raise ManifestError(
-                    f"{entry.path}: a {entry.name}/ folder inside another label folder "
-                    f"({folder}); the label would be ambiguous"
-                )
-            target = os.stat(entry.path)
-            if (target.st_dev, target.st_ino) in ancestors:
-                raise ManifestError(f"{entry.path}: symbolic link loop back to a parent folder")
-            yield from walk_images(
-                Path(entry.path), entry_relative, recursive=True, ancestors=ancestors
-            )
-        elif is_image_name(entry.name):
-            if entry.is_file():
-                yield entry_relative
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                raise ManifestError(f"{entry.path}: broken symbolic link")
-
-
-def list_label_folder(
-    root: Path, relative: str, dataset: str, class_name: str | None
-) -> list[ManifestRow]:
-    """Rows of one ``0_real`` or ``1_fake`` folder (images at any depth below it)."""
-    label = LABEL_FOLDERS[relative.rsplit("/", 1)[-1]]
-    folder = root.joinpath(*relative.split("/"))
-    paths = list(walk_images(folder, relative, recursive=True))
-    if not paths:
-        raise ManifestError(f"{folder}: no images in this {relative.rsplit('/', 1)[-1]}/ folder")
-    return [ManifestRow(path, label, dataset, class_name) for path in paths]
-
-
-def list_real_and_fake(
-    root: Path, relative: str, dataset: str, class_name: str | None, expected: str
-) -> list[ManifestRow]:
-    """Rows of ``relative/0_real`` and ``relative/1_fake``; both must exist."""
-    rows: list[ManifestRow] = []
-    for label_folder in LABEL_FOLDERS:
-        require_folder(root, f"{relative}/{label_folder}", expected)
-        rows += list_label_folder(root, f"{relative}/{label_folder}", dataset, class_name)
-    return rows
-
-
-def select_names(
-    found: Sequence[str], wanted: Sequence[str] | None, what: str, where: Path
-) -> list[str]:
-    """``found`` restricted to ``wanted`` (all when None); an unknown wanted name is an error."""
-    if wanted is None:
-        return list(found)
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise ManifestError(
-            f"{where}: no {what} {', '.join(repr(name) for name in missing)} "
-            f"(found: {', '.join(found) or 'none'})"
-        )
-    return [name for name in found if name in set(wanted)]
-
-
-def list_cnndetection_training(
-    root: Path, part: str, classes: Sequence[str] | None
-) -> list[ManifestRow]:
-    expected = f"{part}/<class>/{{0_real,1_fake}}"
-    part_folder = require_folder(root, part, expected)
-    found = list_subfolders(part_folder)
-    if not found:
-        raise ManifestError(f"no class folders in {part_folder}: expected {expected}")
-    rows: list[ManifestRow] = []
-    for class_name in select_names(found, classes, "class", part_folder):
-        rows += list_real_and_fake(root, f"{part}/{class_name}", "progan", class_name, expected)
-    return rows
-
-
-def list_cnndetection_test(root: Path, generators: Sequence[str] | None) -> list[ManifestRow]:
-    expected = "test/<generator>/[<class>/]{0_real,1_fake}"
-    test_folder = require_folder(root, "test", expected)
-    folder_of_dataset = {
-        GENERATOR_DATASET_NAMES.get(name, name): name
-        for name in list_subfolders(test_folder)
-        if name != UFD_DIFFUSION_FOLDER
-    }
-    if not folder_of_dataset:
-        raise ManifestError(f"no generator folders in {test_folder}: expected {expected}")
-    rows: list[ManifestRow] = []
-    for dataset in select_names(sorted(folder_of_dataset), generators, "generator", test_folder):
-        rows += list_test_generator(root, f"test/{folder_of_dataset[dataset]}", dataset, expected)
-    return rows
-
-
-def list_test_generator(
-    root: Path, relative: str, dataset: str, expected: str
-) -> list[ManifestRow]:
-    """One generator of the CNNDetection test set, with or without class folders."""
-    subfolders = list_subfolders(root.joinpath(*relative.split("/")))
-    label_folders = [name for name in subfolders if name in LABEL_FOLDERS]
-    if label_folders:
-        others = [name for name in subfolders if name not in LABEL_FOLDERS]
-        if others:
-            raise ManifestError(
-                f"{root / relative}: mixes {'/'.join(label_folders)} with other folders "
-                f"({', '.join(others)}): expected {expected}"
-            )
-        return list_real_and_fake(root, relative, dataset, None, expected)
-    if not subfolders:
-        raise ManifestError(
-            f"no folder {relative}/0_real/ (nor class folders) under {root}: expected {expected}"
-        )
-    rows: list[ManifestRow] = []
-    for class_name in subfolders:
-        rows += list_real_and_fake(root, f"{relative}/{class_name}", dataset, class_name, expected)
-    return rows
-
-
-def list_ufd_diffusion(root: Path, generators: Sequence[str] | None) -> list[ManifestRow]:
-    base = f"test/{UFD_DIFFUSION_FOLDER}"
-    expected = f"{base}/<set>/1_fake with reals in {base}/{{imagenet,laion}}/0_real"
-    base_folder = require_folder(root, base, expected)
-    sets = [name for name in list_subfolders(base_folder) if name not in UFD_REAL_FOLDERS]
-    if not sets:
-        raise ManifestError(f"no diffusion set folders in {base_folder}: expected {expected}")
-    rows: list[ManifestRow] = []
-    reals_of_folder: dict[str, list[str]] = {}
-    for set_name in select_names(sets, generators, "diffusion set", base_folder):
-        require_folder(root, f"{base}/{set_name}/1_fake", expected)
-        rows += list_label_folder(root, f"{base}/{set_name}/1_fake", set_name, None)
-        real_folder = UFD_REAL_FOLDER_OF_SET.get(set_name, UFD_DEFAULT_REAL_FOLDER)
-        if real_folder not in reals_of_folder:
-            relative = f"{base}/{real_folder}/0_real"
-            require_folder(root, relative, f"the reals of '{set_name}' in {relative}/")
-            reals_of_folder[real_folder] = [
-                row.path for row in list_label_folder(root, relative, real_folder, None)
-            ]
-        rows += [ManifestRow(path, 0, set_name) for path in reals_of_folder[real_folder]]
-    return rows
-
-
-def list_synthbuster(
-    root: Path, raise_root: Path, generators: Sequence[str] | None
-) -> tuple[Path, list[ManifestRow]]:
-    """(data root, rows): fakes under ``root``, reals directly in ``raise_root``."""
-    if not raise_root.is_dir():
-        raise ManifestError(
-            f"{raise_root}: raise_root is not a folder (expected RAISE images, e.g. RAISEpng/*.png)"
-        )
-    raise_root = raise_root.resolve()
-    data_root = Path(os.path.commonpath([root, raise_root]))
-    root_relative = root.relative_to(data_root).as_posix()
-    raise_relative = raise_root.relative_to(data_root).as_posix()
-    fakes_of_generator: dict[str, list[str]] = {}
-    for name in list_subfolders(root):
-        if (root / name).resolve() == raise_root:
-            continue
-        paths = list(walk_images(root / name, join_relative(root_relative, name), recursive=False))
-        if paths:
-            fakes_of_generator[name] = paths
-    if not fakes_of_generator:
-        raise ManifestError(
-            f"no generator folders with images in {root}: expected <generator>/*.png"
-        )
-    reals = list(walk_images(raise_root, raise_relative, recursive=False))
-    if not reals:
-        raise ManifestError(f"{raise_root}: no images directly in raise_root")
-    rows: list[ManifestRow] = []
-    chosen = select_names(
-        sorted(fakes_of_generator), generators, "generator folder with images", root
-    )
-    for generator in chosen:
-        rows += [ManifestRow(path, 1, generator) for path in fakes_of_generator[generator]]
-        rows += [ManifestRow(path, 0, generator) for path in reals]
-    return data_root, rows
-
-
-def join_relative(prefix: str, name: str) -> str:
-    """``prefix/name``, or ``name`` when the prefix is the root itself ('.')."""
-    return name if prefix in ("", ".") else f"{prefix}/{name}"
-
-
-def list_label_folders_anywhere(root: Path) -> list[ManifestRow]:
-    """Rows of every ``0_real``/``1_fake`` folder at any depth under ``root``."""
-    rows: list[ManifestRow] = []
-    for relative in find_label_folders(root, "", frozenset()):
-        parent = relative.rsplit("/", 1)[0] if "/" in relative else ""
-        rows += list_label_folder(root, relative, parent or root.name, None)
-    if not rows:
-        raise ManifestError(f"no folder named 0_real/ or 1_fake/ under {root}")
-    return rows
-
-
-def find_label_folders(
-    folder: Path, relative: str, ancestors: frozenset[tuple[int, int]]
-) -> Iterator[str]:
-    """Relative paths of the label folders below ``folder`` (not descending into them)."""
-    stat = folder.stat()
-    ancestors = ancestors | {(stat.st_dev, stat.st_ino)}
-    for name in list_subfolders(folder):
-        name_relative = join_relative(relative, name)
-        if name in LABEL_FOLDERS:
-            yield name_relative
-            continue
-        target = (folder / name).stat()
-        if (target.st_dev, target.st_ino) in ancestors:
-            raise ManifestError(f"{folder / name}: symbolic link loop back to a parent folder")
-        yield from find_label_folders(folder / name, name_relative, ancestors)

@@ -1,25 +1,37 @@
 """Score new images with a trained run's head or an official RINE checkpoint.
 
-Images go through the same evaluation pre-processing as extraction (center
-crop, no resize, CLIP normalisation), the backbone and tap the head was
-trained on, then the head; the score is the probability that the image is
-synthetic.
+Images go through the very loop of stage one (``extract.extract_shards``)
+with the same pixel source (decoding a few batches ahead in threads) and
+forward step, on the backbone and tap the head was trained on: the center
+crop without resizing, or with ``ten_crop`` torchvision's ten crops scored as
+the authors score them, the sigmoid of the mean of the ten logits. Instead of
+a store, each batch goes to the head. The score is the probability that the
+image is synthetic; :func:`predictions_csv` / :func:`write_predictions` give
+the ``pipeline predict`` output.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import images
-from .backbone import Backbone, BackboneSpec
+from . import cache, images
+from .backbone import Backbone, BackboneConfig
 from .cache import DEFAULT_MODEL
+from .extract import FinishedShard, ForwardStep, ImageSource, PixelRecipe, extract_shards, plan_batches
+from .files import write_text_atomic
 from .head import RineHead, load_head, load_official_checkpoint
-from .manifest import IMAGE_EXTENSIONS
+from .variants import VariantSpec, ten_crop_variants
+
+PREDICTION_COLUMNS = ("path", "score", "prediction", "error")
+FAKE_THRESHOLD = 0.5  # a score above it is predicted fake
 
 
 class PredictError(RuntimeError):
@@ -33,7 +45,7 @@ class HeadSource:
     head: RineHead
     model: str
     tap: str
-    blocks: str  # block selection for the backbone (parse_blocks syntax)
+    block_selection: str  # for the backbone (backbone.parse_block_selection syntax)
     last_block_only: bool
 
 
@@ -45,6 +57,8 @@ class PredictConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 32
+    ten_crop: bool = False  # score by the ten crops (large images, e.g. Synthbuster)
+    decode_workers: int = 2
     max_pixels: int = images.DEFAULT_MAX_PIXELS
 
 
@@ -64,8 +78,9 @@ def load_head_source(path: Path) -> HeadSource:
         raise PredictError(f"{path}: no such head file (give a run folder, a head.safetensors or an official .pth)")
     if path.suffix == ".safetensors":
         head, metadata = load_head(path)
-        blocks = ",".join(str(b) for b in json.loads(metadata["store_blocks"]))
-        return HeadSource(head, metadata["model"], metadata["tap"], blocks, metadata.get("head_blocks", metadata.get("blocks_used")) == "last")
+        selection = ",".join(str(b) for b in json.loads(metadata["store_blocks"]))
+        last_only = metadata.get("head_blocks", metadata.get("blocks_used")) == "last"
+        return HeadSource(head, metadata["model"], metadata["tap"], selection, last_only)
     # The authors' heads were trained on every block's ln_2 output of ViT-L/14.
     return HeadSource(load_official_checkpoint(path), DEFAULT_MODEL, "ln2", "all", False)
 
@@ -75,44 +90,87 @@ def list_images(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS))
         else:
             found.append(item)
     return found
 
 
-def _batches(items: list[Path], size: int) -> Iterator[list[Path]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+class HeadScorer:
+    """The committer of ``pipeline predict``: scores each finished batch with the head, in order.
+
+    Batch ``b`` holds images ``b * batch_size ...``; an image's score is the
+    sigmoid of the mean of its logits over ``variants`` (one, or the ten crops).
+    """
+
+    def __init__(self, source: HeadSource, variants: Sequence[VariantSpec], device: torch.device, paths: Sequence[Path], batch_size: int) -> None:
+        self.head = source.head.to(device).eval()
+        self.source = source
+        self.variants = tuple(variants)
+        self.device = device
+        self.paths = paths
+        self.batch_size = batch_size
+        self.predictions: list[Prediction] = []
+        self.seconds = 0.0
+
+    @torch.inference_mode()
+    def submit(self, finished: FinishedShard) -> None:
+        start = time.perf_counter()
+        logits = []
+        for variant in self.variants:
+            tokens = torch.from_numpy(finished.features[(self.source.tap, variant.name)]).to(self.device)
+            if self.source.last_block_only:
+                tokens = tokens[:, -1:]
+            logits.append(self.head(tokens)[0].float().squeeze(1))
+        scores = torch.sigmoid(torch.stack(logits).mean(dim=0)).cpu().numpy()
+        first = finished.shard * self.batch_size
+        for i, (ok, error) in enumerate(zip(finished.valid, finished.errors)):
+            score = float(scores[i]) if ok else None
+            self.predictions.append(Prediction(self.paths[first + i], score, error))
+        self.seconds += time.perf_counter() - start
+
+    def close(self) -> None:
+        """Scoring is synchronous: nothing is left in flight."""
 
 
 def run_predict(config: PredictConfig) -> list[Prediction]:
+    """Score every image of ``config.inputs`` (files, and folders' images) in order."""
     source = load_head_source(config.head)
-    backbone = Backbone(BackboneSpec(model=config.model or source.model, device=config.device, dtype=config.dtype), source.blocks)
-    n_blocks = 1 if source.last_block_only else len(backbone.blocks)
+    backbone_config = BackboneConfig(model=config.model or source.model, device=config.device, dtype=config.dtype)
+    backbone = Backbone(backbone_config, source.block_selection)
+    n_blocks = 1 if source.last_block_only else len(backbone.block_indices)
     if (source.head.n_blocks, source.head.in_dim) != (n_blocks, backbone.dim):
         raise PredictError(
             f"the head expects {source.head.n_blocks} blocks of dim {source.head.in_dim}, "
-            f"the backbone {backbone.spec.model} gives {n_blocks} of dim {backbone.dim}"
+            f"the backbone {backbone.config.model} gives {n_blocks} of dim {backbone.dim}"
         )
-    head = source.head.to(backbone.device).eval()
-    predictions: list[Prediction] = []
-    for batch in _batches(list_images(config.inputs), config.batch_size):
-        results: dict[int, Prediction] = {}
-        crops, kept = [], []
-        for index, path in enumerate(batch):
-            try:
-                crops.append(images.center_crop(images.decode_image(path, config.max_pixels), backbone.crop_size))
-                kept.append(index)
-            except images.ImageDecodeError as error:
-                results[index] = Prediction(path, None, str(error))
-        if crops:
-            tokens = backbone.forward_taps(np.stack(crops), [source.tap])[source.tap].float()
-            if source.last_block_only:
-                tokens = tokens[:, -1:]
-            with torch.inference_mode():
-                logits, _ = head(tokens)
-            scores = torch.sigmoid(logits.float().squeeze(1)).cpu().numpy()
-            results.update((index, Prediction(batch[index], float(score))) for index, score in zip(kept, scores))
-        predictions.extend(results[index] for index in range(len(batch)))
-    return predictions
+    paths = list_images(config.inputs)
+    variants = ten_crop_variants() if config.ten_crop else (VariantSpec.center(),)
+    recipe = PixelRecipe(variants, backbone.crop_size)
+    n_batches = cache.shard_count(len(paths), config.batch_size)
+    work = plan_batches(dict.fromkeys(range(n_batches), recipe), len(paths), config.batch_size, config.batch_size)
+    scorer = HeadScorer(source, variants, backbone.device, paths, config.batch_size)
+    extract_shards(
+        work,
+        ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers),
+        ForwardStep(backbone, (source.tap,), np.float32),
+        scorer,
+    )
+    return scorer.predictions
+
+
+def predictions_csv(predictions: Sequence[Prediction]) -> str:
+    """``path,score,prediction,error``: score to 6 decimals, prediction fake/real, both empty for unusable images."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PREDICTION_COLUMNS)
+    for p in predictions:
+        score = "" if p.score is None else f"{p.score:.6f}"
+        label = "" if p.score is None else ("fake" if p.score > FAKE_THRESHOLD else "real")
+        writer.writerow([str(p.path), score, label, p.error])
+    return buffer.getvalue()
+
+
+def write_predictions(predictions: Sequence[Prediction], path: Path) -> None:
+    """The CSV of :func:`predictions_csv`, complete or absent."""
+    write_text_atomic(path, predictions_csv(predictions))

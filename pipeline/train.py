@@ -33,6 +33,7 @@ from .config import RunConfig, StoreRef
 from .head import RineHead, crop_scores
 from .loss import rine_loss
 from .results import CENTER, TEN_CROP
+from .variants import ten_crop_variants
 
 EVAL_BATCH = 1024
 VIEW_CACHE_CAPACITY = 2
@@ -45,7 +46,7 @@ class DataError(RuntimeError):
 
 def store_block_indices(identity: cache.StoreIdentity) -> tuple[int, ...]:
     """The backbone blocks a store holds (the one place that names the identity field)."""
-    return identity.blocks
+    return identity.block_indices
 
 
 @dataclass(frozen=True)
@@ -149,9 +150,9 @@ def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
     """The complete training views of a store (or the variant the grid names, or ``center`` without views)."""
     if ref.variant is not None:
         return (ref.variant,)
-    views = sorted(name for name, spec in info.variants.items() if spec.kind == "train_view" and name in info.complete_variants)
+    views = info.train_views()
     if views:
-        return tuple(views)
+        return views
     if CENTER in info.complete_variants:
         return (CENTER,)
     raise DataError(f"{info.path}: no complete training views; extract it with --augment")
@@ -160,7 +161,7 @@ def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
 def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
     """Variants scored for an evaluation store: one, or the ten crops."""
     if ref.variant == TEN_CROP:
-        return tuple(cache.VariantSpec.ten_crop(i).name for i in range(10))
+        return tuple(spec.name for spec in ten_crop_variants())
     return (ref.variant or CENTER,)
 
 

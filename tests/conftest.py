@@ -64,21 +64,20 @@ def write_store(
     shard_rows: int = 64,
     chunk_rows: int = 16,
 ) -> Path:
-    """A feature store written through the cache API, without any backbone.
+    """A feature store written by ``cache.write_store``, without any backbone.
 
-    ``features`` maps variant names ("center", "view_000", "jpeg-official") to
-    (N, n_blocks, dim) arrays.
+    ``features`` maps variant names ("center", "view_000", "tencrop_3",
+    "jpeg-official") to (N, n_blocks, dim) arrays.
     """
     from pipeline import cache
 
-    first = next(iter(features.values()))
-    n_rows, n_blocks, dim = first.shape
+    n_rows, n_blocks, dim = next(iter(features.values())).shape
     identity = cache.StoreIdentity(
         manifest_sha256="0" * 64,
         model_id=model,
         model_revision="test",
         tap=tap,
-        blocks=tuple(range(n_blocks)),
+        block_indices=tuple(range(n_blocks)),
         dim=dim,
         crop_size=32,
         mean=(0.5, 0.5, 0.5),
@@ -91,7 +90,7 @@ def write_store(
         chunk_rows=chunk_rows,
     )
     valid = np.ones(n_rows, dtype=bool) if valid is None else valid
-    cache.create_store(
+    return cache.write_store(
         path,
         identity,
         split=path.stem,
@@ -99,24 +98,10 @@ def write_store(
         paths=[f"{datasets[i]}/{'1_fake' if labels[i] else '0_real'}/{i:05d}.png" for i in range(n_rows)],
         datasets=datasets,
         classes=classes,
-        extra_attrs={},
+        features=features,
+        valid=valid,
+        errors=["" if ok else "synthetic failure" for ok in valid],
     )
-    for name, array in features.items():
-        if name == "center":
-            spec = cache.VariantSpec.center()
-        elif name.startswith("view_"):
-            spec = cache.VariantSpec.train_view(int(name.split("_")[1]))
-        elif name.startswith("tencrop_"):
-            spec = cache.VariantSpec.ten_crop(int(name.split("_")[1]))
-        else:
-            kind, preset = name.split("-")
-            spec = cache.VariantSpec.perturbed(kind, preset)
-        cache.add_variant(path, spec, n_blocks, dim)
-        for shard in range(cache.shard_count(n_rows, shard_rows)):
-            start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
-            errors = ["" if ok else "synthetic failure" for ok in valid[start:stop]]
-            cache.commit_shard(path, name, shard, array[start:stop].astype(np.float16), valid[start:stop], errors)
-    return path
 
 
 def separable_features(

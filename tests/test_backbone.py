@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP
-from pipeline.backbone import CLIP_MEAN, CLIP_STD, Backbone, BackboneSpec, parse_blocks
+from pipeline.backbone import CLIP_MEAN, CLIP_STD, Backbone, BackboneConfig, parse_block_selection
 
 CLIP_MEAN_BY_HAND = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD_BY_HAND = np.array([0.26862954, 0.26130258, 0.27577711])
@@ -29,8 +29,8 @@ TINY_TEXT = dict(
 )
 
 
-def cpu_spec(model: Path) -> BackboneSpec:
-    return BackboneSpec(model=str(model), device="cpu", dtype="float32")
+def cpu_config(model: Path) -> BackboneConfig:
+    return BackboneConfig(model=str(model), device="cpu", dtype="float32")
 
 
 def random_crops(n: int, size: int, seed: int) -> np.ndarray:
@@ -73,7 +73,7 @@ def reference_tokens(
 
 def test_both_taps_equal_own_hooks_from_one_forward_pass(tiny_clip_dir: Path) -> None:
     images = random_crops(5, 32, seed=1)
-    backbone = Backbone(cpu_spec(tiny_clip_dir))
+    backbone = Backbone(cpu_config(tiny_clip_dir))
     calls = []
     backbone.model.embeddings.register_forward_pre_hook(lambda module, args: calls.append(1))
 
@@ -90,13 +90,13 @@ def test_both_taps_equal_own_hooks_from_one_forward_pass(tiny_clip_dir: Path) ->
 def test_single_taps_and_block_selection_match_hooks(tiny_clip_dir: Path) -> None:
     images = random_crops(3, 32, seed=2)
     ln2, hidden = reference_tokens(tiny_clip_dir, images)
-    backbone = Backbone(cpu_spec(tiny_clip_dir), blocks="0,2")
+    backbone = Backbone(cpu_config(tiny_clip_dir), block_selection="0,2")
 
     only_ln2 = backbone.forward_taps(images, ["ln2"])
     only_hidden = backbone.forward_taps(images, ["hidden"])
 
     assert set(only_ln2) == {"ln2"} and set(only_hidden) == {"hidden"}
-    assert backbone.blocks == (0, 2)
+    assert backbone.block_indices == (0, 2)
     np.testing.assert_allclose(only_ln2["ln2"].numpy(), ln2[:, [0, 2]], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(only_hidden["hidden"].numpy(), hidden[:, [0, 2]], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="unknown tap"):
@@ -104,9 +104,9 @@ def test_single_taps_and_block_selection_match_hooks(tiny_clip_dir: Path) -> Non
 
 
 def test_backbone_reports_model_geometry(tiny_clip_dir: Path) -> None:
-    backbone = Backbone(cpu_spec(tiny_clip_dir))
+    backbone = Backbone(cpu_config(tiny_clip_dir))
     assert (backbone.n_layers, backbone.dim, backbone.crop_size) == (3, 32, 32)
-    assert backbone.blocks == (0, 1, 2)
+    assert backbone.block_indices == (0, 1, 2)
     assert backbone.dtype == torch.float32
     assert backbone.revision.startswith("local-sha256:")
 
@@ -123,23 +123,23 @@ def test_backbone_reports_model_geometry(tiny_clip_dir: Path) -> None:
         (" all ", (0, 1, 2, 3)),
     ],
 )
-def test_parse_blocks_accepts(text: str, expected: tuple[int, ...]) -> None:
-    assert parse_blocks(text, 4) == expected
+def test_parse_block_selection_accepts(text: str, expected: tuple[int, ...]) -> None:
+    assert parse_block_selection(text, 4) == expected
 
 
 @pytest.mark.parametrize("text", ["last:0", "last:5", "4", "-5", "2,0", "1,1", "1,-3", "abc", "last:x", ""])
-def test_parse_blocks_refuses(text: str) -> None:
+def test_parse_block_selection_refuses(text: str) -> None:
     with pytest.raises(ValueError):
-        parse_blocks(text, 4)
+        parse_block_selection(text, 4)
 
 
-def test_parse_blocks_error_names_the_problem() -> None:
+def test_parse_block_selection_error_names_the_problem() -> None:
     with pytest.raises(ValueError, match="index 7 outside a 4-block model"):
-        parse_blocks("0,7", 4)
+        parse_block_selection("0,7", 4)
     with pytest.raises(ValueError, match="distinct and increasing"):
-        parse_blocks("2,1", 4)
+        parse_block_selection("2,1", 4)
     with pytest.raises(ValueError, match=r"K must be in 1\.\.4"):
-        parse_blocks("last:9", 4)
+        parse_block_selection("last:9", 4)
 
 
 def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path: Path) -> None:
@@ -153,8 +153,8 @@ def test_full_clip_checkpoint_loads_its_vision_tower(tmp_path: Path) -> None:
     vision_only.save_pretrained(vision_dir)
     images = random_crops(4, 32, seed=4)
 
-    from_full = Backbone(cpu_spec(full_dir)).forward_taps(images, ["ln2", "hidden"])
-    from_vision = Backbone(cpu_spec(vision_dir)).forward_taps(images, ["ln2", "hidden"])
+    from_full = Backbone(cpu_config(full_dir)).forward_taps(images, ["ln2", "hidden"])
+    from_vision = Backbone(cpu_config(vision_dir)).forward_taps(images, ["ln2", "hidden"])
 
     ln2, hidden = reference_tokens(vision_dir, images)
     for tap in ("ln2", "hidden"):
@@ -173,7 +173,7 @@ def test_checkpoint_missing_vision_weights_is_refused(tiny_clip_dir: Path, tmp_p
     save_file(kept, broken / "model.safetensors", metadata={"format": "pt"})
 
     with pytest.raises(ValueError, match="lacks .* vision-tower weights"):
-        Backbone(cpu_spec(broken))
+        Backbone(cpu_config(broken))
 
 
 def test_normalisation_read_from_preprocessor_config(tiny_clip_dir: Path, tmp_path: Path) -> None:
@@ -183,7 +183,7 @@ def test_normalisation_read_from_preprocessor_config(tiny_clip_dir: Path, tmp_pa
     (model_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
     images = random_crops(3, 32, seed=5)
 
-    backbone = Backbone(cpu_spec(model_dir))
+    backbone = Backbone(cpu_config(model_dir))
     tokens = backbone.forward_taps(images, ["ln2"])["ln2"].numpy()
 
     assert backbone.mean == pytest.approx(tuple(mean)) and backbone.std == pytest.approx(tuple(std))
@@ -195,7 +195,7 @@ def test_normalisation_read_from_preprocessor_config(tiny_clip_dir: Path, tmp_pa
 
 def test_clip_normalisation_by_default(tiny_clip_dir: Path) -> None:
     assert not (tiny_clip_dir / "preprocessor_config.json").exists()
-    backbone = Backbone(cpu_spec(tiny_clip_dir))
+    backbone = Backbone(cpu_config(tiny_clip_dir))
     assert backbone.mean == pytest.approx(tuple(CLIP_MEAN_BY_HAND), abs=1e-12)
     assert backbone.std == pytest.approx(tuple(CLIP_STD_BY_HAND), abs=1e-12)
     assert (CLIP_MEAN, CLIP_STD) == (backbone.mean, backbone.std)
@@ -211,7 +211,7 @@ def test_crop_size_follows_config_image_size(tmp_path: Path) -> None:
     CLIPVisionModel(config).eval().save_pretrained(model_dir)
     images = random_crops(2, 48, seed=8)
 
-    backbone = Backbone(cpu_spec(model_dir))
+    backbone = Backbone(cpu_config(model_dir))
     tokens = backbone.forward_taps(images, ["ln2"])["ln2"].numpy()
 
     assert backbone.crop_size == 48
@@ -230,9 +230,9 @@ def test_a_hub_id_loads_from_the_hub_cache_and_records_the_commit(tiny_clip_dir,
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
 
-    from_hub = Backbone(BackboneSpec("test-org/tiny-clip", device="cpu"))
+    from_hub = Backbone(BackboneConfig("test-org/tiny-clip", device="cpu"))
     assert from_hub.revision == commit
-    assert Backbone(BackboneSpec("test-org/tiny-clip", revision="main", device="cpu")).revision == commit
+    assert Backbone(BackboneConfig("test-org/tiny-clip", revision="main", device="cpu")).revision == commit
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    from_dir = Backbone(BackboneSpec(str(tiny_clip_dir), device="cpu"))
+    from_dir = Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu"))
     assert torch.equal(from_hub.forward_taps(images, ["ln2"])["ln2"], from_dir.forward_taps(images, ["ln2"])["ln2"])

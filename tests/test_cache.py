@@ -9,7 +9,7 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline import cache
+from pipeline import _shard_reader, cache
 from pipeline.cache import StoreError, StoreIdentity, VariantSpec
 
 N_BLOCKS, DIM = 3, 5
@@ -21,7 +21,7 @@ def make_identity(**changes: object) -> StoreIdentity:
         model_id="tiny/model",
         model_revision="local-sha256:0123",
         tap="ln2",
-        blocks=(0, 1, 2),
+        block_indices=(0, 1, 2),
         dim=DIM,
         crop_size=32,
         mean=(0.5, 0.5, 0.5),
@@ -74,10 +74,17 @@ def zarr_features(path: Path, variant: str) -> np.ndarray:
 
 def build_store_21(path: Path, chunk_rows: int) -> tuple[Path, np.ndarray]:
     """21 rows in shards of 8, every shard committed; the last shard is partial."""
-    new_store(path, 21, make_identity(chunk_rows=chunk_rows))
-    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
     values = features_for(21, seed=1)
-    commit_all(path, "center", values, 8)
+    cache.write_store(
+        path,
+        make_identity(chunk_rows=chunk_rows),
+        split="val",
+        labels=[i % 2 for i in range(21)],
+        paths=[f"d/img_{i:03d}.png" for i in range(21)],
+        datasets=["a" if i < 10 else "b" for i in range(21)],
+        features={"center": values},
+        extra_attrs={"note": "test"},
+    )
     return path, values
 
 
@@ -146,7 +153,7 @@ def test_raw_reader_equals_zarr(reader_store: tuple[Path, np.ndarray], rows: obj
 def test_store_layout_takes_the_raw_path(reader_store: tuple[Path, np.ndarray]) -> None:
     path, _ = reader_store
     array = zarr.open_array(path / "features" / "center", mode="r")
-    layout = cache._raw_shard_layout(array)
+    layout = _shard_reader.raw_shard_layout(array)
     assert layout is not None
     assert (layout.shard_rows, layout.chunk_rows) == (8, cache.open_store_info(path).identity.chunk_rows)
 
@@ -182,9 +189,9 @@ def test_raw_reader_with_small_read_pieces(reader_store: tuple[Path, np.ndarray]
     """Spans split into pieces of 3 rows and a staging buffer smaller than a span read the same bytes."""
     path, values = reader_store
     row_bytes = N_BLOCKS * DIM * 2
-    monkeypatch.setattr(cache, "_SPAN_BYTES", 3 * row_bytes)
-    monkeypatch.setattr(cache, "_STAGING_BYTES", 128)
-    monkeypatch.setattr(cache, "_STAGING", [])
+    monkeypatch.setattr(_shard_reader, "_SPAN_BYTES", 3 * row_bytes)
+    monkeypatch.setattr(_shard_reader, "_STAGING_BYTES", 128)
+    monkeypatch.setattr(_shard_reader, "_STAGING", [])
     expected = zarr_features(path, "center")
     for rows in (None, np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19, 20]), slice(2, 19)):
         index = np.arange(21) if rows is None else np.arange(21)[rows]
@@ -260,7 +267,7 @@ def test_compressed_array_falls_back_to_zarr(reader_store: tuple[Path, np.ndarra
         overwrite=True,
     )
     compressed[...] = values
-    assert cache._raw_shard_layout(compressed) is None
+    assert _shard_reader.raw_shard_layout(compressed) is None
 
     np.testing.assert_array_equal(cache.read_features(path, "center"), values)
     rows = np.array([1, 3, 7, 8, 20])
@@ -274,20 +281,20 @@ def test_unsharded_array_falls_back_to_zarr(store_21: tuple[Path, np.ndarray]) -
         path / "features" / "center", shape=values.shape, chunks=(4, N_BLOCKS, DIM), dtype="float16", overwrite=True
     )
     plain[...] = values
-    assert cache._raw_shard_layout(plain) is None
+    assert _shard_reader.raw_shard_layout(plain) is None
     np.testing.assert_array_equal(cache.read_features(path, "center", slice(5, 19)), values[5:19])
 
 
 def test_identity_mismatch_names_each_differing_field(store_21: tuple[Path, np.ndarray]) -> None:
     path, _ = store_21
     cache.check_identity(path, make_identity())  # the same identity passes
-    wanted = make_identity(seed=7, tap="hidden", blocks=(1, 2))
+    wanted = make_identity(seed=7, tap="hidden", block_indices=(1, 2))
     with pytest.raises(StoreError) as caught:
         cache.check_identity(path, wanted)
     message = str(caught.value)
     assert "seed: store has 0, asked for 7" in message
     assert "tap: store has 'ln2', asked for 'hidden'" in message
-    assert "blocks: store has (0, 1, 2), asked for (1, 2)" in message
+    assert "block_indices: store has (0, 1, 2), asked for (1, 2)" in message
     for same in ("manifest_sha256", "model_id", "dtype", "shard_rows", "max_pixels"):
         assert f"{same}:" not in message
     assert str(path) in message and "--overwrite" in message
@@ -427,3 +434,90 @@ def test_default_store_path_and_shard_arithmetic(tmp_path: Path) -> None:
     )
     assert [cache.shard_count(n, 8) for n in (1, 8, 9, 16, 17)] == [1, 1, 2, 2, 3]
     assert [cache.shard_bounds(s, 21, 8) for s in range(3)] == [(0, 8), (8, 16), (16, 21)]
+
+
+def test_write_store_equals_a_store_committed_shard_by_shard(tmp_path: Path) -> None:
+    """write_store (tests, benchmarks) produces exactly what create/add/commit produce, for every variant kind."""
+    valid = np.ones(21, bool)
+    valid[[4, 17]] = False
+    errors = ["" if ok else "file is empty (0 bytes)" for ok in valid]
+    features = {name: features_for(21, seed=s) for s, name in enumerate(("center", "view_001", "tencrop_7", "blur-paper"))}
+    written = cache.write_store(
+        tmp_path / "written.zarr", make_identity(), split="val", labels=[i % 2 for i in range(21)],
+        paths=[f"d/img_{i:03d}.png" for i in range(21)], datasets=["a" if i < 10 else "b" for i in range(21)],
+        features=features, valid=valid, errors=errors, extra_attrs={"note": "test"},
+    )  # fmt: skip
+    by_hand = new_store(tmp_path / "by_hand.zarr", 21)
+    for name, values in features.items():
+        cache.add_variant(by_hand, VariantSpec.from_name(name), N_BLOCKS, DIM)
+        for shard in range(3):
+            start, stop = cache.shard_bounds(shard, 21, 8)
+            cache.commit_shard(by_hand, name, shard, values[start:stop], valid[start:stop], errors[start:stop])
+
+    written_info, by_hand_info = cache.open_store_info(written), cache.open_store_info(by_hand)
+    assert written_info.attrs == by_hand_info.attrs
+    assert written_info.complete_variants == tuple(features)
+    assert written_info.variants["tencrop_7"] == VariantSpec.ten_crop(7)
+    for name in ("labels", "paths", "dataset", "valid", "error", *(f"features/{v}" for v in features)):
+        np.testing.assert_array_equal(zarr.open_array(written / name)[...], zarr.open_array(by_hand / name)[...], err_msg=name)
+    np.testing.assert_array_equal(cache.read_rows(written).valid, valid)
+
+
+def test_write_store_takes_lazy_rows_and_defaults_every_row_valid(tmp_path: Path) -> None:
+    class Rows:
+        """Rows made on demand: write_store asks for one shard at a time."""
+
+        shape = (21, N_BLOCKS, DIM)
+        asked: list[tuple[int, int]] = []
+
+        def __getitem__(self, rows: slice) -> np.ndarray:
+            self.asked.append((rows.start, rows.stop))
+            return np.full((rows.stop - rows.start, N_BLOCKS, DIM), rows.start + 1.0)
+
+    path = cache.write_store(
+        tmp_path / "lazy.zarr", make_identity(), split="val", labels=[0] * 21, paths=[f"{i}.png" for i in range(21)],
+        datasets=["a"] * 21, features={"center": Rows()},
+    )  # fmt: skip
+    assert Rows.asked == [(0, 8), (8, 16), (16, 21)]
+    features = cache.read_features(path, "center")
+    assert features.dtype == np.float16
+    np.testing.assert_array_equal(features[:, 0, 0], [1.0] * 8 + [9.0] * 8 + [17.0] * 5)
+    rows = cache.read_rows(path)
+    assert rows.valid.all() and set(rows.errors) == {""}
+
+
+def test_write_store_refuses_bad_shapes_and_unknown_variants_before_writing(tmp_path: Path) -> None:
+    common = dict(split="val", labels=[0, 1, 0], paths=["a.png", "b.png", "c.png"], datasets=["a"] * 3)
+    with pytest.raises(ValueError, match=r"features\['center'\] has shape \(3, 2, 5\), the store needs \(3, 3, 5\)"):
+        cache.write_store(tmp_path / "s.zarr", make_identity(), features={"center": np.zeros((3, 2, DIM))}, **common)
+    with pytest.raises(ValueError, match="unknown variant 'tencrop'.*names the group"):
+        cache.write_store(tmp_path / "s.zarr", make_identity(), features={"tencrop": np.zeros((3, N_BLOCKS, DIM))}, **common)
+    with pytest.raises(ValueError, match="valid and errors need 3 entries"):
+        cache.write_store(
+            tmp_path / "s.zarr", make_identity(), features={"center": np.zeros((3, N_BLOCKS, DIM))}, valid=[True], **common
+        )
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_train_views_lists_complete_views_in_view_order(tmp_path: Path) -> None:
+    views = {name: features_for(21, seed=1) for name in ("view_010", "view_002", "center", "view_000")}
+    path = cache.write_store(
+        tmp_path / "t.zarr", make_identity(), split="train", labels=[0] * 21, paths=[f"{i}.png" for i in range(21)],
+        datasets=["a"] * 21, features=views,
+    )  # fmt: skip
+    cache.add_variant(path, VariantSpec.train_view(1), N_BLOCKS, DIM)  # incomplete: no shard committed
+    info = cache.open_store_info(path)
+    assert info.train_views() == ("view_000", "view_002", "view_010")
+    assert info.variants["view_001"].kind is cache.VariantKind.TRAIN_VIEW
+
+
+def test_store_written_before_block_indices_was_named_still_opens(store_21: tuple[Path, np.ndarray]) -> None:
+    path, values = store_21
+    group = zarr.open_group(path, mode="r+")
+    attrs = dict(group.attrs)
+    attrs["blocks"] = attrs.pop("block_indices")
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    assert "block_indices" not in zarr.open_group(path, mode="r").attrs
+    assert cache.open_store_info(path).identity == make_identity()
+    np.testing.assert_array_equal(cache.read_features(path, "center"), values)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import make_folder_dataset
 from pipeline import cache, images
-from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cli import main
 
 
@@ -57,7 +57,7 @@ def test_extract_prints_the_store_path_and_records_the_bad_file(extracted: dict,
     rows = cache.read_rows(store)
     assert len(rows) == 13 and int(np.count_nonzero(~rows.valid)) == 1
     features = cache.read_features(store, "center")
-    backbone = Backbone(BackboneSpec(model=str(tiny_clip_dir), device="cpu", dtype="float32"))
+    backbone = Backbone(BackboneConfig(model=str(tiny_clip_dir), device="cpu", dtype="float32"))
     first = images.center_crop(np.asarray(Image.open(extracted["root"] / rows.paths[0]).convert("RGB")), 32)
     expected = backbone.forward_taps(first[None], ["ln2"])["ln2"].numpy()[0].astype(np.float16)
     np.testing.assert_allclose(features[0].astype(np.float32), expected.astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -94,7 +94,7 @@ def test_mismatched_rerun_exits_1_naming_the_difference(extracted: dict) -> None
     assert "--overwrite" in result.output
     result = invoke(*extracted["args"], "--blocks", "-1")
     assert result.exit_code == 1
-    assert "blocks: store has (0, 1, 2), asked for (2,)" in result.output
+    assert "block_indices: store has (0, 1, 2), asked for (2,)" in result.output
 
 
 @pytest.mark.parametrize(
@@ -113,6 +113,37 @@ def test_bad_options_exit_2(extracted: dict, bad: list[str]) -> None:
     assert bad[0] in result.output
 
 
+def test_chunk_rows_that_do_not_divide_shard_rows_exit_1_instead_of_being_clamped(extracted: dict, tmp_path: Path) -> None:
+    args = list(extracted["args"])
+    args[args.index("--cache-dir") + 1] = tmp_path / "cache"
+    result = invoke(*args, "--chunk-rows", "16")  # larger than --shard-rows 8
+    assert result.exit_code == 1
+    assert "--chunk-rows 16 must divide --shard-rows 8" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def test_manifest_of_the_ldm_layout_takes_its_three_roots(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for name in ("latent_diffusion_trainingset/valid/bedroom/f.png", "train/cat/0_real/1.png", "coco/val2014/COCO_val2014_7.jpg"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"x")
+    (data / "latent_diffusion_trainingset/valid/real_lsun.txt").write_text("cat_1.png\n")
+    (data / "latent_diffusion_trainingset/valid/real_coco.txt").write_text("7.jpg\n")
+    base = ["manifest", "--layout", "ldm-val", "--root", data / "latent_diffusion_trainingset", "--split", "ldm_val",
+            "--manifests-dir", tmp_path / "m"]  # fmt: skip
+    missing = invoke(*base, "--coco-root", data / "coco")
+    assert missing.exit_code == 1 and "needs progan_root" in missing.output
+    result = invoke(*base, "--progan-root", data, "--coco-root", data / "coco")
+    assert result.exit_code == 0, result.output
+    assert "3 images (2 real, 1 fake) in 1 dataset(s)" in result.stderr
+    assert (tmp_path / "m" / "ldm_val.csv").read_text().splitlines() == [
+        "path,label,dataset",
+        "coco/val2014/COCO_val2014_7.jpg,0,ldm",
+        "latent_diffusion_trainingset/valid/bedroom/f.png,1,ldm",
+        "train/cat/0_real/1.png,0,ldm",
+    ]
+
+
 def test_manifest_bad_layout_exits_2_and_missing_root_exits_2(tmp_path: Path) -> None:
     assert invoke("manifest", "--layout", "nope", "--root", tmp_path, "--split", "x").exit_code == 2
     assert invoke("manifest", "--layout", "folder", "--root", tmp_path / "absent", "--split", "x").exit_code == 2
@@ -128,7 +159,8 @@ def test_manifest_of_a_folder_without_label_folders_exits_1(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        (["manifest"], ["--layout", "--root", "--split", "--manifests-dir", "folder", "cnndetection-train"]),
+        (["manifest"], ["--layout", "--root", "--split", "--manifests-dir", "folder", "cnndetection-train", "ldm-train",
+                        "ldm-val", "--progan-root", "--coco-root"]),
         (["extract"], ["--split", "--manifest", "--model", "--tap", "ln2", "hidden", "--blocks", "--cache-dir",
                        "--out", "--shard-rows", "--chunk-rows", "--views", "--perturb", "--seed", "--overwrite",
                        "--fail-fast", "--max-pixels"]),

@@ -1,4 +1,9 @@
-"""Stage one end to end at library level: stores checked against the backbone run here by hand."""
+"""Stage one: the loop and its parts on fakes (milliseconds), then end to end with the tiny CLIP.
+
+End to end: an evaluation store against the backbone run here by hand, resume
+after kill -9 bit-identical to an uninterrupted run, refusal of stores built
+from other inputs, and awkward files recorded in place.
+"""
 from __future__ import annotations
 
 import json
@@ -9,6 +14,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,10 +26,29 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline import cache, images
-from pipeline.backbone import Backbone, BackboneSpec
+from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cli import main
-from pipeline.extract import ExtractConfig, ExtractError, run_extract
-from pipeline.manifest import Manifest, ManifestRow, build_manifest, read_manifest, write_manifest
+from pipeline.cache import TAPS
+from pipeline.extract import (
+    PERTURB_STREAM,
+    BadImageStop,
+    BatchWork,
+    ExtractConfig,
+    ExtractError,
+    FinishedShard,
+    ImageSource,
+    PixelBatch,
+    PixelRecipe,
+    ShardCommitter,
+    extract_shards,
+    missing_variants,
+    plan_batches,
+    prepare_store,
+    run_extract,
+)
+from pipeline.layouts import build_manifest
+from pipeline.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from pipeline.variants import PERTURBATIONS, VariantSpec, ten_crop_variants
 
 CROP = 32  # TINY_CLIP image_size
 
@@ -31,15 +56,15 @@ CROP = 32  # TINY_CLIP image_size
 # ---------------------------------------------------------------- helpers
 
 
-def cpu_spec(model: Path) -> BackboneSpec:
-    return BackboneSpec(model=str(model), device="cpu", dtype="float32")
+def cpu_config(model: Path) -> BackboneConfig:
+    return BackboneConfig(model=str(model), device="cpu", dtype="float32")
 
 
 def extract_config(model: Path, manifest: Path, cache_dir: Path, **changes: object) -> ExtractConfig:
     config = ExtractConfig(
         split=manifest.stem,
         manifest=manifest,
-        backbone=cpu_spec(model),
+        backbone=cpu_config(model),
         cache_dir=cache_dir,
         batch_size=4,
         shard_rows=8,
@@ -64,7 +89,7 @@ def write_images(root: Path, sizes: list[tuple[int, int]], seed: int = 0) -> Non
 
 def tokens_by_hand(model: Path, pixels: list[np.ndarray], tap: str = "ln2") -> np.ndarray:
     """Float32 CLS tokens of each crop, one forward pass per crop, blocks all."""
-    backbone = Backbone(cpu_spec(model))
+    backbone = Backbone(cpu_config(model))
     return np.concatenate([backbone.forward_taps(p[None], [tap])[tap].numpy() for p in pixels])
 
 
@@ -89,6 +114,278 @@ def read_zarr(store: Path, name: str) -> np.ndarray:
 def resolve_rows(manifest: Path) -> list[Path]:
     loaded = read_manifest(manifest)
     return [loaded.resolve(i) for i in range(len(loaded))]
+
+
+# ---------------------------------------------------------------- the loop, on fakes
+
+
+def fake_pixels(row: int, variant: str, crop: int = 2) -> np.ndarray:
+    """A (crop, crop, 3) image whose values say which row and variant it is."""
+    return np.full((crop, crop, 3), (row * 10 + int(variant[-1])) % 256, dtype=np.uint8)
+
+
+class FakeSource:
+    """Pixels made from (row, variant); rows in ``bad`` fail like undecodable files."""
+
+    def __init__(self, bad: dict[int, str] | None = None) -> None:
+        self.bad = bad or {}
+
+    def batches(self, work):
+        for item in work:
+            rows = item.rows.tolist()
+            pixels = {name: np.stack([fake_pixels(r, name) for r in rows]) for name in item.recipe.names}
+            valid = np.array([r not in self.bad for r in rows])
+            for i, row in enumerate(rows):
+                if row in self.bad:
+                    for array in pixels.values():
+                        array[i] = 0
+            yield PixelBatch(item, pixels, valid, tuple(self.bad.get(r, "") for r in rows), decode_seconds=0.001)
+
+
+def fake_step(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """Two taps of (B, 2, 3) 'tokens' computed from the pixels, +1 so that zeroed rows show."""
+    first = pixels[:, 0, 0, :].astype(np.float16) + 1
+    return {"ln2": np.stack([first, 2 * first], axis=1), "hidden": np.stack([-first, first], axis=1)}
+
+
+class RecordingCommitter:
+    def __init__(self) -> None:
+        self.shards: list[FinishedShard] = []
+        self.closed = False
+        self.seconds = 0.25
+
+    def submit(self, finished: FinishedShard) -> None:
+        assert not self.closed
+        self.shards.append(finished)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def two_view_work(n_rows: int = 10, shard_rows: int = 6, batch_size: int = 4) -> list[BatchWork]:
+    recipe = PixelRecipe((VariantSpec.train_view(0), VariantSpec.train_view(1)), crop=2)
+    return plan_batches(dict.fromkeys(range(cache.shard_count(n_rows, shard_rows)), recipe), n_rows, shard_rows, batch_size)
+
+
+def test_plan_batches_cuts_each_shard_into_batches_and_marks_its_last() -> None:
+    recipe = PixelRecipe((VariantSpec.center(),), crop=2)
+    work = plan_batches({2: recipe, 0: recipe}, n_rows=14, shard_rows=6, batch_size=4)
+    assert [(w.shard, w.rows.tolist(), w.closes_shard) for w in work] == [
+        (0, [0, 1, 2, 3], False),
+        (0, [4, 5], True),
+        (2, [12, 13], True),
+    ]
+    assert all(w.recipe is recipe for w in work)
+
+
+def test_extract_shards_commits_each_shard_whole_with_invalid_rows_zeroed() -> None:
+    committer, progress = RecordingCommitter(), []
+    times = extract_shards(two_view_work(), FakeSource({7: "file is empty (0 bytes)"}), fake_step, committer,
+                           progress=progress.append)  # fmt: skip
+
+    assert committer.closed and progress == [4, 2, 4]
+    assert [s.shard for s in committer.shards] == [0, 1]
+    second = committer.shards[1]
+    assert second.valid.tolist() == [True, False, True, True]
+    assert second.errors == ("", "file is empty (0 bytes)", "", "")
+    for finished, rows in zip(committer.shards, (range(0, 6), range(6, 10))):
+        assert set(finished.features) == {(tap, view) for tap in ("ln2", "hidden") for view in ("view_000", "view_001")}
+        for (tap, variant), tokens in finished.features.items():
+            expected = fake_step(np.stack([fake_pixels(r, variant) for r in rows]))[tap]
+            expected[~finished.valid] = 0
+            np.testing.assert_array_equal(tokens, expected, err_msg=f"{tap} {variant}")
+    assert not second.features[("ln2", "view_000")][1].any()
+    assert times.write == 0.25 and times.decode == pytest.approx(0.003) and times.wall >= times.backbone > 0
+
+
+def test_fail_fast_stops_before_the_shard_holding_a_bad_image() -> None:
+    committer = RecordingCommitter()
+    with pytest.raises(BadImageStop) as caught:
+        extract_shards(two_view_work(), FakeSource({7: "truncated image data"}), fake_step, committer, fail_fast=True)
+    assert (caught.value.row, caught.value.reason) == (7, "truncated image data")
+    assert [s.shard for s in committer.shards] == [0] and committer.closed
+
+
+def test_the_committer_is_closed_when_the_step_fails() -> None:
+    committer = RecordingCommitter()
+
+    def failing_step(pixels: np.ndarray) -> dict[str, np.ndarray]:
+        raise RuntimeError("CUDA out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        extract_shards(two_view_work(), FakeSource(), failing_step, committer)
+    assert committer.closed and committer.shards == []
+
+
+def test_work_that_leaves_a_shard_open_is_refused() -> None:
+    work = [w for w in two_view_work() if w.rows.tolist() != [4, 5]]  # shard 0 never closed
+    with pytest.raises(ValueError, match="shard 0's work ended without a batch that closes it"):
+        extract_shards(work, FakeSource(), fake_step, RecordingCommitter())
+
+
+# ---------------------------------------------------------------- pixel recipes and the image source
+
+
+def test_recipe_gives_each_kind_the_authors_pixels() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (45, 38, 3), dtype=np.uint8)
+    variants = (VariantSpec.center(), VariantSpec.train_view(2), VariantSpec.ten_crop(7), VariantSpec.perturbed("jpeg", "paper"))
+    pixels = PixelRecipe(variants, CROP, seed=11)(image, 5)
+    assert list(pixels) == ["center", "view_002", "tencrop_7", "jpeg-paper"]
+    np.testing.assert_array_equal(pixels["center"], images.center_crop(image, CROP))
+    np.testing.assert_array_equal(pixels["view_002"], images.augment_train_view(image, CROP, images.view_rng(11, 5, 2)))
+    np.testing.assert_array_equal(pixels["tencrop_7"], images.ten_crop(image, CROP)[7])
+    stream = PERTURB_STREAM + PERTURBATIONS.index("jpeg")
+    perturbed = images.perturb_image(image, "jpeg", "paper", images.view_rng(11, 5, stream))
+    np.testing.assert_array_equal(pixels["jpeg-paper"], images.center_crop(perturbed, CROP))
+
+
+def test_perturbed_rows_differ_from_center_only_where_the_draw_perturbs() -> None:
+    image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    recipe = PixelRecipe((VariantSpec.center(), VariantSpec.perturbed("blur", "official")), CROP, seed=4)
+    stream = PERTURB_STREAM + PERTURBATIONS.index("blur")
+    untouched = [row for row in range(12) if images.view_rng(4, row, stream).random() >= 0.5]
+    assert 0 < len(untouched) < 12
+    for row in range(12):
+        pixels = recipe(image, row)
+        assert np.array_equal(pixels["blur-official"], pixels["center"]) == (row in untouched), row
+
+
+def test_training_views_are_seeded_by_seed_row_and_view() -> None:
+    image = np.random.default_rng(2).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    recipe = PixelRecipe(tuple(VariantSpec.train_view(v) for v in range(3)), CROP, seed=11)
+    first, again = recipe(image, 3), recipe(image, 3)
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name])
+    assert not np.array_equal(first["view_000"], first["view_001"])
+    assert not np.array_equal(first["view_000"], recipe(image, 4)["view_000"])
+    other_seed = PixelRecipe(recipe.variants, CROP, seed=12)(image, 3)
+    assert not np.array_equal(first["view_000"], other_seed["view_000"])
+
+
+def test_ten_crops_are_cut_once_per_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    original = images.ten_crop
+
+    def counting(image: np.ndarray, size: int) -> np.ndarray:
+        calls.append(image.shape)
+        return original(image, size)
+
+    monkeypatch.setattr(images, "ten_crop", counting)
+    image = np.random.default_rng(3).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    pixels = PixelRecipe(ten_crop_variants(), CROP)(image, 0)
+    assert calls == [(64, 48, 3)]
+    np.testing.assert_array_equal(np.stack(list(pixels.values())), original(image, CROP))
+
+
+def test_image_source_decodes_each_image_once_in_order_and_records_bad_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [write_image(tmp_path / f"img_{i}.png", (40 + i, 36), seed=i) for i in range(7)]
+    files[3].write_bytes(b"")
+    files[5] = tmp_path / "gone.png"
+    decoded = []
+    original = images.decode_image
+
+    def counting(path: Path, max_pixels: int) -> np.ndarray:
+        decoded.append(path)
+        return original(path, max_pixels)
+
+    monkeypatch.setattr(images, "decode_image", counting)
+    recipe = PixelRecipe((VariantSpec.center(), *ten_crop_variants()), CROP)
+    work = plan_batches({0: recipe, 1: recipe}, n_rows=7, shard_rows=4, batch_size=2)
+    source = ImageSource(lambda row: files[row], images.DEFAULT_MAX_PIXELS, workers=2)
+    batches = list(source.batches(work))
+
+    assert [b.work.rows.tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6]]
+    assert sorted(decoded, key=str) == sorted(files, key=str)  # each file decoded once, for 11 variants
+    valid = np.concatenate([b.valid for b in batches])
+    errors = [e for b in batches for e in b.errors]
+    assert valid.tolist() == [True, True, True, False, True, False, True]
+    assert errors[3] == "file is empty (0 bytes)" and errors[5] == "missing file"
+    for batch in batches:
+        for i, row in enumerate(batch.work.rows.tolist()):
+            if batch.valid[i]:
+                expected = recipe(np.asarray(Image.open(files[row]).convert("RGB")), row)
+                for name in recipe.names:
+                    np.testing.assert_array_equal(batch.pixels[name][i], expected[name])
+            else:
+                assert not any(batch.pixels[name][i].any() for name in recipe.names)
+
+
+# ---------------------------------------------------------------- config, stores and commits, without a backbone
+
+
+def test_config_errors_are_refused(tmp_path: Path) -> None:
+    config = ExtractConfig(split="val", manifest=tmp_path / "val.csv", cache_dir=tmp_path / "cache", shard_rows=8, chunk_rows=4)
+    config.validate()
+    bad = {
+        "taps must be a non-empty subset": replace(config, taps=("ln2", "mlp")),
+        "exactly one --tap": replace(config, out=tmp_path / "x.zarr", taps=("ln2", "hidden")),
+        "not a training split": replace(config, views=2),
+        "--chunk-rows 4 must divide --shard-rows 6 .*e.g. --chunk-rows 2": replace(config, shard_rows=6),
+        "--chunk-rows 16 must divide --shard-rows 8": replace(config, chunk_rows=16),
+        "must be at least 1": replace(config, chunk_rows=0),
+        "unknown store dtype 'int8'": replace(config, store_dtype="int8"),
+        "unknown perturbation 'rain'": replace(config, perturbation="rain"),
+        "unknown perturbation preset 'custom'": replace(config, perturbation="jpeg", perturb_preset="custom"),
+        "perturbations are for evaluation splits": replace(config, augment=True, perturbation="jpeg"),
+        "--ten-crop is an evaluation crop": replace(config, ten_crop=True, augment=True),
+    }
+    for text, changed in bad.items():
+        with pytest.raises(ExtractError, match=text):
+            changed.validate()
+        with pytest.raises(ExtractError, match=text):
+            run_extract(changed)  # before reading the manifest or loading anything
+    assert not (tmp_path / "cache").exists()
+
+
+def test_variants_follow_the_split_and_options(tmp_path: Path) -> None:
+    config = ExtractConfig(split="test", manifest=tmp_path / "m.csv")
+    assert [v.name for v in config.variants()] == ["center"]
+    assert [v.name for v in replace(config, ten_crop=True).variants()] == [f"tencrop_{i}" for i in range(10)]
+    assert [v.name for v in replace(config, perturbation="crop", perturb_preset="paper").variants()] == ["crop-paper"]
+    assert [v.name for v in replace(config, split="train_4class", views=3).variants()] == ["view_000", "view_001", "view_002"]
+    assert [v.name for v in replace(config, augment=True).variants()] == ["view_000"]
+    assert [v.name for v in replace(config, split="train", augment=False).variants()] == ["center"]
+
+
+def fake_backbone() -> SimpleNamespace:
+    """What prepare_store reads from a backbone."""
+    return SimpleNamespace(revision="r1", block_indices=(0, 1), dim=3, crop_size=CROP, mean=(0.5,) * 3, std=(0.25,) * 3,
+                           dtype=torch.float32, n_layers=2)  # fmt: skip
+
+
+def test_a_new_variant_joins_an_existing_store_and_only_it_is_missing(tmp_path: Path) -> None:
+    manifest_file = tmp_path / "test.csv"
+    write_manifest(Manifest("test", tuple(ManifestRow(f"{i}.png", i % 2, "d") for i in range(10)), tmp_path), manifest_file)
+    manifest = read_manifest(manifest_file)
+    config = ExtractConfig(split="test", manifest=manifest_file, cache_dir=tmp_path / "cache", shard_rows=4, chunk_rows=2)
+    stores = {tap: prepare_store(replace(config, taps=(tap,)), manifest, fake_backbone(), tap, config.variants()) for tap in TAPS}
+    assert stores["hidden"] == tmp_path / "cache" / config.backbone.model.replace("/", "--") / "hidden" / "test.zarr"
+    assert missing_variants(stores, config.variants()) == {0: (VariantSpec.center(),), 1: (VariantSpec.center(),),
+                                                           2: (VariantSpec.center(),)}  # fmt: skip
+    committer = ShardCommitter(stores)
+    for shard in range(3):
+        n = cache.shard_bounds(shard, 10, 4)[1] - shard * 4
+        features = {(tap, "center"): np.full((n, 2, 3), shard + (tap == "hidden") * 10, np.float16) for tap in TAPS}
+        committer.submit(FinishedShard(shard, features, np.ones(n, bool), ("",) * n))
+    committer.close()
+    assert committer.seconds > 0
+    for tap in TAPS:
+        expected = np.array([0] * 4 + [1] * 4 + [2] * 2) + (tap == "hidden") * 10
+        np.testing.assert_array_equal(cache.read_features(stores[tap], "center")[:, 0, 0], expected)
+
+    jpeg = replace(config, perturbation="jpeg")
+    path = prepare_store(jpeg, manifest, fake_backbone(), "ln2", jpeg.variants())
+    assert path == stores["ln2"]
+    info = cache.open_store_info(path)
+    assert list(info.variants) == ["center", "jpeg-official"] and info.complete_variants == ("center",)
+    assert missing_variants({"ln2": path}, (VariantSpec.center(), *jpeg.variants())) == {
+        shard: (VariantSpec.perturbed("jpeg", "official"),) for shard in range(3)
+    }
+    cache.commit_shard(path, "jpeg-official", 1, np.ones((4, 2, 3), np.float16), np.ones(4, bool), [""] * 4)
+    assert sorted(missing_variants({"ln2": path}, jpeg.variants())) == [0, 2]
+    assert missing_variants(stores, (VariantSpec.center(),)) == {}
 
 
 # ---------------------------------------------------------------- evaluation store
@@ -129,7 +426,7 @@ def test_store_rows_align_with_manifest(eval_run: dict) -> None:
     assert rows.valid.all() and set(rows.errors) == {""}
     info = cache.open_store_info(store)
     assert info.split == "val" and info.attrs["training"] is False
-    assert info.identity.tap == "ln2" and info.identity.blocks == (0, 1, 2)
+    assert info.identity.tap == "ln2" and info.identity.block_indices == (0, 1, 2)
     assert (info.identity.dim, info.identity.crop_size, info.identity.shard_rows, info.identity.chunk_rows) == (32, 32, 8, 4)
     assert info.attrs["data_root"] == str(root)
     assert list(info.variants) == ["center"] and info.complete_variants == ("center",)
@@ -170,33 +467,6 @@ def test_rerun_skips_every_shard_without_backbone_work(eval_run: dict, monkeypat
     assert calls == []
     assert (summary.shards_done, summary.shards_skipped, summary.images_processed) == (0, 2, 0)
     np.testing.assert_array_equal(read_zarr(store, "features/center"), before)
-
-
-# ---------------------------------------------------------------- training views
-
-
-def test_training_views_follow_the_seeded_recipe(tiny_clip_dir: Path, tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    write_images(root, [(40, 36), (28, 30), (33, 50), (64, 64), (36, 40), (45, 38)], seed=2)
-    manifest = folder_manifest(root, "train", tmp_path / "manifests")
-    config = extract_config(tiny_clip_dir, manifest, tmp_path / "cache", views=3, seed=11, shard_rows=4, chunk_rows=2)
-    store = run_extract(config).stores["ln2"]
-
-    info = cache.open_store_info(store)
-    assert list(info.variants) == ["view_000", "view_001", "view_002"]
-    assert info.attrs["training"] is True and info.identity.seed == 11
-    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
-    for view in range(3):
-        crops = [images.augment_train_view(img, CROP, images.view_rng(11, row, view)) for row, img in enumerate(decoded)]
-        assert_fp16_equal(cache.read_features(store, f"view_{view:03d}"), tokens_by_hand(tiny_clip_dir, crops))
-    views = [cache.read_features(store, f"view_{v:03d}") for v in range(3)]
-    assert not np.array_equal(views[0], views[1])
-
-    again = run_extract(replace(config, cache_dir=tmp_path / "again")).stores["ln2"]
-    for name in ("features/view_000", "features/view_001", "features/view_002", "valid", "error", "labels", "paths"):
-        np.testing.assert_array_equal(read_zarr(again, name), read_zarr(store, name))
-    other_seed = run_extract(replace(config, cache_dir=tmp_path / "seed12", seed=12, views=1)).stores["ln2"]
-    assert not np.array_equal(read_zarr(other_seed, "features/view_000"), views[0])
 
 
 # ---------------------------------------------------------------- resume after kill -9
@@ -388,10 +658,10 @@ def test_store_from_another_model_tap_or_seed_is_refused_and_overwrite_rebuilds(
     config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache", out=out)
     run_extract(config)
     cases = {
-        "model": (replace(config, backbone=cpu_spec(other_model_dir)), ["model_id: store has", "model_revision: store has"]),
+        "model": (replace(config, backbone=cpu_config(other_model_dir)), ["model_id: store has", "model_revision: store has"]),
         "tap": (replace(config, taps=("hidden",)), ["tap: store has 'ln2', asked for 'hidden'"]),
         "seed": (replace(config, seed=3), ["seed: store has 0, asked for 3"]),
-        "blocks": (replace(config, blocks="last:2"), ["blocks: store has (0, 1, 2), asked for (1, 2)"]),
+        "blocks": (replace(config, block_selection="last:2"), ["block_indices: store has (0, 1, 2), asked for (1, 2)"]),
     }
     for name, (changed, expected) in cases.items():
         with pytest.raises(ExtractError) as caught:
@@ -401,27 +671,11 @@ def test_store_from_another_model_tap_or_seed_is_refused_and_overwrite_rebuilds(
             assert text in message, (name, message)
         assert message.count(": store has") == len(expected), (name, message)
 
-    rebuilt = run_extract(replace(config, backbone=cpu_spec(other_model_dir), overwrite=True))
+    rebuilt = run_extract(replace(config, backbone=cpu_config(other_model_dir), overwrite=True))
     assert rebuilt.stores["ln2"] == out and rebuilt.images_processed == 4
     assert cache.open_store_info(out).identity.model_id == str(other_model_dir)
     crops = [images.center_crop(np.asarray(Image.open(p).convert("RGB")), CROP) for p in resolve_rows(small_split)]
     assert_fp16_equal(cache.read_features(out, "center"), tokens_by_hand(other_model_dir, crops))
-
-
-def test_config_errors_are_refused(tiny_clip_dir: Path, small_split: Path, tmp_path: Path) -> None:
-    config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache")
-    bad = {
-        "taps must be a non-empty subset": replace(config, taps=("ln2", "mlp")),
-        "exactly one --tap": replace(config, out=tmp_path / "x.zarr", taps=("ln2", "hidden")),
-        "not a training split": replace(config, views=2),
-        "must be a multiple of chunk rows": replace(config, shard_rows=6, chunk_rows=4),
-        "unknown perturbation 'rain'": replace(config, perturbation="rain"),
-        "perturbations are for evaluation splits": replace(config, augment=True, perturbation="jpeg"),
-    }
-    for text, changed in bad.items():
-        with pytest.raises(ExtractError, match=text):
-            run_extract(changed)
-    assert not (tmp_path / "cache").exists()
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -526,68 +780,3 @@ def test_fail_fast_names_the_first_bad_file(corpus: dict, tiny_clip_dir: Path) -
     with pytest.raises(ExtractError, match="--fail-fast") as caught:
         run_extract(config)
     assert str(caught.value).startswith(f"{first_bad}: {corpus['bad'][first_bad]}")
-
-
-# ---------------------------------------------------------------- taps and perturbations
-
-
-def test_two_taps_from_one_run_equal_single_tap_runs(tiny_clip_dir: Path, small_split: Path, tmp_path: Path) -> None:
-    both = run_extract(extract_config(tiny_clip_dir, small_split, tmp_path / "both", taps=("ln2", "hidden")))
-    assert set(both.stores) == {"ln2", "hidden"}
-    assert both.stores["hidden"] == tmp_path / "both" / tiny_clip_dir.name / "hidden" / "val.zarr"
-    ln2 = cache.read_features(both.stores["ln2"], "center")
-    hidden = cache.read_features(both.stores["hidden"], "center")
-    assert np.abs(ln2.astype(np.float32) - hidden.astype(np.float32)).max() > 0.1
-    for tap, values in (("ln2", ln2), ("hidden", hidden)):
-        single = run_extract(extract_config(tiny_clip_dir, small_split, tmp_path / tap, taps=(tap,))).stores[tap]
-        np.testing.assert_array_equal(values, cache.read_features(single, "center"))
-        assert cache.open_store_info(both.stores[tap]).identity.tap == tap
-    crops = [images.center_crop(np.asarray(Image.open(p).convert("RGB")), CROP) for p in resolve_rows(small_split)]
-    assert_fp16_equal(hidden, tokens_by_hand(tiny_clip_dir, crops, "hidden"))
-
-
-def test_perturbation_is_added_as_a_variant_of_the_evaluation_store(tiny_clip_dir: Path, tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    write_images(root, [(40, 36), (64, 48), (36, 40), (50, 50), (33, 45), (40, 40), (48, 36), (60, 30)], seed=5)
-    manifest = folder_manifest(root, "test", tmp_path / "manifests")
-    config = extract_config(tiny_clip_dir, manifest, tmp_path / "cache", seed=4)
-    store = run_extract(config).stores["ln2"]
-    center = cache.read_features(store, "center")
-
-    summary = run_extract(replace(config, perturbation="jpeg"))
-
-    assert summary.stores["ln2"] == store and summary.images_processed == 8
-    info = cache.open_store_info(store)
-    assert list(info.variants) == ["center", "jpeg-official"]
-    assert info.complete_variants == ("center", "jpeg-official")
-    np.testing.assert_array_equal(cache.read_features(store, "center"), center)
-    perturbed = cache.read_features(store, "jpeg-official")
-    # Each row's perturbation draws from view_rng(seed, row, 1000 + index of the kind).
-    stream = 1000 + images.PERTURBATIONS.index("jpeg")
-    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
-    untouched = [row for row in range(8) if images.view_rng(4, row, stream).random() >= 0.5]
-    assert 0 < len(untouched) < 8
-    for row in untouched:
-        np.testing.assert_array_equal(perturbed[row], center[row])
-    crops = [
-        images.center_crop(images.perturb_image(img, "jpeg", "official", images.view_rng(4, row, stream)), CROP)
-        for row, img in enumerate(decoded)
-    ]
-    assert_fp16_equal(perturbed, tokens_by_hand(tiny_clip_dir, crops))
-    changed = [row for row in range(8) if row not in untouched]
-    assert all(not np.array_equal(perturbed[row], center[row]) for row in changed)
-
-
-def test_ten_crop_variants_hold_the_ten_torchvision_crops(tiny_clip_dir: Path, tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    write_images(root, [(64, 48), (40, 40), (70, 33), (48, 64)], seed=9)
-    manifest = folder_manifest(root, "test", tmp_path / "manifests")
-    store = run_extract(extract_config(tiny_clip_dir, manifest, tmp_path / "cache", ten_crop=True)).stores["ln2"]
-    info = cache.open_store_info(store)
-    assert info.complete_variants == tuple(f"tencrop_{i}" for i in range(10))
-    decoded = [np.asarray(Image.open(p).convert("RGB")) for p in resolve_rows(manifest)]
-    for crop in (0, 4, 5, 9):  # top-left, center, flipped top-left, flipped center
-        pixels = [images.ten_crop(img, CROP)[crop] for img in decoded]
-        assert_fp16_equal(cache.read_features(store, f"tencrop_{crop}"), tokens_by_hand(tiny_clip_dir, pixels))
-    with pytest.raises(ExtractError, match="--ten-crop is an evaluation crop"):
-        run_extract(extract_config(tiny_clip_dir, manifest, tmp_path / "cache2", ten_crop=True, augment=True))

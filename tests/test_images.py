@@ -20,21 +20,21 @@ from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
 from pipeline import images
+from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS
 from pipeline.images import (
     DEFAULT_MAX_PIXELS,
-    PERTURB_PRESETS,
-    PERTURBATIONS,
     ImageDecodeError,
     TrainViewDraw,
     apply_train_view,
     augment_train_view,
     center_crop,
+    crop_padded,
     decode_image,
+    draw_crop_offsets,
     draw_train_view,
     gaussian_blur_official,
     jpeg_roundtrip,
     perturb_image,
-    random_crop,
     ten_crop,
     view_rng,
 )
@@ -317,6 +317,11 @@ def test_center_crop_never_resizes_an_exact_fit() -> None:
 
 
 # ---------------------------------------------------------------- random crop
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """torchvision RandomCrop(size, pad_if_needed=True) as the training views do it: draw, then crop."""
+    return crop_padded(image, size, *draw_crop_offsets(rng, image.shape[0], image.shape[1], size))
 
 
 def test_random_crop_pads_full_deficit_on_both_sides_and_covers_all_offsets() -> None:
