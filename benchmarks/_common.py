@@ -100,27 +100,6 @@ def scratch_dir(args: argparse.Namespace, prefix: str) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def synthetic_identity(n_blocks: int, dim: int, shard_rows: int, chunk_rows: int) -> cache.StoreIdentity:
-    """A store identity for features not made from images (benchmarks only)."""
-    return cache.StoreIdentity(
-        manifest_sha256="synthetic",
-        model_id="synthetic",
-        model_revision="synthetic",
-        tap="ln2",
-        block_indices=tuple(range(n_blocks)),
-        dim=dim,
-        crop_size=224,
-        mean=(0.0, 0.0, 0.0),
-        std=(1.0, 1.0, 1.0),
-        dtype="float16",
-        compute_dtype="float32",
-        seed=0,
-        max_pixels=1,
-        shard_rows=shard_rows,
-        chunk_rows=chunk_rows,
-    )
-
-
 @dataclass(frozen=True)
 class RandomRows:
     """Standard normal float16 rows made on demand, so that a store of many GB never sits in memory.
@@ -153,7 +132,7 @@ def write_synthetic_store(
     labels = np.arange(n_rows) % 2 if labels is None else labels
     cache.write_store(
         path,
-        synthetic_identity(n_blocks, dim, shard_rows, chunk_rows),
+        cache.placeholder_identity(n_blocks, dim, shard_rows=shard_rows, chunk_rows=chunk_rows),
         split=path.stem,
         labels=[int(v) for v in labels],
         paths=[f"img_{i:07d}.png" for i in range(n_rows)],

@@ -110,6 +110,28 @@ class StoreIdentity:
         return [d for d in self.differences(other) if d.split(":")[0] in keys]
 
 
+def placeholder_identity(n_blocks: int, dim: int, **fields_given: Any) -> StoreIdentity:
+    """An identity for features not extracted from a manifest (tests, benchmarks): placeholders unless given."""
+    values: dict[str, Any] = dict(
+        manifest_sha256="0" * 64,
+        model_id="synthetic",
+        model_revision="synthetic",
+        tap="ln2",
+        block_indices=tuple(range(n_blocks)),
+        dim=dim,
+        crop_size=224,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        dtype="float16",
+        compute_dtype="float32",
+        seed=0,
+        max_pixels=1,
+        shard_rows=DEFAULT_SHARD_ROWS,
+        chunk_rows=DEFAULT_CHUNK_ROWS,
+    )
+    return StoreIdentity(**{**values, **fields_given})
+
+
 @dataclass(frozen=True)
 class RowTable:
     """Row-aligned metadata of a store, in manifest order."""

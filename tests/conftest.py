@@ -72,23 +72,10 @@ def write_store(
     from pipeline import cache
 
     n_rows, n_blocks, dim = next(iter(features.values())).shape
-    identity = cache.StoreIdentity(
-        manifest_sha256="0" * 64,
-        model_id=model,
-        model_revision="test",
-        tap=tap,
-        block_indices=tuple(range(n_blocks)),
-        dim=dim,
-        crop_size=32,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        dtype="float16",
-        compute_dtype="float32",
-        seed=0,
-        max_pixels=10**8,
-        shard_rows=shard_rows,
-        chunk_rows=chunk_rows,
-    )
+    identity = cache.placeholder_identity(
+        n_blocks, dim, model_id=model, model_revision="test", tap=tap, crop_size=32, max_pixels=10**8,
+        shard_rows=shard_rows, chunk_rows=chunk_rows,
+    )  # fmt: skip
     valid = np.ones(n_rows, dtype=bool) if valid is None else valid
     return cache.write_store(
         path,

@@ -1,7 +1,6 @@
 """Feature stores: round trips, the raw shard reader against zarr, identity and completeness checks."""
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,24 +15,9 @@ N_BLOCKS, DIM = 3, 5
 
 
 def make_identity(**changes: object) -> StoreIdentity:
-    identity = StoreIdentity(
-        manifest_sha256="ab" * 32,
-        model_id="tiny/model",
-        model_revision="local-sha256:0123",
-        tap="ln2",
-        block_indices=(0, 1, 2),
-        dim=DIM,
-        crop_size=32,
-        mean=(0.5, 0.5, 0.5),
-        std=(0.25, 0.25, 0.25),
-        dtype="float16",
-        compute_dtype="float32",
-        seed=0,
-        max_pixels=1000,
-        shard_rows=8,
-        chunk_rows=2,
-    )
-    return replace(identity, **changes)
+    fields = dict(manifest_sha256="ab" * 32, model_id="tiny/model", model_revision="local-sha256:0123", crop_size=32,
+                  max_pixels=1000, shard_rows=8, chunk_rows=2)  # fmt: skip
+    return cache.placeholder_identity(N_BLOCKS, DIM, **{**fields, **changes})
 
 
 def new_store(
