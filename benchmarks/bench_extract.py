@@ -104,7 +104,7 @@ def main() -> int:
             summaries.append(summary)
     bare = args.images / statistics.median(bare_seconds)
     end_to_end = args.images / statistics.median(extract_seconds)
-    print(f"backbone load (Backbone(backbone_config), includes hashing the weights): {load_seconds:.2f} s")
+    print(f"backbone load (includes hashing the weights): {load_seconds:.2f} s")
     print(f"bare forward_taps: {bare:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in bare_seconds)})")
     print(f"run_extract end to end: {end_to_end:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in extract_seconds)})")
     for summary in summaries:

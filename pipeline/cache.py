@@ -161,8 +161,8 @@ class StoreInfo:
 
     def train_views(self) -> tuple[str, ...]:
         """Names of the complete training views, in view order."""
-        views = [spec for name, spec in self.variants.items() if spec.kind is VariantKind.TRAIN_VIEW and name in self.complete_variants]
-        return tuple(spec.name for spec in sorted(views, key=lambda spec: spec.index))
+        views = [spec for spec in self.variants.values() if spec.kind is VariantKind.TRAIN_VIEW]
+        return tuple(spec.name for spec in sorted(views, key=lambda spec: spec.index) if spec.name in self.complete_variants)
 
 
 def model_slug(model: str) -> str:

@@ -77,12 +77,15 @@ class LayoutOptions:
     coco_root: Path | None = None
 
 
+Walker = Callable[[Path, LayoutOptions], tuple[Path, list[ManifestRow]]]  # (root, options) -> (data root, rows)
+
+
 @dataclass(frozen=True)
 class Layout:
     """One on-disk layout: its walker, the options it accepts and those it needs."""
 
     name: str
-    walk: Callable[[Path, LayoutOptions], tuple[Path, list[ManifestRow]]]  # (root, options) -> (data root, rows)
+    walk: Walker
     accepts: tuple[str, ...] = ()  # LayoutOptions fields it may be given
     needs: Mapping[str, str] = field(default_factory=dict)  # fields it must be given -> what they hold
 
@@ -116,19 +119,16 @@ def build_manifest(
     options = LayoutOptions(
         classes=name_list("classes", classes),
         generators=name_list("generators", generators),
-        raise_root=raise_root,
-        progan_root=progan_root,
-        coco_root=coco_root,
+        raise_root=absolute(raise_root),
+        progan_root=absolute(progan_root),
+        coco_root=absolute(coco_root),
     )
     check_layout_options(spec, options)
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")
     data_root, rows = spec.walk(root.resolve(), options)
-    recorded = {
-        key: None if value is None else str(Path(value).resolve()) if isinstance(value, Path) else sorted(set(value))
-        for key, value in asdict(options).items()
-    }
+    recorded = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
     ordered = tuple(sorted(rows, key=lambda row: (row.path, row.dataset)))
     return Manifest(
         split=split, rows=ordered, data_root=data_root, layout=layout, options={"root": str(root.resolve()), **recorded}
@@ -136,13 +136,18 @@ def build_manifest(
 
 
 def name_list(name: str, value: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The distinct names, sorted; None stays None (all)."""
     if value is None:
         return None
     if isinstance(value, str):
         raise ValueError(f"{name} must be a sequence of names, not the string {value!r}")
     if len(value) == 0:
         raise ValueError(f"{name} must not be empty (use None for all)")
-    return tuple(value)
+    return tuple(sorted(set(value)))
+
+
+def absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
 
 
 def check_layout_options(layout: Layout, options: LayoutOptions) -> None:
@@ -514,7 +519,7 @@ _LDM_ROOTS = {
 }
 
 
-def _rooted(list_rows: Callable[[Path, LayoutOptions], list[ManifestRow]]) -> Callable[[Path, LayoutOptions], tuple[Path, list[ManifestRow]]]:
+def _rooted(list_rows: Callable[[Path, LayoutOptions], list[ManifestRow]]) -> Walker:
     """A walker whose data root is its root."""
     return lambda root, options: (root, list_rows(root, options))
 

@@ -103,7 +103,9 @@ class HeadScorer:
     sigmoid of the mean of its logits over ``variants`` (one, or the ten crops).
     """
 
-    def __init__(self, source: HeadSource, variants: Sequence[VariantSpec], device: torch.device, paths: Sequence[Path], batch_size: int) -> None:
+    def __init__(
+        self, source: HeadSource, variants: Sequence[VariantSpec], device: torch.device, paths: Sequence[Path], batch_size: int
+    ) -> None:
         self.head = source.head.to(device).eval()
         self.source = source
         self.variants = tuple(variants)
