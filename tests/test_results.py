@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipeline import cache, config, metrics
+from pipeline import config, metrics, variants
 from pipeline.results import (
     BEST_BY_TEST,
     BEST_BY_VAL,
@@ -47,7 +47,7 @@ def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
         f.name for f in dataclasses.fields(config.RunConfig)
     }
     assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES):] == metrics.METRIC_NAMES
-    assert cache.TEN_CROP == "tencrop"  # the variant name results.UNPERTURBED_VARIANTS expects
+    assert variants.TEN_CROP == "tencrop"  # the ten-crop group name results.UNPERTURBED_VARIANTS expects
     rows = [scored("a", "val", "progan", 0.9, math.nan), dataclasses.replace(BASE, status="error", error="boom", setting=dataclasses.replace(SETTING, n_classes=None))]
     write_csv(tmp_path / "results.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
     text = (tmp_path / "results.csv").read_text().splitlines()
