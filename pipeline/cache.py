@@ -46,7 +46,7 @@ import numpy as np
 import zarr
 
 from . import _shard_reader
-from .files import atomic_directory
+from .files import atomic_path
 from .variants import VariantKind, VariantSpec
 
 SCHEMA = "rine-pipeline/feature-store@1"
@@ -198,7 +198,7 @@ def create_store(
 ) -> None:
     """Write a new store's row metadata and attributes, without variants; whole or absent."""
     n_rows = len(labels)
-    with atomic_directory(path) as tmp:
+    with atomic_path(path) as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         _write_1d(group, "labels", np.asarray(labels, dtype=np.int8))
         _write_1d(group, "paths", np.asarray(paths, dtype=object), dtype=str)

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .files import atomic_directory
+from .files import atomic_path
 
 IMAGE_SIZE = 64
 TRAIN_GENERATOR = "progan"
@@ -300,7 +300,7 @@ def make_demo_backbone(path: Path, seed: int) -> None:
     with torch.no_grad():
         kernels -= kernels.mean(dim=(2, 3), keepdim=True)
     shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
-    with atomic_directory(path) as partial:
+    with atomic_path(path) as partial:
         model.save_pretrained(partial)
 
 

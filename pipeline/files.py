@@ -1,12 +1,11 @@
 """Complete-or-absent writes: a temporary sibling, renamed into place.
 
 Every atomic write of the package goes through here: :func:`atomic_path`
-for one file written by any library (grid, head, report and plot files),
+for one file or new folder written by any library (grid, head, report and
+plot files; a feature store's skeleton, the demo backbone),
 :func:`write_text_atomic` for text, :func:`replace_files_atomically` for a
-set of small files that belong together (a manifest and its sidecar),
-:func:`atomic_directory` for a new folder (a feature store's skeleton, the
-demo backbone). Zarr writes each chunk file of a store through its own
-temporary name and rename.
+set of small files that belong together (a manifest and its sidecar). Zarr
+writes each chunk file of a store through its own temporary name and rename.
 """
 from __future__ import annotations
 
@@ -28,8 +27,10 @@ def _temporary_sibling(path: Path) -> Path:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; it replaces ``path`` only if the block finishes.
 
-    A file under its final name is therefore always whole, and a resume can
-    trust what exists.
+    The block may write a file or create a folder there; a file or folder
+    under its final name is therefore always whole, and a resume can trust
+    what exists. (A folder cannot replace a non-empty folder: ``path`` must
+    not exist then.) The temporary path is removed whatever happens.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,24 +39,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-@contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder path next to ``path`` (not yet created); it becomes ``path`` if the block finishes.
-
-    ``path`` must not exist when the block ends (a rename cannot replace a
-    non-empty folder); the temporary folder is removed whatever happens.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

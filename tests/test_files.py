@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.files import atomic_directory, atomic_path, replace_files_atomically, write_text_atomic
+from pipeline.files import atomic_path, replace_files_atomically, write_text_atomic
 
 
 def test_replace_files_atomically_writes_every_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -34,20 +34,20 @@ def test_a_failure_while_staging_changes_no_final_file(tmp_path: Path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["a.csv", "b.json"]
 
 
-def test_atomic_directory_appears_whole_or_not_at_all(tmp_path: Path) -> None:
-    with atomic_directory(tmp_path / "store") as building:
+def test_a_folder_built_at_an_atomic_path_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    with atomic_path(tmp_path / "store") as building:
         building.mkdir()
         (building / "part").write_text("x")
         assert not (tmp_path / "store").exists()
     assert (tmp_path / "store" / "part").read_text() == "x"
     with pytest.raises(RuntimeError, match="killed"):
-        with atomic_directory(tmp_path / "other") as building:
+        with atomic_path(tmp_path / "other") as building:
             building.mkdir()
             raise RuntimeError("killed")
     assert sorted(os.listdir(tmp_path)) == ["store"]
 
 
-def test_atomic_path_and_text(tmp_path: Path) -> None:
+def test_a_file_written_at_an_atomic_path_and_text(tmp_path: Path) -> None:
     write_text_atomic(tmp_path / "t.txt", "é")
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "é"
     with pytest.raises(ValueError):
