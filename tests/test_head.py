@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline.head import CheckpointError, FastDropout, RineHead, count_parameters, load_official_checkpoint
 
-CHECKPOINT = Path(__file__).parents[2] / "shared" / "data" / "rine_2class_trainable.pth"
+CHECKPOINT = Path(__file__).parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
 
 class NotATensor:

@@ -22,7 +22,6 @@ from scipy.ndimage import gaussian_filter
 from pipeline import images
 from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS
 from pipeline.images import (
-    DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     TrainViewDraw,
     apply_train_view,
@@ -205,7 +204,9 @@ def test_decode_refuses_images_over_max_pixels(tmp_path: Path) -> None:
         decode_image(path, max_pixels=3071)
     assert str(info.value) == "64x48 = 3072 pixels exceeds the limit of 3071 (--max-pixels)"
     assert decode_image(path, max_pixels=3072).shape == (48, 64, 3)
-    assert DEFAULT_MAX_PIXELS == 100_000_000
+    header_only = save_bytes(tmp_path / "huge.pgm", b"P5\n10001 10000\n255\n")  # no pixels: the limit is checked first
+    with pytest.raises(ImageDecodeError, match=r"^10001x10000 = 100010000 pixels exceeds the limit of 100000000 "):
+        decode_image(header_only)  # the default limit, 100 million pixels
 
 
 def test_decode_suspends_pillow_limit_and_restores_it(

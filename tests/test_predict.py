@@ -29,7 +29,7 @@ from pipeline.predict import (
     write_predictions,
 )
 
-OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "rine_2class_trainable.pth"
+OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
 
 def invoke(*args: str) -> str:
