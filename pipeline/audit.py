@@ -42,6 +42,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.tree import DecisionTreeClassifier
 from tqdm.auto import tqdm
 
+from .errors import PipelineError
 from .files import atomic_path
 from .image_headers import ImageHeader, read_image_header
 from .manifest import Manifest, check_split_name, read_manifest
@@ -62,7 +63,7 @@ SUMMARY_COLUMNS = (
 IMAGE_COLUMNS = ("path", "label", "dataset", "format", "width", "height", "mode", "has_exif", "file_size", "jpeg_quality", "error")
 
 
-class AuditError(ValueError):
+class AuditError(PipelineError, ValueError):
     """An audit that cannot run (bad option, unusable manifest); the message says why."""
 
 

@@ -46,6 +46,7 @@ import numpy as np
 import zarr
 
 from . import _shard_reader
+from .errors import PipelineError
 from .files import atomic_path
 from .variants import VariantKind, VariantSpec
 
@@ -59,7 +60,7 @@ DEFAULT_CHUNK_ROWS = 256
 _LEGACY_ATTRIBUTE_NAMES = {"block_indices": "blocks"}  # field -> its name in older stores
 
 
-class StoreError(RuntimeError):
+class StoreError(PipelineError, RuntimeError):
     """A store that cannot be used as asked (missing, mismatched, incomplete)."""
 
 

@@ -1,4 +1,9 @@
-"""The `pipeline` command: parse options, build a config, call one function."""
+"""The `pipeline` command: parse options, build a config, call one library function.
+
+Every library error derives from :class:`pipeline.errors.PipelineError`; the
+command group catches it in one place and prints ``Error: <message>`` with
+exit status 1. Bad options exit 2 (click's usage errors).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +12,10 @@ import click
 
 from . import cache, images
 from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
+from .errors import PipelineError
 from .layouts import LAYOUTS, build_manifest
-from .manifest import ManifestError, manifest_path, write_manifest
+from .manifest import check_split_name, manifest_path, write_manifest
+from .paper import DEFAULT_BACKBONES
 from .variants import PERTURB_PRESETS, PERTURBATIONS
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
@@ -19,7 +26,42 @@ def _comma_list(value: str | None) -> tuple[str, ...] | None:
     return tuple(part.strip() for part in value.split(",") if part.strip()) if value else None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a device torch cannot use (e.g. cuda on a machine without one) as a bad option."""
+    from .devices import resolve_device
+
+    try:
+        resolve_device(value)
+    except (RuntimeError, ValueError) as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _check_split(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Refuse a split name that is not a plain file stem as a bad option."""
+    try:
+        check_split_name(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+DEVICE_OPTION = click.option(
+    "--device", default="auto", callback=_check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ..."
+)
+
+
+class _Commands(click.Group):
+    """A command group that turns every library error into ``Error: <message>`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as error:
+            raise click.ClickException(str(error)) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="rine-pipeline")
 def main() -> None:
     """RINE synthetic-image detection: CLIP block features cached once, heads trained from the cache.
@@ -32,13 +74,18 @@ def main() -> None:
       pipeline report    -> reports/*.csv, *.png
       pipeline audit     -> reports/audit_<split>*.csv: metadata shortcuts of a split
       pipeline predict   -> scores for new images
+    \b
+    All of it on the paper's data:  pipeline paper DATA_ROOT
+    On a built-in synthetic demo:   ./run_all.sh demo (pipeline demo builds its data)
+
+    Exit status: 0 done; 1 an error (printed as "Error: ..."); 2 bad options.
     """
 
 
 @main.command("manifest")
 @click.option("--layout", type=click.Choice(tuple(LAYOUTS)), required=True, help="On-disk layout of the data set (README: Manifests).")
 @click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Top folder of the data set.")
-@click.option("--split", required=True, help="Name of the split; written to <manifests-dir>/<split>.csv.")
+@click.option("--split", required=True, callback=_check_split, help="Name of the split; written to <manifests-dir>/<split>.csv.")
 @click.option("--classes", help="Comma list of classes to keep (train/val layouts), e.g. car,cat,chair,horse.")
 @click.option("--generators", help="Comma list of generators/sets to keep (test layouts).")
 @click.option("--raise-root", type=click.Path(exists=True, file_okay=False, path_type=Path), help="RAISE reals (synthbuster layout).")
@@ -54,8 +101,10 @@ def manifest_command(layout, root, split, classes, generators, raise_root, proga
             layout, root, split, classes=_comma_list(classes), generators=_comma_list(generators), raise_root=raise_root,
             progan_root=progan_root, coco_root=coco_root,
         )
-    except (ManifestError, ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from None
+    except PipelineError:
+        raise
+    except ValueError as error:  # options the layout does not take
+        raise click.UsageError(str(error)) from None
     path = manifest_path(manifests_dir, split)
     write_manifest(manifest, path)
     n_fake = sum(row.label for row in manifest.rows)
@@ -65,7 +114,7 @@ def manifest_command(layout, root, split, classes, generators, raise_root, proga
 
 
 @main.command("extract")
-@click.option("--split", required=True, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
+@click.option("--split", required=True, callback=_check_split, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
 @click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
 @click.option("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local directory of a CLIP (vision) model.")
@@ -77,7 +126,7 @@ def manifest_command(layout, root, split, classes, generators, raise_root, proga
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Explicit store path (one tap only).")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+@DEVICE_OPTION
 @click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)),
               help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.")
 @click.option("--store-dtype", default="float16", type=click.Choice(STORE_DTYPES), help="dtype of the stored features.")
@@ -108,7 +157,7 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
     1 on an error or with --fail-fast at the first bad image; 2 on bad options.
     """
     from .backbone import BackboneConfig
-    from .extract import ExtractConfig, ExtractError, run_extract
+    from .extract import ExtractConfig, run_extract
 
     config = ExtractConfig(
         split=split,
@@ -135,17 +184,14 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
         overwrite=overwrite,
         progress=not no_progress,
     )
-    try:
-        summary = run_extract(config)
-    except (ExtractError, ManifestError, cache.StoreError) as error:
-        raise click.ClickException(str(error)) from None
+    summary = run_extract(config)
     click.echo(summary.report(), err=True)
     for path in summary.stores.values():
         click.echo(str(path))
 
 
 @main.command("audit")
-@click.option("--split", required=True, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
+@click.option("--split", required=True, callback=_check_split, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
 @click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
 @click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), help="Folder for audit_<split>*.csv and .json.")
@@ -165,14 +211,11 @@ def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, 
     """
     from .audit import AuditConfig, run_audit
 
-    try:  # AuditError and ManifestError are ValueErrors, as is a bad split name
-        config = AuditConfig(
-            split=split, manifest=manifest_file or manifest_path(Path("manifests"), split), data_root=data_root, out=out,
-            threshold=threshold, folds=folds, seed=seed, workers=workers, progress=not no_progress,
-        )
-        summary = run_audit(config)
-    except ValueError as error:
-        raise click.ClickException(str(error)) from None
+    config = AuditConfig(
+        split=split, manifest=manifest_file or manifest_path(Path("manifests"), split), data_root=data_root, out=out,
+        threshold=threshold, folds=folds, seed=seed, workers=workers, progress=not no_progress,
+    )
+    summary = run_audit(config)
     click.echo(summary.report(), err=True)
     for path in summary.written:
         click.echo(str(path))
@@ -180,17 +223,48 @@ def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, 
 
 @main.group("cache")
 def cache_group() -> None:
-    """Inspect feature stores."""
+    """Inspect feature stores; export them to HDF5 and import them back."""
 
 
 @cache_group.command("info")
 @click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def cache_info_command(path: Path) -> None:
     """Print a store's attributes, variants and completion, and its invalid rows."""
-    try:
-        click.echo(cache.describe_store(path))
-    except cache.StoreError as error:
-        raise click.ClickException(str(error)) from None
+    click.echo(cache.describe_store(path))
+
+
+@cache_group.command("export")
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--format", "file_format", type=click.Choice(["hdf5"]), default="hdf5", help="File format of OUT.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def cache_export_command(store: Path, out: Path, file_format: str, no_progress: bool) -> None:
+    """Write STORE (every row array and complete variant, its attributes) to one HDF5 file OUT.
+
+    \b
+    Datasets: labels, paths, dataset, [class], valid, error, features/<variant>
+    (rows chunked like the store); the store's attributes on the root group.
+    OUT is written under a temporary name and appears only when whole.
+    """
+    from .hdf5 import export_hdf5
+
+    summary = export_hdf5(store, out, progress=not no_progress)
+    click.echo(summary.report(), err=True)
+    click.echo(str(out))
+
+
+@cache_group.command("import")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("store", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace STORE if it exists.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress: bool) -> None:
+    """Read an HDF5 file written by `pipeline cache export` back into the feature store STORE."""
+    from .hdf5 import import_hdf5
+
+    summary = import_hdf5(source, store, overwrite=overwrite, progress=not no_progress)
+    click.echo(summary.report(), err=True)
+    click.echo(str(store))
 
 
 @main.command("fit")
@@ -198,7 +272,7 @@ def cache_info_command(path: Path) -> None:
               help="Grid YAML: data (train/val/test stores), base config and grid of lists.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: the grid's `out`, else runs/<name>).")
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Configs fitted in parallel (threads sharing one copy of the features).")
-@click.option("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+@DEVICE_OPTION
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
@@ -207,15 +281,11 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
     Prints the results table path. Exit status 1 when any config failed
     (its error row is in results.csv), 0 otherwise.
     """
-    from .config import ConfigError, load_grid
+    from .config import load_grid
     from .grid import FitOptions, run_grid
-    from .train import DataError
 
-    try:
-        spec = load_grid(grid_file, out=out)
-        summary = run_grid(spec, FitOptions(device=device, jobs=jobs, fail_fast=fail_fast, progress=not no_progress))
-    except (ConfigError, DataError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    spec = load_grid(grid_file, out=out)
+    summary = run_grid(spec, FitOptions(device=device, jobs=jobs, fail_fast=fail_fast, progress=not no_progress))
     click.echo(
         f"{summary.n_runs} runs ({summary.n_skipped} already done, {summary.n_errors} failed) in {summary.seconds:.1f} s; "
         f"best configs in {summary.selection}",
@@ -231,7 +301,7 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
 @click.option("--head", "head_path", required=True, type=click.Path(exists=True, path_type=Path),
               help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.")
 @click.option("--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth).")
-@click.option("--device", default="auto")
+@DEVICE_OPTION
 @click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)))
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @click.option("--ten-crop", is_flag=True,
@@ -243,16 +313,12 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_cro
 
     Images that cannot be decoded get an empty score and the reason in `error`.
     """
-    from .head import CheckpointError
-    from .predict import PredictConfig, PredictError, predictions_csv, run_predict, write_predictions
+    from .predict import PredictConfig, predictions_csv, run_predict, write_predictions
 
     config = PredictConfig(
         head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size, ten_crop=ten_crop
     )
-    try:
-        predictions = run_predict(config)
-    except (PredictError, CheckpointError, ValueError) as error:
-        raise click.ClickException(str(error)) from None
+    predictions = run_predict(config)
     if out is None:
         click.echo(predictions_csv(predictions), nl=False)
     else:
@@ -270,11 +336,78 @@ def report_command(grid_dirs, out, no_plots) -> None:
     Tables whose inputs are absent (no ablation runs, no perturbed test
     variants, ...) are skipped with the reason; plots never stop a table.
     """
-    from .report import ReportConfig, ReportError, run_report
+    from .report import ReportConfig, run_report
 
-    try:
-        summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
-    except ReportError as error:
-        raise click.ClickException(str(error)) from None
+    summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
     click.echo(summary.report(), err=True)
     click.echo(str(summary.out))
+
+
+@main.command("demo")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo/data"), help="Folder of the demo data set.")
+@click.option("--backbone", type=click.Path(file_okay=False, path_type=Path), default=Path("demo/tiny-random-clip"),
+              help="Folder of the tiny random CLIP.")
+@click.option("--n-train", type=click.IntRange(1), default=1000, help="Training images per label.")
+@click.option("--n-test", type=click.IntRange(1), default=100, help="Validation and test images per label and generator.")
+@click.option("--seed", type=int, default=0)
+def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: int) -> None:
+    """Build the demo's synthetic data set and tiny random-weight CLIP (each skipped when already built).
+
+    The images are procedural scenes and copies carrying generator-like
+    up-sampling traces; the backbone has random weights. They show the
+    pipeline working end to end (./run_all.sh demo runs the whole chain on
+    them), not detection quality.
+    """
+    from .demo import DemoConfig, build_demo
+
+    click.echo(build_demo(DemoConfig(root=root, backbone=backbone, n_train=n_train, n_test=n_test, seed=seed)).report())
+
+
+@main.command("paper")
+@click.argument("data_root", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--backbones", default=",".join(DEFAULT_BACKBONES), help="Comma list of backbones whose grids run.")
+@click.option("--grids", "grid_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Grid file to run (repeat); default: grid.yaml and grids/*.yaml except grids/demo.yaml.")
+@click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
+@click.option("--reports-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"))
+@DEVICE_OPTION
+@click.option("--batch-size", type=click.IntRange(1), default=32, help="Backbone batch of the extractions.")
+@click.option("--jobs", type=click.IntRange(1), default=1, help="Configs fitted in parallel.")
+@click.option("--no-plots", is_flag=True, help="Write the report's CSV tables only.")
+@click.option("--dry-run", is_flag=True, help="Check the layout and print the plan; extract and fit nothing.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def paper_command(
+    data_root, backbones, grid_files, manifests_dir, reports_dir, device, batch_size, jobs, no_plots, dry_run, no_progress
+) -> None:
+    """The paper's experiments on the real data under DATA_ROOT: check, manifests, extract, fit, report.
+
+    \b
+    DATA_ROOT holds CNNDetection's train/ val/ test/ and test/diffusion_datasets/
+    (UniversalFakeDetect); optionally synthbuster/ + RAISEpng/ and
+    latent_diffusion_trainingset/ + coco/. Missing folders are listed first.
+    The work is planned from the grid files: grids of unselected backbones or
+    of absent optional data are skipped with the reason; each training split
+    gets as many augmented views as the largest `epochs` of its grids. Every
+    step is resumable: re-running the command redoes nothing finished.
+    Exit status 1 when any config failed (its error row is in results.csv).
+    """
+    from .paper import PaperConfig, run_paper
+
+    config = PaperConfig(
+        data_root=data_root,
+        backbones=_comma_list(backbones) or DEFAULT_BACKBONES,
+        grid_files=tuple(grid_files) or None,
+        manifests_dir=manifests_dir,
+        reports_dir=reports_dir,
+        device=device,
+        batch_size=batch_size,
+        jobs=jobs,
+        plots=not no_plots,
+        dry_run=dry_run,
+        progress=not no_progress,
+    )
+    summary = run_paper(config, log=lambda line: click.echo(line, err=True))
+    if summary.reports_dir is not None:
+        click.echo(str(summary.reports_dir))
+    if summary.n_failed_runs:
+        raise SystemExit(1)

@@ -16,10 +16,11 @@ import yaml
 from sklearn.model_selection import ParameterGrid
 
 from .cache import DEFAULT_MODEL, TAPS, default_store_path
+from .errors import PipelineError
 from .results import AGGREGATIONS, ALL_CLASSES, AMP_MODES, HEAD_BLOCKS, LIST_SEPARATOR
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A grid file or value that cannot be used; the message names the key."""
 
 

@@ -29,16 +29,16 @@ index), so a build is identical for a seed whatever the sizes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from .errors import PipelineError
 from .files import atomic_path
 
 IMAGE_SIZE = 64
@@ -308,39 +308,47 @@ def is_backbone_complete(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
 
 
-# ---------------------------------------------------------------- command
+# ---------------------------------------------------------------- building both
 
 
-def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.demo",
-        description="Build the demo data set and the tiny random CLIP (skipped when already built).",
-    )
-    parser.add_argument("--root", type=Path, required=True, help="Folder of the demo data set.")
-    parser.add_argument("--backbone", type=Path, required=True, help="Folder of the tiny random CLIP.")
-    parser.add_argument("--n-train", type=int, default=1000, help="Training images per label.")
-    parser.add_argument("--n-test", type=int, default=100, help="Validation and test images per label and generator.")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+class DemoError(PipelineError):
+    """The demo cannot be built where asked (e.g. a non-empty folder that is not a demo build)."""
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_arguments(argv)
-    if is_demo_complete(args.root, args.n_train, args.n_test, args.seed):
-        print(f"demo data: already built in {args.root}")
-    else:
+@dataclass(frozen=True)
+class DemoConfig:
+    """Where `pipeline demo` builds the data set and the backbone, and their sizes."""
+
+    root: Path
+    backbone: Path
+    n_train: int = 1000  # training images per label
+    n_test: int = 100  # validation and test images per label and generator
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    config: DemoConfig
+    data_built: bool  # False: a finished build with the same parameters was kept
+    backbone_built: bool
+
+    def report(self) -> str:
+        c = self.config
+        n_images = 2 * (c.n_train + c.n_test * (1 + len(GENERATOR_TRACES)))
+        data = f"{n_images} images written to {c.root}" if self.data_built else f"already built in {c.root}"
+        backbone = f"random-weight CLIP saved to {c.backbone}" if self.backbone_built else f"already saved in {c.backbone}"
+        return f"demo data: {data}\ndemo backbone: {backbone}"
+
+
+def build_demo(config: DemoConfig) -> DemoSummary:
+    """Build the demo data set and the tiny random CLIP, each only when not already built."""
+    data_built = not is_demo_complete(config.root, config.n_train, config.n_test, config.seed)
+    if data_built:
         try:
-            make_demo_data(args.root, args.n_train, args.n_test, args.seed)
+            make_demo_data(config.root, config.n_train, config.n_test, config.seed)
         except (FileExistsError, ValueError) as error:
-            sys.exit(f"error: {error}")
-        n_images = 2 * (args.n_train + args.n_test * (1 + len(GENERATOR_TRACES)))
-        print(f"demo data: {n_images} images written to {args.root}")
-    if is_backbone_complete(args.backbone):
-        print(f"demo backbone: already saved in {args.backbone}")
-    else:
-        make_demo_backbone(args.backbone, args.seed)
-        print(f"demo backbone: random-weight CLIP saved to {args.backbone}")
-
-
-if __name__ == "__main__":
-    main()
+            raise DemoError(str(error)) from None
+    backbone_built = not is_backbone_complete(config.backbone)
+    if backbone_built:
+        make_demo_backbone(config.backbone, config.seed)
+    return DemoSummary(config, data_built, backbone_built)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import __version__, cache, images
 from .backbone import Backbone, BackboneConfig
 from .cache import STORE_DTYPES, TAPS
+from .errors import PipelineError
 from .manifest import Manifest, read_manifest
 from .variants import PERTURB_PRESETS, PERTURBATIONS, VariantKind, VariantSpec, ten_crop_variants
 
@@ -43,7 +44,7 @@ FAILURE_EXAMPLES = 10
 PERTURB_STREAM = 1000
 
 
-class ExtractError(RuntimeError):
+class ExtractError(PipelineError, RuntimeError):
     """Extraction stopped (bad arguments, or --fail-fast on a bad image)."""
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PipelineError
 from .files import atomic_path
 from .results import AGGREGATIONS
 
@@ -24,7 +25,7 @@ _REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(\S[^\n]*)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PipelineError, ValueError):
     """A checkpoint file is not a RINE head state dict; the message names the file."""
 
 

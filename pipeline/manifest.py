@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping, Sequence
 
+from .errors import PipelineError
 from .files import replace_files_atomically
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
@@ -32,7 +33,7 @@ SIDECAR_KEYS = ("data_root", "layout", "options")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class ManifestError(ValueError):
+class ManifestError(PipelineError, ValueError):
     """A manifest (or the data it is built from) that cannot be used.
 
     The message names the file or folder and, where there is one, the line,

@@ -25,6 +25,7 @@ import torch
 from . import cache, images
 from .backbone import Backbone, BackboneConfig
 from .cache import DEFAULT_MODEL
+from .errors import PipelineError
 from .extract import FinishedShard, ForwardStep, ImageSource, PixelRecipe, extract_shards, plan_batches
 from .files import write_text_atomic
 from .head import RineHead, load_head, load_official_checkpoint
@@ -34,7 +35,7 @@ PREDICTION_COLUMNS = ("path", "score", "prediction", "error")
 FAKE_THRESHOLD = 0.5  # a score above it is predicted fake
 
 
-class PredictError(RuntimeError):
+class PredictError(PipelineError, RuntimeError):
     """The head, backbone or inputs cannot be used together."""
 
 
@@ -139,7 +140,10 @@ def run_predict(config: PredictConfig) -> list[Prediction]:
     """Score every image of ``config.inputs`` (files, and folders' images) in order."""
     source = load_head_source(config.head)
     backbone_config = BackboneConfig(model=config.model or source.model, device=config.device, dtype=config.dtype)
-    backbone = Backbone(backbone_config, source.block_selection)
+    try:
+        backbone = Backbone(backbone_config, source.block_selection)
+    except (OSError, ValueError) as error:
+        raise PredictError(f"{backbone_config.model}: cannot load the backbone ({error})") from None
     n_blocks = 1 if source.last_block_only else len(backbone.block_indices)
     if (source.head.n_blocks, source.head.in_dim) != (n_blocks, backbone.dim):
         raise PredictError(

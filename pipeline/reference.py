@@ -49,6 +49,7 @@ from importlib import resources
 from pathlib import PurePath
 from typing import Callable, Iterable, NamedTuple, TypeVar
 
+from .errors import PipelineError
 from .results import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
 
 # Paper Table 4 reports "all generators" and "non-GAN generators". The authors'
@@ -107,7 +108,7 @@ ABLATIONS_FILE = "rine_official_ablations.csv"
 PERTURBATIONS_FILE = "rine_official_perturbations.csv"
 
 
-class ReferenceDataError(ValueError):
+class ReferenceDataError(PipelineError, ValueError):
     """A packaged reference file does not have the expected columns or values."""
 
 

@@ -59,6 +59,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from .errors import PipelineError
 from .files import write_text_atomic
 from .metrics import METRIC_NAMES
 
@@ -103,7 +104,7 @@ LIST_SEPARATOR = "+"
 ALL_CLASSES = "all"
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(PipelineError, ValueError):
     """A results.csv / selection.csv value that cannot be read; the message names the column."""
 
 

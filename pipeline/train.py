@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .config import RunConfig, StoreRef
+from .errors import PipelineError
 from .head import RineHead, crop_scores
 from .loss import rine_loss
 from .results import CENTER, TEN_CROP
@@ -40,7 +41,7 @@ VIEW_CACHE_CAPACITY = 2
 _SEED_LOCK = threading.Lock()
 
 
-class DataError(RuntimeError):
+class DataError(PipelineError, RuntimeError):
     """Stores that cannot be trained or evaluated on as asked."""
 
 

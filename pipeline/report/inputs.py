@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .. import reference as ref
+from ..errors import PipelineError
 from ..results import (
     BEST_BY_TEST,
     CENTER,
@@ -34,7 +35,7 @@ EMBEDDINGS_FILE = "embeddings.npz"
 LDM_MARK = "ldm"  # a training split whose name holds it is the LDM training setting (paper mode: train_ldm)
 
 
-class ReportError(RuntimeError):
+class ReportError(PipelineError, RuntimeError):
     """The report cannot be made from the given grid folders (missing or malformed inputs)."""
 
 

@@ -1,0 +1,193 @@
+"""A feature store as one HDF5 file, and back: for the many tools that read HDF5.
+
+:func:`export_hdf5` writes every row-aligned array of a store and every
+variant's features, with the store's attributes, to one file::
+
+    /labels            (N,)  int8        0 real, 1 fake
+    /paths             (N,)  string      relative to the data root (UTF-8)
+    /dataset           (N,)  string
+    /class             (N,)  string      only when the store has classes
+    /valid             (N,)  bool
+    /error             (N,)  string      "" for valid rows
+    /features/<variant> (N, n_blocks, dim) the store's dtype, chunked by the store's inner chunk rows
+
+The root group's attributes are the store's: strings, integers, floats and
+booleans as themselves; lists, mappings and nulls (``blocks``, ``mean``,
+``variants`` ...) as JSON text, named in the attribute ``json_attributes``.
+``h5py.File(path)["features/center"][:]`` is all another tool needs.
+
+Only complete variants are exported (an incomplete one is an error that says
+so); the file is written under a temporary name and renamed when whole.
+:func:`import_hdf5` reads such a file back into a feature store equal to the
+original (same attributes, rows and features), also complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import cache
+from .errors import PipelineError
+from .files import atomic_path
+
+JSON_ATTRIBUTES = "json_attributes"  # root attribute: names of the attributes stored as JSON text
+_STRING = h5py.string_dtype("utf-8")
+# The attributes create_store writes itself; the rest of a store's attributes are "extra".
+_STORE_OWN_ATTRIBUTES = {"schema", "split", "n_rows", "variants"} | {f.name for f in fields(cache.StoreIdentity)}
+
+
+class ExportError(PipelineError):
+    """A store that cannot be exported, or a file that is not an exported store."""
+
+
+@dataclass(frozen=True)
+class TransferSummary:
+    """What an export or an import wrote."""
+
+    source: Path
+    target: Path
+    n_rows: int
+    variants: tuple[str, ...]
+
+    def report(self) -> str:
+        return f"{self.n_rows} rows x {len(self.variants)} variant(s) ({', '.join(self.variants)}): {self.source} -> {self.target}"
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSummary:
+    """Write ``store`` to the HDF5 file ``out`` (see the module docstring)."""
+    info = cache.open_store_info(store)
+    incomplete = [name for name in info.variants if name not in info.complete_variants]
+    if incomplete:
+        raise ExportError(
+            f"{store}: variant(s) {', '.join(incomplete)} are incomplete; finish the extraction "
+            f"(re-run the same `pipeline extract`) before exporting"
+        )
+    rows = cache.read_rows(store)
+    chunk_rows = min(info.identity.chunk_rows, max(1, info.n_rows))
+    bar = tqdm(total=info.n_rows * len(info.variants), unit="row", desc=f"export {info.split}", disable=not progress)
+    with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as handle:
+        write_attributes(handle.attrs, info.attrs)
+        for name, values in row_arrays(rows).items():
+            handle.create_dataset(name, data=values, dtype=_STRING if values.dtype == object else values.dtype)
+        group = handle.create_group("features")
+        for variant in info.variants:
+            for start in range(0, info.n_rows, info.identity.shard_rows):
+                stop = min(start + info.identity.shard_rows, info.n_rows)
+                block = cache.read_features(store, variant, slice(start, stop))
+                if start == 0:
+                    shape = (info.n_rows, *block.shape[1:])
+                    dataset = group.create_dataset(
+                        variant, shape=shape, dtype=block.dtype, chunks=(chunk_rows, *shape[1:])
+                    )
+                dataset[start:stop] = block
+                bar.update(stop - start)
+    bar.close()
+    return TransferSummary(Path(store), Path(out), info.n_rows, tuple(info.variants))
+
+
+def row_arrays(rows: cache.RowTable) -> dict[str, np.ndarray]:
+    arrays = {
+        "labels": rows.labels,
+        "paths": rows.paths,
+        "dataset": rows.datasets,
+        "class": rows.classes,
+        "valid": rows.valid,
+        "error": rows.errors,
+    }
+    return {name: values for name, values in arrays.items() if values is not None}
+
+
+def write_attributes(attrs: h5py.AttributeManager, values: dict[str, Any]) -> None:
+    as_json = []
+    for key, value in values.items():
+        if isinstance(value, (str, bool, int, float)):
+            attrs[key] = value
+        else:
+            attrs[key] = json.dumps(value)
+            as_json.append(key)
+    attrs[JSON_ATTRIBUTES] = json.dumps(as_json)
+
+
+def read_attributes(attrs: h5py.AttributeManager, where: Path) -> dict[str, Any]:
+    if JSON_ATTRIBUTES not in attrs:
+        raise ExportError(
+            f"{where}: not a feature store exported by `pipeline cache export` (no {JSON_ATTRIBUTES} attribute)"
+        )
+    as_json = set(json.loads(attrs[JSON_ATTRIBUTES]))
+    values = {}
+    for key, value in attrs.items():
+        if key == JSON_ATTRIBUTES:
+            continue
+        values[key] = (
+            json.loads(value) if key in as_json else (value.item() if isinstance(value, np.generic) else value)
+        )
+    return values
+
+
+# ---------------------------------------------------------------- import
+
+
+def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress: bool = True) -> TransferSummary:
+    """Read an exported HDF5 file back into a feature store at ``store``."""
+    source, store = Path(source), Path(store)
+    if store.exists() and not overwrite:
+        raise ExportError(f"{store} exists; choose another path or pass --overwrite")
+    try:
+        handle = h5py.File(source, "r")
+    except OSError as error:
+        raise ExportError(f"{source}: cannot be read as HDF5 ({error})") from None
+    tmp = store.with_name(f"{store.name}.importing-{os.getpid()}")
+    cache.delete_store(tmp)
+    try:
+        with handle:
+            summary = write_store_from(handle, source, tmp, progress)
+        cache.delete_store(store)
+        os.replace(tmp, store)
+    finally:
+        cache.delete_store(tmp)
+    return TransferSummary(source, store, summary.n_rows, summary.variants)
+
+
+def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool) -> TransferSummary:
+    attrs = read_attributes(handle.attrs, source)
+    if attrs.get("schema") != cache.SCHEMA:
+        raise ExportError(f"{source}: schema {attrs.get('schema')!r}, expected {cache.SCHEMA!r}")
+    identity = cache.StoreIdentity.from_attrs(attrs)
+    strings = {
+        name: handle[name].asstr()[:].astype(object)
+        for name in ("paths", "dataset", "class", "error")
+        if name in handle
+    }
+    cache.create_store(
+        path,
+        identity,
+        split=attrs["split"],
+        labels=handle["labels"][:].tolist(),
+        paths=strings["paths"].tolist(),
+        datasets=strings["dataset"].tolist(),
+        classes=strings["class"].tolist() if "class" in strings else None,
+        extra_attrs={key: value for key, value in attrs.items() if key not in _STORE_OWN_ATTRIBUTES},
+    )
+    valid, errors = handle["valid"][:], strings["error"]
+    n_rows, shard_rows = attrs["n_rows"], identity.shard_rows
+    bar = tqdm(total=n_rows * len(attrs["variants"]), unit="row", desc=f"import {attrs['split']}", disable=not progress)
+    for name, spec in attrs["variants"].items():
+        features = handle["features"][name]
+        cache.add_variant(path, cache.VariantSpec(**spec), features.shape[1], features.shape[2])
+        for shard in range(cache.shard_count(n_rows, shard_rows)):
+            start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
+            cache.commit_shard(path, name, shard, features[start:stop], valid[start:stop], errors[start:stop].tolist())
+            bar.update(stop - start)
+    bar.close()
+    return TransferSummary(source, path, n_rows, tuple(attrs["variants"]))

@@ -1,0 +1,137 @@
+"""`pipeline cache export --format hdf5` and `pipeline cache import`: a store as one HDF5 file and back."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from conftest import separable_features, write_store
+from pipeline import cache, hdf5
+from pipeline.cli import main as cli
+
+N_ROWS = 70  # two shards of 64 rows: the last one partial
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> Path:
+    features, labels = separable_features(N_ROWS, n_blocks=3, dim=8)
+    valid = np.ones(N_ROWS, dtype=bool)
+    valid[[5, 66]] = False
+    variants = {"center": features, "jpeg-official": features * 2, **{f"tencrop_{i}": features + i for i in range(10)}}
+    datasets = ["progan" if i % 3 else "sitd" for i in range(N_ROWS)]
+    classes = ["car" if i % 2 else "horse" for i in range(N_ROWS)]
+    path = write_store(tmp_path / "test_gan.zarr", variants, labels, datasets, classes, valid)
+    # what `pipeline extract` adds besides the identity: every JSON kind of attribute value
+    extra = {
+        "training": False,
+        "data_root": "/data/ü",
+        "n_layers": 3,
+        "ratio": 0.25,
+        "note": None,
+        "sizes": {"a": [1, 2]},
+    }
+    zarr.open_group(path, mode="r+").attrs.update(extra)
+    return path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def test_export_holds_every_array_variant_and_attribute(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export" / "test_gan.h5"
+    result = invoke("cache", "export", store, out, "--format", "hdf5", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out)
+    info, rows = cache.open_store_info(store), cache.read_rows(store)
+    with h5py.File(out, "r") as handle:  # read back with h5py alone, as another tool would
+        assert sorted(handle) == ["class", "dataset", "error", "features", "labels", "paths", "valid"]
+        np.testing.assert_array_equal(handle["labels"][:], rows.labels)
+        np.testing.assert_array_equal(handle["valid"][:], rows.valid)
+        for name, column in (
+            ("paths", rows.paths),
+            ("dataset", rows.datasets),
+            ("class", rows.classes),
+            ("error", rows.errors),
+        ):
+            assert handle[name].asstr()[:].tolist() == column.tolist(), name
+        assert handle["error"].asstr()[5] != "" and handle["valid"][5] == np.False_
+        assert sorted(handle["features"]) == sorted(info.variants)
+        for variant in info.variants:
+            dataset = handle["features"][variant]
+            assert dataset.dtype == np.float16 and dataset.chunks == (info.identity.chunk_rows, 3, 8)
+            np.testing.assert_array_equal(dataset[:], cache.read_features(store, variant))
+        attrs = handle.attrs
+        assert attrs["split"] == "test_gan" and attrs["n_rows"] == N_ROWS and attrs["tap"] == "ln2"
+        assert attrs["training"] == np.False_ and attrs["data_root"] == "/data/ü" and attrs["ratio"] == 0.25
+        assert json.loads(attrs["variants"]) == info.attrs["variants"]
+        assert set(json.loads(attrs["json_attributes"])) == {
+            k for k, v in info.attrs.items() if not isinstance(v, (str, int, float))
+        }
+
+
+def test_import_reads_an_export_back_into_an_equal_store(store: Path, tmp_path: Path) -> None:
+    exported, back = tmp_path / "s.h5", tmp_path / "back" / "test_gan.zarr"
+    assert invoke("cache", "export", store, exported, "--no-progress").exit_code == 0
+    result = invoke("cache", "import", exported, back, "--no-progress")
+    assert result.exit_code == 0, result.output
+    original, imported = cache.open_store_info(store), cache.open_store_info(back)
+    assert imported.attrs == original.attrs
+    assert imported.identity == original.identity
+    assert imported.complete_variants == original.complete_variants == tuple(original.variants)
+    rows, rows_back = cache.read_rows(store), cache.read_rows(back)
+    for column in ("labels", "paths", "datasets", "classes", "valid", "errors"):
+        np.testing.assert_array_equal(getattr(rows_back, column), getattr(rows, column))
+    for variant in original.variants:
+        np.testing.assert_array_equal(cache.read_features(back, variant), cache.read_features(store, variant))
+    assert not list(back.parent.glob("*.importing-*"))
+
+
+def test_import_refuses_an_existing_store_unless_overwrite(store: Path, tmp_path: Path) -> None:
+    exported = tmp_path / "s.h5"
+    hdf5.export_hdf5(store, exported, progress=False)
+    target = tmp_path / "taken.zarr"
+    target.mkdir()
+    result = invoke("cache", "import", exported, target)
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert invoke("cache", "import", exported, target, "--overwrite", "--no-progress").exit_code == 0
+    assert cache.open_store_info(target).n_rows == N_ROWS
+
+
+def test_an_h5_file_that_is_not_an_export_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as handle:
+        handle["x"] = np.arange(3)
+    result = invoke("cache", "import", other, tmp_path / "s.zarr")
+    assert result.exit_code == 1 and "not a feature store exported by `pipeline cache export`" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_an_incomplete_variant_is_refused_and_no_file_written(store: Path, tmp_path: Path) -> None:
+    cache.add_variant(store, cache.VariantSpec.perturbed("blur", "official"), 3, 8)  # no shard committed
+    out = tmp_path / "s.h5"
+    result = invoke("cache", "export", store, out)
+    assert result.exit_code == 1 and "blur-official are incomplete" in result.output
+    assert not out.exists()
+
+
+def test_an_interrupted_export_leaves_no_file(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_read, calls = cache.read_features, []
+
+    def read_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(cache, "read_features", read_then_fail)
+    out = tmp_path / "s.h5"
+    with pytest.raises(KeyboardInterrupt):
+        hdf5.export_hdf5(store, out, progress=False)
+    assert list(tmp_path.glob("*.h5*")) == [] and list(tmp_path.glob(".*")) == []
