@@ -588,6 +588,7 @@ def resume(model: Path, setup: dict, name: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_reference_run_is_complete_and_records_the_empty_file(kill_setup: dict) -> None:
     reference = kill_setup["reference"]
     rows = cache.read_rows(reference)
@@ -600,6 +601,7 @@ def test_reference_run_is_complete_and_records_the_empty_file(kill_setup: dict) 
         assert not features[bad].any() and np.all(np.abs(features[rows.valid]).max(axis=(1, 2)) > 0)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_mid_run_matches_an_uninterrupted_run(kill_setup: dict, tiny_clip_dir: Path) -> None:
     store = kill_setup["children"]["mid"]
     done = [shards_done(store, v) for v in KILL_VARIANTS]
@@ -609,6 +611,7 @@ def test_resume_after_kill_mid_run_matches_an_uninterrupted_run(kill_setup: dict
     assert_stores_identical(store, kill_setup["reference"])
 
 
+@pytest.mark.slow
 def test_resume_after_kill_before_any_shard_matches_an_uninterrupted_run(kill_setup: dict, tiny_clip_dir: Path) -> None:
     store = kill_setup["children"]["early"]
     assert [shards_done(store, v) for v in KILL_VARIANTS] == [0, 0]
