@@ -75,8 +75,12 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
         )
     rows = cache.read_rows(store)
     chunk_rows = min(info.identity.chunk_rows, max(1, info.n_rows))
-    bar = tqdm(total=info.n_rows * len(info.variants), unit="row", desc=f"export {info.split}", disable=not progress)
-    with atomic_path(Path(out)) as tmp, h5py.File(tmp, "w") as handle:
+    total = info.n_rows * len(info.variants)
+    with (
+        tqdm(total=total, unit="row", desc=f"export {info.split}", disable=not progress) as bar,
+        atomic_path(Path(out)) as tmp,
+        h5py.File(tmp, "w") as handle,
+    ):
         write_attributes(handle.attrs, info.attrs)
         for name, values in row_arrays(rows).items():
             handle.create_dataset(name, data=values, dtype=_STRING if values.dtype == object else values.dtype)
@@ -92,7 +96,6 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
                     )
                 dataset[start:stop] = block
                 bar.update(stop - start)
-    bar.close()
     return TransferSummary(Path(store), Path(out), info.n_rows, tuple(info.variants))
 
 
@@ -181,13 +184,15 @@ def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool
     )
     valid, errors = handle["valid"][:], strings["error"]
     n_rows, shard_rows = attrs["n_rows"], identity.shard_rows
-    bar = tqdm(total=n_rows * len(attrs["variants"]), unit="row", desc=f"import {attrs['split']}", disable=not progress)
-    for name, spec in attrs["variants"].items():
-        features = handle["features"][name]
-        cache.add_variant(path, cache.VariantSpec(**spec), features.shape[1], features.shape[2])
-        for shard in range(cache.shard_count(n_rows, shard_rows)):
-            start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
-            cache.commit_shard(path, name, shard, features[start:stop], valid[start:stop], errors[start:stop].tolist())
-            bar.update(stop - start)
-    bar.close()
+    total = n_rows * len(attrs["variants"])
+    with tqdm(total=total, unit="row", desc=f"import {attrs['split']}", disable=not progress) as bar:
+        for name, spec in attrs["variants"].items():
+            features = handle["features"][name]
+            cache.add_variant(path, cache.VariantSpec(**spec), features.shape[1], features.shape[2])
+            for shard in range(cache.shard_count(n_rows, shard_rows)):
+                start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
+                cache.commit_shard(
+                    path, name, shard, features[start:stop], valid[start:stop], errors[start:stop].tolist()
+                )
+                bar.update(stop - start)
     return TransferSummary(source, path, n_rows, tuple(attrs["variants"]))
