@@ -151,12 +151,14 @@ SPLITS: dict[str, SplitSource] = {
             path_options={"raise_root": "RAISEpng"},
             optional="Synthbuster (synthbuster/<generator>/ and the RAISE reals in RAISEpng/)",
         ),
-        # The LDM training setting (scripts/diffusion.py): its layouts come with the LDM manifest layout.
+        # The LDM training setting (scripts/diffusion.py): fakes under latent_diffusion_trainingset/,
+        # reals listed there and read from CNNDetection's train/<class>/0_real/ and from COCO 2014.
         SplitSource(
             "train_ldm",
             "ldm-train",
             ("latent_diffusion_trainingset/train", "coco"),
             root="latent_diffusion_trainingset",
+            path_options={"progan_root": ".", "coco_root": "coco"},
             optional="the LDM training set (latent_diffusion_trainingset/ and coco/)",
         ),
         SplitSource(
@@ -164,6 +166,7 @@ SPLITS: dict[str, SplitSource] = {
             "ldm-val",
             ("latent_diffusion_trainingset/valid", "coco"),
             root="latent_diffusion_trainingset",
+            path_options={"progan_root": ".", "coco_root": "coco"},
             optional="the LDM training set (latent_diffusion_trainingset/ and coco/)",
         ),
     )

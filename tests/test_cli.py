@@ -21,16 +21,19 @@ def invoke(*args: str):
 
 
 def library_error_types() -> list[type[Exception]]:
-    """Every exception class defined in a pipeline module (the CLI itself aside)."""
+    """Every exception class (not warnings) defined in a pipeline module or subpackage (the CLI itself aside)."""
     found = []
-    for module_info in pkgutil.iter_modules(pipeline.__path__):
-        if module_info.name in ("cli", "__main__"):
+    for module_info in pkgutil.walk_packages(pipeline.__path__, prefix="pipeline."):
+        if module_info.name in ("pipeline.cli", "pipeline.__main__"):
             continue
-        module = importlib.import_module(f"pipeline.{module_info.name}")
+        module = importlib.import_module(module_info.name)
         found += [
             value
             for value in vars(module).values()
-            if inspect.isclass(value) and issubclass(value, Exception) and value.__module__ == module.__name__
+            if inspect.isclass(value)
+            and issubclass(value, Exception)
+            and not issubclass(value, Warning)
+            and value.__module__ == module.__name__
         ]
     return found
 
