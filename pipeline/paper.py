@@ -35,14 +35,7 @@ from typing import TYPE_CHECKING
 
 from . import cache, images
 from .errors import PipelineError
-from .manifest import (
-    GENERATOR_DATASET_NAMES,
-    LAYOUTS,
-    build_manifest,
-    manifest_path,
-    read_manifest,
-    write_manifest,
-)
+from .manifest import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest, manifest_path, read_manifest, write_manifest
 from .results import TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
@@ -89,15 +82,11 @@ class SplitSource:
     root: str = "."  # the layout's --root, relative to DATA_ROOT
     classes: tuple[str, ...] | None = None
     generators: tuple[str, ...] | None = None  # dataset names the manifest keeps
-    path_options: Mapping[str, str] = field(
-        default_factory=dict
-    )  # e.g. raise_root, relative to DATA_ROOT
+    path_options: Mapping[str, str] = field(default_factory=dict)  # e.g. raise_root, relative to DATA_ROOT
     optional: str | None = None  # what the optional data set is called, for messages
 
     def missing(self, data_root: Path) -> list[str]:
-        return [
-            f"{folder}/" for folder in self.folders if not (data_root / folder).is_dir()
-        ]
+        return [f"{folder}/" for folder in self.folders if not (data_root / folder).is_dir()]
 
     def is_absent(self, data_root: Path) -> bool:
         """An optional data set without its first folder is absent (its grids are skipped)."""
@@ -105,34 +94,19 @@ class SplitSource:
 
 
 def _training_folders(part: str) -> tuple[str, ...]:
-    return tuple(
-        f"{part}/{c}/{label}" for c in TRAIN_CLASSES for label in ("0_real", "1_fake")
-    )
+    return tuple(f"{part}/{c}/{label}" for c in TRAIN_CLASSES for label in ("0_real", "1_fake"))
 
 
 SPLITS: dict[str, SplitSource] = {
     source.split: source
     for source in (
-        SplitSource(
-            "train_4class",
-            "cnndetection-train",
-            _training_folders("train"),
-            classes=TRAIN_CLASSES,
-        ),
-        SplitSource(
-            "val_4class",
-            "cnndetection-val",
-            _training_folders("val"),
-            classes=TRAIN_CLASSES,
-        ),
+        SplitSource("train_4class", "cnndetection-train", _training_folders("train"), classes=TRAIN_CLASSES),
+        SplitSource("val_4class", "cnndetection-val", _training_folders("val"), classes=TRAIN_CLASSES),
         SplitSource(
             "test_gan",
             "cnndetection-test",
             tuple(f"test/{folder}" for folder in GAN_TEST_FOLDERS),
-            generators=tuple(
-                GENERATOR_DATASET_NAMES.get(folder, folder)
-                for folder in GAN_TEST_FOLDERS
-            ),
+            generators=tuple(GENERATOR_DATASET_NAMES.get(folder, folder) for folder in GAN_TEST_FOLDERS),
         ),
         SplitSource(
             "test_diffusion",
@@ -144,8 +118,7 @@ SPLITS: dict[str, SplitSource] = {
         SplitSource(
             "synthbuster",
             "synthbuster",
-            ("synthbuster", "RAISEpng")
-            + tuple(f"synthbuster/{g}" for g in SYNTHBUSTER_GENERATORS),
+            ("synthbuster", "RAISEpng") + tuple(f"synthbuster/{g}" for g in SYNTHBUSTER_GENERATORS),
             root="synthbuster",
             generators=SYNTHBUSTER_GENERATORS,
             path_options={"raise_root": "RAISEpng"},
@@ -193,9 +166,7 @@ class PaperConfig:
 
     data_root: Path
     backbones: tuple[str, ...] = DEFAULT_BACKBONES
-    grid_files: tuple[Path, ...] | None = (
-        None  # None: grid.yaml and grids/*.yaml except the demo's
-    )
+    grid_files: tuple[Path, ...] | None = None  # None: grid.yaml and grids/*.yaml except the demo's
     manifests_dir: Path = Path("manifests")
     reports_dir: Path = Path("reports")
     device: str = "auto"
@@ -253,33 +224,21 @@ class ExtractJob:
     def variants(self) -> tuple[str, ...]:
         """The stored variants this extraction makes."""
         if self.group.training:
-            return tuple(
-                cache.VariantSpec.train_view(v).name for v in range(self.views)
-            )
+            return tuple(cache.VariantSpec.train_view(v).name for v in range(self.views))
         if self.group.ten_crop:
             return tuple(cache.VariantSpec.ten_crop(i).name for i in range(10))
         if self.group.perturbation is not None:
-            return (
-                cache.VariantSpec.perturbed(
-                    self.group.perturbation, self.group.preset
-                ).name,
-            )
+            return (cache.VariantSpec.perturbed(self.group.perturbation, self.group.preset).name,)
         return (cache.VariantSpec.center().name,)
 
     def is_done(self, manifest_sha256: str) -> bool:
         """Every tap's store holds every variant, complete, for this manifest (nothing to load a backbone for)."""
         for tap in self.taps:
             try:
-                info = cache.open_store_info(
-                    cache.default_store_path(
-                        self.cache_dir, self.model, tap, self.split
-                    )
-                )
+                info = cache.open_store_info(cache.default_store_path(self.cache_dir, self.model, tap, self.split))
             except cache.StoreError:
                 return False
-            if info.identity.manifest_sha256 != manifest_sha256 or set(
-                self.variants()
-            ) - set(info.complete_variants):
+            if info.identity.manifest_sha256 != manifest_sha256 or set(self.variants()) - set(info.complete_variants):
                 return False
         return True
 
@@ -336,9 +295,7 @@ def check_data(data_root: Path) -> DataCheck:
         if source.is_absent(data_root):
             absent[source.split] = f"{source.optional} is absent under {data_root}"
         elif source.layout not in LAYOUTS:
-            absent[source.split] = (
-                f"this version has no manifest layout {source.layout!r} for {source.optional}"
-            )
+            absent[source.split] = f"this version has no manifest layout {source.layout!r} for {source.optional}"
         else:
             missing += [m for m in source.missing(data_root) if m not in missing]
     if missing:
@@ -368,12 +325,7 @@ def ref_cache_dir(spec: GridSpec, ref: StoreRef) -> Path | None:
     if len(ref.path.parents) < 3:
         return None
     cache_dir = ref.path.parents[2]
-    return (
-        cache_dir
-        if cache.default_store_path(cache_dir, spec.model, spec.tap, ref.path.stem)
-        == ref.path
-        else None
-    )
+    return cache_dir if cache.default_store_path(cache_dir, spec.model, spec.tap, ref.path.stem) == ref.path else None
 
 
 def evaluation_group(variant: str | None) -> VariantGroup | None:
@@ -388,9 +340,7 @@ def evaluation_group(variant: str | None) -> VariantGroup | None:
     return None
 
 
-def grid_skip_reason(
-    spec: GridSpec, backbones: tuple[str, ...], data: DataCheck
-) -> str:
+def grid_skip_reason(spec: GridSpec, backbones: tuple[str, ...], data: DataCheck) -> str:
     """Why paper mode cannot run this grid, or "" when it can."""
     if spec.model not in backbones:
         return f"its backbone {spec.model} is not among the selected backbones ({', '.join(backbones)})"
@@ -429,21 +379,12 @@ def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     for spec in fits:
         for ref in (spec.train, spec.val, *spec.tests):
             training = ref is spec.train
-            group = (
-                VariantGroup(training=True)
-                if training
-                else evaluation_group(ref.variant)
-            )
+            group = VariantGroup(training=True) if training else evaluation_group(ref.variant)
             views = max(run.epochs for run in spec.runs) if training else 1
-            taps = wanted.setdefault(
-                (spec.model, ref_cache_dir(spec, ref), ref.path.stem, group), {}
-            )
+            taps = wanted.setdefault((spec.model, ref_cache_dir(spec, ref), ref.path.stem, group), {})
             taps[spec.tap] = max(taps.get(spec.tap, 1), views)
             if training:
-                key, name = (
-                    (spec.model, ref.path.stem, spec.tap),
-                    str(spec.source or spec.name),
-                )
+                key, name = (spec.model, ref.path.stem, spec.tap), str(spec.source or spec.name)
                 most, names = largest.get(key, (0, []))
                 if views > most:
                     largest[key] = (views, [name])
@@ -453,25 +394,13 @@ def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     extractions: list[ExtractJob] = []
     split_order = list(SPLITS)
     for (model, cache_dir, split, group), taps in sorted(
-        wanted.items(),
-        key=lambda item: (
-            item[0][0],
-            split_order.index(item[0][2]),
-            item[0][3].sort_key(),
-        ),
+        wanted.items(), key=lambda item: (item[0][0], split_order.index(item[0][2]), item[0][3].sort_key())
     ):
         # Fewest views first, with every tap that wants at least that many: each view is
         # computed by one forward pass, and no tap stores more views than its grids read.
         for level in sorted(set(taps.values())):
             extractions.append(
-                ExtractJob(
-                    model,
-                    cache_dir,
-                    split,
-                    group,
-                    tuple(t for t in taps if taps[t] >= level),
-                    level,
-                )
+                ExtractJob(model, cache_dir, split, group, tuple(t for t in taps if taps[t] >= level), level)
             )
     notes = tuple(
         f"{split} ({model}, tap {tap}): {views} augmented view(s), the largest `epochs` of {', '.join(names)} "
@@ -514,19 +443,13 @@ def run_paper(config: PaperConfig, log: Callable[[str], None] = print) -> PaperS
         )
         n_failed += summary.n_errors
     if not plan.fits:
-        log(
-            f"no grid runs with the backbones {', '.join(config.backbones)}: nothing to fit or report"
-        )
+        log(f"no grid runs with the backbones {', '.join(config.backbones)}: nothing to fit or report")
         return PaperSummary(plan, n_failed, None)
     from .report import ReportConfig, run_report
 
     log(f"==> report {config.reports_dir}")
     outs = tuple(spec.out for spec in plan.fits)
-    log(
-        run_report(
-            ReportConfig(grid_dirs=outs, out=config.reports_dir, plots=config.plots)
-        ).report()
-    )
+    log(run_report(ReportConfig(grid_dirs=outs, out=config.reports_dir, plots=config.plots)).report())
     return PaperSummary(plan, n_failed, config.reports_dir)
 
 
@@ -542,15 +465,11 @@ def write_split_manifest(
         source.split,
         classes=source.classes,
         generators=source.generators,
-        **{
-            name: data_root / relative for name, relative in source.path_options.items()
-        },
+        **{name: data_root / relative for name, relative in source.path_options.items()},
     )
     path = manifest_path(manifests_dir, source.split)
     write_manifest(manifest, path)
-    log(
-        f"{path}: {len(manifest)} images in {len({row.dataset for row in manifest.rows})} dataset(s)"
-    )
+    log(f"{path}: {len(manifest)} images in {len({row.dataset for row in manifest.rows})} dataset(s)")
 
 
 def extract(job: ExtractJob, config: PaperConfig) -> ExtractSummary:
