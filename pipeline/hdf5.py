@@ -25,7 +25,6 @@ original (same attributes, rows and features), also complete or absent.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -142,7 +141,7 @@ def read_attributes(attrs: h5py.AttributeManager, where: Path) -> dict[str, Any]
 
 
 def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress: bool = True) -> TransferSummary:
-    """Read an exported HDF5 file back into a feature store at ``store``."""
+    """Read an exported HDF5 file back into a feature store at ``store`` (written whole, then renamed)."""
     source, store = Path(source), Path(store)
     if store.exists() and not overwrite:
         raise ExportError(f"{store} exists; choose another path or pass --overwrite")
@@ -150,49 +149,46 @@ def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress:
         handle = h5py.File(source, "r")
     except OSError as error:
         raise ExportError(f"{source}: cannot be read as HDF5 ({error})") from None
-    tmp = store.with_name(f"{store.name}.importing-{os.getpid()}")
-    cache.delete_store(tmp)
-    try:
-        with handle:
-            summary = write_store_from(handle, source, tmp, progress)
-        cache.delete_store(store)
-        os.replace(tmp, store)
-    finally:
-        cache.delete_store(tmp)
-    return TransferSummary(source, store, summary.n_rows, summary.variants)
+    with handle, atomic_path(store) as tmp:
+        n_rows, variants = write_store_from(handle, source, tmp, progress)
+        cache.delete_store(store)  # --overwrite: the old store goes only once the new one is whole
+    return TransferSummary(source, store, n_rows, variants)
 
 
-def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool) -> TransferSummary:
+class _CountedRows:
+    """An HDF5 dataset read by row ranges, counting the rows on a progress bar."""
+
+    def __init__(self, dataset: h5py.Dataset, bar: tqdm) -> None:
+        self.dataset, self.bar, self.shape = dataset, bar, dataset.shape
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        values = self.dataset[rows]
+        self.bar.update(len(values))
+        return values
+
+
+def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool) -> tuple[int, tuple[str, ...]]:
+    """Write the store held by an open export to ``path``; (rows, variants)."""
     attrs = read_attributes(handle.attrs, source)
     if attrs.get("schema") != cache.SCHEMA:
         raise ExportError(f"{source}: schema {attrs.get('schema')!r}, expected {cache.SCHEMA!r}")
-    identity = cache.StoreIdentity.from_attrs(attrs)
     strings = {
-        name: handle[name].asstr()[:].astype(object)
-        for name in ("paths", "dataset", "class", "error")
-        if name in handle
+        name: handle[name].asstr()[:].tolist() for name in ("paths", "dataset", "class", "error") if name in handle
     }
-    cache.create_store(
-        path,
-        identity,
-        split=attrs["split"],
-        labels=handle["labels"][:].tolist(),
-        paths=strings["paths"].tolist(),
-        datasets=strings["dataset"].tolist(),
-        classes=strings["class"].tolist() if "class" in strings else None,
-        extra_attrs={key: value for key, value in attrs.items() if key not in _STORE_OWN_ATTRIBUTES},
-    )
-    valid, errors = handle["valid"][:], strings["error"]
-    n_rows, shard_rows = attrs["n_rows"], identity.shard_rows
-    total = n_rows * len(attrs["variants"])
+    variants = tuple(attrs["variants"])
+    total = attrs["n_rows"] * len(variants)
     with tqdm(total=total, unit="row", desc=f"import {attrs['split']}", disable=not progress) as bar:
-        for name, spec in attrs["variants"].items():
-            features = handle["features"][name]
-            cache.add_variant(path, cache.VariantSpec(**spec), features.shape[1], features.shape[2])
-            for shard in range(cache.shard_count(n_rows, shard_rows)):
-                start, stop = cache.shard_bounds(shard, n_rows, shard_rows)
-                cache.commit_shard(
-                    path, name, shard, features[start:stop], valid[start:stop], errors[start:stop].tolist()
-                )
-                bar.update(stop - start)
-    return TransferSummary(source, path, n_rows, tuple(attrs["variants"]))
+        cache.write_store(
+            path,
+            cache.StoreIdentity.from_attrs(attrs),
+            split=attrs["split"],
+            labels=handle["labels"][:].tolist(),
+            paths=strings["paths"],
+            datasets=strings["dataset"],
+            features={name: _CountedRows(handle["features"][name], bar) for name in variants},
+            classes=strings.get("class"),
+            valid=handle["valid"][:],
+            errors=strings["error"],
+            extra_attrs={key: value for key, value in attrs.items() if key not in _STORE_OWN_ATTRIBUTES},
+        )
+    return attrs["n_rows"], variants

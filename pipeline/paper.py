@@ -33,14 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import cache, images
+from . import cache
 from .errors import PipelineError
-from .manifest import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest, manifest_path, read_manifest, write_manifest
-from .results import TEN_CROP
+from .layouts import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest
+from .manifest import manifest_path, read_manifest, write_manifest
+from .variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
     from .config import GridSpec, StoreRef
-    from .extract import ExtractSummary
+    from .extract import ExtractConfig, ExtractSummary
     from .grid import GridSummary
 
 DEFAULT_BACKBONES = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
@@ -221,26 +222,25 @@ class ExtractJob:
             what = "center crop"
         return f"{self.split} ({what}; {self.model}, tap {'+'.join(self.taps)})"
 
-    def variants(self) -> tuple[str, ...]:
-        """The stored variants this extraction makes."""
-        if self.group.training:
-            return tuple(cache.VariantSpec.train_view(v).name for v in range(self.views))
-        if self.group.ten_crop:
-            return tuple(cache.VariantSpec.ten_crop(i).name for i in range(10))
-        if self.group.perturbation is not None:
-            return (cache.VariantSpec.perturbed(self.group.perturbation, self.group.preset).name,)
-        return (cache.VariantSpec.center().name,)
+    def extract_config(self, config: PaperConfig) -> ExtractConfig:
+        """The `pipeline extract` configuration of this job."""
+        from .backbone import BackboneConfig
+        from .extract import ExtractConfig
 
-    def is_done(self, manifest_sha256: str) -> bool:
-        """Every tap's store holds every variant, complete, for this manifest (nothing to load a backbone for)."""
-        for tap in self.taps:
-            try:
-                info = cache.open_store_info(cache.default_store_path(self.cache_dir, self.model, tap, self.split))
-            except cache.StoreError:
-                return False
-            if info.identity.manifest_sha256 != manifest_sha256 or set(self.variants()) - set(info.complete_variants):
-                return False
-        return True
+        return ExtractConfig(
+            split=self.split,
+            manifest=manifest_path(config.manifests_dir, self.split),
+            backbone=BackboneConfig(model=self.model, device=config.device),
+            taps=self.taps,
+            cache_dir=self.cache_dir,
+            batch_size=config.batch_size,
+            views=self.views,
+            augment=self.group.training,
+            perturbation=self.group.perturbation,
+            perturb_preset=self.group.preset,
+            ten_crop=self.group.ten_crop,
+            progress=config.progress,
+        )
 
 
 @dataclass(frozen=True)
@@ -335,7 +335,7 @@ def evaluation_group(variant: str | None) -> VariantGroup | None:
     if variant == TEN_CROP:
         return VariantGroup(ten_crop=True)
     perturbation, _, preset = variant.partition("-")
-    if perturbation in images.PERTURBATIONS and preset in images.PERTURB_PRESETS:
+    if perturbation in PERTURBATIONS and preset in PERTURB_PRESETS:
         return VariantGroup(perturbation=perturbation, preset=preset)
     return None
 
@@ -428,12 +428,12 @@ def run_paper(config: PaperConfig, log: Callable[[str], None] = print) -> PaperS
         log(f"==> manifest {source.split}")
         write_split_manifest(source, data.data_root, config.manifests_dir, log)
     for job in plan.extractions:
-        manifest = read_manifest(manifest_path(config.manifests_dir, job.split))
-        if job.is_done(manifest.sha256()):
+        extract_config = job.extract_config(config)
+        if stores_are_complete(extract_config):
             log(f"==> extract {job.describe()}: already complete")
             continue
         log(f"==> extract {job.describe()}")
-        log(extract(job, config).report())
+        log(extract(extract_config).report())
     n_failed = 0
     for spec in plan.fits:
         log(f"==> fit {spec.source} -> {spec.out}")
@@ -472,26 +472,26 @@ def write_split_manifest(
     log(f"{path}: {len(manifest)} images in {len({row.dataset for row in manifest.rows})} dataset(s)")
 
 
-def extract(job: ExtractJob, config: PaperConfig) -> ExtractSummary:
-    from .backbone import BackboneSpec
-    from .extract import ExtractConfig, run_extract
+def stores_are_complete(config: ExtractConfig) -> bool:
+    """Every tap's store holds every variant of ``config``, complete, for its manifest (no backbone to load)."""
+    from .extract import store_path
 
-    return run_extract(
-        ExtractConfig(
-            split=job.split,
-            manifest=manifest_path(config.manifests_dir, job.split),
-            backbone=BackboneSpec(model=job.model, device=config.device),
-            taps=job.taps,
-            cache_dir=job.cache_dir,
-            batch_size=config.batch_size,
-            views=job.views,
-            augment=job.group.training,
-            perturbation=job.group.perturbation,
-            perturb_preset=job.group.preset,
-            ten_crop=job.group.ten_crop,
-            progress=config.progress,
-        )
-    )
+    manifest_sha256 = read_manifest(config.manifest).sha256()
+    wanted = {variant.name for variant in config.variants()}
+    for tap in config.taps:
+        try:
+            info = cache.open_store_info(store_path(config, tap))
+        except cache.StoreError:
+            return False
+        if info.identity.manifest_sha256 != manifest_sha256 or wanted - set(info.complete_variants):
+            return False
+    return True
+
+
+def extract(config: ExtractConfig) -> ExtractSummary:
+    from .extract import run_extract
+
+    return run_extract(config)
 
 
 def fit(spec: GridSpec, config: PaperConfig) -> GridSummary:

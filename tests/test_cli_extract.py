@@ -132,7 +132,7 @@ def test_manifest_of_the_ldm_layout_takes_its_three_roots(tmp_path: Path) -> Non
     base = ["manifest", "--layout", "ldm-val", "--root", data / "latent_diffusion_trainingset", "--split", "ldm_val",
             "--manifests-dir", tmp_path / "m"]  # fmt: skip
     missing = invoke(*base, "--coco-root", data / "coco")
-    assert missing.exit_code == 1 and "needs progan_root" in missing.output
+    assert missing.exit_code == 2 and "needs progan_root" in missing.output  # an option the layout needs: a usage error
     result = invoke(*base, "--progan-root", data, "--coco-root", data / "coco")
     assert result.exit_code == 0, result.output
     assert "3 images (2 real, 1 fake) in 1 dataset(s)" in result.stderr

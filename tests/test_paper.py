@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, write_image
 from pipeline.cli import main as cli
-from pipeline.manifest import LAYOUTS
+from pipeline.layouts import LAYOUTS
 from pipeline.paper import (
     DIFFUSION_TEST_SETS,
     GAN_TEST_FOLDERS,
@@ -28,6 +28,7 @@ from pipeline.paper import (
     check_data,
     plan_paper,
 )
+from pipeline.variants import ten_crop_variants
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE, BASE = "openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32"
@@ -157,7 +158,8 @@ def test_a_grid_naming_the_ten_crop_group_plans_a_ten_crop_extraction(tmp_path: 
     assert [(job.split, job.model, job.taps, job.group.training) for job in ten_crops] == [
         ("synthbuster", LARGE, ("ln2",), False)
     ]
-    assert ten_crops[0].variants() == tuple(f"tencrop_{i}" for i in range(10))
+    config = PaperConfig(data_root=tmp_path / "data")
+    assert ten_crops[0].extract_config(config).variants() == ten_crop_variants()
     assert "synthbuster" in {source.split for source in result.manifests}
     assert result.fits and not [g for g in result.grids if g.skip_reason]
 
