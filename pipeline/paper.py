@@ -98,6 +98,19 @@ def _training_folders(part: str) -> tuple[str, ...]:
     return tuple(f"{part}/{c}/{label}" for c in TRAIN_CLASSES for label in ("0_real", "1_fake"))
 
 
+def _ldm_training_split(split: str, layout: str, part: str) -> SplitSource:
+    """The LDM training setting (scripts/diffusion.py): fakes under latent_diffusion_trainingset/<part>/,
+    reals listed there and read from CNNDetection's train/<class>/0_real/ and from COCO 2014."""
+    return SplitSource(
+        split,
+        layout,
+        (f"latent_diffusion_trainingset/{part}", "coco"),
+        root="latent_diffusion_trainingset",
+        path_options={"progan_root": ".", "coco_root": "coco"},
+        optional="the LDM training set (latent_diffusion_trainingset/ and coco/)",
+    )
+
+
 SPLITS: dict[str, SplitSource] = {
     source.split: source
     for source in (
@@ -125,24 +138,8 @@ SPLITS: dict[str, SplitSource] = {
             path_options={"raise_root": "RAISEpng"},
             optional="Synthbuster (synthbuster/<generator>/ and the RAISE reals in RAISEpng/)",
         ),
-        # The LDM training setting (scripts/diffusion.py): fakes under latent_diffusion_trainingset/,
-        # reals listed there and read from CNNDetection's train/<class>/0_real/ and from COCO 2014.
-        SplitSource(
-            "train_ldm",
-            "ldm-train",
-            ("latent_diffusion_trainingset/train", "coco"),
-            root="latent_diffusion_trainingset",
-            path_options={"progan_root": ".", "coco_root": "coco"},
-            optional="the LDM training set (latent_diffusion_trainingset/ and coco/)",
-        ),
-        SplitSource(
-            "val_ldm",
-            "ldm-val",
-            ("latent_diffusion_trainingset/valid", "coco"),
-            root="latent_diffusion_trainingset",
-            path_options={"progan_root": ".", "coco_root": "coco"},
-            optional="the LDM training set (latent_diffusion_trainingset/ and coco/)",
-        ),
+        _ldm_training_split("train_ldm", "ldm-train", "train"),
+        _ldm_training_split("val_ldm", "ldm-val", "valid"),
     )
 }
 
