@@ -3,6 +3,7 @@
 Not part of the package: the scripts in this folder import it by file name
 (``python benchmarks/bench_x.py`` puts this folder first on ``sys.path``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch

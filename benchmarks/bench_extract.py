@@ -16,6 +16,7 @@ times ``run_extract`` reports and the backbone load time alone.
 
     .venv/bin/python benchmarks/bench_extract.py [--images 256] [--batch 32] [--workers 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import (
     add_scratch_options,
     premade_center_batches,
@@ -35,6 +35,7 @@ from _common import (
     write_folder_images,
     write_folder_manifest,
 )
+
 from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
 
@@ -46,7 +47,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--size", type=int, default=256, help="Side of the random PNGs.")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=ExtractConfig.decode_workers, help="Decode workers of run_extract.")
+    parser.add_argument(
+        "--workers", type=int, default=ExtractConfig.decode_workers, help="Decode workers of run_extract."
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--layers", type=int, default=12, help="Encoder layers (12 = ViT-B/32).")
     add_scratch_options(parser)
@@ -110,7 +113,9 @@ def main() -> int:
     for summary in summaries:
         print("  " + summary.report().replace("\n", "\n  "))
     ratio = end_to_end / bare
-    print(f"RATIO run_extract / bare backbone images/s = {ratio:.3f} ({'meets' if ratio >= TARGET else 'BELOW'} target {TARGET})")
+    print(
+        f"RATIO run_extract / bare backbone images/s = {ratio:.3f} ({'meets' if ratio >= TARGET else 'BELOW'} target {TARGET})"
+    )
     return 0
 
 

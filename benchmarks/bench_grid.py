@@ -21,6 +21,7 @@ and official / ours (target >= 30).
 
     .venv/bin/python benchmarks/bench_grid.py [--train 512 --val 128 --test 512] [--jobs 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,6 @@ import csv
 import sys
 import time
 from pathlib import Path
-
 
 from _common import (
     add_scratch_options,
@@ -40,6 +40,7 @@ from _common import (
     write_folder_images,
     write_folder_manifest,
 )
+
 from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.config import parse_grid
 from pipeline.extract import ExtractConfig, run_extract

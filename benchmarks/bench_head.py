@@ -10,6 +10,7 @@ and the bf16-autocast ratio against bf16 matmuls.
 
     .venv/bin/python benchmarks/bench_head.py [--rows 3072] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
+
 from pipeline import train
 from pipeline.config import RunConfig, StoreRef
 
@@ -78,8 +79,12 @@ def print_flop_formula(layers: list[LinearShape], per_step: int, batch: int) -> 
     print("FLOPs per step = sum over Linears of 2*m*k*n * (1 forward + 1 weight grad + 1 input grad unless first)")
     for layer in layers:
         factor = 3 if layer.needs_input_grad else 2
-        print(f"  {layer.name:<9} m={layer.m:<6} k={layer.k:<5} n={layer.n:<5} x{factor}: {layer.forward_flops * factor / 1e9:8.3f} GFLOP")
-    print(f"  total {per_step / 1e9:.3f} GFLOP per step of {batch} samples (elementwise work, softmax, loss and Adam not counted)")
+        print(
+            f"  {layer.name:<9} m={layer.m:<6} k={layer.k:<5} n={layer.n:<5} x{factor}: {layer.forward_flops * factor / 1e9:8.3f} GFLOP"
+        )
+    print(
+        f"  total {per_step / 1e9:.3f} GFLOP per step of {batch} samples (elementwise work, softmax, loss and Adam not counted)"
+    )
 
 
 def matmul_flops_per_second(dtype: torch.dtype, shape: tuple[int, int, int], iters: int) -> float:

@@ -24,6 +24,7 @@ first is the headline).
 
     .venv/bin/python benchmarks/bench_read.py [--rows 40960] [--repeats 5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import zarr
-
 from _common import (
     Timing,
     add_scratch_options,
@@ -43,6 +43,7 @@ from _common import (
     time_repeats,
     write_synthetic_store,
 )
+
 from pipeline import cache
 
 TARGET = 0.8
@@ -137,7 +138,9 @@ def main() -> int:
     )
     with scratch_dir(args, "bench_read_") as work:
         store = work / "features.zarr"
-        write_synthetic_store(store, args.rows, args.blocks, args.dim, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows)
+        write_synthetic_store(
+            store, args.rows, args.blocks, args.dim, shard_rows=args.shard_rows, chunk_rows=args.chunk_rows
+        )
         array_dir = store / "features" / "center"
         files = shard_files(array_dir)
         slots = raw_slots(files)
@@ -163,7 +166,9 @@ def main() -> int:
         raw = timings["raw readinto (sequential, aligned)"]
         ours = timings["cache.read_features(out=np.empty)"]
         aligned = timings["cache.read_features(out=aligned)"]
-        print(f"raw: {len(files)} shard files, {raw_bytes / 1e9:.3f} GB (features + shard indexes), each at a page boundary")
+        print(
+            f"raw: {len(files)} shard files, {raw_bytes / 1e9:.3f} GB (features + shard indexes), each at a page boundary"
+        )
         print(f"np.empty out buffer address mod {PAGE}: {out.ctypes.data % PAGE}")
         for name, timing in timings.items():
             report(name, raw_bytes if timing is raw else n_bytes, timing, None if timing is raw else raw, raw_bytes)

@@ -1,4 +1,5 @@
 """RINE synthetic-image detection as a two-stage CLIP feature-cache pipeline."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -11,6 +11,7 @@ written read as the fill value, exactly as ``zarr`` reads them; tests
 compare the two on every kind of selection. Plain ``zarr`` reads of this
 layout measured 0.12 of raw disk speed (``benchmarks/bench_read.py``).
 """
+
 from __future__ import annotations
 
 import os
@@ -131,7 +132,11 @@ def _plan_raw_reads(
     chunk_of_row = row_index // layout.chunk_rows
     boundaries = np.flatnonzero(np.diff(chunk_of_row)) + 1
     starts = np.concatenate([[0], boundaries]).astype(np.int64) if len(row_index) else np.array([], dtype=np.int64)
-    stops = np.concatenate([boundaries, [len(row_index)]]).astype(np.int64) if len(row_index) else np.array([], dtype=np.int64)
+    stops = (
+        np.concatenate([boundaries, [len(row_index)]]).astype(np.int64)
+        if len(row_index)
+        else np.array([], dtype=np.int64)
+    )
     crc_bytes = 4 * _has_crc(array)
 
     indexes: dict[int, np.ndarray | None] = {}

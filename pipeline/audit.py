@@ -25,16 +25,17 @@ Outputs, in ``out``: ``audit_<split>.csv`` (long: dataset x feature AUCs),
 the HTML report). Unreadable files are
 counted and listed; they take no part in the AUCs.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -60,7 +61,19 @@ SUMMARY_COLUMNS = (
     "width_min", "width_median", "width_max", "height_min", "height_median", "height_max",
     "file_size_min", "file_size_median", "file_size_max",
 )  # fmt: skip
-IMAGE_COLUMNS = ("path", "label", "dataset", "format", "width", "height", "mode", "has_exif", "file_size", "jpeg_quality", "error")
+IMAGE_COLUMNS = (
+    "path",
+    "label",
+    "dataset",
+    "format",
+    "width",
+    "height",
+    "mode",
+    "has_exif",
+    "file_size",
+    "jpeg_quality",
+    "error",
+)
 
 
 class AuditError(PipelineError, ValueError):
@@ -109,8 +122,12 @@ class Feature:
 
 
 FEATURES: tuple[Feature, ...] = (
-    Feature("format", "file format from the content (JPEG, PNG, ...), one-hot", lambda hs: _one_hot([h.format for h in hs])),
-    Feature("jpeg_quality", "estimated JPEG quality, 0 for other formats", lambda hs: _numbers([h.jpeg_quality for h in hs])),
+    Feature(
+        "format", "file format from the content (JPEG, PNG, ...), one-hot", lambda hs: _one_hot([h.format for h in hs])
+    ),
+    Feature(
+        "jpeg_quality", "estimated JPEG quality, 0 for other formats", lambda hs: _numbers([h.jpeg_quality for h in hs])
+    ),
     Feature("size", "width and height in pixels", lambda hs: _numbers([h.width for h in hs], [h.height for h in hs])),
     Feature("mode", "Pillow colour mode (RGB, L, RGBA, P, ...), one-hot", lambda hs: _one_hot([h.mode for h in hs])),
     Feature("exif", "EXIF block present", lambda hs: _numbers([h.has_exif for h in hs])),
@@ -143,7 +160,9 @@ def cross_validated_auc(inputs: np.ndarray, labels: np.ndarray, folds: int, seed
     return float(np.mean(aucs)), float(np.std(aucs))
 
 
-def score_features(dataset: str, headers: Sequence[ImageHeader], labels: Sequence[int], folds: int, seed: int) -> list[FeatureAuc]:
+def score_features(
+    dataset: str, headers: Sequence[ImageHeader], labels: Sequence[int], folds: int, seed: int
+) -> list[FeatureAuc]:
     """The AUC of every feature and of all together, from the readable ``headers`` of one dataset."""
     label_array = np.asarray(labels, dtype=np.int64)
     n_fake = int(label_array.sum())
@@ -156,7 +175,14 @@ def score_features(dataset: str, headers: Sequence[ImageHeader], labels: Sequenc
     inputs = {feature.name: feature.encode(headers) for feature in FEATURES}
     inputs[ALL_FEATURES] = np.concatenate(list(inputs.values()), axis=1)
     return [
-        FeatureAuc(dataset, name, *cross_validated_auc(inputs[name], label_array, usable_folds, seed), n_real, n_fake, usable_folds)
+        FeatureAuc(
+            dataset,
+            name,
+            *cross_validated_auc(inputs[name], label_array, usable_folds, seed),
+            n_real,
+            n_fake,
+            usable_folds,
+        )
         for name in names
     ]
 
@@ -173,7 +199,9 @@ class DatasetFlag:
     def describe(self) -> str:
         others = ", ".join(f"{name} {auc:.3f}" for name, auc in self.over_threshold if name != self.feature)
         cause = "all features together predict" if self.feature == ALL_FEATURES else f"{self.feature} alone predicts"
-        return f"FLAGGED {self.dataset}: {cause} real vs fake (AUC {self.auc:.3f})" + (f"; also {others}" if others else "")
+        return f"FLAGGED {self.dataset}: {cause} real vs fake (AUC {self.auc:.3f})" + (
+            f"; also {others}" if others else ""
+        )
 
 
 def flag_dataset(aucs: Sequence[FeatureAuc], threshold: float) -> DatasetFlag | None:
@@ -258,7 +286,9 @@ class AuditResult:
         return sum(1 for header in self.headers if header.error)
 
 
-def audit_headers(manifest: Manifest, headers: Sequence[ImageHeader], threshold: float, folds: int, seed: int) -> AuditResult:
+def audit_headers(
+    manifest: Manifest, headers: Sequence[ImageHeader], threshold: float, folds: int, seed: int
+) -> AuditResult:
     """Statistics, AUCs and flags of every dataset of ``manifest`` from its row-aligned ``headers``."""
     if len(headers) != len(manifest):
         raise ValueError(f"{len(headers)} headers for {len(manifest)} manifest rows")
@@ -292,7 +322,9 @@ def read_headers(paths: Sequence[Path], workers: int, progress: bool, descriptio
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(workers, thread_name_prefix="header") as pool:
         results = pool.map(read_image_header, unique)
-        header_of = dict(zip(unique, tqdm(results, total=len(unique), unit="img", desc=description, disable=not progress)))
+        header_of = dict(
+            zip(unique, tqdm(results, total=len(unique), unit="img", desc=description, disable=not progress))
+        )
     return [header_of[path] for path in paths]
 
 
@@ -305,7 +337,9 @@ class AuditSummary:
     def report(self) -> str:
         result = self.result
         n_datasets = len({row.dataset for row in result.aucs})
-        lines = [f"audit of {self.split}: {len(result.headers)} images in {n_datasets} dataset(s), {result.n_errors} unreadable"]
+        lines = [
+            f"audit of {self.split}: {len(result.headers)} images in {n_datasets} dataset(s), {result.n_errors} unreadable"
+        ]
         lines += [flag.describe() for flag in result.flags]
         if not result.flags:
             lines.append(f"no dataset flagged: no header feature reaches AUC {result.threshold:g}")
@@ -400,7 +434,12 @@ def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) ->
     """Write the CSVs and the JSON; returns their paths."""
     aucs, summaries, images = auc_records(result), summary_records(result), image_records(result, manifest)
     stem = config.out / f"audit_{config.split}"
-    paths = (stem.with_suffix(".csv"), Path(f"{stem}_summary.csv"), Path(f"{stem}_images.csv"), stem.with_suffix(".json"))
+    paths = (
+        stem.with_suffix(".csv"),
+        Path(f"{stem}_summary.csv"),
+        Path(f"{stem}_images.csv"),
+        stem.with_suffix(".json"),
+    )
     write_csv(paths[0], AUC_COLUMNS, aucs)
     write_csv(paths[1], SUMMARY_COLUMNS, summaries)
     write_csv(paths[2], IMAGE_COLUMNS, images)
@@ -412,7 +451,8 @@ def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) ->
         "folds": config.folds,
         "seed": config.seed,
         "model": f"DecisionTreeClassifier(max_depth={TREE_MAX_DEPTH}), mean test-fold ROC AUC over StratifiedKFold",
-        "features": {feature.name: feature.description for feature in FEATURES} | {ALL_FEATURES: "every feature together"},
+        "features": {feature.name: feature.description for feature in FEATURES}
+        | {ALL_FEATURES: "every feature together"},
         "n_images": len(result.headers),
         "n_errors": result.n_errors,
         "flags": [asdict(flag) | {"over_threshold": dict(flag.over_threshold)} for flag in result.flags],

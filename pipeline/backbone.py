@@ -12,14 +12,15 @@ Two taps come out of one forward pass:
     (``hidden_states[0]`` is the embedding, not a block): what the paper's
     text describes.
 """
+
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 import json
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

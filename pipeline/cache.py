@@ -34,13 +34,15 @@ straight from the shard files into one pre-allocated array
 Stores written before ``block_indices`` was so named (attribute ``blocks``)
 still open.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
@@ -163,7 +165,9 @@ class StoreInfo:
     def train_views(self) -> tuple[str, ...]:
         """Names of the complete training views, in view order."""
         views = [spec for spec in self.variants.values() if spec.kind is VariantKind.TRAIN_VIEW]
-        return tuple(spec.name for spec in sorted(views, key=lambda spec: spec.index) if spec.name in self.complete_variants)
+        return tuple(
+            spec.name for spec in sorted(views, key=lambda spec: spec.index) if spec.name in self.complete_variants
+        )
 
 
 def model_slug(model: str) -> str:
@@ -258,7 +262,14 @@ def write_store(
         raise ValueError(f"valid and errors need {n_rows} entries, got {len(valid_rows)} and {len(reasons)}")
     specs = [VariantSpec.from_name(name) for name in features]
     create_store(
-        path, identity, split=split, labels=labels, paths=paths, datasets=datasets, classes=classes, extra_attrs=extra_attrs
+        path,
+        identity,
+        split=split,
+        labels=labels,
+        paths=paths,
+        datasets=datasets,
+        classes=classes,
+        extra_attrs=extra_attrs,
     )
     for spec in specs:
         add_variant(path, spec, *expected[1:])
@@ -291,13 +302,13 @@ def open_store_info(path: Path) -> StoreInfo:
     group = zarr.open_group(path, mode="r")
     attrs = dict(group.attrs)
     if attrs.get("schema") != SCHEMA:
-        raise StoreError(f"{path}: not a rine-pipeline feature store (schema {attrs.get('schema')!r}, expected {SCHEMA!r})")
+        raise StoreError(
+            f"{path}: not a rine-pipeline feature store (schema {attrs.get('schema')!r}, expected {SCHEMA!r})"
+        )
     variants = {name: VariantSpec.from_name(name) for name in attrs["variants"]}
     identity = StoreIdentity.from_attrs(attrs)
     n_shards = shard_count(attrs["n_rows"], identity.shard_rows)
-    complete = tuple(
-        name for name in variants if int(np.count_nonzero(group[f"progress/{name}"][:])) == n_shards
-    )
+    complete = tuple(name for name in variants if int(np.count_nonzero(group[f"progress/{name}"][:])) == n_shards)
     return StoreInfo(
         path=path,
         identity=identity,

@@ -4,6 +4,7 @@ Every library error derives from :class:`pipeline.errors.PipelineError`; the
 command group catches it in one place and prints ``Error: <message>`` with
 exit status 1. Bad options exit 2 (click's usage errors).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -83,23 +84,53 @@ def main() -> None:
 
 
 @main.command("manifest")
-@click.option("--layout", type=click.Choice(tuple(LAYOUTS)), required=True, help="On-disk layout of the data set (README: Manifests).")
-@click.option("--root", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Top folder of the data set.")
-@click.option("--split", required=True, callback=_check_split, help="Name of the split; written to <manifests-dir>/<split>.csv.")
+@click.option(
+    "--layout",
+    type=click.Choice(tuple(LAYOUTS)),
+    required=True,
+    help="On-disk layout of the data set (README: Manifests).",
+)
+@click.option(
+    "--root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="Top folder of the data set.",
+)
+@click.option(
+    "--split", required=True, callback=_check_split, help="Name of the split; written to <manifests-dir>/<split>.csv."
+)
 @click.option("--classes", help="Comma list of classes to keep (train/val layouts), e.g. car,cat,chair,horse.")
 @click.option("--generators", help="Comma list of generators/sets to keep (test layouts).")
-@click.option("--raise-root", type=click.Path(exists=True, file_okay=False, path_type=Path), help="RAISE reals (synthbuster layout).")
-@click.option("--progan-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="CNNDetection root whose train/<class>/0_real/ hold the LSUN reals (ldm-* layouts).")
-@click.option("--coco-root", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="COCO root holding train2014/ and val2014/ (ldm-* layouts).")
+@click.option(
+    "--raise-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="RAISE reals (synthbuster layout).",
+)
+@click.option(
+    "--progan-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="CNNDetection root whose train/<class>/0_real/ hold the LSUN reals (ldm-* layouts).",
+)
+@click.option(
+    "--coco-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="COCO root holding train2014/ and val2014/ (ldm-* layouts).",
+)
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
-def manifest_command(layout, root, split, classes, generators, raise_root, progan_root, coco_root, manifests_dir) -> None:
+def manifest_command(
+    layout, root, split, classes, generators, raise_root, progan_root, coco_root, manifests_dir
+) -> None:
     """List the images of a data set layout as a split manifest (CSV: path,label,dataset[,class])."""
     try:
         manifest = build_manifest(
-            layout, root, split, classes=_comma_list(classes), generators=_comma_list(generators), raise_root=raise_root,
-            progan_root=progan_root, coco_root=coco_root,
+            layout,
+            root,
+            split,
+            classes=_comma_list(classes),
+            generators=_comma_list(generators),
+            raise_root=raise_root,
+            progan_root=progan_root,
+            coco_root=coco_root,
         )
     except PipelineError:
         raise
@@ -109,47 +140,129 @@ def manifest_command(layout, root, split, classes, generators, raise_root, proga
     write_manifest(manifest, path)
     n_fake = sum(row.label for row in manifest.rows)
     datasets = sorted({row.dataset for row in manifest.rows})
-    click.echo(f"{len(manifest)} images ({len(manifest) - n_fake} real, {n_fake} fake) in {len(datasets)} dataset(s)", err=True)
+    click.echo(
+        f"{len(manifest)} images ({len(manifest) - n_fake} real, {n_fake} fake) in {len(datasets)} dataset(s)", err=True
+    )
     click.echo(str(path))
 
 
 @main.command("extract")
-@click.option("--split", required=True, callback=_check_split, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
-@click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
+@click.option(
+    "--split",
+    required=True,
+    callback=_check_split,
+    help="Split name; reads manifests/<split>.csv unless --manifest is given.",
+)
+@click.option(
+    "--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read."
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Override the data root the manifest remembers.",
+)
 @click.option("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local directory of a CLIP (vision) model.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to load.")
-@click.option("--tap", "taps", type=click.Choice(TAPS), multiple=True, default=("ln2",),
-              help="Tensor taken from each block: ln2 = layer_norm2 output (authors' code, released heads), "
-                   "hidden = block output (paper text). Repeat to write both from one forward pass.")
+@click.option(
+    "--tap",
+    "taps",
+    type=click.Choice(TAPS),
+    multiple=True,
+    default=("ln2",),
+    help="Tensor taken from each block: ln2 = layer_norm2 output (authors' code, released heads), "
+    "hidden = block output (paper text). Repeat to write both from one forward pass.",
+)
 @click.option("--blocks", default="all", help="Blocks to keep: all, last:K, or a comma list (negative from the end).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Explicit store path (one tap only).")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
 @DEVICE_OPTION
-@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)),
-              help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.")
+@click.option(
+    "--dtype",
+    default="auto",
+    type=click.Choice(("auto", *COMPUTE_DTYPES)),
+    help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.",
+)
 @click.option("--store-dtype", default="float16", type=click.Choice(STORE_DTYPES), help="dtype of the stored features.")
-@click.option("--views", type=click.IntRange(1), default=1, help="Seeded augmented views per training image (epoch e reads view e mod K).")
-@click.option("--augment/--no-augment", default=None,
-              help="Training recipe (blur/JPEG/random crop/flip) or center crop. Default: augment when the split name starts with 'train'.")
-@click.option("--perturb", type=click.Choice(PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5).")
-@click.option("--perturb-preset", type=click.Choice(PERTURB_PRESETS), default="official",
-              help="official = the authors' code with its quirks; paper = the parameters the paper describes.")
-@click.option("--ten-crop", is_flag=True,
-              help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
-                   "scored by the sigmoid of the mean of the ten logits: the authors' protocol for large images (Synthbuster).")
-@click.option("--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view).")
-@click.option("--shard-rows", type=click.IntRange(1), default=cache.DEFAULT_SHARD_ROWS, help="Rows per shard: the unit of work and resume.")
-@click.option("--chunk-rows", type=click.IntRange(1), default=cache.DEFAULT_CHUNK_ROWS, help="Rows per inner chunk (divides --shard-rows).")
+@click.option(
+    "--views",
+    type=click.IntRange(1),
+    default=1,
+    help="Seeded augmented views per training image (epoch e reads view e mod K).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=None,
+    help="Training recipe (blur/JPEG/random crop/flip) or center crop. Default: augment when the split name starts with 'train'.",
+)
+@click.option(
+    "--perturb", type=click.Choice(PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5)."
+)
+@click.option(
+    "--perturb-preset",
+    type=click.Choice(PERTURB_PRESETS),
+    default="official",
+    help="official = the authors' code with its quirks; paper = the parameters the paper describes.",
+)
+@click.option(
+    "--ten-crop",
+    is_flag=True,
+    help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
+    "scored by the sigmoid of the mean of the ten logits: the authors' protocol for large images (Synthbuster).",
+)
+@click.option(
+    "--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view)."
+)
+@click.option(
+    "--shard-rows",
+    type=click.IntRange(1),
+    default=cache.DEFAULT_SHARD_ROWS,
+    help="Rows per shard: the unit of work and resume.",
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(1),
+    default=cache.DEFAULT_CHUNK_ROWS,
+    help="Rows per inner chunk (divides --shard-rows).",
+)
 @click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
-@click.option("--max-pixels", type=click.IntRange(1), default=images.DEFAULT_MAX_PIXELS, help="Images with more pixels are recorded as invalid.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=images.DEFAULT_MAX_PIXELS,
+    help="Images with more pixels are recorded as invalid.",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be used (exit status 1).")
 @click.option("--overwrite", is_flag=True, help="Delete an existing store and rebuild it.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def extract_command(split, manifest_file, data_root, model, revision, taps, blocks, cache_dir, out, batch_size, device,
-                    dtype, store_dtype, views, augment, perturb, perturb_preset, ten_crop, seed, shard_rows, chunk_rows, workers,
-                    max_pixels, fail_fast, overwrite, no_progress) -> None:
+def extract_command(
+    split,
+    manifest_file,
+    data_root,
+    model,
+    revision,
+    taps,
+    blocks,
+    cache_dir,
+    out,
+    batch_size,
+    device,
+    dtype,
+    store_dtype,
+    views,
+    augment,
+    perturb,
+    perturb_preset,
+    ten_crop,
+    seed,
+    shard_rows,
+    chunk_rows,
+    workers,
+    max_pixels,
+    fail_fast,
+    overwrite,
+    no_progress,
+) -> None:
     """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable).
 
     Prints the store path(s). Exit status: 0 when the store is complete (images
@@ -191,12 +304,38 @@ def extract_command(split, manifest_file, data_root, model, revision, taps, bloc
 
 
 @main.command("audit")
-@click.option("--split", required=True, callback=_check_split, help="Split name; reads manifests/<split>.csv unless --manifest is given.")
-@click.option("--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), help="Override the data root the manifest remembers.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), help="Folder for audit_<split>*.csv and .json.")
-@click.option("--threshold", type=click.FloatRange(0.5, 1.0, min_open=True), default=0.8, help="Flag a dataset whose metadata predicts the label with at least this AUC.")
-@click.option("--folds", type=click.IntRange(2), default=5, help="Stratified cross-validation folds (fewer when a label has fewer images).")
+@click.option(
+    "--split",
+    required=True,
+    callback=_check_split,
+    help="Split name; reads manifests/<split>.csv unless --manifest is given.",
+)
+@click.option(
+    "--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read."
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Override the data root the manifest remembers.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    help="Folder for audit_<split>*.csv and .json.",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.5, 1.0, min_open=True),
+    default=0.8,
+    help="Flag a dataset whose metadata predicts the label with at least this AUC.",
+)
+@click.option(
+    "--folds",
+    type=click.IntRange(2),
+    default=5,
+    help="Stratified cross-validation folds (fewer when a label has fewer images).",
+)
 @click.option("--seed", type=int, default=0, help="Seed of the folds and the trees.")
 @click.option("--workers", type=click.IntRange(1), default=8, help="Header-reading threads.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -212,8 +351,15 @@ def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, 
     from .audit import AuditConfig, run_audit
 
     config = AuditConfig(
-        split=split, manifest=manifest_file or manifest_path(Path("manifests"), split), data_root=data_root, out=out,
-        threshold=threshold, folds=folds, seed=seed, workers=workers, progress=not no_progress,
+        split=split,
+        manifest=manifest_file or manifest_path(Path("manifests"), split),
+        data_root=data_root,
+        out=out,
+        threshold=threshold,
+        folds=folds,
+        seed=seed,
+        workers=workers,
+        progress=not no_progress,
     )
     summary = run_audit(config)
     click.echo(summary.report(), err=True)
@@ -268,10 +414,24 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
 
 
 @main.command("fit")
-@click.option("--grid", "grid_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=Path("grid.yaml"),
-              help="Grid YAML: data (train/val/test stores), base config and grid of lists.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder (default: the grid's `out`, else runs/<name>).")
-@click.option("--jobs", type=click.IntRange(1), default=1, help="Configs fitted in parallel (threads sharing one copy of the features).")
+@click.option(
+    "--grid",
+    "grid_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=Path("grid.yaml"),
+    help="Grid YAML: data (train/val/test stores), base config and grid of lists.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (default: the grid's `out`, else runs/<name>).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1),
+    default=1,
+    help="Configs fitted in parallel (threads sharing one copy of the features).",
+)
 @DEVICE_OPTION
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
@@ -298,15 +458,25 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
 
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--head", "head_path", required=True, type=click.Path(exists=True, path_type=Path),
-              help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.")
-@click.option("--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth).")
+@click.option(
+    "--head",
+    "head_path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.",
+)
+@click.option(
+    "--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth)."
+)
 @DEVICE_OPTION
 @click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)))
 @click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--ten-crop", is_flag=True,
-              help="Score by ten crops (corners, center and their flips): sigmoid of the mean of the ten logits, "
-                   "the authors' protocol for large images (Synthbuster).")
+@click.option(
+    "--ten-crop",
+    is_flag=True,
+    help="Score by ten crops (corners, center and their flips): sigmoid of the mean of the ten logits, "
+    "the authors' protocol for large images (Synthbuster).",
+)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the CSV here instead of stdout.")
 def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_crop, out) -> None:
     """Score images (files or folders): CSV path,score,prediction,error; score = probability of fake.
@@ -316,7 +486,13 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_cro
     from .predict import PredictConfig, predictions_csv, run_predict, write_predictions
 
     config = PredictConfig(
-        head=head_path, inputs=tuple(inputs), model=model, device=device, dtype=dtype, batch_size=batch_size, ten_crop=ten_crop
+        head=head_path,
+        inputs=tuple(inputs),
+        model=model,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        ten_crop=ten_crop,
     )
     predictions = run_predict(config)
     if out is None:
@@ -328,7 +504,12 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_cro
 
 @main.command("report")
 @click.argument("grid_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"), help="Folder for the tables and plots.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports"),
+    help="Folder for the tables and plots.",
+)
 @click.option("--no-plots", is_flag=True, help="Write the CSV tables only.")
 def report_command(grid_dirs, out, no_plots) -> None:
     """Write the paper's tables (CSV) and plots (PNG) from one or more grid output folders.
@@ -344,11 +525,22 @@ def report_command(grid_dirs, out, no_plots) -> None:
 
 
 @main.command("demo")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=Path("demo/data"), help="Folder of the demo data set.")
-@click.option("--backbone", type=click.Path(file_okay=False, path_type=Path), default=Path("demo/tiny-random-clip"),
-              help="Folder of the tiny random CLIP.")
+@click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo/data"),
+    help="Folder of the demo data set.",
+)
+@click.option(
+    "--backbone",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo/tiny-random-clip"),
+    help="Folder of the tiny random CLIP.",
+)
 @click.option("--n-train", type=click.IntRange(1), default=1000, help="Training images per label.")
-@click.option("--n-test", type=click.IntRange(1), default=100, help="Validation and test images per label and generator.")
+@click.option(
+    "--n-test", type=click.IntRange(1), default=100, help="Validation and test images per label and generator."
+)
 @click.option("--seed", type=int, default=0)
 def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: int) -> None:
     """Build the demo's synthetic data set and tiny random-weight CLIP (each skipped when already built).
@@ -366,8 +558,13 @@ def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: in
 @main.command("paper")
 @click.argument("data_root", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--backbones", default=",".join(DEFAULT_BACKBONES), help="Comma list of backbones whose grids run.")
-@click.option("--grids", "grid_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Grid file to run (repeat); default: grid.yaml and grids/*.yaml except grids/demo.yaml.")
+@click.option(
+    "--grids",
+    "grid_files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Grid file to run (repeat); default: grid.yaml and grids/*.yaml except grids/demo.yaml.",
+)
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
 @click.option("--reports-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"))
 @DEVICE_OPTION
@@ -377,7 +574,17 @@ def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: in
 @click.option("--dry-run", is_flag=True, help="Check the layout and print the plan; extract and fit nothing.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def paper_command(
-    data_root, backbones, grid_files, manifests_dir, reports_dir, device, batch_size, jobs, no_plots, dry_run, no_progress
+    data_root,
+    backbones,
+    grid_files,
+    manifests_dir,
+    reports_dir,
+    device,
+    batch_size,
+    jobs,
+    no_plots,
+    dry_run,
+    no_progress,
 ) -> None:
     """The paper's experiments on the real data under DATA_ROOT: check, manifests, extract, fit, report.
 

@@ -5,12 +5,14 @@ config and a ``grid`` of lists (or a list of such blocks) expanded with
 scikit-learn's ParameterGrid: deterministic order, every value validated,
 unknown keys rejected by name.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 from sklearn.model_selection import ParameterGrid
@@ -79,7 +81,9 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
     """Validate a mapping of hyper-parameters into a RunConfig."""
     unknown = sorted(set(values) - set(RUN_KEYS))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}{_renamed_hint(unknown)}")
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}{_renamed_hint(unknown)}"
+        )
     checked: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{where}.{key}"
@@ -246,7 +250,9 @@ def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}: grid[{i}]: expected a mapping of key: [values]")
         for key, values in block.items():
             if key not in RUN_KEYS:
-                raise ConfigError(f"{where}: grid: unknown key {key!r}; known: {', '.join(RUN_KEYS)}{_renamed_hint([key])}")
+                raise ConfigError(
+                    f"{where}: grid: unknown key {key!r}; known: {', '.join(RUN_KEYS)}{_renamed_hint([key])}"
+                )
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
     points = list(ParameterGrid(blocks))
@@ -265,4 +271,3 @@ def run_config_dict(config: RunConfig) -> dict[str, Any]:
     """Plain, YAML-friendly values (tuples as lists)."""
     values = asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-

@@ -27,13 +27,14 @@ through a generator-like trace (:data:`GENERATOR_TRACES`):
 Every image is drawn from its own generator seeded by (seed, part, generator,
 index), so a build is identical for a seed whatever the sizes.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -336,7 +337,9 @@ class DemoSummary:
         c = self.config
         n_images = 2 * (c.n_train + c.n_test * (1 + len(GENERATOR_TRACES)))
         data = f"{n_images} images written to {c.root}" if self.data_built else f"already built in {c.root}"
-        backbone = f"random-weight CLIP saved to {c.backbone}" if self.backbone_built else f"already saved in {c.backbone}"
+        backbone = (
+            f"random-weight CLIP saved to {c.backbone}" if self.backbone_built else f"already saved in {c.backbone}"
+        )
         return f"demo data: {data}\ndemo backbone: {backbone}"
 
 

@@ -1,4 +1,5 @@
 """Pick the torch device both stages run on."""
+
 from __future__ import annotations
 
 import torch

@@ -19,14 +19,16 @@ pixels of every missing variant, run through the backbone, and the finished
 shard is committed to every tap's store. ``pipeline predict`` drives the same
 loop with the same source and step, and a committer that scores with a head.
 """
+
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -106,7 +108,9 @@ class ExtractConfig:
         if min(self.views, self.batch_size, self.decode_workers, self.shard_rows, self.chunk_rows) < 1:
             raise ExtractError("--views, --batch-size, --workers, --shard-rows and --chunk-rows must be at least 1")
         if self.views > 1 and not self.is_training():
-            raise ExtractError(f"--views {self.views} asks for augmented views, but {self.split!r} is not a training split; add --augment")
+            raise ExtractError(
+                f"--views {self.views} asks for augmented views, but {self.split!r} is not a training split; add --augment"
+            )
         if self.shard_rows % self.chunk_rows:
             raise ExtractError(
                 f"--chunk-rows {self.chunk_rows} must divide --shard-rows {self.shard_rows} "
@@ -235,9 +239,7 @@ class PixelBatch:
     decode_seconds: float
 
 
-def plan_batches(
-    recipes: Mapping[int, PixelRecipe], n_rows: int, shard_rows: int, batch_size: int
-) -> list[BatchWork]:
+def plan_batches(recipes: Mapping[int, PixelRecipe], n_rows: int, shard_rows: int, batch_size: int) -> list[BatchWork]:
     """The batches of the given shards (``shard -> recipe``), in shard order."""
     work = []
     for shard in sorted(recipes):
@@ -449,7 +451,9 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
     work = plan_batches(recipes, len(manifest), config.shard_rows, config.batch_size)
     source = ImageSource(lambda row: manifest.resolve(row, config.data_root), config.max_pixels, config.decode_workers)
     n_images = sum(len(batch.rows) for batch in work)
-    with tqdm(total=n_images, unit="img", desc=f"extract {config.split}", disable=not config.progress, smoothing=0.05) as bar:
+    with tqdm(
+        total=n_images, unit="img", desc=f"extract {config.split}", disable=not config.progress, smoothing=0.05
+    ) as bar:
         try:
             times = extract_shards(
                 work,

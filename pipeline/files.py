@@ -7,15 +7,16 @@ plot files; a feature store's skeleton, the demo backbone),
 set of small files that belong together (a manifest and its sidecar). Zarr
 writes each chunk file of a store through its own temporary name and rename.
 """
+
 from __future__ import annotations
 
 import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
 
 
 def _temporary_sibling(path: Path) -> Path:

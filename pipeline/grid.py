@@ -13,6 +13,7 @@ and selection rules: ``pipeline.results``), and each selected run gets
 ``EMBEDDING_ROWS_PER_SET`` rows per test set (center-crop test entries), which
 the report draws as a t-SNE.
 """
+
 from __future__ import annotations
 
 import csv
@@ -366,7 +367,9 @@ def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.nd
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "dataset", "score"])
     for row, score in zip(rows, scores):
-        writer.writerow([store.rows.paths[row], int(store.rows.labels[row]), store.rows.datasets[row], repr(float(score))])
+        writer.writerow(
+            [store.rows.paths[row], int(store.rows.labels[row]), store.rows.datasets[row], repr(float(score))]
+        )
     write_text_atomic(path, buffer.getvalue())
 
 

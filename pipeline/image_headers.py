@@ -13,11 +13,12 @@ OpenCV and most software encoders), are nearest to the file's. Files from
 encoders with their own tables (many cameras, Photoshop) get the nearest IJG
 quality, an estimate.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -251,7 +251,7 @@ def five_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
     height, width = image.shape[:2]
     bottom, right = height - size, width - size
     corners = [(0, 0), (0, right), (bottom, 0), (bottom, right)]
-    crops = [image[t : t + size, l : l + size] for t, l in corners]
+    crops = [image[top : top + size, left : left + size] for top, left in corners]
     return crops + [center_crop(image, size)]
 
 
@@ -260,9 +260,7 @@ def random_crop_padding(height: int, width: int, size: int) -> tuple[int, int]:
     return max(size - height, 0), max(size - width, 0)
 
 
-def draw_crop_offsets(
-    rng: np.random.Generator, height: int, width: int, size: int
-) -> tuple[int, int]:
+def draw_crop_offsets(rng: np.random.Generator, height: int, width: int, size: int) -> tuple[int, int]:
     """Uniform (top, left) of a random crop in the ``pad_if_needed`` padded image."""
     pad_h, pad_w = random_crop_padding(height, width, size)
     top = int(rng.integers(0, height + 2 * pad_h - size + 1))
@@ -369,9 +367,7 @@ def view_rng(seed: int, row: int, view: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, row, view]))
 
 
-def draw_train_view(
-    rng: np.random.Generator, height: int, width: int, size: int
-) -> TrainViewDraw:
+def draw_train_view(rng: np.random.Generator, height: int, width: int, size: int) -> TrainViewDraw:
     """Draw the official training recipe's choices for an image of this shape.
 
     (a) blur with p = 0.5, sigma uniform in [0, 3]; (b) JPEG with p = 0.5,
@@ -415,9 +411,7 @@ def augment_train_view(image: np.ndarray, size: int, rng: np.random.Generator) -
 # ---------------------------------------------------------------- robustness
 
 
-def perturb_image(
-    image: np.ndarray, kind: str, preset: str, rng: np.random.Generator
-) -> np.ndarray:
+def perturb_image(image: np.ndarray, kind: str, preset: str, rng: np.random.Generator) -> np.ndarray:
     """Robustness perturbation of paper Table 5 (RINE_SPEC section 5).
 
     With probability 0.5 the image is perturbed and then resized to 256x256;
@@ -452,9 +446,7 @@ def perturb_image(
     if kind not in PERTURBATIONS:
         raise ValueError(f"unknown perturbation {kind!r}; expected one of {PERTURBATIONS}")
     if preset not in PERTURB_PRESETS:
-        raise ValueError(
-            f"unknown perturbation preset {preset!r}; expected one of {PERTURB_PRESETS}"
-        )
+        raise ValueError(f"unknown perturbation preset {preset!r}; expected one of {PERTURB_PRESETS}")
     if rng.random() >= PERTURB_PROBABILITY:
         return image
     perturbed = image
@@ -479,9 +471,7 @@ def perturb_blur(image: np.ndarray, preset: str, rng: np.random.Generator) -> np
     """OpenCV Gaussian blur with a kernel size drawn from {3, 5, 7, 9}."""
     kernel = int(rng.choice(PERTURB_BLUR_KERNEL_SIZES))
     sigma = OFFICIAL_BLUR_SIGMA if preset == "official" else 0.0
-    return cv2.GaussianBlur(
-        image, (kernel, kernel), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101
-    )
+    return cv2.GaussianBlur(image, (kernel, kernel), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
 
 
 def perturb_crop(image: np.ndarray, preset: str, rng: np.random.Generator) -> np.ndarray:
@@ -512,9 +502,7 @@ def perturb_noise(image: np.ndarray, preset: str, rng: np.random.Generator) -> n
 
 def resize_bilinear_pil(image: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size`` x ``size`` with Pillow bilinear (torchvision ``Resize`` on PIL)."""
-    resized = Image.fromarray(np.ascontiguousarray(image)).resize(
-        (size, size), Image.Resampling.BILINEAR
-    )
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((size, size), Image.Resampling.BILINEAR)
     return np.array(resized, dtype=np.uint8)
 
 
@@ -524,8 +512,9 @@ def resize_bilinear_pil(image: np.ndarray, size: int) -> np.ndarray:
 def require_rgb_image(image: np.ndarray) -> None:
     """Raise ``ValueError`` unless ``image`` is an (H, W, 3) uint8 array with H, W >= 1."""
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 numpy array, got {type(image).__name__} "
-                         f"of dtype {getattr(image, 'dtype', None)}")
+        raise ValueError(
+            f"expected a uint8 numpy array, got {type(image).__name__} of dtype {getattr(image, 'dtype', None)}"
+        )
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
 

@@ -39,12 +39,13 @@ absolute path) -- except for layouts whose images live under several roots
 them and paths are relative to it (e.g. ``synthbuster/dalle2/x.png`` and
 ``RAISEpng/r.png`` under ``/data``).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
 
 from .images import IMAGE_EXTENSIONS
 from .manifest import Manifest, ManifestError, ManifestRow, check_split_name
@@ -168,11 +169,7 @@ def require_folder(root: Path, relative: str, expected: str) -> Path:
 
 def list_subfolders(folder: Path) -> list[str]:
     """Names of the non-hidden folders (links followed) directly in ``folder``, sorted."""
-    return sorted(
-        entry.name
-        for entry in os.scandir(folder)
-        if not entry.name.startswith(".") and entry.is_dir()
-    )
+    return sorted(entry.name for entry in os.scandir(folder) if not entry.name.startswith(".") and entry.is_dir())
 
 
 def is_image_name(name: str) -> bool:
@@ -209,9 +206,7 @@ def walk_images(
             target = os.stat(entry.path)
             if (target.st_dev, target.st_ino) in ancestors:
                 raise ManifestError(f"{entry.path}: symbolic link loop back to a parent folder")
-            yield from walk_images(
-                Path(entry.path), entry_relative, recursive=True, ancestors=ancestors
-            )
+            yield from walk_images(Path(entry.path), entry_relative, recursive=True, ancestors=ancestors)
         elif is_image_name(entry.name):
             if entry.is_file():
                 yield entry_relative
@@ -219,9 +214,7 @@ def walk_images(
                 raise ManifestError(f"{entry.path}: broken symbolic link")
 
 
-def list_label_folder(
-    root: Path, relative: str, dataset: str, class_name: str | None
-) -> list[ManifestRow]:
+def list_label_folder(root: Path, relative: str, dataset: str, class_name: str | None) -> list[ManifestRow]:
     """Rows of one ``0_real`` or ``1_fake`` folder (images at any depth below it)."""
     label = LABEL_FOLDERS[relative.rsplit("/", 1)[-1]]
     folder = root.joinpath(*relative.split("/"))
@@ -242,24 +235,19 @@ def list_real_and_fake(
     return rows
 
 
-def select_names(
-    found: Sequence[str], wanted: Sequence[str] | None, what: str, where: Path
-) -> list[str]:
+def select_names(found: Sequence[str], wanted: Sequence[str] | None, what: str, where: Path) -> list[str]:
     """``found`` restricted to ``wanted`` (all when None); an unknown wanted name is an error."""
     if wanted is None:
         return list(found)
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise ManifestError(
-            f"{where}: no {what} {', '.join(repr(name) for name in missing)} "
-            f"(found: {', '.join(found) or 'none'})"
+            f"{where}: no {what} {', '.join(repr(name) for name in missing)} (found: {', '.join(found) or 'none'})"
         )
     return [name for name in found if name in set(wanted)]
 
 
-def list_cnndetection_training(
-    root: Path, part: str, classes: Sequence[str] | None
-) -> list[ManifestRow]:
+def list_cnndetection_training(root: Path, part: str, classes: Sequence[str] | None) -> list[ManifestRow]:
     expected = f"{part}/<class>/{{0_real,1_fake}}"
     part_folder = require_folder(root, part, expected)
     found = list_subfolders(part_folder)
@@ -287,9 +275,7 @@ def list_cnndetection_test(root: Path, generators: Sequence[str] | None) -> list
     return rows
 
 
-def list_test_generator(
-    root: Path, relative: str, dataset: str, expected: str
-) -> list[ManifestRow]:
+def list_test_generator(root: Path, relative: str, dataset: str, expected: str) -> list[ManifestRow]:
     """One generator of the CNNDetection test set, with or without class folders."""
     subfolders = list_subfolders(root.joinpath(*relative.split("/")))
     label_folders = [name for name in subfolders if name in LABEL_FOLDERS]
@@ -302,9 +288,7 @@ def list_test_generator(
             )
         return list_real_and_fake(root, relative, dataset, None, expected)
     if not subfolders:
-        raise ManifestError(
-            f"no folder {relative}/0_real/ (nor class folders) under {root}: expected {expected}"
-        )
+        raise ManifestError(f"no folder {relative}/0_real/ (nor class folders) under {root}: expected {expected}")
     rows: list[ManifestRow] = []
     for class_name in subfolders:
         rows += list_real_and_fake(root, f"{relative}/{class_name}", dataset, class_name, expected)
@@ -327,21 +311,15 @@ def list_ufd_diffusion(root: Path, generators: Sequence[str] | None) -> list[Man
         if real_folder not in reals_of_folder:
             relative = f"{base}/{real_folder}/0_real"
             require_folder(root, relative, f"the reals of '{set_name}' in {relative}/")
-            reals_of_folder[real_folder] = [
-                row.path for row in list_label_folder(root, relative, real_folder, None)
-            ]
+            reals_of_folder[real_folder] = [row.path for row in list_label_folder(root, relative, real_folder, None)]
         rows += [ManifestRow(path, 0, set_name) for path in reals_of_folder[real_folder]]
     return rows
 
 
-def list_synthbuster(
-    root: Path, raise_root: Path, generators: Sequence[str] | None
-) -> tuple[Path, list[ManifestRow]]:
+def list_synthbuster(root: Path, raise_root: Path, generators: Sequence[str] | None) -> tuple[Path, list[ManifestRow]]:
     """(data root, rows): fakes under ``root``, reals directly in ``raise_root``."""
     if not raise_root.is_dir():
-        raise ManifestError(
-            f"{raise_root}: raise_root is not a folder (expected RAISE images, e.g. RAISEpng/*.png)"
-        )
+        raise ManifestError(f"{raise_root}: raise_root is not a folder (expected RAISE images, e.g. RAISEpng/*.png)")
     raise_root = raise_root.resolve()
     data_root = Path(os.path.commonpath([root, raise_root]))
     root_relative = root.relative_to(data_root).as_posix()
@@ -354,16 +332,12 @@ def list_synthbuster(
         if paths:
             fakes_of_generator[name] = paths
     if not fakes_of_generator:
-        raise ManifestError(
-            f"no generator folders with images in {root}: expected <generator>/*.png"
-        )
+        raise ManifestError(f"no generator folders with images in {root}: expected <generator>/*.png")
     reals = list(walk_images(raise_root, raise_relative, recursive=False))
     if not reals:
         raise ManifestError(f"{raise_root}: no images directly in raise_root")
     rows: list[ManifestRow] = []
-    chosen = select_names(
-        sorted(fakes_of_generator), generators, "generator folder with images", root
-    )
+    chosen = select_names(sorted(fakes_of_generator), generators, "generator folder with images", root)
     for generator in chosen:
         rows += [ManifestRow(path, 1, generator) for path in fakes_of_generator[generator]]
         rows += [ManifestRow(path, 0, generator) for path in reals]
@@ -386,9 +360,7 @@ def list_label_folders_anywhere(root: Path) -> list[ManifestRow]:
     return rows
 
 
-def find_label_folders(
-    folder: Path, relative: str, ancestors: frozenset[tuple[int, int]]
-) -> Iterator[str]:
+def find_label_folders(folder: Path, relative: str, ancestors: frozenset[tuple[int, int]]) -> Iterator[str]:
     """Relative paths of the label folders below ``folder`` (not descending into them)."""
     stat = folder.stat()
     ancestors = ancestors | {(stat.st_dev, stat.st_ino)}
@@ -436,14 +408,18 @@ def list_ldm_training(root: Path, part: str, progan_root: Path, coco_root: Path)
     progan_root = require_root(progan_root, "progan_root")
     coco_root = require_root(coco_root, "coco_root")
     data_root = Path(os.path.commonpath([root, progan_root, coco_root]))
-    split_folder = require_folder(root, part, f"{part}/<folder>/* fakes, {part}/{LDM_LSUN_LIST} and {part}/{LDM_COCO_LIST}")
+    split_folder = require_folder(
+        root, part, f"{part}/<folder>/* fakes, {part}/{LDM_LSUN_LIST} and {part}/{LDM_COCO_LIST}"
+    )
     fakes = [
         (root / part / name / file).relative_to(data_root).as_posix()
         for name in list_subfolders(split_folder)
         for file in list_files(split_folder / name)
     ]
     if not fakes:
-        raise ManifestError(f"{split_folder}: no files in any of its folders (expected the LDM fakes in {part}/<folder>/)")
+        raise ManifestError(
+            f"{split_folder}: no files in any of its folders (expected the LDM fakes in {part}/<folder>/)"
+        )
     reals: list[Path] = []
     for line, name in read_name_list(split_folder / LDM_LSUN_LIST):
         class_name, underscore, file = name.partition("_")
@@ -527,8 +503,14 @@ def _rooted(list_rows: Callable[[Path, LayoutOptions], list[ManifestRow]]) -> Wa
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
-        Layout("cnndetection-train", _rooted(lambda root, o: list_cnndetection_training(root, "train", o.classes)), _CLASSES),
-        Layout("cnndetection-val", _rooted(lambda root, o: list_cnndetection_training(root, "val", o.classes)), _CLASSES),
+        Layout(
+            "cnndetection-train",
+            _rooted(lambda root, o: list_cnndetection_training(root, "train", o.classes)),
+            _CLASSES,
+        ),
+        Layout(
+            "cnndetection-val", _rooted(lambda root, o: list_cnndetection_training(root, "val", o.classes)), _CLASSES
+        ),
         Layout("cnndetection-test", _rooted(lambda root, o: list_cnndetection_test(root, o.generators)), _GENERATORS),
         Layout("ufd-diffusion", _rooted(lambda root, o: list_ufd_diffusion(root, o.generators)), _GENERATORS),
         Layout(
@@ -537,8 +519,12 @@ LAYOUTS: dict[str, Layout] = {
             _GENERATORS,
             {"raise_root": "the folder of RAISE real images"},
         ),
-        Layout("ldm-train", lambda root, o: list_ldm_training(root, "train", o.progan_root, o.coco_root), needs=_LDM_ROOTS),
-        Layout("ldm-val", lambda root, o: list_ldm_training(root, "valid", o.progan_root, o.coco_root), needs=_LDM_ROOTS),
+        Layout(
+            "ldm-train", lambda root, o: list_ldm_training(root, "train", o.progan_root, o.coco_root), needs=_LDM_ROOTS
+        ),
+        Layout(
+            "ldm-val", lambda root, o: list_ldm_training(root, "valid", o.progan_root, o.coco_root), needs=_LDM_ROOTS
+        ),
         Layout("folder", _rooted(lambda root, o: list_label_folders_anywhere(root))),
     )
 }

@@ -12,6 +12,7 @@ The identity of a split (:meth:`Manifest.sha256`) is the hash of its canonical
 CSV text, which is exactly the bytes :func:`write_manifest` writes. It does not
 depend on the data root, so moving the data keeps the identity.
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,10 +20,11 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from .errors import PipelineError
 from .files import replace_files_atomically
@@ -67,8 +69,7 @@ class Manifest:
 
     def __post_init__(self) -> None:
         frozen_options = {
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in self.options.items()
+            key: tuple(value) if isinstance(value, list) else value for key, value in self.options.items()
         }
         object.__setattr__(self, "rows", tuple(self.rows))
         object.__setattr__(self, "options", MappingProxyType(frozen_options))
@@ -111,8 +112,7 @@ def sidecar_path(csv_path: Path) -> Path:
 def check_split_name(split: str) -> None:
     if not split or split.startswith(".") or any(c in split for c in "/\\\0\n\r"):
         raise ValueError(
-            f"split name must be a plain file stem (not empty, no '/', '\\' or leading '.'), "
-            f"got {split!r}"
+            f"split name must be a plain file stem (not empty, no '/', '\\' or leading '.'), got {split!r}"
         )
 
 
@@ -189,9 +189,7 @@ def check_rows(rows: Sequence[ManifestRow], csv_path: Path) -> None:
         check_unique(first_line_of, row, line, csv_path)
 
 
-def check_unique(
-    first_line_of: dict[tuple[str, str], int], row: ManifestRow, line: int, csv_path: Path
-) -> None:
+def check_unique(first_line_of: dict[tuple[str, str], int], row: ManifestRow, line: int, csv_path: Path) -> None:
     key = (row.path, row.dataset)
     if key in first_line_of:
         raise ManifestError(
@@ -209,9 +207,7 @@ def read_manifest(csv_path: Path) -> Manifest:
     csv_path = Path(csv_path)
     rows = parse_csv(read_csv_text(csv_path), csv_path)
     data_root, layout, options = read_sidecar(sidecar_path(csv_path))
-    return Manifest(
-        split=csv_path.stem, rows=rows, data_root=data_root, layout=layout, options=options
-    )
+    return Manifest(split=csv_path.stem, rows=rows, data_root=data_root, layout=layout, options=options)
 
 
 def read_csv_text(csv_path: Path) -> str:
@@ -223,7 +219,7 @@ def read_csv_text(csv_path: Path) -> str:
         with open(csv_path, encoding="utf-8-sig", newline="") as handle:
             return handle.read()
     except UnicodeDecodeError as error:
-        raise ManifestError(f"{csv_path}: not valid UTF-8 ({error.reason} at byte {error.start})")
+        raise ManifestError(f"{csv_path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
 
 
 def parse_csv(text: str, csv_path: Path) -> tuple[ManifestRow, ...]:
@@ -231,9 +227,7 @@ def parse_csv(text: str, csv_path: Path) -> tuple[ManifestRow, ...]:
     records = iter_records(reader, csv_path)
     first = next(records, None)
     if first is None:
-        raise ManifestError(
-            f"{csv_path} line 1: empty file, expected the header path,label,dataset"
-        )
+        raise ManifestError(f"{csv_path} line 1: empty file, expected the header path,label,dataset")
     with_classes = check_header(first[1], csv_path)
     n_fields = len(csv_header(with_classes))
     rows: list[ManifestRow] = []
@@ -256,7 +250,7 @@ def iter_records(reader: Any, csv_path: Path) -> Iterator[tuple[int, list[str]]]
         except StopIteration:
             return
         except csv.Error as error:
-            raise ManifestError(f"{csv_path} line {line}: malformed CSV ({error})")
+            raise ManifestError(f"{csv_path} line {line}: malformed CSV ({error})") from None
         yield line, record
 
 
@@ -268,17 +262,13 @@ def check_header(header: list[str], csv_path: Path) -> bool:
             raise ManifestError(f"{csv_path} line 1: missing required column '{name}'")
     for name in header:
         if name not in known:
-            raise ManifestError(
-                f"{csv_path} line 1: unknown column '{name}' (allowed: {','.join(known)})"
-            )
+            raise ManifestError(f"{csv_path} line 1: unknown column '{name}' (allowed: {','.join(known)})")
         if header.count(name) > 1:
             raise ManifestError(f"{csv_path} line 1: column '{name}' appears twice")
     with_classes = CLASS_COLUMN in header
     if header != csv_header(with_classes):
         expected = ",".join(csv_header(with_classes))
-        raise ManifestError(
-            f"{csv_path} line 1: columns must be in the order {expected}, got {','.join(header)}"
-        )
+        raise ManifestError(f"{csv_path} line 1: columns must be in the order {expected}, got {','.join(header)}")
     return with_classes
 
 
@@ -303,9 +293,9 @@ def read_sidecar(json_path: Path) -> tuple[Path | None, str | None, dict[str, An
     try:
         content = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ManifestError(f"{json_path} line {error.lineno}: invalid JSON ({error.msg})")
+        raise ManifestError(f"{json_path} line {error.lineno}: invalid JSON ({error.msg})") from None
     except UnicodeDecodeError as error:
-        raise ManifestError(f"{json_path}: not valid UTF-8 ({error.reason} at byte {error.start})")
+        raise ManifestError(f"{json_path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
     allowed = ", ".join(SIDECAR_KEYS)
     if not isinstance(content, dict):
         raise ManifestError(f"{json_path}: expected a JSON object with keys {allowed}")
@@ -325,9 +315,7 @@ def parse_sidecar_root(value: Any, json_path: Path) -> Path | None:
     if value is None:
         return None
     if not isinstance(value, str) or not Path(value).is_absolute():
-        raise ManifestError(
-            f"{json_path}: data_root must be an absolute path or null, got {value!r}"
-        )
+        raise ManifestError(f"{json_path}: data_root must be an absolute path or null, got {value!r}")
     return Path(value)
 
 
@@ -356,8 +344,7 @@ def write_manifest(manifest: Manifest, csv_path: Path) -> None:
     check_split_name(manifest.split)
     if csv_path.name != f"{manifest.split}.csv":
         raise ManifestError(
-            f"{csv_path}: split '{manifest.split}' must be written to a file named "
-            f"{manifest.split}.csv"
+            f"{csv_path}: split '{manifest.split}' must be written to a file named {manifest.split}.csv"
         )
     if not manifest.rows:
         raise ManifestError(f"{csv_path}: no rows to write")
@@ -365,10 +352,7 @@ def write_manifest(manifest: Manifest, csv_path: Path) -> None:
     sidecar = {
         "data_root": None if manifest.data_root is None else str(manifest.data_root),
         "layout": manifest.layout,
-        "options": {
-            key: list(value) if isinstance(value, tuple) else value
-            for key, value in manifest.options.items()
-        },
+        "options": {key: list(value) if isinstance(value, tuple) else value for key, value in manifest.options.items()},
     }
     replace_files_atomically(
         {

@@ -53,9 +53,7 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
-def compute_metrics(
-    labels: np.ndarray, scores: np.ndarray, calibrated_threshold: float | None = None
-) -> BinaryMetrics:
+def compute_metrics(labels: np.ndarray, scores: np.ndarray, calibrated_threshold: float | None = None) -> BinaryMetrics:
     """Return every metric of ``scores`` against ``labels``; ``calibrated_threshold`` usually comes from validation."""
     labels, scores = validate_inputs(labels, scores)
     is_fake = labels == 1

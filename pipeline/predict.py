@@ -9,15 +9,16 @@ a store, each batch goes to the head. The score is the probability that the
 image is synthetic; :func:`predictions_csv` / :func:`write_predictions` give
 the ``pipeline predict`` output.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -91,7 +92,9 @@ def list_images(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS))
+            found.extend(
+                sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS)
+            )
         else:
             found.append(item)
     return found
@@ -105,7 +108,12 @@ class HeadScorer:
     """
 
     def __init__(
-        self, source: HeadSource, variants: Sequence[VariantSpec], device: torch.device, paths: Sequence[Path], batch_size: int
+        self,
+        source: HeadSource,
+        variants: Sequence[VariantSpec],
+        device: torch.device,
+        paths: Sequence[Path],
+        batch_size: int,
     ) -> None:
         self.head = source.head.to(device).eval()
         self.source = source

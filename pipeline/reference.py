@@ -43,11 +43,12 @@ project.
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import PurePath
-from typing import Callable, Iterable, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 from .errors import PipelineError
 from .results import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
@@ -58,7 +59,9 @@ from .results import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noq
 # made without a GAN (deepfake, SITD, SAN, CRN, IMLE) plus the eight diffusion
 # sets. We follow that definition so our column matches theirs.
 AUTHORS_FOLDERS: dict[str, str] = {"sitd": "seeingdark"}  # test sets whose folder is named otherwise
-NON_GAN_DATASETS: tuple[str, ...] = tuple(name for name in PAPER_DATASETS if "gan" not in AUTHORS_FOLDERS.get(name, name))
+NON_GAN_DATASETS: tuple[str, ...] = tuple(
+    name for name in PAPER_DATASETS if "gan" not in AUTHORS_FOLDERS.get(name, name)
+)
 
 BACKBONE_NAMES: dict[str, str] = {
     "openai/clip-vit-large-patch14": "ViT-L/14",

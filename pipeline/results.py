@@ -53,9 +53,10 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -213,7 +214,11 @@ RESULT_COLUMNS: tuple[str, ...] = (
     + SETTING_FIELDS[: SETTING_FIELDS.index("epochs")]  # model, tap, train
     + HEAD_COLUMNS
     + SETTING_COLUMNS
-    + tuple(f.name for f in fields(ResultRow) if f.name not in ("run", "status", "error", "grid", "head", "setting", "metrics"))
+    + tuple(
+        f.name
+        for f in fields(ResultRow)
+        if f.name not in ("run", "status", "error", "grid", "head", "setting", "metrics")
+    )
     + METRIC_NAMES
 )
 

@@ -14,15 +14,16 @@ process, so a grid of one-epoch configs reads ``view_000`` once. Loading
 order never changes what is trained: streamed training equals training on
 views held in memory bit for bit.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -339,7 +340,9 @@ def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: Ru
 
 
 @torch.inference_mode()
-def forward_rows(head: RineHead, features: torch.Tensor, rows: np.ndarray, config: RunConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_rows(
+    head: RineHead, features: torch.Tensor, rows: np.ndarray, config: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N,), z (N, proj_dim)) of ``rows``, float32 on the CPU."""
     head.eval()
     logits = torch.empty(len(rows), dtype=torch.float32)

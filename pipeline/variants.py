@@ -19,6 +19,7 @@ members. :meth:`VariantSpec.from_name` is the one parser of these names.
 
 Torch- and Zarr-free: both stages reach it (stage two through ``cache``).
 """
+
 from __future__ import annotations
 
 import re

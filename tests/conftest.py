@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random CLIP saved to disk, loaded by path like a hub id."""
+
 from __future__ import annotations
 
 import os

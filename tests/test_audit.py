@@ -1,4 +1,5 @@
 """Tests of pipeline.image_headers and pipeline.audit: header facts, JPEG quality, shortcut AUCs and flags, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -36,7 +37,9 @@ def noise(size: tuple[int, int], seed: int, channels: int = 3) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def save(path: Path, size: tuple[int, int], seed: int, quality: int = 90, mode: str = "RGB", exif: bool = False) -> Path:
+def save(
+    path: Path, size: tuple[int, int], seed: int, quality: int = 90, mode: str = "RGB", exif: bool = False
+) -> Path:
     """A noise image saved by extension (JPEG at ``quality``), optionally with an EXIF block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(noise(size, seed)).convert(mode)
@@ -129,7 +132,9 @@ def test_header_fields(tmp_path: Path) -> None:
 def test_unreadable_files_are_error_headers(tmp_path: Path) -> None:
     (tmp_path / "garbage.png").write_bytes(b"this is not an image" * 4)
     (tmp_path / "empty.png").write_bytes(b"")
-    assert read_image_header(tmp_path / "garbage.png") == ImageHeader(file_size=80, error="not an image (cannot identify format)")
+    assert read_image_header(tmp_path / "garbage.png") == ImageHeader(
+        file_size=80, error="not an image (cannot identify format)"
+    )
     assert read_image_header(tmp_path / "empty.png").error == "file is empty (0 bytes)"
     assert read_image_header(tmp_path / "missing.png").error == "missing file"
     assert read_image_header(tmp_path).error == "not a file (it is a directory)"
@@ -221,7 +226,10 @@ def test_flag_names_the_best_single_feature_and_breaks_ties_in_feature_order() -
     flag = flag_dataset(auc_rows({"format": 0.5, "size": 1.0, "file_size": 1.0, "exif": 0.85, "all": 1.0}), 0.8)
     assert (flag.feature, flag.auc) == ("size", 1.0)
     assert flag.over_threshold == (("size", 1.0), ("file_size", 1.0), ("all", 1.0), ("exif", 0.85))
-    assert flag.describe() == "FLAGGED d: size alone predicts real vs fake (AUC 1.000); also file_size 1.000, all 1.000, exif 0.850"
+    assert (
+        flag.describe()
+        == "FLAGGED d: size alone predicts real vs fake (AUC 1.000); also file_size 1.000, all 1.000, exif 0.850"
+    )
     only_together = flag_dataset(auc_rows({"format": 0.7, "size": 0.75, "all": 0.9}), 0.8)
     assert (only_together.feature, only_together.auc) == ("all", 0.9)
     assert flag_dataset(auc_rows({"format": 0.79, "all": 0.7999}), 0.8) is None
@@ -263,8 +271,13 @@ def test_clean_split_flags_nothing(tmp_path: Path) -> None:
 
 
 def test_summary_statistics_against_the_files(tmp_path: Path) -> None:
-    images = [("d", 0, f"r{i}.jpg", {"size": (20 + 4 * i, 30), "quality": q, "exif": i == 0}) for i, q in enumerate((50, 70, 95))]
-    images += [("d", 1, f"f{i}.png", {"size": (24, 24), "mode": mode}) for i, mode in enumerate(("RGB", "L", "L", "RGBA"))]
+    images = [
+        ("d", 0, f"r{i}.jpg", {"size": (20 + 4 * i, 30), "quality": q, "exif": i == 0})
+        for i, q in enumerate((50, 70, 95))
+    ]
+    images += [
+        ("d", 1, f"f{i}.png", {"size": (24, 24), "mode": mode}) for i, mode in enumerate(("RGB", "L", "L", "RGBA"))
+    ]
     images += [("d", 1, "missing.png", None)]
     csv_path = write_split(tmp_path / "data", "stats", images)
     audit(csv_path, tmp_path / "out", folds=2)
@@ -303,7 +316,9 @@ def test_a_dataset_with_one_label_is_reported_unmeasured(tmp_path: Path) -> None
     summary = audit(write_split(tmp_path / "data", "one_label", images), tmp_path / "out")
     assert "not measured (too few readable images of a label): reals_only" in summary.report()
     rows = [row for row in read_csv(tmp_path / "out" / "audit_one_label.csv") if row["dataset"] == "reals_only"]
-    assert len(rows) == len(FEATURE_NAMES) + 1 and {(row["auc"], row["flagged"], row["folds"]) for row in rows} == {("", "False", "0")}
+    assert len(rows) == len(FEATURE_NAMES) + 1 and {(row["auc"], row["flagged"], row["folds"]) for row in rows} == {
+        ("", "False", "0")
+    }
     document = json.loads((tmp_path / "out" / "audit_one_label.json").read_text())
     assert [row["auc"] for row in document["feature_aucs"] if row["dataset"] == "reals_only"] == [None] * len(rows)
     assert [flag["dataset"] for flag in document["flags"]] == ["gan"]
@@ -312,14 +327,24 @@ def test_a_dataset_with_one_label_is_reported_unmeasured(tmp_path: Path) -> None
 def test_json_holds_the_csv_content(tmp_path: Path) -> None:
     summary = audit(write_split(tmp_path / "data", "j", format_shortcut(6)), tmp_path / "out")
     document = json.loads((tmp_path / "out" / "audit_j.json").read_text())
-    assert [path.name for path in summary.written] == ["audit_j.csv", "audit_j_summary.csv", "audit_j_images.csv", "audit_j.json"]
+    assert [path.name for path in summary.written] == [
+        "audit_j.csv",
+        "audit_j_summary.csv",
+        "audit_j_images.csv",
+        "audit_j.json",
+    ]
     csv_aucs = read_csv(tmp_path / "out" / "audit_j.csv")
     assert [(row["feature"], float(row["auc"])) for row in csv_aucs] == [
         (row["feature"], row["auc"]) for row in document["feature_aucs"]
     ]
     assert [row["formats"] for row in document["summary"]] == [{"JPEG": 6}, {"PNG": 6}]
     assert document["flags"] == [
-        {"dataset": "gan", "feature": "format", "auc": 1.0, "over_threshold": dict(summary.result.flags[0].over_threshold)}
+        {
+            "dataset": "gan",
+            "feature": "format",
+            "auc": 1.0,
+            "over_threshold": dict(summary.result.flags[0].over_threshold),
+        }
     ]
     assert (document["split"], document["threshold"], document["folds"], document["seed"]) == ("j", 0.8, 5, 0)
 
@@ -346,9 +371,13 @@ def test_bad_config_and_data_root_override(tmp_path: Path) -> None:
 def test_cli_audit(tmp_path: Path) -> None:
     csv_path = write_split(tmp_path / "data", "cli", format_shortcut(6))
     out = tmp_path / "reports"
-    result = CliRunner().invoke(main, ["audit", "--split", "cli", "--manifest", str(csv_path), "--out", str(out), "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["audit", "--split", "cli", "--manifest", str(csv_path), "--out", str(out), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines() == [str(out / name) for name in ("audit_cli.csv", "audit_cli_summary.csv", "audit_cli_images.csv", "audit_cli.json")]
+    assert result.stdout.splitlines() == [
+        str(out / name) for name in ("audit_cli.csv", "audit_cli_summary.csv", "audit_cli_images.csv", "audit_cli.json")
+    ]
     assert "FLAGGED gan: format alone predicts real vs fake (AUC 1.000)" in result.stderr
     bad = CliRunner().invoke(main, ["audit", "--split", "cli", "--manifest", str(csv_path), "--threshold", "0.5"])
     assert bad.exit_code == 2 and "--threshold" in bad.stderr

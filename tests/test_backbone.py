@@ -1,4 +1,5 @@
 """Backbone: both taps checked against hooks and hidden states computed here by hand."""
+
 from __future__ import annotations
 
 import json
@@ -57,6 +58,7 @@ def reference_tokens(
     captured: dict[int, torch.Tensor] = {}
     handles = []
     for index, layer in enumerate(encoder_layers(model)):
+
         def hook(module, inputs, output, index=index):
             captured[index] = output[:, 0].detach().clone()
 

@@ -1,4 +1,5 @@
 """Feature stores: round trips, the raw shard reader against zarr, identity and completeness checks."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -169,7 +170,9 @@ def test_raw_reader_into_strided_and_unaligned_out(reader_store: tuple[Path, np.
         np.testing.assert_array_equal(out, expected[rows], err_msg=f"shift {shift}")
 
 
-def test_raw_reader_with_small_read_pieces(reader_store: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raw_reader_with_small_read_pieces(
+    reader_store: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Spans split into pieces of 3 rows and a staging buffer smaller than a span read the same bytes."""
     path, values = reader_store
     row_bytes = N_BLOCKS * DIM * 2
@@ -319,7 +322,9 @@ def test_add_variant_is_idempotent(store_21: tuple[Path, np.ndarray]) -> None:
     cache.add_variant(path, VariantSpec.perturbed("jpeg", "official"), N_BLOCKS, DIM)
     info = cache.open_store_info(path)
     assert list(info.variants) == ["center", "jpeg-official"]
-    assert info.variants["jpeg-official"] == VariantSpec("jpeg-official", "perturb", perturbation="jpeg", preset="official")
+    assert info.variants["jpeg-official"] == VariantSpec(
+        "jpeg-official", "perturb", perturbation="jpeg", preset="official"
+    )
     assert info.complete_variants == ("center",)
 
 
@@ -327,8 +332,15 @@ def test_add_variant_after_a_crash_between_its_arrays_and_its_attribute(tmp_path
     """A kill inside add_variant leaves the arrays without the attribute; the next run must go on."""
     path = new_store(tmp_path / "crash.zarr", 21)
     group = zarr.open_group(path, mode="r+")
-    group.create_array("features/center", shape=(21, N_BLOCKS, DIM), chunks=(2, N_BLOCKS, DIM),
-                       shards=(8, N_BLOCKS, DIM), dtype="float16", compressors=None, fill_value=0)
+    group.create_array(
+        "features/center",
+        shape=(21, N_BLOCKS, DIM),
+        chunks=(2, N_BLOCKS, DIM),
+        shards=(8, N_BLOCKS, DIM),
+        dtype="float16",
+        compressors=None,
+        fill_value=0,
+    )
     group.create_array("progress/center", shape=(3,), chunks=(1,), dtype=bool, fill_value=False)
 
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
@@ -381,7 +393,9 @@ def test_describe_store_caps_listed_failures(tmp_path: Path) -> None:
 
 def test_unicode_and_spaces_survive_in_paths(tmp_path: Path) -> None:
     names = ["a/ünïcødé 图像.png", "b/with  two spaces.png", "c/emoji 🙂.jpg", "d/plain.png", "e/tab-free ñ.png"]
-    path = new_store(tmp_path / "dir with spaces é" / "s.zarr", 5, make_identity(shard_rows=4, chunk_rows=2), paths=names)
+    path = new_store(
+        tmp_path / "dir with spaces é" / "s.zarr", 5, make_identity(shard_rows=4, chunk_rows=2), paths=names
+    )
     rows = cache.read_rows(path)
     assert list(rows.paths) == names
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
@@ -425,7 +439,9 @@ def test_write_store_equals_a_store_committed_shard_by_shard(tmp_path: Path) -> 
     valid = np.ones(21, bool)
     valid[[4, 17]] = False
     errors = ["" if ok else "file is empty (0 bytes)" for ok in valid]
-    features = {name: features_for(21, seed=s) for s, name in enumerate(("center", "view_001", "tencrop_7", "blur-paper"))}
+    features = {
+        name: features_for(21, seed=s) for s, name in enumerate(("center", "view_001", "tencrop_7", "blur-paper"))
+    }
     written = cache.write_store(
         tmp_path / "written.zarr", make_identity(), split="val", labels=[i % 2 for i in range(21)],
         paths=[f"d/img_{i:03d}.png" for i in range(21)], datasets=["a" if i < 10 else "b" for i in range(21)],
@@ -443,7 +459,9 @@ def test_write_store_equals_a_store_committed_shard_by_shard(tmp_path: Path) -> 
     assert written_info.complete_variants == tuple(features)
     assert written_info.variants["tencrop_7"] == VariantSpec.ten_crop(7)
     for name in ("labels", "paths", "dataset", "valid", "error", *(f"features/{v}" for v in features)):
-        np.testing.assert_array_equal(zarr.open_array(written / name)[...], zarr.open_array(by_hand / name)[...], err_msg=name)
+        np.testing.assert_array_equal(
+            zarr.open_array(written / name)[...], zarr.open_array(by_hand / name)[...], err_msg=name
+        )
     np.testing.assert_array_equal(cache.read_rows(written).valid, valid)
 
 
@@ -475,10 +493,16 @@ def test_write_store_refuses_bad_shapes_and_unknown_variants_before_writing(tmp_
     with pytest.raises(ValueError, match=r"features\['center'\] has shape \(3, 2, 5\), the store needs \(3, 3, 5\)"):
         cache.write_store(tmp_path / "s.zarr", make_identity(), features={"center": np.zeros((3, 2, DIM))}, **common)
     with pytest.raises(ValueError, match="unknown variant 'tencrop'.*names the group"):
-        cache.write_store(tmp_path / "s.zarr", make_identity(), features={"tencrop": np.zeros((3, N_BLOCKS, DIM))}, **common)
+        cache.write_store(
+            tmp_path / "s.zarr", make_identity(), features={"tencrop": np.zeros((3, N_BLOCKS, DIM))}, **common
+        )
     with pytest.raises(ValueError, match="valid and errors need 3 entries"):
         cache.write_store(
-            tmp_path / "s.zarr", make_identity(), features={"center": np.zeros((3, N_BLOCKS, DIM))}, valid=[True], **common
+            tmp_path / "s.zarr",
+            make_identity(),
+            features={"center": np.zeros((3, N_BLOCKS, DIM))},
+            valid=[True],
+            **common,
         )
     assert not (tmp_path / "s.zarr").exists()
 

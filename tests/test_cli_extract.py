@@ -1,4 +1,5 @@
 """The stage-one commands through click: manifest, extract, cache info."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,22 @@ def extracted(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     manifests = base / "manifests"
     made = invoke("manifest", "--layout", "folder", "--root", root, "--split", "val", "--manifests-dir", manifests)
     extract_args = [
-        "extract", "--split", "val", "--manifest", manifests / "val.csv", "--model", tiny_clip_dir,
-        "--cache-dir", base / "cache", "--shard-rows", "8", "--chunk-rows", "4", "--no-progress", "--device", "cpu",
+        "extract",
+        "--split",
+        "val",
+        "--manifest",
+        manifests / "val.csv",
+        "--model",
+        tiny_clip_dir,
+        "--cache-dir",
+        base / "cache",
+        "--shard-rows",
+        "8",
+        "--chunk-rows",
+        "4",
+        "--no-progress",
+        "--device",
+        "cpu",
     ]
     result = invoke(*extract_args)
     return {"base": base, "root": root, "manifest": made, "extract": result, "args": extract_args}
@@ -113,7 +128,9 @@ def test_bad_options_exit_2(extracted: dict, bad: list[str]) -> None:
     assert bad[0] in result.output
 
 
-def test_chunk_rows_that_do_not_divide_shard_rows_exit_1_instead_of_being_clamped(extracted: dict, tmp_path: Path) -> None:
+def test_chunk_rows_that_do_not_divide_shard_rows_exit_1_instead_of_being_clamped(
+    extracted: dict, tmp_path: Path
+) -> None:
     args = list(extracted["args"])
     args[args.index("--cache-dir") + 1] = tmp_path / "cache"
     result = invoke(*args, "--chunk-rows", "16")  # larger than --shard-rows 8
@@ -124,7 +141,11 @@ def test_chunk_rows_that_do_not_divide_shard_rows_exit_1_instead_of_being_clampe
 
 def test_manifest_of_the_ldm_layout_takes_its_three_roots(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    for name in ("latent_diffusion_trainingset/valid/bedroom/f.png", "train/cat/0_real/1.png", "coco/val2014/COCO_val2014_7.jpg"):
+    for name in (
+        "latent_diffusion_trainingset/valid/bedroom/f.png",
+        "train/cat/0_real/1.png",
+        "coco/val2014/COCO_val2014_7.jpg",
+    ):
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         (data / name).write_bytes(b"x")
     (data / "latent_diffusion_trainingset/valid/real_lsun.txt").write_text("cat_1.png\n")
@@ -150,8 +171,9 @@ def test_manifest_bad_layout_exits_2_and_missing_root_exits_2(tmp_path: Path) ->
 
 
 def test_manifest_of_a_folder_without_label_folders_exits_1(tmp_path: Path) -> None:
-    result = invoke("manifest", "--layout", "folder", "--root", tmp_path, "--split", "x",
-                    "--manifests-dir", tmp_path / "m")
+    result = invoke(
+        "manifest", "--layout", "folder", "--root", tmp_path, "--split", "x", "--manifests-dir", tmp_path / "m"
+    )
     assert result.exit_code == 1
     assert "no folder named 0_real/ or 1_fake/" in result.output
 
@@ -159,11 +181,43 @@ def test_manifest_of_a_folder_without_label_folders_exits_1(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        (["manifest"], ["--layout", "--root", "--split", "--manifests-dir", "folder", "cnndetection-train", "ldm-train",
-                        "ldm-val", "--progan-root", "--coco-root"]),
-        (["extract"], ["--split", "--manifest", "--model", "--tap", "ln2", "hidden", "--blocks", "--cache-dir",
-                       "--out", "--shard-rows", "--chunk-rows", "--views", "--perturb", "--seed", "--overwrite",
-                       "--fail-fast", "--max-pixels"]),
+        (
+            ["manifest"],
+            [
+                "--layout",
+                "--root",
+                "--split",
+                "--manifests-dir",
+                "folder",
+                "cnndetection-train",
+                "ldm-train",
+                "ldm-val",
+                "--progan-root",
+                "--coco-root",
+            ],
+        ),
+        (
+            ["extract"],
+            [
+                "--split",
+                "--manifest",
+                "--model",
+                "--tap",
+                "ln2",
+                "hidden",
+                "--blocks",
+                "--cache-dir",
+                "--out",
+                "--shard-rows",
+                "--chunk-rows",
+                "--views",
+                "--perturb",
+                "--seed",
+                "--overwrite",
+                "--fail-fast",
+                "--max-pixels",
+            ],
+        ),
         (["cache", "info"], ["PATH"]),
     ],
 )
@@ -176,8 +230,18 @@ def test_help_mentions_key_options(command: list[str], options: list[str]) -> No
 
 def test_missing_manifest_exits_1_naming_it(tmp_path: Path, tiny_clip_dir: Path) -> None:
     missing = tmp_path / "manifests" / "val.csv"
-    result = invoke("extract", "--split", "val", "--manifest", missing, "--model", tiny_clip_dir,
-                    "--cache-dir", tmp_path / "cache", "--no-progress")
+    result = invoke(
+        "extract",
+        "--split",
+        "val",
+        "--manifest",
+        missing,
+        "--model",
+        tiny_clip_dir,
+        "--cache-dir",
+        tmp_path / "cache",
+        "--no-progress",
+    )
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert f"Error: {missing}: no such file" in result.output
 

@@ -1,4 +1,5 @@
 """Grid files: ParameterGrid expansion, validation, store references."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,12 @@ def test_grid_expands_like_parameter_grid_in_a_fixed_order():
     spec = parse_grid(GRID)
     # ParameterGrid sorts keys: contrastive_factor varies slowest, proj_dim fastest.
     assert [(r.contrastive_factor, r.proj_dim) for r in spec.runs] == [
-        (0.1, 8), (0.1, 16), (0.2, 8), (0.2, 16), (0.4, 8), (0.4, 16)
+        (0.1, 8),
+        (0.1, 16),
+        (0.2, 8),
+        (0.2, 16),
+        (0.4, 8),
+        (0.4, 16),
     ]
     assert all(r.epochs == 2 and r.proj_layers == RunConfig().proj_layers for r in spec.runs)
     assert spec.out == Path("runs/g")
@@ -51,7 +57,9 @@ def test_a_list_of_grid_blocks_is_concatenated():
     )
     spec = parse_grid(text)
     assert [(r.proj_dim, r.head_blocks, r.aggregation) for r in spec.runs] == [
-        (8, "all", "tie"), (1024, "last", "tie"), (1024, "last", "mean")
+        (8, "all", "tie"),
+        (1024, "last", "tie"),
+        (1024, "last", "mean"),
     ]
 
 
@@ -107,7 +115,10 @@ def test_shipped_grids_parse_with_the_published_sizes():
     assert len(load_grid(REPO / "grids" / "paper_settings_vitl14.yaml")) == 144
     ablations = load_grid(REPO / "grids" / "ablations_vitl14.yaml").runs
     assert {(r.head_blocks, r.aggregation, r.contrastive_factor > 0) for r in ablations} == {
-        ("all", "tie", True), ("last", "tie", True), ("all", "mean", True), ("all", "tie", False)
+        ("all", "tie", True),
+        ("last", "tie", True),
+        ("all", "mean", True),
+        ("all", "tie", False),
     }
     shipped = sorted((REPO / "grids").glob("*.yaml"))
     assert len(shipped) >= 8

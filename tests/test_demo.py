@@ -1,4 +1,5 @@
 """The embedded demo: its data carry the traces they claim, and the whole chain runs on them."""
+
 from __future__ import annotations
 
 import csv
@@ -191,7 +192,17 @@ def test_demo_chain_manifest_extract_fit_report(tmp_path: Path) -> None:
     make_demo_backbone(backbone, seed=0)
     manifests, cache_dir = tmp_path / "manifests", tmp_path / "cache"
     for split in ("train", "val", "test"):
-        invoke("manifest", "--layout", "folder", "--root", str(data / split), "--split", split, "--manifests-dir", str(manifests))
+        invoke(
+            "manifest",
+            "--layout",
+            "folder",
+            "--root",
+            str(data / split),
+            "--split",
+            split,
+            "--manifests-dir",
+            str(manifests),
+        )
     common = ["--model", str(backbone), "--cache-dir", str(cache_dir), "--no-progress", "--workers", "1"]
     invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), "--views", "2", *common)
     for split in ("val", "test"):
@@ -242,7 +253,9 @@ def test_demo_grid_file_matches_what_run_all_builds() -> None:
         (xi, q, d) for xi in (0.1, 0.8) for q in (1, 2) for d in (32, 64)
     }
     assert sorted((r.head_blocks, r.aggregation, r.contrastive_factor) for r in spec.runs if r not in searched) == [
-        ("all", "mean", 0.1), ("all", "tie", 0.0), ("last", "tie", 0.1)
+        ("all", "mean", 0.1),
+        ("all", "tie", 0.0),
+        ("last", "tie", 0.1),
     ]
 
 

@@ -4,6 +4,7 @@ End to end: an evaluation store against the backbone run here by hand, resume
 after kill -9 bit-identical to an uninterrupted run, refusal of stores built
 from other inputs, and awkward files recorded in place.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline import cache, images
 from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.cli import main
 from pipeline.cache import TAPS
+from pipeline.cli import main
 from pipeline.extract import (
     PERTURB_STREAM,
     BadImageStop,
@@ -164,7 +165,9 @@ class RecordingCommitter:
 
 def two_view_work(n_rows: int = 10, shard_rows: int = 6, batch_size: int = 4) -> list[BatchWork]:
     recipe = PixelRecipe((VariantSpec.train_view(0), VariantSpec.train_view(1)), crop=2)
-    return plan_batches(dict.fromkeys(range(cache.shard_count(n_rows, shard_rows)), recipe), n_rows, shard_rows, batch_size)
+    return plan_batches(
+        dict.fromkeys(range(cache.shard_count(n_rows, shard_rows)), recipe), n_rows, shard_rows, batch_size
+    )
 
 
 def test_plan_batches_cuts_each_shard_into_batches_and_marks_its_last() -> None:
@@ -228,7 +231,12 @@ def test_work_that_leaves_a_shard_open_is_refused() -> None:
 
 def test_recipe_gives_each_kind_the_authors_pixels() -> None:
     image = np.random.default_rng(0).integers(0, 256, (45, 38, 3), dtype=np.uint8)
-    variants = (VariantSpec.center(), VariantSpec.train_view(2), VariantSpec.ten_crop(7), VariantSpec.perturbed("jpeg", "paper"))
+    variants = (
+        VariantSpec.center(),
+        VariantSpec.train_view(2),
+        VariantSpec.ten_crop(7),
+        VariantSpec.perturbed("jpeg", "paper"),
+    )
     pixels = PixelRecipe(variants, CROP, seed=11)(image, 5)
     assert list(pixels) == ["center", "view_002", "tencrop_7", "jpeg-paper"]
     np.testing.assert_array_equal(pixels["center"], images.center_crop(image, CROP))
@@ -316,7 +324,9 @@ def test_image_source_decodes_each_image_once_in_order_and_records_bad_files(
 
 
 def test_config_errors_are_refused(tmp_path: Path) -> None:
-    config = ExtractConfig(split="val", manifest=tmp_path / "val.csv", cache_dir=tmp_path / "cache", shard_rows=8, chunk_rows=4)
+    config = ExtractConfig(
+        split="val", manifest=tmp_path / "val.csv", cache_dir=tmp_path / "cache", shard_rows=8, chunk_rows=4
+    )
     config.validate()
     bad = {
         "taps must be a non-empty subset": replace(config, taps=("ln2", "mlp")),
@@ -344,7 +354,11 @@ def test_variants_follow_the_split_and_options(tmp_path: Path) -> None:
     assert [v.name for v in config.variants()] == ["center"]
     assert [v.name for v in replace(config, ten_crop=True).variants()] == [f"tencrop_{i}" for i in range(10)]
     assert [v.name for v in replace(config, perturbation="crop", perturb_preset="paper").variants()] == ["crop-paper"]
-    assert [v.name for v in replace(config, split="train_4class", views=3).variants()] == ["view_000", "view_001", "view_002"]
+    assert [v.name for v in replace(config, split="train_4class", views=3).variants()] == [
+        "view_000",
+        "view_001",
+        "view_002",
+    ]
     assert [v.name for v in replace(config, augment=True).variants()] == ["view_000"]
     assert [v.name for v in replace(config, split="train", augment=False).variants()] == ["center"]
 
@@ -357,10 +371,17 @@ def fake_backbone() -> SimpleNamespace:
 
 def test_a_new_variant_joins_an_existing_store_and_only_it_is_missing(tmp_path: Path) -> None:
     manifest_file = tmp_path / "test.csv"
-    write_manifest(Manifest("test", tuple(ManifestRow(f"{i}.png", i % 2, "d") for i in range(10)), tmp_path), manifest_file)
+    write_manifest(
+        Manifest("test", tuple(ManifestRow(f"{i}.png", i % 2, "d") for i in range(10)), tmp_path), manifest_file
+    )
     manifest = read_manifest(manifest_file)
-    config = ExtractConfig(split="test", manifest=manifest_file, cache_dir=tmp_path / "cache", shard_rows=4, chunk_rows=2)
-    stores = {tap: prepare_store(replace(config, taps=(tap,)), manifest, fake_backbone(), tap, config.variants()) for tap in TAPS}
+    config = ExtractConfig(
+        split="test", manifest=manifest_file, cache_dir=tmp_path / "cache", shard_rows=4, chunk_rows=2
+    )
+    stores = {
+        tap: prepare_store(replace(config, taps=(tap,)), manifest, fake_backbone(), tap, config.variants())
+        for tap in TAPS
+    }
     assert stores["hidden"] == tmp_path / "cache" / config.backbone.model.replace("/", "--") / "hidden" / "test.zarr"
     assert missing_variants(stores, config.variants()) == {0: (VariantSpec.center(),), 1: (VariantSpec.center(),),
                                                            2: (VariantSpec.center(),)}  # fmt: skip
@@ -396,7 +417,19 @@ def eval_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     """An evaluation split of 11 rows with classes (hand-written manifest), extracted once."""
     base = tmp_path_factory.mktemp("eval")
     root = base / "data"
-    sizes = [(40, 36), (28, 30), (33, 50), (32, 32), (64, 20), (41, 41), (40, 36), (17, 60), (36, 40), (50, 50), (35, 33)]
+    sizes = [
+        (40, 36),
+        (28, 30),
+        (33, 50),
+        (32, 32),
+        (64, 20),
+        (41, 41),
+        (40, 36),
+        (17, 60),
+        (36, 40),
+        (50, 50),
+        (35, 33),
+    ]
     write_images(root, sizes, seed=1)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     classes = ["cat", "dog", ""] * 4
@@ -427,7 +460,12 @@ def test_store_rows_align_with_manifest(eval_run: dict) -> None:
     info = cache.open_store_info(store)
     assert info.split == "val" and info.attrs["training"] is False
     assert info.identity.tap == "ln2" and info.identity.block_indices == (0, 1, 2)
-    assert (info.identity.dim, info.identity.crop_size, info.identity.shard_rows, info.identity.chunk_rows) == (32, 32, 8, 4)
+    assert (info.identity.dim, info.identity.crop_size, info.identity.shard_rows, info.identity.chunk_rows) == (
+        32,
+        32,
+        8,
+        4,
+    )
     assert info.attrs["data_root"] == str(root)
     assert list(info.variants) == ["center"] and info.complete_variants == ("center",)
 
@@ -495,8 +533,25 @@ KILL_VARIANTS = ("view_000", "view_001")
 
 def kill_args(model: Path, manifest: Path, out: Path) -> list[str]:
     return [
-        "extract", "--split", "train", "--manifest", str(manifest), "--model", str(model), "--out", str(out),
-        "--shard-rows", "4", "--chunk-rows", "2", "--batch-size", "2", "--views", "2", "--device", "cpu",
+        "extract",
+        "--split",
+        "train",
+        "--manifest",
+        str(manifest),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--shard-rows",
+        "4",
+        "--chunk-rows",
+        "2",
+        "--batch-size",
+        "2",
+        "--views",
+        "2",
+        "--device",
+        "cpu",
         "--no-progress",
     ]
 
@@ -531,7 +586,10 @@ def kill_setup(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         with open(base / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", *kill_args(tiny_clip_dir, manifest, out)],
-                cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=base,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return process, out
 
@@ -566,8 +624,10 @@ def kill_at_checkpoints(children: dict[str, tuple[subprocess.Popen, Path]], logs
                 process.wait()
                 seen[name] = done
             elif process.poll() is not None:
-                pytest.fail(f"{name} run ended (status {process.returncode}) before it could be killed:\n"
-                            + (logs / f"{name}.log").read_text())
+                pytest.fail(
+                    f"{name} run ended (status {process.returncode}) before it could be killed:\n"
+                    + (logs / f"{name}.log").read_text()
+                )
         time.sleep(0.005)
     return seen
 
@@ -661,7 +721,10 @@ def test_store_from_another_model_tap_or_seed_is_refused_and_overwrite_rebuilds(
     config = extract_config(tiny_clip_dir, small_split, tmp_path / "cache", out=out)
     run_extract(config)
     cases = {
-        "model": (replace(config, backbone=cpu_config(other_model_dir)), ["model_id: store has", "model_revision: store has"]),
+        "model": (
+            replace(config, backbone=cpu_config(other_model_dir)),
+            ["model_id: store has", "model_revision: store has"],
+        ),
         "tap": (replace(config, taps=("hidden",)), ["tap: store has 'ln2', asked for 'hidden'"]),
         "seed": (replace(config, seed=3), ["seed: store has 0, asked for 3"]),
         "blocks": (replace(config, block_selection="last:2"), ["block_indices: store has (0, 1, 2), asked for (1, 2)"]),

@@ -1,4 +1,5 @@
 """Complete-or-absent writes: files replaced together, folders appearing whole."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Grids of heads from cached stores: run folders, results, selection, resume, errors."""
+
 from __future__ import annotations
 
 import csv
@@ -30,8 +31,16 @@ def stores(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stores")
     features, labels = separable_features(360, seed=1, shift=3.0)
     classes = ["chair", "horse"] * 80
-    write_store(root / "train.zarr", {"view_000": features[:160], "view_001": features[:160] + 0.01}, labels[:160], ["progan"] * 160, classes)
-    write_store(root / "val.zarr", {"center": features[160:200]}, labels[160:200], ["progan"] * 40, ["chair", "horse"] * 20)
+    write_store(
+        root / "train.zarr",
+        {"view_000": features[:160], "view_001": features[:160] + 0.01},
+        labels[:160],
+        ["progan"] * 160,
+        classes,
+    )
+    write_store(
+        root / "val.zarr", {"center": features[160:200]}, labels[160:200], ["progan"] * 40, ["chair", "horse"] * 20
+    )
     test_datasets = ["gan_a"] * 80 + ["diff_b"] * 80
     valid = np.ones(160, dtype=bool)
     valid[[5, 90]] = False
@@ -50,11 +59,11 @@ def grid_text(root: Path, out: Path, grid: str = "  contrastive_factor: [0.1, 0.
 name: unit
 out: {out}
 data:
-  train: {{store: {root / 'train.zarr'}}}
-  val: {{store: {root / 'val.zarr'}}}
+  train: {{store: {root / "train.zarr"}}}
+  val: {{store: {root / "val.zarr"}}}
   test:
-    - {{store: {root / 'test.zarr'}, name: test}}
-    - {{store: {root / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}
+    - {{store: {root / "test.zarr"}, name: test}}
+    - {{store: {root / "test.zarr"}, variant: jpeg-official, name: test_jpeg}}
 base:
   proj_layers: 1
   batch_size: 32
@@ -96,7 +105,13 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
     run(stores, tmp_path / "g", grid="  proj_dim: [16]\n")
     (folder,) = (tmp_path / "g" / "runs").iterdir()
     assert {p.name for p in folder.iterdir()} == {
-        "config.yaml", "fit.json", "head.safetensors", "metrics.csv", "scores_val.csv", "scores_test.csv", "scores_test_jpeg.csv",
+        "config.yaml",
+        "fit.json",
+        "head.safetensors",
+        "metrics.csv",
+        "scores_val.csv",
+        "scores_test.csv",
+        "scores_test_jpeg.csv",
         "embeddings.npz",  # the run is selected (it is the only one)
     }
     header = (folder / "scores_test.csv").read_text().splitlines()[0]
@@ -154,7 +169,9 @@ def test_a_failing_config_becomes_an_error_row_and_the_grid_goes_on(stores, tmp_
 def test_stores_with_other_features_are_refused(stores, tmp_path):
     features, labels = separable_features(40)
     write_store(tmp_path / "hidden.zarr", {"center": features}, labels, ["x"] * 40, tap="hidden")
-    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(str(stores / "val.zarr"), str(tmp_path / "hidden.zarr"))
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
+        str(stores / "val.zarr"), str(tmp_path / "hidden.zarr")
+    )
     with pytest.raises(DataError, match="tap: store has 'ln2', asked for 'hidden'"):
         run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
 
@@ -210,7 +227,11 @@ def test_more_epochs_than_views_warns_once_per_grid_and_is_recorded(stores, tmp_
     reuse = [w for w in caught if issubclass(w.category, ViewReuseWarning)]
     assert len(reuse) == 1 and "2 of 3 runs" in str(reuse[0].message) and "--views 4" in str(reuse[0].message)
     rows = read(summary.results)
-    assert {(r["epochs"], r["views_used"], r["views_reused"]) for r in rows} == {("1", "1", "0"), ("3", "2", "1"), ("4", "2", "2")}
+    assert {(r["epochs"], r["views_used"], r["views_reused"]) for r in rows} == {
+        ("1", "1", "0"),
+        ("3", "2", "1"),
+        ("4", "2", "2"),
+    }
     for run_id in {r["run"] for r in rows if r["epochs"] == "4"}:
         fit = json.loads((tmp_path / "g" / "runs" / run_id / "fit.json").read_text())
         assert fit["epoch_views"] == ["view_000", "view_001", "view_000", "view_001"]
@@ -243,7 +264,11 @@ def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp
     rows = read(summary.results)
     assert "whichfaceisreal" in {r["dataset"] for r in rows}  # still scored, in its own rows
     for selected in read(summary.selection):
-        mine = [r for r in rows if r["run"] == selected["run"] and r["split"] == "mixed" and r["dataset"] != "whichfaceisreal"]
+        mine = [
+            r
+            for r in rows
+            if r["run"] == selected["run"] and r["split"] == "mixed" and r["dataset"] != "whichfaceisreal"
+        ]
         assert float(selected["mean_acc"]) == pytest.approx(np.mean([float(r["acc"]) for r in mine]))
         assert float(selected["mean_ap"]) == pytest.approx(np.mean([float(r["ap"]) for r in mine]))
         # gan_a / diff_b of the other test store are not paper sets either

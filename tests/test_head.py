@@ -124,7 +124,9 @@ def test_loader_refuses_wrong_shape(tmp_path: Path) -> None:
 def test_loader_refuses_non_tensor_pickle(tmp_path: Path) -> None:
     state = official_state()
     state["note"] = NotATensor()
-    save_and_expect_refusal(state, tmp_path / "object.pth", "not a plain tensor state dict", "weights_only=True", "NotATensor")
+    save_and_expect_refusal(
+        state, tmp_path / "object.pth", "not a plain tensor state dict", "weights_only=True", "NotATensor"
+    )
 
 
 def test_loader_refuses_a_file_that_is_not_a_checkpoint(tmp_path: Path) -> None:

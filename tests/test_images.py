@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
 from pipeline import images
-from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS
 from pipeline.images import (
     ImageDecodeError,
     TrainViewDraw,
@@ -37,6 +36,7 @@ from pipeline.images import (
     ten_crop,
     view_rng,
 )
+from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS
 
 
 def random_image(height: int, width: int, seed: int = 0, low: int = 0) -> np.ndarray:
@@ -209,9 +209,7 @@ def test_decode_refuses_images_over_max_pixels(tmp_path: Path) -> None:
         decode_image(header_only)  # the default limit, 100 million pixels
 
 
-def test_decode_suspends_pillow_limit_and_restores_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_suspends_pillow_limit_and_restores_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = save_bytes(tmp_path / "big.png", encode_with_pil(random_image(48, 64), "PNG"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(Image.DecompressionBombError):  # Pillow alone refuses 3072 > 2 * 1000
@@ -223,13 +221,10 @@ def test_decode_suspends_pillow_limit_and_restores_it(
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
-def test_decode_in_threads_leaves_pillow_limit_unchanged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_decode_in_threads_leaves_pillow_limit_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     paths = [
-        save_bytes(tmp_path / f"img_{i}.png", encode_with_pil(random_image(40, 60, seed=i), "PNG"))
-        for i in range(24)
+        save_bytes(tmp_path / f"img_{i}.png", encode_with_pil(random_image(40, 60, seed=i), "PNG")) for i in range(24)
     ]
     barrier = threading.Barrier(6)
 
@@ -329,7 +324,7 @@ def test_random_crop_pads_full_deficit_on_both_sides_and_covers_all_offsets() ->
     image = random_image(10, 6, seed=11, low=1)
     padded = np.zeros((10, 10, 3), dtype=np.uint8)
     padded[:, 2:8] = image  # deficit 8 - 6 = 2 zeros on the left AND on the right
-    candidates = {(t, l): padded[t : t + 8, l : l + 8] for t in range(3) for l in range(3)}
+    candidates = {(top, left): padded[top : top + 8, left : left + 8] for top in range(3) for left in range(3)}
     seen = set()
     for seed in range(300):
         out = random_crop(image, 8, np.random.default_rng(seed))
@@ -345,9 +340,7 @@ def test_random_crop_pads_both_dimensions() -> None:
     assert out.shape == (8, 8, 3)
     padded = np.zeros((11, 13, 3), dtype=np.uint8)
     padded[3:8, 5:8] = image
-    assert any(
-        np.array_equal(out, padded[t : t + 8, l : l + 8]) for t in range(4) for l in range(6)
-    )
+    assert any(np.array_equal(out, padded[top : top + 8, left : left + 8]) for top in range(4) for left in range(6))
 
 
 def test_random_crop_exact_size_returns_image() -> None:
@@ -460,9 +453,7 @@ def test_augment_train_view_applies_blur_jpeg_crop_flip_in_order(
 
 def test_apply_train_view_matches_hand_built_pipeline() -> None:
     image = random_image(40, 50, seed=19)
-    draw = TrainViewDraw(
-        blur_sigma=1.3, jpeg_quality=30, jpeg_encoder="pil", crop_top=5, crop_left=7, flip=True
-    )
+    draw = TrainViewDraw(blur_sigma=1.3, jpeg_quality=30, jpeg_encoder="pil", crop_top=5, crop_left=7, flip=True)
     blurred = np.empty_like(image)
     for c in range(3):
         gaussian_filter(image[:, :, c], sigma=1.3, output=blurred[:, :, c])
@@ -473,9 +464,7 @@ def test_apply_train_view_matches_hand_built_pipeline() -> None:
 
 def test_apply_train_view_cv2_jpeg_without_blur_or_flip() -> None:
     image = random_image(40, 50, seed=20)
-    draw = TrainViewDraw(
-        blur_sigma=None, jpeg_quality=100, jpeg_encoder="cv2", crop_top=8, crop_left=0, flip=False
-    )
+    draw = TrainViewDraw(blur_sigma=None, jpeg_quality=100, jpeg_encoder="cv2", crop_top=8, crop_left=0, flip=False)
     ok, encoded = cv2.imencode(".jpg", image[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, 100])
     compressed = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1]
     np.testing.assert_array_equal(apply_train_view(image, 32, draw), compressed[8:40, 0:32])

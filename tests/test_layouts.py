@@ -1,4 +1,5 @@
 """Tests of pipeline.layouts: every layout on a miniature copy of its tree, option and structure errors."""
+
 from __future__ import annotations
 
 import shutil
@@ -50,9 +51,7 @@ def make_progan_tree(root: Path, part: str) -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "layout,part", [("cnndetection-train", "train"), ("cnndetection-val", "val")]
-)
+@pytest.mark.parametrize("layout,part", [("cnndetection-train", "train"), ("cnndetection-val", "val")])
 def test_cnndetection_training_layout_rows(tmp_path: Path, layout: str, part: str) -> None:
     make_progan_tree(tmp_path, part)
     manifest = build_manifest(layout, tmp_path, "progan_" + part)
@@ -93,9 +92,7 @@ def test_cnndetection_missing_folders_are_named(tmp_path: Path) -> None:
     root = (tmp_path / "cnndet").resolve()
     with pytest.raises(ManifestError) as error:
         build_manifest("cnndetection-train", root, "s")
-    assert str(error.value) == (
-        f"no folder train/ under {root}: expected train/<class>/{{0_real,1_fake}}"
-    )
+    assert str(error.value) == (f"no folder train/ under {root}: expected train/<class>/{{0_real,1_fake}}")
     touch(root, "train/horse/0_real/a.png")
     with pytest.raises(ManifestError, match=r"no folder train/horse/1_fake/ under "):
         build_manifest("cnndetection-train", root, "s")
@@ -181,9 +178,7 @@ def test_cnndetection_test_generator_filter(tmp_path: Path) -> None:
 
 
 def test_cnndetection_test_structure_errors(tmp_path: Path) -> None:
-    touch(
-        tmp_path, "test/gaugan/0_real/r.png", "test/gaugan/1_fake/f.png", "test/gaugan/extra/x.png"
-    )
+    touch(tmp_path, "test/gaugan/0_real/r.png", "test/gaugan/1_fake/f.png", "test/gaugan/extra/x.png")
     mixed = r"gaugan: mixes 0_real/1_fake with other folders \(extra\)"
     with pytest.raises(ManifestError, match=mixed):
         build_manifest("cnndetection-test", tmp_path, "s")
@@ -261,9 +256,7 @@ def test_synthbuster_layout_rows(tmp_path: Path) -> None:
         "RAISEpng/r1.png",
         "RAISEpng/r2.png",
     )
-    manifest = build_manifest(
-        "synthbuster", data / "synthbuster", "synthbuster", raise_root=data / "RAISEpng"
-    )
+    manifest = build_manifest("synthbuster", data / "synthbuster", "synthbuster", raise_root=data / "RAISEpng")
     assert manifest.data_root == data.resolve()
     assert rows_of(manifest) == [
         ("RAISEpng/r1.png", 0, "dalle2", None),
@@ -277,21 +270,15 @@ def test_synthbuster_layout_rows(tmp_path: Path) -> None:
     for index in range(len(manifest)):
         assert manifest.resolve(index).is_file()
     raise_root = data / "RAISEpng"
-    only = build_manifest(
-        "synthbuster", data / "synthbuster", "s", raise_root=raise_root, generators=["dalle2"]
-    )
+    only = build_manifest("synthbuster", data / "synthbuster", "s", raise_root=raise_root, generators=["dalle2"])
     assert [r.dataset for r in only.rows] == ["dalle2"] * 4
     with pytest.raises(ManifestError, match="'meta'"):
-        build_manifest(
-            "synthbuster", data / "synthbuster", "s", raise_root=raise_root, generators=["meta"]
-        )
+        build_manifest("synthbuster", data / "synthbuster", "s", raise_root=raise_root, generators=["meta"])
 
 
 def test_synthbuster_raise_inside_root(tmp_path: Path) -> None:
     touch(tmp_path, "sb/glide/g.png", "sb/RAISEpng/r.png")
-    manifest = build_manifest(
-        "synthbuster", tmp_path / "sb", "s", raise_root=tmp_path / "sb/RAISEpng"
-    )
+    manifest = build_manifest("synthbuster", tmp_path / "sb", "s", raise_root=tmp_path / "sb/RAISEpng")
     assert manifest.data_root == (tmp_path / "sb").resolve()
     assert rows_of(manifest) == [
         ("RAISEpng/r.png", 0, "glide", None),
@@ -434,7 +421,9 @@ def test_ldm_roots_in_separate_places_share_their_common_parent(tmp_path: Path) 
     coco.parent.mkdir()
     (tmp_path / "all" / "train").rename(progan / "train")
     (tmp_path / "all" / "coco").rename(coco)
-    manifest = build_manifest("ldm-val", tmp_path / "all" / "latent_diffusion_trainingset", "v", progan_root=progan, coco_root=coco)
+    manifest = build_manifest(
+        "ldm-val", tmp_path / "all" / "latent_diffusion_trainingset", "v", progan_root=progan, coco_root=coco
+    )
     assert manifest.data_root == tmp_path.resolve()
     assert [r.path for r in manifest.rows if r.label == 0] == [
         "disk1/CNNDetection/train/airplane/0_real/00002.png",
@@ -468,7 +457,9 @@ def test_ldm_errors_name_the_missing_folder_file_or_line(tmp_path: Path) -> None
         build_ldm(data, "ldm-val")
 
     (split / "train/real_lsun.txt").write_text("airplane_00001.png\nairplane00002.png\n")
-    with pytest.raises(ManifestError, match=r"train/real_lsun.txt line 2: expected <class>_<file>, got 'airplane00002.png'"):
+    with pytest.raises(
+        ManifestError, match=r"train/real_lsun.txt line 2: expected <class>_<file>, got 'airplane00002.png'"
+    ):
         build_ldm(data, "ldm-train")
     (split / "train/real_lsun.txt").write_text("airplane_00001.png\nairplane_00001.png\n")
     with pytest.raises(ManifestError, match="00001.png: listed twice"):

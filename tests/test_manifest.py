@@ -1,4 +1,5 @@
 """Tests of pipeline.manifest: CSV round trip, identity, validation, atomic writes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -126,9 +127,7 @@ def test_write_replaces_whole_files_and_leaves_no_temporaries(tmp_path: Path) ->
         (ManifestRow("a.png", 1, "d"), "line 3: duplicate of line 2 (path 'a.png', dataset 'd')"),
     ],
 )
-def test_write_refuses_rows_that_would_not_read_back(
-    tmp_path: Path, row: ManifestRow, reason: str
-) -> None:
+def test_write_refuses_rows_that_would_not_read_back(tmp_path: Path, row: ManifestRow, reason: str) -> None:
     csv_path = tmp_path / "s.csv"
     good = Manifest("s", (ManifestRow("a.png", 0, "d"),), tmp_path)
     write_manifest(good, csv_path)
@@ -187,9 +186,7 @@ def test_write_checks_the_file_name_and_split_name(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_read_validation_errors_name_file_line_and_reason(
-    tmp_path: Path, text: str, line: int, reason: str
-) -> None:
+def test_read_validation_errors_name_file_line_and_reason(tmp_path: Path, text: str, line: int, reason: str) -> None:
     csv_path = write_text(tmp_path / "manifests" / "x.csv", text)
     with pytest.raises(ManifestError) as error:
         read_manifest(csv_path)

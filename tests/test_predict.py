@@ -1,4 +1,5 @@
 """Scoring new images with a trained run's head or an official checkpoint."""
+
 from __future__ import annotations
 
 import csv
@@ -6,28 +7,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
 import torch
+from click.testing import CliRunner
 
 from conftest import make_folder_dataset
 from pipeline import images
 from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cache import DEFAULT_MODEL
 from pipeline.cli import main
-from pipeline.variants import VariantSpec
 from pipeline.extract import FinishedShard
 from pipeline.predict import (
     HeadScorer,
     HeadSource,
-    Prediction,
     PredictConfig,
     PredictError,
+    Prediction,
     load_head_source,
     predictions_csv,
     run_predict,
     write_predictions,
 )
+from pipeline.variants import VariantSpec
 
 OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
@@ -74,14 +74,18 @@ def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(trained_run
     """The authors' ten-crop score (sigmoid(outputs.view(B, 10).mean(1))), recomputed here crop by crop."""
     run_folder, data = trained_run
     files = sorted((data / "b" / "1_fake").iterdir())[:3]
-    predictions = run_predict(PredictConfig(head=run_folder, inputs=tuple(files), device="cpu", ten_crop=True, batch_size=2))
+    predictions = run_predict(
+        PredictConfig(head=run_folder, inputs=tuple(files), device="cpu", ten_crop=True, batch_size=2)
+    )
     head = load_head_source(run_folder).head.eval()
     backbone = Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu", dtype="float32"))
     centers = run_predict(PredictConfig(head=run_folder, inputs=tuple(files), device="cpu"))
     for prediction, center, file in zip(predictions, centers, files):
         crops = images.ten_crop(images.decode_image(file), 32)
         with torch.inference_mode():
-            logits = torch.cat([head(backbone.forward_taps(crop[None], ["ln2"])["ln2"])[0] for crop in crops]).squeeze(1)
+            logits = torch.cat([head(backbone.forward_taps(crop[None], ["ln2"])["ln2"])[0] for crop in crops]).squeeze(
+                1
+            )
         assert prediction.path == file
         assert prediction.score == pytest.approx(float(torch.sigmoid(logits.mean())), abs=1e-5)
         assert prediction.score != pytest.approx(center.score, abs=1e-6)
@@ -103,14 +107,20 @@ def test_head_scorer_averages_logits_not_probabilities():
     tokens = {name: np.zeros((2, 2, 4), np.float32) for name in ("tencrop_0", "tencrop_1")}
     tokens["tencrop_0"][:, 1, 0], tokens["tencrop_1"][:, 1, 0] = [-4.0, 0.0], [2.0, 0.0]
     tokens["tencrop_0"][:, 0, 0] = 100.0  # an earlier block: ignored when the head reads only the last one
-    scorer.submit(FinishedShard(1, {("ln2", n): t for n, t in tokens.items()}, np.array([True, False]), ("", "missing file")))
+    scorer.submit(
+        FinishedShard(1, {("ln2", n): t for n, t in tokens.items()}, np.array([True, False]), ("", "missing file"))
+    )
     assert scorer.predictions[0].path == Path("3.png")
     assert scorer.predictions[0].score == pytest.approx(1 / (1 + np.exp(1.0)))
     assert scorer.predictions[1] == Prediction(Path("4.png"), None, "missing file")
 
 
 def test_predictions_csv_and_its_atomic_file(tmp_path):
-    predictions = [Prediction(Path("a b.png"), 0.75), Prediction(Path("c.png"), 0.5), Prediction(Path("d.png"), None, "missing file")]
+    predictions = [
+        Prediction(Path("a b.png"), 0.75),
+        Prediction(Path("c.png"), 0.5),
+        Prediction(Path("d.png"), None, "missing file"),
+    ]
     text = predictions_csv(predictions)
     assert text == "path,score,prediction,error\na b.png,0.750000,fake,\nc.png,0.500000,real,\nd.png,,,missing file\n"
     write_predictions(predictions, tmp_path / "out" / "scores.csv")
@@ -138,7 +148,11 @@ def test_cli_predict_writes_a_row_per_image_with_reasons_for_bad_ones(trained_ru
 def test_official_checkpoint_defaults_to_vit_l14_ln2_and_refuses_another_backbone(tiny_clip_dir, tmp_path):
     source = load_head_source(OFFICIAL)
     assert (source.model, source.tap, source.block_selection, source.head.n_blocks, source.head.in_dim) == (
-        DEFAULT_MODEL, "ln2", "all", 24, 1024
+        DEFAULT_MODEL,
+        "ln2",
+        "all",
+        24,
+        1024,
     )
     image = make_folder_dataset(tmp_path / "data", n_per_label=1)
     with pytest.raises(PredictError, match="expects 24 blocks of dim 1024.*gives 3 of dim 32"):

@@ -111,7 +111,11 @@ def write_head_files(run_dir: Path, rng: np.random.Generator, dim: int, tests: l
     from safetensors.numpy import save_file
 
     alpha = rng.normal(size=(1, N_BLOCKS, dim)).astype(np.float32)
-    save_file({"alpha": alpha}, str(run_dir / "head.safetensors"), metadata={"store_blocks": json.dumps(list(range(N_BLOCKS)))})
+    save_file(
+        {"alpha": alpha},
+        str(run_dir / "head.safetensors"),
+        metadata={"store_blocks": json.dumps(list(range(N_BLOCKS)))},
+    )
     n = 12 * len(tests)
     labels = np.tile([0, 1], n // 2).astype(np.int8)
     z = rng.normal(size=(n, 8)) + 2.0 * labels[:, None]
@@ -164,7 +168,9 @@ def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunS
                     summary["test"][dataset] = (metrics["acc"], metrics["ap"])
             write_csv_file(run_dir / f"scores_{split}.csv", ("path", "label", "dataset", "score"), score_rows)
         summaries.append(summary)
-    write_csv_file(out / "results.csv", RESULTS_HEADER, [[fmt(row.get(c, "")) for c in RESULTS_HEADER] for row in results])
+    write_csv_file(
+        out / "results.csv", RESULTS_HEADER, [[fmt(row.get(c, "")) for c in RESULTS_HEADER] for row in results]
+    )
     selection_rows = []
     for key in dict.fromkeys(s["key"] for s in summaries):
         candidates = [s for s in summaries if s["key"] == key]
@@ -224,7 +230,9 @@ def build_fractions_grid(root: Path) -> Path:
 def build_ldm_grid(root: Path) -> Path:
     """ViT-L/14 on the LDM training set (no classes), Synthbuster by ten crops, 1 and 3 epochs."""
     specs = [RunSpec(0.2, 4, 1024, 1.0), RunSpec(0.2, 4, 1024, 1.4, epochs=3)]
-    return build_grid(root, "vitl14-ldm", LARGE, "all", specs, list(SYNTHBUSTER), seed=5, train="train_ldm", test_variant="tencrop")
+    return build_grid(
+        root, "vitl14-ldm", LARGE, "all", specs, list(SYNTHBUSTER), seed=5, train="train_ldm", test_variant="tencrop"
+    )
 
 
 # ----------------------------------------------------------------------------- independent expectations
@@ -257,7 +265,9 @@ def packaged_reference(name: str) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def packaged_grid_scores(backbone: str, n_classes: int, factor: float, layers: int, dim: int) -> dict[str, tuple[float, float]]:
+def packaged_grid_scores(
+    backbone: str, n_classes: int, factor: float, layers: int, dim: int
+) -> dict[str, tuple[float, float]]:
     return {
         row["dataset"]: (float(row["acc"]), float(row["ap"]))
         for row in packaged_reference("rine_official_grid.csv")
@@ -267,7 +277,9 @@ def packaged_grid_scores(backbone: str, n_classes: int, factor: float, layers: i
 
 
 def expected_percent_row(per_dataset: dict[str, tuple[float, float]], index: int, columns: list[str]) -> dict[str, str]:
-    expected = {d: percent(v[index]) if d in per_dataset else "" for d, v in ((d, per_dataset.get(d, (0, 0))) for d in columns)}
+    expected = {
+        d: percent(v[index]) if d in per_dataset else "" for d, v in ((d, per_dataset.get(d, (0, 0))) for d in columns)
+    }
     expected["avg"] = percent(paper_mean({d: v[index] for d, v in per_dataset.items()}))
     return expected
 
@@ -324,7 +336,9 @@ def test_published_best_is_the_spec_for_vitl14_and_the_grid_argmax_for_vitb32() 
     for backbone in ("ViT-L/14", "ViT-B/32"):
         for n_classes in (1, 2, 4):
             keys = [k for k in per_config if k[:2] == (backbone, n_classes)]
-            best = max(keys, key=lambda k: np.mean([a for a, _ in per_config[k]]) + np.mean([p for _, p in per_config[k]]))
+            best = max(
+                keys, key=lambda k: np.mean([a for a, _ in per_config[k]]) + np.mean([p for _, p in per_config[k]])
+            )
             assert tuple(reference.PUBLISHED_BEST[(backbone, n_classes)]) == best[2:]
     assert reference.PUBLISHED_BEST[("ViT-L/14", 1)] == (0.1, 4, 1024)
     assert reference.PUBLISHED_BEST[("ViT-L/14", 2)] == (0.2, 4, 128)
@@ -389,7 +403,11 @@ def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
             assert {c: row[c] for c in [*PAPER_ORDER, "avg"]} == expected_percent_row(shared, index, PAPER_ORDER)
             assert row["my_extra"] == ""
     four_class = next((a, p) for a, p in authors if a["n_classes"] == "4")
-    assert (four_class[0]["contrastive_factor"], four_class[0]["proj_layers"], four_class[0]["proj_dim"]) == ("0.2", "2", "1024")
+    assert (four_class[0]["contrastive_factor"], four_class[0]["proj_layers"], four_class[0]["proj_dim"]) == (
+        "0.2",
+        "2",
+        "1024",
+    )
     assert (four_class[0]["avg"], four_class[1]["avg"]) == ("91.5", "98.8")
 
 
@@ -397,9 +415,9 @@ def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
     grid = build_grid(tmp_path, "vitb32-1class", BASE, "horse", [RunSpec(0.1, 2, 512, 1.2)], ["progan"], seed=3)
     summary = run_report(ReportConfig(grid_dirs=(grid,), out=tmp_path / "out", plots=False))
     authors = [row for row in read_rows(summary.out / "acc.csv") if row["source"] == "authors"]
-    assert [(r["backbone"], r["selection"], r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors] == [
-        ("ViT-B/32", "published", "0.1", "2", "512")
-    ]
+    assert [
+        (r["backbone"], r["selection"], r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors
+    ] == [("ViT-B/32", "published", "0.1", "2", "512")]
     shared = packaged_grid_scores("ViT-B/32", 1, 0.1, 2, 512)
     assert authors[0]["avg"] == percent(np.mean([a for a, _ in shared.values()])) == "77.7"
 
@@ -414,7 +432,15 @@ def test_best_table_lists_each_selection_with_size_and_time(grids, report) -> No
     assert [(r["selection"], r["run"]) for r in best] == [(s["selection"], s["run"]) for s in selections]
     for row in best:
         source = results[row["run"]]
-        for column in ("train", "contrastive_factor", "proj_layers", "proj_dim", "n_params", "fit_seconds", "n_classes"):
+        for column in (
+            "train",
+            "contrastive_factor",
+            "proj_layers",
+            "proj_dim",
+            "n_params",
+            "fit_seconds",
+            "n_classes",
+        ):
             assert row[column] == source[column], column
         assert f"epochs={source['epochs']}" in row["setting"].split()
         if row["train"] == "train_ldm":
@@ -460,7 +486,10 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
     assert full["run"] == best_by_test["run"]
     assert (full["contrastive_factor"], full["proj_layers"], full["proj_dim"]) == ("0.2", "4", "128")
     assert study[ours[1]["run"]]["head_blocks"] == "last" and "same hyper-params" in ours[1]["note"]
-    assert study[ours[2]["run"]]["aggregation"] == "mean" and "no run with the full model's hyper-params" in ours[2]["note"]
+    assert (
+        study[ours[2]["run"]]["aggregation"] == "mean"
+        and "no run with the full model's hyper-params" in ours[2]["note"]
+    )
     assert float(study[ours[3]["run"]]["contrastive_factor"]) == 0 and "same hyper-params" in ours[3]["note"]
     non_gan = [d for d in PAPER_ORDER if "gan" not in d]
     for row in ours:
@@ -482,7 +511,12 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
     shared["full"] = packaged_grid_scores("ViT-L/14", 2, 0.2, 4, 128)
     for variant, per_dataset in shared.items():
         row = authors[variant]
-        assert (row["n_classes"], row["contrastive_factor"], row["proj_layers"], row["proj_dim"]) == ("2", "0.2", "4", "128")
+        assert (row["n_classes"], row["contrastive_factor"], row["proj_layers"], row["proj_dim"]) == (
+            "2",
+            "0.2",
+            "4",
+            "128",
+        )
         subset = [v for d, v in per_dataset.items() if d in non_gan]
         assert len(per_dataset) == 20 and len(subset) == 13
         assert row["acc_all"] == percent(np.mean([a for a, _ in per_dataset.values()]))
@@ -494,10 +528,14 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
 def test_robustness_table_has_ours_per_perturbed_variant_and_the_authors(grids, report) -> None:
     folders = run_folders(*grids)
     table = read_rows(report.out / "robustness.csv")
-    best_runs = {r["run"] for r in read_rows(grids[1] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"}
+    best_runs = {
+        r["run"] for r in read_rows(grids[1] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"
+    }
     ours = [row for row in table if row["source"] == "ours"]
     perturbed_best = {row["run"] for row in ours}
-    assert perturbed_best <= best_runs and len(perturbed_best) == 2  # epochs 1 and 3 (ablation runs have no perturbations)
+    assert (
+        perturbed_best <= best_runs and len(perturbed_best) == 2
+    )  # epochs 1 and 3 (ablation runs have no perturbations)
     assert {(row["perturbation"], row["preset"]) for row in ours} == {("jpeg", "official"), ("blur", "paper")}
     for row in ours:
         variant = f"{row['perturbation']}-{row['preset']}"
@@ -512,7 +550,9 @@ def test_robustness_table_has_ours_per_perturbed_variant_and_the_authors(grids, 
         if shared_row["classes"] != "2":
             continue
         for metric in ("acc", "ap"):
-            row = next(r for r in authors if r["perturbation"] == names[shared_row["perturbation"]] and r["metric"] == metric)
+            row = next(
+                r for r in authors if r["perturbation"] == names[shared_row["perturbation"]] and r["metric"] == metric
+            )
             assert row["preset"] == "official"
             assert row[shared_row["dataset"]] == percent(float(shared_row[metric]))
     metrics_in_order = [row["metric"] for row in table]
@@ -550,7 +590,14 @@ def test_no_ablation_runs_skips_the_ablation_table_and_plots_off_writes_no_png(g
     assert "ablation runs" in skipped["ablations.csv"]
     assert "perturbed" in skipped["robustness.csv"]
     assert not (out / "ablations.csv").exists() and not (out / "robustness.csv").exists()
-    assert {path.name for path in summary.written} == {"acc.csv", "ap.csv", "best.csv", "grid.csv", "metrics.csv", "tie.csv"}
+    assert {path.name for path in summary.written} == {
+        "acc.csv",
+        "ap.csv",
+        "best.csv",
+        "grid.csv",
+        "metrics.csv",
+        "tie.csv",
+    }
     assert {"epochs.csv", "fractions.csv", "ldm.csv"} <= set(skipped)
     assert list(out.glob("*.png")) == []
     assert "skipped ablations.csv" in summary.report()
@@ -604,7 +651,9 @@ def test_malformed_inputs_name_the_file_and_line(grids, tmp_path: Path) -> None:
         run_report(ReportConfig(grid_dirs=(broken,), out=tmp_path / "out"))
     # The same test set scored twice for one variant (two center test splits) is ambiguous.
     first_ok = next(line for line in lines[1:] if ",ok,," in line and ",test,center," in line)
-    (broken / "results.csv").write_text("\n".join([*lines, first_ok.replace(",test,center,", ",test_again,center,")]) + "\n")
+    (broken / "results.csv").write_text(
+        "\n".join([*lines, first_ok.replace(",test,center,", ",test_again,center,")]) + "\n"
+    )
     with pytest.raises(ReportError, match=rf"results\.csv:{len(lines) + 1}: run \w+ scores test set .* twice"):
         run_report(ReportConfig(grid_dirs=(broken,), out=tmp_path / "out"))
 
@@ -641,7 +690,9 @@ def test_study_reference_files_have_their_shape_and_agree_with_the_grid_file() -
                         key=lambda k: -(np.mean([a for a, _ in grid[k].values()]) + np.mean([p for _, p in grid[k].values()])))  # fmt: skip
         studied = {key[:5] for key in epochs if key[1] == n_classes}
         assert studied == {key[:5] for key in ranked[:3]}
-        assert reference.best_reference_configs("ViT-L/14", int(n_classes), 3) == [reference.HeadConfig(*k[2:5]) for k in ranked[:3]]
+        assert reference.best_reference_configs("ViT-L/14", int(n_classes), 3) == [
+            reference.HeadConfig(*k[2:5]) for k in ranked[:3]
+        ]
     fractions = packaged_runs("rine_official_fractions.csv")
     assert len(fractions) == 3 * 4 and {key[6] for key in fractions} == {0.2, 0.5, 0.8, 1.0}
     for key, scores in fractions.items():
@@ -652,10 +703,14 @@ def test_study_reference_files_have_their_shape_and_agree_with_the_grid_file() -
             assert all(abs(scores[d][i] - same[d][i]) < 1e-6 for d in PAPER_ORDER for i in (0, 1))
     ldm = packaged_runs("rine_official_ldm.csv")
     assert len(ldm) == 2 * 2 * 2 * 3 and all(list(scores) == SYNTHBUSTER for scores in ldm.values())
-    assert {key[2:6] for key in ldm} == {(xi, q, d, e) for xi in (0.2, 0.4) for q in (2, 4) for d in (512, 1024) for e in (1, 3, 5)}
+    assert {key[2:6] for key in ldm} == {
+        (xi, q, d, e) for xi in (0.2, 0.4) for q in (2, 4) for d in (512, 1024) for e in (1, 3, 5)
+    }
     # the typed loaders read the same rows
     assert len(reference.load_reference_epochs()) == 720 and len(reference.load_reference_fractions()) == 240
-    assert {row.n_classes for row in reference.load_reference_ldm()} == {None} and len(reference.load_reference_ldm()) == 216
+    assert {row.n_classes for row in reference.load_reference_ldm()} == {None} and len(
+        reference.load_reference_ldm()
+    ) == 216
     study = reference.reference_epochs_study()
     assert len(study) == 9 * 5 and {key.epochs for key in study} == {1, 3, 5, 10, 15}
 
@@ -669,7 +724,12 @@ def test_epochs_table_has_ours_per_epochs_and_the_authors_top_three(grids, repor
     folders = run_folders(*grids)
     ours = [row for row in table if row["source"] == "ours"]
     # the study grid's full models at (0.2, 4, 128) and (0.4, 4, 128), each at 1 and 3 epochs, acc then ap
-    assert sorted({(r["contrastive_factor"], r["epochs"]) for r in ours}) == [("0.2", "1"), ("0.2", "3"), ("0.4", "1"), ("0.4", "3")]
+    assert sorted({(r["contrastive_factor"], r["epochs"]) for r in ours}) == [
+        ("0.2", "1"),
+        ("0.2", "3"),
+        ("0.4", "1"),
+        ("0.4", "3"),
+    ]
     for row in ours:
         per_dataset = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
         index = {"acc": 0, "ap": 1}[row["metric"]]
@@ -677,7 +737,9 @@ def test_epochs_table_has_ours_per_epochs_and_the_authors_top_three(grids, repor
     authors = [row for row in table if row["source"] == "authors"]
     assert {r["n_classes"] for r in authors} == {"2"}  # only the settings we ran
     assert {(r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors} == {
-        ("0.2", "4", "128"), ("0.4", "4", "128"), ("0.8", "4", "128")
+        ("0.2", "4", "128"),
+        ("0.4", "4", "128"),
+        ("0.8", "4", "128"),
     }
     assert len(authors) == 2 * 3 * 5
     expected = packaged_runs("rine_official_epochs.csv")[("ViT-L/14", "2", 0.8, 4, 128, 10, 1.0)]
@@ -727,7 +789,9 @@ def test_tie_table_is_the_softmax_of_alpha_per_block_of_the_selected_runs(grids,
     table = read_rows(report.out / "tie.csv")
     selected = {r["run"] for r in read_rows(grids[0] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"}
     with_heads = {folder.name for folder in (grids[0] / "runs").iterdir() if (folder / "head.safetensors").is_file()}
-    assert {row["run"] for row in table} == selected & with_heads and len(table) == N_BLOCKS * len(selected & with_heads)
+    assert {row["run"] for row in table} == selected & with_heads and len(table) == N_BLOCKS * len(
+        selected & with_heads
+    )
     for run in {row["run"] for row in table}:
         alpha = load_file(str(grids[0] / "runs" / run / "head.safetensors"))["alpha"].double()
         expected = torch.softmax(alpha, dim=1).mean(dim=2).squeeze(0)
@@ -747,5 +811,7 @@ def test_tsne_points_are_scikit_learns_tsne() -> None:
     assert np.allclose(tsne_points(z), expected)
     groups = embedding_groups(np.array([0, 1, 1, 0]), np.array(["progan", "progan", "guided", "guided"]))
     assert {k: v.tolist() for k, v in groups.items()} == {
-        "real": [True, False, False, True], "fake (GAN)": [False, True, False, False], "fake (other)": [False, False, True, False]
+        "real": [True, False, False, True],
+        "fake (GAN)": [False, True, False, False],
+        "fake (other)": [False, False, True, False],
     }

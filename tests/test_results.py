@@ -1,4 +1,5 @@
 """The results.csv / selection.csv format and the selection rules (pipeline.results)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,9 @@ BASE = ResultRow(run="r", status="ok", error="", grid="g", head=HeadConfig(0.2, 
                  fit_seconds=1.5, views_used=1, views_reused=0)  # fmt: skip
 
 
-def scored(run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", epochs: int = 1) -> ResultRow:
+def scored(
+    run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", epochs: int = 1
+) -> ResultRow:
     values = {name: 0.5 for name in metrics.METRIC_NAMES} | {"acc": acc, "ap": ap}
     setting = dataclasses.replace(SETTING, epochs=epochs)
     return dataclasses.replace(BASE, run=run, split=split, variant=variant, dataset=dataset, n=10, n_invalid=0,
@@ -46,9 +49,12 @@ def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
     assert set(SETTING_COLUMNS) | {"contrastive_factor", "proj_layers", "proj_dim", "n_classes"} >= {
         f.name for f in dataclasses.fields(config.RunConfig)
     }
-    assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES):] == metrics.METRIC_NAMES
+    assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES) :] == metrics.METRIC_NAMES
     assert variants.TEN_CROP == "tencrop"  # the ten-crop group name results.UNPERTURBED_VARIANTS expects
-    rows = [scored("a", "val", "progan", 0.9, math.nan), dataclasses.replace(BASE, status="error", error="boom", setting=dataclasses.replace(SETTING, n_classes=None))]
+    rows = [
+        scored("a", "val", "progan", 0.9, math.nan),
+        dataclasses.replace(BASE, status="error", error="boom", setting=dataclasses.replace(SETTING, n_classes=None)),
+    ]
     write_csv(tmp_path / "results.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
     text = (tmp_path / "results.csv").read_text().splitlines()
     assert text[1].split(",")[RESULT_COLUMNS.index("lr_milestones")] == "6+11"

@@ -1,4 +1,5 @@
 """Fitting heads from cached tensors: rows, lr schedule, streamed views, scoring."""
+
 from __future__ import annotations
 
 import threading
@@ -32,7 +33,9 @@ def open_train(path) -> TrainStore:
 
 def in_memory(store: TrainStore, tensors: dict[str, torch.Tensor]) -> TrainStore:
     """The same store with every view already in memory (no loading at all)."""
-    return TrainStore(store.ref, store.info, store.rows, store.views, ViewCache(tensors.__getitem__, capacity=len(tensors)))
+    return TrainStore(
+        store.ref, store.info, store.rows, store.views, ViewCache(tensors.__getitem__, capacity=len(tensors))
+    )
 
 
 def parameters(head) -> torch.Tensor:
@@ -136,7 +139,9 @@ def test_runs_sharing_a_view_load_it_once_and_threads_see_their_own_views(tmp_pa
     alone = [parameters(fit_head(store, config, device=CPU).head) for config in two_epochs]
     together: dict[int, torch.Tensor] = {}
     threads = [
-        threading.Thread(target=lambda i=i: together.__setitem__(i, parameters(fit_head(store, two_epochs[i], device=CPU).head)))
+        threading.Thread(
+            target=lambda i=i: together.__setitem__(i, parameters(fit_head(store, two_epochs[i], device=CPU).head))
+        )
         for i in range(4)
     ]
     for thread in threads:

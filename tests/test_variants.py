@@ -1,4 +1,5 @@
 """Variant names: the one parser and the constructors agree on every kind."""
+
 from __future__ import annotations
 
 import json

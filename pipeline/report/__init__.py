@@ -22,9 +22,9 @@ stop the tables, and each failure is reported.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .inputs import GridResults, ReportError, read_grid_dir
 from .tables import SkippedOutput, build_tables, write_table

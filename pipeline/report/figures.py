@@ -18,8 +18,8 @@ import hashlib
 import math
 import re
 import textwrap
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -143,7 +143,9 @@ def plot_embedding(path: Path, title: str, points: np.ndarray, groups: Mapping[s
     axis = figure.subplots()
     styles = (("tab:blue", "d"), ("tab:red", "o"), ("tab:brown", "^"), ("tab:green", "s"))
     for (label, mask), (color, marker) in zip(groups.items(), styles):
-        axis.scatter(points[mask, 0], points[mask, 1], s=12, facecolors="none", edgecolors=color, marker=marker, label=label)
+        axis.scatter(
+            points[mask, 0], points[mask, 1], s=12, facecolors="none", edgecolors=color, marker=marker, label=label
+        )
     axis.set_xticks([])
     axis.set_yticks([])
     axis.legend(fontsize="small")
@@ -232,7 +234,8 @@ def hyperparam_job(grids: Sequence[GridResults], out: Path) -> PlotJob | Skipped
     for column, label in labels.items():
         values = {run.run: str(getattr(run.head_config, column)) for run in runs}
         panels[label] = {
-            value: mean_percents([run for run in runs if values[run.run] == value]) for value in numeric_order(values.values())
+            value: mean_percents([run for run in runs if values[run.run] == value])
+            for value in numeric_order(values.values())
         }
     title = f"Mean test ACC / AP per hyper-parameter value ({len(runs)} runs, all settings pooled)"
     return (name, functools.partial(plot_hyperparam_boxes, out / name, title, panels))
@@ -256,7 +259,8 @@ def study_job(grids: Sequence[GridResults], out: Path, column: str, name: str) -
         if label in studies:
             label = f"{label} #{len(studies) + 1}"
         studies[label] = {
-            value: mean_percents([run for run in runs if str(getattr(run.setting, column)) == value]) for value in values
+            value: mean_percents([run for run in runs if str(getattr(run.setting, column)) == value])
+            for value in values
         }
     if not studies:
         return SkippedOutput(name, f"no runs that differ only in {column} within a setting")
@@ -308,7 +312,11 @@ def tsne_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | Skipped
     runs = best_by_test_full_models(grids)
     with_embeddings = [run for run in runs if (run.folder / EMBEDDINGS_FILE).is_file()]
     if not with_embeddings:
-        return [SkippedOutput("tsne_*.png", f"no best_by_test full-model run with {EMBEDDINGS_FILE} (written by pipeline fit)")]
+        return [
+            SkippedOutput(
+                "tsne_*.png", f"no best_by_test full-model run with {EMBEDDINGS_FILE} (written by pipeline fit)"
+            )
+        ]
     tokens = common_tokens(with_embeddings)
     jobs: list[PlotJob | SkippedOutput] = []
     for run in with_embeddings:
@@ -318,7 +326,9 @@ def tsne_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | Skipped
     return jobs
 
 
-def plot_preparers(grids: Sequence[GridResults], out: Path) -> tuple[tuple[str, Callable[[], list[PlotJob | SkippedOutput]]], ...]:
+def plot_preparers(
+    grids: Sequence[GridResults], out: Path
+) -> tuple[tuple[str, Callable[[], list[PlotJob | SkippedOutput]]], ...]:
     """(label, prepare) per kind of figure; each prepare returns its jobs or why it has none."""
     return (
         ("per_dataset_*.png", lambda: list(per_dataset_jobs(grids, out))),

@@ -7,9 +7,9 @@ selection"); every problem names the file (and line) and what is wrong.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from .. import reference as ref
 from ..errors import PipelineError
@@ -209,7 +209,9 @@ def read_selections(
         if record["selection"] not in SELECTION_RULES:
             raise ReportError(f"{path}:{line}: selection {record['selection']!r} is not one of {list(SELECTION_RULES)}")
         written = run.row.to_csv()
-        mismatched = [column for column in ("model", "tap", "train", "epochs", "classes") if record[column] != written[column]]
+        mismatched = [
+            column for column in ("model", "tap", "train", "epochs", "classes") if record[column] != written[column]
+        ]
         if mismatched:
             raise ReportError(f"{path}:{line}: {mismatched} differ from run {run.run} in results.csv")
         selections.append(Selection(rule=record["selection"], run=run))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -30,7 +30,16 @@ from ..results import (
     mean_datasets,
     nan_mean,
 )
-from .inputs import HEAD_FILE, GridResults, RunResult, Scores, Selection, all_runs, all_selections, best_by_test_full_models
+from .inputs import (
+    HEAD_FILE,
+    GridResults,
+    RunResult,
+    Scores,
+    Selection,
+    all_runs,
+    all_selections,
+    best_by_test_full_models,
+)
 
 PUBLISHED = "published"
 OURS, AUTHORS = "ours", "authors"
@@ -129,8 +138,13 @@ def score_table(name: str, key_header: Sequence[str], rows: Sequence[ScoreRow], 
             values = {dataset: getattr(scores, metric) for dataset, scores in row.scores.items()}
             mean, excluded = averaged(row.scores, metric)
             out.append(
-                (*row.key, *((metric,) if metric_header else ()), *(format_percent(values.get(d)) for d in datasets),
-                 format_percent(mean), LIST_SEPARATOR.join(excluded))  # fmt: skip
+                (
+                    *row.key,
+                    *((metric,) if metric_header else ()),
+                    *(format_percent(values.get(d)) for d in datasets),
+                    format_percent(mean),
+                    LIST_SEPARATOR.join(excluded),
+                )  # fmt: skip
             )
     return Table(name, header, tuple(out))
 
@@ -173,8 +187,22 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
     setting, scored on Synthbuster by ten crops) to ldm.csv.
     """
     ours = [
-        (s.run, ScoreRow(score_key(OURS, s.run.backbone, s.run.setting.tap, s.run.n_classes, s.run.setting.label(), s.rule,
-                                   s.run.run, s.run.head_config), s.run.center))  # fmt: skip
+        (
+            s.run,
+            ScoreRow(
+                score_key(
+                    OURS,
+                    s.run.backbone,
+                    s.run.setting.tap,
+                    s.run.n_classes,
+                    s.run.setting.label(),
+                    s.rule,
+                    s.run.run,
+                    s.run.head_config,
+                ),
+                s.run.center,
+            ),
+        )  # fmt: skip
         for s in all_selections(grids)
         if s.run.is_full_architecture and s.run.center
     ]
@@ -214,9 +242,15 @@ def build_grid_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         written, summary = run.row.to_csv(), run.summary
         means = (summary.val_acc, summary.val_ap, summary.mean_acc, summary.mean_ap)
         rows.append(
-            (str(run.grid_dir), run.run, *(written[column] for column in config_columns), run.backbone,
-             *(format_float(value) for value in means), str(len(summary.mean_sets)),
-             LIST_SEPARATOR.join(summary.excluded_from_mean))  # fmt: skip
+            (
+                str(run.grid_dir),
+                run.run,
+                *(written[column] for column in config_columns),
+                run.backbone,
+                *(format_float(value) for value in means),
+                str(len(summary.mean_sets)),
+                LIST_SEPARATOR.join(summary.excluded_from_mean),
+            )  # fmt: skip
         )
     if not rows:
         return SkippedOutput("grid.csv", "no ok runs in any results.csv")
@@ -233,9 +267,20 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         run = selection.run
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         rows.append(
-            (run.setting.label(), run.backbone, run.setting.tap, run.setting.train, format_n_classes(run.n_classes),
-             selection.rule, *format_hyper(run.head_config), str(run.row.n_params), str(run.row.fit_seconds), run.run,
-             str(run.grid_dir), *(format_hyper(published) if published else ("", "", "")))  # fmt: skip
+            (
+                run.setting.label(),
+                run.backbone,
+                run.setting.tap,
+                run.setting.train,
+                format_n_classes(run.n_classes),
+                selection.rule,
+                *format_hyper(run.head_config),
+                str(run.row.n_params),
+                str(run.row.fit_seconds),
+                run.run,
+                str(run.grid_dir),
+                *(format_hyper(published) if published else ("", "", "")),
+            )  # fmt: skip
         )
     if not rows:
         return SkippedOutput("best.csv", "no rows in any selection.csv")
@@ -271,7 +316,9 @@ def best_of(runs: Sequence[RunResult]) -> RunResult:
     return next(run for run in runs if run.summary is chosen)
 
 
-def choose_full_run(key: tuple, candidates: Sequence[RunResult], selections: Sequence[Selection]) -> tuple[RunResult | None, str]:
+def choose_full_run(
+    key: tuple, candidates: Sequence[RunResult], selections: Sequence[Selection]
+) -> tuple[RunResult | None, str]:
     """The full model an ablation is compared with: the setting's best_by_test selection if it is a full model."""
     for selection in selections:
         run = selection.run
@@ -311,8 +358,17 @@ def ours_ablation_rows(grids: Sequence[GridResults]) -> list[AblationRow]:
             if candidates:
                 chosen.append((variant, *choose_ablation_run(variant, candidates, full)))
         rows += [
-            AblationRow(run.backbone, run.n_classes, run.setting.label(), variant, OURS, run.run,
-                        format_hyper(run.head_config), run.center, note)  # fmt: skip
+            AblationRow(
+                run.backbone,
+                run.n_classes,
+                run.setting.label(),
+                variant,
+                OURS,
+                run.run,
+                format_hyper(run.head_config),
+                run.center,
+                note,
+            )  # fmt: skip
             for variant, run, note in chosen
         ]
     return rows
@@ -344,7 +400,8 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
     ours = ours_ablation_rows(grids)
     if not ours:
         return SkippedOutput(
-            "ablations.csv", "no ablation runs (head_blocks=last, aggregation=mean or contrastive_factor=0) in the results"
+            "ablations.csv",
+            "no ablation runs (head_blocks=last, aggregation=mean or contrastive_factor=0) in the results",
         )
     groups = sorted({(row.backbone, row.n_classes) for row in ours}, key=lambda key: group_sort_key(*key))
     ordered: list[AblationRow] = []
@@ -359,11 +416,23 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
         non_gan = [row.scores[d] for d in included if d in ref.NON_GAN_DATASETS]
         every = [row.scores[d] for d in included]
         means = [
-            nan_mean(getattr(s, metric) for s in group) if group else None for group in (every, non_gan) for metric in METRICS
+            nan_mean(getattr(s, metric) for s in group) if group else None
+            for group in (every, non_gan)
+            for metric in METRICS
         ]
         rows.append(
-            (row.backbone, format_n_classes(row.n_classes), row.setting, row.variant, row.source, row.run, *row.hyper,
-             *(format_percent(mean) for mean in means), LIST_SEPARATOR.join(excluded), row.note)  # fmt: skip
+            (
+                row.backbone,
+                format_n_classes(row.n_classes),
+                row.setting,
+                row.variant,
+                row.source,
+                row.run,
+                *row.hyper,
+                *(format_percent(mean) for mean in means),
+                LIST_SEPARATOR.join(excluded),
+                row.note,
+            )  # fmt: skip
         )
     return Table("ablations.csv", header, tuple(rows))
 
@@ -396,7 +465,15 @@ def build_robustness_table(grids: Sequence[GridResults]) -> Table | SkippedOutpu
         for variant, scores in run.test.items():
             if variant not in UNPERTURBED_VARIANTS:
                 perturbation, preset = split_variant(variant)
-                key = (run.backbone, format_n_classes(run.n_classes), run.setting.label(), run.run, perturbation, preset, OURS)
+                key = (
+                    run.backbone,
+                    format_n_classes(run.n_classes),
+                    run.setting.label(),
+                    run.run,
+                    perturbation,
+                    preset,
+                    OURS,
+                )
                 order = (group_sort_key(run.backbone, run.n_classes), perturbation_sort_key(perturbation), 0, preset)
                 entries.append((order, ScoreRow(key, scores)))
     if not entries:
@@ -423,7 +500,17 @@ STUDY_KEY = ("source", "backbone", "tap", "n_classes", "train", "contrastive_fac
 
 def study_key(source: str, backbone: str, tap: str, n_classes: int | None, train: str, config: HeadConfig,
               epochs: int, fraction: float, run: str) -> tuple[str, ...]:  # fmt: skip
-    return (source, backbone, tap, format_n_classes(n_classes), train, *format_hyper(config), str(epochs), f"{fraction:g}", run)
+    return (
+        source,
+        backbone,
+        tap,
+        format_n_classes(n_classes),
+        train,
+        *format_hyper(config),
+        str(epochs),
+        f"{fraction:g}",
+        run,
+    )
 
 
 def study_runs(grids: Sequence[GridResults], column: str) -> list[RunResult]:
@@ -460,7 +547,10 @@ def authors_study_rows(
 
 
 def build_study_table(
-    grids: Sequence[GridResults], name: str, column: str, authors: Mapping[ref.ReferenceRunKey, Mapping[str, tuple[float, float]]]
+    grids: Sequence[GridResults],
+    name: str,
+    column: str,
+    authors: Mapping[ref.ReferenceRunKey, Mapping[str, tuple[float, float]]],
 ) -> Table | SkippedOutput:
     """Ours per setting and head config at each value of ``column``, then the authors' runs of the same study."""
     runs = study_runs(grids, column)
@@ -481,14 +571,18 @@ def build_epochs_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
 
 def build_fractions_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """fractions.csv: the training-set size study beside the authors' (20/50/80/100 %)."""
-    return build_study_table(grids, "fractions.csv", "train_fraction", ref.group_reference_runs(ref.load_reference_fractions()))
+    return build_study_table(
+        grids, "fractions.csv", "train_fraction", ref.group_reference_runs(ref.load_reference_fractions())
+    )
 
 
 def build_ldm_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """ldm.csv: runs trained on the LDM training set, scored without perturbation, beside the authors' LDM runs."""
     runs = [run for run in all_runs(grids) if run.is_ldm and run.is_full_model]
     if not runs:
-        return SkippedOutput("ldm.csv", "no full-model runs whose training split is the LDM setting (name holding 'ldm')")
+        return SkippedOutput(
+            "ldm.csv", "no full-model runs whose training split is the LDM setting (name holding 'ldm')"
+        )
     runs.sort(key=lambda r: (r.backbone, tuple(r.head_config), r.setting.epochs, r.run))
     rows = []
     for run in runs:
@@ -529,8 +623,15 @@ def build_tie_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     for run in runs:
         blocks, weights = block_importance(run.folder / HEAD_FILE)
         rows += [
-            (run.backbone, run.setting.tap, format_n_classes(run.n_classes), run.setting.label(), run.run, str(int(block)),
-             repr(float(weight)))  # fmt: skip
+            (
+                run.backbone,
+                run.setting.tap,
+                format_n_classes(run.n_classes),
+                run.setting.label(),
+                run.run,
+                str(int(block)),
+                repr(float(weight)),
+            )  # fmt: skip
             for block, weight in zip(blocks, weights)
         ]
     return Table("tie.csv", header, tuple(rows))
