@@ -62,6 +62,29 @@ class _Commands(click.Group):
             raise click.ClickException(str(error)) from None
 
 
+def _split_options(command):
+    """--split, --manifest and --data-root: which split's images a command reads."""
+    options = (
+        click.option(
+            "--split",
+            required=True,
+            callback=_check_split,
+            help="Split name; reads manifests/<split>.csv unless --manifest is given.",
+        ),
+        click.option(
+            "--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read."
+        ),
+        click.option(
+            "--data-root",
+            type=click.Path(file_okay=False, path_type=Path),
+            help="Override the data root the manifest remembers.",
+        ),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="rine-pipeline")
 def main() -> None:
@@ -147,20 +170,7 @@ def manifest_command(
 
 
 @main.command("extract")
-@click.option(
-    "--split",
-    required=True,
-    callback=_check_split,
-    help="Split name; reads manifests/<split>.csv unless --manifest is given.",
-)
-@click.option(
-    "--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read."
-)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Override the data root the manifest remembers.",
-)
+@_split_options
 @click.option("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local directory of a CLIP (vision) model.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to load.")
 @click.option(
@@ -304,20 +314,7 @@ def extract_command(
 
 
 @main.command("audit")
-@click.option(
-    "--split",
-    required=True,
-    callback=_check_split,
-    help="Split name; reads manifests/<split>.csv unless --manifest is given.",
-)
-@click.option(
-    "--manifest", "manifest_file", type=click.Path(dir_okay=False, path_type=Path), help="Manifest CSV to read."
-)
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Override the data root the manifest remembers.",
-)
+@_split_options
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
