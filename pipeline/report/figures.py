@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from .. import reference as ref
 from ..files import atomic_path
@@ -124,15 +125,16 @@ def plot_study(
 
 
 def plot_tie(path: Path, title: str, series: Mapping[str, tuple[Sequence[int], Sequence[float]]]) -> Path:
-    """One line per setting: the TIE weight of each block (label -> (block indices, weights))."""
-    figure = new_figure(8.0, 4.5)
+    """One line per setting: the TIE weight of each block (label -> (block indices, weights)); legend below."""
+    figure = new_figure(8.0, 4.5 + 0.25 * len(series))
     axis = figure.subplots()
     for label, (blocks, weights) in series.items():
         axis.plot(blocks, weights, marker="o", markersize=3, label=label)
     axis.set_xlabel("block")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_ylabel("softmax(alpha), mean over projection dims")
     axis.grid(alpha=0.4)
-    axis.legend(fontsize="small")
+    figure.legend(loc="outside lower center", fontsize="small", ncols=1)
     figure.suptitle(wrap_title(title), fontsize="medium")
     return save_png(figure, path)
 
@@ -273,11 +275,14 @@ def tie_job(grids: Sequence[GridResults], out: Path) -> PlotJob | SkippedOutput:
     name = "tie.png"
     if not runs:
         return SkippedOutput(name, f"no best_by_test full-model run with a {HEAD_FILE} in its run folder")
+    labels = [run.setting.label(without=("model", "tap", "train", "classes")) for run in runs]
+    common = set.intersection(*(set(label.split()) for label in labels))
     series = {}
-    for run in runs:
+    for run, label in zip(runs, labels):
         blocks, weights = block_importance(run.folder / HEAD_FILE)
         classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.setting.train}"
-        series[f"{run.backbone} {classes} {run.setting.label(without=('model', 'tap', 'train', 'classes'))}"] = (
+        distinct = " ".join(part for part in label.split() if part not in common)
+        series[" ".join(filter(None, (run.backbone, classes, distinct, f"run {run.run}")))] = (
             blocks.tolist(),
             weights.tolist(),
         )
