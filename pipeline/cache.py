@@ -18,52 +18,90 @@ on), ``split``, ``n_rows``, ``variants`` and whatever the writer adds
 into pixels (``center``, ``view_000``, ``tencrop_3``, ``jpeg-official``):
 ``pipeline/variants.py`` names and parses them, for both stages.
 
+Integrity. Every chunk of every array carries a CRC32C (zarr's ``crc32c``
+codec, so any zarr client checks it too; a feature shard's inner chunks and
+its index each carry one), and chunks are written even when they hold only
+the fill value, so a committed shard has every file it should: a missing,
+short or damaged file is an error naming the store, array and shard, never
+zeros. Every file is written through a temporary name, synced, renamed and
+its folder synced (``files.write_bytes_durable``), so that after a crash or
+a power loss a file is whole or absent, and a progress flag is never on disk
+before the data it vouches for.
+
 Writing: :func:`create_store` (rows and attributes, whole or absent), then
-per variant :func:`add_variant` and :func:`commit_shard` shard by shard: the
-feature shard, the shard's ``valid`` and ``error`` chunks, then its progress
-flag. Zarr's local store writes every file through a temporary name and a
-rename, so each of those files is whole or absent and a resume can trust
-every flag it finds. :func:`write_store` does all of it in one call for
-features already in hand (tests, benchmarks, converters).
+per variant :func:`add_variant` and :func:`commit_shard` shard by shard:
+the shard's features of one or more variants, then, under the store's lock,
+its ``valid`` and ``error`` chunks and the progress flags. Several processes
+(ranks of a distributed extraction, or uncoordinated runs) may write one
+store: creation, attribute updates and those last steps are serialised by an
+``fcntl`` lock on the hidden file ``.<store name>.lock`` next to the store;
+feature data need no lock, because a shard's bytes are the same whoever
+computes them. :func:`write_store` does all of it in one call for features
+already in hand (tests, benchmarks, converters).
+
+A row's ``valid`` is shared by every variant: when a shard is committed while
+other variants already hold it, a row stays valid only if it was valid for
+them too (and keeps their reason), so that no valid row ever points at
+features computed from a failed decode.
+
+Checking: :func:`damaged_shards` (cheap: files present, sizes, index
+checksums) is what ``pipeline extract`` runs before trusting a progress
+flag; :func:`verify_store` reads everything (``pipeline cache verify``).
 
 Reading: :func:`open_store_info`, :func:`read_rows` and
-:func:`read_features`, which reads whole inner chunks of uncompressed shards
-straight from the shard files into one pre-allocated array
-(``pipeline/_shard_reader.py``); anything else falls back to ``zarr``.
+:func:`read_features`, which reads whole inner chunks of the shard files
+into one pre-allocated array and verifies their checksums
+(``pipeline/_shard_reader.py``); layouts it does not know fall back to
+``zarr``.
 
-Stores written before ``block_indices`` was so named (attribute ``blocks``)
-still open.
+Stores of an older schema (``feature-store@1``: no checksums, no model
+config in the identity) are refused with a message saying to rebuild them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import shutil
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
 
 from . import _shard_reader
 from .errors import PipelineError
-from .files import atomic_path
+from .files import (
+    _temporary_sibling,
+    atomic_path,
+    disk_errors_explained,
+    fsync_directory,
+    locked,
+    remove_path,
+    remove_stray_temporaries,
+    write_bytes_durable,
+)
 from .variants import VariantKind, VariantSpec
 
-SCHEMA = "rine-pipeline/feature-store@1"
+SCHEMA_PREFIX = "rine-pipeline/feature-store@"
+SCHEMA = SCHEMA_PREFIX + "2"
 TAPS = ("ln2", "hidden")  # see backbone.py for what each tap is
 STORE_DTYPES = ("float16", "float32")  # dtypes of the stored features
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in (backbone.py)
 DEFAULT_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_SHARD_ROWS = 1024
 DEFAULT_CHUNK_ROWS = 256
-_LEGACY_ATTRIBUTE_NAMES = {"block_indices": "blocks"}  # field -> its name in older stores
+# Row and flag arrays: compressed, and checksummed like the features.
+_CHECKED_CODECS = (ZstdCodec(level=3), Crc32cCodec())
 
 
 class StoreError(PipelineError, RuntimeError):
-    """A store that cannot be used as asked (missing, mismatched, incomplete)."""
+    """A store that cannot be used as asked (missing, mismatched, incomplete, damaged)."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +109,15 @@ class StoreIdentity:
     """What the stored numbers depend on; a store built otherwise is refused.
 
     ``block_indices`` are the backbone blocks whose tokens are stored (0-based,
-    increasing), ``dtype`` the stored dtype, ``compute_dtype`` the backbone's.
+    increasing), ``dtype`` the stored dtype, ``compute_dtype`` the backbone's,
+    ``model_config`` the model's ``config.json`` as canonical JSON text
+    (activation, layer-norm eps, ...: what the weights' hash does not cover).
     """
 
     manifest_sha256: str
     model_id: str
     model_revision: str
+    model_config: str
     tap: str
     block_indices: tuple[int, ...]
     dim: int
@@ -94,23 +135,42 @@ class StoreIdentity:
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreIdentity:
         values = {}
         for f in fields(cls):
-            value = attrs[f.name] if f.name in attrs else attrs[_LEGACY_ATTRIBUTE_NAMES.get(f.name, f.name)]
+            value = attrs[f.name]
             values[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
 
     def differences(self, other: StoreIdentity) -> list[str]:
-        """Human-readable list of the fields where ``other`` differs."""
+        """Human-readable list of the fields where ``other`` differs (model config keys one by one)."""
         out = []
         for f in fields(self):
             mine, theirs = getattr(self, f.name), getattr(other, f.name)
-            if mine != theirs:
+            if mine == theirs:
+                continue
+            if f.name == "model_config":
+                out += _config_differences(mine, theirs)
+            else:
                 out.append(f"{f.name}: store has {mine!r}, asked for {theirs!r}")
         return out
 
     def compatible_features(self, other: StoreIdentity) -> list[str]:
         """Differences that forbid training on one store and scoring another."""
-        keys = ("model_id", "model_revision", "tap", "block_indices", "dim", "crop_size", "mean", "std")
-        return [d for d in self.differences(other) if d.split(":")[0] in keys]
+        keys = ("model_id", "model_revision", "model_config", "tap", "block_indices", "dim", "crop_size", "mean", "std")
+        return [d for d in self.differences(other) if d.split(":")[0].split(".")[0] in keys]
+
+
+def _config_differences(mine: str, theirs: str) -> list[str]:
+    ours, asked = json.loads(mine), json.loads(theirs)
+    return [
+        f"model_config.{key}: store has {ours.get(key, '(absent)')!r}, asked for {asked.get(key, '(absent)')!r}"
+        for key in sorted(set(ours) | set(asked))
+        if ours.get(key) != asked.get(key)
+    ] or [f"model_config: store has {mine}, asked for {theirs}"]
+
+
+def canonical_model_config(config: Mapping[str, Any]) -> str:
+    """A model's config.json as identity text: sorted keys, without the fields that only record who saved it."""
+    kept = {key: value for key, value in config.items() if key not in ("transformers_version", "_name_or_path")}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
 def placeholder_identity(n_blocks: int, dim: int, **fields_given: Any) -> StoreIdentity:
@@ -119,6 +179,7 @@ def placeholder_identity(n_blocks: int, dim: int, **fields_given: Any) -> StoreI
         manifest_sha256="0" * 64,
         model_id="synthetic",
         model_revision="synthetic",
+        model_config="{}",
         tap="ln2",
         block_indices=tuple(range(n_blocks)),
         dim=dim,
@@ -169,6 +230,10 @@ class StoreInfo:
             spec.name for spec in sorted(views, key=lambda spec: spec.index) if spec.name in self.complete_variants
         )
 
+    @property
+    def n_shards(self) -> int:
+        return shard_count(self.n_rows, self.identity.shard_rows)
+
 
 def model_slug(model: str) -> str:
     """A folder name for a hub id (``org--name``) or a local directory (its name)."""
@@ -190,6 +255,47 @@ def shard_bounds(shard: int, n_rows: int, shard_rows: int) -> tuple[int, int]:
     return start, min(start + shard_rows, n_rows)
 
 
+# ---------------------------------------------------------------- durable writes, the lock
+
+
+class _DurableLocalStore(LocalStore):
+    """zarr's local store, writing every file through ``files.write_bytes_durable`` (synced, renamed, folder synced)."""
+
+    async def set(self, key: str, value: Any) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        await asyncio.to_thread(write_bytes_durable, self.root / key, value.as_numpy_array())
+
+    async def set_if_not_exists(self, key: str, value: Any) -> None:
+        if not (self.root / key).exists():
+            await self.set(key, value)
+
+    def set_sync(self, key: str, value: Any) -> None:
+        self._check_writable()
+        write_bytes_durable(self.root / key, value.as_numpy_array())
+
+
+@contextmanager
+def _writable_group(path: Path, mode: Literal["w", "r+"] = "r+") -> Iterator[zarr.Group]:
+    """The store's group for writing: durable files, every chunk written (also one of fill values), disk errors explained."""
+    with disk_errors_explained(path), zarr.config.set({"array.write_empty_chunks": True}):
+        yield zarr.open_group(store=_DurableLocalStore(path), mode=mode, zarr_format=3)
+
+
+def store_lock(path: Path) -> AbstractContextManager[None]:
+    """The lock serialising a store's creation and metadata updates across processes (``.<name>.lock`` next to it)."""
+    return locked(Path(path).with_name(f".{Path(path).name}.lock"))
+
+
+def claims_folder(path: Path) -> Path:
+    """Where processes sharing a store leave their claims on shards (``extract.py``), next to the store."""
+    return Path(path).with_name(f".{Path(path).name}.claims")
+
+
+# ---------------------------------------------------------------- creating and deleting
+
+
 def create_store(
     path: Path,
     identity: StoreIdentity,
@@ -200,18 +306,59 @@ def create_store(
     datasets: Sequence[str],
     classes: Sequence[str | None] | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
+    if_exists: Literal["error", "check", "replace"] = "error",
+) -> bool:
+    """Write a new store's row metadata and attributes, without variants; whole or absent. True when created.
+
+    ``if_exists`` decides about a store already at ``path``: ``error``,
+    ``check`` (keep it when its identity is ``identity``, else
+    :class:`StoreError` listing the differences) or ``replace`` (delete it
+    first: only a store of this project, see :func:`delete_store`). Under the
+    store's lock, so that of several processes creating one store exactly
+    one does and the others check its identity. Stray temporaries of killed
+    writers in and next to the store are removed first.
+    """
+    path = Path(path)
+    with disk_errors_explained(path), store_lock(path):
+        remove_stray_temporaries(path.parent, recursive=False)
+        if if_exists == "replace":
+            delete_store(path)
+        if path.exists() or path.is_symlink():
+            if if_exists == "error":
+                raise StoreError(f"{path} exists; choose another path or rebuild it with --overwrite")
+            check_identity(path, identity)
+            remove_stray_temporaries(path, recursive=True)
+            return False
+        _write_new_store(path, identity, split, labels, paths, datasets, classes, extra_attrs)
+    return True
+
+
+def _write_new_store(
+    path: Path,
+    identity: StoreIdentity,
+    split: str,
+    labels: Sequence[int],
+    paths: Sequence[str],
+    datasets: Sequence[str],
+    classes: Sequence[str | None] | None,
+    extra_attrs: Mapping[str, Any] | None,
 ) -> None:
-    """Write a new store's row metadata and attributes, without variants; whole or absent."""
     n_rows = len(labels)
-    with atomic_path(path) as tmp:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    with atomic_path(path) as tmp, _writable_group(tmp, mode="w") as group:
         _write_1d(group, "labels", np.asarray(labels, dtype=np.int8))
         _write_1d(group, "paths", np.asarray(paths, dtype=object), dtype=str)
         _write_1d(group, "dataset", np.asarray(datasets, dtype=object), dtype=str)
         if classes is not None:
             _write_1d(group, "class", np.asarray([c or "" for c in classes], dtype=object), dtype=str)
-        group.create_array("valid", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=bool, fill_value=False)
-        group.create_array("error", shape=(n_rows,), chunks=(identity.shard_rows,), dtype=str, fill_value="")
+        for name, dtype, fill in (("valid", bool, False), ("error", str, "")):
+            group.create_array(
+                name,
+                shape=(n_rows,),
+                chunks=(identity.shard_rows,),
+                dtype=dtype,
+                fill_value=fill,
+                compressors=_CHECKED_CODECS,
+            )
         group.attrs.update(
             {
                 "schema": SCHEMA,
@@ -222,6 +369,7 @@ def create_store(
                 **_jsonable(dict(extra_attrs or {})),
             }
         )
+    fsync_directory(path.parent)
 
 
 def write_store(
@@ -247,7 +395,8 @@ def write_store(
     ``identity.dtype``. ``valid`` defaults to all rows valid; ``errors`` to
     "" for valid rows and "invalid" for the others. Shards are committed as
     an extraction commits them, so the result is indistinguishable from an
-    extracted store.
+    extracted store. The store is the caller's alone while it is written
+    (typically under a temporary name): no lock is taken.
     """
     n_rows = len(labels)
     valid_rows = np.ones(n_rows, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -261,27 +410,27 @@ def write_store(
     if len(valid_rows) != n_rows or len(reasons) != n_rows:
         raise ValueError(f"valid and errors need {n_rows} entries, got {len(valid_rows)} and {len(reasons)}")
     specs = [VariantSpec.from_name(name) for name in features]
-    create_store(
-        path,
-        identity,
-        split=split,
-        labels=labels,
-        paths=paths,
-        datasets=datasets,
-        classes=classes,
-        extra_attrs=extra_attrs,
-    )
+    path = Path(path)
+    if path.exists():
+        raise StoreError(f"{path} exists; write_store makes a new store")
+    _write_new_store(path, identity, split, labels, paths, datasets, classes, extra_attrs)
     for spec in specs:
-        add_variant(path, spec, *expected[1:])
-        for shard in range(shard_count(n_rows, identity.shard_rows)):
-            start, stop = shard_bounds(shard, n_rows, identity.shard_rows)
-            values = np.asarray(features[spec.name][start:stop], dtype=identity.dtype)
-            commit_shard(path, spec.name, shard, values, valid_rows[start:stop], reasons[start:stop])
+        _add_variant(path, spec, *expected[1:], lock=nullcontext())
+    for shard in range(shard_count(n_rows, identity.shard_rows)):
+        start, stop = shard_bounds(shard, n_rows, identity.shard_rows)
+        values = {spec.name: np.asarray(features[spec.name][start:stop], dtype=identity.dtype) for spec in specs}
+        _commit(path, shard, values, valid_rows[start:stop], reasons[start:stop], lock=nullcontext())
     return path
 
 
 def _write_1d(group: zarr.Group, name: str, values: np.ndarray, dtype: Any = None) -> None:
-    array = group.create_array(name, shape=values.shape, chunks=(max(1, len(values)),), dtype=dtype or values.dtype)
+    array = group.create_array(
+        name,
+        shape=values.shape,
+        chunks=(max(1, len(values)),),
+        dtype=dtype or values.dtype,
+        compressors=_CHECKED_CODECS,
+    )
     array[:] = values
 
 
@@ -289,35 +438,96 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def not_a_store_reason(path: Path) -> str | None:
+    """Why ``path`` is not a feature store of this project (any schema version), or None when it is one."""
+    path = Path(path)
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is not a folder"
+    try:
+        meta = json.loads((path / "zarr.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "is not a zarr store (no zarr.json)"
+    except (OSError, ValueError) as error:
+        return f"has an unreadable zarr.json ({error})"
+    schema = meta.get("attributes", {}).get("schema") if isinstance(meta, dict) else None
+    if not isinstance(schema, str) or not schema.startswith(SCHEMA_PREFIX):
+        return f"is not a feature store of rine-pipeline (its attributes say schema {schema!r})"
+    return None
+
+
 def delete_store(path: Path) -> None:
-    if path.exists():
-        shutil.rmtree(path)
+    """Delete a feature store of this project; anything else at ``path`` is refused, untouched.
+
+    The store is first renamed to a temporary name (so a kill while deleting
+    never leaves a half store under its name; the remains are cleaned by the
+    next run), then removed.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    reason = not_a_store_reason(path)
+    if reason is not None:
+        raise StoreError(f"{path} {reason}: refusing to delete it (--overwrite only replaces a feature store)")
+    with disk_errors_explained(path):
+        doomed = _temporary_sibling(path)
+        os.replace(path, doomed)
+        remove_path(doomed)
+
+
+# ---------------------------------------------------------------- reading attributes
 
 
 def open_store_info(path: Path) -> StoreInfo:
-    """Read and type a store's attributes, with clear errors for non-stores."""
+    """Read and type a store's attributes, with clear errors for non-stores and older schemas."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path}: not a feature store (no zarr.json); run `pipeline extract` first")
-    group = zarr.open_group(path, mode="r")
-    attrs = dict(group.attrs)
-    if attrs.get("schema") != SCHEMA:
+    try:
+        group = zarr.open_group(path, mode="r")
+        attrs = dict(group.attrs)
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{path}: zarr.json cannot be read ({error})") from None
+    schema = attrs.get("schema")
+    if isinstance(schema, str) and schema.startswith(SCHEMA_PREFIX) and schema != SCHEMA:
         raise StoreError(
-            f"{path}: not a rine-pipeline feature store (schema {attrs.get('schema')!r}, expected {SCHEMA!r})"
+            f"{path}: written by another version of rine-pipeline (schema {schema!r}, this version reads {SCHEMA!r}: "
+            "checksummed chunks and the model config in the identity); rebuild it with `pipeline extract ... --overwrite`"
         )
-    variants = {name: VariantSpec.from_name(name) for name in attrs["variants"]}
-    identity = StoreIdentity.from_attrs(attrs)
-    n_shards = shard_count(attrs["n_rows"], identity.shard_rows)
-    complete = tuple(name for name in variants if int(np.count_nonzero(group[f"progress/{name}"][:])) == n_shards)
+    if schema != SCHEMA:
+        raise StoreError(f"{path}: not a rine-pipeline feature store (schema {schema!r}, expected {SCHEMA!r})")
+    try:
+        variants = {name: VariantSpec.from_name(name) for name in attrs["variants"]}
+        identity = StoreIdentity.from_attrs(attrs)
+        n_rows = int(attrs["n_rows"])
+        split = attrs["split"]
+    except KeyError as error:
+        raise StoreError(f"{path}: attribute {error} missing from zarr.json") from None
+    flags = _read_flags(path, variants, shard_count(n_rows, identity.shard_rows))
+    complete = tuple(name for name in variants if flags[name].all())
     return StoreInfo(
         path=path,
         identity=identity,
-        split=attrs["split"],
-        n_rows=attrs["n_rows"],
+        split=split,
+        n_rows=n_rows,
         variants=variants,
         complete_variants=complete,
         attrs=attrs,
     )
+
+
+def _read_flags(path: Path, variants: Sequence[str], n_shards: int) -> dict[str, np.ndarray]:
+    """Progress flags of each variant, (n_shards,) bool."""
+    out = {}
+    for name in variants:
+        try:
+            out[name] = np.asarray(zarr.open_array(path / "progress" / name, mode="r")[:], dtype=bool)
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path}: array progress/{name} cannot be read ({error})") from None
+        if out[name].shape != (n_shards,):
+            raise StoreError(f"{path}: array progress/{name} has shape {out[name].shape}, expected ({n_shards},)")
+    return out
 
 
 def check_identity(path: Path, wanted: StoreIdentity) -> None:
@@ -332,35 +542,43 @@ def check_identity(path: Path, wanted: StoreIdentity) -> None:
         )
 
 
+# ---------------------------------------------------------------- variants and shards
+
+
 def add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int) -> None:
-    """Create the (empty) feature and progress arrays of a variant, if missing."""
-    group = zarr.open_group(path, mode="r+")
-    variants = dict(group.attrs["variants"])
-    if variant.name in variants:
-        return
-    identity = StoreIdentity.from_attrs(dict(group.attrs))
-    n_rows = group.attrs["n_rows"]
-    shard_rows, chunk_rows = identity.shard_rows, identity.chunk_rows
-    group.create_array(
-        f"features/{variant.name}",
-        shape=(n_rows, n_blocks, dim),
-        chunks=(chunk_rows, n_blocks, dim),
-        shards=(shard_rows, n_blocks, dim),
-        dtype=identity.dtype,
-        compressors=None,
-        fill_value=0,
-        overwrite=True,  # left over by a run killed before the variant was recorded
-    )
-    group.create_array(
-        f"progress/{variant.name}",
-        shape=(shard_count(n_rows, shard_rows),),
-        chunks=(1,),
-        dtype=bool,
-        fill_value=False,
-        overwrite=True,
-    )
-    variants[variant.name] = _jsonable(asdict(variant))
-    group.attrs["variants"] = variants
+    """Create the (empty) feature and progress arrays of a variant, if missing; safe against concurrent writers."""
+    _add_variant(Path(path), variant, n_blocks, dim, lock=store_lock(path))
+
+
+def _add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int, lock: AbstractContextManager) -> None:
+    with lock, _writable_group(path) as group:  # opened under the lock: its attributes are the latest
+        variants = dict(group.attrs["variants"])
+        if variant.name in variants:
+            return
+        identity = StoreIdentity.from_attrs(dict(group.attrs))
+        n_rows = group.attrs["n_rows"]
+        shard_rows, chunk_rows = identity.shard_rows, identity.chunk_rows
+        group.create_array(
+            f"features/{variant.name}",
+            shape=(n_rows, n_blocks, dim),
+            chunks=(chunk_rows, n_blocks, dim),
+            shards=(shard_rows, n_blocks, dim),
+            dtype=identity.dtype,
+            compressors=[Crc32cCodec()],  # raw bytes + a checksum per inner chunk, read by _shard_reader
+            fill_value=0,
+            overwrite=True,  # left over by a run killed before the variant was recorded
+        )
+        group.create_array(
+            f"progress/{variant.name}",
+            shape=(shard_count(n_rows, shard_rows),),
+            chunks=(1,),
+            dtype=bool,
+            fill_value=False,
+            compressors=_CHECKED_CODECS,
+            overwrite=True,
+        )
+        variants[variant.name] = _jsonable(asdict(variant))
+        group.attrs["variants"] = variants
 
 
 def pending_shards(path: Path, variant: str) -> list[int]:
@@ -369,36 +587,182 @@ def pending_shards(path: Path, variant: str) -> list[int]:
     return [int(i) for i in np.flatnonzero(~done)]
 
 
+def shard_done(path: Path, variant: str, shard: int) -> bool:
+    """Whether one shard of a variant is committed (read fresh: another process may have just committed it)."""
+    return bool(zarr.open_array(Path(path) / "progress" / variant, mode="r")[shard])
+
+
 def commit_shard(
     path: Path,
-    variant: str,
     shard: int,
-    features: np.ndarray,
+    features: Mapping[str, np.ndarray],
     valid: np.ndarray,
     errors: Sequence[str],
 ) -> None:
-    """Write one whole shard of one variant, then mark it done (in that order)."""
-    group = zarr.open_group(path, mode="r+")
-    shard_rows = group.attrs["shard_rows"]
-    start, stop = shard_bounds(shard, group.attrs["n_rows"], shard_rows)
-    if features.shape[0] != stop - start:
-        raise ValueError(f"shard {shard} of {path} has {stop - start} rows, got {features.shape[0]}")
-    group[f"features/{variant}"][start:stop] = features
-    group["valid"][start:stop] = valid
-    group["error"][start:stop] = np.asarray(list(errors), dtype=object)
-    group[f"progress/{variant}"][shard] = True
+    """Write one whole shard of one or more variants, then its validity and progress flags (in that order).
+
+    ``features`` maps variant names to the shard's (rows, n_blocks, dim)
+    tokens. When other variants already hold this shard, ``valid`` is merged
+    with what they recorded (a row stays valid only where it was valid for
+    them, with their reason where not).
+    """
+    _commit(Path(path), shard, features, np.asarray(valid, dtype=bool), errors, lock=store_lock(path))
+
+
+def _commit(
+    path: Path,
+    shard: int,
+    features: Mapping[str, np.ndarray],
+    valid: np.ndarray,
+    errors: Sequence[str],
+    lock: AbstractContextManager,
+) -> None:
+    reasons = np.asarray(list(errors), dtype=object)
+    with _writable_group(path) as group:
+        shard_rows = group.attrs["shard_rows"]
+        start, stop = shard_bounds(shard, group.attrs["n_rows"], shard_rows)
+        for variant, values in features.items():
+            if values.shape[0] != stop - start:
+                raise ValueError(f"shard {shard} of {path} has {stop - start} rows, got {values.shape[0]}")
+            group[f"features/{variant}"][start:stop] = values
+    with lock, _writable_group(path) as group:
+        others = [name for name in group.attrs["variants"] if name not in features]
+        if any(group[f"progress/{name}"][shard] for name in others):
+            earlier_valid = group["valid"][start:stop]
+            earlier_errors = np.asarray(group["error"][start:stop], dtype=object)
+            reasons = np.where(earlier_valid, reasons, earlier_errors)
+            valid = valid & earlier_valid
+        group["valid"][start:stop] = valid
+        group["error"][start:stop] = reasons
+        for variant in features:
+            group[f"progress/{variant}"][shard] = True
+
+
+def unflag_shards(path: Path, shards: Mapping[str, Sequence[int]]) -> None:
+    """Clear the progress flags of ``{variant: shards}`` so that the next extraction redoes them."""
+    with store_lock(path), _writable_group(Path(path)) as group:
+        for variant, numbers in shards.items():
+            for shard in numbers:
+                group[f"progress/{variant}"][shard] = False
+
+
+# ---------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    """Something wrong with one shard of one array."""
+
+    array: str  # "features/center", "valid", ...
+    shard: int
+    problem: str
+    variant: str | None = None  # the variant whose flag vouches for the shard, when it is one
+
+    def describe(self, path: Path) -> str:
+        return f"{path}: {self.array} shard {self.shard}: {self.problem}"
+
+
+def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[ShardProblem]:
+    """Committed shards whose files are missing or wrong (cheap: presence, sizes, index checksums; no data read).
+
+    For every variant (all by default) and every shard its flag marks done:
+    the feature shard file is there, its index checksum holds and every inner
+    chunk in range is present with its size; and the shard's ``valid`` and
+    ``error`` chunks are there and not empty.
+    """
+    path = Path(path)
+    info = open_store_info(path)
+    names = list(info.variants) if variants is None else list(variants)
+    flags = _read_flags(path, names, info.n_shards)
+    problems: list[ShardProblem] = []
+    for name in names:
+        array = zarr.open_array(path / "features" / name, mode="r")
+        layout = _shard_reader.raw_shard_layout(array)
+        for shard in np.flatnonzero(flags[name]).tolist():
+            for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard):
+                problems.append(ShardProblem(f"features/{name}", shard, problem, name))
+    committed = np.logical_or.reduce([flags[name] for name in names]) if names else np.zeros(info.n_shards, bool)
+    for row_array in ("valid", "error"):
+        for shard in np.flatnonzero(committed).tolist():
+            chunk = path / row_array / "c" / str(shard)
+            if not chunk.is_file() or chunk.stat().st_size == 0:
+                what = "missing" if not chunk.is_file() else "empty (0 bytes)"
+                for name in names:
+                    if flags[name][shard]:
+                        problems.append(ShardProblem(row_array, shard, f"chunk file {chunk} is {what}", name))
+    return problems
+
+
+def verify_store(path: Path) -> list[str]:
+    """Check a store end to end; a list of what is wrong (empty when it is whole and sound).
+
+    Row arrays readable (their checksums verified by zarr) and aligned with
+    ``n_rows``; every variant complete, each committed shard's files present
+    with the sizes of their index, every chunk's CRC32C, no shard holding
+    data without its progress flag; no NaN or Inf in valid rows.
+    """
+    path = Path(path)
+    info = open_store_info(path)
+    problems = [problem.describe(path) for problem in damaged_shards(path)]
+    try:
+        rows = read_rows(path)
+    except StoreError as error:
+        return [*problems, str(error)]
+    for name, values in (("labels", rows.labels), ("paths", rows.paths), ("valid", rows.valid)):
+        if len(values) != info.n_rows:
+            problems.append(f"{path}: array {name} has {len(values)} rows, the store {info.n_rows}")
+    flags = _read_flags(path, list(info.variants), info.n_shards)
+    for name in info.variants:
+        array = zarr.open_array(path / "features" / name, mode="r")
+        if array.shape[0] != info.n_rows:
+            problems.append(f"{path}: features/{name} has {array.shape[0]} rows, the store {info.n_rows}")
+            continue
+        layout = _shard_reader.raw_shard_layout(array)
+        for shard in range(info.n_shards):
+            if not flags[name][shard]:
+                has_data = _shard_reader.shard_file(path / "features" / name, shard, array.ndim).exists()
+                state = "holds data but has no progress flag" if has_data else "is not extracted yet"
+                problems.append(f"{path}: features/{name} shard {shard} {state} (run `pipeline extract` to finish it)")
+                continue
+            start, stop = shard_bounds(shard, info.n_rows, info.identity.shard_rows)
+            try:
+                values = read_features(path, name, slice(start, stop), require_complete=False)
+            except StoreError as error:
+                problems.append(str(error))
+                continue
+            if layout is None:
+                problems.append(f"{path}: features/{name} is not stored as checksummed raw shards")
+            bad = ~np.isfinite(values[rows.valid[start:stop]]).all(axis=(1, 2))
+            if bad.any():
+                first = start + int(np.flatnonzero(rows.valid[start:stop])[np.flatnonzero(bad)[0]])
+                problems.append(
+                    f"{path}: features/{name} shard {shard}: {int(bad.sum())} valid rows hold NaN or Inf "
+                    f"(first: row {first}, {rows.paths[first]})"
+                )
+    return list(dict.fromkeys(problems))
+
+
+# ---------------------------------------------------------------- reading rows and features
 
 
 def read_rows(path: Path) -> RowTable:
-    group = zarr.open_group(path, mode="r")
-    return RowTable(
-        labels=group["labels"][:],
-        paths=np.asarray(group["paths"][:], dtype=object),
-        datasets=np.asarray(group["dataset"][:], dtype=object),
-        classes=np.asarray(group["class"][:], dtype=object) if "class" in group else None,
-        valid=group["valid"][:],
-        errors=np.asarray(group["error"][:], dtype=object),
-    )
+    """The row arrays; a committed shard whose ``valid`` or ``error`` chunk is lost is an error, not "all invalid"."""
+    path = Path(path)
+    for problem in damaged_shards(path):
+        if problem.array in ("valid", "error"):
+            raise StoreError(problem.describe(path) + "; run `pipeline extract` again to re-extract the shard")
+    try:
+        group = zarr.open_group(path, mode="r")
+        return RowTable(
+            labels=group["labels"][:],
+            paths=np.asarray(group["paths"][:], dtype=object),
+            datasets=np.asarray(group["dataset"][:], dtype=object),
+            classes=np.asarray(group["class"][:], dtype=object) if "class" in group else None,
+            valid=group["valid"][:],
+            errors=np.asarray(group["error"][:], dtype=object),
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise StoreError(f"{path}: row arrays cannot be read ({type(error).__name__}: {error})") from None
 
 
 def read_features(
@@ -413,11 +777,15 @@ def read_features(
 
     ``rows`` is a slice or an increasing array of row indices. Whole inner
     chunks are read straight from the shard files by a few threads
-    (``_shard_reader``), other layouts through ``zarr``; ``out``
-    may be a pre-allocated (len(rows), n_blocks, dim) array to fill. Arrays
-    that start on a page boundary (as the ones allocated here do) are filled
-    fastest; others go through a small staging buffer.
+    (``_shard_reader``), their checksums verified; a committed shard whose
+    file or chunk is missing, short or damaged raises :class:`StoreError`
+    naming the store, array and shard. Other layouts are read through
+    ``zarr``. ``out`` may be a pre-allocated (len(rows), n_blocks, dim)
+    array to fill. Arrays that start on a page boundary (as the ones
+    allocated here do) are filled fastest; others go through a small staging
+    buffer.
     """
+    path = Path(path)
     info = open_store_info(path)
     if variant not in info.variants:
         raise StoreError(f"{path}: no variant {variant!r}; it has {sorted(info.variants) or 'none'}")
@@ -432,14 +800,24 @@ def read_features(
     elif out.shape != shape or out.dtype != array.dtype:
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} {array.dtype}")
     layout = _shard_reader.raw_shard_layout(array)
-    if layout is None:
-        out[...] = array.get_orthogonal_selection((row_index,))
-        return out
     try:
-        _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out)
+        if layout is None:
+            out[...] = array.get_orthogonal_selection((row_index,))
+        else:
+            committed = _read_flags(path, [variant], info.n_shards)[variant]
+            _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out, committed)
     except _shard_reader.ShardFileError as error:
-        raise StoreError(str(error)) from None
+        raise StoreError(f"{path}: features/{variant} {error}") from None
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{path}: features/{variant} cannot be read ({type(error).__name__}: {error})") from None
     return out
+
+
+def committed_rows(info: StoreInfo) -> np.ndarray:
+    """(n_rows,) bool: rows of shards that some variant has committed (their ``valid`` and ``error`` are recorded)."""
+    flags = _read_flags(info.path, list(info.variants), info.n_shards)
+    committed = np.logical_or.reduce(list(flags.values())) if flags else np.zeros(info.n_shards, dtype=bool)
+    return np.repeat(committed, info.identity.shard_rows)[: info.n_rows]
 
 
 def _row_index(rows: slice | np.ndarray | None, n_rows: int) -> np.ndarray:
@@ -465,12 +843,11 @@ def describe_store(path: Path) -> str:
             continue
         lines.append(f"{key:<12} {value}")
     lines.append("variants:")
-    n_shards = shard_count(info.n_rows, info.identity.shard_rows)
     for name in info.variants:
-        done = n_shards - len(pending_shards(path, name))
-        state = "complete" if name in info.complete_variants else f"{done}/{n_shards} shards"
+        done = info.n_shards - len(pending_shards(path, name))
+        state = "complete" if name in info.complete_variants else f"{done}/{info.n_shards} shards"
         lines.append(f"  {name:<20} {state}")
-    failed = np.flatnonzero(rows.errors != "")
+    failed = np.flatnonzero(committed_rows(info) & ~rows.valid)
     lines.append(f"invalid rows {len(failed)}")
     for row in failed[:20]:
         lines.append(f"  {rows.paths[row]}: {rows.errors[row]}")

@@ -1,27 +1,84 @@
-"""Complete-or-absent writes: a temporary sibling, renamed into place.
+"""Complete-or-absent, durable writes; the lock that serialises a store's metadata updates; stray temporaries.
 
 Every atomic write of the package goes through here: :func:`atomic_path`
 for one file or new folder written by any library (grid, head, report and
 plot files; a feature store's skeleton, the demo backbone),
 :func:`write_text_atomic` for text, :func:`replace_files_atomically` for a
-set of small files that belong together (a manifest and its sidecar). Zarr
-writes each chunk file of a store through its own temporary name and rename.
+set of small files that belong together (a manifest and its sidecar), and
+:func:`write_bytes_durable` for every file of a feature store (the cache's
+zarr store writes through it): written under a temporary name, synced,
+renamed into place, and the folder synced, so that after a crash or a power
+loss a file is either whole under its final name or absent.
+
+Temporary names are ``.<name>.<host>-<pid>.<random>.tmp`` (``host`` a short
+hash of the machine's name), so that :func:`remove_stray_temporaries` can tell
+the leftovers of a killed writer (its process is gone from this machine, or
+the file is older than any write takes) from a write in progress.
+
+:func:`locked` holds an exclusive ``fcntl.flock`` on a lock file for the
+length of a block: short critical sections (store creation, attribute
+updates) of processes that may run on several machines sharing a file
+system that supports locks (local disks, NFSv4, Lustre mounted with flock).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import os
+import re
 import secrets
 import shutil
-import threading
+import socket
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import PipelineError
+
+HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+ZARR_PARTIAL_NAME = re.compile(r"^.+\.[0-9a-f]{32}\.partial$")  # zarr's own temporary names
+STRAY_AFTER_SECONDS = 3600.0  # no write of this package takes this long; older temporaries are leftovers
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+class WriteError(PipelineError, OSError):
+    """A write the disk refused (full, read-only, no permission), naming the file."""
+
+
+def explain_os_error(error: OSError, path: Path | str | None = None) -> str | None:
+    """``<file>: <why> ...`` for a disk error a user can fix (full, read-only, denied), else None."""
+    if error.errno not in _DISK_ERRNOS:
+        return None
+    where = error.filename or path or "?"
+    hint = {
+        errno.ENOSPC: "free some space or write elsewhere",
+        errno.EDQUOT: "free some space or write elsewhere",
+        errno.EROFS: "the file system is read-only; write elsewhere",
+    }.get(error.errno, "check the permissions or write elsewhere")
+    return f"{where}: cannot write ({error.strerror or os.strerror(error.errno)}); {hint}"
+
+
+@contextmanager
+def disk_errors_explained(path: Path | str | None = None) -> Iterator[None]:
+    """Turn a disk error a user can fix into a :class:`WriteError` naming the file."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except OSError as error:
+        message = explain_os_error(error, path)
+        if message is None:
+            raise
+        raise WriteError(error.errno, message) from None
+
 
 def _temporary_sibling(path: Path) -> Path:
-    """A hidden name next to ``path``, unique per process, thread and call."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}.tmp")
+    """A hidden name next to ``path``, unique per machine, process and call."""
+    return path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 @contextmanager
@@ -40,15 +97,46 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         os.replace(tmp, path)
     finally:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        remove_path(tmp)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree (not following a link), if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_durable(path: Path, data: bytes | memoryview) -> int:
+    """Write ``data`` to ``path`` whole or not at all, and durably: temporary name, fsync, rename, fsync of the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        with open(tmp, "xb") as handle:
+            written = handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_directory(path.parent)
+    return written
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make the renames inside ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_files_atomically(contents: Mapping[Path, bytes]) -> None:
@@ -77,3 +165,64 @@ def replace_files_atomically(contents: Mapping[Path, bytes]) -> None:
     finally:
         for temporary, _ in staged:
             temporary.unlink(missing_ok=True)
+
+
+def is_stray_temporary(path: Path, now: float | None = None) -> bool:
+    """A temporary file or folder left by a killed writer: its process is gone from this machine, or it is old."""
+    match = TEMPORARY_NAME.match(path.name)
+    if match is None and ZARR_PARTIAL_NAME.match(path.name) is None:
+        return False
+    if match is not None and match["host"] == HOST_TAG and not process_alive(int(match["pid"])):
+        return True
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except FileNotFoundError:
+        return False
+    return age > STRAY_AFTER_SECONDS
+
+
+def process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stray_temporaries(folder: Path, *, recursive: bool) -> list[Path]:
+    """Remove the leftovers of killed writes in ``folder`` (and below, when ``recursive``); the paths removed."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    walk = os.walk(folder) if recursive else [(str(folder), [], [e.name for e in os.scandir(folder)])]
+    for here, _, names in walk:
+        for name in names:
+            path = Path(here) / name
+            if is_stray_temporary(path):
+                remove_path(path)
+                removed.append(path)
+    return removed
+
+
+@contextmanager
+def locked(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if need be) for the block; waits for other holders."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            raise WriteError(
+                error.errno,
+                f"{lock}: cannot lock ({error.strerror}); the file system must support flock "
+                "(local disks and NFSv4 do; mount Lustre with -o flock)",
+            ) from None
+        yield
+    finally:
+        os.close(fd)

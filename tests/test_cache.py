@@ -50,7 +50,7 @@ def features_for(n_rows: int, seed: int, dtype: str = "float16") -> np.ndarray:
 def commit_all(path: Path, variant: str, values: np.ndarray, shard_rows: int) -> None:
     for shard in range(cache.shard_count(len(values), shard_rows)):
         start, stop = cache.shard_bounds(shard, len(values), shard_rows)
-        cache.commit_shard(path, variant, shard, values[start:stop], np.ones(stop - start, bool), [""] * (stop - start))
+        cache.commit_shard(path, shard, {variant: values[start:stop]}, np.ones(stop - start, bool), [""] * (stop - start))
 
 
 def zarr_features(path: Path, variant: str) -> np.ndarray:
@@ -173,11 +173,10 @@ def test_raw_reader_into_strided_and_unaligned_out(reader_store: tuple[Path, np.
 def test_raw_reader_with_small_read_pieces(
     reader_store: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spans split into pieces of 3 rows and a staging buffer smaller than a span read the same bytes."""
+    """Chunks read (and checksummed) in pieces smaller than a row, staged or direct, give the same bytes."""
     path, values = reader_store
     row_bytes = N_BLOCKS * DIM * 2
-    monkeypatch.setattr(_shard_reader, "_SPAN_BYTES", 3 * row_bytes)
-    monkeypatch.setattr(_shard_reader, "_STAGING_BYTES", 128)
+    monkeypatch.setattr(_shard_reader, "_PIECE_BYTES", row_bytes // 2 + 6)
     monkeypatch.setattr(_shard_reader, "_STAGING", [])
     expected = zarr_features(path, "center")
     for rows in (None, np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 16, 17, 18, 19, 20]), slice(2, 19)):
@@ -201,14 +200,15 @@ def test_row_indices_must_increase_and_stay_in_range(store_21: tuple[Path, np.nd
         cache.read_features(path, "center", np.array([-1, 3]))
 
 
-def test_zero_chunks_and_unwritten_shards_read_as_zarr_does(tmp_path: Path) -> None:
+def test_zero_chunks_are_written_and_unwritten_shards_read_as_zarr_does(tmp_path: Path) -> None:
     path = new_store(tmp_path / "zeros.zarr", 21)
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
     values = features_for(21, seed=2)
-    values[2:4] = 0  # one whole inner chunk of zeros: zarr writes no bytes for it
-    values[8:16] = 0  # a whole shard of zeros: zarr writes no shard file
+    values[2:4] = 0  # one whole inner chunk of zeros: written all the same (zarr's default would drop it)
+    values[8:16] = 0  # a whole shard of zeros (every row invalid): its file is written
     commit_all(path, "center", values, 8)
-    assert not (path / "features" / "center" / "c" / "1").exists()
+    assert (path / "features" / "center" / "c" / "1" / "0" / "0").is_file()
+    assert cache.damaged_shards(path) == []
 
     expected = zarr_features(path, "center")
     np.testing.assert_array_equal(expected, values)
@@ -219,7 +219,7 @@ def test_zero_chunks_and_unwritten_shards_read_as_zarr_does(tmp_path: Path) -> N
     # A shard never committed (incomplete store) reads as the fill value too.
     cache.add_variant(path, VariantSpec.train_view(0), N_BLOCKS, DIM)
     first = features_for(8, seed=3)
-    cache.commit_shard(path, "view_000", 0, first, np.ones(8, bool), [""] * 8)
+    cache.commit_shard(path, 0, {"view_000": first}, np.ones(8, bool), [""] * 8)
     partial = cache.read_features(path, "view_000", require_complete=False)
     np.testing.assert_array_equal(partial, zarr_features(path, "view_000"))
     np.testing.assert_array_equal(partial[:8], first)
@@ -298,7 +298,7 @@ def test_compatible_features_ignores_manifest_and_seed() -> None:
 def test_incomplete_variant_is_refused(tmp_path: Path) -> None:
     path = new_store(tmp_path / "part.zarr", 21)
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
-    cache.commit_shard(path, "center", 1, features_for(8, seed=7), np.ones(8, bool), [""] * 8)
+    cache.commit_shard(path, 1, {"center": features_for(8, seed=7)}, np.ones(8, bool), [""] * 8)
     assert cache.pending_shards(path, "center") == [0, 2]
     with pytest.raises(StoreError, match=r"'center' is incomplete \(2 shards missing\)"):
         cache.read_features(path, "center")
@@ -311,7 +311,7 @@ def test_commit_shard_refuses_wrong_row_count(tmp_path: Path) -> None:
     path = new_store(tmp_path / "rows.zarr", 21)
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
     with pytest.raises(ValueError, match="shard 2 .* has 5 rows, got 8"):
-        cache.commit_shard(path, "center", 2, features_for(8, seed=8), np.ones(8, bool), [""] * 8)
+        cache.commit_shard(path, 2, {"center": features_for(8, seed=8)}, np.ones(8, bool), [""] * 8)
     assert cache.pending_shards(path, "center") == [0, 1, 2]
 
 
@@ -361,8 +361,8 @@ def test_describe_store_lists_variants_and_failures(tmp_path: Path) -> None:
     for shard in range(3):
         start, stop = cache.shard_bounds(shard, 21, 8)
         n = stop - start
-        cache.commit_shard(path, "center", shard, features_for(n, seed=shard), valid[:n], errors[:n])
-    cache.commit_shard(path, "view_000", 0, features_for(8, seed=9), valid, errors)
+        cache.commit_shard(path, shard, {"center": features_for(n, seed=shard)}, valid[:n], errors[:n])
+    cache.commit_shard(path, 0, {"view_000": features_for(8, seed=9)}, valid, errors)
 
     text = cache.describe_store(path)
 
@@ -384,7 +384,7 @@ def test_describe_store_lists_variants_and_failures(tmp_path: Path) -> None:
 def test_describe_store_caps_listed_failures(tmp_path: Path) -> None:
     path = new_store(tmp_path / "many.zarr", 24, make_identity(shard_rows=24, chunk_rows=4))
     cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
-    cache.commit_shard(path, "center", 0, features_for(24, seed=1), np.zeros(24, bool), ["bad"] * 24)
+    cache.commit_shard(path, 0, {"center": features_for(24, seed=1)}, np.zeros(24, bool), ["bad"] * 24)
     text = cache.describe_store(path)
     assert "invalid rows 24" in text
     assert text.count(": bad") == 20
@@ -403,13 +403,13 @@ def test_unicode_and_spaces_survive_in_paths(tmp_path: Path) -> None:
     commit_all(path, "center", values, 4)
     np.testing.assert_array_equal(cache.read_features(path, "center"), values)
     errors = ["", "", "", "", "décodage raté: ü"]
-    cache.commit_shard(path, "center", 1, values[4:], np.zeros(1, bool), errors[4:])
+    cache.commit_shard(path, 1, {"center": values[4:]}, np.zeros(1, bool), errors[4:])
     assert "e/tab-free ñ.png: décodage raté: ü" in cache.describe_store(path)
 
 
 def test_create_store_leaves_no_temporary_folder(tmp_path: Path) -> None:
     path = new_store(tmp_path / "clean.zarr", 3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.zarr"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".clean.zarr.lock", "clean.zarr"]
     assert cache.open_store_info(path).variants == {}
 
 
@@ -452,7 +452,7 @@ def test_write_store_equals_a_store_committed_shard_by_shard(tmp_path: Path) -> 
         cache.add_variant(by_hand, VariantSpec.from_name(name), N_BLOCKS, DIM)
         for shard in range(3):
             start, stop = cache.shard_bounds(shard, 21, 8)
-            cache.commit_shard(by_hand, name, shard, values[start:stop], valid[start:stop], errors[start:stop])
+            cache.commit_shard(by_hand, shard, {name: values[start:stop]}, valid[start:stop], errors[start:stop])
 
     written_info, by_hand_info = cache.open_store_info(written), cache.open_store_info(by_hand)
     assert written_info.attrs == by_hand_info.attrs
@@ -519,13 +519,8 @@ def test_train_views_lists_complete_views_in_view_order(tmp_path: Path) -> None:
     assert info.variants["view_001"].kind is cache.VariantKind.TRAIN_VIEW
 
 
-def test_store_written_before_block_indices_was_named_still_opens(store_21: tuple[Path, np.ndarray]) -> None:
-    path, values = store_21
-    group = zarr.open_group(path, mode="r+")
-    attrs = dict(group.attrs)
-    attrs["blocks"] = attrs.pop("block_indices")
-    group.attrs.clear()
-    group.attrs.update(attrs)
-    assert "block_indices" not in zarr.open_group(path, mode="r").attrs
-    assert cache.open_store_info(path).identity == make_identity()
-    np.testing.assert_array_equal(cache.read_features(path, "center"), values)
+def test_a_store_of_the_older_schema_is_refused_with_what_to_do(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    zarr.open_group(path, mode="r+").attrs["schema"] = "rine-pipeline/feature-store@1"
+    with pytest.raises(StoreError, match=r"schema 'rine-pipeline/feature-store@1'.*rebuild it with .*--overwrite"):
+        cache.open_store_info(path)
