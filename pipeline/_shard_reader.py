@@ -22,7 +22,6 @@ Problems raise :class:`ShardFileError` naming the shard and the file. Plain
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,7 +248,9 @@ def _plan_reads(
         index = indexes[shard]
         if index is None or index[local, 0] == _EMPTY_CHUNK:
             if committed is not None and committed[shard]:
-                raise ShardFileError(f"shard {shard}: chunk {local} is missing from {file}, but the shard is marked done")
+                raise ShardFileError(
+                    f"shard {shard}: chunk {local} is missing from {file}, but the shard is marked done"
+                )
             empty.append((lo, hi))
             continue
         offset, nbytes = int(index[local, 0]), int(index[local, 1])

@@ -28,8 +28,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
-from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS
+from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS, canonical_model_config
 from .devices import resolve_device
+from .errors import PipelineError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -46,6 +47,10 @@ class BackboneConfig:
     dtype: str = "auto"  # "auto" = float16 on GPU (the authors' setting), float32 on CPU; else one of COMPUTE_DTYPES
 
 
+class BlockSelectionError(PipelineError, ValueError):
+    """A ``--blocks`` value that does not fit the model."""
+
+
 def parse_block_selection(text: str, n_layers: int) -> tuple[int, ...]:
     """Block selection like timm's feature_take_indices.
 
@@ -55,19 +60,25 @@ def parse_block_selection(text: str, n_layers: int) -> tuple[int, ...]:
     text = text.strip()
     if text == "all":
         return tuple(range(n_layers))
-    if text.startswith("last:"):
-        count = int(text.split(":", 1)[1])
-        if not 1 <= count <= n_layers:
-            raise ValueError(f"block selection {text!r}: K must be in 1..{n_layers}")
-        return tuple(range(n_layers - count, n_layers))
-    indices = []
-    for part in text.split(","):
-        index = int(part)
+    try:
+        if text.startswith("last:"):
+            count = int(text.split(":", 1)[1])
+            if not 1 <= count <= n_layers:
+                raise BlockSelectionError(f"block selection {text!r}: K must be in 1..{n_layers}")
+            return tuple(range(n_layers - count, n_layers))
+        indices = [int(part) for part in text.split(",")]
+    except BlockSelectionError:
+        raise
+    except ValueError:
+        raise BlockSelectionError(
+            f"block selection {text!r}: expected all, last:K or a comma list of integers"
+        ) from None
+    for index in indices:
         if not -n_layers <= index < n_layers:
-            raise ValueError(f"block selection {text!r}: index {index} outside a {n_layers}-block model")
-        indices.append(index % n_layers)
+            raise BlockSelectionError(f"block selection {text!r}: index {index} outside a {n_layers}-block model")
+    indices = [index % n_layers for index in indices]
     if len(set(indices)) != len(indices) or indices != sorted(indices):
-        raise ValueError(f"block selection {text!r}: indices must be distinct and increasing")
+        raise BlockSelectionError(f"block selection {text!r}: indices must be distinct and increasing")
     return tuple(indices)
 
 
@@ -110,6 +121,7 @@ class Backbone:
         self.block_indices = parse_block_selection(block_selection, self.n_layers)
         self.mean, self.std = _normalisation(config)
         self.revision = _resolved_revision(config)
+        self.model_config = _model_config_text(config)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
 
@@ -177,6 +189,12 @@ def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[flo
     preprocessor = json.loads(Path(config_file).read_text())
     mean, std = preprocessor.get("image_mean", CLIP_MEAN), preprocessor.get("image_std", CLIP_STD)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _model_config_text(config: BackboneConfig) -> str:
+    """The checkpoint's config.json as canonical JSON: part of a store's identity (``cache.canonical_model_config``)."""
+    config_file = cached_file(config.model, "config.json", revision=config.revision)
+    return canonical_model_config(json.loads(Path(config_file).read_text(encoding="utf-8")))
 
 
 def _resolved_revision(config: BackboneConfig) -> str:

@@ -701,13 +701,28 @@ def verify_store(path: Path) -> list[str]:
     with the sizes of their index, every chunk's CRC32C, no shard holding
     data without its progress flag; no NaN or Inf in valid rows.
     """
-    path = Path(path)
+    return _verify(Path(path))[0]
+
+
+def reset_damaged_shards(path: Path) -> int:
+    """Clear the progress flags of committed shards whose files are missing, short or damaged; how many were cleared."""
+    damaged = _verify(Path(path))[1]
+    unflag_shards(path, {variant: sorted(shards) for variant, shards in damaged.items()})
+    return sum(len(shards) for shards in damaged.values())
+
+
+def _verify(path: Path) -> tuple[list[str], dict[str, set[int]]]:
+    """(what is wrong, {variant: committed shards whose files are damaged})."""
     info = open_store_info(path)
-    problems = [problem.describe(path) for problem in damaged_shards(path)]
+    structural = damaged_shards(path)
+    problems = [problem.describe(path) for problem in structural]
+    damaged: dict[str, set[int]] = {}
+    for problem in structural:
+        damaged.setdefault(problem.variant or "", set()).add(problem.shard)
     try:
         rows = read_rows(path)
     except StoreError as error:
-        return [*problems, str(error)]
+        return [*problems, str(error)], damaged
     for name, values in (("labels", rows.labels), ("paths", rows.paths), ("valid", rows.valid)):
         if len(values) != info.n_rows:
             problems.append(f"{path}: array {name} has {len(values)} rows, the store {info.n_rows}")
@@ -717,29 +732,32 @@ def verify_store(path: Path) -> list[str]:
         if array.shape[0] != info.n_rows:
             problems.append(f"{path}: features/{name} has {array.shape[0]} rows, the store {info.n_rows}")
             continue
-        layout = _shard_reader.raw_shard_layout(array)
+        if _shard_reader.raw_shard_layout(array) is None:
+            problems.append(f"{path}: features/{name} is not stored as checksummed raw shards")
         for shard in range(info.n_shards):
             if not flags[name][shard]:
                 has_data = _shard_reader.shard_file(path / "features" / name, shard, array.ndim).exists()
                 state = "holds data but has no progress flag" if has_data else "is not extracted yet"
                 problems.append(f"{path}: features/{name} shard {shard} {state} (run `pipeline extract` to finish it)")
                 continue
+            if shard in damaged.get(name, ()):
+                continue
             start, stop = shard_bounds(shard, info.n_rows, info.identity.shard_rows)
             try:
                 values = read_features(path, name, slice(start, stop), require_complete=False)
             except StoreError as error:
                 problems.append(str(error))
+                damaged.setdefault(name, set()).add(shard)
                 continue
-            if layout is None:
-                problems.append(f"{path}: features/{name} is not stored as checksummed raw shards")
-            bad = ~np.isfinite(values[rows.valid[start:stop]]).all(axis=(1, 2))
+            valid_rows = np.flatnonzero(rows.valid[start:stop])
+            bad = ~np.isfinite(values[valid_rows]).all(axis=(1, 2))
             if bad.any():
-                first = start + int(np.flatnonzero(rows.valid[start:stop])[np.flatnonzero(bad)[0]])
+                first = start + int(valid_rows[np.flatnonzero(bad)[0]])
                 problems.append(
-                    f"{path}: features/{name} shard {shard}: {int(bad.sum())} valid rows hold NaN or Inf "
+                    f"{path}: features/{name} shard {shard}: {int(bad.sum())} valid row(s) hold NaN or Inf "
                     f"(first: row {first}, {rows.paths[first]})"
                 )
-    return list(dict.fromkeys(problems))
+    return problems, damaged
 
 
 # ---------------------------------------------------------------- reading rows and features

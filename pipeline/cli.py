@@ -7,13 +7,16 @@ exit status 1. Bad options exit 2 (click's usage errors).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 
 from . import cache, images
 from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
+from .claims import DEFAULT_STALE_AFTER
 from .errors import PipelineError
+from .files import disk_errors_explained
 from .layouts import LAYOUTS, build_manifest
 from .manifest import check_split_name, manifest_path, write_manifest
 from .paper import DEFAULT_BACKBONES
@@ -21,6 +24,9 @@ from .variants import PERTURB_PRESETS, PERTURBATIONS
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
+
+
+EXIT_TOO_MANY_INVALID = 3
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:
@@ -102,7 +108,8 @@ def main() -> None:
     All of it on the paper's data:  pipeline paper DATA_ROOT
     On a built-in synthetic demo:   ./run_all.sh demo (pipeline demo builds its data)
 
-    Exit status: 0 done; 1 an error (printed as "Error: ..."); 2 bad options.
+    Exit status: 0 done; 1 an error (printed as "Error: ..."); 2 bad options;
+    3 (extract) more rows than --max-invalid could not be decoded.
     """
 
 
@@ -221,7 +228,10 @@ def manifest_command(
     "scored by the sigmoid of the mean of the ten logits: the authors' protocol for large images (Synthbuster).",
 )
 @click.option(
-    "--seed", type=int, default=0, help="Seed of every random choice; each image's view is seeded by (seed, row, view)."
+    "--seed",
+    type=click.IntRange(0),
+    default=0,
+    help="Seed of every random choice; each image's view is seeded by (seed, row, view).",
 )
 @click.option(
     "--shard-rows",
@@ -243,7 +253,41 @@ def manifest_command(
     help="Images with more pixels are recorded as invalid.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be used (exit status 1).")
-@click.option("--overwrite", is_flag=True, help="Delete an existing store and rebuild it.")
+@click.option(
+    "--max-invalid",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.05,
+    help="Share of rows that may fail to decode; above it the command exits 3 (the store keeps what was done).",
+)
+@click.option(
+    "--retry-invalid",
+    is_flag=True,
+    help="Re-decode the rows recorded as invalid (after restoring files or fixing --data-root): "
+    "their shards are re-extracted, every other shard is left as it is.",
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Delete an existing store (only a feature store; anything else is refused)."
+)
+@click.option(
+    "--rank",
+    type=click.IntRange(0),
+    default=None,
+    help="This process's rank among --world-size processes sharing the work [default: $RANK (torchrun), else 0].",
+)
+@click.option(
+    "--world-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Number of processes sharing the work [default: $WORLD_SIZE (torchrun), else 1]. "
+    "E.g. under SLURM: --rank $SLURM_PROCID --world-size $SLURM_NTASKS.",
+)
+@click.option(
+    "--claim-timeout",
+    type=click.FloatRange(0.0, min_open=True),
+    default=DEFAULT_STALE_AFTER,
+    help="Seconds after which a claim on a shard that its owner stopped refreshing (a dead process on another "
+    "machine) is taken over.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def extract_command(
     split,
@@ -270,17 +314,32 @@ def extract_command(
     workers,
     max_pixels,
     fail_fast,
+    max_invalid,
+    retry_invalid,
     overwrite,
+    rank,
+    world_size,
+    claim_timeout,
     no_progress,
 ) -> None:
-    """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable).
+    """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable, shareable).
 
-    Prints the store path(s). Exit status: 0 when the store is complete (images
-    that could not be decoded are recorded with valid=false and summarised);
-    1 on an error or with --fail-fast at the first bad image; 2 on bad options.
+    Prints the store path(s). Several processes may extract into the same
+    store: under torchrun (`torchrun --nproc-per-node N -m pipeline extract
+    ...`, one rank per GPU), with --rank/--world-size, or simply started
+    twice; they split the shards between them and each returns when the store
+    is complete.
+
+    \b
+    Exit status: 0 the store is complete (images that could not be decoded are
+    recorded with valid=false and summarised); 1 an error, or --fail-fast at
+    the first bad image; 2 bad options; 3 more than --max-invalid of the rows
+    could not be decoded (the store keeps them; fix and use --retry-invalid).
     """
     from .backbone import BackboneConfig
-    from .extract import ExtractConfig, run_extract
+    from .extract import ExtractConfig, OptionError, TooManyInvalid, run_extract
+
+    rank, world_size = _rank_and_world_size(rank, world_size)
 
     config = ExtractConfig(
         split=split,
@@ -304,13 +363,39 @@ def extract_command(
         decode_workers=workers,
         max_pixels=max_pixels,
         fail_fast=fail_fast,
+        max_invalid=max_invalid,
+        retry_invalid=retry_invalid,
         overwrite=overwrite,
+        rank=rank,
+        world_size=world_size,
+        claim_timeout=claim_timeout,
         progress=not no_progress,
     )
-    summary = run_extract(config)
+    try:
+        summary = run_extract(config)
+    except OptionError as error:
+        raise click.UsageError(str(error)) from None
+    except TooManyInvalid as error:
+        click.echo(error.summary.report(), err=True)
+        click.echo(f"Error: {error}", err=True)
+        raise SystemExit(EXIT_TOO_MANY_INVALID) from None
     click.echo(summary.report(), err=True)
     for path in summary.stores.values():
         click.echo(str(path))
+
+
+def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """--rank/--world-size, else torchrun's RANK/WORLD_SIZE, else one process."""
+    if (rank is None) != (world_size is None):
+        raise click.UsageError("--rank and --world-size go together")
+    if rank is not None:
+        return rank, world_size
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise click.UsageError(
+            f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} are not integers"
+        ) from None
 
 
 @main.command("audit")
@@ -366,7 +451,7 @@ def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, 
 
 @main.group("cache")
 def cache_group() -> None:
-    """Inspect feature stores; export them to HDF5 and import them back."""
+    """Inspect and verify feature stores; export them to HDF5 and import them back."""
 
 
 @cache_group.command("info")
@@ -374,6 +459,30 @@ def cache_group() -> None:
 def cache_info_command(path: Path) -> None:
     """Print a store's attributes, variants and completion, and its invalid rows."""
     click.echo(cache.describe_store(path))
+
+
+@cache_group.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--reset-bad",
+    is_flag=True,
+    help="Clear the progress flags of the shards found damaged, so that the next `pipeline extract` "
+    "(same options) re-extracts them.",
+)
+def cache_verify_command(path: Path, reset_bad: bool) -> None:
+    """Check a store end to end: every shard present and readable, its checksums, progress flags, row-aligned
+    arrays, no NaN/Inf in valid rows. Prints what is wrong; exit status 1 when anything is.
+    """
+    problems = cache.verify_store(path)
+    if not problems:
+        click.echo(f"{path}: OK")
+        return
+    for problem in problems:
+        click.echo(problem)
+    if reset_bad:
+        reset = cache.reset_damaged_shards(path)
+        click.echo(f"reset {reset} shard flag(s); run `pipeline extract` again to re-extract them", err=True)
+    raise click.ClickException(f"{path}: {len(problems)} problem(s) found")
 
 
 @cache_group.command("export")
@@ -391,7 +500,8 @@ def cache_export_command(store: Path, out: Path, file_format: str, no_progress: 
     """
     from .hdf5 import export_hdf5
 
-    summary = export_hdf5(store, out, progress=not no_progress)
+    with disk_errors_explained(out):
+        summary = export_hdf5(store, out, progress=not no_progress)
     click.echo(summary.report(), err=True)
     click.echo(str(out))
 
@@ -405,7 +515,8 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
     """Read an HDF5 file written by `pipeline cache export` back into the feature store STORE."""
     from .hdf5 import import_hdf5
 
-    summary = import_hdf5(source, store, overwrite=overwrite, progress=not no_progress)
+    with disk_errors_explained(store):
+        summary = import_hdf5(source, store, overwrite=overwrite, progress=not no_progress)
     click.echo(summary.report(), err=True)
     click.echo(str(store))
 

@@ -34,13 +34,16 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__, cache, images
-from .backbone import Backbone, BackboneConfig
+from .backbone import Backbone, BackboneConfig, BlockSelectionError
 from .cache import STORE_DTYPES, TAPS
+from .claims import DEFAULT_STALE_AFTER, ShardClaims
 from .errors import PipelineError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, check_split_name, read_manifest
 from .variants import PERTURB_PRESETS, PERTURBATIONS, VariantKind, VariantSpec, ten_crop_variants
 
 FAILURE_EXAMPLES = 10
+DEFAULT_MAX_INVALID = 0.05
+CLAIM_POLL_SECONDS = 2.0  # how often a process that has nothing left to claim looks again
 # Perturbation p of row r draws from view_rng(seed, r, PERTURB_STREAM + index of p in PERTURBATIONS):
 # streams apart from the training views 0, 1, ...
 PERTURB_STREAM = 1000
@@ -48,6 +51,23 @@ PERTURB_STREAM = 1000
 
 class ExtractError(PipelineError, RuntimeError):
     """Extraction stopped (bad arguments, or --fail-fast on a bad image)."""
+
+
+class OptionError(ExtractError):
+    """Options that cannot work together or do not fit the model (the command exits 2)."""
+
+
+class TooManyInvalid(ExtractError):
+    """More rows than ``max_invalid`` could not be decoded; the store keeps all that was done."""
+
+    def __init__(self, summary: ExtractSummary, max_invalid: float) -> None:
+        share = summary.n_invalid / max(summary.n_rows, 1)
+        super().__init__(
+            f"{summary.n_invalid} of {summary.n_rows} rows ({share:.1%}) could not be decoded, more than "
+            f"--max-invalid {max_invalid:.1%} (a wrong --data-root?). The store keeps them as invalid; fix the "
+            "files or --data-root and run again with --retry-invalid"
+        )
+        self.summary = summary
 
 
 class BadImageStop(ExtractError):
@@ -86,6 +106,11 @@ class ExtractConfig:
     fail_fast: bool = False
     overwrite: bool = False
     progress: bool = True
+    max_invalid: float = DEFAULT_MAX_INVALID  # share of rows that may fail to decode before the run fails
+    retry_invalid: bool = False  # re-extract the shards holding invalid rows
+    rank: int = 0  # this process among world_size processes sharing the work (torchrun, SLURM, ...)
+    world_size: int = 1
+    claim_timeout: float = DEFAULT_STALE_AFTER  # seconds after which a claim not refreshed is taken over
 
     def is_training(self) -> bool:
         """Training splits get seeded augmented views, others the center crop."""
@@ -101,31 +126,51 @@ class ExtractConfig:
         return (VariantSpec.center(),)
 
     def validate(self) -> None:
+        """Refuse options that cannot work together (:class:`OptionError`: exit status 2), before anything is written."""
+        try:
+            check_split_name(self.split)
+        except ValueError as error:
+            raise OptionError(str(error)) from None
         if not self.taps or set(self.taps) - set(TAPS):
-            raise ExtractError(f"taps must be a non-empty subset of {TAPS}, got {self.taps}")
+            raise OptionError(f"taps must be a non-empty subset of {TAPS}, got {self.taps}")
         if self.out is not None and len(self.taps) != 1:
-            raise ExtractError("--out names one store, so it takes exactly one --tap")
-        if min(self.views, self.batch_size, self.decode_workers, self.shard_rows, self.chunk_rows) < 1:
-            raise ExtractError("--views, --batch-size, --workers, --shard-rows and --chunk-rows must be at least 1")
+            raise OptionError("--out names one store, so it takes exactly one --tap")
+        if min(self.views, self.batch_size, self.decode_workers, self.shard_rows, self.chunk_rows, self.max_pixels) < 1:
+            raise OptionError(
+                "--views, --batch-size, --workers, --shard-rows, --chunk-rows and --max-pixels must be at least 1"
+            )
+        if self.seed < 0:
+            raise OptionError(f"--seed must be 0 or more (it seeds numpy's SeedSequence), got {self.seed}")
+        if not 0.0 <= self.max_invalid <= 1.0:
+            raise OptionError(f"--max-invalid is a share of rows in [0, 1], got {self.max_invalid}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise OptionError(f"--rank {self.rank} must be in [0, --world-size {self.world_size})")
+        if self.overwrite and self.world_size > 1:
+            raise OptionError(
+                "--overwrite deletes the store, which other ranks are writing: rebuild it with one process, "
+                "or delete it before starting the ranks"
+            )
+        if self.claim_timeout <= 0:
+            raise OptionError(f"--claim-timeout must be positive, got {self.claim_timeout}")
         if self.views > 1 and not self.is_training():
-            raise ExtractError(
+            raise OptionError(
                 f"--views {self.views} asks for augmented views, but {self.split!r} is not a training split; add --augment"
             )
         if self.shard_rows % self.chunk_rows:
-            raise ExtractError(
+            raise OptionError(
                 f"--chunk-rows {self.chunk_rows} must divide --shard-rows {self.shard_rows} "
                 f"(a shard holds whole inner chunks; e.g. --chunk-rows {np.gcd(self.shard_rows, self.chunk_rows)})"
             )
         if self.store_dtype not in STORE_DTYPES:
-            raise ExtractError(f"unknown store dtype {self.store_dtype!r}; choose from {STORE_DTYPES}")
+            raise OptionError(f"unknown store dtype {self.store_dtype!r}; choose from {STORE_DTYPES}")
         if self.perturbation is not None and self.perturbation not in PERTURBATIONS:
-            raise ExtractError(f"unknown perturbation {self.perturbation!r}; choose from {PERTURBATIONS}")
+            raise OptionError(f"unknown perturbation {self.perturbation!r}; choose from {PERTURBATIONS}")
         if self.perturb_preset not in PERTURB_PRESETS:
-            raise ExtractError(f"unknown perturbation preset {self.perturb_preset!r}; choose from {PERTURB_PRESETS}")
+            raise OptionError(f"unknown perturbation preset {self.perturb_preset!r}; choose from {PERTURB_PRESETS}")
         if self.perturbation is not None and self.is_training():
-            raise ExtractError("perturbations are for evaluation splits; pass --no-augment")
+            raise OptionError("perturbations are for evaluation splits; pass --no-augment")
         if self.ten_crop and (self.perturbation is not None or self.is_training()):
-            raise ExtractError("--ten-crop is an evaluation crop: not with --perturb or a training split")
+            raise OptionError("--ten-crop is an evaluation crop: not with --perturb or a training split")
 
 
 def store_path(config: ExtractConfig, tap: str) -> Path:
@@ -154,12 +199,20 @@ class ExtractSummary:
     images_processed: int
     failures: tuple[tuple[str, str], ...]
     times: StageTimes
+    shards_by_others: int = 0
+    notes: tuple[str, ...] = ()  # repairs and retries done before extracting
+
+    @property
+    def n_invalid(self) -> int:
+        return len(self.failures)
 
     def report(self) -> str:
         t = self.times
         rate = self.images_processed / t.wall if t.wall > 0 else 0.0
+        others = f", {self.shards_by_others} by other processes" if self.shards_by_others else ""
         lines = [
-            f"{self.n_rows} rows; {self.shards_done} shards extracted, {self.shards_skipped} already done; "
+            *self.notes,
+            f"{self.n_rows} rows; {self.shards_done} shards extracted, {self.shards_skipped} already done{others}; "
             f"{self.images_processed} images in {t.wall:.1f} s ({rate:.1f} img/s)",
             f"time: decoding {t.decode:.1f} s (in {t.wait_for_pixels:.1f} s of waiting), "
             f"backbone {t.backbone:.1f} s, writing {t.write:.1f} s",
@@ -338,12 +391,27 @@ class Committer(Protocol):
         """Wait until every submitted shard is committed (raising its error, if any)."""
 
 
-class ShardCommitter:
-    """Commits finished shards to each tap's store in one background thread, at most one queued."""
+@dataclass(frozen=True)
+class ShardJob:
+    """What one claimed shard is extracted for: tap -> the variants its store lacks there; the claims held on it."""
 
-    def __init__(self, stores: dict[str, Path]) -> None:
+    targets: dict[str, tuple[str, ...]]
+    claims: tuple[Path, ...] = ()
+
+
+class ShardCommitter:
+    """Commits finished shards to each tap's store in one background thread, at most one queued.
+
+    ``jobs`` (filled as shards are claimed) says which variants go to which
+    tap's store; after a shard is committed its claims are released.
+    """
+
+    def __init__(self, stores: dict[str, Path], jobs: Mapping[int, ShardJob], claims: ShardClaims | None = None):
         self.stores = stores
+        self.jobs = jobs
+        self.claims = claims
         self.seconds = 0.0
+        self.committed: list[int] = []
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="write")
         self._last: Future[None] | None = None
 
@@ -353,8 +421,13 @@ class ShardCommitter:
 
     def _commit(self, finished: FinishedShard) -> None:
         start = time.perf_counter()
-        for (tap, variant), array in finished.features.items():
-            cache.commit_shard(self.stores[tap], variant, finished.shard, array, finished.valid, finished.errors)
+        job = self.jobs[finished.shard]
+        for tap, variants in job.targets.items():
+            features = {variant: finished.features[(tap, variant)] for variant in variants}
+            cache.commit_shard(self.stores[tap], finished.shard, features, finished.valid, finished.errors)
+        if self.claims is not None:
+            self.claims.release(job.claims)
+        self.committed.append(finished.shard)
         self.seconds += time.perf_counter() - start
 
     def _wait(self) -> None:
@@ -434,64 +507,211 @@ def extract_shards(
 
 
 def run_extract(config: ExtractConfig) -> ExtractSummary:
-    """Extract the split into one store per tap; resumable, see module doc."""
+    """Extract the split into one store per tap; resumable and shareable, see module doc.
+
+    Raises :class:`OptionError` for options that do not fit (before any store
+    is written), :class:`TooManyInvalid` (carrying the summary) when more than
+    ``max_invalid`` of the rows could not be decoded.
+    """
     config.validate()
     wall_start = time.perf_counter()
     manifest = read_manifest(config.manifest)
     if config.data_root is None and manifest.data_root is None:
         raise ExtractError(f"{config.manifest}: no data root recorded; pass --data-root")
+    backbone = load_backbone(config)
+    stores = {tap: prepare_store(config, manifest, backbone, tap, config.variants()) for tap in config.taps}
+    wanted = {tap: tuple(variant.name for variant in config.variants()) for tap in config.taps}
+    notes = unflag_damaged_shards(stores, wanted)
+    if config.retry_invalid:
+        wanted = {
+            tap: tuple(dict.fromkeys([*names, *cache.open_store_info(stores[tap]).variants]))
+            for tap, names in wanted.items()
+        }
+        notes += unflag_invalid_shards(stores)
+    source = ImageSource(lambda row: manifest.resolve(row, config.data_root), config.max_pixels, config.decode_workers)
+    step = ForwardStep(backbone, config.taps, config.store_dtype)
+    pending = pending_targets(stores, wanted)
+    n_shards = cache.shard_count(len(manifest), config.shard_rows)
+    first_pending = len(pending)
+    with (
+        ShardClaims(config.rank, config.claim_timeout) as claims,
+        tqdm(
+            total=sum(len(rows) for rows in shard_rows(pending, len(manifest), config.shard_rows)),
+            unit="img",
+            desc=f"extract {config.split}"
+            + (f" [rank {config.rank}/{config.world_size}]" if config.world_size > 1 else ""),
+            disable=not config.progress,
+            smoothing=0.05,
+        ) as bar,
+    ):
+        done, times = extract_claimed_shards(config, manifest, backbone, stores, wanted, claims, source, step, bar)
+    times.wall = time.perf_counter() - wall_start
+    summary = ExtractSummary(
+        stores=stores,
+        n_rows=len(manifest),
+        shards_done=len(done),
+        shards_skipped=n_shards - first_pending,
+        images_processed=sum(len(rows) for rows in shard_rows(dict.fromkeys(done), len(manifest), config.shard_rows)),
+        failures=collect_failures(next(iter(stores.values()))),
+        times=times,
+        shards_by_others=first_pending - len(done),
+        notes=tuple(notes),
+    )
+    if summary.n_invalid > config.max_invalid * summary.n_rows:
+        raise TooManyInvalid(summary, config.max_invalid)
+    return summary
+
+
+def load_backbone(config: ExtractConfig) -> Backbone:
     try:
-        backbone = Backbone(config.backbone, config.block_selection)
+        return Backbone(config.backbone, config.block_selection)
+    except BlockSelectionError as error:
+        raise OptionError(f"--blocks: {error}") from None
     except (OSError, ValueError) as error:
         raise ExtractError(f"{config.backbone.model}: cannot load the backbone ({error})") from None
-    variants = config.variants()
-    stores = {tap: prepare_store(config, manifest, backbone, tap, variants) for tap in config.taps}
-    missing = missing_variants(stores, variants)
-    recipes = {shard: PixelRecipe(wanted, backbone.crop_size, config.seed) for shard, wanted in missing.items()}
-    work = plan_batches(recipes, len(manifest), config.shard_rows, config.batch_size)
-    source = ImageSource(lambda row: manifest.resolve(row, config.data_root), config.max_pixels, config.decode_workers)
-    n_images = sum(len(batch.rows) for batch in work)
-    with tqdm(
-        total=n_images, unit="img", desc=f"extract {config.split}", disable=not config.progress, smoothing=0.05
-    ) as bar:
+
+
+def shard_rows(shards: Mapping[int, object], n_rows: int, rows_per_shard: int) -> list[range]:
+    return [range(*cache.shard_bounds(shard, n_rows, rows_per_shard)) for shard in shards]
+
+
+def extract_claimed_shards(
+    config: ExtractConfig,
+    manifest: Manifest,
+    backbone: Backbone,
+    stores: dict[str, Path],
+    wanted: Mapping[str, tuple[str, ...]],
+    claims: ShardClaims,
+    source: PixelSource,
+    step: Callable[[np.ndarray], dict[str, np.ndarray]],
+    bar: tqdm,
+) -> tuple[list[int], StageTimes]:
+    """Extract every shard some store still lacks, claiming each first; until no shard is pending anywhere.
+
+    In rounds: each round claims and extracts what it can (this rank's own
+    shards first, ``shard % world_size == rank``, then the others from the
+    end), commits, and releases its claims; a round that could claim nothing
+    (other processes hold the rest) waits and looks again, taking over stale
+    claims. So every process returns once the stores are complete, whoever
+    did the work.
+    """
+    done: list[int] = []
+    times = StageTimes()
+    previous = pending_targets(stores, wanted)
+    while previous:
+        jobs: dict[int, ShardJob] = {}
+        order = shard_order(sorted(previous), config.rank, config.world_size)
+        work = claimed_batches(order, previous, stores, claims, jobs, backbone.crop_size, config, len(manifest))
+        committer = ShardCommitter(stores, jobs, claims)
         try:
-            times = extract_shards(
-                work,
-                source,
-                ForwardStep(backbone, config.taps, config.store_dtype),
-                ShardCommitter(stores),
-                fail_fast=config.fail_fast,
-                progress=bar.update,
-            )
+            round_times = extract_shards(work, source, step, committer, fail_fast=config.fail_fast, progress=bar.update)
         except BadImageStop as stop:
             path = manifest.rows[stop.row].path
             raise ExtractError(f"{path}: {stop.reason} (stopped by --fail-fast; committed shards are kept)") from None
-    times.wall = time.perf_counter() - wall_start
-    return ExtractSummary(
-        stores=stores,
-        n_rows=len(manifest),
-        shards_done=len(missing),
-        shards_skipped=cache.shard_count(len(manifest), config.shard_rows) - len(missing),
-        images_processed=n_images,
-        failures=collect_failures(next(iter(stores.values()))),
-        times=times,
-    )
+        done += committer.committed
+        for name in ("decode", "backbone", "write", "wait_for_pixels"):
+            setattr(times, name, getattr(times, name) + getattr(round_times, name))
+        pending = pending_targets(stores, wanted)
+        by_others = set(previous) - set(pending) - set(committer.committed)
+        bar.update(sum(len(rows) for rows in shard_rows(dict.fromkeys(by_others), len(manifest), config.shard_rows)))
+        if pending and not jobs:
+            time.sleep(CLAIM_POLL_SECONDS)
+        previous = pending
+    return done, times
 
 
-def missing_variants(stores: Mapping[str, Path], variants: Sequence[VariantSpec]) -> dict[int, tuple[VariantSpec, ...]]:
-    """Shard -> the variants that some tap's store still lacks there (shards lacking none are left out)."""
-    missing: dict[int, list[VariantSpec]] = {}
-    for variant in variants:
-        pending = set().union(*(cache.pending_shards(path, variant.name) for path in stores.values()))
-        for shard in pending:
-            missing.setdefault(shard, []).append(variant)
-    return {shard: tuple(wanted) for shard, wanted in missing.items()}
+def shard_order(shards: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """This rank's own shards in order, then every other shard from the end (where their owners get last)."""
+    own = [shard for shard in shards if shard % world_size == rank]
+    return own + [shard for shard in reversed(shards) if shard % world_size != rank]
+
+
+def claimed_batches(
+    order: Sequence[int],
+    pending: Mapping[int, dict[str, tuple[str, ...]]],
+    stores: Mapping[str, Path],
+    claims: ShardClaims,
+    jobs: dict[int, ShardJob],
+    crop: int,
+    config: ExtractConfig,
+    n_rows: int,
+) -> Iterator[BatchWork]:
+    """The batches of each shard in ``order`` that this process could claim (recorded in ``jobs``); others are skipped."""
+    for shard in order:
+        targets = still_pending(stores, pending[shard], shard)
+        if not targets:
+            continue
+        paths = [cache.claims_folder(stores[tap]) / f"{v}.{shard:06d}" for tap, names in targets.items() for v in names]
+        if not claims.try_claim(paths):
+            continue
+        targets = still_pending(stores, targets, shard)  # committed by another process just before the claim
+        if not targets:
+            claims.release(paths)
+            continue
+        jobs[shard] = ShardJob(targets, tuple(paths))
+        variants = tuple(
+            VariantSpec.from_name(v) for v in dict.fromkeys(v for names in targets.values() for v in names)
+        )
+        recipe = PixelRecipe(variants, crop, config.seed)
+        yield from plan_batches({shard: recipe}, n_rows, config.shard_rows, config.batch_size)
+
+
+def still_pending(
+    stores: Mapping[str, Path], targets: Mapping[str, tuple[str, ...]], shard: int
+) -> dict[str, tuple[str, ...]]:
+    """``targets`` without the variants whose shard is committed by now."""
+    fresh = {
+        tap: tuple(v for v in names if not cache.shard_done(stores[tap], v, shard)) for tap, names in targets.items()
+    }
+    return {tap: names for tap, names in fresh.items() if names}
+
+
+def pending_targets(
+    stores: Mapping[str, Path], wanted: Mapping[str, Sequence[str]]
+) -> dict[int, dict[str, tuple[str, ...]]]:
+    """Shard -> {tap: the wanted variants that tap's store still lacks there}; shards lacking none are left out."""
+    pending: dict[int, dict[str, list[str]]] = {}
+    for tap, names in wanted.items():
+        for name in names:
+            for shard in cache.pending_shards(stores[tap], name):
+                pending.setdefault(shard, {}).setdefault(tap, []).append(name)
+    return {shard: {tap: tuple(names) for tap, names in targets.items()} for shard, targets in sorted(pending.items())}
+
+
+def unflag_damaged_shards(stores: Mapping[str, Path], wanted: Mapping[str, Sequence[str]]) -> list[str]:
+    """Shards marked done whose files are missing or wrong: reported, and unflagged so that this run redoes them."""
+    notes = []
+    for tap, path in stores.items():
+        problems = cache.damaged_shards(path, wanted[tap])
+        if not problems:
+            continue
+        redo: dict[str, set[int]] = {}
+        for problem in problems:
+            redo.setdefault(problem.variant or "", set()).add(problem.shard)
+        cache.unflag_shards(path, {variant: sorted(shards) for variant, shards in redo.items()})
+        notes.append(f"{path}: {len(problems)} problem(s) in shards marked done; re-extracting them:")
+        notes += [f"  {problem.describe(path)}" for problem in problems[:FAILURE_EXAMPLES]]
+    return notes
+
+
+def unflag_invalid_shards(stores: Mapping[str, Path]) -> list[str]:
+    """--retry-invalid: every committed shard holding an invalid row is unflagged for all its variants, to be redone."""
+    notes = []
+    for path in stores.values():
+        info = cache.open_store_info(path)
+        rows = cache.read_rows(path)
+        invalid = cache.committed_rows(info) & ~rows.valid
+        shards = sorted(set((np.flatnonzero(invalid) // info.identity.shard_rows).tolist()))
+        if shards:
+            cache.unflag_shards(path, {variant: shards for variant in info.variants})
+            notes.append(f"{path}: retrying {int(invalid.sum())} invalid rows in {len(shards)} shard(s)")
+    return notes
 
 
 def collect_failures(path: Path) -> tuple[tuple[str, str], ...]:
     """(path, reason) of every image the store records as unusable, this run's and earlier ones'."""
     rows = cache.read_rows(path)
-    bad = np.flatnonzero(rows.errors != "")
+    bad = np.flatnonzero(cache.committed_rows(cache.open_store_info(path)) & ~rows.valid)
     return tuple((str(rows.paths[i]), str(rows.errors[i])) for i in bad)
 
 
@@ -502,12 +722,13 @@ def prepare_store(
     tap: str,
     variants: Sequence[VariantSpec],
 ) -> Path:
-    """Create the tap's store, or check that an existing one matches; add variants."""
+    """Create the tap's store, or check that an existing one matches (race-free across processes); add variants."""
     path = store_path(config, tap)
     identity = cache.StoreIdentity(
         manifest_sha256=manifest.sha256(),
         model_id=config.backbone.model,
         model_revision=backbone.revision,
+        model_config=backbone.model_config,
         tap=tap,
         block_indices=backbone.block_indices,
         dim=backbone.dim,
@@ -521,14 +742,7 @@ def prepare_store(
         shard_rows=config.shard_rows,
         chunk_rows=config.chunk_rows,
     )
-    if config.overwrite:
-        cache.delete_store(path)
-    if path.exists():
-        try:
-            cache.check_identity(path, identity)
-        except cache.StoreError as error:
-            raise ExtractError(str(error)) from None
-    else:
+    try:
         cache.create_store(
             path,
             identity,
@@ -545,7 +759,10 @@ def prepare_store(
                 "package_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
+            if_exists="replace" if config.overwrite else "check",
         )
+    except cache.StoreError as error:
+        raise ExtractError(str(error)) from None
     for variant in variants:
         cache.add_variant(path, variant, len(backbone.block_indices), backbone.dim)
     return path

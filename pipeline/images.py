@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +29,8 @@ from scipy.ndimage import gaussian_filter
 from .variants import PERTURB_PRESETS, PERTURBATIONS
 
 DEFAULT_MAX_PIXELS: int = 100_000_000
+# Pixels that the decode threads of one process may hold decoded at once (see PixelBudget).
+DECODE_PIXEL_BUDGET: int = 100_000_000
 # File name endings (any case) that layouts and `pipeline predict` take for images.
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
 
@@ -104,6 +107,45 @@ class _PillowPixelLimitSuspension:
 _PILLOW_LIMIT_SUSPENDED = _PillowPixelLimitSuspension()
 
 
+class PixelBudget:
+    """Pixels that concurrent decodes of one process may hold at once: bounds decode memory.
+
+    A decode of a ``w x h`` image first takes ``min(w * h, capacity)`` from the
+    budget (waiting while other decodes hold too much of it) and gives it back
+    when its pixels have been turned into the RGB array. Pixels are never
+    changed: a large image waits for room instead of being reduced. With the
+    default capacity (100 M pixels) images of ordinary size never wait, while
+    two 10000 x 10000 images are never decoded at the same time. A decode
+    holds about 6 bytes per pixel at its peak (Pillow's 4-byte RGB, or 2-byte
+    16-bit grey, plus the 3-byte result), so the decode threads of a process
+    hold at most about 6 x capacity bytes (600 MB) plus one image larger than
+    the capacity (itself bounded by ``--max-pixels``).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        wanted = min(pixels, self.capacity)
+        with self._changed:
+            self._changed.wait_for(lambda: self.in_use + wanted <= self.capacity)
+            self.in_use += wanted
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.in_use -= wanted
+                self._changed.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DECODE_PIXEL_BUDGET)
+
+
 # ---------------------------------------------------------------- decoding
 
 
@@ -129,6 +171,9 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     suspended meanwhile (thread-safe, restored afterwards) so that it neither
     warns nor raises on images this limit accepts.
 
+    Concurrent decodes share :data:`DECODE_BUDGET` (see :class:`PixelBudget`),
+    which bounds the memory the decode threads of a process hold.
+
     Every problem with the file raises ``ImageDecodeError`` whose message is
     a short reason (missing file, empty file, not an image, truncated data,
     too many pixels, or the decoder's own complaint).
@@ -140,8 +185,9 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     try:
         with _PILLOW_LIMIT_SUSPENDED, Image.open(path) as image:
             check_pixel_count(image.size, max_pixels, path)
-            image.load()
-            return convert_to_rgb_array(image)
+            with DECODE_BUDGET.hold(image.size[0] * image.size[1]):
+                image.load()
+                return convert_to_rgb_array(image)
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
@@ -192,12 +238,19 @@ def describe_decode_failure(exc: BaseException) -> str:
 def convert_to_rgb_array(image: Image.Image) -> np.ndarray:
     """Pixels of a loaded Pillow image as a C-contiguous (H, W, 3) uint8 RGB array."""
     if image.mode in _WIDE_GREY_MODES:
-        grey = np.clip(np.asarray(image).astype(np.int64), 0, 65535) >> 8
-        return np.ascontiguousarray(np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2))
+        wide = np.asarray(image)  # uint16 (I;16*) or int32 (I): no wider copy than that
+        if wide.dtype.kind == "i":
+            wide = np.clip(wide, 0, 65535)
+        grey = (wide >> 8).astype(np.uint8)
+        del wide
+        rgb = np.empty(grey.shape + (3,), dtype=np.uint8)
+        rgb[...] = grey[:, :, None]
+        return rgb
     # Transparency metadata does not change the RGB values but makes Pillow
     # warn for palette images whose transparency is stored as bytes.
     image.info.pop("transparency", None)
-    return np.ascontiguousarray(np.array(image.convert("RGB"), dtype=np.uint8))
+    rgb_image = image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of RGB is a full copy
+    return np.ascontiguousarray(np.asarray(rgb_image, dtype=np.uint8))
 
 
 # ---------------------------------------------------------------- crops

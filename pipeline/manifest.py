@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import PipelineError
-from .files import replace_files_atomically
+from .files import disk_errors_explained, replace_files_atomically
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"
@@ -354,9 +354,10 @@ def write_manifest(manifest: Manifest, csv_path: Path) -> None:
         "layout": manifest.layout,
         "options": {key: list(value) if isinstance(value, tuple) else value for key, value in manifest.options.items()},
     }
-    replace_files_atomically(
-        {
-            csv_path: render_csv(manifest.rows).encode("utf-8"),
-            sidecar_path(csv_path): (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
-        }
-    )
+    with disk_errors_explained(csv_path):
+        replace_files_atomically(
+            {
+                csv_path: render_csv(manifest.rows).encode("utf-8"),
+                sidecar_path(csv_path): (json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n").encode("utf-8"),
+            }
+        )

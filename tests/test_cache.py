@@ -50,7 +50,9 @@ def features_for(n_rows: int, seed: int, dtype: str = "float16") -> np.ndarray:
 def commit_all(path: Path, variant: str, values: np.ndarray, shard_rows: int) -> None:
     for shard in range(cache.shard_count(len(values), shard_rows)):
         start, stop = cache.shard_bounds(shard, len(values), shard_rows)
-        cache.commit_shard(path, shard, {variant: values[start:stop]}, np.ones(stop - start, bool), [""] * (stop - start))
+        cache.commit_shard(
+            path, shard, {variant: values[start:stop]}, np.ones(stop - start, bool), [""] * (stop - start)
+        )
 
 
 def zarr_features(path: Path, variant: str) -> np.ndarray:

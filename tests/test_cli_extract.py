@@ -44,6 +44,8 @@ def extracted(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "--no-progress",
         "--device",
         "cpu",
+        "--max-invalid",
+        "0.1",  # one bad file among 13
     ]
     result = invoke(*extract_args)
     return {"base": base, "root": root, "manifest": made, "extract": result, "args": extract_args}
@@ -128,13 +130,13 @@ def test_bad_options_exit_2(extracted: dict, bad: list[str]) -> None:
     assert bad[0] in result.output
 
 
-def test_chunk_rows_that_do_not_divide_shard_rows_exit_1_instead_of_being_clamped(
+def test_chunk_rows_that_do_not_divide_shard_rows_exit_2_instead_of_being_clamped(
     extracted: dict, tmp_path: Path
 ) -> None:
     args = list(extracted["args"])
     args[args.index("--cache-dir") + 1] = tmp_path / "cache"
     result = invoke(*args, "--chunk-rows", "16")  # larger than --shard-rows 8
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--chunk-rows 16 must divide --shard-rows 8" in result.output
     assert not (tmp_path / "cache").exists()
 

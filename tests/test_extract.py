@@ -41,8 +41,9 @@ from pipeline.extract import (
     PixelBatch,
     PixelRecipe,
     ShardCommitter,
+    ShardJob,
     extract_shards,
-    missing_variants,
+    pending_targets,
     plan_batches,
     prepare_store,
     run_extract,
@@ -365,11 +366,11 @@ def test_variants_follow_the_split_and_options(tmp_path: Path) -> None:
 
 def fake_backbone() -> SimpleNamespace:
     """What prepare_store reads from a backbone."""
-    return SimpleNamespace(revision="r1", block_indices=(0, 1), dim=3, crop_size=CROP, mean=(0.5,) * 3, std=(0.25,) * 3,
-                           dtype=torch.float32, n_layers=2)  # fmt: skip
+    return SimpleNamespace(revision="r1", model_config="{}", block_indices=(0, 1), dim=3, crop_size=CROP,
+                           mean=(0.5,) * 3, std=(0.25,) * 3, dtype=torch.float32, n_layers=2)  # fmt: skip
 
 
-def test_a_new_variant_joins_an_existing_store_and_only_it_is_missing(tmp_path: Path) -> None:
+def test_a_new_variant_joins_an_existing_store_and_only_it_is_pending(tmp_path: Path) -> None:
     manifest_file = tmp_path / "test.csv"
     write_manifest(
         Manifest("test", tuple(ManifestRow(f"{i}.png", i % 2, "d") for i in range(10)), tmp_path), manifest_file
@@ -383,15 +384,16 @@ def test_a_new_variant_joins_an_existing_store_and_only_it_is_missing(tmp_path: 
         for tap in TAPS
     }
     assert stores["hidden"] == tmp_path / "cache" / config.backbone.model.replace("/", "--") / "hidden" / "test.zarr"
-    assert missing_variants(stores, config.variants()) == {0: (VariantSpec.center(),), 1: (VariantSpec.center(),),
-                                                           2: (VariantSpec.center(),)}  # fmt: skip
-    committer = ShardCommitter(stores)
+    both = {tap: ("center",) for tap in TAPS}
+    assert pending_targets(stores, both) == {shard: both for shard in range(3)}
+    jobs = {shard: ShardJob(both) for shard in range(3)}
+    committer = ShardCommitter(stores, jobs)
     for shard in range(3):
         n = cache.shard_bounds(shard, 10, 4)[1] - shard * 4
         features = {(tap, "center"): np.full((n, 2, 3), shard + (tap == "hidden") * 10, np.float16) for tap in TAPS}
         committer.submit(FinishedShard(shard, features, np.ones(n, bool), ("",) * n))
     committer.close()
-    assert committer.seconds > 0
+    assert committer.seconds > 0 and committer.committed == [0, 1, 2]
     for tap in TAPS:
         expected = np.array([0] * 4 + [1] * 4 + [2] * 2) + (tap == "hidden") * 10
         np.testing.assert_array_equal(cache.read_features(stores[tap], "center")[:, 0, 0], expected)
@@ -401,12 +403,12 @@ def test_a_new_variant_joins_an_existing_store_and_only_it_is_missing(tmp_path: 
     assert path == stores["ln2"]
     info = cache.open_store_info(path)
     assert list(info.variants) == ["center", "jpeg-official"] and info.complete_variants == ("center",)
-    assert missing_variants({"ln2": path}, (VariantSpec.center(), *jpeg.variants())) == {
-        shard: (VariantSpec.perturbed("jpeg", "official"),) for shard in range(3)
+    assert pending_targets({"ln2": path}, {"ln2": ("center", "jpeg-official")}) == {
+        shard: {"ln2": ("jpeg-official",)} for shard in range(3)
     }
-    cache.commit_shard(path, "jpeg-official", 1, np.ones((4, 2, 3), np.float16), np.ones(4, bool), [""] * 4)
-    assert sorted(missing_variants({"ln2": path}, jpeg.variants())) == [0, 2]
-    assert missing_variants(stores, (VariantSpec.center(),)) == {}
+    cache.commit_shard(path, 1, {"jpeg-official": np.ones((4, 2, 3), np.float16)}, np.ones(4, bool), [""] * 4)
+    assert sorted(pending_targets({"ln2": path}, {"ln2": ("jpeg-official",)})) == [0, 2]
+    assert pending_targets(stores, both) == {}
 
 
 # ---------------------------------------------------------------- evaluation store
@@ -813,7 +815,9 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_bad_inputs_are_recorded_in_place_and_good_ones_extracted(corpus: dict, tiny_clip_dir: Path) -> None:
-    config = extract_config(tiny_clip_dir, corpus["manifest"], corpus["base"] / "cache", max_pixels=5000, batch_size=3)
+    config = extract_config(
+        tiny_clip_dir, corpus["manifest"], corpus["base"] / "cache", max_pixels=5000, batch_size=3, max_invalid=0.5
+    )
     summary = run_extract(config)
 
     store = summary.stores["ln2"]
