@@ -458,7 +458,7 @@ def not_a_store_reason(path: Path) -> str | None:
 
 
 def delete_store(path: Path) -> None:
-    """Delete a feature store of this project; anything else at ``path`` is refused, untouched.
+    """Delete a feature store of this project (or an empty folder); anything else at ``path`` is refused, untouched.
 
     The store is first renamed to a temporary name (so a kill while deleting
     never leaves a half store under its name; the remains are cleaned by the
@@ -466,6 +466,9 @@ def delete_store(path: Path) -> None:
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        path.rmdir()  # an empty folder: nothing to lose
         return
     reason = not_a_store_reason(path)
     if reason is not None:

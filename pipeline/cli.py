@@ -18,7 +18,7 @@ from .claims import DEFAULT_STALE_AFTER
 from .errors import PipelineError
 from .files import disk_errors_explained
 from .layouts import LAYOUTS, build_manifest
-from .manifest import check_split_name, manifest_path, write_manifest
+from .manifest import check_split_name, manifest_path, sidecar_path, write_manifest
 from .paper import DEFAULT_BACKBONES
 from .variants import PERTURB_PRESETS, PERTURBATIONS
 
@@ -173,6 +173,12 @@ def manifest_command(
     click.echo(
         f"{len(manifest)} images ({len(manifest) - n_fake} real, {n_fake} fake) in {len(datasets)} dataset(s)", err=True
     )
+    if manifest.skipped:
+        click.echo(
+            f"{len(manifest.skipped)} file(s) skipped, listed under 'skipped' in {sidecar_path(path)}:", err=True
+        )
+        for name, reason in manifest.skipped[:10]:
+            click.echo(f"  {name}: {reason}", err=True)
     click.echo(str(path))
 
 

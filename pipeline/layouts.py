@@ -32,6 +32,10 @@ Layouts (``--layout``; the options each takes are in :data:`LAYOUTS`):
   (``root``'s own name when the label folder is directly under it).
 
 Below a ``0_real``/``1_fake`` folder images are collected at any depth.
+A file whose name a manifest cannot hold (a line break or other control
+character, a backslash, bytes that are not UTF-8) is left out and recorded
+with the reason in the manifest's ``skipped`` list (its sidecar), so one odd
+name never stops a listing.
 Paths are relative to ``root``, which becomes the data root (resolved to an
 absolute path) -- except for layouts whose images live under several roots
 (``synthbuster``: ``raise_root``; ``ldm-*``: ``progan_root`` and
@@ -48,7 +52,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS
-from .manifest import Manifest, ManifestError, ManifestRow, check_split_name
+from .manifest import Manifest, ManifestError, ManifestRow, check_split_name, path_problem, printable_name
 
 LABEL_FOLDERS = {"0_real": 0, "1_fake": 1}
 # Test-set folders whose published dataset name differs from the folder name.
@@ -128,11 +132,25 @@ def build_manifest(
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")
-    data_root, rows = spec.walk(root.resolve(), options)
+    data_root, found = spec.walk(root.resolve(), options)
+    rows, skipped = [], []
+    for row in found:
+        problem = path_problem(row.path)
+        if problem is None:
+            rows.append(row)
+        else:
+            skipped.append((printable_name(row.path), problem))
+    if not rows:
+        raise ManifestError(f"{root}: no image with a usable name ({len(skipped)} skipped, e.g. {skipped[0][1]})")
     recorded = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
     ordered = tuple(sorted(rows, key=lambda row: (row.path, row.dataset)))
     return Manifest(
-        split=split, rows=ordered, data_root=data_root, layout=layout, options={"root": str(root.resolve()), **recorded}
+        split=split,
+        rows=ordered,
+        data_root=data_root,
+        layout=layout,
+        options={"root": str(root.resolve()), **recorded},
+        skipped=tuple(sorted(set(skipped))),
     )
 
 

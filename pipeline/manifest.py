@@ -31,7 +31,7 @@ from .files import disk_errors_explained, replace_files_atomically
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"
-SIDECAR_KEYS = ("data_root", "layout", "options")
+SIDECAR_KEYS = ("data_root", "layout", "options", "skipped")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -59,6 +59,8 @@ class Manifest:
 
     ``options`` records what the layout was built with (``root`` and the
     fields of ``layouts.LayoutOptions``); lists are stored as tuples.
+    ``skipped`` lists (name, reason) of the files the layout found but could
+    not list (names a manifest cannot hold), recorded in the sidecar.
     """
 
     split: str
@@ -66,6 +68,7 @@ class Manifest:
     data_root: Path | None
     layout: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         frozen_options = {
@@ -135,9 +138,13 @@ def render_csv(rows: Sequence[ManifestRow]) -> str:
 
 
 def path_problem(path: str) -> str | None:
-    """Why ``path`` is not a normalised relative POSIX path, or None."""
+    """Why ``path`` is not a normalised relative POSIX path that a UTF-8 CSV can hold, or None."""
     if path == "":
         return "empty path"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"file name is not valid UTF-8: {printable_name(path)}"
     if has_control_character(path):
         return f"path contains a control character (line break, tab, NUL...): {path!r}"
     if "\\" in path:
@@ -150,6 +157,12 @@ def path_problem(path: str) -> str | None:
     if "" in parts or "." in parts:
         return f"path must be normalised (no empty or '.' components), got '{path}'"
     return None
+
+
+def printable_name(path: str) -> str:
+    """A file name as text that can be printed and stored: undecodable bytes as \\xNN, control characters escaped."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(char if 32 <= ord(char) != 127 else repr(char)[1:-1] for char in text)
 
 
 def row_problem(path: str, label: str, dataset: str, class_name: str | None) -> str | None:
@@ -206,8 +219,10 @@ def read_manifest(csv_path: Path) -> Manifest:
     """Read and validate a split; its name is the file stem, its root from the sidecar."""
     csv_path = Path(csv_path)
     rows = parse_csv(read_csv_text(csv_path), csv_path)
-    data_root, layout, options = read_sidecar(sidecar_path(csv_path))
-    return Manifest(split=csv_path.stem, rows=rows, data_root=data_root, layout=layout, options=options)
+    data_root, layout, options, skipped = read_sidecar(sidecar_path(csv_path))
+    return Manifest(
+        split=csv_path.stem, rows=rows, data_root=data_root, layout=layout, options=options, skipped=skipped
+    )
 
 
 def read_csv_text(csv_path: Path) -> str:
@@ -286,10 +301,12 @@ def parse_record(record: list[str], line: int, n_fields: int, csv_path: Path) ->
     return ManifestRow(path=path, label=int(label), dataset=dataset, class_name=class_name)
 
 
-def read_sidecar(json_path: Path) -> tuple[Path | None, str | None, dict[str, Any]]:
-    """(data_root, layout, options) from the sidecar; (None, None, {}) when there is none."""
+def read_sidecar(
+    json_path: Path,
+) -> tuple[Path | None, str | None, dict[str, Any], tuple[tuple[str, str], ...]]:
+    """(data_root, layout, options, skipped) from the sidecar; (None, None, {}, ()) when there is none."""
     if not json_path.exists():
-        return None, None, {}
+        return None, None, {}, ()
     try:
         content = json.loads(json_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -308,7 +325,18 @@ def read_sidecar(json_path: Path) -> tuple[Path | None, str | None, dict[str, An
         parse_sidecar_root(content["data_root"], json_path),
         parse_sidecar_layout(content.get("layout"), json_path),
         parse_sidecar_options(content.get("options", {}), json_path),
+        parse_sidecar_skipped(content.get("skipped", []), json_path),
     )
+
+
+def parse_sidecar_skipped(value: Any, json_path: Path) -> tuple[tuple[str, str], ...]:
+    entries = value if isinstance(value, list) else None
+    if entries is None or not all(
+        isinstance(e, dict) and set(e) == {"path", "reason"} and all(isinstance(v, str) for v in e.values())
+        for e in entries
+    ):
+        raise ManifestError(f"{json_path}: skipped must be a list of {{path, reason}} objects")
+    return tuple((entry["path"], entry["reason"]) for entry in entries)
 
 
 def parse_sidecar_root(value: Any, json_path: Path) -> Path | None:
@@ -354,6 +382,8 @@ def write_manifest(manifest: Manifest, csv_path: Path) -> None:
         "layout": manifest.layout,
         "options": {key: list(value) if isinstance(value, tuple) else value for key, value in manifest.options.items()},
     }
+    if manifest.skipped:
+        sidecar["skipped"] = [{"path": path, "reason": reason} for path, reason in manifest.skipped]
     with disk_errors_explained(csv_path):
         replace_files_atomically(
             {

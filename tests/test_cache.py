@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -526,3 +530,224 @@ def test_a_store_of_the_older_schema_is_refused_with_what_to_do(store_21: tuple[
     zarr.open_group(path, mode="r+").attrs["schema"] = "rine-pipeline/feature-store@1"
     with pytest.raises(StoreError, match=r"schema 'rine-pipeline/feature-store@1'.*rebuild it with .*--overwrite"):
         cache.open_store_info(path)
+
+
+# ---------------------------------------------------------------- integrity: damage is an error, never zeros
+
+
+def shard_file_of(path: Path, variant: str, shard: int) -> Path:
+    return path / "features" / variant / "c" / str(shard) / "0" / "0"
+
+
+def test_deleted_shard_file_of_a_committed_shard_is_an_error_naming_store_array_and_shard(
+    store_21: tuple[Path, np.ndarray],
+) -> None:
+    path, _ = store_21
+    shard_file_of(path, "center", 1).unlink()
+    with pytest.raises(StoreError, match=rf"{path}: features/center shard 1: file .* is missing"):
+        cache.read_features(path, "center")
+    np.testing.assert_array_equal(cache.read_features(path, "center", slice(0, 8))[:, 0, 0] != 0, True)
+    (problem,) = cache.damaged_shards(path)
+    assert (problem.array, problem.shard, problem.variant) == ("features/center", 1, "center")
+
+
+def test_garbled_index_and_bit_rot_fail_their_checksums_here_and_in_zarr(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    file = shard_file_of(path, "center", 0)
+    data = bytearray(file.read_bytes())
+    data[-10] ^= 0xFF  # inside the index
+    file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="features/center shard 0: file .* has a damaged index"):
+        cache.read_features(path, "center")
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open_array(path / "features" / "center", mode="r")[:8]
+
+    file = shard_file_of(path, "center", 1)
+    data = bytearray(file.read_bytes())
+    data[10] ^= 0x01  # one bit of one value of chunk 0
+    file.write_bytes(bytes(data))
+    for rows in (slice(8, 16), np.array([8, 9]), np.array([9])):  # whole chunk, and rows picked from it
+        with pytest.raises(StoreError, match=r"features/center shard 1: chunk 0 of .* fails its CRC32C"):
+            cache.read_features(path, "center", rows, require_complete=False)
+    np.testing.assert_array_equal(cache.read_features(path, "center", slice(16, 21)), store_21[1][16:21])
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open_array(path / "features" / "center", mode="r")[8:10]
+
+
+@pytest.mark.parametrize("size", [0, 130], ids=["zero-length", "truncated"])
+def test_zero_length_or_truncated_shard_is_an_error(store_21: tuple[Path, np.ndarray], size: int) -> None:
+    path, _ = store_21
+    file = shard_file_of(path, "center", 2)  # 3 chunks of 64 bytes, then the 68-byte index
+    file.write_bytes(file.read_bytes()[:size])
+    expected = (
+        "is empty \\(0 bytes\\)" if size == 0 else "has a damaged index|too short for the chunks its index lists"
+    )
+    with pytest.raises(StoreError, match=rf"features/center shard 2: file .* ({expected})"):
+        cache.read_features(path, "center")
+    assert [p.shard for p in cache.damaged_shards(path)] == [2]
+
+
+def test_lost_valid_or_error_chunk_is_detected_not_read_as_all_invalid(store_21: tuple[Path, np.ndarray]) -> None:
+    path, _ = store_21
+    for array in ("valid", "error"):
+        chunk = path / array / "c" / "1"
+        saved = chunk.read_bytes()
+        chunk.unlink()
+        with pytest.raises(StoreError, match=rf"{array} shard 1: chunk file .* is missing"):
+            cache.read_rows(path)
+        with pytest.raises(StoreError, match=rf"{array} shard 1"):
+            cache.describe_store(path)
+        assert [(p.array, p.shard) for p in cache.damaged_shards(path)] == [(array, 1)]
+        chunk.write_bytes(saved)
+    assert cache.read_rows(path).valid.all()
+
+
+def test_verify_store_finds_a_truncated_shard_a_missing_flag_and_nan_rows(tmp_path: Path) -> None:
+    values = features_for(21, seed=11)
+    values[3, 1, 2] = np.nan  # a valid row holding NaN
+    values[5, 0, 0] = np.inf  # an invalid row may hold anything: not reported
+    valid = np.ones(21, bool)
+    valid[5] = False
+    path = cache.write_store(
+        tmp_path / "v.zarr", make_identity(), split="val", labels=[0] * 21, paths=[f"{i}.png" for i in range(21)],
+        datasets=["a"] * 21, features={"center": values, "view_000": features_for(21, seed=12)}, valid=valid,
+    )  # fmt: skip
+    problems = cache.verify_store(path)
+    assert problems == [f"{path}: features/center shard 0: 1 valid row(s) hold NaN or Inf (first: row 3, 3.png)"]
+
+    truncated = shard_file_of(path, "view_000", 2)
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    (path / "progress" / "center" / "c" / "1").unlink()  # a lost flag: the shard holds data without it
+    problems = cache.verify_store(path)
+    assert any("features/view_000 shard 2" in p for p in problems), problems
+    assert f"{path}: features/center shard 1 holds data but has no progress flag" in "\n".join(problems)
+    assert any("NaN or Inf" in p for p in problems)
+
+    assert cache.reset_damaged_shards(path) == 1
+    assert cache.pending_shards(path, "view_000") == [2] and cache.pending_shards(path, "center") == [1]
+
+
+def test_commit_writes_durably_and_the_flag_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of a commit is synced, renamed and its folder synced, the progress flag after all data."""
+    from pipeline import files
+
+    path = new_store(tmp_path / "d.zarr", 21)
+    cache.add_variant(path, VariantSpec.center(), N_BLOCKS, DIM)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", recording_fsync)
+    cache.commit_shard(path, 1, {"center": features_for(8, seed=1)}, np.ones(8, bool), [""] * 8)
+    written = [Path(p) for p in synced]
+    relative = [p.relative_to(path).as_posix() if p.is_relative_to(path) else str(p) for p in written]
+    files_synced = [r for r in relative if files.TEMPORARY_NAME.match(Path(r).name)]
+    assert [Path(r).parent.as_posix() for r in files_synced] == [
+        "features/center/c/1/0", "valid/c", "error/c", "progress/center/c"
+    ]  # fmt: skip
+    for folder in ("features/center/c/1/0", "valid/c", "error/c", "progress/center/c"):
+        assert folder in relative, relative  # the folder of every renamed file is synced too
+    assert relative.index("progress/center/c") > relative.index("error/c") > relative.index("features/center/c/1/0")
+
+
+# ---------------------------------------------------------------- deleting, temporaries, concurrency
+
+
+def test_overwrite_refuses_a_folder_of_photos_and_keeps_it(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"\xff\xd8 a photo")
+    with pytest.raises(StoreError, match="is not a zarr store.*refusing to delete it"):
+        cache.delete_store(photos)
+    other = zarr.open_group(tmp_path / "other.zarr", mode="w")
+    other.attrs["schema"] = "someone-else"
+    with pytest.raises(StoreError, match="not a feature store of rine-pipeline.*refusing"):
+        cache.delete_store(tmp_path / "other.zarr")
+    (tmp_path / "link.zarr").symlink_to(photos)
+    with pytest.raises(StoreError, match="symbolic link"):
+        cache.delete_store(tmp_path / "link.zarr")
+    assert (photos / "holiday.jpg").read_bytes() == b"\xff\xd8 a photo" and (tmp_path / "other.zarr").is_dir()
+
+    store = new_store(tmp_path / "mine.zarr", 5)
+    cache.delete_store(store)
+    assert not store.exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_stray_temporaries_of_killed_writers_are_removed_by_the_next_run(store_21: tuple[Path, np.ndarray]) -> None:
+    from pipeline import files
+
+    path, _ = store_21
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    inside = path / "features" / "center" / "c" / "0" / "0" / f".0.{files.HOST_TAG}-{dead_pid}.0123abcd.tmp"
+    beside = path.parent / f".{path.name}.{files.HOST_TAG}-{dead_pid}.89abcdef.tmp"
+    live = path / "valid" / "c" / f".1.{files.HOST_TAG}-{os.getpid()}.00000000.tmp"
+    old_partial = path / "error" / "c" / f"2.{'ab' * 16}.partial"
+    for stray in (inside, live, old_partial):
+        stray.write_bytes(b"half a shard")
+    beside.mkdir()
+    (beside / "zarr.json").write_text("{}")
+    os.utime(old_partial, (0, 0))  # older than any write
+    assert not cache.create_store(
+        path, make_identity(), split="val", labels=[], paths=[], datasets=[], if_exists="check"
+    )  # an existing store with this identity is kept
+    assert not inside.exists() and not beside.exists() and not old_partial.exists()
+    assert live.exists()  # a write in progress (this process) is left alone
+
+
+CONCURRENT_WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_cache import make_identity, features_for, N_BLOCKS, DIM
+from pipeline import cache
+from pipeline.variants import VariantSpec
+
+path, me, go = Path({path!r}), int(sys.argv[1]), Path({go!r})
+while not go.exists():
+    time.sleep(0.001)
+created = cache.create_store(path, make_identity(), split="val", labels=[i % 2 for i in range(21)],
+                             paths=[f"d/img_{{i:03d}}.png" for i in range(21)], datasets=["a"] * 21,
+                             if_exists="check")
+for k in range(4):
+    variant = VariantSpec.train_view(10 * me + k)
+    cache.add_variant(path, variant, N_BLOCKS, DIM)
+    for shard in range(3):
+        start, stop = cache.shard_bounds(shard, 21, 8)
+        values = features_for(21, seed=10 * me + k)[start:stop]
+        cache.commit_shard(path, shard, {{variant.name: values}}, np.ones(stop - start, bool), [""] * (stop - start))
+print("created" if created else "checked")
+"""
+
+
+@pytest.mark.slow
+def test_three_processes_adding_variants_to_one_new_store_lose_nothing(tmp_path: Path) -> None:
+    path, go = tmp_path / "shared.zarr", tmp_path / "go"
+    script = tmp_path / "writer.py"
+    script.write_text(CONCURRENT_WRITER.format(tests=str(Path(__file__).parent), path=str(path), go=str(go)))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    }
+    writers = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(me)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        )
+        for me in range(3)
+    ]
+    time.sleep(3.0)  # every writer imported and waiting
+    go.touch()
+    outputs = [writer.communicate(timeout=120) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0, 0], [err.decode() for _, err in outputs]
+    assert sorted(out.decode().strip() for out, _ in outputs) == ["checked", "checked", "created"]
+    info = cache.open_store_info(path)
+    expected = sorted(VariantSpec.train_view(10 * me + k).name for me in range(3) for k in range(4))
+    assert sorted(info.variants) == expected and sorted(info.complete_variants) == expected
+    for name in expected:
+        np.testing.assert_array_equal(cache.read_features(path, name), features_for(21, seed=int(name[5:])))
+    assert cache.verify_store(path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".shared.zarr.lock", "go", "shared.zarr", "writer.py"]
