@@ -116,10 +116,11 @@ class PixelBudget:
     changed: a large image waits for room instead of being reduced. With the
     default capacity (100 M pixels) images of ordinary size never wait, while
     two 10000 x 10000 images are never decoded at the same time. A decode
-    holds about 6 bytes per pixel at its peak (Pillow's 4-byte RGB, or 2-byte
-    16-bit grey, plus the 3-byte result), so the decode threads of a process
-    hold at most about 6 x capacity bytes (600 MB) plus one image larger than
-    the capacity (itself bounded by ``--max-pixels``).
+    holds at most about 7 bytes per pixel at its peak (measured: Pillow's
+    4-byte RGB and the 3-byte result; 16-bit grey: 2 bytes in Pillow, 2 for
+    numpy's view of them, 3 for the result), so the decode threads of a
+    process hold at most about 7 x capacity bytes (700 MB) plus one image
+    larger than the capacity (itself bounded by ``--max-pixels``).
     """
 
     def __init__(self, capacity: int) -> None:

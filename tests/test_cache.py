@@ -579,9 +579,7 @@ def test_zero_length_or_truncated_shard_is_an_error(store_21: tuple[Path, np.nda
     path, _ = store_21
     file = shard_file_of(path, "center", 2)  # 3 chunks of 64 bytes, then the 68-byte index
     file.write_bytes(file.read_bytes()[:size])
-    expected = (
-        "is empty \\(0 bytes\\)" if size == 0 else "has a damaged index|too short for the chunks its index lists"
-    )
+    expected = "is empty \\(0 bytes\\)" if size == 0 else "has a damaged index|too short for the chunks its index lists"
     with pytest.raises(StoreError, match=rf"features/center shard 2: file .* ({expected})"):
         cache.read_features(path, "center")
     assert [p.shard for p in cache.damaged_shards(path)] == [2]

@@ -7,12 +7,15 @@ from other inputs, and awkward files recorded in place.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -850,3 +853,217 @@ def test_fail_fast_names_the_first_bad_file(corpus: dict, tiny_clip_dir: Path) -
     with pytest.raises(ExtractError, match="--fail-fast") as caught:
         run_extract(config)
     assert str(caught.value).startswith(f"{first_bad}: {corpus['bad'][first_bad]}")
+
+
+# ---------------------------------------------------------------- reliability (issue 12)
+
+
+@pytest.fixture()
+def small_run(tiny_clip_dir: Path, tmp_path: Path) -> dict:
+    """12 images in shards of 4, extracted once."""
+    root = make_folder_dataset(tmp_path / "data", n_per_label=3, seed=6)
+    manifest = folder_manifest(root, "val", tmp_path / "manifests")
+    config = extract_config(tiny_clip_dir, manifest, tmp_path / "cache", shard_rows=4, chunk_rows=2)
+    summary = run_extract(config)
+    store = summary.stores["ln2"]
+    return {"config": config, "store": store, "features": cache.read_features(store, "center"), "root": root}
+
+
+def test_a_flagged_shard_whose_file_is_lost_is_reported_and_re_extracted(small_run: dict) -> None:
+    store = small_run["store"]
+    (store / "features" / "center" / "c" / "1" / "0" / "0").unlink()
+    (store / "valid" / "c" / "2").unlink()
+    summary = run_extract(small_run["config"])
+    report = summary.report()
+    assert "re-extracting them" in report and "features/center shard 1: file" in report and "valid shard 2" in report
+    assert (summary.shards_done, summary.shards_skipped) == (2, 1)
+    np.testing.assert_array_equal(cache.read_features(store, "center"), small_run["features"])
+    assert cache.verify_store(store) == []
+
+
+def test_editing_the_local_models_config_then_resuming_is_refused(small_run: dict, tmp_path: Path) -> None:
+    model = tmp_path / "model-copy"
+    shutil.copytree(small_run["config"].backbone.model, model)
+    config = replace(small_run["config"], backbone=replace(small_run["config"].backbone, model=str(model)),
+                     out=tmp_path / "copy.zarr")  # fmt: skip
+    run_extract(config)
+    settings = json.loads((model / "config.json").read_text())
+    settings["layer_norm_eps"] = 1e-3
+    (model / "config.json").write_text(json.dumps(settings))
+    with pytest.raises(ExtractError, match=r"model_config.layer_norm_eps: store has 1e-05, asked for 0.001"):
+        run_extract(config)
+
+
+def test_a_wrong_data_root_fails_the_run_and_retry_invalid_repairs_only_those_shards(
+    small_run: dict, tmp_path: Path
+) -> None:
+    config = replace(small_run["config"], out=tmp_path / "wrong.zarr")
+    result = CliRunner().invoke(main, cli_args(config, "--data-root", str(tmp_path / "nowhere")))
+    assert result.exit_code == 3, result.output
+    assert "12 of 12 rows (100.0%) could not be decoded, more than --max-invalid 5.0%" in result.output
+    rows = cache.read_rows(config.out)
+    assert not rows.valid.any() and set(rows.errors) == {"missing file"}
+    assert cache.open_store_info(config.out).complete_variants == ("center",)  # the store keeps what was done
+
+    result = CliRunner().invoke(main, cli_args(config, "--data-root", str(small_run["root"]), "--retry-invalid"))
+    assert result.exit_code == 0, result.output
+    assert "retrying 12 invalid rows in 3 shard(s)" in result.output
+    np.testing.assert_array_equal(cache.read_features(config.out, "center"), small_run["features"])
+    assert cache.read_rows(config.out).valid.all()
+
+
+def test_retry_invalid_rewrites_only_the_shards_holding_invalid_rows(small_run: dict) -> None:
+    store, config = small_run["store"], small_run["config"]
+    broken = small_run["root"] / "a" / "1_fake" / "img_001.png"  # row 4: shard 1
+    saved = broken.read_bytes()
+    broken.write_bytes(b"")
+    config = replace(config, out=store.parent / "second.zarr", max_invalid=0.1)
+    run_extract(config)
+    assert list(np.flatnonzero(~cache.read_rows(config.out).valid)) == [4]
+    untouched = {s: (config.out / "features" / "center" / "c" / str(s) / "0" / "0").stat().st_ino for s in (0, 2)}
+    broken.write_bytes(saved)
+    summary = run_extract(replace(config, retry_invalid=True))
+    assert summary.shards_done == 1 and summary.n_invalid == 0
+    assert {
+        s: (config.out / "features" / "center" / "c" / str(s) / "0" / "0").stat().st_ino for s in (0, 2)
+    } == untouched
+    np.testing.assert_array_equal(cache.read_features(config.out, "center"), small_run["features"])
+
+
+def cli_args(config: ExtractConfig, *extra: str) -> list[str]:
+    return [
+        "extract", "--split", config.split, "--manifest", str(config.manifest), "--model", config.backbone.model,
+        "--out", str(config.out), "--shard-rows", str(config.shard_rows), "--chunk-rows", str(config.chunk_rows),
+        "--device", "cpu", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_overwrite_of_a_folder_that_is_not_a_store_is_refused_and_the_photos_survive(
+    small_run: dict, tmp_path: Path
+) -> None:
+    photos = tmp_path / "photos"
+    write_image(photos / "holiday.png", (20, 20), seed=1)
+    before = (photos / "holiday.png").read_bytes()
+    result = CliRunner().invoke(main, cli_args(replace(small_run["config"], out=photos), "--overwrite"))
+    assert result.exit_code == 1 and "refusing to delete it" in result.output
+    assert sorted(p.name for p in photos.iterdir()) == ["holiday.png"]
+    assert (photos / "holiday.png").read_bytes() == before
+    result = CliRunner().invoke(main, cli_args(replace(small_run["config"], out=small_run["store"]), "--overwrite"))
+    assert result.exit_code == 0, result.output
+    assert "3 shards extracted, 0 already done" in result.output
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        (["--device", "tpu"], "--device"),
+        (["--device", "meta"], "--device"),
+        (["--split", "../evil"], "--split"),
+        (["--seed", "-1"], "--seed"),
+        (["--views", "3"], "not a training split"),
+        (["--blocks", "last:9"], "--blocks"),
+        (["--rank", "2", "--world-size", "2"], "--rank 2"),
+        (["--rank", "1"], "--rank and --world-size go together"),
+        (["--overwrite", "--rank", "0", "--world-size", "2"], "--overwrite"),
+        (["--max-invalid", "1.5"], "--max-invalid"),
+    ],
+)
+def test_every_bad_option_exits_2_before_any_store_exists(small_run: dict, tmp_path: Path, bad: list[str], says: str):
+    config = replace(small_run["config"], out=tmp_path / "never.zarr")
+    result = CliRunner().invoke(main, cli_args(config, *bad))
+    assert result.exit_code == 2, result.output
+    assert says in result.output
+    assert not config.out.exists()
+
+
+def test_a_full_disk_or_read_only_output_is_an_error_naming_the_file(
+    small_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import files
+
+    for code, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")):
+
+        def refuse(path: Path, data: object, code: int = code, text: str = text) -> int:
+            raise OSError(code, text, str(path))
+
+        monkeypatch.setattr(files, "write_bytes_durable", refuse)
+        monkeypatch.setattr(cache, "write_bytes_durable", refuse)
+        out = tmp_path / f"full-{code}.zarr"
+        result = CliRunner().invoke(main, cli_args(replace(small_run["config"], out=out)))
+        assert result.exit_code == 1, result.output
+        assert f"cannot write ({text})" in result.output and "zarr.json" in result.output
+        assert not out.exists()
+
+        def refuse_replace(src: object, dst: object, code: int = code, text: str = text) -> None:
+            raise OSError(code, text, str(dst))
+
+        monkeypatch.setattr(files.os, "replace", refuse_replace)
+        manifests = tmp_path / f"manifests-{code}"
+        result = CliRunner().invoke(
+            main,
+            ["manifest", "--layout", "folder", "--root", str(small_run["root"]), "--split", "val",
+             "--manifests-dir", str(manifests)],
+        )  # fmt: skip
+        assert result.exit_code == 1, result.output
+        assert f"val.csv: cannot write ({text})" in result.output
+        monkeypatch.undo()
+
+
+def test_an_odd_file_name_is_recorded_and_the_manifest_goes_on(tmp_path: Path) -> None:
+    root = make_folder_dataset(tmp_path / "data", n_per_label=2, seed=7)
+    write_image(root / "a" / "0_real" / "line\nbreak.png", (20, 20), seed=2)
+    write_image(root / "a" / "1_fake" / "back\\slash.png", (20, 20), seed=3)
+    undecodable = os.fsencode(str(root / "b" / "0_real")) + b"/latin-\xe9.png"
+    with open(undecodable, "wb") as handle:
+        handle.write((root / "a" / "0_real" / "img_000.png").read_bytes())
+    result = CliRunner().invoke(
+        main, ["manifest", "--layout", "folder", "--root", str(root), "--split", "odd", "--manifests-dir",
+               str(tmp_path / "m")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 file(s) skipped" in result.output
+    manifest = read_manifest(tmp_path / "m" / "odd.csv")
+    assert len(manifest) == 8
+    assert sorted(name for name, _ in manifest.skipped) == [
+        "a/0_real/line\\nbreak.png", "a/1_fake/back\\slash.png", "b/0_real/latin-\\xe9.png"
+    ]  # fmt: skip
+    reasons = dict(manifest.skipped)
+    assert "control character" in reasons["a/0_real/line\\nbreak.png"]
+    assert "not valid UTF-8" in reasons["b/0_real/latin-\\xe9.png"]
+
+
+def test_decoding_holds_pixels_within_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four threads decode four 60x50 images under a budget of 5000 pixels: never two at once; pixels unchanged."""
+    paths = [write_image(tmp_path / f"{i}.png", (60, 50), seed=i) for i in range(4)]
+    budget = images.PixelBudget(5000)
+    monkeypatch.setattr(images, "DECODE_BUDGET", budget)
+    with ThreadPoolExecutor(4) as pool:
+        decoded = list(pool.map(images.decode_image, paths))
+    assert budget.peak == 3000 and budget.in_use == 0
+    for path, pixels in zip(paths, decoded):
+        np.testing.assert_array_equal(pixels, np.asarray(Image.open(path).convert("RGB")))
+
+
+MEMORY_PROBE = """
+import resource, sys
+import numpy as np
+from pipeline import images
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+pixels = images.decode_image(sys.argv[1])
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024 / (pixels.shape[0] * pixels.shape[1]), int(pixels[100, 100, 0]))
+"""
+
+
+@pytest.mark.slow
+def test_a_large_16_bit_png_decodes_within_about_6_bytes_per_pixel(tmp_path: Path) -> None:
+    side = 3000
+    ramp = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    Image.fromarray(ramp).save(tmp_path / "big16.png")  # mode I;16
+    assert Image.open(tmp_path / "big16.png").mode.startswith("I;16")
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "big16.png")], capture_output=True, text=True, check=True
+    )
+    per_pixel, value = probe.stdout.split()
+    assert int(value) == int(ramp[100, 100]) >> 8  # the high byte, as before
+    assert float(per_pixel) < 8.0, per_pixel  # int64 intermediates took ~19 bytes per pixel
