@@ -18,9 +18,13 @@ all warm (each read once before timing) and into pre-allocated buffers:
   compression) read with h5py's ``read_direct`` into the ``np.empty`` array,
   and plain ``zarr.open_array(...)[:]`` (zarr allocates its result).
 
-The readers take turns round by round. Prints the throughput of each and the
+* ``read_features`` into the aligned array with the chunks' CRC32C checks
+  switched off, to measure what verifying them costs.
+
+The readers take turns round by round. Prints the throughput of each, the
 ratio read_features / raw for both placements of ``out`` (target >= 0.8; the
-first is the headline).
+first is the headline), and the ratio read_features with / without checksum
+verification (target >= 0.8: verifying costs at most 20 %).
 
     .venv/bin/python benchmarks/bench_read.py [--rows 40960] [--repeats 5]
 """
@@ -44,9 +48,10 @@ from _common import (
     write_synthetic_store,
 )
 
-from pipeline import cache
+from pipeline import _shard_reader, cache
 
 TARGET = 0.8
+VERIFY_TARGET = 0.8  # checksums may cost at most 20 % of the reader's throughput
 
 
 def parse_args() -> argparse.Namespace:
@@ -103,6 +108,15 @@ def read_raw(slots: list[tuple[Path, int, int]], buffer: np.ndarray) -> None:
                 done += got
 
 
+def read_unverified(store: Path, out: np.ndarray) -> None:
+    """``read_features`` with the chunk checksums left unchecked: what verifying them costs."""
+    _shard_reader.VERIFY_CHUNK_CHECKSUMS = False
+    try:
+        cache.read_features(store, "center", out=out)
+    finally:
+        _shard_reader.VERIFY_CHUNK_CHECKSUMS = True
+
+
 def write_hdf5(path: Path, features: np.ndarray, chunk_rows: int) -> None:
     """The same array in an HDF5 file, chunked like the store, uncompressed."""
     with h5py.File(path, "w") as handle:
@@ -157,6 +171,7 @@ def main() -> int:
             "raw readinto (sequential, aligned)": lambda: read_raw(slots, raw_buffer),
             "cache.read_features(out=aligned)": lambda: cache.read_features(store, "center", out=aligned_out),
             "cache.read_features(out=np.empty)": lambda: cache.read_features(store, "center", out=out),
+            "read_features(out=aligned), CRC not verified": lambda: read_unverified(store, aligned_out),
         }
         if not args.skip_context:
             h5_path = work / "features.h5"
@@ -175,6 +190,13 @@ def main() -> int:
         if not args.skip_context:
             plain = time_repeats(lambda: zarr.open_array(array_dir, mode="r")[:], max(1, args.repeats // 3))
             report("zarr.open_array(...)[:] (allocates)", n_bytes, plain, raw, raw_bytes)
+        unverified = timings["read_features(out=aligned), CRC not verified"]
+        ratio = unverified.median / aligned.median
+        verdict = "meets" if ratio >= VERIFY_TARGET else "BELOW"
+        print(
+            f"RATIO read_features with / without CRC32C verification (aligned out) = {ratio:.3f} "
+            f"({verdict} target {VERIFY_TARGET})"
+        )
         for label, timing in (("page-aligned out, as read_features allocates it", aligned), ("np.empty out", ours)):
             ratio = (n_bytes / timing.median) / (raw_bytes / raw.median)
             verdict = "meets" if ratio >= TARGET else "BELOW"
