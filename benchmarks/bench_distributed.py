@@ -93,7 +93,7 @@ def main() -> int:
         ways = {
             "torchrun 2 ranks x 1 thread": lambda out: run(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-                + command(out, 1)[1:],
+                + command(out, 1),
                 threads=1,
             ),
             "1 process x 2 threads": lambda out: run([sys.executable, *command(out, 2)], threads=2),

@@ -3,11 +3,12 @@
 Private to ``cache`` (which decides when to use it and checks the store
 first). A raw Zarr v3 shard is its inner chunks' bytes, each followed by the
 chunk's CRC32C (zarr's ``crc32c`` codec), then an index of (offset, length)
-pairs followed by its own CRC32C. Wanted rows are read with plain file reads
-into one pre-allocated array: a chunk wanted whole is read straight into its
-place in ``out`` in pieces, each piece's checksum computed while it is still
-in the CPU cache; a chunk wanted in part is read whole, verified, and its
-rows picked. A few threads share the chunks.
+pairs followed by its own CRC32C. Wanted rows are copied out of read-only
+memory maps of the shard files into one pre-allocated array: a chunk wanted
+whole is copied into its place in ``out`` in pieces, each piece checksummed
+just before it is copied, while it is in the CPU cache; of a chunk wanted in
+part the checksum of the whole is verified and its rows are picked. A few
+threads share the shard files.
 
 What zarr would verify is verified here too, and more: the index checksum,
 every chunk's checksum and size, offsets inside the file, and, for shards
@@ -22,10 +23,11 @@ Problems raise :class:`ShardFileError` naming the shard and the file. Plain
 
 from __future__ import annotations
 
+import mmap
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import google_crc32c
 import numpy as np
@@ -33,12 +35,11 @@ import zarr
 
 _READ_THREADS = 2
 _EMPTY_CHUNK = np.iinfo(np.uint64).max
-_PIECE_BYTES = 1 << 20  # a direct read is done and checksummed in pieces that stay in the CPU cache
-_COPY_ALIGNMENT = 64
+_PIECE_BYTES = 1 << 20  # a chunk is checksummed and copied in pieces that stay in the CPU cache
 _PAGE_BYTES = 4096
 _CRC_BYTES = 4
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): far fewer page faults
 VERIFY_CHUNK_CHECKSUMS = True  # off only in benchmarks/bench_read.py, to measure what verifying costs
-_STAGING: list[np.ndarray] = []  # free staging buffers of _PIECE_BYTES + a page (list.append/pop are atomic)
 
 
 class ShardFileError(RuntimeError):
@@ -210,19 +211,15 @@ def read_raw(
     for lo, hi in empty:
         out[lo:hi] = fill
     flat_out = out.reshape(len(row_index), geometry.row_bytes // array.dtype.itemsize).view(np.uint8)
-
-    def run(task: _ChunkRead) -> None:
-        if task.wanted is None:
-            _read_whole_chunk(task, flat_out, geometry)
-        else:
-            _read_part_of_chunk(task, flat_out, geometry)
-
-    if len(reads) <= 1:
-        for task in reads:
-            run(task)
+    by_file: dict[Path, list[_ChunkRead]] = {}
+    for read in reads:
+        by_file.setdefault(read.file, []).append(read)
+    if len(by_file) <= 1:
+        for file_reads in by_file.values():
+            _read_chunks_of_file(file_reads, flat_out, geometry)
         return
-    with ThreadPoolExecutor(min(_READ_THREADS, len(reads))) as pool:
-        list(pool.map(run, reads))
+    with ThreadPoolExecutor(min(_READ_THREADS, len(by_file))) as pool:
+        list(pool.map(lambda file_reads: _read_chunks_of_file(file_reads, flat_out, geometry), by_file.values()))
 
 
 def _plan_reads(
@@ -265,76 +262,51 @@ def _plan_reads(
     return reads, empty
 
 
-def _read_whole_chunk(task: _ChunkRead, flat_out: np.ndarray, geometry: _Geometry) -> None:
-    """Read a chunk straight into ``out`` piece by piece, checksumming each piece while it is cached.
+def _read_chunks_of_file(reads: list[_ChunkRead], flat_out: np.ndarray, geometry: _Geometry) -> None:
+    """Copy the chunks of one shard file out of a read-only memory map, verifying each chunk's checksum.
 
-    Measured on this project's VMs: a kernel read whose target and file offset
-    differ by 8 or 16 bytes modulo 64 runs at half speed; such pieces are read
-    into an aligned staging buffer and copied, which costs far less.
+    A memory map and numpy's copy run at the kernel's best read speed
+    whatever the alignment of ``out`` (a ``readinto`` whose target and file
+    offset differ by 4 to 28 bytes modulo 64 measured 2-6 GB/s instead of
+    9-10 here), and a chunk's checksum is computed piece by piece just
+    before the piece is copied, while it is in the CPU cache. (Shard files
+    are replaced by renames, never truncated in place, which would make
+    the map fault.)
     """
-    target = flat_out[task.lo : task.hi].reshape(-1)
-    verify = geometry.layout.chunk_crc and VERIFY_CHUNK_CHECKSUMS
-    crc = 0
-    with open(task.file, "rb", buffering=0) as handle:
-        handle.seek(task.offset)
-        direct = (target.ctypes.data - task.offset) % _COPY_ALIGNMENT == 0
-        staging = None if direct else _take_staging()
-        try:
-            shift = task.offset % _COPY_ALIGNMENT
-            for start in range(0, len(target), _PIECE_BYTES):
-                piece = target[start : start + _PIECE_BYTES]
-                landing = piece if staging is None else staging[shift : shift + len(piece)]
-                _read_exact(handle, memoryview(landing), task)
-                if verify:
-                    crc = google_crc32c.extend(crc, landing)
-                if staging is not None:
-                    piece[...] = landing
-        finally:
-            if staging is not None:
-                _STAGING.append(staging)
-        if verify:
-            _check_crc(crc, handle.read(_CRC_BYTES), task)
-
-
-def _read_part_of_chunk(task: _ChunkRead, flat_out: np.ndarray, geometry: _Geometry) -> None:
-    scratch = np.empty(geometry.stored_chunk_bytes, dtype=np.uint8)
-    with open(task.file, "rb", buffering=0) as handle:
-        handle.seek(task.offset)
-        _read_exact(handle, memoryview(scratch), task)
-    data = scratch[: geometry.chunk_bytes]
-    if geometry.layout.chunk_crc and VERIFY_CHUNK_CHECKSUMS:
-        _check_crc(google_crc32c.value(data), scratch[geometry.chunk_bytes :].tobytes(), task)
-    flat_out[task.lo : task.hi] = data.reshape(geometry.layout.chunk_rows, geometry.row_bytes)[task.wanted]
-
-
-def _check_crc(computed: int, stored: bytes, task: _ChunkRead) -> None:
-    if len(stored) != _CRC_BYTES or computed != int.from_bytes(stored, "little"):
-        raise ShardFileError(
-            f"shard {task.shard}: chunk {task.local} of {task.file} fails its CRC32C checksum (the data are damaged)"
+    first = min(read.offset for read in reads)
+    start = first - first % mmap.ALLOCATIONGRANULARITY
+    stop = max(read.offset for read in reads) + geometry.stored_chunk_bytes
+    with open(reads[0].file, "rb") as handle:
+        if stop > os.fstat(handle.fileno()).st_size:
+            raise ShardFileError(f"shard {reads[0].shard}: file {reads[0].file} is shorter than its index says")
+        mapped = mmap.mmap(
+            handle.fileno(), stop - start, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED | _POPULATE, offset=start
         )
+    source = np.frombuffer(mapped, dtype=np.uint8)
+    verify = geometry.layout.chunk_crc and VERIFY_CHUNK_CHECKSUMS
+    for read in reads:
+        stored = source[read.offset - start : read.offset - start + geometry.stored_chunk_bytes]
+        data = stored[: geometry.chunk_bytes]
+        crc = 0
+        if read.wanted is None:
+            target = flat_out[read.lo : read.hi].reshape(-1)
+            for piece in range(0, geometry.chunk_bytes, _PIECE_BYTES):
+                if verify:
+                    crc = google_crc32c.extend(crc, data[piece : piece + _PIECE_BYTES])
+                target[piece : piece + _PIECE_BYTES] = data[piece : piece + _PIECE_BYTES]
+        else:
+            crc = google_crc32c.value(data) if verify else 0
+            flat_out[read.lo : read.hi] = data.reshape(geometry.layout.chunk_rows, geometry.row_bytes)[read.wanted]
+        if verify and crc != int.from_bytes(stored[geometry.chunk_bytes :].tobytes(), "little"):
+            raise ShardFileError(
+                f"shard {read.shard}: chunk {read.local} of {read.file} fails its CRC32C checksum (the data are damaged)"
+            )
 
 
 def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """``np.empty`` starting on a page boundary, where the kernel copies shard bytes fastest (see ``_read_whole_chunk``)."""
+    """``np.empty`` starting on a page boundary (whole pages: no false sharing with other arrays)."""
     dtype = np.dtype(dtype)
     n_bytes = int(np.prod(shape)) * dtype.itemsize
     raw = np.empty(n_bytes + _PAGE_BYTES, dtype=np.uint8)
     start = (-raw.ctypes.data) % _PAGE_BYTES
     return raw[start : start + n_bytes].view(dtype).reshape(shape)
-
-
-def _take_staging() -> np.ndarray:
-    """A page-aligned staging buffer, reused across reads (new pages fault slowly on first touch)."""
-    try:
-        return _STAGING.pop()
-    except IndexError:
-        return page_aligned_empty((_PIECE_BYTES + _PAGE_BYTES,), np.dtype(np.uint8))
-
-
-def _read_exact(handle: Any, view: memoryview, task: _ChunkRead) -> None:
-    done = 0
-    while done < len(view):
-        got = handle.readinto(view[done:])
-        if not got:
-            raise ShardFileError(f"shard {task.shard}: file {task.file} is shorter than its index says")
-        done += got

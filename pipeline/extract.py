@@ -13,11 +13,23 @@ takes three parts, which :func:`run_extract` wires up (tests pass fakes):
 * a committer (:class:`ShardCommitter`): writes each finished shard to every
   tap's store in a background thread, so writing overlaps the next shard.
 
-A shard of rows is the unit of work and of resume: for every shard that some
-requested variant still lacks, each image is decoded once, turned into the
-pixels of every missing variant, run through the backbone, and the finished
-shard is committed to every tap's store. ``pipeline predict`` drives the same
-loop with the same source and step, and a committer that scores with a head.
+A shard of rows is the unit of work, of resume and of distribution: for every
+shard that some requested variant still lacks, each image is decoded once,
+turned into the pixels of every missing variant, run through the backbone,
+and the finished shard is committed to every tap's store that lacks it.
+``pipeline predict`` drives the same loop with the same source and step, and
+a committer that scores with a head.
+
+:func:`run_extract` first trusts no flag blindly: committed shards whose
+files are missing or wrong are reported and redone (``cache.damaged_shards``);
+with ``retry_invalid`` the shards holding rows that failed to decode are
+redone for every variant of the store. It then claims each shard before
+extracting it (``claims.py``), so that any number of processes -- torchrun
+ranks, ``--rank/--world-size`` processes, or runs started by hand -- share a
+store: each starts with its own shards (``shard % world_size == rank``), takes
+over the others' unclaimed ones, and returns when the stores are complete,
+whoever did the work. A run whose share of undecodable rows exceeds
+``max_invalid`` ends with :class:`TooManyInvalid`, keeping the store.
 """
 
 from __future__ import annotations
