@@ -63,6 +63,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -100,8 +101,24 @@ DEFAULT_CHUNK_ROWS = 256
 _CHECKED_CODECS = (ZstdCodec(level=3), Crc32cCodec())
 
 
+MIN_ZARR = (3, 1, 3)  # writes every file through a temporary name and a rename; 3.1.2 could leave half a zarr.json
+
+
 class StoreError(PipelineError, RuntimeError):
     """A store that cannot be used as asked (missing, mismatched, incomplete, damaged)."""
+
+
+def check_zarr_version(version: str) -> None:
+    """Refuse a zarr older than :data:`MIN_ZARR`, with what to do."""
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if numbers < MIN_ZARR:
+        raise StoreError(
+            f"zarr {version} is installed; rine-pipeline needs zarr >= {'.'.join(map(str, MIN_ZARR))} "
+            "(a kill during an attribute write can leave an older zarr's store unreadable): pip install -U zarr"
+        )
+
+
+check_zarr_version(zarr.__version__)
 
 
 @dataclass(frozen=True)

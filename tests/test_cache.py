@@ -748,3 +748,13 @@ def test_three_processes_adding_variants_to_one_new_store_lose_nothing(tmp_path:
         np.testing.assert_array_equal(cache.read_features(path, name), features_for(21, seed=int(name[5:])))
     assert cache.verify_store(path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [".shared.zarr.lock", "go", "shared.zarr", "writer.py"]
+
+
+def test_zarr_older_than_3_1_3_is_refused() -> None:
+    for old in ("3.1.2", "3.0.8", "2.18.3"):
+        with pytest.raises(StoreError, match=rf"zarr {old} is installed; rine-pipeline needs zarr >= 3.1.3"):
+            cache.check_zarr_version(old)
+    for good in ("3.1.3", "3.1.6", "3.2.0.dev4", zarr.__version__):
+        cache.check_zarr_version(good)
+    setup = (Path(__file__).parents[1] / "setup.cfg").read_text()
+    assert "zarr>=3.1.3" in setup
