@@ -258,3 +258,21 @@ def test_unloadable_model_exits_1_with_a_clean_message(extracted: dict, tmp_path
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
     assert "Error:" in result.output and str(missing_model) in result.output
+
+
+def test_cache_export_to_a_full_disk_is_an_error_naming_the_file(
+    extracted: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from pipeline import hdf5
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    monkeypatch.setattr(hdf5.h5py, "File", full_disk)
+    store = cache.default_store_path(extracted["base"] / "cache", str(extracted["args"][6]), "ln2", "val")
+    result = invoke("cache", "export", store, tmp_path / "out.h5", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert "cannot write (No space left on device); free some space or write elsewhere" in result.output
+    assert "Traceback" not in result.output
