@@ -239,6 +239,7 @@ class StoreInfo:
     variants: dict[str, VariantSpec]
     complete_variants: tuple[str, ...]
     attrs: dict[str, Any] = field(repr=False)
+    shard_flags: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)  # variant -> flags
 
     def train_views(self) -> tuple[str, ...]:
         """Names of the complete training views, in view order."""
@@ -534,6 +535,7 @@ def open_store_info(path: Path) -> StoreInfo:
         variants=variants,
         complete_variants=complete,
         attrs=attrs,
+        shard_flags=flags,
     )
 
 
@@ -828,7 +830,7 @@ def read_features(
     if variant not in info.variants:
         raise StoreError(f"{path}: no variant {variant!r}; it has {sorted(info.variants) or 'none'}")
     if require_complete and variant not in info.complete_variants:
-        missing = len(pending_shards(path, variant))
+        missing = int(np.count_nonzero(~info.shard_flags[variant]))
         raise StoreError(f"{path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction")
     array = zarr.open_array(path / "features" / variant, mode="r")
     row_index = _row_index(rows, array.shape[0])
@@ -842,7 +844,7 @@ def read_features(
         if layout is None:
             out[...] = array.get_orthogonal_selection((row_index,))
         else:
-            committed = _read_flags(path, [variant], info.n_shards)[variant]
+            committed = info.shard_flags[variant]
             _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out, committed)
     except _shard_reader.ShardFileError as error:
         raise StoreError(f"{path}: features/{variant} {error}") from None
@@ -853,8 +855,8 @@ def read_features(
 
 def committed_rows(info: StoreInfo) -> np.ndarray:
     """(n_rows,) bool: rows of shards that some variant has committed (their ``valid`` and ``error`` are recorded)."""
-    flags = _read_flags(info.path, list(info.variants), info.n_shards)
-    committed = np.logical_or.reduce(list(flags.values())) if flags else np.zeros(info.n_shards, dtype=bool)
+    flags = list(info.shard_flags.values())
+    committed = np.logical_or.reduce(flags) if flags else np.zeros(info.n_shards, dtype=bool)
     return np.repeat(committed, info.identity.shard_rows)[: info.n_rows]
 
 
