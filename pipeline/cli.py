@@ -82,7 +82,7 @@ def _split_options(command):
         ),
         click.option(
             "--data-root",
-            type=click.Path(file_okay=False, path_type=Path),
+            type=click.Path(exists=True, file_okay=False, path_type=Path),
             help="Override the data root the manifest remembers.",
         ),
     )

@@ -899,6 +899,9 @@ def test_a_wrong_data_root_fails_the_run_and_retry_invalid_repairs_only_those_sh
 ) -> None:
     config = replace(small_run["config"], out=tmp_path / "wrong.zarr")
     result = CliRunner().invoke(main, cli_args(config, "--data-root", str(tmp_path / "nowhere")))
+    assert result.exit_code == 2 and "nowhere' does not exist" in result.output  # caught before anything is done
+    (tmp_path / "elsewhere").mkdir()
+    result = CliRunner().invoke(main, cli_args(config, "--data-root", str(tmp_path / "elsewhere")))
     assert result.exit_code == 3, result.output
     assert "12 of 12 rows (100.0%) could not be decoded, more than --max-invalid 5.0%" in result.output
     rows = cache.read_rows(config.out)
