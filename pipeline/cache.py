@@ -695,23 +695,28 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
     path = Path(path)
     info = open_store_info(path)
     names = list(info.variants) if variants is None else list(variants)
-    flags = _read_flags(path, names, info.n_shards)
     problems: list[ShardProblem] = []
     for name in names:
         array = zarr.open_array(path / "features" / name, mode="r")
         layout = _shard_reader.raw_shard_layout(array)
-        for shard in np.flatnonzero(flags[name]).tolist():
+        for shard in np.flatnonzero(info.shard_flags[name]).tolist():
             for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard):
                 problems.append(ShardProblem(f"features/{name}", shard, problem, name))
-    committed = np.logical_or.reduce([flags[name] for name in names]) if names else np.zeros(info.n_shards, bool)
+    return problems + _row_chunk_problems(info, names)
+
+
+def _row_chunk_problems(info: StoreInfo, names: Sequence[str]) -> list[ShardProblem]:
+    """Committed shards (of the variants ``names``) whose ``valid`` or ``error`` chunk file is missing or empty."""
+    problems = []
     for row_array in ("valid", "error"):
-        for shard in np.flatnonzero(committed).tolist():
-            chunk = path / row_array / "c" / str(shard)
-            if not chunk.is_file() or chunk.stat().st_size == 0:
-                what = "missing" if not chunk.is_file() else "empty (0 bytes)"
-                for name in names:
-                    if flags[name][shard]:
-                        problems.append(ShardProblem(row_array, shard, f"chunk file {chunk} is {what}", name))
+        folder = info.path / row_array / "c"
+        sizes = {entry.name: entry.stat().st_size for entry in os.scandir(folder)} if folder.is_dir() else {}
+        for name in names:
+            for shard in np.flatnonzero(info.shard_flags[name]).tolist():
+                size = sizes.get(str(shard))
+                if not size:
+                    what = "missing" if size is None else "empty (0 bytes)"
+                    problems.append(ShardProblem(row_array, shard, f"chunk file {folder / str(shard)} is {what}", name))
     return problems
 
 
@@ -723,7 +728,7 @@ def verify_store(path: Path) -> list[str]:
     with the sizes of their index, every chunk's CRC32C, no shard holding
     data without its progress flag; no NaN or Inf in valid rows.
     """
-    return _verify(Path(path))[0]
+    return list(dict.fromkeys(_verify(Path(path))[0]))  # a lost row chunk is named once, not once per variant
 
 
 def reset_damaged_shards(path: Path) -> int:
@@ -788,9 +793,9 @@ def _verify(path: Path) -> tuple[list[str], dict[str, set[int]]]:
 def read_rows(path: Path) -> RowTable:
     """The row arrays; a committed shard whose ``valid`` or ``error`` chunk is lost is an error, not "all invalid"."""
     path = Path(path)
-    for problem in damaged_shards(path):
-        if problem.array in ("valid", "error"):
-            raise StoreError(problem.describe(path) + "; run `pipeline extract` again to re-extract the shard")
+    info = open_store_info(path)
+    for problem in _row_chunk_problems(info, list(info.variants))[:1]:
+        raise StoreError(problem.describe(path) + "; run `pipeline extract` again to re-extract the shard")
     try:
         group = zarr.open_group(path, mode="r")
         return RowTable(
