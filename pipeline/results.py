@@ -36,8 +36,18 @@ apply (an error row has no split or metrics; a store without classes has no
 by val (``best_by_val``: highest mean val ACC, then val AP; honest) and by
 mean test ACC + AP (``best_by_test_mean_acc_ap``: the paper's protocol).
 Columns ``SELECTION_COLUMNS``: the rule, the run, its setting and head
-config, ``val_acc``, ``val_ap``, ``mean_acc``, ``mean_ap``, ``n_mean_sets``
-and ``excluded_from_mean``.
+config, ``val_acc``, ``val_ap``, ``mean_acc``, ``mean_ap``, ``n_mean_sets``,
+``excluded_from_mean``, ``n_seeds``, ``seeds``, ``mean_acc_std`` and
+``mean_ap_std``.
+
+**Seeds.** A grid may run each config with several seeds (``seed: [0, 1,
+2]``). Selection then groups runs by their setting *without* the seed,
+compares configs (setting and head config) by the **mean over their seeds**
+of each rule's numbers, and writes the chosen config's seed means in
+``val_*``/``mean_*``, their sample standard deviations (ddof 1; ``nan`` with
+one seed) in ``mean_acc_std``/``mean_ap_std``, the seeds (``0+1+2``), and
+names the run of the lowest seed in ``run`` (and its ``seed``). With one seed
+per config this is exactly the per-run selection.
 
 Test means (selection, ``avg`` of the report) are over the unperturbed
 evaluation (variants ``center`` and ``tencrop``) and over **the paper's 20
@@ -376,12 +386,82 @@ def _nan_low(value: float) -> float:
     return -math.inf if math.isnan(value) else value
 
 
+def nan_std(values: Iterable[float]) -> float:
+    """Sample standard deviation (ddof 1) of the non-NaN values; NaN for fewer than two."""
+    finite = [value for value in values if not math.isnan(value)]
+    return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+
+
+def setting_without_seed(setting: Setting) -> tuple:
+    """What runs that differ only in their seed share: the selection's group."""
+    return tuple(getattr(setting, name) for name in SETTING_FIELDS if name != "seed")
+
+
+@dataclass(frozen=True)
+class ConfigSummary:
+    """One config (training setting without the seed, and head config) over the seeds it was run with.
+
+    ``val_*`` and ``mean_*`` are means over the seeds (NaN skipped); ``*_std``
+    their sample standard deviations (NaN with one seed). The representative
+    run, which selection.csv names, is the one of the lowest seed.
+    """
+
+    runs: tuple[RunSummary, ...]  # in seed order
+
+    @property
+    def representative(self) -> RunSummary:
+        return self.runs[0]
+
+    @property
+    def run(self) -> str:
+        return self.representative.run
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(summary.row.setting.seed for summary in self.runs)
+
+    def mean(self, name: str) -> float:
+        return nan_mean(getattr(summary, name) for summary in self.runs)
+
+    def std(self, name: str) -> float:
+        return nan_std(getattr(summary, name) for summary in self.runs)
+
+    @property
+    def val_acc(self) -> float:
+        return self.mean("val_acc")
+
+    @property
+    def val_ap(self) -> float:
+        return self.mean("val_ap")
+
+    @property
+    def mean_acc(self) -> float:
+        return self.mean("mean_acc")
+
+    @property
+    def mean_ap(self) -> float:
+        return self.mean("mean_ap")
+
+
+def config_key(row: ResultRow) -> tuple:
+    """Runs with the same key differ only in their seed."""
+    return (setting_without_seed(row.setting), row.head)
+
+
+def summarize_configs(summaries: Iterable[RunSummary]) -> list[ConfigSummary]:
+    """Group run summaries by config (everything but the seed), each group in seed order, then run id."""
+    groups: dict[tuple, list[RunSummary]] = {}
+    for summary in summaries:
+        groups.setdefault(config_key(summary.row), []).append(summary)
+    return [ConfigSummary(tuple(sorted(group, key=lambda s: (s.row.setting.seed, s.run)))) for group in groups.values()]
+
+
 def acc_ap_rank(mean_acc: float, mean_ap: float) -> float:
     """The paper's model choice: mean test ACC + mean test AP, NaN ranked lowest."""
     return _nan_low(mean_acc + mean_ap)
 
 
-def rule_score(rule: str, summary: RunSummary) -> tuple[float, ...]:
+def rule_score(rule: str, summary: RunSummary | ConfigSummary) -> tuple[float, ...]:
     """The key a rule maximises (ties go to the larger run id, so the choice is deterministic)."""
     if rule == BEST_BY_VAL:
         return (_nan_low(summary.val_acc), _nan_low(summary.val_ap))
@@ -396,19 +476,26 @@ def best_run(summaries: Iterable[RunSummary], rule: str = BEST_BY_TEST) -> RunSu
 
 @dataclass(frozen=True)
 class Selection:
+    """A rule's choice in one setting: a config over its seeds, named by its representative run."""
+
     rule: str
-    summary: RunSummary
+    config: ConfigSummary
+
+    @property
+    def summary(self) -> RunSummary:
+        return self.config.representative
 
 
 def select_runs(summaries: Iterable[RunSummary]) -> list[Selection]:
-    """Per training setting, the best run by each rule of SELECTION_RULES."""
-    by_setting: dict[Setting, list[RunSummary]] = {}
-    for summary in summaries:
-        by_setting.setdefault(summary.row.setting, []).append(summary)
+    """Per training setting (without the seed), the best config by each rule of SELECTION_RULES, on seed means."""
+    by_setting: dict[tuple, list[ConfigSummary]] = {}
+    for config in summarize_configs(summaries):
+        by_setting.setdefault(setting_without_seed(config.representative.row.setting), []).append(config)
     selections = []
-    for setting in sorted(by_setting, key=lambda s: tuple(format_value(getattr(s, n)) for n in SETTING_FIELDS)):
+    for key in sorted(by_setting, key=lambda key: tuple(format_value(value) for value in key)):
         for rule in SELECTION_RULES:
-            selections.append(Selection(rule, best_run(by_setting[setting], rule)))
+            best = max(by_setting[key], key=lambda config: (rule_score(rule, config), config.run))
+            selections.append(Selection(rule, best))
     return selections
 
 
@@ -417,21 +504,26 @@ SELECTION_COLUMNS: tuple[str, ...] = (
     + HEAD_COLUMNS
     + SETTING_COLUMNS
     + ("val_acc", "val_ap", "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean")
+    + ("n_seeds", "seeds", "mean_acc_std", "mean_ap_std")
 )
 
 
 def selection_record(selection: Selection) -> dict[str, str]:
     """A selection.csv row."""
-    summary = selection.summary
+    config, summary = selection.config, selection.summary
     written = summary.row.to_csv()
     values = {column: written[column] for column in SELECTION_COLUMNS if column in written}
     values.update(
         selection=selection.rule,
-        val_acc=format_value(summary.val_acc),
-        val_ap=format_value(summary.val_ap),
-        mean_acc=format_value(summary.mean_acc),
-        mean_ap=format_value(summary.mean_ap),
+        val_acc=format_value(config.val_acc),
+        val_ap=format_value(config.val_ap),
+        mean_acc=format_value(config.mean_acc),
+        mean_ap=format_value(config.mean_ap),
         n_mean_sets=str(len(summary.mean_sets)),
         excluded_from_mean=LIST_SEPARATOR.join(summary.excluded_from_mean),
+        n_seeds=str(len(config.runs)),
+        seeds=format_value(config.seeds),
+        mean_acc_std=format_value(config.std("mean_acc")),
+        mean_ap_std=format_value(config.std("mean_ap")),
     )
     return values

@@ -140,6 +140,25 @@ def test_selection_labels_both_rules(stores, tmp_path):
     assert float(selection[1]["mean_acc"]) == pytest.approx(np.mean([a for a, _ in per_run[best]]))
 
 
+def test_a_grid_of_seeds_selects_the_config_with_the_best_mean_over_seeds(stores, tmp_path):
+    summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  seed: [0, 1, 2]\n")
+    rows = [r for r in read(summary.results) if r["split"] == "test" and r["variant"] == "center"]
+    assert len({r["run"] for r in rows}) == 6 and {r["seed"] for r in rows} == {"0", "1", "2"}
+    per_config: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        per_config.setdefault(r["contrastive_factor"], {}).setdefault(r["seed"], []).append(float(r["acc"]))
+    seed_means = {factor: [np.mean(per_config[factor][seed]) for seed in "012"] for factor in per_config}
+    selection = read(summary.selection)
+    assert len(selection) == 2  # one setting: the seed is not part of it
+    chosen = selection[1]
+    assert (chosen["n_seeds"], chosen["seeds"], chosen["seed"]) == ("3", "0+1+2", "0")
+    accs = seed_means[chosen["contrastive_factor"]]
+    assert float(chosen["mean_acc"]) == pytest.approx(np.mean(accs))
+    assert float(chosen["mean_acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+    named = [r for r in rows if r["run"] == chosen["run"]]
+    assert {(r["seed"], r["contrastive_factor"]) for r in named} == {("0", chosen["contrastive_factor"])}
+
+
 def test_rerun_skips_finished_runs_and_same_seed_gives_same_metrics(stores, tmp_path, monkeypatch):
     first = run(stores, tmp_path / "a")
     with monkeypatch.context() as patch:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 
 import pytest
 
@@ -21,6 +22,8 @@ from pipeline.results import (
     nan_mean,
     read_result_rows,
     select_runs,
+    selection_record,
+    summarize_configs,
     summarize_runs,
     write_csv,
 )
@@ -34,12 +37,14 @@ BASE = ResultRow(run="r", status="ok", error="", grid="g", head=HeadConfig(0.2, 
 
 
 def scored(
-    run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", epochs: int = 1
-) -> ResultRow:
+    run: str, split: str, dataset: str, acc: float, ap: float, variant: str = "center", epochs: int = 1,
+    head: HeadConfig | None = None, seed: int = 0,
+) -> ResultRow:  # fmt: skip
     values = {name: 0.5 for name in metrics.METRIC_NAMES} | {"acc": acc, "ap": ap}
-    setting = dataclasses.replace(SETTING, epochs=epochs)
+    setting = dataclasses.replace(SETTING, epochs=epochs, seed=seed)
+    head = head or HeadConfig(0.2, 2, 64 + sum(map(ord, run)))  # distinct runs: distinct configs unless told
     return dataclasses.replace(BASE, run=run, split=split, variant=variant, dataset=dataset, n=10, n_invalid=0,
-                               metrics=values, setting=setting)  # fmt: skip
+                               metrics=values, setting=setting, head=head)  # fmt: skip
 
 
 def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
@@ -98,3 +103,30 @@ def test_selection_by_val_and_by_mean_test_acc_ap_per_setting_with_the_20_set_ru
     assert chosen == [(BEST_BY_VAL, "a"), (BEST_BY_TEST, "b"), (BEST_BY_VAL, "c"), (BEST_BY_TEST, "c")]
     tie = [scored(run, "test", "progan", 0.5, 0.5) for run in ("x", "y")]
     assert [s.summary.run for s in select_runs(summarize_runs(tie).values())] == ["y", "y"]  # ties: the larger id
+
+
+def test_seeds_of_a_config_are_selected_by_their_mean_and_reported_with_mean_and_std():
+    """Config A has the best single run, config B the best mean over seeds 0, 1, 2: B is selected."""
+    head_a, head_b = HeadConfig(0.1, 1, 32), HeadConfig(0.8, 2, 64)
+    test_acc = {("a", 0): 0.99, ("a", 1): 0.60, ("a", 2): 0.61, ("b", 0): 0.80, ("b", 1): 0.82, ("b", 2): 0.78}
+    rows = []
+    for (name, seed), acc in test_acc.items():
+        head = head_a if name == "a" else head_b
+        run = f"{name}{seed}"
+        rows += [scored(run, "val", "progan", acc, acc, head=head, seed=seed),
+                 scored(run, "test", "progan", acc, acc, head=head, seed=seed),
+                 scored(run, "test", "dalle", acc, 0.9, head=head, seed=seed)]  # fmt: skip
+    selections = select_runs(summarize_runs(rows).values())
+    assert [(s.rule, s.summary.run) for s in selections] == [(BEST_BY_VAL, "b0"), (BEST_BY_TEST, "b0")]
+    record = selection_record(selections[1])
+    b_accs = [test_acc["b", seed] for seed in range(3)]
+    b_aps = [(acc + 0.9) / 2 for acc in b_accs]
+    assert (record["n_seeds"], record["seeds"], record["seed"]) == ("3", "0+1+2", "0")
+    assert float(record["mean_acc"]) == pytest.approx(statistics.mean(b_accs))
+    assert float(record["mean_ap"]) == pytest.approx(statistics.mean(b_aps))
+    assert float(record["mean_acc_std"]) == pytest.approx(statistics.stdev(b_accs))
+    assert float(record["mean_ap_std"]) == pytest.approx(statistics.stdev(b_aps))
+    configs = {config.run: config for config in summarize_configs(summarize_runs(rows).values())}
+    assert set(configs) == {"a0", "b0"} and configs["a0"].seeds == (0, 1, 2)
+    single = selection_record(select_runs(summarize_runs(rows[:3]).values())[0])
+    assert (single["n_seeds"], single["seeds"], single["mean_acc_std"]) == ("1", "0", "nan")
