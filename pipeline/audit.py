@@ -18,6 +18,13 @@ decoding, no backbone; :mod:`pipeline.image_headers`), then
    the single feature with the highest AUC (ties: the order of ``FEATURES``, so
    the cause, e.g. ``format``, is named before a consequence like ``file_size``).
 
+With ``perturbation="format-align"`` (``pipeline audit --perturb
+format-align``) the audit describes instead the files the images become in
+the format-align variant of ``pipeline extract`` (each decoded and
+re-encoded as the same JPEG, ``images.format_align_bytes``): what is left of
+the metadata shortcuts once format is aligned. Its outputs carry the
+variant's name: ``audit_<split>_format-align-q95*``.
+
 Outputs, in ``out``: ``audit_<split>.csv`` (long: dataset x feature AUCs),
 ``audit_<split>_summary.csv`` (header statistics per dataset and label),
 ``audit_<split>_images.csv`` (one row per image, with its error if any) and
@@ -45,8 +52,9 @@ from tqdm.auto import tqdm
 
 from .errors import PipelineError
 from .files import atomic_path
-from .image_headers import ImageHeader, read_image_header
+from .image_headers import ImageHeader, read_format_aligned_header, read_image_header
 from .manifest import Manifest, check_split_name, read_manifest
+from .variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, VariantSpec
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_FOLDS = 5
@@ -91,9 +99,32 @@ class AuditConfig:
     seed: int = 0
     workers: int = 8  # header-reading threads (I/O bound)
     progress: bool = True
+    perturbation: str | None = None  # FORMAT_ALIGN: audit the format-aligned files instead of the originals
+    align_quality: int = DEFAULT_ALIGN_QUALITY
+
+    @property
+    def variant(self) -> str | None:
+        """The variant audited (e.g. ``format-align-q95``), None for the files as they are."""
+        return None if self.perturbation is None else VariantSpec.format_aligned(self.align_quality).name
+
+    @property
+    def stem(self) -> str:
+        """``audit_<split>``, or ``audit_<split>_<variant>``: the outputs' common name."""
+        return f"audit_{self.split}" + (f"_{self.variant}" if self.variant else "")
+
+    def header_reader(self) -> Callable[[Path], ImageHeader]:
+        if self.perturbation is None:
+            return read_image_header
+        return lambda path: read_format_aligned_header(path, self.align_quality)
 
     def validate(self) -> None:
         check_split_name(self.split)
+        if self.perturbation not in (None, FORMAT_ALIGN):
+            raise AuditError(
+                f"the audit reads the files as they are or --perturb {FORMAT_ALIGN}, not {self.perturbation!r}"
+            )
+        if not 1 <= self.align_quality <= 100:
+            raise AuditError(f"align quality must be in 1..100, got {self.align_quality}")
         if not 0.5 < self.threshold <= 1.0:
             raise AuditError(f"threshold must be in (0.5, 1], got {self.threshold}")
         if self.folds < 2:
@@ -314,14 +345,20 @@ def audit_headers(
     return AuditResult(threshold, tuple(headers), tuple(aucs), tuple(summaries), tuple(flags))
 
 
-def read_headers(paths: Sequence[Path], workers: int, progress: bool, description: str) -> list[ImageHeader]:
+def read_headers(
+    paths: Sequence[Path],
+    workers: int,
+    progress: bool,
+    description: str,
+    reader: Callable[[Path], ImageHeader] = read_image_header,
+) -> list[ImageHeader]:
     """Headers of ``paths`` in order, read by ``workers`` threads; a file listed twice is read once.
 
     (Layouts share reals between datasets: the UFD diffusion sets, Synthbuster.)
     """
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(workers, thread_name_prefix="header") as pool:
-        results = pool.map(read_image_header, unique)
+        results = pool.map(reader, unique)
         header_of = dict(
             zip(unique, tqdm(results, total=len(unique), unit="img", desc=description, disable=not progress))
         )
@@ -333,12 +370,14 @@ class AuditSummary:
     split: str
     result: AuditResult
     written: tuple[Path, ...]
+    variant: str | None = None
 
     def report(self) -> str:
         result = self.result
         n_datasets = len({row.dataset for row in result.aucs})
+        audited = self.split + (f" ({self.variant}: the files re-encoded as that variant)" if self.variant else "")
         lines = [
-            f"audit of {self.split}: {len(result.headers)} images in {n_datasets} dataset(s), {result.n_errors} unreadable"
+            f"audit of {audited}: {len(result.headers)} images in {n_datasets} dataset(s), {result.n_errors} unreadable"
         ]
         lines += [flag.describe() for flag in result.flags]
         if not result.flags:
@@ -354,13 +393,13 @@ def run_audit(config: AuditConfig) -> AuditSummary:
     config.validate()
     manifest = read_manifest(config.manifest)
     paths = [manifest.resolve(index, config.data_root) for index in range(len(manifest))]
-    headers = read_headers(paths, config.workers, config.progress, f"audit {config.split}")
+    headers = read_headers(paths, config.workers, config.progress, f"audit {config.split}", config.header_reader())
     result = audit_headers(manifest, headers, config.threshold, config.folds, config.seed)
     try:
         written = write_audit(result, manifest, config)
     except OSError as error:
         raise AuditError(f"{config.out}: cannot write the audit ({error})") from error
-    return AuditSummary(config.split, result, written)
+    return AuditSummary(config.split, result, written, config.variant)
 
 
 # ---------------------------------------------------------------- writing
@@ -433,7 +472,7 @@ def write_csv(path: Path, columns: Sequence[str], records: Sequence[Mapping[str,
 def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) -> tuple[Path, ...]:
     """Write the CSVs and the JSON; returns their paths."""
     aucs, summaries, images = auc_records(result), summary_records(result), image_records(result, manifest)
-    stem = config.out / f"audit_{config.split}"
+    stem = config.out / config.stem
     paths = (
         stem.with_suffix(".csv"),
         Path(f"{stem}_summary.csv"),
@@ -445,6 +484,7 @@ def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) ->
     write_csv(paths[2], IMAGE_COLUMNS, images)
     document = {
         "split": config.split,
+        "variant": config.variant,  # None: the files as they are
         "manifest": str(config.manifest),
         "manifest_sha256": manifest.sha256(),
         "threshold": result.threshold,

@@ -20,7 +20,7 @@ from .files import disk_errors_explained
 from .layouts import LAYOUTS, build_manifest
 from .manifest import check_split_name, manifest_path, sidecar_path, write_manifest
 from .paper import DEFAULT_BACKBONES
-from .variants import PERTURB_PRESETS, PERTURBATIONS
+from .variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
@@ -219,7 +219,16 @@ def manifest_command(
     help="Training recipe (blur/JPEG/random crop/flip) or center crop. Default: augment when the split name starts with 'train'.",
 )
 @click.option(
-    "--perturb", type=click.Choice(PERTURBATIONS), help="Robustness variant of an evaluation split (paper Table 5)."
+    "--perturb",
+    type=click.Choice((*PERTURBATIONS, FORMAT_ALIGN)),
+    help="Robustness variant of an evaluation split (paper Table 5), or format-align: every image re-encoded "
+    "as the same JPEG (--align-quality) before the center crop, so the file format is no shortcut.",
+)
+@click.option(
+    "--align-quality",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_ALIGN_QUALITY,
+    help="JPEG quality of --perturb format-align (variant format-align-q<quality>).",
 )
 @click.option(
     "--perturb-preset",
@@ -312,6 +321,7 @@ def extract_command(
     views,
     augment,
     perturb,
+    align_quality,
     perturb_preset,
     ten_crop,
     seed,
@@ -362,6 +372,7 @@ def extract_command(
         augment=augment,
         perturbation=perturb,
         perturb_preset=perturb_preset,
+        align_quality=align_quality,
         ten_crop=ten_crop,
         seed=seed,
         shard_rows=shard_rows,
@@ -426,8 +437,22 @@ def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int,
 )
 @click.option("--seed", type=int, default=0, help="Seed of the folds and the trees.")
 @click.option("--workers", type=click.IntRange(1), default=8, help="Header-reading threads.")
+@click.option(
+    "--perturb",
+    type=click.Choice((FORMAT_ALIGN,)),
+    help="Audit the files as `pipeline extract --perturb format-align` sees them (every image decoded and "
+    "re-encoded as the same JPEG) instead of the files as they are; outputs audit_<split>_format-align-q<quality>*.",
+)
+@click.option(
+    "--align-quality",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_ALIGN_QUALITY,
+    help="JPEG quality of --perturb format-align.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, workers, no_progress) -> None:
+def audit_command(
+    split, manifest_file, data_root, out, threshold, folds, seed, workers, perturb, align_quality, no_progress
+) -> None:
     """Check a split for metadata shortcuts: can format, JPEG quality, size, mode, EXIF or file size alone tell reals from fakes?
 
     Reads the image headers only (no decoding, no backbone). Per dataset: the
@@ -448,6 +473,8 @@ def audit_command(split, manifest_file, data_root, out, threshold, folds, seed, 
         seed=seed,
         workers=workers,
         progress=not no_progress,
+        perturbation=perturb,
+        align_quality=align_quality,
     )
     summary = run_audit(config)
     click.echo(summary.report(), err=True)

@@ -51,7 +51,15 @@ from .cache import STORE_DTYPES, TAPS
 from .claims import DEFAULT_STALE_AFTER, ShardClaims
 from .errors import PipelineError
 from .manifest import Manifest, check_split_name, read_manifest
-from .variants import PERTURB_PRESETS, PERTURBATIONS, VariantKind, VariantSpec, ten_crop_variants
+from .variants import (
+    DEFAULT_ALIGN_QUALITY,
+    FORMAT_ALIGN,
+    PERTURB_PRESETS,
+    PERTURBATIONS,
+    VariantKind,
+    VariantSpec,
+    ten_crop_variants,
+)
 
 FAILURE_EXAMPLES = 10
 DEFAULT_MAX_INVALID = 0.05
@@ -107,8 +115,9 @@ class ExtractConfig:
     store_dtype: str = "float16"
     views: int = 1
     augment: bool | None = None  # None: augment when the split name starts with "train"
-    perturbation: str | None = None
+    perturbation: str | None = None  # one of PERTURBATIONS, or FORMAT_ALIGN
     perturb_preset: str = "official"
+    align_quality: int = DEFAULT_ALIGN_QUALITY  # JPEG quality of the format-align variant
     ten_crop: bool = False  # evaluation by ten crops (large images, e.g. Synthbuster)
     seed: int = 0
     shard_rows: int = cache.DEFAULT_SHARD_ROWS
@@ -129,6 +138,8 @@ class ExtractConfig:
         return self.split.startswith("train") if self.augment is None else self.augment
 
     def variants(self) -> tuple[VariantSpec, ...]:
+        if self.perturbation == FORMAT_ALIGN:
+            return (VariantSpec.format_aligned(self.align_quality),)
         if self.perturbation is not None:
             return (VariantSpec.perturbed(self.perturbation, self.perturb_preset),)
         if self.is_training():
@@ -175,8 +186,12 @@ class ExtractConfig:
             )
         if self.store_dtype not in STORE_DTYPES:
             raise OptionError(f"unknown store dtype {self.store_dtype!r}; choose from {STORE_DTYPES}")
-        if self.perturbation is not None and self.perturbation not in PERTURBATIONS:
-            raise OptionError(f"unknown perturbation {self.perturbation!r}; choose from {PERTURBATIONS}")
+        if self.perturbation is not None and self.perturbation not in (*PERTURBATIONS, FORMAT_ALIGN):
+            raise OptionError(
+                f"unknown perturbation {self.perturbation!r}; choose from {PERTURBATIONS + (FORMAT_ALIGN,)}"
+            )
+        if not 1 <= self.align_quality <= 100:
+            raise OptionError(f"--align-quality must be in 1..100, got {self.align_quality}")
         if self.perturb_preset not in PERTURB_PRESETS:
             raise OptionError(f"unknown perturbation preset {self.perturb_preset!r}; choose from {PERTURB_PRESETS}")
         if self.perturbation is not None and self.is_training():
@@ -251,7 +266,8 @@ class PixelRecipe:
     training recipe drawn from ``view_rng(seed, row, view)``; torchvision's
     ten crops, cut once per call for every ``tencrop_i`` asked for; a
     perturbation drawn from ``view_rng(seed, row, PERTURB_STREAM + its
-    index)`` followed by the center crop.
+    index)`` followed by the center crop; the format-align re-encoding
+    (``images.format_align``, no randomness) followed by the center crop.
     """
 
     variants: tuple[VariantSpec, ...]
@@ -275,6 +291,9 @@ class PixelRecipe:
                 if ten_crops is None:
                     ten_crops = images.ten_crop(image, self.crop)
                 pixels[variant.name] = ten_crops[variant.index]
+            elif variant.kind is VariantKind.FORMAT_ALIGN:
+                assert variant.quality is not None
+                pixels[variant.name] = images.center_crop(images.format_align(image, variant.quality), self.crop)
             else:
                 assert variant.perturbation is not None and variant.preset is not None
                 rng = images.view_rng(self.seed, row, PERTURB_STREAM + PERTURBATIONS.index(variant.perturbation))

@@ -12,18 +12,31 @@ under the IJG scaling of the standard tables (libjpeg, libjpeg-turbo, Pillow,
 OpenCV and most software encoders), are nearest to the file's. Files from
 encoders with their own tables (many cameras, Photoshop) get the nearest IJG
 quality, an estimate.
+
+:func:`read_format_aligned_header` describes instead the file an image
+becomes in the format-align variant (decoded, re-encoded as one JPEG): what
+a detector sees of the file once format is aligned.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable
+from .images import (
+    _PILLOW_LIMIT_SUSPENDED,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    check_file_readable,
+    decode_image,
+    format_align_bytes,
+)
 
 # ITU T.81 Annex K tables K.1 (luminance) and K.2 (chrominance), natural
 # (row-major) order, as Pillow's ``image.quantization`` gives them.
@@ -79,11 +92,29 @@ def read_image_header(path: Path) -> ImageHeader:
         check_file_readable(path)
     except ImageDecodeError as error:
         return ImageHeader(file_size=file_size_or_none(path), error=error.reason)
-    file_size = file_size_or_none(path)
+    return describe_file(path, file_size_or_none(path))
+
+
+def read_format_aligned_header(path: Path, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """The header of the file ``path`` becomes in the format-align variant (``images.format_align_bytes``).
+
+    Unlike :func:`read_image_header` this decodes the pixels (they are
+    re-encoded): a file that cannot be decoded becomes an error header.
+    """
+    path = Path(path)
+    try:
+        encoded = format_align_bytes(decode_image(path, max_pixels), quality)
+    except ImageDecodeError as error:
+        return ImageHeader(file_size=file_size_or_none(path), error=error.reason)
+    return describe_file(io.BytesIO(encoded), len(encoded))
+
+
+def describe_file(source: Path | BinaryIO, file_size: int | None) -> ImageHeader:
+    """Open ``source`` with Pillow (header only) and describe it; a parser failure becomes the error."""
     try:
         # Pillow's decompression-bomb limit applies at open(); a header
         # audit decodes nothing, so no size is refused.
-        with _PILLOW_LIMIT_SUSPENDED, Image.open(path) as image:
+        with _PILLOW_LIMIT_SUSPENDED, Image.open(source) as image:
             quantization = getattr(image, "quantization", None)  # JPEG and MPO (camera JPEGs)
             return ImageHeader(
                 format=image.format,

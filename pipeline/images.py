@@ -8,7 +8,8 @@ given ``(seed, row, view)`` always yields the same pixels (see ``view_rng``).
 Conventions follow RINE_SPEC.md sections 2 and 5 and the authors' code:
 no resizing on the validation/test path (torchvision ``CenterCrop`` / ``TenCrop``
 with zero padding), the training recipe blur -> JPEG -> random crop -> flip,
-and the robustness perturbations of paper Table 5 in two presets.
+the robustness perturbations of paper Table 5 in two presets, and the
+format-align re-encoding (every image the same JPEG, :func:`format_align`).
 """
 
 from __future__ import annotations
@@ -379,6 +380,27 @@ def jpeg_roundtrip_pil(image: np.ndarray, quality: int) -> np.ndarray:
     Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
     buffer.seek(0)
     with Image.open(buffer) as reopened:
+        return np.ascontiguousarray(np.array(reopened.convert("RGB"), dtype=np.uint8))
+
+
+def format_align_bytes(image: np.ndarray, quality: int) -> bytes:
+    """The file every image becomes in the format-align variant: Pillow JPEG at ``quality``, 4:2:0, no metadata.
+
+    Reals and fakes alike, whatever their original format, so that the file
+    format (and JPEG quality) no longer tells them apart (``pipeline audit
+    --perturb format-align`` audits these files).
+    """
+    require_rgb_image(image)
+    if not 1 <= quality <= 100:
+        raise ValueError(f"JPEG quality must be in 1..100, got {quality}")
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality), subsampling="4:2:0")
+    return buffer.getvalue()
+
+
+def format_align(image: np.ndarray, quality: int) -> np.ndarray:
+    """The pixels of :func:`format_align_bytes` decoded again (RGB uint8)."""
+    with Image.open(io.BytesIO(format_align_bytes(image, quality))) as reopened:
         return np.ascontiguousarray(np.array(reopened.convert("RGB"), dtype=np.uint8))
 
 

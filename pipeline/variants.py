@@ -11,6 +11,9 @@ name               kind          pixels
 ``tencrop_9``                    corners and center, 5-9 the same of the flip)
 ``jpeg-official``  perturb       a robustness perturbation (``PERTURBATIONS``)
                                  with a preset (``PERTURB_PRESETS``)
+``format-align-    format_align  every image (real and fake) re-encoded the same
+q95``                            way, JPEG at quality 95 (the number), then the
+                                 center crop: no file-format shortcut left
 =================  ============  ==================================================
 
 The ten crops are scored together: ``TEN_CROP`` names that *group* (what a
@@ -30,9 +33,12 @@ PERTURBATIONS: tuple[str, ...] = ("blur", "crop", "jpeg", "noise", "combined")
 PERTURB_PRESETS: tuple[str, ...] = ("official", "paper")
 TEN_CROP = "tencrop"  # the group of the ten crop variants tencrop_0 .. tencrop_9
 TEN_CROP_COUNT = 10
+FORMAT_ALIGN = "format-align"  # what --perturb takes; stored as format-align-q<quality>
+DEFAULT_ALIGN_QUALITY = 95
 
 _TRAIN_VIEW_NAME = re.compile(r"view_(\d{3,})")
 _TEN_CROP_NAME = re.compile(rf"{TEN_CROP}_(\d)")
+_FORMAT_ALIGN_NAME = re.compile(rf"{FORMAT_ALIGN}-q(\d{{1,3}})")
 
 
 class VariantKind(str, Enum):
@@ -42,6 +48,7 @@ class VariantKind(str, Enum):
     TRAIN_VIEW = "train_view"
     TEN_CROP = "ten_crop"
     PERTURB = "perturb"
+    FORMAT_ALIGN = "format_align"
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ class VariantSpec:
 
     ``index`` is the view of a training view and the crop of a ten-crop
     variant (0 otherwise); ``perturbation`` and ``preset`` are set for
-    perturbed variants only.
+    perturbed variants only, ``quality`` for format-aligned ones.
     """
 
     name: str
@@ -58,6 +65,7 @@ class VariantSpec:
     index: int = 0
     perturbation: str | None = None
     preset: str | None = None
+    quality: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", VariantKind(self.kind))
@@ -88,6 +96,13 @@ class VariantSpec:
         return VariantSpec(f"{perturbation}-{preset}", VariantKind.PERTURB, perturbation=perturbation, preset=preset)
 
     @staticmethod
+    def format_aligned(quality: int = DEFAULT_ALIGN_QUALITY) -> VariantSpec:
+        """Every image re-encoded as JPEG at ``quality`` before the center crop."""
+        if not 1 <= quality <= 100:
+            raise ValueError(f"a JPEG quality is in 1..100, got {quality}")
+        return VariantSpec(f"{FORMAT_ALIGN}-q{quality}", VariantKind.FORMAT_ALIGN, quality=quality)
+
+    @staticmethod
     def from_name(name: str) -> VariantSpec:
         """The spec of a stored variant name (see the module table); ValueError for anything else."""
         if name == "center":
@@ -96,13 +111,16 @@ class VariantSpec:
             return VariantSpec.train_view(int(match.group(1)))
         if match := _TEN_CROP_NAME.fullmatch(name):
             return VariantSpec.ten_crop(int(match.group(1)))
+        if match := _FORMAT_ALIGN_NAME.fullmatch(name):
+            return VariantSpec.format_aligned(int(match.group(1)))
         perturbation, dash, preset = name.partition("-")
         if dash and perturbation in PERTURBATIONS and preset in PERTURB_PRESETS:
             return VariantSpec.perturbed(perturbation, preset)
         hint = f" ({TEN_CROP!r} names the group of the ten crops, not a stored variant)" if name == TEN_CROP else ""
         raise ValueError(
             f"unknown variant {name!r}{hint}: expected center, view_NNN, {TEN_CROP}_0..{TEN_CROP_COUNT - 1} "
-            f"or <perturbation>-<preset> with a perturbation in {PERTURBATIONS} and a preset in {PERTURB_PRESETS}"
+            f"<perturbation>-<preset> with a perturbation in {PERTURBATIONS} and a preset in {PERTURB_PRESETS}, "
+            f"or {FORMAT_ALIGN}-q<JPEG quality>"
         )
 
 

@@ -27,8 +27,16 @@ from pipeline.audit import (
     score_features,
 )
 from pipeline.cli import main
-from pipeline.image_headers import STANDARD_CHROMINANCE_TABLE, STANDARD_LUMINANCE_TABLE, ImageHeader, read_image_header
+from pipeline.image_headers import (
+    STANDARD_CHROMINANCE_TABLE,
+    STANDARD_LUMINANCE_TABLE,
+    ImageHeader,
+    read_format_aligned_header,
+    read_image_header,
+)
+from pipeline.images import format_align_bytes
 from pipeline.manifest import Manifest, ManifestRow, write_manifest
+from pipeline.variants import FORMAT_ALIGN
 
 
 def noise(size: tuple[int, int], seed: int, channels: int = 3) -> np.ndarray:
@@ -161,15 +169,17 @@ def test_a_jpeg_truncated_after_its_header_still_describes_itself(tmp_path: Path
     assert header.file_size == whole.stat().st_size // 2
 
 
-def test_shared_files_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_files_are_read_once(tmp_path: Path) -> None:
     """Reals listed under several datasets (UFD diffusion, Synthbuster) are read once, reported per row."""
     import pipeline.audit as audit_module
 
     read: list[Path] = []
-    monkeypatch.setattr(audit_module, "read_image_header", lambda path: read.append(path) or read_image_header(path))
     shared = save(tmp_path / "real.png", (8, 8), 0)
     fakes = [save(tmp_path / f"fake{i}.png", (8, 8), i) for i in (1, 2)]
-    headers = audit_module.read_headers([shared, fakes[0], shared, fakes[1]], workers=2, progress=False, description="")
+    headers = audit_module.read_headers(
+        [shared, fakes[0], shared, fakes[1]], workers=2, progress=False, description="",
+        reader=lambda path: read.append(path) or read_image_header(path),
+    )  # fmt: skip
     assert sorted(read) == sorted([shared, *fakes])
     assert headers == [read_image_header(path) for path in (shared, fakes[0], shared, fakes[1])]
 
@@ -365,6 +375,68 @@ def test_bad_config_and_data_root_override(tmp_path: Path) -> None:
     assert summary.result.n_errors == 0 and summary.result.flags[0].feature == "format"
 
 
+# ---------------------------------------------------------------- the format-aligned files
+
+
+def scene(seed: int, size: int = 64) -> np.ndarray:
+    """A smooth colour field plus noise whose amplitude varies from image to image (same law for both labels)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    base = np.stack([rng.uniform(40, 215) + rng.uniform(-60, 60) * x + rng.uniform(-60, 60) * y for _ in range(3)], -1)
+    return np.clip(base + rng.normal(0, rng.uniform(2, 40), base.shape), 0, 255).astype(np.uint8)
+
+
+def write_scene_split(root: Path, name: str, shortcut: bool, n: int = 16) -> Path:
+    """Dataset 'gan' of scenes: with ``shortcut`` reals JPEG (quality 90) and fakes PNG, else both labels mixed."""
+    rows = []
+    for index in range(2 * n):
+        label = index % 2
+        as_jpeg = label == 0 if shortcut else (index // 2) % 2 == 0
+        relative = f"gan/{label}/{index:03d}." + ("jpg" if as_jpeg else "png")
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(scene(index)).save(root / relative, **({"quality": 90} if as_jpeg else {}))
+        rows.append(ManifestRow(relative, label, "gan"))
+    csv_path = root / "manifests" / f"{name}.csv"
+    write_manifest(Manifest(name, tuple(rows), root), csv_path)
+    return csv_path
+
+
+def test_format_align_removes_the_format_shortcut_and_a_clean_split_stays_clean(tmp_path: Path) -> None:
+    shortcut = write_scene_split(tmp_path / "data", "shortcut", shortcut=True)
+    original = audit(shortcut, tmp_path / "out")
+    assert [(flag.dataset, flag.feature) for flag in original.result.flags] == [("gan", "format")]
+    aligned = audit(shortcut, tmp_path / "out", perturbation=FORMAT_ALIGN)
+    assert aligned.result.flags == () and aligned.variant == "format-align-q95"
+    assert {(h.format, h.jpeg_quality, h.mode, h.has_exif) for h in aligned.result.headers} == {
+        ("JPEG", 95, "RGB", False)
+    }
+    assert [h.width for h in aligned.result.headers] == [h.width for h in original.result.headers]
+    assert "no dataset flagged" in aligned.report() and "format-align-q95" in aligned.report()
+    assert [path.name for path in aligned.written] == [
+        "audit_shortcut_format-align-q95.csv", "audit_shortcut_format-align-q95_summary.csv",
+        "audit_shortcut_format-align-q95_images.csv", "audit_shortcut_format-align-q95.json",
+    ]  # fmt: skip
+    document = json.loads(aligned.written[3].read_text())
+    assert document["variant"] == "format-align-q95" and document["flags"] == []
+    assert json.loads(original.written[3].read_text())["variant"] is None
+    clean = write_scene_split(tmp_path / "data", "clean", shortcut=False)
+    assert audit(clean, tmp_path / "out").result.flags == ()
+    assert audit(clean, tmp_path / "out", perturbation=FORMAT_ALIGN, align_quality=80).result.flags == ()
+
+
+def test_format_aligned_header_is_that_of_the_extracted_bytes(tmp_path: Path) -> None:
+    path = save(tmp_path / "a.png", (40, 24), 3)
+    header = read_format_aligned_header(path, 70)
+    encoded = format_align_bytes(np.asarray(Image.open(path).convert("RGB")), 70)
+    assert (header.format, header.width, header.height, header.jpeg_quality) == ("JPEG", 40, 24, 70)
+    assert header.file_size == len(encoded)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n nothing more")
+    assert read_format_aligned_header(broken, 95).error
+    with pytest.raises(AuditError, match="not 'jpeg'"):
+        AuditConfig(split="x", manifest=path, perturbation="jpeg").validate()
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -384,3 +456,9 @@ def test_cli_audit(tmp_path: Path) -> None:
     missing = CliRunner().invoke(main, ["audit", "--split", "nope", "--manifest", str(tmp_path / "nope.csv")])
     assert missing.exit_code == 1 and f"{tmp_path / 'nope.csv'}: no such file" in missing.stderr
     assert "metadata shortcuts" in CliRunner().invoke(main, ["--help"]).stdout
+    aligned = CliRunner().invoke(
+        main, ["audit", "--split", "cli", "--manifest", str(csv_path), "--out", str(out), "--no-progress",
+               "--perturb", "format-align", "--align-quality", "90"],
+    )  # fmt: skip
+    assert aligned.exit_code == 0, aligned.output
+    assert aligned.stdout.splitlines()[-1] == str(out / "audit_cli_format-align-q90.json")

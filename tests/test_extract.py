@@ -8,6 +8,7 @@ from other inputs, and awkward files recorded in place.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -240,15 +241,18 @@ def test_recipe_gives_each_kind_the_authors_pixels() -> None:
         VariantSpec.train_view(2),
         VariantSpec.ten_crop(7),
         VariantSpec.perturbed("jpeg", "paper"),
+        VariantSpec.format_aligned(90),
     )
     pixels = PixelRecipe(variants, CROP, seed=11)(image, 5)
-    assert list(pixels) == ["center", "view_002", "tencrop_7", "jpeg-paper"]
+    assert list(pixels) == ["center", "view_002", "tencrop_7", "jpeg-paper", "format-align-q90"]
     np.testing.assert_array_equal(pixels["center"], images.center_crop(image, CROP))
     np.testing.assert_array_equal(pixels["view_002"], images.augment_train_view(image, CROP, images.view_rng(11, 5, 2)))
     np.testing.assert_array_equal(pixels["tencrop_7"], images.ten_crop(image, CROP)[7])
     stream = PERTURB_STREAM + PERTURBATIONS.index("jpeg")
     perturbed = images.perturb_image(image, "jpeg", "paper", images.view_rng(11, 5, stream))
     np.testing.assert_array_equal(pixels["jpeg-paper"], images.center_crop(perturbed, CROP))
+    reencoded = np.asarray(Image.open(io.BytesIO(images.format_align_bytes(image, 90))).convert("RGB"))
+    np.testing.assert_array_equal(pixels["format-align-q90"], images.center_crop(reencoded, CROP))
 
 
 def test_perturbed_rows_differ_from_center_only_where_the_draw_perturbs() -> None:
@@ -343,6 +347,7 @@ def test_config_errors_are_refused(tmp_path: Path) -> None:
         "unknown perturbation 'rain'": replace(config, perturbation="rain"),
         "unknown perturbation preset 'custom'": replace(config, perturbation="jpeg", perturb_preset="custom"),
         "perturbations are for evaluation splits": replace(config, augment=True, perturbation="jpeg"),
+        "--align-quality must be in 1..100": replace(config, perturbation="format-align", align_quality=0),
         "--ten-crop is an evaluation crop": replace(config, ten_crop=True, augment=True),
     }
     for text, changed in bad.items():
@@ -358,6 +363,8 @@ def test_variants_follow_the_split_and_options(tmp_path: Path) -> None:
     assert [v.name for v in config.variants()] == ["center"]
     assert [v.name for v in replace(config, ten_crop=True).variants()] == [f"tencrop_{i}" for i in range(10)]
     assert [v.name for v in replace(config, perturbation="crop", perturb_preset="paper").variants()] == ["crop-paper"]
+    aligned = replace(config, perturbation="format-align", align_quality=80)
+    assert [v.name for v in aligned.variants()] == ["format-align-q80"]
     assert [v.name for v in replace(config, split="train_4class", views=3).variants()] == [
         "view_000",
         "view_001",

@@ -386,6 +386,25 @@ def test_jpeg_roundtrip_pil_matches_pillow_save_and_reopen() -> None:
         jpeg_roundtrip(image, 50, "libjpeg-turbo")
 
 
+def test_format_align_makes_every_image_the_same_kind_of_jpeg() -> None:
+    """A PNG-born and a JPEG-born image both become a 4:2:0 JPEG of the asked quality, nothing else."""
+    y, x = np.mgrid[0:40, 0:56]
+    png_born = np.stack([4 * x, 5 * y, 2 * (x + y)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
+    jpeg_born = np.asarray(Image.open(io.BytesIO(encode_with_pil(png_born, "JPEG", quality=75))))
+    for image in (png_born, jpeg_born):
+        encoded = images.format_align_bytes(image, 95)
+        assert encoded == images.format_align_bytes(image, 95)  # deterministic
+        reopened = Image.open(io.BytesIO(encoded))
+        assert (reopened.format, reopened.size, reopened.mode) == ("JPEG", (56, 40), "RGB")
+        assert reopened.layer == [(1, 2, 2, 0), (2, 1, 1, 1), (3, 1, 1, 1)]  # luma 2x2, chroma 1x1: 4:2:0
+        assert not reopened.info.get("exif")
+        pixels = images.format_align(image, 95)
+        np.testing.assert_array_equal(pixels, np.asarray(reopened.convert("RGB")))
+        assert pixels.dtype == np.uint8 and np.abs(pixels.astype(int) - image).mean() < 2
+    with pytest.raises(ValueError, match="1..100"):
+        images.format_align_bytes(png_born, 0)
+
+
 # ---------------------------------------------------------------- training views
 
 

@@ -25,6 +25,8 @@ EVERY_KIND = [
     (VariantSpec.ten_crop(9), "tencrop_9", VariantKind.TEN_CROP, 9),
     (VariantSpec.perturbed("jpeg", "official"), "jpeg-official", VariantKind.PERTURB, 0),
     (VariantSpec.perturbed("combined", "paper"), "combined-paper", VariantKind.PERTURB, 0),
+    (VariantSpec.format_aligned(), "format-align-q95", VariantKind.FORMAT_ALIGN, 0),
+    (VariantSpec.format_aligned(7), "format-align-q7", VariantKind.FORMAT_ALIGN, 0),
 ]
 
 
@@ -51,7 +53,7 @@ def test_ten_crop_group_lists_its_ten_members_and_is_no_variant() -> None:
 
 @pytest.mark.parametrize(
     "name", ["", "Center", "view_1", "view_01", "view_-01", "tencrop_10", "tencrop_a", "jpeg", "jpeg-", "rain-official",
-             "jpeg-custom", "jpeg-official-2", " center"],
+             "jpeg-custom", "jpeg-official-2", " center", "format-align", "format-align-95", "format-align-q1000"],
 )  # fmt: skip
 def test_other_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="unknown variant"):
@@ -67,10 +69,16 @@ def test_constructors_refuse_out_of_range_values() -> None:
         VariantSpec.perturbed("rain", "official")
     with pytest.raises(ValueError, match="unknown perturbation preset 'custom'"):
         VariantSpec.perturbed("jpeg", "custom")
+    for quality in (0, 101):
+        with pytest.raises(ValueError, match="JPEG quality is in 1..100"):
+            VariantSpec.format_aligned(quality)
+    assert VariantSpec.from_name("format-align-q80").quality == 80
 
 
 def test_kind_is_recorded_as_its_plain_value() -> None:
     """Store attributes are JSON: the kind must be written as the string it always was."""
     recorded = json.loads(json.dumps(asdict(VariantSpec.ten_crop(3))))
-    assert recorded == {"name": "tencrop_3", "kind": "ten_crop", "index": 3, "perturbation": None, "preset": None}
+    assert recorded == {
+        "name": "tencrop_3", "kind": "ten_crop", "index": 3, "perturbation": None, "preset": None, "quality": None
+    }  # fmt: skip
     assert VariantSpec(**recorded) == VariantSpec.ten_crop(3)
