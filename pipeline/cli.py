@@ -101,7 +101,7 @@ def main() -> None:
       pipeline manifest  -> manifests/<split>.csv
       pipeline extract   -> cache/<model>/<tap>/<split>.zarr
       pipeline fit       -> runs/<grid>/results.csv
-      pipeline report    -> reports/*.csv, *.png
+      pipeline report    -> reports/*.csv, *.png, index.html (one self-contained page)
       pipeline audit     -> reports/audit_<split>*.csv: metadata shortcuts of a split
       pipeline predict   -> scores for new images
     \b
@@ -644,23 +644,69 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_cro
 
 
 @main.command("report")
-@click.argument("grid_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("grid_dirs", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--runs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs"),
+    help="Without GRID_DIRS: report every grid folder (with results.csv and selection.csv) under this folder.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=Path("reports"),
-    help="Folder for the tables and plots.",
+    help="Folder for the tables, plots and index.html (audit_*.json found here are shown in the page).",
 )
-@click.option("--no-plots", is_flag=True, help="Write the CSV tables only.")
-def report_command(grid_dirs, out, no_plots) -> None:
-    """Write the paper's tables (CSV) and plots (PNG) from one or more grid output folders.
+@click.option("--no-plots", is_flag=True, help="Write no PNG figures (the page then has tables only).")
+@click.option("--no-html", is_flag=True, help="Write no index.html.")
+@click.option(
+    "--bootstrap",
+    "resamples",
+    type=click.IntRange(0),
+    default=1000,  # bootstrap.DEFAULT_RESAMPLES (not imported: `pipeline --help` stays light)
+    help="Bootstrap resamples of the 95 %% intervals of ACC and AP (stratified by label); 0: none.",
+)
+@click.option("--bootstrap-seed", type=int, default=0, help="Seed of the bootstrap resamples.")
+@click.option(
+    "--bootstrap-all",
+    is_flag=True,
+    help="Intervals for every run in metrics.csv and grid.csv, not only the selected configs' runs (slower).",
+)
+@click.option(
+    "--gallery",
+    "gallery_size",
+    type=click.IntRange(0),
+    default=8,  # report.gallery.DEFAULT_GALLERY_SIZE
+    help="Worst false positives and worst false negatives shown per selected run.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def report_command(
+    grid_dirs, runs_dir, out, no_plots, no_html, resamples, bootstrap_seed, bootstrap_all, gallery_size, no_progress
+) -> None:
+    """Write the paper's tables (CSV), plots (PNG) and one self-contained page (index.html) from grid folders.
 
-    Tables whose inputs are absent (no ablation runs, no perturbed test
-    variants, ...) are skipped with the reason; plots never stop a table.
+    GRID_DIRS are grid output folders of `pipeline fit`; without them, every
+    grid folder under --runs-dir. Tables whose inputs are absent (no ablation
+    runs, no perturbed test variants, ...) are skipped with the reason; plots
+    never stop a table. The page also shows the audits (`pipeline audit`)
+    found in --out and, per selected run, ACC/AP with bootstrap intervals,
+    the error analysis, score histograms, the TIE curve and its worst errors.
     """
+    from .bootstrap import BootstrapConfig
     from .report import ReportConfig, run_report
 
-    summary = run_report(ReportConfig(grid_dirs=tuple(grid_dirs), out=out, plots=not no_plots))
+    config = ReportConfig(
+        grid_dirs=tuple(grid_dirs),
+        out=out,
+        plots=not no_plots,
+        html=not no_html,
+        runs_dir=runs_dir,
+        bootstrap=BootstrapConfig(resamples=resamples, seed=bootstrap_seed),
+        bootstrap_all=bootstrap_all,
+        gallery_size=gallery_size,
+        progress=not no_progress,
+    )
+    summary = run_report(config)
     click.echo(summary.report(), err=True)
     click.echo(str(summary.out))
 

@@ -41,7 +41,8 @@ RESULTS_HEADER = ("run", "status", "error", "grid", "model", "tap", "train", *SE
                   "fit_seconds", "views_used", "views_reused", "split", "variant", "dataset", "n", "n_invalid",
                   *METRIC_COLUMNS)  # fmt: skip
 SELECTION_HEADER = ("selection", "run", "grid", "model", "tap", "train", *SEARCHED, *SETTING, "val_acc", "val_ap",
-                    "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean")  # fmt: skip
+                    "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean", "n_seeds", "seeds", "mean_acc_std",
+                    "mean_ap_std")  # fmt: skip
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 N_BLOCKS = 6
 
@@ -185,7 +186,13 @@ def build_grid(root: Path, name: str, model: str, classes: str, specs: list[RunS
         by_val = max(candidates, key=lambda s: (means[s["run"]]["val_acc"], means[s["run"]]["val_ap"]))
         by_test = max(candidates, key=lambda s: means[s["run"]]["mean_acc"] + means[s["run"]]["mean_ap"])
         for rule, chosen in (("best_by_val", by_val), ("best_by_test_mean_acc_ap", by_test)):
-            row = {"selection": rule, **chosen["row"], **means[chosen["run"]]}
+            single_seed = {
+                "n_seeds": 1,
+                "seeds": chosen["row"]["seed"],
+                "mean_acc_std": math.nan,
+                "mean_ap_std": math.nan,
+            }
+            row = {"selection": rule, **chosen["row"], **means[chosen["run"]], **single_seed}
             selection_rows.append([fmt(row[c]) for c in SELECTION_HEADER])
     write_csv_file(out / "selection.csv", SELECTION_HEADER, selection_rows)
     return out
@@ -382,7 +389,7 @@ def test_dataset_columns_are_in_paper_order_with_extras_last(report) -> None:
             header = next(csv.reader(handle))
         first_dataset = header.index("progan")
         assert header[:first_dataset] == ["source", "backbone", "tap", "n_classes", "setting", "selection", "run",
-                                          "contrastive_factor", "proj_layers", "proj_dim"]  # fmt: skip
+                                          "contrastive_factor", "proj_layers", "proj_dim", "seeds"]  # fmt: skip
         # The authors' rows bring all 20 paper sets; our extra set comes after them, then the average (20-set rule).
         assert header[first_dataset:] == [*PAPER_ORDER, "my_extra", "avg", "excluded_from_avg"]
     acc = read_rows(report.out / "acc.csv")
@@ -576,7 +583,9 @@ def test_plots_are_non_empty_pngs(grids, report) -> None:
     assert sum("epochs-3" in name for name in per_dataset) == 1
     assert {"hyperparams_box.png", "epochs.png", "fraction.png", "tie.png"} <= set(names)
     assert len([name for name in names if name.startswith("tsne_")]) == 1  # the one selected run with embeddings
-    assert report.skipped == ()
+    selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}
+    assert {name for name in names if name.startswith("run_")} >= {f"run_{run}_scores.png" for run in selected}
+    assert {item.name for item in report.skipped} == {"seeds.csv", "format_align.csv"}  # no such runs; no figure
     for path in pngs:
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
@@ -597,6 +606,8 @@ def test_no_ablation_runs_skips_the_ablation_table_and_plots_off_writes_no_png(g
         "grid.csv",
         "metrics.csv",
         "tie.csv",
+        "errors.csv",
+        "index.html",
     }
     assert {"epochs.csv", "fractions.csv", "ldm.csv"} <= set(skipped)
     assert list(out.glob("*.png")) == []
@@ -623,7 +634,7 @@ def test_missing_matplotlib_still_writes_every_table(grids, tmp_path: Path, monk
     monkeypatch.setitem(sys.modules, "pipeline.report.figures", None)  # makes `from . import figures` raise ImportError
     monkeypatch.delattr(pipeline.report, "figures", raising=False)
     summary = run_report(ReportConfig(grid_dirs=grids, out=tmp_path / "out", plots=True))
-    assert {path.suffix for path in summary.written} == {".csv"} and len(summary.written) == 11
+    assert {path.suffix for path in summary.written} == {".csv", ".html"} and len(summary.written) == 13
     assert any(item.name == "plots" and "matplotlib" in item.reason for item in summary.skipped)
 
 

@@ -1,42 +1,60 @@
-"""Turn stage two's grid folders into the paper's tables (CSV) beside the authors' published numbers, then figures.
+"""Turn stage two's grid folders into the paper's tables (CSV) beside the authors' published numbers, figures and one HTML page.
 
 Reads ``<grid>/results.csv``, ``<grid>/selection.csv`` (format:
-``pipeline.results``; README "Results and selection") and, for the figures
-and tie.csv, the selected runs' ``head.safetensors`` and ``embeddings.npz``;
-writes into ``out`` (README "Reports"):
+``pipeline.results``; README "Results and selection"), the runs'
+``scores_<split>.csv`` (bootstrap intervals, error analysis, galleries) and,
+for the figures and tie.csv, the selected runs' ``head.safetensors`` and
+``embeddings.npz``; with no grid folder named, every grid folder under
+``runs/``. Writes into ``out`` (README "Reports"):
 
 * ``acc.csv``, ``ap.csv`` (paper Tables 2/3), ``best.csv`` (Table 1),
   ``ablations.csv`` (Table 4), ``robustness.csv`` (Table 5), ``epochs.csv``,
   ``fractions.csv``, ``ldm.csv`` (the studies), ``tie.csv`` (TIE block
-  importance), ``grid.csv`` (every run with its means), ``metrics.csv``
-  (every ok row): see ``pipeline.report.tables``;
-* PNG figures: see ``pipeline.report.figures``.
+  importance), ``grid.csv`` (every run with its means and their intervals),
+  ``metrics.csv`` (every ok row, with intervals): see
+  ``pipeline.report.tables``; ``seeds.csv``, ``format_align.csv``,
+  ``errors.csv``: see ``pipeline.report.analysis_tables``;
+* PNG figures: see ``pipeline.report.figures`` and, per selected run,
+  ``pipeline.report.run_figures``;
+* ``index.html``: every table and figure, the audits found in ``out`` and a
+  section per selected run, in one self-contained page
+  (``pipeline.report.html``).
 
 Means follow ``pipeline.results``: over the paper's 20 test sets when any is
 present (other sets keep their columns and are named in
 ``excluded_from_avg``), NaN values skipped. A table without inputs is
 skipped with its reason (and any stale copy removed). All tables are written
 before any figure; figures (matplotlib, imported only here and lazily) never
-stop the tables, and each failure is reported.
+stop the tables or the page, and each failure is reported.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .inputs import GridResults, ReportError, read_grid_dir
-from .tables import SkippedOutput, build_tables, write_table
+from ..bootstrap import BootstrapConfig
+from .analysis import ReportAnalysis, RunKey, analyse_runs
+from .audits import read_audits
+from .gallery import DEFAULT_GALLERY_SIZE
+from .inputs import GridResults, ReportError, find_grid_dirs, read_grid_dir
+from .tables import SkippedOutput, Table, build_tables, write_table
 
 __all__ = ["ReportConfig", "ReportError", "ReportSummary", "SkippedOutput", "run_report"]
 
 
 @dataclass(frozen=True)
 class ReportConfig:
-    grid_dirs: tuple[Path, ...]
+    grid_dirs: tuple[Path, ...] = ()  # none: every grid folder under runs_dir
     out: Path = Path("reports")
     plots: bool = True
+    html: bool = True
+    runs_dir: Path = Path("runs")
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    bootstrap_all: bool = False  # intervals for every run, not only the selected configs' runs
+    gallery_size: int = DEFAULT_GALLERY_SIZE
+    progress: bool = True
 
 
 @dataclass(frozen=True)
@@ -53,17 +71,28 @@ class ReportSummary:
         return "\n".join(lines)
 
 
-def write_figures(grids: Sequence[GridResults], out: Path) -> tuple[list[Path], list[SkippedOutput]]:
-    """Prepare and draw every figure in its own try: a failure is reported, never raised."""
+def write_figures(
+    grids: Sequence[GridResults], analysis: ReportAnalysis, out: Path
+) -> tuple[list[Path], dict[RunKey, list[Path]], list[SkippedOutput]]:
+    """Prepare and draw every figure in its own try: a failure is reported, never raised.
+
+    Returns (the report's figures, each selected run's own figures, what was skipped).
+    """
     try:
-        from . import figures
+        from . import figures, run_figures
     except ImportError as error:
-        return [], [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
+        return [], {}, [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
     except Exception as error:  # noqa: BLE001 - a broken matplotlib must not take the tables down
-        return [], [SkippedOutput("plots", f"matplotlib failed to load ({type(error).__name__}: {error}); tables only")]
+        reason = f"matplotlib failed to load ({type(error).__name__}: {error}); tables only"
+        return [], {}, [SkippedOutput("plots", reason)]
     written: list[Path] = []
+    per_run: dict[RunKey, list[Path]] = {}
     skipped: list[SkippedOutput] = []
-    for label, prepare in figures.plot_preparers(grids, out):
+    preparers = [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
+    preparers += [
+        (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
+    ]
+    for label, prepare, key in preparers:
         try:
             jobs = prepare()
         except Exception as error:  # noqa: BLE001
@@ -75,29 +104,52 @@ def write_figures(grids: Sequence[GridResults], out: Path) -> tuple[list[Path], 
                 continue
             name, draw = job
             try:
-                written.append(draw())
+                path = draw()
             except Exception as error:  # noqa: BLE001 - a plot must never take the tables down
                 skipped.append(SkippedOutput(name, f"plot failed: {type(error).__name__}: {error}"))
-    return written, skipped
+                continue
+            written.append(path)
+            if key is not None:
+                per_run.setdefault(key, []).append(path)
+    return written, per_run, skipped
+
+
+def resolve_grid_dirs(config: ReportConfig) -> tuple[list[Path], list[SkippedOutput]]:
+    """The grid folders named, else every finished one under ``config.runs_dir`` (unfinished ones reported)."""
+    if config.grid_dirs:
+        return [Path(path) for path in config.grid_dirs], []
+    found, unfinished = find_grid_dirs(Path(config.runs_dir))
+    return found, [SkippedOutput(str(folder), reason) for folder, reason in unfinished]
 
 
 def run_report(config: ReportConfig) -> ReportSummary:
-    """Read the grid folders, write every table whose inputs exist, then the figures."""
-    if not config.grid_dirs:
-        raise ReportError("no grid folders given")
-    grids = [read_grid_dir(Path(path)) for path in config.grid_dirs]
+    """Read the grid folders, write every table whose inputs exist, then the figures and the page."""
+    grid_dirs, skipped = resolve_grid_dirs(config)
+    grids = [read_grid_dir(path) for path in grid_dirs]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    audits, audit_problems = read_audits(out)
+    skipped += audit_problems
+    analysis = analyse_runs(grids, audits, config.bootstrap, config.bootstrap_all, config.gallery_size, config.progress)
     written: list[Path] = []
-    skipped: list[SkippedOutput] = []
-    for outcome in build_tables(grids):
+    tables: list[Table] = []
+    for outcome in build_tables(grids, analysis):
         if isinstance(outcome, SkippedOutput):
             (out / outcome.name).unlink(missing_ok=True)  # no stale copy of a table this report did not make
             skipped.append(outcome)
         else:
             written.append(write_table(out, outcome))
+            tables.append(outcome)
+    figures: list[Path] = []
+    run_figures: dict[RunKey, list[Path]] = {}
     if config.plots:
-        figure_paths, figure_skipped = write_figures(grids, out)
-        written += figure_paths
+        figures, run_figures, figure_skipped = write_figures(grids, analysis, out)
+        written += figures
         skipped += figure_skipped
+    if config.html:
+        from .html import write_html
+
+        shown = set(path for paths in run_figures.values() for path in paths)
+        report_figures = [path for path in figures if path not in shown]
+        written.append(write_html(out, grids, tables, report_figures, run_figures, skipped, audits, analysis))
     return ReportSummary(out=out, written=tuple(written), skipped=tuple(skipped))

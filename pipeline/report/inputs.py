@@ -2,6 +2,8 @@
 
 The formats are those of ``pipeline.results`` (README: "Results and
 selection"); every problem names the file (and line) and what is wrong.
+:func:`find_grid_dirs` finds the grid folders under ``runs/`` when the
+report is given none.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..results import (
     ResultsFormatError,
     RunSummary,
     Setting,
+    config_key,
     read_csv_records,
     read_result_rows,
     summarize_runs,
@@ -55,6 +58,12 @@ class RunResult:
     summary: RunSummary
     val: Mapping[str, Scores]  # dataset -> scores of the val split
     test: Mapping[str, Mapping[str, Scores]]  # variant -> dataset -> scores over all test splits
+    splits: Mapping[str, str]  # every scored split (val and test entries) -> its variant
+    split_sets: Mapping[str, tuple[str, ...]]  # every scored split -> its datasets
+
+    def scores_of(self, split: str, dataset: str) -> Scores:
+        """ACC and AP of one dataset of one scored split."""
+        return self.val[dataset] if split == VAL_SPLIT else self.test[self.splits[split]][dataset]
 
     @property
     def row(self) -> ResultRow:
@@ -134,7 +143,12 @@ class RunResult:
 @dataclass(frozen=True)
 class Selection:
     rule: str  # one of pipeline.results.SELECTION_RULES
-    run: RunResult
+    run: RunResult  # the config's run of the lowest seed (the one selection.csv names)
+    seed_runs: tuple[RunResult, ...] = ()  # every ok run of the config, one per seed, in seed order
+
+    @property
+    def runs(self) -> tuple[RunResult, ...]:
+        return self.seed_runs or (self.run,)
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,8 @@ def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRo
     first: dict[str, tuple[int, ResultRow]] = {}
     val: dict[str, dict[str, Scores]] = {}
     test: dict[str, dict[str, dict[str, Scores]]] = {}
+    splits: dict[str, dict[str, str]] = {}
+    split_sets: dict[str, dict[str, list[str]]] = {}
     seen_in_split: dict[tuple[str, str, str], str] = {}
     for line, row in rows:
         first_line, first_row = first.setdefault(row.run, (line, row))
@@ -179,6 +195,8 @@ def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRo
             raise ReportError(f"{results}:{line}: run {row.run} has another config than on line {first_line}")
         scores = Scores(row.metric("acc"), row.metric("ap"))
         split, variant, dataset = row.split or "", row.variant or "", row.dataset or ""
+        splits.setdefault(row.run, {})[split] = variant
+        split_sets.setdefault(row.run, {}).setdefault(split, []).append(dataset)
         if split == VAL_SPLIT:
             if variant == CENTER:
                 val.setdefault(row.run, {})[dataset] = scores
@@ -192,7 +210,14 @@ def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRo
         test.setdefault(row.run, {}).setdefault(variant, {})[dataset] = scores
     summaries = summarize_runs(row for _, row in rows)
     return {
-        run: RunResult(grid_dir=grid_dir, summary=summaries[run], val=val.get(run, {}), test=test.get(run, {}))
+        run: RunResult(
+            grid_dir=grid_dir,
+            summary=summaries[run],
+            val=val.get(run, {}),
+            test=test.get(run, {}),
+            splits=splits[run],
+            split_sets={split: tuple(sets) for split, sets in split_sets[run].items()},
+        )
         for run in first
     }
 
@@ -200,7 +225,10 @@ def build_runs(grid_dir: Path, results: Path, rows: Sequence[tuple[int, ResultRo
 def read_selections(
     path: Path, records: Sequence[tuple[int, Mapping[str, str]]], runs: Mapping[str, RunResult]
 ) -> tuple[Selection, ...]:
-    """The rows of selection.csv, each resolved to its ok run."""
+    """The rows of selection.csv, each resolved to its ok run and the runs of the same config with other seeds."""
+    by_config: dict[tuple, list[RunResult]] = {}
+    for run in runs.values():
+        by_config.setdefault(config_key(run.row), []).append(run)
     selections = []
     for line, record in records:
         run = runs.get(record["run"])
@@ -214,8 +242,26 @@ def read_selections(
         ]
         if mismatched:
             raise ReportError(f"{path}:{line}: {mismatched} differ from run {run.run} in results.csv")
-        selections.append(Selection(rule=record["selection"], run=run))
+        seed_runs = sorted(by_config[config_key(run.row)], key=lambda other: (other.setting.seed, other.run))
+        selections.append(Selection(rule=record["selection"], run=run, seed_runs=tuple(seed_runs)))
     return tuple(selections)
+
+
+def find_grid_dirs(runs_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(grid folders under ``runs_dir`` with results.csv and selection.csv, [(unfinished folder, why)])."""
+    if not runs_dir.is_dir():
+        raise ReportError(f"{runs_dir}: no such folder — name the grid folders, or run `pipeline fit --grid ...` first")
+    found, unfinished = [], []
+    for folder in sorted(path for path in runs_dir.iterdir() if path.is_dir()):
+        if (folder / "results.csv").is_file() and (folder / "selection.csv").is_file():
+            found.append(folder)
+        elif (folder / "results.csv").is_file():
+            unfinished.append((folder, "results.csv without selection.csv: the grid did not finish"))
+    if not found:
+        raise ReportError(
+            f"{runs_dir}: no grid folder (a folder with results.csv and selection.csv) — run `pipeline fit --grid ...`"
+        )
+    return found, unfinished
 
 
 def all_runs(grids: Sequence[GridResults]) -> list[RunResult]:

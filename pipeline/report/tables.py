@@ -4,6 +4,10 @@ Each builder returns a ``Table`` or a ``SkippedOutput`` saying why it has no
 inputs. Percentages have one decimal; ``avg`` columns follow
 ``pipeline.results.mean_datasets`` (the paper's 20 test sets when any is
 present, else every set) and ``excluded_from_avg`` names the sets left out.
+A selection whose config ran with several seeds is shown by the mean over
+its seeds (``seeds`` column). ``metrics.csv`` and ``grid.csv`` carry the
+bootstrap intervals of the runs the analysis covered
+(``pipeline.report.analysis``), empty for the others.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import reference as ref
+from ..bootstrap import Interval
 from ..files import atomic_path
 from ..results import (
     BEST_BY_TEST,
@@ -27,9 +33,11 @@ from ..results import (
     UNPERTURBED_VARIANTS,
     HeadConfig,
     best_run,
+    format_value,
     mean_datasets,
     nan_mean,
 )
+from ..variants import VariantKind, VariantSpec
 from .inputs import (
     HEAD_FILE,
     GridResults,
@@ -40,6 +48,9 @@ from .inputs import (
     all_selections,
     best_by_test_full_models,
 )
+
+if TYPE_CHECKING:
+    from .analysis import ReportAnalysis
 
 PUBLISHED = "published"
 OURS, AUTHORS = "ours", "authors"
@@ -153,12 +164,28 @@ def score_table(name: str, key_header: Sequence[str], rows: Sequence[ScoreRow], 
 
 
 SCORE_KEY = ("source", "backbone", "tap", "n_classes", "setting", "selection", "run", "contrastive_factor",
-             "proj_layers", "proj_dim")  # fmt: skip
+             "proj_layers", "proj_dim", "seeds")  # fmt: skip
 
 
 def score_key(source: str, backbone: str, tap: str, n_classes: int | None, setting: str, selection: str, run: str,
               config: HeadConfig) -> tuple[str, ...]:  # fmt: skip
     return (source, backbone, tap, format_n_classes(n_classes), setting, selection, run, *format_hyper(config))
+
+
+def mean_over_runs(runs: Sequence[RunResult], variant: str = "center") -> dict[str, Scores]:
+    """Dataset -> ACC and AP averaged over ``runs`` (the seeds of a config), NaN skipped."""
+    datasets = dict.fromkeys(dataset for run in runs for dataset in run.test.get(variant, {}))
+    return {
+        dataset: Scores(
+            *(
+                nan_mean(
+                    getattr(run.test[variant][dataset], metric) for run in runs if dataset in run.test.get(variant, {})
+                )
+                for metric in METRICS
+            )
+        )
+        for dataset in datasets
+    }
 
 
 def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
@@ -174,7 +201,7 @@ def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
     for label, config in configs:
         scores = ref.reference_scores(backbone, n_classes, config)
         if scores:
-            key = score_key(AUTHORS, backbone, ref.AUTHORS_TAP, n_classes, "", label, "", config)
+            key = (*score_key(AUTHORS, backbone, ref.AUTHORS_TAP, n_classes, "", label, "", config), "")
             rows.append(ScoreRow(key, scores_from_reference(scores)))
     return rows
 
@@ -184,28 +211,20 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
 
     Settings of the architecture ablations (last block only, mean instead of
     TIE) belong to ablations.csv; runs without center-crop test sets (the LDM
-    setting, scored on Synthbuster by ten crops) to ldm.csv.
+    setting, scored on Synthbuster by ten crops) to ldm.csv. A config run
+    with several seeds shows the mean over them (the setting label without
+    the seed; ``seeds`` lists them).
     """
-    ours = [
-        (
-            s.run,
-            ScoreRow(
-                score_key(
-                    OURS,
-                    s.run.backbone,
-                    s.run.setting.tap,
-                    s.run.n_classes,
-                    s.run.setting.label(),
-                    s.rule,
-                    s.run.run,
-                    s.run.head_config,
-                ),
-                s.run.center,
-            ),
-        )  # fmt: skip
-        for s in all_selections(grids)
-        if s.run.is_full_architecture and s.run.center
-    ]
+    ours = []
+    for s in all_selections(grids):
+        run = s.run
+        if not (run.is_full_architecture and run.center):
+            continue
+        several = len(s.runs) > 1
+        setting = run.setting.label(without=("model", "tap", "seed") if several else ("model", "tap"))
+        key = score_key(OURS, run.backbone, run.setting.tap, run.n_classes, setting, s.rule, run.run, run.head_config)
+        seeds = format_value(tuple(r.setting.seed for r in s.runs))
+        ours.append((run, ScoreRow((*key, seeds), mean_over_runs(s.runs) if several else run.center)))
     groups = sorted({(run.backbone, run.n_classes) for run, _ in ours}, key=lambda key: group_sort_key(*key))
     rows: list[ScoreRow] = []
     for backbone, n_classes in groups:
@@ -221,26 +240,42 @@ def build_score_table(name: str, metric: str, rows: Sequence[ScoreRow]) -> Table
     return score_table(name, SCORE_KEY, rows, (metric,))
 
 
-def build_metrics_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
-    """Every ok results.csv row of every grid folder, values as written, with the folder in front."""
+INTERVAL_COLUMNS = ("acc_ci_low", "acc_ci_high", "ap_ci_low", "ap_ci_high")
+
+
+def format_intervals(intervals: tuple[Interval, Interval] | None) -> tuple[str, ...]:
+    """(ACC low, ACC high, AP low, AP high) at full precision; empty when not computed."""
+    if intervals is None:
+        return ("",) * 4
+    return tuple(format_float(value) for interval in intervals for value in (interval.low, interval.high))
+
+
+def build_metrics_table(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> Table | SkippedOutput:
+    """Every ok results.csv row of every grid folder, values as written, with the folder in front and the intervals."""
     columns = tuple(column for column in RESULT_COLUMNS if column not in ("status", "error"))
-    rows = tuple((str(grid.path), *(row[column] for column in columns)) for grid in grids for row in grid.ok_rows)
+    rows = []
+    for grid in grids:
+        for row in grid.ok_rows:
+            intervals = analysis.intervals.get((grid.path, row["run"])) if analysis else None
+            per_set = intervals.of(row["split"], row["dataset"]) if intervals else None
+            rows.append((str(grid.path), *(row[column] for column in columns), *format_intervals(per_set)))
     if not rows:
         return SkippedOutput("metrics.csv", "no ok rows in any results.csv")
-    return Table("metrics.csv", ("grid_dir", *columns), rows)
+    return Table("metrics.csv", ("grid_dir", *columns, *INTERVAL_COLUMNS), tuple(rows))
 
 
-def build_grid_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
-    """One row per ok run: config, size, time, val and mean test ACC/AP (fractions, full precision)."""
+def build_grid_table(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> Table | SkippedOutput:
+    """One row per ok run: config, size, time, val and mean test ACC/AP (fractions, full precision), their intervals."""
     config_columns = ("grid", "model", "tap", "train", "contrastive_factor", "proj_layers", "proj_dim", "epochs",
                       "batch_size", "lr", "lr_milestones", "classes", "n_classes", "train_fraction", "head_blocks",
                       "aggregation", "seed", "amp", "n_params", "fit_seconds", "views_used", "views_reused")  # fmt: skip
     header = ("grid_dir", "run", *config_columns, "backbone", "val_acc", "val_ap", "mean_acc", "mean_ap",
-              "n_mean_sets", "excluded_from_mean")  # fmt: skip
+              "n_mean_sets", "excluded_from_mean", *(f"mean_{column}" for column in INTERVAL_COLUMNS))  # fmt: skip
     rows = []
     for run in all_runs(grids):
         written, summary = run.row.to_csv(), run.summary
         means = (summary.val_acc, summary.val_ap, summary.mean_acc, summary.mean_ap)
+        intervals = analysis.intervals_of(run) if analysis else None
         rows.append(
             (
                 str(run.grid_dir),
@@ -250,6 +285,7 @@ def build_grid_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
                 *(format_float(value) for value in means),
                 str(len(summary.mean_sets)),
                 LIST_SEPARATOR.join(summary.excluded_from_mean),
+                *format_intervals(intervals.mean if intervals else None),
             )  # fmt: skip
         )
     if not rows:
@@ -446,6 +482,16 @@ def split_variant(variant: str) -> tuple[str, str]:
     return (perturbation, preset) if dash else (variant, "")
 
 
+def is_perturbation(variant: str) -> bool:
+    """A paper Table 5 perturbation (not the unperturbed evaluation, not format-align, which has its own table)."""
+    if variant in UNPERTURBED_VARIANTS:
+        return False
+    try:
+        return VariantSpec.from_name(variant).kind is VariantKind.PERTURB
+    except ValueError:
+        return True  # a variant this version does not know: shown with the perturbations rather than lost
+
+
 def perturbation_sort_key(perturbation: str) -> tuple[int, str]:
     order = PERTURBATION_ORDER.index(perturbation) if perturbation in PERTURBATION_ORDER else len(PERTURBATION_ORDER)
     return (order, perturbation)
@@ -463,7 +509,7 @@ def build_robustness_table(grids: Sequence[GridResults]) -> Table | SkippedOutpu
     for selection in all_selections(grids, BEST_BY_TEST):
         run = selection.run
         for variant, scores in run.test.items():
-            if variant not in UNPERTURBED_VARIANTS:
+            if is_perturbation(variant):
                 perturbation, preset = split_variant(variant)
                 key = (
                     run.backbone,
@@ -637,15 +683,20 @@ def build_tie_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     return Table("tie.csv", header, tuple(rows))
 
 
-def build_tables(grids: Sequence[GridResults]) -> list[Table | SkippedOutput]:
+def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> list[Table | SkippedOutput]:
+    from .analysis_tables import build_errors_table, build_format_align_table, build_seeds_table
+
     score_rows = collect_score_rows(grids)
     return [
         build_score_table("acc.csv", "acc", score_rows),
         build_score_table("ap.csv", "ap", score_rows),
         build_best_table(grids),
         build_ablations_table(grids),
-        build_grid_table(grids),
-        build_metrics_table(grids),
+        build_grid_table(grids, analysis),
+        build_metrics_table(grids, analysis),
+        build_seeds_table(grids),
+        build_format_align_table(grids),
+        build_errors_table(analysis),
         build_robustness_table(grids),
         build_epochs_table(grids),
         build_fractions_table(grids),

@@ -1,0 +1,139 @@
+"""The report's analysis tables: the spread over seeds, center vs format-align, and the error analysis.
+
+* ``seeds.csv``: per config run with several seeds, per test variant and
+  set and for the test mean (``avg``), the mean and sample standard
+  deviation (ddof 1) over the seeds of ACC and AP (fractions, full precision);
+* ``format_align.csv``: per selected run evaluated on a format-aligned copy
+  of its test sets (``pipeline extract --perturb format-align``), ACC and AP
+  (percent) on the files as they are (``center``) and aligned, and the
+  change in points: how much survives once the file format is no shortcut;
+* ``errors.csv``: per selected run, test split and set, the error analysis
+  of ``pipeline.report.errors`` (facets label / size / format).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..results import CENTER, LIST_SEPARATOR, config_key, format_value, mean_datasets, nan_mean, nan_std
+from ..variants import VariantKind, VariantSpec
+from .analysis import ReportAnalysis, selected_runs
+from .inputs import GridResults, RunResult
+from .tables import (
+    METRICS,
+    SkippedOutput,
+    Table,
+    format_float,
+    format_hyper,
+    format_n_classes,
+    format_percent,
+    mean_over_runs,
+    order_datasets,
+)
+
+AVERAGE = "avg"
+
+
+def seed_groups(grid: GridResults) -> list[list[RunResult]]:
+    """The grid's ok runs grouped by config (all but the seed), groups of two or more seeds only, in seed order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for run in grid.runs.values():
+        groups.setdefault(config_key(run.row), []).append(run)
+    return [sorted(group, key=lambda run: (run.setting.seed, run.run)) for group in groups.values() if len(group) > 1]
+
+
+def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
+    """seeds.csv: mean and standard deviation over seeds per config, test set and the test mean."""
+    header = ("grid_dir", "grid", "backbone", "tap", "n_classes", "setting", "contrastive_factor", "proj_layers",
+              "proj_dim", "n_seeds", "seeds", "runs", "variant", "dataset", "acc_mean", "acc_std", "ap_mean",
+              "ap_std")  # fmt: skip
+    rows = []
+    for grid in grids:
+        for runs in seed_groups(grid):
+            first = runs[0]
+            key = (str(grid.path), first.row.grid, first.backbone, first.setting.tap, format_n_classes(first.n_classes),
+                   first.setting.label(without=("model", "tap", "seed")), *format_hyper(first.head_config),
+                   str(len(runs)), format_value(tuple(run.setting.seed for run in runs)),
+                   LIST_SEPARATOR.join(run.run for run in runs))  # fmt: skip
+            for variant in dict.fromkeys(variant for run in runs for variant in run.test):
+                for dataset in order_datasets(dataset for run in runs for dataset in run.test.get(variant, {})):
+                    present = [run.test[variant][dataset] for run in runs if dataset in run.test.get(variant, {})]
+                    values = [[getattr(scores, metric) for scores in present] for metric in METRICS]
+                    rows.append((*key, variant, dataset, *spread(values)))
+            means = [[run.mean_acc for run in runs], [run.mean_ap for run in runs]]
+            rows.append((*key, "", AVERAGE, *spread(means)))
+    if not rows:
+        return SkippedOutput("seeds.csv", "no config ran with several seeds (a grid key such as seed: [0, 1, 2])")
+    return Table("seeds.csv", header, tuple(rows))
+
+
+def spread(per_metric: Sequence[Sequence[float]]) -> tuple[str, ...]:
+    """(mean, std) per metric, full precision."""
+    return tuple(format_float(statistic(values)) for values in per_metric for statistic in (nan_mean, nan_std))
+
+
+def is_format_aligned(variant: str) -> bool:
+    try:
+        return VariantSpec.from_name(variant).kind is VariantKind.FORMAT_ALIGN
+    except ValueError:
+        return False
+
+
+def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
+    """format_align.csv: each selected run's ACC/AP on center and format-aligned test sets, and the change."""
+    header = ("backbone", "n_classes", "setting", "selection", "run", "seeds", "variant", "dataset", "acc_center",
+              "acc_aligned", "acc_change", "ap_center", "ap_aligned", "ap_change")  # fmt: skip
+    rows = []
+    for selections in selected_runs(grids).values():
+        selection, run = selections[0], selections[0].run
+        center = mean_over_runs(selection.runs, CENTER)
+        for variant in (variant for variant in run.test if is_format_aligned(variant)):
+            aligned = mean_over_runs(selection.runs, variant)
+            common = order_datasets(set(center) & set(aligned))
+            averaged, _ = mean_datasets(common)
+            key = (run.backbone, format_n_classes(run.n_classes), run.setting.label(without=("model", "tap", "seed")),
+                   LIST_SEPARATOR.join(s.rule for s in selections), run.run,
+                   format_value(tuple(r.setting.seed for r in selection.runs)), variant)  # fmt: skip
+            for dataset in [*common, AVERAGE]:
+                sets = averaged if dataset == AVERAGE else [dataset]
+                values = []
+                for metric in METRICS:
+                    before = nan_mean(getattr(center[d], metric) for d in sets)
+                    after = nan_mean(getattr(aligned[d], metric) for d in sets)
+                    values += [format_percent(before), format_percent(after), format_percent(after - before)]
+                rows.append((*key, dataset, *values))
+    if not rows:
+        return SkippedOutput(
+            "format_align.csv",
+            "no selected run was scored on a format-aligned test entry ({split: ..., variant: format-align-q95} "
+            "in the grid, after `pipeline extract --perturb format-align`)",
+        )
+    return Table("format_align.csv", header, tuple(rows))
+
+
+def build_errors_table(analysis: ReportAnalysis | None) -> Table | SkippedOutput:
+    """errors.csv: the error analysis of every selected run's test splits."""
+    header = ("grid_dir", "run", "selection", "split", "variant", "dataset", "facet", "bucket", "n", "n_errors",
+              "error_rate", "share_of_errors", "share_of_images")  # fmt: skip
+    rows = [
+        (
+            str(section.run.grid_dir),
+            section.run.run,
+            LIST_SEPARATOR.join(section.rules),
+            count.split,
+            count.variant,
+            count.dataset,
+            count.facet,
+            count.bucket,
+            str(count.n),
+            str(count.n_errors),
+            format_float(count.error_rate),
+            format_float(count.share_of_errors),
+            format_float(count.share_of_images),
+        )  # fmt: skip
+        for section in (analysis.sections if analysis else ())
+        for count in section.errors
+    ]
+    if not rows:
+        return SkippedOutput("errors.csv", "no selected run with a scores_<split>.csv of a test split")
+    return Table("errors.csv", header, tuple(rows))

@@ -1,0 +1,143 @@
+"""Error analysis of a scored split: accuracy on reals and on fakes, and where the errors are by size and format.
+
+An error is a real scored > 0.5 or a fake scored <= 0.5 (the ``acc``
+threshold). Per dataset, the rows are counted in buckets of three facets:
+
+* ``label``: ``real`` / ``fake`` (1 - error rate = ``real_acc`` / ``fake_acc``);
+* ``size``: the shorter side against the crop the backbone sees (RINE crops
+  without resizing): smaller than the crop (zero-padded), up to 2x, up to
+  4x, larger;
+* ``format``: the file format (JPEG, PNG, ...).
+
+Each bucket has its number of images and errors, its error rate, its share
+of the dataset's errors and its share of the dataset's images (a bucket
+holding 80 % of the errors is only telling when it holds far fewer of the
+images). Sizes and formats come from the audit's per-image records
+(``pipeline audit``) when present, else from the image headers under the
+data root; ``unknown`` when neither is reachable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..audit import read_headers
+from ..metrics import DEFAULT_THRESHOLD
+from .audits import UNKNOWN, UNKNOWN_FACTS, ImageFacts
+from .scores import ScoredSplit
+
+FACETS = ("label", "size", "format")
+DEFAULT_CROP = 224
+HEADER_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class BucketCount:
+    split: str
+    variant: str
+    dataset: str
+    facet: str  # one of FACETS
+    bucket: str
+    n: int
+    n_errors: int
+    dataset_n: int
+    dataset_errors: int
+
+    @property
+    def error_rate(self) -> float:
+        return self.n_errors / self.n
+
+    @property
+    def share_of_errors(self) -> float:
+        return self.n_errors / self.dataset_errors if self.dataset_errors else float("nan")
+
+    @property
+    def share_of_images(self) -> float:
+        return self.n / self.dataset_n
+
+
+def size_bucket(facts: ImageFacts, crop: int) -> tuple[int, str]:
+    """(rank, label) of the shorter side against the crop: padded, up to 2x, up to 4x, larger, unknown."""
+    if facts.width is None or facts.height is None:
+        return 4, UNKNOWN
+    side = min(facts.width, facts.height)
+    if side < crop:
+        return 0, f"< {crop} (padded)"
+    if side < 2 * crop:
+        return 1, f"{crop}-{2 * crop - 1}"
+    if side < 4 * crop:
+        return 2, f"{2 * crop}-{4 * crop - 1}"
+    return 3, f">= {4 * crop}"
+
+
+def analyse_errors(scored: ScoredSplit, facts: Sequence[ImageFacts], crop: int | None) -> list[BucketCount]:
+    """Bucket counts of every dataset of a scored split; ``facts`` is row-aligned with it."""
+    if len(facts) != len(scored.labels):
+        raise ValueError(f"{len(facts)} image facts for {len(scored.labels)} scored rows")
+    wrong = (scored.scores > DEFAULT_THRESHOLD) != (scored.labels == 1)
+    sizes = [size_bucket(fact, crop or DEFAULT_CROP) for fact in facts]
+    size_rank = {label: rank for rank, label in sizes}
+    facets = {
+        "label": np.where(scored.labels == 1, "fake", "real"),
+        "size": np.asarray([label for _, label in sizes], dtype=object),
+        "format": np.asarray([fact.format for fact in facts], dtype=object),
+    }
+    counts = []
+    for dataset in scored.dataset_names():
+        rows = scored.datasets == dataset
+        dataset_n, dataset_errors = int(rows.sum()), int(wrong[rows].sum())
+        for facet in FACETS:
+            values = facets[facet][rows]
+            buckets = list(dict.fromkeys(values.tolist()))
+            if facet == "label":
+                buckets = [b for b in ("real", "fake") if b in buckets]
+            elif facet == "size":
+                buckets.sort(key=size_rank.__getitem__)
+            else:
+                buckets.sort(key=lambda b: (b == UNKNOWN, -int(np.sum(values == b)), b))
+            for bucket in buckets:
+                inside = values == bucket
+                counts.append(
+                    BucketCount(
+                        scored.split,
+                        scored.variant,
+                        dataset,
+                        facet,
+                        str(bucket),
+                        int(inside.sum()),
+                        int(wrong[rows][inside].sum()),
+                        dataset_n,
+                        dataset_errors,
+                    )  # fmt: skip
+                )
+    return counts
+
+
+class ImageFactsFinder:
+    """Facts of scored rows: the audit's records first, else the headers under the data root (read once each)."""
+
+    def __init__(self, audited: Mapping[tuple[str, str], ImageFacts], workers: int = HEADER_WORKERS) -> None:
+        self.audited = audited
+        self.workers = workers
+        self.read: dict[Path, ImageFacts] = {}
+
+    def facts(self, scored: ScoredSplit, data_root: Path | None) -> list[ImageFacts]:
+        keys = list(zip(scored.datasets.tolist(), scored.paths.tolist()))
+        if data_root is not None:
+            wanted = [data_root / path for key, path in zip(keys, scored.paths.tolist()) if key not in self.audited]
+            todo = list(dict.fromkeys(path for path in wanted if path not in self.read))
+            if todo:
+                for path, header in zip(todo, read_headers(todo, self.workers, False, "headers")):
+                    self.read[path] = (
+                        UNKNOWN_FACTS
+                        if header.error
+                        else ImageFacts(header.format or UNKNOWN, header.width, header.height)
+                    )
+        return [
+            self.audited.get(key) or (self.read.get(data_root / key[1], UNKNOWN_FACTS) if data_root else UNKNOWN_FACTS)
+            for key in keys
+        ]

@@ -1,0 +1,108 @@
+"""Figures of one selected run for its section of the HTML page: score histograms per test set and its TIE curve.
+
+Files: ``run_<run id>_scores.png`` and ``run_<run id>_tie.png`` (a head
+with TIE only).
+
+Drawn like ``pipeline.report.figures`` (matplotlib's Agg canvas, no pyplot,
+complete-or-absent PNG files) and imported only when plots are asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .analysis import RunKey, RunSection, run_key
+from .figures import PlotJob, new_figure, save_png, wrap_title
+from .inputs import HEAD_FILE, RunResult
+from .scores import ScoredSplit
+from .tables import SkippedOutput, block_importance
+
+HISTOGRAM_BINS = np.linspace(0.0, 1.0, 21)
+PANEL_COLUMNS = 5
+REAL_COLOR, FAKE_COLOR = "tab:blue", "tab:red"
+
+
+def plot_score_histograms(path: Path, title: str, splits: Sequence[ScoredSplit]) -> Path:
+    """One panel per (test split, dataset): the share of reals and of fakes per score bin, the 0.5 threshold dashed."""
+    panels = [(scored, dataset) for scored in splits for dataset in scored.dataset_names()]
+    if not panels:
+        raise ValueError("no scored test set to draw")
+    columns = min(PANEL_COLUMNS, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = new_figure(2.6 * columns + 0.4, 2.1 * rows + 0.8)
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    for axis, (scored, dataset) in zip(axes, panels):
+        labels, scores = scored.of_dataset(dataset)
+        for label, name, color in ((0, "real", REAL_COLOR), (1, "fake", FAKE_COLOR)):
+            values = scores[labels == label]
+            if values.size:
+                weights = np.full(values.size, 1 / values.size)
+                axis.hist(
+                    values,
+                    bins=HISTOGRAM_BINS,
+                    weights=weights,
+                    alpha=0.55,
+                    color=color,
+                    label=f"{name} ({values.size})",
+                )
+        axis.axvline(0.5, color="black", linestyle="--", linewidth=0.8)
+        axis.set_xlim(0, 1)
+        suffix = "" if len(splits) == 1 else f" [{scored.split}]"
+        axis.set_title(f"{dataset}{suffix}", fontsize="small")
+        axis.tick_params(labelsize="x-small")
+        axis.legend(fontsize="xx-small", loc="upper center")
+    for axis in axes[len(panels) :]:
+        axis.set_visible(False)
+    figure.supxlabel("score (probability of fake)", fontsize="small")
+    figure.supylabel("share of the label's images", fontsize="small")
+    figure.suptitle(wrap_title(title), fontsize="medium")
+    return save_png(figure, path)
+
+
+def plot_run_tie(path: Path, title: str, blocks: Sequence[int], weights: Sequence[float]) -> Path:
+    """The TIE weight of each block of one run, with the uniform weight for reference."""
+    figure = new_figure(5.5, 3.2)
+    axis = figure.subplots()
+    axis.plot(blocks, weights, marker="o", markersize=3, color="tab:olive")
+    axis.axhline(1 / len(weights), color="gray", linestyle=":", linewidth=1, label="uniform")
+    axis.set_xlabel("block")
+    axis.set_ylabel("softmax(alpha), mean over dims")
+    axis.grid(alpha=0.4)
+    axis.legend(fontsize="small")
+    figure.suptitle(wrap_title(title, 60), fontsize="small")
+    return save_png(figure, path)
+
+
+def run_plot_preparers(
+    sections: Sequence[RunSection], out: Path
+) -> list[tuple[str, Callable[[], list[PlotJob | SkippedOutput]], RunKey]]:
+    """(label, prepare, run) per selected run: its score histograms and, for a TIE head, its block importance."""
+    return [
+        (f"run_{section.run.run}_*.png", functools.partial(run_jobs, section, out), run_key(section.run))
+        for section in sections
+    ]
+
+
+def run_jobs(section: RunSection, out: Path) -> list[PlotJob | SkippedOutput]:
+    run = section.run
+    jobs: list[PlotJob | SkippedOutput] = []
+    name = f"run_{run.run}_scores.png"
+    if section.test_splits:
+        title = f"Scores of run {run.run} per test set: reals vs fakes"
+        jobs.append((name, functools.partial(plot_score_histograms, out / name, title, section.test_splits)))
+    else:
+        jobs.append(SkippedOutput(name, f"no scores_<split>.csv of a test split in {run.folder}"))
+    if run.setting.aggregation == "tie" and (run.folder / HEAD_FILE).is_file():
+        name = f"run_{run.run}_tie.png"
+        jobs.append((name, functools.partial(draw_run_tie, out / name, run)))
+    return jobs
+
+
+def draw_run_tie(path: Path, run: RunResult) -> Path:
+    blocks, weights = block_importance(run.folder / HEAD_FILE)
+    return plot_run_tie(path, f"TIE block importance of run {run.run}", blocks.tolist(), weights.tolist())
