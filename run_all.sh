@@ -28,7 +28,8 @@ usage: ./run_all.sh demo
        ./run_all.sh paper DATA_ROOT [--backbones ID[,ID...]] [--grids FILE]... [pipeline paper options]
 
   demo    builds a small synthetic data set and a tiny random-weight CLIP under demo/,
-          then manifest -> extract -> fit (grids/demo.yaml) -> report into demo/reports.
+          then manifest -> audit -> extract -> fit (grids/demo.yaml) -> report into
+          demo/reports (open demo/reports/index.html).
           It shows the pipeline working, not detection quality.
   test    runs the test suite: python -m pytest -q
   paper   the paper's experiments on the real data under DATA_ROOT (needs a GPU and the
@@ -104,6 +105,10 @@ run_demo() {
     for split in train val test; do
         run_pipeline manifest --layout folder --root "demo/data/$split" --split "$split" --manifests-dir demo/manifests
     done
+    step "audit of the test split for metadata shortcuts, as the files are and format-aligned (demo/reports)"
+    run_pipeline audit --split test --manifest demo/manifests/test.csv --out demo/reports --no-progress
+    run_pipeline audit --split test --manifest demo/manifests/test.csv --out demo/reports --no-progress \
+        --perturb format-align
     step "features of the random backbone (demo/cache)"
     run_pipeline extract --split train --manifest demo/manifests/train.csv --model demo/tiny-random-clip \
         --cache-dir demo/cache --views 2 --no-progress
@@ -111,6 +116,8 @@ run_demo() {
         run_pipeline extract --split "$split" --manifest "demo/manifests/$split.csv" --model demo/tiny-random-clip \
             --cache-dir demo/cache --no-progress
     done
+    run_pipeline extract --split test --manifest demo/manifests/test.csv --model demo/tiny-random-clip \
+        --cache-dir demo/cache --no-progress --perturb format-align
     step "fitting the heads of grids/demo.yaml (demo/runs/demo)"
     run_pipeline fit --grid grids/demo.yaml
     step "report (demo/reports)"
@@ -119,6 +126,7 @@ run_demo() {
     echo "results, one row per run x dataset: demo/runs/demo/results.csv"
     echo "best configs:                       demo/runs/demo/selection.csv"
     echo "tables and plots:                   demo/reports/"
+    echo "the report page (open in a browser): demo/reports/index.html"
     ls demo/reports
     echo "(random backbone and synthetic data: these numbers show the pipeline working, not detection quality)"
 }

@@ -22,8 +22,10 @@ With ``perturbation="format-align"`` (``pipeline audit --perturb
 format-align``) the audit describes instead the files the images become in
 the format-align variant of ``pipeline extract`` (each decoded and
 re-encoded as the same JPEG, ``images.format_align_bytes``): what is left of
-the metadata shortcuts once format is aligned. Its outputs carry the
-variant's name: ``audit_<split>_format-align-q95*``.
+the metadata shortcuts once format is aligned. The size of a re-encoded file
+is a function of its pixels alone (their compressibility, which generator
+traces change), so it is described but not scored there. Its outputs carry
+the variant's name: ``audit_<split>_format-align-q95*``.
 
 Outputs, in ``out``: ``audit_<split>.csv`` (long: dataset x feature AUCs),
 ``audit_<split>_summary.csv`` (header statistics per dataset and label),
@@ -60,6 +62,9 @@ DEFAULT_THRESHOLD = 0.8
 DEFAULT_FOLDS = 5
 TREE_MAX_DEPTH = 3
 ALL_FEATURES = "all"
+# Once every file is re-encoded the same way (format-align), its size depends on its pixels alone (how well they
+# compress, which is what generator traces change), so it is described but no longer scored as metadata.
+PIXEL_DETERMINED_FEATURE = "file_size"
 REAL, FAKE = 0, 1
 
 AUC_COLUMNS = ("dataset", "feature", "auc", "auc_std", "n_real", "n_fake", "folds", "flagged", "responsible", "note")
@@ -111,6 +116,12 @@ class AuditConfig:
     def stem(self) -> str:
         """``audit_<split>``, or ``audit_<split>_<variant>``: the outputs' common name."""
         return f"audit_{self.split}" + (f"_{self.variant}" if self.variant else "")
+
+    def features(self) -> tuple[Feature, ...]:
+        """The features scored: all, but not the file size of re-encoded files (a function of their pixels alone)."""
+        if self.perturbation is None:
+            return FEATURES
+        return tuple(feature for feature in FEATURES if feature.name != PIXEL_DETERMINED_FEATURE)
 
     def header_reader(self) -> Callable[[Path], ImageHeader]:
         if self.perturbation is None:
@@ -192,18 +203,23 @@ def cross_validated_auc(inputs: np.ndarray, labels: np.ndarray, folds: int, seed
 
 
 def score_features(
-    dataset: str, headers: Sequence[ImageHeader], labels: Sequence[int], folds: int, seed: int
+    dataset: str,
+    headers: Sequence[ImageHeader],
+    labels: Sequence[int],
+    folds: int,
+    seed: int,
+    features: Sequence[Feature] = FEATURES,
 ) -> list[FeatureAuc]:
-    """The AUC of every feature and of all together, from the readable ``headers`` of one dataset."""
+    """The AUC of each of ``features`` and of all together, from the readable ``headers`` of one dataset."""
     label_array = np.asarray(labels, dtype=np.int64)
     n_fake = int(label_array.sum())
     n_real = len(label_array) - n_fake
     usable_folds = min(folds, n_real, n_fake)
-    names = (*FEATURE_NAMES, ALL_FEATURES)
+    names = (*(feature.name for feature in features), ALL_FEATURES)
     if usable_folds < 2:
         note = f"needs at least 2 readable images of each label (has {n_real} real, {n_fake} fake)"
         return [FeatureAuc(dataset, name, math.nan, math.nan, n_real, n_fake, 0, note) for name in names]
-    inputs = {feature.name: feature.encode(headers) for feature in FEATURES}
+    inputs = {feature.name: feature.encode(headers) for feature in features}
     inputs[ALL_FEATURES] = np.concatenate(list(inputs.values()), axis=1)
     return [
         FeatureAuc(
@@ -318,9 +334,14 @@ class AuditResult:
 
 
 def audit_headers(
-    manifest: Manifest, headers: Sequence[ImageHeader], threshold: float, folds: int, seed: int
+    manifest: Manifest,
+    headers: Sequence[ImageHeader],
+    threshold: float,
+    folds: int,
+    seed: int,
+    features: Sequence[Feature] = FEATURES,
 ) -> AuditResult:
-    """Statistics, AUCs and flags of every dataset of ``manifest`` from its row-aligned ``headers``."""
+    """Statistics, AUCs (of ``features``) and flags of every dataset of ``manifest`` from its row-aligned ``headers``."""
     if len(headers) != len(manifest):
         raise ValueError(f"{len(headers)} headers for {len(manifest)} manifest rows")
     rows_of: dict[str, list[int]] = {}
@@ -336,7 +357,7 @@ def audit_headers(
                 summaries.append(summarise_label(dataset, label, label_headers))
         readable = [i for i in indices if not headers[i].error]
         dataset_aucs = score_features(
-            dataset, [headers[i] for i in readable], [manifest.rows[i].label for i in readable], folds, seed
+            dataset, [headers[i] for i in readable], [manifest.rows[i].label for i in readable], folds, seed, features
         )
         aucs += dataset_aucs
         flag = flag_dataset(dataset_aucs, threshold)
@@ -394,7 +415,7 @@ def run_audit(config: AuditConfig) -> AuditSummary:
     manifest = read_manifest(config.manifest)
     paths = [manifest.resolve(index, config.data_root) for index in range(len(manifest))]
     headers = read_headers(paths, config.workers, config.progress, f"audit {config.split}", config.header_reader())
-    result = audit_headers(manifest, headers, config.threshold, config.folds, config.seed)
+    result = audit_headers(manifest, headers, config.threshold, config.folds, config.seed, config.features())
     try:
         written = write_audit(result, manifest, config)
     except OSError as error:
@@ -491,7 +512,7 @@ def write_audit(result: AuditResult, manifest: Manifest, config: AuditConfig) ->
         "folds": config.folds,
         "seed": config.seed,
         "model": f"DecisionTreeClassifier(max_depth={TREE_MAX_DEPTH}), mean test-fold ROC AUC over StratifiedKFold",
-        "features": {feature.name: feature.description for feature in FEATURES}
+        "features": {feature.name: feature.description for feature in config.features()}
         | {ALL_FEATURES: "every feature together"},
         "n_images": len(result.headers),
         "n_errors": result.n_errors,

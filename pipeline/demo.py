@@ -3,11 +3,16 @@
 Nothing here measures detection quality: the backbone has random weights and
 the images are synthetic. The demo shows every stage working end to end.
 
-Data (``folder`` layout, 64x64 RGB PNG)::
+Data (``folder`` layout, 64x64 RGB PNG, but for one deliberate shortcut)::
 
     root/train/progan/{0_real,1_fake}/00000.png ...   n_train images per label
     root/val/progan/{0_real,1_fake}/...               n_test per label
     root/test/<generator>/{0_real,1_fake}/...         n_test per label, per generator
+
+The shortcut: the reals of the ``guided`` test set are JPEG files (quality
+95) while its fakes are PNG, as in UniversalFakeDetect's guided set
+(ImageNet JPEG reals, PNG fakes), so that ``pipeline audit`` has a format
+shortcut to flag and ``--perturb format-align`` one to remove.
 
 A real image is a procedural scene (a 1/f colour field, a lighting gradient
 and a few anti-aliased ellipses and rectangles) rendered at full resolution
@@ -52,6 +57,8 @@ GENERATOR_TRACES = {
     "dalle": "checkerboard",
 }
 PARTS = ("train", "val", "test")
+JPEG_REALS = {"test": ("guided",)}  # part -> generators whose reals are saved as JPEG: the demo's format shortcut
+JPEG_REAL_QUALITY = 95
 COMPLETE_MARKER = ".demo-complete.json"
 BUILDING_MARKER = ".demo-building.json"
 DEMO_BACKBONE = dict(
@@ -219,8 +226,15 @@ def make_pair(seed: int, part: str, generator: str, index: int) -> tuple[np.ndar
 # ---------------------------------------------------------------- data set
 
 
-def demo_parameters(n_train: int, n_test: int, seed: int) -> dict[str, int]:
-    return {"n_train": n_train, "n_test": n_test, "seed": seed, "image_size": IMAGE_SIZE}
+def demo_parameters(n_train: int, n_test: int, seed: int) -> dict[str, object]:
+    return {
+        "n_train": n_train,
+        "n_test": n_test,
+        "seed": seed,
+        "image_size": IMAGE_SIZE,
+        "jpeg_reals": {part: list(generators) for part, generators in JPEG_REALS.items()},
+        "jpeg_real_quality": JPEG_REAL_QUALITY,
+    }
 
 
 def is_demo_complete(root: Path, n_train: int, n_test: int, seed: int) -> bool:
@@ -272,9 +286,13 @@ def clear_previous_build(root: Path) -> None:
 def write_pairs(folder: Path, seed: int, part: str, generator: str, count: int) -> None:
     (folder / "0_real").mkdir(parents=True, exist_ok=True)
     (folder / "1_fake").mkdir(parents=True, exist_ok=True)
+    jpeg_reals = generator in JPEG_REALS.get(part, ())
     for index in range(count):
         real, fake = make_pair(seed, part, generator, index)
-        Image.fromarray(real).save(folder / "0_real" / f"{index:05d}.png")
+        if jpeg_reals:
+            Image.fromarray(real).save(folder / "0_real" / f"{index:05d}.jpg", quality=JPEG_REAL_QUALITY)
+        else:
+            Image.fromarray(real).save(folder / "0_real" / f"{index:05d}.png")
         Image.fromarray(fake).save(folder / "1_fake" / f"{index:05d}.png")
 
 

@@ -418,7 +418,16 @@ def test_format_align_removes_the_format_shortcut_and_a_clean_split_stays_clean(
     ]  # fmt: skip
     document = json.loads(aligned.written[3].read_text())
     assert document["variant"] == "format-align-q95" and document["flags"] == []
+    # the size of a re-encoded file depends on its pixels alone: described, not scored
+    assert {row.feature for row in aligned.result.aucs} == {"format", "jpeg_quality", "size", "mode", "exif", "all"}
+    assert "file_size" not in document["features"] and all(s.file_size for s in aligned.result.summaries)
     assert json.loads(original.written[3].read_text())["variant"] is None
+    size_shortcut = [
+        (dataset, label, name.replace(".jpg", ".png"), {**options, "size": (32 + 16 * label, 32)})
+        for dataset, label, name, options in format_shortcut()
+    ]  # every file PNG, fakes wider: a size shortcut, which re-encoding leaves in place
+    sized = write_split(tmp_path / "data", "sized", size_shortcut)
+    assert [flag.feature for flag in audit(sized, tmp_path / "out", perturbation=FORMAT_ALIGN).result.flags] == ["size"]
     clean = write_scene_split(tmp_path / "data", "clean", shortcut=False)
     assert audit(clean, tmp_path / "out").result.flags == ()
     assert audit(clean, tmp_path / "out", perturbation=FORMAT_ALIGN, align_quality=80).result.flags == ()

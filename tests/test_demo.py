@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionModel
 
 from pipeline import cache
+from pipeline.audit import AuditConfig, run_audit
 from pipeline.cli import main as cli
 from pipeline.config import load_grid
 from pipeline.demo import (
@@ -25,6 +26,8 @@ from pipeline.demo import (
     make_demo_backbone,
     make_demo_data,
 )
+from pipeline.layouts import build_manifest
+from pipeline.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")
@@ -35,9 +38,11 @@ def read_pixels(path: Path) -> np.ndarray:
 
 
 def read_pairs(folder: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    names = sorted(p.name for p in (folder / "0_real").iterdir())
-    assert names == sorted(p.name for p in (folder / "1_fake").iterdir())
-    return [(read_pixels(folder / "0_real" / n), read_pixels(folder / "1_fake" / n)) for n in names]
+    """(real, fake) pixels paired by file stem (guided's reals are .jpg, every fake .png)."""
+    reals = {p.stem: p for p in (folder / "0_real").iterdir()}
+    fakes = {p.stem: p for p in (folder / "1_fake").iterdir()}
+    assert sorted(reals) == sorted(fakes)
+    return [(read_pixels(reals[stem]), read_pixels(fakes[stem])) for stem in sorted(reals)]
 
 
 def block_flatness(image: np.ndarray) -> float:
@@ -76,16 +81,29 @@ def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_demo_data_has_the_folder_layout(demo_data: Path) -> None:
-    files = sorted(p.relative_to(demo_data).as_posix() for p in demo_data.rglob("*.png"))
+    files = sorted(p.relative_to(demo_data).as_posix() for p in demo_data.rglob("*.*") if not p.name.startswith("."))
     expected = []
     for part, generators, count in (("train", ["progan"], 12), ("val", ["progan"], 6), ("test", TEST_GENERATORS, 6)):
         for generator in generators:
             for label in ("0_real", "1_fake"):
-                expected += [f"{part}/{generator}/{label}/{i:05d}.png" for i in range(count)]
+                extension = "jpg" if (part, generator, label) == ("test", "guided", "0_real") else "png"
+                expected += [f"{part}/{generator}/{label}/{i:05d}.{extension}" for i in range(count)]
     assert files == sorted(expected)
     assert set(GENERATOR_TRACES) == set(TEST_GENERATORS)
     image = Image.open(demo_data / "test" / "dalle" / "1_fake" / "00000.png")
     assert (image.mode, image.size) == ("RGB", (64, 64))
+    jpeg = Image.open(demo_data / "test" / "guided" / "0_real" / "00000.jpg")
+    assert (jpeg.format, jpeg.mode, jpeg.size) == ("JPEG", "RGB", (64, 64))
+
+
+def test_the_demo_audit_flags_its_format_shortcut_and_format_align_removes_it(demo_data: Path, tmp_path: Path) -> None:
+    """guided: reals JPEG, fakes PNG: flagged by format; re-encoded as one JPEG, nothing is left to flag."""
+    write_manifest(build_manifest("folder", demo_data / "test", "test"), tmp_path / "test.csv")
+    original = run_audit(AuditConfig(split="test", manifest=tmp_path / "test.csv", out=tmp_path, progress=False))
+    assert ("guided", "format") in [(flag.dataset, flag.feature) for flag in original.result.flags]
+    aligned = run_audit(AuditConfig(split="test", manifest=tmp_path / "test.csv", out=tmp_path, progress=False,
+                                    perturbation="format-align"))  # fmt: skip
+    assert aligned.result.flags == ()
     assert (demo_data / COMPLETE_MARKER).is_file()
 
 
@@ -95,8 +113,8 @@ def test_demo_data_is_deterministic_for_a_seed(tmp_path: Path, demo_data: Path) 
     first, again, other = tree_digest(demo_data), tree_digest(tmp_path / "again"), tree_digest(tmp_path / "other")
     assert first == again
     assert first.keys() == other.keys()
-    png = [name for name in first if name.endswith(".png")]
-    assert all(first[name] != other[name] for name in png)
+    images = [name for name in first if name.endswith((".png", ".jpg"))]
+    assert all(first[name] != other[name] for name in images)
 
 
 def test_nearest_fakes_are_flat_inside_2x2_blocks(demo_data: Path) -> None:
@@ -207,9 +225,12 @@ def test_demo_chain_manifest_extract_fit_report(tmp_path: Path) -> None:
     invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), "--views", "2", *common)
     for split in ("val", "test"):
         invoke("extract", "--split", split, "--manifest", str(manifests / f"{split}.csv"), *common)
+    invoke(
+        "extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--perturb", "format-align", *common
+    )
 
     expected_rows = {"train": 32, "val": 8, "test": 32}
-    expected_variants = {"train": {"view_000", "view_001"}, "val": {"center"}, "test": {"center"}}
+    expected_variants = {"train": {"view_000", "view_001"}, "val": {"center"}, "test": {"center", "format-align-q95"}}
     for split, n_rows in expected_rows.items():
         path = cache.default_store_path(cache_dir, str(backbone), "ln2", split)
         info = cache.open_store_info(path)
@@ -226,19 +247,22 @@ def test_demo_chain_manifest_extract_fit_report(tmp_path: Path) -> None:
     results = Path(invoke("fit", "--grid", str(grid), "--no-progress").strip().splitlines()[-1])
     with open(results, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    n_runs, n_datasets = 2, 1 + len(TEST_GENERATORS)  # val (progan) + the four test generators
+    n_runs, n_datasets = 2, 1 + 2 * len(TEST_GENERATORS)  # val (progan) + the four test generators, center and aligned
     assert len(rows) == n_runs * n_datasets
     assert {row["status"] for row in rows} == {"ok"}
+    aligned = "test_format-align-q95"
     assert sorted((row["split"], row["dataset"]) for row in rows if row["proj_dim"] == "16") == sorted(
-        [("val", "progan")] + [("test", g) for g in TEST_GENERATORS]
+        [("val", "progan")] + [(split, g) for g in TEST_GENERATORS for split in ("test", aligned)]
     )
-    assert {row["n"] for row in rows if row["split"] == "test"} == {"8"}
+    assert {row["n"] for row in rows if row["split"] in ("test", aligned)} == {"8"}
     assert all(0.0 <= float(row["ap"]) <= 1.0 for row in rows)
 
     reports = tmp_path / "reports"
     invoke("report", "--no-plots", "--out", str(reports), str(results.parent))
     with open(reports / "metrics.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == n_runs * n_datasets
+    with open(reports / "format_align.csv", newline="") as handle:
+        assert {row["dataset"] for row in csv.DictReader(handle)} == {*TEST_GENERATORS, "avg"}
 
 
 def test_demo_grid_file_matches_what_run_all_builds() -> None:
@@ -246,7 +270,11 @@ def test_demo_grid_file_matches_what_run_all_builds() -> None:
     run_all = (REPO / "run_all.sh").read_text()
     assert spec.model == "demo/tiny-random-clip" and f"--model {spec.model}" in run_all
     assert f"--cache-dir {spec.train.path.parents[2]}" in run_all
-    assert [spec.train.name, spec.val.name, [t.name for t in spec.tests]] == ["train", "val", ["test"]]
+    assert [spec.train.name, spec.val.name, [t.name for t in spec.tests]] == [
+        "train", "val", ["test", "test_format-align-q95"]
+    ]  # fmt: skip
+    assert "extract --split test --manifest demo/manifests/test.csv --model demo/tiny-random-clip" in run_all
+    assert "--perturb format-align" in run_all and "audit --split test" in run_all
     searched = [r for r in spec.runs if r.head_blocks == "all" and r.aggregation == "tie" and r.contrastive_factor > 0]
     assert len(searched) == 8
     assert {(r.contrastive_factor, r.proj_layers, r.proj_dim) for r in searched} == {

@@ -23,7 +23,6 @@ from pathlib import Path
 import jinja2
 
 from .. import __version__
-from ..audit import ALL_FEATURES, FEATURE_NAMES
 from ..files import write_text_atomic
 from ..results import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, nan_mean, nan_std
 from .analysis import ReportAnalysis, RunSection
@@ -215,7 +214,7 @@ def plain_table(name: str, header: Sequence[str], rows: Sequence[Sequence[str | 
 def audit_view(document: AuditDocument) -> AuditView:
     flagged = document.flagged_datasets
     responsible = {(str(f["dataset"]), str(f["feature"])) for f in document.flags}
-    features = (*FEATURE_NAMES, ALL_FEATURES)
+    features = tuple(dict.fromkeys(str(record["feature"]) for record in document.feature_aucs))
     by_dataset: dict[str, dict[str, Mapping]] = {}
     for record in document.feature_aucs:
         by_dataset.setdefault(str(record["dataset"]), {})[str(record["feature"])] = record
