@@ -57,6 +57,13 @@ DEVICE_OPTION = click.option(
     "--device", default="auto", callback=_check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ..."
 )
 
+ALIGN_QUALITY_OPTION = click.option(
+    "--align-quality",
+    type=click.IntRange(1, 100),
+    default=DEFAULT_ALIGN_QUALITY,
+    help="JPEG quality of --perturb format-align (variant format-align-q<quality>).",
+)
+
 
 class _Commands(click.Group):
     """A command group that turns every library error into ``Error: <message>`` and exit status 1."""
@@ -224,12 +231,7 @@ def manifest_command(
     help="Robustness variant of an evaluation split (paper Table 5), or format-align: every image re-encoded "
     "as the same JPEG (--align-quality) before the center crop, so the file format is no shortcut.",
 )
-@click.option(
-    "--align-quality",
-    type=click.IntRange(1, 100),
-    default=DEFAULT_ALIGN_QUALITY,
-    help="JPEG quality of --perturb format-align (variant format-align-q<quality>).",
-)
+@ALIGN_QUALITY_OPTION
 @click.option(
     "--perturb-preset",
     type=click.Choice(PERTURB_PRESETS),
@@ -443,12 +445,7 @@ def _rank_and_world_size(rank: int | None, world_size: int | None) -> tuple[int,
     help="Audit the files as `pipeline extract --perturb format-align` sees them (every image decoded and "
     "re-encoded as the same JPEG) instead of the files as they are; outputs audit_<split>_format-align-q<quality>*.",
 )
-@click.option(
-    "--align-quality",
-    type=click.IntRange(1, 100),
-    default=DEFAULT_ALIGN_QUALITY,
-    help="JPEG quality of --perturb format-align.",
-)
+@ALIGN_QUALITY_OPTION
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def audit_command(
     split, manifest_file, data_root, out, threshold, folds, seed, workers, perturb, align_quality, no_progress

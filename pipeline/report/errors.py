@@ -126,18 +126,14 @@ class ImageFactsFinder:
         self.read: dict[Path, ImageFacts] = {}
 
     def facts(self, scored: ScoredSplit, data_root: Path | None) -> list[ImageFacts]:
+        """Row-aligned facts of ``scored``; ``data_root`` None: the audit's records or unknown."""
         keys = list(zip(scored.datasets.tolist(), scored.paths.tolist()))
-        if data_root is not None:
-            wanted = [data_root / path for key, path in zip(keys, scored.paths.tolist()) if key not in self.audited]
-            todo = list(dict.fromkeys(path for path in wanted if path not in self.read))
-            if todo:
-                for path, header in zip(todo, read_headers(todo, self.workers, False, "headers")):
-                    self.read[path] = (
-                        UNKNOWN_FACTS
-                        if header.error
-                        else ImageFacts(header.format or UNKNOWN, header.width, header.height)
-                    )
-        return [
-            self.audited.get(key) or (self.read.get(data_root / key[1], UNKNOWN_FACTS) if data_root else UNKNOWN_FACTS)
-            for key in keys
-        ]
+        if data_root is None:
+            return [self.audited.get(key, UNKNOWN_FACTS) for key in keys]
+        files = [data_root / path for _, path in keys]
+        todo = list(dict.fromkeys(f for key, f in zip(keys, files) if key not in self.audited and f not in self.read))
+        for path, header in zip(todo, read_headers(todo, self.workers, False, "headers")):
+            self.read[path] = (
+                UNKNOWN_FACTS if header.error else ImageFacts(header.format or UNKNOWN, header.width, header.height)
+            )
+        return [self.audited.get(key) or self.read[f] for key, f in zip(keys, files)]

@@ -97,7 +97,7 @@ def run_jobs(section: RunSection, out: Path) -> list[PlotJob | SkippedOutput]:
         jobs.append((name, functools.partial(plot_score_histograms, out / name, title, section.test_splits)))
     else:
         jobs.append(SkippedOutput(name, f"no scores_<split>.csv of a test split in {run.folder}"))
-    if run.setting.aggregation == "tie" and (run.folder / HEAD_FILE).is_file():
+    if run.is_full_architecture and (run.folder / HEAD_FILE).is_file():  # TIE over every block
         name = f"run_{run.run}_tie.png"
         jobs.append((name, functools.partial(draw_run_tie, out / name, run)))
     return jobs
