@@ -446,7 +446,8 @@ def run_paper(config: PaperConfig, log: Callable[[str], None] = print) -> PaperS
 
     log(f"==> report {config.reports_dir}")
     outs = tuple(spec.out for spec in plan.fits)
-    log(run_report(ReportConfig(grid_dirs=outs, out=config.reports_dir, plots=config.plots)).report())
+    report = ReportConfig(grid_dirs=outs, out=config.reports_dir, plots=config.plots, progress=config.progress)
+    log(run_report(report).report())
     return PaperSummary(plan, n_failed, config.reports_dir)
 
 
