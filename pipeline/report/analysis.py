@@ -6,7 +6,8 @@ set and of the test mean (``pipeline.report.uncertainty``). Per selected run
 (once, whichever rules chose it): its scored test splits (histograms), the
 error analysis of each test split (``pipeline.report.errors``) and the
 galleries of its worst errors on the unperturbed test sets
-(``pipeline.report.gallery``).
+(``pipeline.report.gallery``). Sections list the full models first, then
+the ablations, each in selection.csv order.
 """
 
 from __future__ import annotations
@@ -94,10 +95,8 @@ def analyse_runs(
         for run in tqdm(scope, desc="bootstrap intervals", unit="run", disable=not progress):
             intervals[run_key(run)] = run_intervals(run, bootstrap)
     finder = ImageFactsFinder(audited_image_facts(audits))
-    sections = tuple(
-        build_section(selections[0].run, tuple(selections), finder, gallery_size)
-        for selections in selected_runs(grids).values()
-    )
+    chosen = sorted(selected_runs(grids).values(), key=lambda selections: not selections[0].run.is_full_model)
+    sections = tuple(build_section(s[0].run, tuple(s), finder, gallery_size) for s in chosen)
     return ReportAnalysis(bootstrap, intervals, sections)
 
 
