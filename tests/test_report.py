@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html.parser
 import json
 import math
 import sys
@@ -416,6 +417,63 @@ def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
         "1024",
     )
     assert (four_class[0]["avg"], four_class[1]["avg"]) == ("91.5", "98.8")
+
+
+class TableCells(html.parser.HTMLParser):
+    """The cells of one table of the page (by its data-csv name): header, then rows of (text, style, title)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.inside, self.cell = name, False, None
+        self.header: list[str] = []
+        self.rows: list[list[tuple[str, str, str]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "table":
+            self.inside = values.get("data-csv") == self.name
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag in ("td", "th"):
+            self.cell = [tag, "", values.get("style") or "", values.get("title") or ""]
+
+    def handle_data(self, data: str) -> None:
+        if self.cell is not None:
+            self.cell[1] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag in ("td", "th") and self.cell is not None:
+            kind, text, style, title = self.cell
+            if kind == "th":
+                self.header.append(text.strip())
+            else:
+                self.rows[-1].append((text, style, title))
+            self.cell = None
+
+
+def test_the_page_colours_our_values_by_their_difference_with_the_authors(report) -> None:
+    """acc.csv in index.html: each of our set values differs from the authors' published row of its setting."""
+    cells = TableCells("acc.csv")
+    cells.feed((report.out / "index.html").read_text(encoding="utf-8"))
+    rows = [dict(zip(cells.header, row)) for row in cells.rows if row]
+    assert [row["source"][0] for row in rows] == [row["source"] for row in read_rows(report.out / "acc.csv")]
+    coloured = 0
+    for row in (row for row in rows if row["source"][0] == "ours"):
+        authors = next(r for r in rows if r["source"][0] == "authors" and r["n_classes"][0] == row["n_classes"][0])
+        for dataset in [*PAPER_ORDER, "avg"]:
+            ours, theirs = row[dataset][0], authors[dataset][0]
+            if not ours:
+                continue
+            delta = float(ours) - float(theirs)
+            text, style, title = row[dataset]
+            assert title == f"ours {ours} - authors {theirs} = {delta:+.1f} points"
+            if abs(delta) >= 0.05:
+                assert ("46, 160, 67" if delta > 0 else "218, 54, 51") in style
+                coloured += 1
+        assert row["my_extra"][1] == ""  # no authors' number: not coloured
+    assert coloured > 20
 
 
 def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
