@@ -284,6 +284,21 @@ def test_error_analysis_says_unknown_without_audit_or_data(world, tmp_path: Path
     assert "config.yaml is missing" in page and "no thumbnail" in page
 
 
+def test_a_missing_score_file_is_named_not_silently_skipped(world, tmp_path: Path) -> None:
+    copied = tmp_path / "grid"
+    shutil.copytree(world["grid"], copied)
+    run = read_rows(copied / "selection.csv")[0]["run"]
+    (copied / "runs" / run / "scores_test_aligned.csv").unlink()
+    summary = run_report(ReportConfig(grid_dirs=(copied,), out=tmp_path / "out", plots=False,
+                                      bootstrap=BootstrapConfig(50), progress=False))  # fmt: skip
+    reasons = {item.name: item.reason for item in summary.skipped}
+    assert "test_aligned" in reasons[f"intervals of run {run}"]
+    rows = read_rows(summary.out / "metrics.csv")
+    assert {r["acc_ci_low"] == "" for r in rows if r["run"] == run and r["split"] == "test_aligned"} == {True}
+    assert all(r["acc_ci_low"] for r in rows if r["run"] == run and r["split"] == "test")
+    assert f"no scores_test_aligned.csv in {copied / 'runs' / run}" in (summary.out / "index.html").read_text()
+
+
 # ----------------------------------------------------------------------------- the page
 
 

@@ -131,6 +131,7 @@ def run_report(config: ReportConfig) -> ReportSummary:
     audits, audit_problems = read_audits(out)
     skipped += audit_problems
     analysis = analyse_runs(grids, audits, config.bootstrap, config.bootstrap_all, config.gallery_size, config.progress)
+    skipped += analysis.without_intervals()
     written: list[Path] = []
     tables: list[Table] = []
     for outcome in build_tables(grids, analysis):

@@ -25,6 +25,7 @@ from .errors import BucketCount, ImageFactsFinder, analyse_errors
 from .gallery import FALSE_NEGATIVES, FALSE_POSITIVES, GalleryItem, gallery, worst_errors
 from .inputs import GridResults, RunResult, Selection, all_runs, all_selections
 from .scores import ScoredSplit, read_run_scores, store_facts
+from .tables import SkippedOutput
 from .uncertainty import RunIntervals, run_intervals
 
 RunKey = tuple[Path, str]  # (grid folder, run id)
@@ -63,6 +64,17 @@ class ReportAnalysis:
 
     def intervals_of(self, run: RunResult) -> RunIntervals | None:
         return self.intervals.get(run_key(run))
+
+    def without_intervals(self) -> list[SkippedOutput]:
+        """The runs whose intervals are incomplete because a scores file is missing, named with the splits."""
+        return [
+            SkippedOutput(
+                f"intervals of run {intervals.run}",
+                f"no scores_<split>.csv for {', '.join(intervals.missing)}: no interval there (nor of the mean)",
+            )
+            for intervals in self.intervals.values()
+            if intervals.missing
+        ]
 
 
 def selected_runs(grids: Sequence[GridResults]) -> dict[RunKey, list[Selection]]:
