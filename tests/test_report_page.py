@@ -214,6 +214,12 @@ def test_seeds_table_gives_mean_and_std_over_seeds_per_config(world) -> None:
         assert float(row["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
     averages = [row for row in seeds if row["dataset"] == "avg"]
     assert len(averages) == 2 and all(row["variant"] == "" for row in averages)
+    for row in read_rows(world["reports"] / "acc.csv"):  # a selected config: the mean over its seeds
+        assert row["seeds"] == "0+1" and "seed=" not in row["setting"]
+        for dataset in ("gan", "clean"):
+            accs = [float(r["acc"]) for r in results if r["contrastive_factor"] == row["contrastive_factor"]
+                    and r["split"] == "test" and r["dataset"] == dataset]  # fmt: skip
+            assert row[dataset] == f"{100 * np.mean(accs):.1f}"
 
 
 def test_format_align_table_compares_center_with_the_aligned_copy(world) -> None:

@@ -168,23 +168,19 @@ SCORE_KEY = ("source", "backbone", "tap", "n_classes", "setting", "selection", "
 
 
 def score_key(source: str, backbone: str, tap: str, n_classes: int | None, setting: str, selection: str, run: str,
-              config: HeadConfig) -> tuple[str, ...]:  # fmt: skip
-    return (source, backbone, tap, format_n_classes(n_classes), setting, selection, run, *format_hyper(config))
+              config: HeadConfig, seeds: str = "") -> tuple[str, ...]:  # fmt: skip
+    return (source, backbone, tap, format_n_classes(n_classes), setting, selection, run, *format_hyper(config), seeds)
 
 
 def mean_over_runs(runs: Sequence[RunResult], variant: str = "center") -> dict[str, Scores]:
     """Dataset -> ACC and AP averaged over ``runs`` (the seeds of a config), NaN skipped."""
-    datasets = dict.fromkeys(dataset for run in runs for dataset in run.test.get(variant, {}))
+    per_dataset: dict[str, list[Scores]] = {}
+    for run in runs:
+        for dataset, scores in run.test.get(variant, {}).items():
+            per_dataset.setdefault(dataset, []).append(scores)
     return {
-        dataset: Scores(
-            *(
-                nan_mean(
-                    getattr(run.test[variant][dataset], metric) for run in runs if dataset in run.test.get(variant, {})
-                )
-                for metric in METRICS
-            )
-        )
-        for dataset in datasets
+        dataset: Scores(nan_mean(s.acc for s in scores), nan_mean(s.ap for s in scores))
+        for dataset, scores in per_dataset.items()
     }
 
 
@@ -201,7 +197,7 @@ def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
     for label, config in configs:
         scores = ref.reference_scores(backbone, n_classes, config)
         if scores:
-            key = (*score_key(AUTHORS, backbone, ref.AUTHORS_TAP, n_classes, "", label, "", config), "")
+            key = score_key(AUTHORS, backbone, ref.AUTHORS_TAP, n_classes, "", label, "", config)
             rows.append(ScoreRow(key, scores_from_reference(scores)))
     return rows
 
@@ -222,9 +218,10 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
             continue
         several = len(s.runs) > 1
         setting = run.setting.label(without=("model", "tap", "seed") if several else ("model", "tap"))
-        key = score_key(OURS, run.backbone, run.setting.tap, run.n_classes, setting, s.rule, run.run, run.head_config)
         seeds = format_value(tuple(r.setting.seed for r in s.runs))
-        ours.append((run, ScoreRow((*key, seeds), mean_over_runs(s.runs) if several else run.center)))
+        key = score_key(OURS, run.backbone, run.setting.tap, run.n_classes, setting, s.rule, run.run, run.head_config,
+                        seeds)  # fmt: skip
+        ours.append((run, ScoreRow(key, mean_over_runs(s.runs) if several else run.center)))
     groups = sorted({(run.backbone, run.n_classes) for run, _ in ours}, key=lambda key: group_sort_key(*key))
     rows: list[ScoreRow] = []
     for backbone, n_classes in groups:
