@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..results import CENTER, LIST_SEPARATOR, config_key, format_value, mean_datasets, nan_mean, nan_std
+from ..results import CENTER, LIST_SEPARATOR, format_value, mean_datasets, nan_mean, nan_std
 from ..variants import VariantKind, VariantSpec
 from .analysis import ReportAnalysis, selected_runs
-from .inputs import GridResults, RunResult
+from .inputs import GridResults, seed_groups
 from .tables import (
     METRICS,
     SkippedOutput,
@@ -34,14 +34,6 @@ from .tables import (
 AVERAGE = "avg"
 
 
-def seed_groups(grid: GridResults) -> list[list[RunResult]]:
-    """The grid's ok runs grouped by config (all but the seed), groups of two or more seeds only, in seed order."""
-    groups: dict[tuple, list[RunResult]] = {}
-    for run in grid.runs.values():
-        groups.setdefault(config_key(run.row), []).append(run)
-    return [sorted(group, key=lambda run: (run.setting.seed, run.run)) for group in groups.values() if len(group) > 1]
-
-
 def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """seeds.csv: mean and standard deviation over seeds per config, test set and the test mean."""
     header = ("grid_dir", "grid", "backbone", "tap", "n_classes", "setting", "contrastive_factor", "proj_layers",
@@ -49,7 +41,7 @@ def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
               "ap_std")  # fmt: skip
     rows = []
     for grid in grids:
-        for runs in seed_groups(grid):
+        for runs in (group for group in seed_groups(grid.runs.values()) if len(group) > 1):
             first = runs[0]
             key = (str(grid.path), first.row.grid, first.backbone, first.setting.tap, format_n_classes(first.n_classes),
                    first.setting.label(without=("model", "tap", "seed")), *format_hyper(first.head_config),

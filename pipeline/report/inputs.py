@@ -9,7 +9,7 @@ report is given none.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,9 +226,7 @@ def read_selections(
     path: Path, records: Sequence[tuple[int, Mapping[str, str]]], runs: Mapping[str, RunResult]
 ) -> tuple[Selection, ...]:
     """The rows of selection.csv, each resolved to its ok run and the runs of the same config with other seeds."""
-    by_config: dict[tuple, list[RunResult]] = {}
-    for run in runs.values():
-        by_config.setdefault(config_key(run.row), []).append(run)
+    by_config = {config_key(group[0].row): group for group in seed_groups(runs.values())}
     selections = []
     for line, record in records:
         run = runs.get(record["run"])
@@ -242,9 +240,16 @@ def read_selections(
         ]
         if mismatched:
             raise ReportError(f"{path}:{line}: {mismatched} differ from run {run.run} in results.csv")
-        seed_runs = sorted(by_config[config_key(run.row)], key=lambda other: (other.setting.seed, other.run))
-        selections.append(Selection(rule=record["selection"], run=run, seed_runs=tuple(seed_runs)))
+        selections.append(Selection(rule=record["selection"], run=run, seed_runs=by_config[config_key(run.row)]))
     return tuple(selections)
+
+
+def seed_groups(runs: Iterable[RunResult]) -> list[tuple[RunResult, ...]]:
+    """Runs grouped by config (``pipeline.results.config_key``: all but the seed), each group in seed order."""
+    groups: dict[tuple, list[RunResult]] = {}
+    for run in runs:
+        groups.setdefault(config_key(run.row), []).append(run)
+    return [tuple(sorted(group, key=lambda run: (run.setting.seed, run.run))) for group in groups.values()]
 
 
 def find_grid_dirs(runs_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
