@@ -23,12 +23,13 @@ from pathlib import Path
 import jinja2
 
 from .. import __version__
+from ..bootstrap import Interval
 from ..files import write_text_atomic
 from ..results import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, nan_mean, nan_std
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
 from .gallery import GalleryItem
-from .inputs import GridResults, Scores
+from .inputs import GridResults
 from .tables import SCORE_KEY, STUDY_KEY, SkippedOutput, Table, format_percent, order_datasets
 
 PAGE_NAME = "index.html"
@@ -285,12 +286,22 @@ def flagged_datasets(documents: Sequence[AuditDocument]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- run sections
 
 
-def interval_text(low: float, high: float) -> str:
-    return "" if math.isnan(low) else f"[{format_percent(low)}, {format_percent(high)}]"
+def interval_text(interval: Interval | None) -> str:
+    """``[low, high]`` in percent; empty when not computed or undefined."""
+    return (
+        ""
+        if interval is None or math.isnan(interval.low)
+        else f"[{format_percent(interval.low)}, {format_percent(interval.high)}]"
+    )
+
+
+def spread_text(values: Sequence[float]) -> str:
+    """Mean ± sample standard deviation, in percent."""
+    return f"{format_percent(nan_mean(values))} ± {format_percent(nan_std(values))}" if values else ""
 
 
 def section_scores(section: RunSection, analysis: ReportAnalysis) -> HtmlTable:
-    """ACC and AP per test set with their intervals, then the mean; with several seeds, mean ± std over them."""
+    """ACC and AP per scored set with their intervals, then the test mean; with several seeds, mean ± std over them."""
     run, seed_runs = section.run, section.seed_runs
     intervals = analysis.intervals_of(run)
     several = len(seed_runs) > 1
@@ -301,30 +312,20 @@ def section_scores(section: RunSection, analysis: ReportAnalysis) -> HtmlTable:
     for split, variant in run.splits.items():
         for dataset in order_datasets(run.split_sets[split]):
             scores = run.scores_of(split, dataset)
-            per_set = intervals.of(split, dataset) if intervals else None
-            row = [split, variant, dataset, format_percent(scores.acc)]
-            row += [interval_text(per_set[0].low, per_set[0].high) if per_set else ""]
-            row += [format_percent(scores.ap), interval_text(per_set[1].low, per_set[1].high) if per_set else ""]
+            acc_interval, ap_interval = (intervals.of(split, dataset) if intervals else None) or (None, None)
+            row = [split, variant, dataset, format_percent(scores.acc), interval_text(acc_interval)]
+            row += [format_percent(scores.ap), interval_text(ap_interval)]
             if several:
                 same = [r.scores_of(split, dataset) for r in seed_runs if dataset in r.split_sets.get(split, ())]
-                row += [seed_spread(same, metric) for metric in ("acc", "ap")]
+                row += [spread_text([getattr(s, metric) for s in same]) for metric in ("acc", "ap")]
             rows.append(row)
-    mean = intervals.mean if intervals else None
+    acc_interval, ap_interval = (intervals.mean if intervals else None) or (None, None)
     average = ["test mean", "", f"{len(run.summary.mean_sets)} sets", format_percent(run.mean_acc)]
-    average += [interval_text(mean[0].low, mean[0].high) if mean else "", format_percent(run.mean_ap)]
-    average += [interval_text(mean[1].low, mean[1].high) if mean else ""]
+    average += [interval_text(acc_interval), format_percent(run.mean_ap), interval_text(ap_interval)]
     if several:
-        average += [
-            f"{format_percent(nan_mean(values))} ± {format_percent(nan_std(values))}"
-            for values in ([r.mean_acc for r in seed_runs], [r.mean_ap for r in seed_runs])
-        ]
+        average += [spread_text([r.mean_acc for r in seed_runs]), spread_text([r.mean_ap for r in seed_runs])]
     rows.append([Cell(text, "average") for text in average])
     return plain_table("ACC / AP", header, rows)
-
-
-def seed_spread(scores: Sequence[Scores], metric: str) -> str:
-    values = [getattr(s, metric) for s in scores]
-    return f"{format_percent(nan_mean(values))} ± {format_percent(nan_std(values))}" if values else ""
 
 
 def section_errors(section: RunSection) -> HtmlTable | None:
