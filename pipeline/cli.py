@@ -661,7 +661,7 @@ def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_cro
     "resamples",
     type=click.IntRange(0),
     default=1000,  # bootstrap.DEFAULT_RESAMPLES (not imported: `pipeline --help` stays light)
-    help="Bootstrap resamples of the 95 %% intervals of ACC and AP (stratified by label); 0: none.",
+    help="Bootstrap resamples of the 95 % intervals of ACC and AP (stratified by label); 0: none.",
 )
 @click.option("--bootstrap-seed", type=int, default=0, help="Seed of the bootstrap resamples.")
 @click.option(

@@ -27,12 +27,13 @@ from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline import cache
 from pipeline.audit import AuditConfig, run_audit
-from pipeline.bootstrap import BootstrapConfig, bootstrap_set
+from pipeline.bootstrap import DEFAULT_RESAMPLES, BootstrapConfig, bootstrap_set
 from pipeline.cli import main
 from pipeline.config import parse_grid
 from pipeline.grid import FitOptions, run_grid
 from pipeline.manifest import Manifest, ManifestRow, write_manifest
 from pipeline.report import ReportConfig, run_report
+from pipeline.report.gallery import DEFAULT_GALLERY_SIZE
 from pipeline.variants import FORMAT_ALIGN
 
 pytestmark = pytest.mark.slow
@@ -367,6 +368,8 @@ def test_cli_report_without_arguments_reports_every_grid_under_runs(world, tmp_p
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "r")
     assert {row["grid_dir"] for row in read_rows(tmp_path / "r" / "metrics.csv")} == {"runs/world"}
+    defaults = {param.name: param.default for param in main.commands["report"].params}
+    assert (defaults["resamples"], defaults["gallery_size"]) == (DEFAULT_RESAMPLES, DEFAULT_GALLERY_SIZE)
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.chdir(empty)
