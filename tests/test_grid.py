@@ -141,7 +141,9 @@ def test_selection_labels_both_rules(stores, tmp_path):
 
 
 def test_a_grid_of_seeds_selects_the_config_with_the_best_mean_over_seeds(stores, tmp_path):
-    summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  seed: [0, 1, 2]\n")
+    summary = run(
+        stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  seed: [0, 1, 2]\n  proj_dim: [16]\n"
+    )
     rows = [r for r in read(summary.results) if r["split"] == "test" and r["variant"] == "center"]
     assert len({r["run"] for r in rows}) == 6 and {r["seed"] for r in rows} == {"0", "1", "2"}
     per_config: dict[str, dict[str, list[float]]] = {}
