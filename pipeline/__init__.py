@@ -1,4 +1,8 @@
-"""RINE synthetic-image detection as a two-stage CLIP feature-cache pipeline."""
+"""RINE synthetic-image detection as a two-stage CLIP feature-cache pipeline.
+
+``from pipeline import Detector`` gives the Python API (``pipeline.detector``);
+importing the package loads neither torch nor the detector until then.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -6,3 +10,11 @@ try:
     __version__ = version("rine-pipeline")
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
+
+
+def __getattr__(name: str):
+    if name == "Detector":
+        from .detector import Detector
+
+        return Detector
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -127,13 +127,20 @@ class Backbone:
 
     def pixel_values(self, images: np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) uint8 RGB -> normalised (B, 3, S, S) in the model dtype."""
-        batch = torch.from_numpy(images).to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().div_(255.0)
+        return self.normalise(torch.from_numpy(images).to(self.device, non_blocking=True))
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """:meth:`pixel_values` of a uint8 tensor; plain torch, so it traces (ONNX export)."""
+        batch = pixels.permute(0, 3, 1, 2).float().div_(255.0)
         return ((batch - self._mean) / self._std).to(self.dtype)
 
     @torch.inference_mode()
     def forward_taps(self, images: np.ndarray, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         """CLS tokens (B, n_blocks, dim) per tap, from one forward pass."""
+        return self.tap_tokens(self.pixel_values(images), taps)
+
+    def tap_tokens(self, pixel_values: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
+        """:meth:`forward_taps` from normalised pixels (B, 3, S, S); plain torch, so it traces (ONNX export)."""
         unknown = set(taps) - set(TAPS)
         if unknown:
             raise ValueError(f"unknown tap(s) {sorted(unknown)}; choose from {TAPS}")
@@ -145,7 +152,7 @@ class Backbone:
             for block in self.block_indices:
                 handles.append(layers[block].layer_norm2.register_forward_hook(_cls_hook(captured, block)))
         try:
-            outputs = self.model(pixel_values=self.pixel_values(images), output_hidden_states="hidden" in taps)
+            outputs = self.model(pixel_values=pixel_values, output_hidden_states="hidden" in taps)
         finally:
             for handle in handles:
                 handle.remove()

@@ -8,6 +8,7 @@ exit status 1. Bad options exit 2 (click's usage errors).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -110,13 +111,15 @@ def main() -> None:
       pipeline fit       -> runs/<grid>/results.csv
       pipeline report    -> reports/*.csv, *.png, index.html (one self-contained page)
       pipeline audit     -> reports/audit_<split>*.csv: metadata shortcuts of a split
-      pipeline predict   -> scores for new images
+      pipeline predict   -> scores for new images (CSV/JSONL/Parquet, resumable)
+      pipeline export    -> a trained run as a self-contained detector folder
     \b
     All of it on the paper's data:  pipeline paper DATA_ROOT
     On a built-in synthetic demo:   ./run_all.sh demo (pipeline demo builds its data)
 
     Exit status: 0 done; 1 an error (printed as "Error: ..."); 2 bad options;
-    3 (extract) more rows than --max-invalid could not be decoded.
+    3 (extract) more rows than --max-invalid could not be decoded; (predict) some
+    images could not be scored (their rows say why).
     """
 
 
@@ -594,6 +597,32 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
         raise SystemExit(1)
 
 
+def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .detector import parse_threshold
+
+    if value is not None:
+        try:
+            parse_threshold(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from .predict_output import OUTPUT_FORMATS
+
+    if value is not None and value.suffix.lower() not in OUTPUT_FORMATS:
+        raise click.BadParameter(f"{value}: the name must end with one of {', '.join(OUTPUT_FORMATS)}")
+    if value is not None and value.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise click.BadParameter(
+                f"{value}: Parquet needs pyarrow (pip install pyarrow); or use .csv/.jsonl"
+            ) from None
+    return value
+
+
 @main.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option(
@@ -601,43 +630,134 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
     "head_path",
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, or an official RINE .pth checkpoint.",
+    help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, a folder written by `pipeline export`, "
+    "or an official RINE .pth checkpoint.",
 )
 @click.option(
-    "--model", default=None, help="Backbone override (default: the one recorded with the head; ViT-L/14 for .pth)."
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_check_output,
+    help="Output file: .csv, .jsonl or .parquet (pyarrow), written batch by batch; re-running with the same "
+    "--out skips the images it holds. Default: CSV on stdout.",
+)
+@click.option(
+    "--crop",
+    type=click.Choice(("center", "tencrop", "auto")),
+    default="center",
+    help="center: the evaluation crop (no resize); tencrop: ten crops scored by the sigmoid of their mean logit "
+    "(the authors' protocol for large images); auto: ten crops for images whose shorter side is at least "
+    "--auto-min-side.",
+)
+@click.option(
+    "--auto-min-side",
+    type=click.IntRange(1),
+    default=None,
+    help="--crop auto: shorter side (pixels) from which an image gets ten crops. Default: twice the crop (448).",
+)
+@click.option(
+    "--threshold",
+    callback=_check_threshold,
+    help="val (best val accuracy), eer (equal error rate on val), fpr1 / fpr5 (1 % / 5 % false positives on val "
+    "reals), or a number such as 0.5. Default: val; 0.5 for the authors' .pth (they carry no val thresholds).",
+)
+@click.option(
+    "--model", default=None, help="Another backbone than the one recorded with the head (needs --allow-other-backbone)."
+)
+@click.option(
+    "--allow-other-backbone",
+    is_flag=True,
+    help="Score even when the backbone (model id, revision or content) is not the head's; recorded in the output.",
 )
 @DEVICE_OPTION
-@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)))
+@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)), help="Backbone compute dtype.")
 @click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
 @click.option(
-    "--ten-crop",
-    is_flag=True,
-    help="Score by ten crops (corners, center and their flips): sigmoid of the mean of the ten logits, "
-    "the authors' protocol for large images (Synthbuster).",
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=images.DEFAULT_MAX_PIXELS,
+    help="Images with more pixels get an error row instead of a score.",
 )
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the CSV here instead of stdout.")
-def predict_command(inputs, head_path, model, device, dtype, batch_size, ten_crop, out) -> None:
-    """Score images (files or folders): CSV path,score,prediction,error; score = probability of fake.
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def predict_command(
+    inputs,
+    head_path,
+    out,
+    crop,
+    auto_min_side,
+    threshold,
+    model,
+    allow_other_backbone,
+    device,
+    dtype,
+    batch_size,
+    workers,
+    max_pixels,
+    no_progress,
+) -> None:
+    """Score images: files, folders (recursive), a CSV with a path column, or a .txt list of paths.
 
-    Images that cannot be decoded get an empty score and the reason in `error`.
+    \b
+    One row per image: path, score (probability of fake), label (fake when
+    score >= threshold), threshold, threshold_name, crop, width, height,
+    format, backbone, error. Images that cannot be used get a row with the
+    reason in `error` and no score.
+    Exit status: 0 every image scored; 3 some images could not be scored (their
+    rows say why); 1 an error (e.g. a head file that cannot be read, a
+    backbone other than the head's); 2 bad options.
     """
-    from .predict import PredictConfig, predictions_csv, run_predict, write_predictions
+    from .predict import PredictConfig, run_predict
 
     config = PredictConfig(
         head=head_path,
         inputs=tuple(inputs),
+        out=out,
+        crop=crop,
+        auto_min_side=auto_min_side,
+        threshold=threshold,
         model=model,
+        allow_other_backbone=allow_other_backbone,
         device=device,
         dtype=dtype,
         batch_size=batch_size,
-        ten_crop=ten_crop,
+        decode_workers=workers,
+        max_pixels=max_pixels,
+        progress=not no_progress,
     )
-    predictions = run_predict(config)
-    if out is None:
-        click.echo(predictions_csv(predictions), nl=False)
-    else:
-        write_predictions(predictions, out)
+    summary = run_predict(config, sys.stdout, log=lambda line: click.echo(line, err=True))
+    click.echo(summary.report(), err=True)
+    if out is not None:
         click.echo(str(out))
+    if summary.failures:
+        raise SystemExit(3)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to create.")
+@click.option(
+    "--onnx",
+    is_flag=True,
+    help="Also write detector.onnx: backbone + head as one graph, uint8 RGB crops -> logit and score "
+    "(needs onnx; pip install 'rine-pipeline[export]').",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a detector folder written by `pipeline export`.")
+def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> None:
+    """Write a trained run (RUN_DIR = runs/<grid>/runs/<id>) as a self-contained detector folder.
+
+    \b
+    OUT gets head.safetensors, config.json (backbone id and revision, tap,
+    blocks, crop, thresholds, temperature) and README.md (a model card: training
+    data, config, metrics, intended use and limitations, how to load); with
+    --onnx also detector.onnx. Load it with `pipeline predict --head OUT` or
+    `Detector.load(OUT)`. The backbone weights are not copied: they load from
+    the hub (or the local folder) the config names.
+    """
+    from .export import ExportConfig, run_export
+
+    summary = run_export(ExportConfig(run_dir=run_dir, out=out, onnx=onnx, overwrite=overwrite))
+    click.echo(summary.report(), err=True)
+    click.echo(str(summary.out))
 
 
 @main.command("report")

@@ -19,7 +19,7 @@ from sklearn.model_selection import ParameterGrid
 
 from .cache import DEFAULT_MODEL, TAPS, default_store_path
 from .errors import PipelineError
-from .results import AGGREGATIONS, ALL_CLASSES, AMP_MODES, HEAD_BLOCKS, LIST_SEPARATOR
+from .results import AGGREGATIONS, ALL_CLASSES, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR
 
 
 class ConfigError(PipelineError, ValueError):
@@ -44,6 +44,7 @@ class RunConfig:
     aggregation: str = "tie"  # one of AGGREGATIONS; "mean": ablation without TIE
     seed: int = 0
     amp: str = "none"  # one of AMP_MODES; "bf16": autocast
+    calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.calibration)
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""
@@ -114,6 +115,8 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
             checked[key] = _check_choice(name, value, AGGREGATIONS)
         elif key == "amp":
             checked[key] = _check_choice(name, value, AMP_MODES)
+        elif key == "calibration":
+            checked[key] = _check_choice(name, value, CALIBRATIONS)
     return RunConfig(**checked)
 
 

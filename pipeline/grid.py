@@ -25,6 +25,7 @@ import os
 import time
 import traceback
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,12 @@ from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from . import cache
+from .calibration import calibrate_head
 from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import resolve_device
 from .files import atomic_path, write_text_atomic
 from .head import count_parameters, load_head, save_head
-from .metrics import METRIC_NAMES, best_threshold, compute_metrics
+from .metrics import compute_metrics
 from .results import (
     CENTER,
     ERROR,
@@ -69,15 +71,17 @@ from .train import (
     load_store,
     open_info,
     open_train_store,
-    score_store,
     store_block_indices,
+    store_logits,
     train_views,
 )
 
 # Bumped whenever training or scoring changes what a config computes, so that
 # finished runs of an older protocol are not reused. 2: the authors' lr
 # schedule, ten-crop by the mean logit, the view of each epoch streamed.
-RUN_PROTOCOL = 2
+# 3: val thresholds (and the optional temperature) stored with the head,
+# operating-point and calibration metrics.
+RUN_PROTOCOL = 3
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
 
@@ -298,17 +302,18 @@ def fit_and_evaluate(
         views_reused=fit.views_reused,
     )
     val_rows = evaluation_rows(data.val, run)
-    val_scores = score_store(head, data.val, val_rows, run)
-    threshold, _ = best_threshold(data.val.rows.labels[val_rows], val_scores)
+    val_logits = store_logits(head, data.val, val_rows, run)
+    calibration = calibrate_head(run.calibration, val_logits, data.val.rows.labels[val_rows], data.val.ref.name)
+    val_scores = calibration.scores(val_logits)
     rows = metric_rows(base, VAL_SPLIT, data.val, val_rows, val_scores, None)
     write_scores(folder / "scores_val.csv", data.val, val_rows, val_scores)
     for test in data.tests:
         test_rows = np.flatnonzero(test.rows.valid)
-        scores = score_store(head, test, test_rows, run)
+        scores = calibration.scores(store_logits(head, test, test_rows, run))
         write_scores(folder / f"scores_{test.ref.name}.csv", test, test_rows, scores)
-        rows += metric_rows(base, test.ref.name, test, test_rows, scores, threshold)
+        rows += metric_rows(base, test.ref.name, test, test_rows, scores, calibration.threshold_values())
 
-    save_head(head, folder / "head.safetensors", head_metadata(data.train, run))
+    save_head(head, folder / "head.safetensors", {**head_metadata(data.train, run), **calibration.to_metadata()})
     write_text_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
     fit_info = {
         "fit_seconds": fit.fit_seconds,
@@ -339,7 +344,7 @@ def metric_rows(
     store: LoadedStore,
     rows: np.ndarray,
     scores: np.ndarray,
-    calibrated_threshold: float | None,
+    val_thresholds: Mapping[str, float] | None,
 ) -> list[ResultRow]:
     labels = store.rows.labels[rows]
     datasets = store.rows.datasets[rows]
@@ -347,7 +352,7 @@ def metric_rows(
     out = []
     for dataset in sorted(set(datasets.tolist())):
         mask = datasets == dataset
-        metrics = compute_metrics(labels[mask], scores[mask], calibrated_threshold)
+        metrics = compute_metrics(labels[mask], scores[mask], val_thresholds)
         out.append(
             dataclasses.replace(
                 base,
@@ -356,7 +361,7 @@ def metric_rows(
                 dataset=dataset,
                 n=int(mask.sum()),
                 n_invalid=int(np.count_nonzero(invalid == dataset)),
-                metrics={name: getattr(metrics, name) for name in METRIC_NAMES},
+                metrics=metrics.columns(),
             )
         )
     return out
@@ -377,10 +382,12 @@ def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
     identity = train.info.identity
     return {
         "head_blocks": run.head_blocks,
+        "amp": run.amp,
         "model": identity.model_id,
         "model_revision": identity.model_revision,
         "tap": identity.tap,
         "store_blocks": json.dumps(list(store_block_indices(identity))),
+        "store_dtype": identity.dtype,
         "crop_size": str(identity.crop_size),
     }
 

@@ -304,14 +304,14 @@ def save_head(head: RineHead, path: Path, metadata: dict[str, str]) -> None:
 
 def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
     """Read a head written by ``save_head``; returns it in eval mode with its metadata."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors head ({error})") from None
     try:
         head = RineHead(

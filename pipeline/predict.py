@@ -1,190 +1,301 @@
-"""Score new images with a trained run's head or an official RINE checkpoint.
+"""``pipeline predict``: score many image files with a detector, streaming rows into a resumable output.
 
-Images go through the very loop of stage one (``extract.extract_shards``)
-with the same pixel source (decoding a few batches ahead in threads) and
-forward step, on the backbone and tap the head was trained on: the center
-crop without resizing, or with ``ten_crop`` torchvision's ten crops scored as
-the authors score them, the sigmoid of the mean of the ten logits. Instead of
-a store, each batch goes to the head. The score is the probability that the
-image is synthetic; :func:`predictions_csv` / :func:`write_predictions` give
-the ``pipeline predict`` output.
+Inputs (:func:`collect_inputs`), in the order given: image files; folders
+(their images, recursively, sorted); a CSV with a ``path`` column (a manifest
+of ``pipeline manifest`` or any list: relative paths resolve against the data
+root of its sidecar ``<name>.json`` when there is one, else against the CSV's
+folder); a text file (``.txt``, ``.lst``) of one path per line (blank lines
+and ``#`` comments skipped; relative to the list's folder). Each path is
+scored once.
+
+The images go through stage one's loop (``extract.extract_shards``) with its
+pixel source (decoding in threads a few batches ahead, one decode per image,
+the evaluation's crops) and the detector's forward step; a committer scores
+each finished batch with the head (``Detector.logits`` / ``Detector.scores``,
+the evaluation's aggregation), reads each image's header (width, height,
+format) and appends the batch's rows to the output (``pipeline.predict_output``).
+
+Batches are planned over the whole input list: batch b holds images
+``b * batch_size ...`` (with ``--crop auto``, its center-crop and ten-crop
+images as two batches, decided from the headers read beforehand). A batch
+whose images are all in the output already is skipped, and any other is
+computed whole, so a resumed run puts every image through the backbone in the
+same batch as an uninterrupted run: the output file ends up the same.
 """
 
 from __future__ import annotations
 
 import csv
-import io
-import json
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from . import cache, images
-from .backbone import Backbone, BackboneConfig
-from .cache import DEFAULT_MODEL
-from .errors import PipelineError
-from .extract import FinishedShard, ForwardStep, ImageSource, PixelRecipe, extract_shards, plan_batches
-from .files import write_text_atomic
-from .head import RineHead, load_head, load_official_checkpoint
-from .variants import VariantSpec, ten_crop_variants
+from . import images
+from .detector import CROPS, Detector, PredictError, variants_of
+from .extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, extract_shards
+from .image_headers import read_image_header
+from .manifest import read_sidecar, sidecar_path
+from .predict_output import PredictionRow, PredictionWriter, open_prediction_writer
 
-PREDICTION_COLUMNS = ("path", "score", "prediction", "error")
-FAKE_THRESHOLD = 0.5  # a score above it is predicted fake
-
-
-class PredictError(PipelineError, RuntimeError):
-    """The head, backbone or inputs cannot be used together."""
-
-
-@dataclass(frozen=True)
-class HeadSource:
-    """A loaded head and what it expects from the backbone."""
-
-    head: RineHead
-    model: str
-    tap: str
-    block_selection: str  # for the backbone (backbone.parse_block_selection syntax)
-    last_block_only: bool
+LIST_SUFFIXES = (".txt", ".lst")
+FAILURE_EXAMPLES = 10
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    head: Path  # run folder, head.safetensors, or the authors' .pth
+    """Everything ``pipeline predict`` needs, resolved from the command line."""
+
+    head: Path  # run folder, exported detector folder, head.safetensors, or the authors' .pth
     inputs: tuple[Path, ...]
-    model: str | None = None  # override the backbone recorded with the head
+    out: Path | None = None  # .csv, .jsonl or .parquet; None: CSV to the given stream
+    crop: str = "center"  # one of detector.CROPS
+    auto_min_side: int | None = None  # --crop auto: ten crops from this shorter side on (None: twice the crop)
+    threshold: str | None = None  # a rule name or a number; None: the head's default (val, or 0.5)
+    model: str | None = None  # another backbone than the head's (refused unless allow_other_backbone)
+    allow_other_backbone: bool = False
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 32
-    ten_crop: bool = False  # score by the ten crops (large images, e.g. Synthbuster)
     decode_workers: int = 2
     max_pixels: int = images.DEFAULT_MAX_PIXELS
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.crop not in CROPS:
+            raise PredictError(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if min(self.batch_size, self.decode_workers, self.max_pixels) < 1:
+            raise PredictError("batch size, decode workers and max pixels must be at least 1")
+        if self.auto_min_side is not None and self.auto_min_side < 1:
+            raise PredictError(f"auto_min_side must be at least 1, got {self.auto_min_side}")
 
 
 @dataclass(frozen=True)
-class Prediction:
-    path: Path
-    score: float | None  # probability of fake; None when the image could not be used
-    error: str = ""
+class PredictSummary:
+    out: Path | None
+    n_images: int
+    n_resumed: int  # rows already in the output when the run started
+    n_scored: int  # rows this run wrote
+    failures: tuple[tuple[str, str], ...]  # (path, error) of every row of the output without a score
+    seconds: float
+
+    def report(self) -> str:
+        rate = self.n_scored / self.seconds if self.seconds > 0 else 0.0
+        resumed = f"; {self.n_resumed} were already in {self.out}" if self.n_resumed else ""
+        lines = [f"{self.n_images} images: {self.n_scored} written in {self.seconds:.1f} s ({rate:.1f} img/s){resumed}"]
+        if self.failures:
+            lines.append(f"{len(self.failures)} images could not be scored (rows with an error):")
+            for reason, count in Counter(reason for _, reason in self.failures).most_common():
+                lines.append(f"  {count:>6} x {reason}")
+            lines += [f"  e.g. {path}: {reason}" for path, reason in self.failures[:FAILURE_EXAMPLES]]
+        return "\n".join(lines)
 
 
-def load_head_source(path: Path) -> HeadSource:
-    """Read a run folder / safetensors head, or an official ``.pth`` checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "head.safetensors"
-    if not path.is_file():
-        raise PredictError(f"{path}: no such head file (give a run folder, a head.safetensors or an official .pth)")
-    if path.suffix == ".safetensors":
-        head, metadata = load_head(path)
-        selection = ",".join(str(b) for b in json.loads(metadata["store_blocks"]))
-        last_only = metadata.get("head_blocks", metadata.get("blocks_used")) == "last"
-        return HeadSource(head, metadata["model"], metadata["tap"], selection, last_only)
-    # The authors' heads were trained on every block's ln_2 output of ViT-L/14.
-    return HeadSource(load_official_checkpoint(path), DEFAULT_MODEL, "ln2", "all", False)
+# ---------------------------------------------------------------- inputs
 
 
-def list_images(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given; folders expanded to their images, sorted."""
+def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Every image path the inputs name, in order, each once (see the module doc)."""
     found: list[Path] = []
-    for item in inputs:
+    for item in map(Path, inputs):
         if item.is_dir():
             found.extend(
                 sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS)
             )
+        elif item.suffix.lower() == ".csv":
+            found.extend(read_path_csv(item))
+        elif item.suffix.lower() in LIST_SUFFIXES:
+            found.extend(read_path_list(item))
         else:
             found.append(item)
-    return found
+    return list(dict.fromkeys(found))
 
 
-class HeadScorer:
-    """The committer of ``pipeline predict``: scores each finished batch with the head, in order.
+def read_path_csv(path: Path) -> list[Path]:
+    """The ``path`` column of a CSV, resolved against its sidecar's data root or its folder."""
+    data_root, _, _ = read_sidecar(sidecar_path(path))
+    root = data_root or path.parent
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        reader = csv.DictReader(handle)
+        if "path" not in (reader.fieldnames or []):
+            raise PredictError(f"{path}: a CSV of images needs a 'path' column (found {reader.fieldnames})")
+        return [root / row["path"] for row in reader if row["path"]]
 
-    Batch ``b`` holds images ``b * batch_size ...``; an image's score is the
-    sigmoid of the mean of its logits over ``variants`` (one, or the ten crops).
-    """
+
+def read_path_list(path: Path) -> list[Path]:
+    """One path per line; blank lines and ``#`` comments skipped; relative to the list's folder."""
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    return [path.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def ten_crop_rows(paths: Sequence[Path], rows: np.ndarray, detector: Detector, config: PredictConfig) -> np.ndarray:
+    """For ``--crop auto``: which of ``rows`` get ten crops, from their headers (unreadable: center)."""
+
+    def wants_ten(row: int) -> bool:
+        header = read_image_header(paths[row])
+        if header.error:
+            return False
+        return detector.crop_of("auto", header.height, header.width, config.auto_min_side) == "tencrop"
+
+    with ThreadPoolExecutor(max(4, config.decode_workers)) as pool:
+        chosen = list(
+            tqdm(
+                pool.map(wants_ten, rows.tolist(), chunksize=64),
+                total=len(rows),
+                unit="img",
+                desc="predict: image sizes",
+                disable=not config.progress,
+                leave=False,
+            )  # fmt: skip
+        )
+    return np.array(chosen, dtype=bool)
+
+
+def plan_work(
+    n_images: int, batch_size: int, done: np.ndarray, ten_crop: np.ndarray, crop_size: int
+) -> list[BatchWork]:
+    """One work item per batch with rows not yet done (with mixed crops: its center and ten-crop halves)."""
+    recipes = {crop: PixelRecipe(variants_of(crop), crop_size) for crop in ("center", "tencrop")}
+    work = []
+    for start in range(0, n_images, batch_size):
+        rows = np.arange(start, min(start + batch_size, n_images))
+        if done[rows].all():
+            continue
+        for crop, members in (("center", rows[~ten_crop[rows]]), ("tencrop", rows[ten_crop[rows]])):
+            if len(members):
+                work.append(BatchWork(len(work), members, recipes[crop], closes_shard=True))
+    return work
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class PredictionCommitter:
+    """The committer of ``pipeline predict``: scores each finished batch and appends its rows to the output."""
 
     def __init__(
         self,
-        source: HeadSource,
-        variants: Sequence[VariantSpec],
-        device: torch.device,
+        detector: Detector,
         paths: Sequence[Path],
-        batch_size: int,
+        work: Sequence[BatchWork],
+        writer: PredictionWriter,
+        done: set[str],
     ) -> None:
-        self.head = source.head.to(device).eval()
-        self.source = source
-        self.variants = tuple(variants)
-        self.device = device
+        self.detector = detector
         self.paths = paths
-        self.batch_size = batch_size
-        self.predictions: list[Prediction] = []
+        self.work = {item.shard: item for item in work}
+        self.writer = writer
+        self.done = done
+        self.backbone = detector.backbone_label()
         self.seconds = 0.0
+        self.written = 0
+        self.failures: list[tuple[str, str]] = []
 
-    @torch.inference_mode()
     def submit(self, finished: FinishedShard) -> None:
         start = time.perf_counter()
-        logits = []
-        for variant in self.variants:
-            tokens = torch.from_numpy(finished.features[(self.source.tap, variant.name)]).to(self.device)
-            if self.source.last_block_only:
-                tokens = tokens[:, -1:]
-            logits.append(self.head(tokens)[0].float().squeeze(1))
-        scores = torch.sigmoid(torch.stack(logits).mean(dim=0)).cpu().numpy()
-        first = finished.shard * self.batch_size
-        for i, (ok, error) in enumerate(zip(finished.valid, finished.errors)):
-            score = float(scores[i]) if ok else None
-            self.predictions.append(Prediction(self.paths[first + i], score, error))
+        item = self.work.pop(finished.shard)
+        names = item.recipe.names
+        tap = self.detector.spec.tap
+        logits = torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
+        scores = self.detector.scores(logits)
+        crop = "tencrop" if len(names) > 1 else "center"
+        rows = []
+        for i, row in enumerate(item.rows.tolist()):
+            path = str(self.paths[row])
+            if path in self.done:
+                continue
+            header = read_image_header(self.paths[row])
+            score = float(scores[i]) if finished.valid[i] else None
+            label = "" if score is None else ("fake" if score >= self.detector.threshold else "real")
+            rows.append(
+                PredictionRow(
+                    path,
+                    score,
+                    label,
+                    self.detector.threshold,
+                    self.detector.threshold_name,
+                    crop,
+                    header.width,
+                    header.height,
+                    header.format or "",
+                    self.backbone,
+                    finished.errors[i],
+                )  # fmt: skip
+            )
+            if score is None:
+                self.failures.append((path, finished.errors[i]))
+        self.writer.write(rows)
+        self.written += len(rows)
         self.seconds += time.perf_counter() - start
 
     def close(self) -> None:
-        """Scoring is synchronous: nothing is left in flight."""
+        """Rows are written as each batch is scored: nothing is left in flight."""
 
 
-def run_predict(config: PredictConfig) -> list[Prediction]:
-    """Score every image of ``config.inputs`` (files, and folders' images) in order."""
-    source = load_head_source(config.head)
-    backbone_config = BackboneConfig(model=config.model or source.model, device=config.device, dtype=config.dtype)
-    try:
-        backbone = Backbone(backbone_config, source.block_selection)
-    except (OSError, ValueError) as error:
-        raise PredictError(f"{backbone_config.model}: cannot load the backbone ({error})") from None
-    n_blocks = 1 if source.last_block_only else len(backbone.block_indices)
-    if (source.head.n_blocks, source.head.in_dim) != (n_blocks, backbone.dim):
-        raise PredictError(
-            f"the head expects {source.head.n_blocks} blocks of dim {source.head.in_dim}, "
-            f"the backbone {backbone.config.model} gives {n_blocks} of dim {backbone.dim}"
-        )
-    paths = list_images(config.inputs)
-    variants = ten_crop_variants() if config.ten_crop else (VariantSpec.center(),)
-    recipe = PixelRecipe(variants, backbone.crop_size)
-    n_batches = cache.shard_count(len(paths), config.batch_size)
-    work = plan_batches(dict.fromkeys(range(n_batches), recipe), len(paths), config.batch_size, config.batch_size)
-    scorer = HeadScorer(source, variants, backbone.device, paths, config.batch_size)
-    extract_shards(
-        work,
-        ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers),
-        ForwardStep(backbone, (source.tap,), np.float32),
-        scorer,
+def check_resumable(rows: Sequence[PredictionRow], detector: Detector, crop: str, out: Path | None) -> None:
+    """Refuse to append to an output made with another threshold, backbone or crop mode."""
+    allowed_crops = {"center", "tencrop"} if crop == "auto" else {crop}
+    wanted = (detector.threshold, detector.threshold_name, detector.backbone_label())
+    for row in rows:
+        made = (row.threshold, row.threshold_name, row.backbone)
+        if made != wanted or row.crop not in allowed_crops:
+            raise PredictError(
+                f"{out}: holds rows made with threshold {row.threshold!r} ({row.threshold_name}), crop {row.crop}, "
+                f"backbone {row.backbone}; this run uses threshold {wanted[0]!r} ({wanted[1]}), crop {crop}, "
+                f"backbone {wanted[2]}. Write to another --out (or delete it) instead of mixing them."
+            )
+
+
+def run_predict(
+    config: PredictConfig, stream: TextIO | None = None, log: Callable[[str], object] = lambda line: None
+) -> PredictSummary:
+    """Score every input image into ``config.out`` (or CSV on ``stream``), resuming what the output holds."""
+    config.validate()
+    start = time.perf_counter()
+    paths = collect_inputs(config.inputs)
+    detector = Detector.load(
+        config.head,
+        model=config.model,
+        allow_other_backbone=config.allow_other_backbone,
+        device=config.device,
+        dtype=config.dtype,
+        threshold=config.threshold,
     )
-    return scorer.predictions
-
-
-def predictions_csv(predictions: Sequence[Prediction]) -> str:
-    """``path,score,prediction,error``: score to 6 decimals, prediction fake/real, both empty for unusable images."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(PREDICTION_COLUMNS)
-    for p in predictions:
-        score = "" if p.score is None else f"{p.score:.6f}"
-        label = "" if p.score is None else ("fake" if p.score > FAKE_THRESHOLD else "real")
-        writer.writerow([str(p.path), score, label, p.error])
-    return buffer.getvalue()
-
-
-def write_predictions(predictions: Sequence[Prediction], path: Path) -> None:
-    """The CSV of :func:`predictions_csv`, complete or absent."""
-    write_text_atomic(path, predictions_csv(predictions))
+    log(detector.describe())
+    writer = open_prediction_writer(config.out, stream)
+    try:
+        existing = list(writer.existing_rows())
+        check_resumable(existing, detector, config.crop, config.out)
+        done = {row.path for row in existing}
+        is_done = np.array([str(path) in done for path in paths], dtype=bool)
+        ten_crop = np.full(len(paths), config.crop == "tencrop")
+        if config.crop == "auto":
+            todo = np.flatnonzero(~is_done)
+            ten_crop[todo] = ten_crop_rows(paths, todo, detector, config)
+        work = plan_work(len(paths), config.batch_size, is_done, ten_crop, detector.backbone.crop_size)
+        committer = PredictionCommitter(detector, paths, work, writer, done)
+        source = ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers)
+        total = sum(len(item.rows) for item in work)
+        with tqdm(total=total, unit="img", desc="predict", disable=not config.progress, smoothing=0.05) as bar:
+            extract_shards(work, source, detector.forward_step(), committer, progress=bar.update)
+    finally:
+        writer.close()
+    earlier = [(row.path, row.error) for row in existing if row.score is None]
+    return PredictSummary(
+        out=config.out,
+        n_images=len(paths),
+        n_resumed=len(existing),
+        n_scored=committer.written,
+        failures=tuple(earlier + committer.failures),
+        seconds=time.perf_counter() - start,
+    )

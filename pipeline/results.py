@@ -102,6 +102,7 @@ PAPER_DATASETS: tuple[str, ...] = (
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
 AMP_MODES: tuple[str, ...] = ("none", "bf16")
+CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.calibration)
 
 VAL_SPLIT = "val"
 OK, ERROR = "ok", "error"
@@ -156,6 +157,7 @@ class Setting:
     aggregation: str
     seed: int
     amp: str
+    calibration: str = "none"
 
     def label(self, without: Sequence[str] = ("model", "tap")) -> str:
         """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out."""
@@ -233,6 +235,13 @@ RESULT_COLUMNS: tuple[str, ...] = (
 )
 
 
+# Columns added after the first format, and what a file without them implies.
+ADDED_COLUMNS: dict[str, str] = {
+    "calibration": "none",
+    **{name: "nan" for name in METRIC_NAMES[METRIC_NAMES.index("calibrated_threshold") + 1 :]},
+}
+
+
 def format_value(value: Any) -> str:
     """How every value is written: full-precision floats, 'nan', '' for None, tuples joined with '+'."""
     if value is None:
@@ -258,7 +267,7 @@ def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 _ROW_PARSERS: dict[str, Callable[[str], Any]] = {
     **{name: str for name in ("run", "status", "error", "grid", "model", "tap", "train", "classes")},
-    **{name: str for name in ("head_blocks", "aggregation", "amp")},
+    **{name: str for name in ("head_blocks", "aggregation", "amp", "calibration")},
     **{name: int for name in ("proj_layers", "proj_dim", "epochs", "batch_size", "seed")},
     **{name: _parse_float for name in ("contrastive_factor", "lr", "train_fraction")},
     "lr_milestones": _parse_int_tuple,
@@ -280,16 +289,22 @@ def parse_column(name: str, row: Mapping[str, str], parse: Callable[[str], Any] 
 
 
 def read_csv_records(path: Path, required: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, column -> text) of a CSV file whose header must hold ``required``."""
+    """(line number, column -> text) of a CSV file whose header must hold ``required``.
+
+    Columns of ``ADDED_COLUMNS`` that the file lacks (written by an older
+    version) read as the value their absence implies.
+    """
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [column for column in required if column not in (reader.fieldnames or [])]
+        present = reader.fieldnames or []
+        missing = [column for column in required if column not in present and column not in ADDED_COLUMNS]
         if missing:
             raise ResultsFormatError(
                 f"{path}: missing column(s) {missing}; not a file written by `pipeline fit` of this version "
                 "(format: README section 'Results and selection', pipeline/results.py)"
             )
-        return [(reader.line_num, row) for row in reader]
+        implied = {column: ADDED_COLUMNS[column] for column in required if column not in present}
+        return [(reader.line_num, {**implied, **row}) for row in reader]
 
 
 def read_result_rows(path: Path) -> list[tuple[int, ResultRow]]:

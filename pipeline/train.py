@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import cache
 from .config import RunConfig, StoreRef
 from .errors import PipelineError
-from .head import RineHead, crop_scores
+from .head import RineHead
 from .loss import rine_loss
 from .results import CENTER, TEN_CROP
 from .variants import ten_crop_variants
@@ -333,10 +333,12 @@ def make_adam(head: RineHead, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(head.parameters(), lr=lr)
 
 
-def score_store(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> np.ndarray:
-    """Probability of fake per row: sigmoid of the logit, or of the mean logit over the ten crops."""
-    logits = torch.stack([forward_rows(head, store.features[v], rows, config)[0] for v in store.variants], dim=1)
-    return crop_scores(logits).double().numpy()
+def store_logits(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> torch.Tensor:
+    """Logits (N, n_crops) of ``rows``: one column per evaluated variant (one, or the ten crops).
+
+    ``pipeline.calibration`` turns them into scores (``head.crop_scores``: the sigmoid of the mean logit).
+    """
+    return torch.stack([forward_rows(head, store.features[v], rows, config)[0] for v in store.variants], dim=1)
 
 
 @torch.inference_mode()

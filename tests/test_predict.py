@@ -1,161 +1,447 @@
-"""Scoring new images with a trained run's head or an official checkpoint."""
+"""`pipeline predict`: the grid's own scores, thresholds from val, streaming resumable output, inputs, errors."""
 
 from __future__ import annotations
 
 import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from conftest import make_folder_dataset
+from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline import images
 from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cache import DEFAULT_MODEL
 from pipeline.cli import main
-from pipeline.extract import FinishedShard
-from pipeline.predict import (
-    HeadScorer,
-    HeadSource,
-    PredictConfig,
-    PredictError,
-    Prediction,
-    load_head_source,
-    predictions_csv,
-    run_predict,
-    write_predictions,
-)
-from pipeline.variants import VariantSpec
+from pipeline.detector import Detector, PredictError, read_detector_files
+from pipeline.grid import ViewReuseWarning
+from pipeline.metrics import THRESHOLD_RULES, operating_point
+from pipeline.predict import PredictConfig, collect_inputs, run_predict
+from pipeline.predict_output import PREDICTION_COLUMNS, OutputError
 
 OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
 
-def invoke(*args: str) -> str:
+def invoke(*args: str, code: int = 0) -> str:
+    """The command's output (stdout and stderr); an exception that escaped the CLI (a traceback) fails."""
     result = CliRunner().invoke(main, list(args))
-    assert result.exit_code == 0, result.output
-    return result.stdout
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.output
+
+
+def read_scores(path: Path) -> dict[str, float]:
+    with open(path, newline="") as handle:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def make_two_tone_dataset(root: Path, n_per_label: int, size: tuple[int, int] = (45, 38)) -> Path:
+    """root/<a|b>/{0_real,1_fake}/*.png: reals darker noise, fakes brighter (a random tiny CLIP half tells them apart)."""
+    rng = np.random.default_rng(7)
+    width, height = size
+    for dataset in ("a", "b"):
+        for label, (low, high) in enumerate(((0, 170), (90, 256))):
+            folder = root / dataset / ("0_real", "1_fake")[label]
+            folder.mkdir(parents=True)
+            for i in range(n_per_label):
+                pixels = rng.integers(low, high, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+    return root
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def trained_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A run of a one-config grid (temperature calibration) scored on the test split by center and ten crops."""
     root = tmp_path_factory.mktemp("predict")
-    data = make_folder_dataset(root / "data", n_per_label=8)
+    data = make_two_tone_dataset(root / "data", n_per_label=8)
     manifests = root / "manifests"
-    invoke("manifest", "--layout", "folder", "--root", str(data), "--split", "train", "--manifests-dir", str(manifests))
-    invoke("manifest", "--layout", "folder", "--root", str(data), "--split", "test", "--manifests-dir", str(manifests))
     for split in ("train", "test"):
-        invoke("extract", "--split", split, "--manifest", str(manifests / f"{split}.csv"), "--model", str(tiny_clip_dir),
-               "--cache-dir", str(root / "cache"), "--shard-rows", "16", "--chunk-rows", "8", "--no-progress")  # fmt: skip
+        invoke("manifest", "--layout", "folder", "--root", str(data), "--split", split, "--manifests-dir",
+               str(manifests))  # fmt: skip
+    common = ["--model", str(tiny_clip_dir), "--cache-dir", str(root / "cache"), "--shard-rows", "16",
+              "--chunk-rows", "8", "--no-progress", "--device", "cpu"]  # fmt: skip
+    invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), *common)
+    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), *common)
+    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--ten-crop", *common)
     grid = root / "grid.yaml"
     grid.write_text(
         f"name: p\nout: {root / 'runs'}\ndata:\n  cache_dir: {root / 'cache'}\n  model: {tiny_clip_dir}\n"
-        "  train: train\n  val: test\n  test: [test]\nbase: {proj_dim: 16, proj_layers: 1, batch_size: 16}\n"
+        "  train: train\n  val: test\n  test: [test, {split: test, variant: tencrop}]\n"
+        "base: {proj_dim: 16, proj_layers: 1, batch_size: 16, epochs: 10, lr: 0.01, lr_milestones: [], calibration: temperature}\n"
     )
-    invoke("fit", "--grid", str(grid), "--no-progress", "--device", "cpu")
+    with pytest.warns(ViewReuseWarning):  # ten epochs of the one view: plenty for this test
+        invoke("fit", "--grid", str(grid), "--no-progress", "--device", "cpu")
     (run_folder,) = (root / "runs" / "runs").iterdir()
-    return run_folder, data
+    return {"run": run_folder, "data": data, "root": root}
 
 
-def test_predict_reproduces_the_scores_of_the_evaluated_split(trained_run, tiny_clip_dir):
-    run_folder, data = trained_run
-    with open(run_folder / "scores_test.csv", newline="") as handle:
-        expected = {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
-    predictions = run_predict(PredictConfig(head=run_folder, inputs=(data,), device="cpu"))
-    assert len(predictions) == len(expected) == 32
-    for prediction in predictions:
-        key = prediction.path.relative_to(data).as_posix()
-        # the cache holds float16 tokens, predict feeds the float32 ones
-        assert prediction.score == pytest.approx(expected[key], abs=2e-3)
+def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    for crop, saved in (("center", "scores_test.csv"), ("tencrop", "scores_test_tencrop.csv")):
+        expected = read_scores(run / saved)
+        out = tmp_path / f"{crop}.csv"
+        summary = run_predict(
+            PredictConfig(head=run, inputs=(data,), out=out, crop=crop, device="cpu", batch_size=5, progress=False)
+        )
+        rows = read_rows(out)
+        assert summary.n_scored == len(rows) == len(expected) == 32 and not summary.failures
+        for row in rows:
+            key = Path(row["path"]).relative_to(data).as_posix()
+            # the same float16 features (predict rounds them as the store did), the same head and temperature
+            assert float(row["score"]) == pytest.approx(expected[key], abs=1e-6), (crop, key)
+            assert row["crop"] == crop and (row["width"], row["height"], row["format"]) == ("45", "38", "PNG")
+        fake = np.array(["1_fake" in r["path"] for r in rows])
+        scores = np.array([float(r["score"]) for r in rows])
+        assert scores[fake].min() > scores[~fake].max() + 0.1  # a head that tells them apart
 
 
-def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(trained_run, tiny_clip_dir):
-    """The authors' ten-crop score (sigmoid(outputs.view(B, 10).mean(1))), recomputed here crop by crop."""
-    run_folder, data = trained_run
-    files = sorted((data / "b" / "1_fake").iterdir())[:3]
-    predictions = run_predict(
-        PredictConfig(head=run_folder, inputs=tuple(files), device="cpu", ten_crop=True, batch_size=2)
-    )
-    head = load_head_source(run_folder).head.eval()
-    backbone = Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu", dtype="float32"))
-    centers = run_predict(PredictConfig(head=run_folder, inputs=tuple(files), device="cpu"))
-    for prediction, center, file in zip(predictions, centers, files):
-        crops = images.ten_crop(images.decode_image(file), 32)
-        with torch.inference_mode():
-            logits = torch.cat([head(backbone.forward_taps(crop[None], ["ln2"])["ln2"])[0] for crop in crops]).squeeze(
-                1
-            )
-        assert prediction.path == file
-        assert prediction.score == pytest.approx(float(torch.sigmoid(logits.mean())), abs=1e-5)
-        assert prediction.score != pytest.approx(center.score, abs=1e-6)
+def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_val_metrics(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    with safe_open(str(run / "head.safetensors"), framework="np") as handle:
+        stored = json.loads(handle.metadata()["thresholds"])
+    val = read_rows(run / "scores_val.csv")
+    labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
+    for rule in THRESHOLD_RULES:
+        point = operating_point(labels, scores, stored[rule]["threshold"])
+        assert point.as_dict() == pytest.approx(stored[rule]), rule
+    assert stored["fpr5"]["real_acc"] >= 0.95 and stored["fpr1"]["real_acc"] >= 0.99
+
+    for name, expected in [(rule, stored[rule]["threshold"]) for rule in THRESHOLD_RULES] + [("0.5", 0.5)]:
+        out = tmp_path / f"{name}.csv"
+        invoke("predict", str(data), "--head", str(run), "--threshold", name, "--out", str(out), "--device", "cpu",
+               "--no-progress")  # fmt: skip
+        rows = read_rows(out)
+        assert {(r["threshold_name"], float(r["threshold"])) for r in rows} == {
+            (name if name in THRESHOLD_RULES else "fixed", expected)
+        }
+        assert all((r["label"] == "fake") == (float(r["score"]) >= expected) for r in rows)
+    default = tmp_path / "default.csv"
+    output = invoke("predict", str(data / "a"), "--head", str(run), "--out", str(default), "--device", "cpu")
+    assert read_rows(default)[0]["threshold_name"] == "val" and "chosen on val split test" in output
 
 
-class FirstValueHead(torch.nn.Module):
-    """A 'head' whose logit is the first token value of the last block."""
-
-    def forward(self, tokens):
-        return tokens[:, -1, :1], None
+def test_bad_threshold_option_exits_2(trained_run):
+    for bad in ("median", "1.5", "-0.1"):
+        invoke("predict", str(trained_run["data"]), "--head", str(trained_run["run"]), "--threshold", bad, code=2)
 
 
-def test_head_scorer_averages_logits_not_probabilities():
-    """Two crops with logits -4 and +2: sigmoid(mean) = sigmoid(-1) = 0.269, the mean of sigmoids would be 0.445."""
-    source = HeadSource(FirstValueHead(), "m", "ln2", "all", last_block_only=True)
-    variants = (VariantSpec.ten_crop(0), VariantSpec.ten_crop(1))
-    paths = [Path(f"{i}.png") for i in range(5)]
-    scorer = HeadScorer(source, variants, torch.device("cpu"), paths, batch_size=3)
-    tokens = {name: np.zeros((2, 2, 4), np.float32) for name in ("tencrop_0", "tencrop_1")}
-    tokens["tencrop_0"][:, 1, 0], tokens["tencrop_1"][:, 1, 0] = [-4.0, 0.0], [2.0, 0.0]
-    tokens["tencrop_0"][:, 0, 0] = 100.0  # an earlier block: ignored when the head reads only the last one
-    scorer.submit(
-        FinishedShard(1, {("ln2", n): t for n, t in tokens.items()}, np.array([True, False]), ("", "missing file"))
-    )
-    assert scorer.predictions[0].path == Path("3.png")
-    assert scorer.predictions[0].score == pytest.approx(1 / (1 + np.exp(1.0)))
-    assert scorer.predictions[1] == Prediction(Path("4.png"), None, "missing file")
+# ---------------------------------------------------------------- streaming output and resume
+
+SLOW_COMMIT = '''\
+"""Test helper: slow each batch's commit so that the test can kill the process mid-run."""
+import os
+import time
+
+import pipeline.predict as _predict
+
+_submit = _predict.PredictionCommitter.submit
 
 
-def test_predictions_csv_and_its_atomic_file(tmp_path):
-    predictions = [
-        Prediction(Path("a b.png"), 0.75),
-        Prediction(Path("c.png"), 0.5),
-        Prediction(Path("d.png"), None, "missing file"),
-    ]
-    text = predictions_csv(predictions)
-    assert text == "path,score,prediction,error\na b.png,0.750000,fake,\nc.png,0.500000,real,\nd.png,,,missing file\n"
-    write_predictions(predictions, tmp_path / "out" / "scores.csv")
-    assert (tmp_path / "out" / "scores.csv").read_text() == text
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["scores.csv"]
+def _slow_submit(self, finished):
+    time.sleep(float(os.environ["RINE_TEST_COMMIT_DELAY"]))
+    return _submit(self, finished)
 
 
-def test_cli_predict_writes_a_row_per_image_with_reasons_for_bad_ones(trained_run, tmp_path):
-    run_folder, data = trained_run
-    bad = tmp_path / "broken.png"
-    bad.write_bytes(b"")
+_predict.PredictionCommitter.submit = _slow_submit
+'''
+
+
+def predict_args(run: Path, data: Path, out: Path) -> list[str]:
+    return ["predict", str(data), "--head", str(run), "--out", str(out), "--batch-size", "3", "--device", "cpu",
+            "--no-progress"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_file_of_an_uninterrupted_run(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
+    (data / "b" / "0_real" / "broken.png").write_bytes(b"not an image")
+    try:
+        reference = tmp_path / "reference.csv"
+        invoke(*predict_args(run, data, reference), code=3)
+        throttle = tmp_path / "throttle"
+        throttle.mkdir()
+        (throttle / "sitecustomize.py").write_text(SLOW_COMMIT)
+        out = tmp_path / "killed.csv"
+        python_path = os.pathsep.join(p for p in (str(throttle), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_COMMIT_DELAY": "0.15", "HF_HUB_OFFLINE": "1"}
+        process = subprocess.Popen([sys.executable, "-m", "pipeline", *predict_args(run, data, out)], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if out.is_file() and out.read_text().count("\n") >= 8:  # the header and a few batches
+                os.kill(process.pid, signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        process.wait()
+        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+        lines = out.read_text().count("\n")
+        assert 8 <= lines < 34
+        with open(out, "a") as handle:  # as if the kill had torn a record
+            handle.write(str(data / "a" / "0_real" / "img_000.png") + ",0.12")
+        output = invoke(*predict_args(run, data, out), code=3)
+        assert f"{lines - 1} were already in" in output
+        assert out.read_bytes() == reference.read_bytes()
+        again = invoke(*predict_args(run, data, out), code=3)  # everything done: nothing computed, same file
+        assert "0 written" in again and out.read_bytes() == reference.read_bytes()
+    finally:
+        (data / "b" / "0_real" / "broken.png").unlink()
+
+
+def test_resume_refuses_an_output_made_with_another_threshold_or_crop(trained_run, tmp_path):
+    run, data = trained_run["run"], trained_run["data"]
     out = tmp_path / "scores.csv"
-    stdout = invoke("predict", "--head", str(run_folder / "head.safetensors"), str(data / "a" / "0_real"), str(bad),
-                    "--device", "cpu", "--out", str(out))  # fmt: skip
-    assert stdout.strip() == str(out)
-    with open(out, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [r["path"] for r in rows[:-1]] == sorted(str(p) for p in (data / "a" / "0_real").iterdir())
-    assert all(0.0 <= float(r["score"]) <= 1.0 and r["prediction"] in ("real", "fake") for r in rows[:-1])
-    assert rows[-1]["score"] == "" and "empty" in rows[-1]["error"]
-    scores = np.array([float(r["score"]) for r in rows[:-1]])
-    assert ((scores > 0.5) == np.array([r["prediction"] == "fake" for r in rows[:-1]])).all()
+    invoke(*predict_args(run, data / "a", out))
+    before = out.read_bytes()
+    for extra in (["--threshold", "eer"], ["--crop", "tencrop"]):
+        output = invoke(*predict_args(run, data, out), *extra, code=1)
+        assert "holds rows made with threshold" in output and "Traceback" not in output
+    assert out.read_bytes() == before
+    (tmp_path / "other.csv").write_text("path,score\nx.png,0.5\n")
+    output = invoke(*predict_args(run, data, tmp_path / "other.csv"), code=1)
+    assert "not an output of `pipeline predict`" in output
 
 
-def test_official_checkpoint_defaults_to_vit_l14_ln2_and_refuses_another_backbone(tiny_clip_dir, tmp_path):
-    source = load_head_source(OFFICIAL)
-    assert (source.model, source.tap, source.block_selection, source.head.n_blocks, source.head.in_dim) == (
-        DEFAULT_MODEL,
-        "ln2",
-        "all",
-        24,
-        1024,
-    )
+def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partial_file(trained_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    run, data = trained_run["run"], trained_run["data"]
+    invoke(*predict_args(run, data, tmp_path / "s.csv"))
+    expected = read_rows(tmp_path / "s.csv")
+    invoke(*predict_args(run, data, tmp_path / "s.jsonl"))
+    records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [list(r) for r in records[:1]] == [list(PREDICTION_COLUMNS)]
+    assert [r["path"] for r in records] == [r["path"] for r in expected]
+    assert [r["score"] for r in records] == [float(r["score"]) for r in expected]
+    assert records[0]["width"] == 45 and records[0]["error"] == ""
+
+    parquet = tmp_path / "s.parquet"
+    partial = tmp_path / ".s.parquet.partial.jsonl"
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records[:7]) + '{"path": "torn')  # a killed run
+    output = invoke(*predict_args(run, data, parquet))
+    assert "7 were already in" in output and not partial.exists()
+    table = pq.read_table(parquet)
+    assert table.column_names == list(PREDICTION_COLUMNS)
+    assert table.to_pylist() == records
+
+
+def test_stdout_gets_the_csv_when_no_out_is_given(trained_run):
+    result = CliRunner().invoke(main, ["predict", str(trained_run["data"] / "a" / "0_real"), "--head",
+                                       str(trained_run["run"]), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == 8 and rows[0].keys() == set(PREDICTION_COLUMNS)
+
+
+# ---------------------------------------------------------------- inputs and bad files
+
+
+def test_inputs_are_files_folders_path_csvs_and_lists_each_path_once(tmp_path):
+    data = make_folder_dataset(tmp_path / "data", n_per_label=2)
+    folder_images = sorted(p for p in (data / "a").rglob("*.png"))
+    (data / "a" / "notes.txt").write_text("not an image list: inside a folder, only images count")
+    listing = tmp_path / "lists" / "some.txt"
+    listing.parent.mkdir()
+    listing.write_text("# my images\n../data/b/0_real/img_000.png\n\n  ../data/b/1_fake/img_001.png  \n")
+    manifest = tmp_path / "m" / "split.csv"
+    invoke("manifest", "--layout", "folder", "--root", str(data / "b"), "--split", "split", "--manifests-dir",
+           str(manifest.parent))  # fmt: skip
+    plain = tmp_path / "plain.csv"
+    plain.write_text("path,whatever\nextra/x.png,1\ndata/a/0_real/img_001.png,2\n")  # the second is listed above
+    single = write_image(tmp_path / "single.png", (8, 8), 0)
+    found = collect_inputs([data / "a", listing, manifest, plain, single, data / "a" / "0_real"])
+    n_folder = len(folder_images)
+    assert found[:n_folder] == folder_images
+    assert found[n_folder : n_folder + 2] == [
+        listing.parent / "../data/b/0_real/img_000.png",
+        listing.parent / "../data/b/1_fake/img_001.png",
+    ]
+    from_manifest = found[n_folder + 2 : -2]
+    assert sorted(from_manifest) == sorted((data / "b").rglob("*.png"))  # the same files, spelled from its root
+    assert found[-2:] == [tmp_path / "extra/x.png", single]  # an earlier path is not listed twice
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file\nx.png\n")
+    with pytest.raises(PredictError, match="needs a 'path' column"):
+        collect_inputs([bad])
+
+
+def test_bad_files_get_rows_with_their_reason_and_exit_status_3(trained_run, tmp_path):
+    run = trained_run["run"]
+    good = write_image(tmp_path / "good.png", (40, 40), 1)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello")
+    write_image(tmp_path / "big.png", (80, 80), 2)
+    listing = tmp_path / "list.txt"
+    listing.write_text("good.png\nmissing.png\nempty.png\ntext.jpg\nbig.png\n")
+    out = tmp_path / "s.csv"
+    output = invoke("predict", str(listing), "--head", str(run), "--out", str(out), "--max-pixels", "5000",
+                    "--device", "cpu", "--no-progress", code=3)  # fmt: skip
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert rows["good.png"]["error"] == "" and rows["good.png"]["label"] in ("fake", "real")
+    for name, reason in (("missing.png", "missing file"), ("empty.png", "empty"), ("text.jpg", "not an image"),
+                         ("big.png", "exceeds the limit")):  # fmt: skip
+        assert reason in rows[name]["error"] and rows[name]["score"] == rows[name]["label"] == "", name
+    assert rows["big.png"]["width"] == "80" and rows["text.jpg"]["format"] == ""
+    assert "4 images could not be scored" in output and str(good) in out.read_text()
+
+
+def test_auto_crop_takes_ten_crops_of_large_images_only(trained_run, tmp_path):
+    run = trained_run["run"]
+    small = write_image(tmp_path / "small.png", (50, 40), 1)  # shorter side 40 < 2 x 32
+    large = write_image(tmp_path / "large.png", (90, 70), 2)
+    out = tmp_path / "s.csv"
+    run_predict(PredictConfig(head=run, inputs=(tmp_path,), out=out, crop="auto", device="cpu", progress=False))
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert (rows["small.png"]["crop"], rows["large.png"]["crop"]) == ("center", "tencrop")
+    detector = Detector.load(run, device="cpu")
+    assert float(rows["large.png"]["score"]) == pytest.approx(detector.score([large], crop="tencrop")[0], abs=1e-6)
+    assert float(rows["small.png"]["score"]) == pytest.approx(detector.score([small])[0], abs=1e-6)
+    run_predict(PredictConfig(head=run, inputs=(tmp_path,), out=tmp_path / "t.csv", crop="auto", auto_min_side=30,
+                              device="cpu", progress=False))  # fmt: skip
+    assert {r["crop"] for r in read_rows(tmp_path / "t.csv")} == {"tencrop"}
+
+
+# ---------------------------------------------------------------- backbones and head files
+
+
+@pytest.fixture(scope="module")
+def other_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny CLIP's shape with another seed, and with fewer blocks."""
+    folders = {}
+    for name, seed, layers in (("seed", 1, TINY_CLIP["num_hidden_layers"]), ("fewer", 0, 2)):
+        torch.manual_seed(seed)
+        model = CLIPVisionModel(CLIPVisionConfig(**{**TINY_CLIP, "num_hidden_layers": layers})).eval()
+        folders[name] = tmp_path_factory.mktemp(f"clip-{name}")
+        model.save_pretrained(folders[name])
+    return folders
+
+
+def test_another_backbone_is_refused_unless_allowed_and_then_recorded(trained_run, other_clips, tmp_path):
+    run, data = trained_run["run"], trained_run["data"] / "a" / "0_real"
+    for name in ("seed", "fewer"):
+        output = invoke("predict", str(data), "--head", str(run), "--model", str(other_clips[name]), "--device", "cpu",
+                        code=1)  # fmt: skip
+        assert "scoring is refused" in output and "--allow-other-backbone" in output and "Traceback" not in output
+    out = tmp_path / "s.csv"
+    invoke("predict", str(data), "--head", str(run), "--model", str(other_clips["seed"]), "--allow-other-backbone",
+           "--out", str(out), "--device", "cpu", "--no-progress")  # fmt: skip
+    backbones = {r["backbone"] for r in read_rows(out)}
+    assert len(backbones) == 1 and "allowed" in backbones.pop()
+    output = invoke("predict", str(data), "--head", str(run), "--model", str(other_clips["fewer"]),
+                    "--allow-other-backbone", "--device", "cpu", code=1)  # fmt: skip
+    assert "outside a 2-block model" in output
+
+
+def test_same_model_id_with_changed_weights_is_refused(trained_run, tiny_clip_dir, tmp_path):
+    """A local model's content hash is part of what the head records: edited weights are another backbone."""
+    copy = tmp_path / "clip"
+    copy.mkdir()
+    for file in tiny_clip_dir.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    head = tmp_path / "head.safetensors"
+    with safe_open(str(trained_run["run"] / "head.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, str(head), metadata={**metadata, "model": str(copy)})
+    assert Detector.load(head, device="cpu").backbone.config.model == str(copy)
+    model = CLIPVisionModel.from_pretrained(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    model.save_pretrained(copy)
+    with pytest.raises(PredictError, match="scoring is refused"):
+        Detector.load(head, device="cpu")
+
+
+def test_official_checkpoint_defaults_to_vit_l14_ln2_threshold_half_and_refuses_another_backbone(
+    tiny_clip_dir, tmp_path
+):
+    head, spec = read_detector_files(OFFICIAL)
+    assert (spec.model, spec.tap, spec.block_selection, spec.calibration, head.n_blocks, head.in_dim) == (
+        DEFAULT_MODEL, "ln2", "all", None, 24, 1024)  # fmt: skip
     image = make_folder_dataset(tmp_path / "data", n_per_label=1)
+    output = invoke("predict", str(image), "--head", str(OFFICIAL), "--model", str(tiny_clip_dir), "--device", "cpu",
+                    code=1)  # fmt: skip
+    assert "scoring is refused" in output
     with pytest.raises(PredictError, match="expects 24 blocks of dim 1024.*gives 3 of dim 32"):
-        run_predict(PredictConfig(head=OFFICIAL, inputs=(image,), model=str(tiny_clip_dir), device="cpu"))
-    with pytest.raises(PredictError, match="no such head file"):
-        load_head_source(tmp_path)
+        Detector.load(OFFICIAL, model=str(tiny_clip_dir), allow_other_backbone=True, device="cpu")
+
+
+def test_official_checkpoint_threshold_is_half_and_named_rules_are_refused(tiny_clip_dir):
+    head, spec = read_detector_files(OFFICIAL)
+    detector = Detector(spec, head, Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu")))
+    assert (detector.threshold, detector.threshold_name, detector.thresholds) == (0.5, "fixed", {})
+    assert "threshold 0.5 (fixed) (the authors' checkpoints were not calibrated" in detector.describe()
+    with pytest.raises(PredictError, match="carries no val thresholds"):
+        detector.use_threshold("eer")
+    detector.use_threshold(0.7)
+    assert (detector.threshold, detector.threshold_name) == (0.7, "fixed")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "not a readable safetensors head"),
+        (b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!", "not a readable safetensors head"),
+    ],
+)
+def test_empty_or_malformed_head_files_are_errors_not_tracebacks(tmp_path, content, message):
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(content)
+    output = invoke("predict", str(tmp_path), "--head", str(head), code=1)
+    assert output.startswith("Error:") and message in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("key", ["model", "store_blocks", "thresholds", "n_blocks"])
+def test_head_metadata_missing_a_key_is_an_error_naming_it(trained_run, tmp_path, key):
+    with safe_open(str(trained_run["run"] / "head.safetensors"), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items() if k != key}
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    head = tmp_path / "head.safetensors"
+    save_file(tensors, str(head), metadata=metadata)
+    output = invoke("predict", str(tmp_path), "--head", str(head), code=1)
+    assert output.startswith("Error:") and key in output and "Traceback" not in output
+
+
+def test_a_resumed_output_rewritten_by_another_program_is_refused(trained_run, tmp_path):
+    out = tmp_path / "s.csv"
+    invoke(*predict_args(trained_run["run"], trained_run["data"] / "a", out))
+    out.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))  # saved again by a spreadsheet, say
+    with pytest.raises(OutputError, match="edited since"):
+        run_predict(PredictConfig(head=trained_run["run"], inputs=(trained_run["data"],), out=out, device="cpu"))
+
+
+def test_detector_crops_are_the_evaluations(trained_run, tiny_clip_dir):
+    """Detector.score recomputed crop by crop with the backbone and head: center and the mean ten-crop logit."""
+    run, data = trained_run["run"], trained_run["data"]
+    detector = Detector.load(run, device="cpu")
+    file = sorted((data / "b" / "1_fake").iterdir())[0]
+    backbone = Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu", dtype="float32"))
+    image = images.decode_image(file)
+    with torch.inference_mode():
+
+        def logit(crop: np.ndarray) -> float:
+            tokens = backbone.forward_taps(crop[None], ["ln2"])["ln2"].half().float()
+            return float(detector.head(tokens)[0])
+
+        ten = np.mean([logit(crop) for crop in images.ten_crop(image, 32)])
+        center = logit(images.center_crop(image, 32))
+    temperature = detector.spec.temperature
+    assert detector.score([file], crop="tencrop")[0] == pytest.approx(1 / (1 + np.exp(-ten / temperature)), abs=1e-6)
+    assert detector.score([file])[0] == pytest.approx(1 / (1 + np.exp(-center / temperature)), abs=1e-6)

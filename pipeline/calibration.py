@@ -1,0 +1,129 @@
+"""What travels with a trained head besides its weights: thresholds chosen on val, and an optional temperature.
+
+``pipeline fit`` scores the validation split with each new head and records in
+the head's metadata (``head.safetensors``) a :class:`HeadCalibration`:
+
+* the operating points of ``metrics.THRESHOLD_RULES`` chosen on the val scores
+  (``val``: best accuracy; ``eer``: equal error rate; ``fpr1`` / ``fpr5``: the
+  thresholds for 1 % / 5 % false positives on val reals), each with the val
+  accuracy, real accuracy and fake accuracy it gives;
+* with ``calibration: temperature`` in the grid, a temperature T fitted on the
+  val logits (one scalar, LBFGS on log T minimising the binary cross-entropy of
+  ``sigmoid(logit / T)``; the ten crops of an image count as their mean logit).
+  Every score of the run (val, tests, ``pipeline predict``) is then
+  ``sigmoid(mean logit / T)``, which reads as a probability, and the thresholds
+  are chosen on those scores. Without it T = 1.
+
+Metadata keys (strings, as safetensors stores them): ``calibration`` (``none``
+| ``temperature``), ``temperature``, ``val_split``, ``n_val`` and
+``thresholds`` (JSON: rule -> ``{threshold, acc, real_acc, fake_acc}``;
+an all-fake / all-real cut is written as -Infinity / Infinity).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .head import CheckpointError, crop_scores
+from .metrics import POINT_FIELDS, THRESHOLD_RULES, OperatingPoint, choose_thresholds
+from .results import CALIBRATIONS
+
+TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it (a separable val pushes T to 0)
+METADATA_KEYS: tuple[str, ...] = ("calibration", "temperature", "val_split", "n_val", "thresholds")
+
+
+@dataclass(frozen=True)
+class HeadCalibration:
+    """A head's temperature and its thresholds chosen on val, with the val metrics at each."""
+
+    method: str  # one of CALIBRATIONS
+    temperature: float  # scores are sigmoid(mean logit / temperature); 1.0 without calibration
+    thresholds: Mapping[str, OperatingPoint]  # THRESHOLD_RULES -> point on val
+    val_split: str
+    n_val: int
+
+    def threshold_values(self) -> dict[str, float]:
+        return {rule: point.threshold for rule, point in self.thresholds.items()}
+
+    def scores(self, logits: torch.Tensor) -> np.ndarray:
+        """Probability of fake from the logits of each image's crops, shape (N, n_crops)."""
+        return calibrated_scores(logits, self.temperature)
+
+    def to_metadata(self) -> dict[str, str]:
+        points = {rule: point.as_dict() for rule, point in self.thresholds.items()}
+        return {
+            "calibration": self.method,
+            "temperature": repr(float(self.temperature)),
+            "val_split": self.val_split,
+            "n_val": str(self.n_val),
+            "thresholds": json.dumps(points),
+        }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], where: object) -> HeadCalibration:
+        """Read what :meth:`to_metadata` wrote; ``CheckpointError`` names the missing or bad key."""
+        missing = [key for key in METADATA_KEYS if key not in metadata]
+        if missing:
+            raise CheckpointError(f"{where}: head metadata lacks {', '.join(missing)} (calibration and thresholds)")
+        try:
+            method = metadata["calibration"]
+            if method not in CALIBRATIONS:
+                raise ValueError(f"calibration {method!r} is not one of {', '.join(CALIBRATIONS)}")
+            temperature = float(metadata["temperature"])
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"temperature {temperature!r} is not a positive number")
+            n_val = int(metadata["n_val"])
+            stored = json.loads(metadata["thresholds"])
+            thresholds = {
+                rule: OperatingPoint(**{f: float(stored[rule][f]) for f in POINT_FIELDS}) for rule in THRESHOLD_RULES
+            }
+        except (ValueError, TypeError, KeyError) as error:
+            raise CheckpointError(f"{where}: head metadata: bad calibration or thresholds ({error!r})") from None
+        return cls(method, temperature, thresholds, metadata["val_split"], n_val)
+
+
+def calibrated_scores(logits: torch.Tensor, temperature: float) -> np.ndarray:
+    """``sigmoid(mean logit / temperature)`` per row of (N, n_crops) logits: the evaluation's aggregation, float64."""
+    return crop_scores(logits.float() / temperature).double().cpu().numpy()
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the mean binary cross-entropy of ``sigmoid(logits / T)`` (LBFGS on log T, float64).
+
+    The result is clipped into ``TEMPERATURE_RANGE``.
+    """
+    x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    low, high = TEMPERATURE_RANGE
+    return float(np.clip(math.exp(log_t.item()), low, high))
+
+
+def calibrate_head(method: str, val_logits: torch.Tensor, val_labels: np.ndarray, val_split: str) -> HeadCalibration:
+    """Fit the temperature (``method == "temperature"``), then choose the thresholds on the val scores.
+
+    ``val_logits``: (N, n_crops) logits of the val rows, ``val_labels`` their labels.
+    """
+    if method not in CALIBRATIONS:
+        raise ValueError(f"calibration {method!r} is not one of {', '.join(CALIBRATIONS)}")
+    temperature = 1.0
+    if method == "temperature":
+        temperature = fit_temperature(val_logits.float().mean(dim=1).cpu().numpy(), val_labels)
+    thresholds = choose_thresholds(val_labels, calibrated_scores(val_logits, temperature))
+    return HeadCalibration(method, temperature, thresholds, val_split, len(val_labels))

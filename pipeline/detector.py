@@ -1,0 +1,444 @@
+"""The Python API: a RINE detector (frozen CLIP backbone + trained head + its calibration) that scores images.
+
+    from pipeline import Detector
+    det = Detector.load("runs/<grid>/runs/<run-id>")   # a run folder (or its head.safetensors)
+    det = Detector.load("rine_2class_trainable.pth")   # the authors' released head (ViT-L/14, tap ln2)
+    det = Detector.load("exported-detector/")          # a folder written by `pipeline export`
+    scores = det.score(["a.png", pil_image, rgb_array], crop="center")  # probability of fake
+    fake = scores >= det.threshold
+
+:meth:`Detector.load` reads what the head records (:class:`DetectorSpec`: the
+backbone id and revision, tap and blocks its features came from, their stored
+dtype, the thresholds chosen on val and the temperature), loads that backbone
+and refuses another one (``model=`` naming a different id, or the same id at
+another revision or content hash) unless ``allow_other_backbone=True``.
+Scoring is the evaluation's: the same decode and crops (``crop="center"``:
+the center crop without resizing; ``"tencrop"``: torchvision's ten crops,
+scored as the sigmoid of the mean of the ten logits; ``"auto"``: ten crops
+when the image's shorter side is at least ``auto_min_side``, by default twice
+the crop), the features rounded to the dtype the head was trained on, the
+head in the same autocast mode, and ``sigmoid(mean logit / temperature)``
+(``pipeline.calibration``). A label is fake when ``score >= threshold``.
+
+Importing this module imports neither torch nor transformers; :meth:`load` does.
+:meth:`score` handles images in memory; ``pipeline predict`` (``pipeline.predict``)
+streams many files through the same steps with threaded decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from .backbone import Backbone
+    from .calibration import HeadCalibration
+    from .extract import ForwardStep
+    from .head import RineHead
+    from .variants import VariantSpec
+
+OFFICIAL_MODEL = "openai/clip-vit-large-patch14"  # = cache.DEFAULT_MODEL: the authors' heads read its 24 blocks
+CROPS: tuple[str, ...] = ("center", "tencrop", "auto")
+DEFAULT_THRESHOLD = 0.5
+FIXED = "fixed"  # the threshold name of a number given by the user (0.5 included)
+EXPORT_FORMAT = "rine-pipeline/detector@1"
+CONFIG_FILE = "config.json"
+HEAD_FILE = "head.safetensors"
+REQUIRED_METADATA = ("model", "model_revision", "tap", "store_blocks")
+
+
+class PredictError(PipelineError, RuntimeError):
+    """The head, backbone, threshold or inputs cannot be used together."""
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """What a head expects from the backbone, and how its logits become scores."""
+
+    model: str
+    revision: str | None  # hub commit or local content hash of the head's features; None: not recorded
+    tap: str
+    block_indices: tuple[int, ...] | None  # None: every block of the backbone (the authors' .pth)
+    head_blocks: str = "all"  # "last": the head reads only the last of those blocks
+    store_dtype: str = "float32"  # the head saw features rounded to this dtype
+    amp: str = "none"  # "bf16": the head ran under bf16 autocast when it was evaluated
+    calibration: HeadCalibration | None = None  # val thresholds and temperature; None for the authors' .pth
+    origin: str = ""  # where the spec was read, for messages
+
+    @property
+    def temperature(self) -> float:
+        return 1.0 if self.calibration is None else self.calibration.temperature
+
+    @property
+    def block_selection(self) -> str:
+        """The blocks in ``backbone.parse_block_selection`` syntax."""
+        return "all" if self.block_indices is None else ",".join(str(b) for b in self.block_indices)
+
+    def describe_backbone(self) -> str:
+        revision = self.revision or "any revision"
+        return f"{self.model} ({revision}), tap {self.tap}, blocks {self.block_selection}"
+
+    @classmethod
+    def official(cls, origin: str) -> DetectorSpec:
+        """The authors' released heads: every block's ln_2 output of ViT-L/14, features in float32, no thresholds."""
+        return cls(OFFICIAL_MODEL, None, "ln2", None, origin=origin)
+
+    @classmethod
+    def from_head_metadata(cls, metadata: Mapping[str, str], where: Path) -> DetectorSpec:
+        """Read the metadata ``pipeline fit`` writes into head.safetensors; errors name the missing or bad key."""
+        from .calibration import METADATA_KEYS, HeadCalibration
+        from .head import CheckpointError
+
+        missing = [key for key in REQUIRED_METADATA if key not in metadata]
+        if missing:
+            raise CheckpointError(
+                f"{where}: head metadata lacks {', '.join(missing)}; not a head written by `pipeline fit`"
+            )
+        try:
+            blocks = tuple(int(b) for b in json.loads(metadata["store_blocks"]))
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"{where}: head metadata store_blocks is not a list of blocks ({error})") from None
+        has_calibration = any(key in metadata for key in METADATA_KEYS)  # heads of older versions have none
+        return cls(
+            model=metadata["model"],
+            revision=metadata["model_revision"] or None,
+            tap=metadata["tap"],
+            block_indices=blocks,
+            head_blocks=metadata.get("head_blocks", metadata.get("blocks_used", "all")),
+            store_dtype=metadata.get("store_dtype", "float32"),
+            amp=metadata.get("amp", "none"),
+            calibration=HeadCalibration.from_metadata(metadata, where) if has_calibration else None,
+            origin=str(where),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The typed fields of ``config.json`` (``pipeline export``)."""
+        calibration = self.calibration
+        return {
+            "backbone": {"model": self.model, "revision": self.revision, "tap": self.tap},
+            "block_indices": None if self.block_indices is None else list(self.block_indices),
+            "head_blocks": self.head_blocks,
+            "store_dtype": self.store_dtype,
+            "amp": self.amp,
+            "calibration": None if calibration is None else calibration.method,
+            "temperature": self.temperature,
+            "val_split": None if calibration is None else calibration.val_split,
+            "n_val": None if calibration is None else calibration.n_val,
+            "thresholds": None
+            if calibration is None
+            else {rule: point.as_dict() for rule, point in calibration.thresholds.items()},
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any], where: Path) -> DetectorSpec:
+        """Read :meth:`to_json`'s fields back (``config.json`` of an exported detector)."""
+        from .calibration import HeadCalibration
+
+        try:
+            backbone = document["backbone"]
+            blocks = document["block_indices"]
+            calibration = None
+            if document["calibration"] is not None:
+                metadata = {key: document[key] for key in ("calibration", "val_split")}
+                metadata.update(temperature=repr(document["temperature"]), n_val=str(document["n_val"]))
+                metadata["thresholds"] = json.dumps(document["thresholds"])
+                calibration = HeadCalibration.from_metadata(metadata, where)
+            return cls(
+                model=str(backbone["model"]),
+                revision=backbone["revision"],
+                tap=str(backbone["tap"]),
+                block_indices=None if blocks is None else tuple(int(b) for b in blocks),
+                head_blocks=str(document["head_blocks"]),
+                store_dtype=str(document["store_dtype"]),
+                amp=str(document["amp"]),
+                calibration=calibration,
+                origin=str(where),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise PredictError(f"{where}: not a detector config written by `pipeline export` ({error!r})") from None
+
+
+def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
+    """The head and its spec from a run folder, an exported folder, a head.safetensors or an authors' .pth."""
+    from .head import load_head, load_official_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        config = path / CONFIG_FILE
+        if config.is_file():
+            return read_exported(path)
+        path = path / HEAD_FILE
+        if not path.is_file():
+            raise PredictError(
+                f"{path.parent}: neither a run folder ({HEAD_FILE}) nor an exported detector ({CONFIG_FILE})"
+            )
+    if not path.is_file():
+        raise PredictError(f"{path}: no such head file (give a run folder, a head.safetensors or an official .pth)")
+    if path.suffix == ".safetensors":
+        head, metadata = load_head(path)
+        return head, DetectorSpec.from_head_metadata(metadata, path)
+    return load_official_checkpoint(path), DetectorSpec.official(str(path))
+
+
+def read_exported(folder: Path) -> tuple[RineHead, DetectorSpec]:
+    from .head import load_head
+
+    config = folder / CONFIG_FILE
+    try:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PredictError(f"{config}: not readable JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise PredictError(f"{config}: not a detector config (its format is not {EXPORT_FORMAT!r})")
+    head, _ = load_head(folder / document.get("head", {}).get("file", HEAD_FILE))
+    return head, DetectorSpec.from_json(document, config)
+
+
+def resolve_crop(crop: str, height: int, width: int, crop_size: int, auto_min_side: int | None) -> str:
+    """``center`` or ``tencrop`` for one image under a crop mode of ``CROPS``."""
+    if crop == "auto":
+        limit = 2 * crop_size if auto_min_side is None else auto_min_side
+        return "tencrop" if min(height, width) >= limit else "center"
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    return crop
+
+
+def variants_of(crop: str) -> tuple[VariantSpec, ...]:
+    """The variants a resolved crop (``center`` or ``tencrop``) is scored by."""
+    from .variants import VariantSpec, ten_crop_variants
+
+    return ten_crop_variants() if crop == "tencrop" else (VariantSpec.center(),)
+
+
+def parse_threshold(text: str) -> str | float:
+    """A threshold option: a rule name of ``metrics.THRESHOLD_RULES`` or a number in [0, 1]."""
+    from .metrics import THRESHOLD_RULES
+
+    if text in THRESHOLD_RULES:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold {text!r}: give one of {', '.join(THRESHOLD_RULES)} or a number in [0, 1]")
+    return value
+
+
+class Detector:
+    """A head on its backbone; see the module doc. Build it with :meth:`load`."""
+
+    def __init__(
+        self,
+        spec: DetectorSpec,
+        head: RineHead,
+        backbone: Backbone,
+        *,
+        threshold: str | float | None = None,
+        other_backbone: str = "",
+    ) -> None:
+        self.spec = spec
+        self.head = head.to(backbone.device).eval()
+        self.backbone = backbone
+        self.other_backbone = other_backbone  # why the backbone differs from the head's (allowed), or ""
+        self.threshold = DEFAULT_THRESHOLD
+        self.threshold_name = FIXED
+        self.use_threshold(threshold)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        model: str | None = None,
+        allow_other_backbone: bool = False,
+        device: str = "auto",
+        dtype: str = "auto",
+        threshold: str | float | None = None,
+    ) -> Detector:
+        """Read a head (run folder, exported folder, head.safetensors, authors' .pth) and load its backbone.
+
+        ``model`` replaces the recorded backbone (refused unless ``allow_other_backbone``);
+        ``threshold`` is a rule name (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; by
+        default ``val`` when the head has val thresholds, else 0.5.
+        """
+        from .backbone import Backbone, BackboneConfig
+
+        head, spec = read_detector_files(Path(path))
+        wanted = model or spec.model
+        same_model = wanted == spec.model
+        pinned = spec.revision if same_model and spec.revision and not spec.revision.startswith("local-") else None
+        if not same_model and not allow_other_backbone:
+            raise PredictError(refusal(spec, f"{wanted} (other model)"))
+        config = BackboneConfig(model=wanted, revision=pinned, device=device, dtype=dtype)
+        try:
+            backbone = Backbone(config, spec.block_selection)
+        except (OSError, ValueError) as error:
+            raise PredictError(f"{wanted}: cannot load the backbone the head needs ({error})") from None
+        other = ""
+        if not same_model or (spec.revision is not None and backbone.revision != spec.revision):
+            found = f"{wanted} ({backbone.revision})"
+            if not allow_other_backbone:
+                raise PredictError(refusal(spec, found))
+            other = f"other than the head's {spec.model} ({spec.revision or 'any revision'}): allowed"
+        n_blocks = 1 if spec.head_blocks == "last" else len(backbone.block_indices)
+        if (head.n_blocks, head.in_dim) != (n_blocks, backbone.dim):
+            raise PredictError(
+                f"the head expects {head.n_blocks} blocks of dim {head.in_dim}, "
+                f"the backbone {wanted} gives {n_blocks} of dim {backbone.dim}"
+            )
+        return cls(spec, head, backbone, threshold=threshold, other_backbone=other)
+
+    # ------------------------------------------------------------------ thresholds
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Rule name -> threshold chosen on val (empty for the authors' checkpoints)."""
+        return {} if self.spec.calibration is None else self.spec.calibration.threshold_values()
+
+    def use_threshold(self, threshold: str | float | None) -> None:
+        """Label by a rule's val threshold (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; None: the default."""
+        if threshold is None:
+            threshold = "val" if self.spec.calibration is not None else DEFAULT_THRESHOLD
+        if isinstance(threshold, str):
+            threshold = parse_threshold(threshold)
+        if isinstance(threshold, str):
+            if threshold not in self.thresholds:
+                raise PredictError(
+                    f"{self.spec.origin}: this head carries no val thresholds ({self.why_no_thresholds()}); "
+                    f"--threshold {threshold} needs them: give a number such as 0.5"
+                )
+            self.threshold, self.threshold_name = self.thresholds[threshold], threshold
+        else:
+            self.threshold, self.threshold_name = float(threshold), FIXED
+
+    def why_no_thresholds(self) -> str:
+        if self.spec.block_indices is None:
+            return "the authors' checkpoints were not calibrated; their evaluation calls a score above 0.5 fake"
+        return "it was trained before thresholds were stored with heads; fit it again to get them"
+
+    def describe(self) -> str:
+        """Lines for the terminal: backbone, threshold and where it comes from."""
+        lines = [f"head {self.spec.origin}: {self.spec.describe_backbone()}, temperature {self.spec.temperature:g}"]
+        if self.other_backbone:
+            lines.append(f"backbone {self.backbone_label()}")
+        if self.threshold_name == FIXED:
+            note = "" if self.thresholds else f" ({self.why_no_thresholds()})"
+            lines.append(f"threshold {self.threshold:g} (fixed){note}")
+        else:
+            point = self.spec.calibration.thresholds[self.threshold_name]
+            lines.append(
+                f"threshold {self.threshold!r} ({self.threshold_name}, chosen on val split "
+                f"{self.spec.calibration.val_split}: acc {point.acc:.4f}, real acc {point.real_acc:.4f}, "
+                f"fake acc {point.fake_acc:.4f})"
+            )
+        return "\n".join(lines)
+
+    def backbone_label(self) -> str:
+        """The backbone that made the features (the output's ``backbone`` column)."""
+        label = f"{self.backbone.config.model}@{self.backbone.revision}"
+        return f"{label} ({self.other_backbone})" if self.other_backbone else label
+
+    # ------------------------------------------------------------------ scoring steps
+
+    def forward_step(self) -> ForwardStep:
+        """Pixels -> {tap: tokens} rounded to the dtype the head was trained on."""
+        from .extract import ForwardStep
+
+        return ForwardStep(self.backbone, (self.spec.tap,), self.spec.store_dtype)
+
+    def logits(self, tokens: np.ndarray) -> torch.Tensor:
+        """Head logits (B,) of tokens (B, n_blocks, dim), on the CPU in float32."""
+        import torch
+
+        x = torch.from_numpy(tokens).to(self.backbone.device)
+        if self.spec.head_blocks == "last":
+            x = x[:, -1:]
+        with torch.inference_mode():
+            enabled = self.spec.amp == "bf16"
+            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=enabled):
+                logits, _ = self.head(x.float())
+        return logits.float().squeeze(1).cpu()
+
+    def scores(self, logits: torch.Tensor) -> np.ndarray:
+        """Probability of fake from crop logits (B, n_crops): ``sigmoid(mean logit / temperature)``."""
+        from .calibration import calibrated_scores
+
+        return calibrated_scores(logits, self.spec.temperature)
+
+    def crop_of(self, crop: str, height: int, width: int, auto_min_side: int | None = None) -> str:
+        return resolve_crop(crop, height, width, self.backbone.crop_size, auto_min_side)
+
+    # ------------------------------------------------------------------ in-memory API
+
+    def score(
+        self,
+        images: Iterable[str | Path | Image.Image | np.ndarray],
+        crop: str = "center",
+        *,
+        batch_size: int = 32,
+        auto_min_side: int | None = None,
+    ) -> np.ndarray:
+        """Probability of fake per image (float64 array), in order.
+
+        ``images``: file paths, PIL images or (H, W, 3) uint8 RGB arrays (a
+        file that cannot be decoded raises ``PredictError`` naming it).
+        """
+        import torch
+
+        from .extract import PixelRecipe
+
+        arrays = [to_rgb_array(item) for item in images]
+        crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]
+        scores = np.empty(len(arrays), dtype=np.float64)
+        step = self.forward_step()
+        for kind in ("center", "tencrop"):
+            members = [i for i, c in enumerate(crops) if c == kind]
+            recipe = PixelRecipe(variants_of(kind), self.backbone.crop_size)
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                pixels = [recipe(arrays[i], i) for i in chunk]
+                logits = [
+                    self.logits(step(np.stack([p[name] for p in pixels]))[self.spec.tap]) for name in recipe.names
+                ]
+                scores[chunk] = self.scores(torch.stack(logits, dim=1))
+        return scores
+
+
+def refusal(spec: DetectorSpec, found: str) -> str:
+    return (
+        f"{spec.origin}: the head was trained on features of {spec.describe_backbone()}; the backbone asked for is "
+        f"{found}. Its features mean nothing to this head, so scoring is refused; pass --allow-other-backbone "
+        "(allow_other_backbone=True) to score anyway (the output's backbone column then says so)"
+    )
+
+
+def to_rgb_array(item: str | Path | Image.Image | np.ndarray) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array from a path (decoded as evaluation decodes), a PIL image or an array."""
+    from PIL import Image
+
+    from . import images
+
+    if isinstance(item, (str, Path)):
+        try:
+            return images.decode_image(Path(item))
+        except images.ImageDecodeError as error:
+            raise PredictError(f"{item}: {error}") from None
+    if isinstance(item, Image.Image):
+        return images.convert_to_rgb_array(item.copy())  # the conversion edits the image's info
+    array = np.asarray(item)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise PredictError(f"an image array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")
+    return np.ascontiguousarray(array)

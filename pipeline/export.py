@@ -1,0 +1,335 @@
+"""``pipeline export``: a trained run as a self-contained detector folder, optionally with one ONNX graph.
+
+``OUT/`` (created whole under a temporary name, then renamed):
+
+``head.safetensors``
+    the head's weights and metadata, copied from the run folder;
+``config.json``
+    ``format`` (``EXPORT_FORMAT``), the detector's spec (``DetectorSpec.to_json``:
+    backbone id, revision and tap, block indices, which blocks the head reads,
+    the dtype its features were stored in, the bf16 mode, the calibration
+    method and temperature, the val split and the thresholds with their val
+    metrics), ``crop`` (the crop the run was evaluated with on val), the head's
+    shape and file, where it came from (run id, grid, training split) and, with
+    ``--onnx``, the graph's file, inputs and outputs. ``Detector.load(OUT)``
+    reads it;
+``README.md``
+    a model card: how to load, backbone and features, training data, config,
+    thresholds, the metrics of the run, intended use and limitations;
+``detector.onnx`` (``--onnx``)
+    backbone + head as one graph: input ``pixels``, (B, S, S, 3) uint8 RGB
+    crops (S: the backbone's input size, the crops cut as ``pipeline predict``
+    cuts them); outputs ``logit`` (B,) and ``score`` = ``sigmoid(logit /
+    temperature)`` (B,). The ``ln2`` tap is the ``layer_norm2`` output of each
+    block of the traced model; the tokens are rounded to the stored feature
+    dtype as at training. For ten crops, feed the ten and take the sigmoid of
+    their mean logit over the temperature.
+
+The backbone's weights are not copied: the detector loads them from the hub
+id (pinned to the recorded revision) or the local folder the config names.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import __version__
+from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files
+from .files import atomic_path
+from .head import RineHead
+from .metrics import THRESHOLD_RULES
+from .results import OK, VAL_SPLIT, ResultRow, read_result_rows
+
+ONNX_FILE = "detector.onnx"
+ONNX_OPSET = 17
+RUN_FILES = (HEAD_FILE, "config.yaml", "metrics.csv")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    run_dir: Path
+    out: Path
+    onnx: bool = False
+    overwrite: bool = False  # replace OUT when it is a detector folder written by this command
+
+
+@dataclass(frozen=True)
+class ExportSummary:
+    out: Path
+    files: tuple[str, ...]
+
+    def report(self) -> str:
+        return f"exported detector to {self.out}: {', '.join(self.files)}"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run folder says about the trained head."""
+
+    folder: Path
+    head: RineHead
+    spec: DetectorSpec
+    document: dict[str, Any]  # config.yaml
+    fit: dict[str, Any]  # fit.json ({} when absent)
+    rows: tuple[ResultRow, ...]  # metrics.csv
+
+    @property
+    def val_crop(self) -> str:
+        return next((row.variant for row in self.rows if row.split == VAL_SPLIT and row.variant), "center")
+
+
+def read_run(folder: Path) -> RunRecord:
+    missing = [name for name in RUN_FILES if not (folder / name).is_file()]
+    if missing:
+        raise PredictError(f"{folder}: not a finished run folder of `pipeline fit` (no {', '.join(missing)})")
+    head, spec = read_detector_files(folder / HEAD_FILE)
+    document = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    fit_file = folder / "fit.json"
+    fit = json.loads(fit_file.read_text(encoding="utf-8")) if fit_file.is_file() else {}
+    rows = tuple(row for _, row in read_result_rows(folder / "metrics.csv") if row.status == OK)
+    return RunRecord(folder, head, spec, document, fit, rows)
+
+
+def config_document(record: RunRecord, onnx: bool) -> dict[str, Any]:
+    head = record.head
+    data = record.document.get("data", {})
+    document = {
+        "format": EXPORT_FORMAT,
+        **record.spec.to_json(),
+        "crop": record.val_crop,
+        "head": {
+            "file": HEAD_FILE,
+            "n_blocks": head.n_blocks,
+            "in_dim": head.in_dim,
+            "proj_dim": head.proj_dim,
+            "proj_layers": head.proj_layers,
+            "aggregation": head.aggregation,
+        },
+        "source": {
+            "run": record.folder.name,
+            "grid": record.document.get("grid"),
+            "train_split": data.get("train", {}).get("name"),
+            "package_version": __version__,
+        },
+    }
+    if onnx:
+        document["onnx"] = {
+            "file": ONNX_FILE,
+            "inputs": {"pixels": "uint8 (batch, size, size, 3) RGB crops"},
+            "outputs": {"logit": "float32 (batch,)", "score": "float32 (batch,) = sigmoid(logit / temperature)"},
+        }
+    return document
+
+
+def run_export(config: ExportConfig) -> ExportSummary:
+    """Write ``config.run_dir`` as a detector folder at ``config.out`` (see the module doc)."""
+    record = read_run(Path(config.run_dir))
+    out = Path(config.out)
+    if out.exists() and not is_exported_folder(out):
+        raise PredictError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
+    if out.exists() and not config.overwrite:
+        raise PredictError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
+    detector = Detector.load(record.folder, device="cpu", dtype="float32") if config.onnx else None
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        shutil.copyfile(record.folder / HEAD_FILE, tmp / HEAD_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_document(record, config.onnx), indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(record, out.name, config.onnx), encoding="utf-8")
+        if detector is not None:
+            export_onnx(detector, tmp / ONNX_FILE)
+        if out.exists():  # an earlier export, replaced once the new one is whole
+            shutil.rmtree(out)
+    return ExportSummary(out, tuple(sorted(p.name for p in out.iterdir())))
+
+
+def is_exported_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG_FILE).read_text()).get("format") == EXPORT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+class PixelsToScore(torch.nn.Module):
+    """Backbone + head as one module: uint8 RGB crops (B, S, S, 3) -> (logit (B,), score (B,))."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.backbone = detector.backbone
+        self.model = detector.backbone.model  # registered, so its weights are the graph's initialisers
+        self.head = detector.head
+        self.spec = detector.spec
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tap = self.spec.tap
+        tokens = self.backbone.tap_tokens(self.backbone.normalise(pixels), (tap,))[tap]
+        tokens = tokens.to(getattr(torch, self.spec.store_dtype)).float()
+        if self.spec.head_blocks == "last":
+            tokens = tokens[:, -1:]
+        logit = self.head(tokens)[0].squeeze(1)
+        return logit, torch.sigmoid(logit / self.spec.temperature)
+
+
+def export_onnx(detector: Detector, path: Path) -> None:
+    """Trace :class:`PixelsToScore` on CPU float32 into ``path`` (dynamic batch)."""
+    try:
+        import onnx  # noqa: F401 - torch.onnx needs it
+    except ImportError:
+        raise PredictError("--onnx needs the onnx package: pip install 'rine-pipeline[export]'") from None
+    size = detector.backbone.crop_size
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    module = PixelsToScore(detector).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python branches of transformers' code
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logit", "score"],
+            dynamic_axes={"pixels": {0: "batch"}, "logit": {0: "batch"}, "score": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,  # the TorchScript tracer: no onnxscript needed, forward hooks traced as they run
+        )
+
+
+# ---------------------------------------------------------------- model card
+
+
+def percent(value: float) -> str:
+    return "" if value != value else f"{100 * value:.1f}"  # NaN -> empty
+
+
+def model_card(record: RunRecord, name: str, onnx: bool) -> str:
+    spec = record.spec
+    run = record.document.get("run", {})
+    data = record.document.get("data", {})
+    train = data.get("train", {})
+    head = record.head
+    setting = record.rows[0].setting if record.rows else None
+    lines = [
+        f"# RINE detector {name}",
+        "",
+        "A synthetic-image detector: the RINE head (Koutlis & Papadopoulos, *Leveraging Representations from "
+        "Intermediate Encoder-Blocks for Synthetic Image Detection*, ECCV 2024) on the CLS tokens of the blocks of "
+        "a frozen CLIP vision tower, trained with rine-pipeline "
+        f"(version {__version__}). Its score is the probability that an image is synthetic (AI-generated).",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from pipeline import Detector  # pip install rine-pipeline",
+        "",
+        f'det = Detector.load("{name}")  # loads the backbone below',
+        'scores = det.score(["photo.jpg"], crop="center")  # probability of fake',
+        "fake = scores >= det.threshold",
+        "```",
+        "",
+        "```bash",
+        f"pipeline predict --head {name} images/ --out scores.csv   # streaming, resumable; --threshold eer|fpr1|...",
+        "```",
+    ]
+    if onnx:
+        lines += [
+            "",
+            f"`{ONNX_FILE}` holds backbone and head as one graph: input `pixels`, uint8 RGB crops of shape "
+            "(batch, S, S, 3) cut as below; outputs `logit` and `score` (= sigmoid(logit / temperature)). For ten "
+            "crops, run the ten and take the sigmoid of their mean logit divided by the temperature.",
+        ]
+    lines += [
+        "",
+        "## Backbone and features",
+        "",
+        "| backbone | revision | tap | blocks | head reads | feature dtype | crop |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| `{spec.model}` | `{spec.revision}` | {spec.tap} | {spec.block_selection} | {spec.head_blocks} "
+        f"| {spec.store_dtype} | {record.val_crop} |",
+        "",
+        "Images are decoded as RGB and center-cropped to the backbone's input size **without resizing** (smaller "
+        "images are zero-padded); `tencrop` scores the ten crops (corners, center and their flips) by the sigmoid "
+        "of their mean logit. Do not resize images before scoring: resizing erases the traces the head reads.",
+        "",
+        "## Training data",
+        "",
+        f"- training split `{train.get('name')}` (manifest sha256 `{train.get('manifest')}`): "
+        f"{record.fit.get('n_train', '?')} images used, {record.fit.get('n_train_invalid', 0)} unreadable left out",
+        f"- classes: {setting.classes if setting else run.get('classes')}; fraction of the split: "
+        f"{run.get('train_fraction')}; epochs: {run.get('epochs')}",
+        f"- validation split `{spec.calibration.val_split if spec.calibration else data.get('val', {}).get('name')}`"
+        + (f" ({spec.calibration.n_val} images): thresholds and temperature chosen there" if spec.calibration else ""),
+        "",
+        "## Configuration",
+        "",
+        "| key | value |",
+        "| --- | --- |",
+        *(f"| {key} | {value} |" for key, value in run.items()),
+        f"| parameters | {sum(p.numel() for p in head.parameters())} |",
+        f"| temperature | {spec.temperature:g} |",
+    ]
+    if spec.calibration is not None:
+        lines += [
+            "",
+            f"## Thresholds (chosen on `{spec.calibration.val_split}`; a score >= threshold is called fake)",
+            "",
+            "| name | rule | threshold | val acc | val real acc (1 - FPR) | val fake acc (TPR) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        rules = {
+            "val": "best accuracy (the default)",
+            "eer": "equal error rate",
+            "fpr1": "1 % false positives",
+            "fpr5": "5 % false positives",
+        }
+        for rule in THRESHOLD_RULES:
+            point = spec.calibration.thresholds[rule]
+            lines.append(
+                f"| {rule} | {rules[rule]} | {point.threshold:.6g} | {percent(point.acc)} | "
+                f"{percent(point.real_acc)} | {percent(point.fake_acc)} |"
+            )
+    lines += [
+        "",
+        "## Metrics (percent; thresholds from val unless named)",
+        "",
+        "| split | variant | dataset | n | ACC@0.5 | AP | AUC | EER | ACC | TPR@1%FPR | TPR@5%FPR | ECE | Brier |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in record.rows:
+        m = row.metrics or {}
+        lines.append(
+            f"| {row.split} | {row.variant} | {row.dataset} | {row.n} | {percent(m['acc'])} | {percent(m['ap'])} | "
+            f"{percent(m['auc'])} | {percent(m['eer'])} | {percent(m['calibrated_acc'])} | "
+            f"{percent(m['val_fpr1_fake_acc'])} | {percent(m['val_fpr5_fake_acc'])} | {percent(m['ece'])} | "
+            f"{m['brier']:.4f} |"
+        )
+    lines += [
+        "",
+        "On the val split itself the thresholded columns are empty (they are chosen there). TPR@x%FPR is the "
+        "fraction of fakes called fake at the val threshold for x % false positives; on another test set the "
+        "false-positive rate at that threshold differs (see `val_fpr1_real_acc` in metrics.csv of the run).",
+        "",
+        "## Intended use and limitations",
+        "",
+        "- For flagging images that are likely synthetic, as one signal among others (provenance, metadata, human "
+        "review); a score is evidence, not proof.",
+        "- It knows the generators and image sources of its training data. On other generators, other real-image "
+        "sources, or images that were re-compressed, resized, cropped or filtered (as social media do), accuracy "
+        "drops, sometimes to chance, and the false-positive rate at a val threshold can be far from its val value: "
+        "measure it on data like yours before relying on a threshold.",
+        "- Scores read as probabilities only as far as the val split resembles your data"
+        + (" (temperature scaling fitted there)." if spec.calibration and spec.calibration.method != "none" else ".")
+        + " The share of synthetic images in your data changes what a score means.",
+        "- The center crop sees the middle of large images only; `--crop tencrop` or `auto` covers more of them.",
+        "- Not for decisions about people without human review.",
+        "",
+    ]
+    return "\n".join(lines)

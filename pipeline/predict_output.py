@@ -1,0 +1,292 @@
+"""The output of ``pipeline predict``: one row per image, written batch by batch, resumable after a kill.
+
+The format follows the suffix of ``--out``: ``.csv`` (also what goes to
+stdout without ``--out``), ``.jsonl`` (one JSON object per line; missing
+values are ``null``) or ``.parquet`` (needs pyarrow: the rows go as they come
+to a hidden ``.<name>.partial.jsonl`` beside it, which becomes the Parquet
+file when the run ends; a killed run leaves the partial file, and the next
+run goes on from it). Columns, in order (``PREDICTION_COLUMNS``):
+
+``path`` (as listed or found), ``score`` (probability of fake; empty when the
+image could not be used), ``label`` (``fake`` when score >= threshold,
+``real``, empty without a score), ``threshold``, ``threshold_name`` (``val``,
+``eer``, ``fpr1``, ``fpr5``: chosen on the head's val split; ``fixed``: a
+number given), ``crop`` (``center`` or ``tencrop``), ``width``, ``height``,
+``format`` (read from the header, when readable), ``backbone`` (model and
+revision that made the features; says so when it is not the head's), ``error``
+(why the image could not be used; empty otherwise).
+
+Scores and thresholds are written at full precision (``repr``). Each batch is
+appended, flushed and synced before the next one is scored. Opening an
+existing file reads its rows and cuts a record torn by a kill (the text after
+the last complete line); what stays is exactly what an uninterrupted run
+wrote up to there, so the caller can skip those rows and append the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from .errors import PipelineError
+from .files import atomic_path
+
+OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
+ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names need not be valid UTF-8
+
+
+class OutputError(PipelineError, RuntimeError):
+    """An output file that cannot be written or resumed; the message names it."""
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One image's line of the output."""
+
+    path: str
+    score: float | None
+    label: str
+    threshold: float
+    threshold_name: str
+    crop: str
+    width: int | None
+    height: int | None
+    format: str
+    backbone: str
+    error: str
+
+    def csv_fields(self) -> list[str]:
+        return [
+            "" if value is None else repr(value) if isinstance(value, float) else str(value) for value in astuple(self)
+        ]
+
+    @classmethod
+    def from_csv_fields(cls, record: Sequence[str]) -> PredictionRow:
+        path, score, label, threshold, name, crop, width, height, file_format, backbone, error = record
+        return cls(
+            path,
+            float(score) if score else None,
+            label,
+            float(threshold),
+            name,
+            crop,
+            int(width) if width else None,
+            int(height) if height else None,
+            file_format,
+            backbone,
+            error,
+        )
+
+    def json_record(self) -> dict[str, Any]:
+        return dict(zip(PREDICTION_COLUMNS, astuple(self), strict=True))
+
+    @classmethod
+    def from_json_record(cls, record: dict[str, Any]) -> PredictionRow:
+        return cls(**{name: record[name] for name in PREDICTION_COLUMNS})
+
+
+PREDICTION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PredictionRow))
+
+
+class PredictionWriter(Protocol):
+    def existing_rows(self) -> Iterator[PredictionRow]:
+        """Rows already in the file (a torn last record removed)."""
+
+    def write(self, rows: Sequence[PredictionRow]) -> None:
+        """Append, flush and sync."""
+
+    def close(self) -> None: ...
+
+
+def csv_line(fields_: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields_)
+    return buffer.getvalue()
+
+
+HEADER_LINE = csv_line(PREDICTION_COLUMNS)
+
+
+def sync(handle: TextIO) -> None:
+    """Flush; for a file also fsync, so a batch once written survives a crash (streams are only flushed)."""
+    handle.flush()
+    if isinstance(handle, io.TextIOWrapper) and handle.name not in ("<stdout>", "<stderr>"):
+        os.fsync(handle.fileno())
+
+
+def complete_text(path: Path) -> str:
+    """The file's text up to its last newline (a kill may tear the record after it)."""
+    with path.open(newline="", **ENCODING) as handle:
+        text = handle.read()
+    return text[: text.rfind("\n") + 1]
+
+
+def open_for_append(path: Path, keep_chars: str) -> TextIO:
+    """Open ``path`` for appending after cutting it to ``keep_chars`` (its kept text)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a", newline="", **ENCODING)
+    size = len(keep_chars.encode(**ENCODING))
+    if handle.tell() != size:
+        handle.truncate(size)
+        handle.seek(size)
+    return handle
+
+
+class CsvPredictionWriter:
+    """CSV rows to a file (resumable) or to a stream such as stdout."""
+
+    def __init__(self, path: Path | None, stream: TextIO | None = None) -> None:
+        self.path = path
+        self._kept: list[PredictionRow] = []
+        if path is None:
+            self._handle = stream or sys.stdout
+            self._handle.write(HEADER_LINE)
+            return
+        kept = ""
+        if path.is_file() and path.stat().st_size:
+            kept, self._kept = self._read(path)
+        self._handle = open_for_append(path, kept)
+        if not kept:
+            self._handle.write(HEADER_LINE)
+            sync(self._handle)
+
+    @staticmethod
+    def _read(path: Path) -> tuple[str, list[PredictionRow]]:
+        text = complete_text(path)
+        reader = csv.reader(io.StringIO(text, newline=""))
+        records: list[list[str]] = []
+        try:
+            records.extend(reader)
+        except csv.Error:  # a record torn inside a quoted newline
+            pass
+        if not records or records[0] != list(PREDICTION_COLUMNS):
+            raise OutputError(
+                f"{path}: not an output of `pipeline predict` (expected the header {HEADER_LINE.strip()})"
+            )
+        rows = []
+        for line, record in enumerate(records[1:], start=2):
+            try:
+                rows.append(PredictionRow.from_csv_fields(record))
+            except ValueError as error:
+                raise OutputError(f"{path}: record {line}: not a prediction row ({error})") from None
+        kept = "".join(csv_line(record) for record in records)
+        if not text.startswith(kept):
+            raise OutputError(f"{path}: edited since `pipeline predict` wrote it; cannot resume it safely")
+        return kept, rows
+
+    def existing_rows(self) -> Iterator[PredictionRow]:
+        return iter(self._kept)
+
+    def write(self, rows: Sequence[PredictionRow]) -> None:
+        self._handle.write("".join(csv_line(row.csv_fields()) for row in rows))
+        sync(self._handle)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self._handle.close()
+        else:
+            self._handle.flush()
+
+
+class JsonlPredictionWriter:
+    """One JSON object per line; resumable."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._kept: list[PredictionRow] = []
+        kept = ""
+        if path.is_file():
+            kept = complete_text(path)
+            for line, text in enumerate(kept.splitlines(), start=1):
+                try:
+                    self._kept.append(PredictionRow.from_json_record(json.loads(text)))
+                except (ValueError, TypeError, KeyError) as error:
+                    raise OutputError(f"{path}: line {line}: not a prediction row ({error!r})") from None
+        self._handle = open_for_append(path, kept)
+
+    def existing_rows(self) -> Iterator[PredictionRow]:
+        return iter(self._kept)
+
+    def write(self, rows: Sequence[PredictionRow]) -> None:
+        self._handle.write("".join(json.dumps(row.json_record()) + "\n" for row in rows))
+        sync(self._handle)
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+class ParquetPredictionWriter:
+    """Rows collected in a partial JSONL file, written as one Parquet file by :meth:`close`."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise OutputError(
+                f"{path}: writing Parquet needs pyarrow (pip install pyarrow), or use .csv/.jsonl"
+            ) from None
+        self.path = path
+        self._finished: list[PredictionRow] = []
+        if path.is_file():
+            table = pq.read_table(path)
+            if tuple(table.column_names) != PREDICTION_COLUMNS:
+                raise OutputError(f"{path}: not an output of `pipeline predict` (columns {table.column_names})")
+            self._finished = [PredictionRow.from_json_record(record) for record in table.to_pylist()]
+        self.partial = path.with_name(f".{path.name}.partial.jsonl")
+        self._partial = JsonlPredictionWriter(self.partial)
+
+    def existing_rows(self) -> Iterator[PredictionRow]:
+        yield from self._finished
+        yield from self._partial.existing_rows()
+
+    def write(self, rows: Sequence[PredictionRow]) -> None:
+        self._partial.write(rows)
+
+    def close(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self._partial.close()
+        rows = self._finished + list(JsonlPredictionWriter(self.partial).existing_rows())
+        if self.path.is_file() and len(rows) == len(self._finished):
+            self.partial.unlink(missing_ok=True)
+            return
+        columns = {name: [getattr(row, name) for row in rows] for name in PREDICTION_COLUMNS}
+        columns["path"] = [printable(path) for path in columns["path"]]
+        table = pa.table(columns, schema=parquet_schema())
+        with atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)
+        self.partial.unlink(missing_ok=True)
+
+
+def parquet_schema() -> Any:
+    import pyarrow as pa
+
+    types = {"score": pa.float64(), "threshold": pa.float64(), "width": pa.int64(), "height": pa.int64()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in PREDICTION_COLUMNS])
+
+
+def printable(path: str) -> str:
+    """A file name as valid UTF-8 (undecodable bytes as backslash escapes), as Parquet strings require."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def open_prediction_writer(out: Path | None, stream: TextIO | None = None) -> PredictionWriter:
+    """The writer for ``out``'s suffix (CSV to ``stream`` when ``out`` is None)."""
+    if out is None:
+        return CsvPredictionWriter(None, stream)
+    suffix = out.suffix.lower()
+    if suffix == ".jsonl":
+        return JsonlPredictionWriter(out)
+    if suffix == ".parquet":
+        return ParquetPredictionWriter(out)
+    if suffix == ".csv":
+        return CsvPredictionWriter(out)
+    raise OutputError(f"{out}: unknown output format {suffix!r}; use one of {', '.join(OUTPUT_FORMATS)}")
