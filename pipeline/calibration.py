@@ -34,7 +34,7 @@ from .head import CheckpointError, crop_scores
 from .metrics import POINT_FIELDS, THRESHOLD_RULES, OperatingPoint, choose_thresholds
 from .results import CALIBRATIONS
 
-TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it (a separable val pushes T to 0)
+TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it
 METADATA_KEYS: tuple[str, ...] = ("calibration", "temperature", "val_split", "n_val", "thresholds")
 
 
@@ -94,25 +94,30 @@ def calibrated_scores(logits: torch.Tensor, temperature: float) -> np.ndarray:
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T > 0 minimising the mean binary cross-entropy of ``sigmoid(logits / T)`` (LBFGS on log T, float64).
+    """The T > 0 minimising the mean binary cross-entropy of ``sigmoid(logits / T)``, clipped into ``TEMPERATURE_RANGE``.
 
-    The result is clipped into ``TEMPERATURE_RANGE``.
+    LBFGS (strong Wolfe line search, float64) on the inverse temperature, in
+    which the loss is convex. On a val set that the logits separate, the loss
+    falls as T shrinks; the search stops where it flattens, with a small T.
     """
     x = torch.as_tensor(np.asarray(logits, dtype=np.float64))
     y = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-12, line_search_fn="strong_wolfe")
+    inverse = torch.ones((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS(
+        [inverse], lr=1.0, max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x / log_t.exp(), y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x * inverse, y)
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
     low, high = TEMPERATURE_RANGE
-    return float(np.clip(math.exp(log_t.item()), low, high))
+    value = inverse.item()
+    return high if value <= 1 / high else float(np.clip(1.0 / value, low, high))
 
 
 def calibrate_head(method: str, val_logits: torch.Tensor, val_labels: np.ndarray, val_split: str) -> HeadCalibration:

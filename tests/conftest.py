@@ -102,3 +102,58 @@ def separable_features(
     direction /= np.linalg.norm(direction)
     features = rng.standard_normal((n_rows, n_blocks, dim)) + shift * labels[:, None, None] * direction
     return features.astype(np.float32), labels
+
+
+def make_two_tone_dataset(root: Path, n_per_label: int, size: tuple[int, int] = (45, 38)) -> Path:
+    """root/<a|b>/{0_real,1_fake}/*.png: reals darker noise, fakes brighter (the tiny random CLIP tells them apart)."""
+    rng = np.random.default_rng(7)
+    width, height = size
+    for dataset in ("a", "b"):
+        for label, (low, high) in enumerate(((0, 170), (90, 256))):
+            folder = root / dataset / ("0_real", "1_fake")[label]
+            folder.mkdir(parents=True)
+            for i in range(n_per_label):
+                pixels = rng.integers(low, high, (height, width, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_predict_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finished run of a one-config grid (temperature calibration), through the CLI, on the tiny CLIP.
+
+    Train and val/test are the same 32 two-tone images (``make_two_tone_dataset``); the
+    test entries are the center crop and the ten crops. Returns the run folder, the data
+    root and the work folder.
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.grid import ViewReuseWarning
+
+    def invoke(*args: str) -> None:
+        result = CliRunner().invoke(main, list(args))
+        assert result.exit_code == 0, result.output
+
+    root = tmp_path_factory.mktemp("predict")
+    data = make_two_tone_dataset(root / "data", n_per_label=8)
+    manifests = root / "manifests"
+    for split in ("train", "test"):
+        invoke("manifest", "--layout", "folder", "--root", str(data), "--split", split, "--manifests-dir",
+               str(manifests))  # fmt: skip
+    common = ["--model", str(tiny_clip_dir), "--cache-dir", str(root / "cache"), "--shard-rows", "16",
+              "--chunk-rows", "8", "--no-progress", "--device", "cpu"]  # fmt: skip
+    invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), *common)
+    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), *common)
+    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--ten-crop", *common)
+    grid = root / "grid.yaml"
+    grid.write_text(
+        f"name: p\nout: {root / 'runs'}\ndata:\n  cache_dir: {root / 'cache'}\n  model: {tiny_clip_dir}\n"
+        "  train: train\n  val: test\n  test: [test, {split: test, variant: tencrop}]\n"
+        "base: {proj_dim: 16, proj_layers: 1, batch_size: 16, epochs: 10, lr: 0.01, lr_milestones: [], "
+        "calibration: temperature}\n"
+    )
+    with pytest.warns(ViewReuseWarning):  # ten epochs of the one view: plenty for these tests
+        invoke("fit", "--grid", str(grid), "--no-progress", "--device", "cpu")
+    (run_folder,) = (root / "runs" / "runs").iterdir()
+    return {"run": run_folder, "data": data, "root": root}

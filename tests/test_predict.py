@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
@@ -27,7 +26,6 @@ from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cache import DEFAULT_MODEL
 from pipeline.cli import main
 from pipeline.detector import Detector, PredictError, read_detector_files
-from pipeline.grid import ViewReuseWarning
 from pipeline.metrics import THRESHOLD_RULES, operating_point
 from pipeline.predict import PredictConfig, collect_inputs, run_predict
 from pipeline.predict_output import PREDICTION_COLUMNS, OutputError
@@ -53,48 +51,8 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def make_two_tone_dataset(root: Path, n_per_label: int, size: tuple[int, int] = (45, 38)) -> Path:
-    """root/<a|b>/{0_real,1_fake}/*.png: reals darker noise, fakes brighter (a random tiny CLIP half tells them apart)."""
-    rng = np.random.default_rng(7)
-    width, height = size
-    for dataset in ("a", "b"):
-        for label, (low, high) in enumerate(((0, 170), (90, 256))):
-            folder = root / dataset / ("0_real", "1_fake")[label]
-            folder.mkdir(parents=True)
-            for i in range(n_per_label):
-                pixels = rng.integers(low, high, (height, width, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
-    return root
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A run of a one-config grid (temperature calibration) scored on the test split by center and ten crops."""
-    root = tmp_path_factory.mktemp("predict")
-    data = make_two_tone_dataset(root / "data", n_per_label=8)
-    manifests = root / "manifests"
-    for split in ("train", "test"):
-        invoke("manifest", "--layout", "folder", "--root", str(data), "--split", split, "--manifests-dir",
-               str(manifests))  # fmt: skip
-    common = ["--model", str(tiny_clip_dir), "--cache-dir", str(root / "cache"), "--shard-rows", "16",
-              "--chunk-rows", "8", "--no-progress", "--device", "cpu"]  # fmt: skip
-    invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), *common)
-    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), *common)
-    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--ten-crop", *common)
-    grid = root / "grid.yaml"
-    grid.write_text(
-        f"name: p\nout: {root / 'runs'}\ndata:\n  cache_dir: {root / 'cache'}\n  model: {tiny_clip_dir}\n"
-        "  train: train\n  val: test\n  test: [test, {split: test, variant: tencrop}]\n"
-        "base: {proj_dim: 16, proj_layers: 1, batch_size: 16, epochs: 10, lr: 0.01, lr_milestones: [], calibration: temperature}\n"
-    )
-    with pytest.warns(ViewReuseWarning):  # ten epochs of the one view: plenty for this test
-        invoke("fit", "--grid", str(grid), "--no-progress", "--device", "cpu")
-    (run_folder,) = (root / "runs" / "runs").iterdir()
-    return {"run": run_folder, "data": data, "root": root}
-
-
-def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(trained_run, tmp_path):
-    run, data = trained_run["run"], trained_run["data"]
+def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(trained_predict_run, tmp_path):
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     for crop, saved in (("center", "scores_test.csv"), ("tencrop", "scores_test_tencrop.csv")):
         expected = read_scores(run / saved)
         out = tmp_path / f"{crop}.csv"
@@ -113,8 +71,10 @@ def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(tr
         assert scores[fake].min() > scores[~fake].max() + 0.1  # a head that tells them apart
 
 
-def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_val_metrics(trained_run, tmp_path):
-    run, data = trained_run["run"], trained_run["data"]
+def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_val_metrics(
+    trained_predict_run, tmp_path
+):
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     with safe_open(str(run / "head.safetensors"), framework="np") as handle:
         stored = json.loads(handle.metadata()["thresholds"])
     val = read_rows(run / "scores_val.csv")
@@ -138,9 +98,17 @@ def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_v
     assert read_rows(default)[0]["threshold_name"] == "val" and "chosen on val split test" in output
 
 
-def test_bad_threshold_option_exits_2(trained_run):
+def test_bad_threshold_option_exits_2(trained_predict_run):
     for bad in ("median", "1.5", "-0.1"):
-        invoke("predict", str(trained_run["data"]), "--head", str(trained_run["run"]), "--threshold", bad, code=2)
+        invoke(
+            "predict",
+            str(trained_predict_run["data"]),
+            "--head",
+            str(trained_predict_run["run"]),
+            "--threshold",
+            bad,
+            code=2,
+        )
 
 
 # ---------------------------------------------------------------- streaming output and resume
@@ -170,8 +138,8 @@ def predict_args(run: Path, data: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_run_then_rerun_gives_the_file_of_an_uninterrupted_run(trained_run, tmp_path):
-    run, data = trained_run["run"], trained_run["data"]
+def test_kill_9_mid_run_then_rerun_gives_the_file_of_an_uninterrupted_run(trained_predict_run, tmp_path):
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     (data / "b" / "0_real" / "broken.png").write_bytes(b"not an image")
     try:
         reference = tmp_path / "reference.csv"
@@ -205,8 +173,8 @@ def test_kill_9_mid_run_then_rerun_gives_the_file_of_an_uninterrupted_run(traine
         (data / "b" / "0_real" / "broken.png").unlink()
 
 
-def test_resume_refuses_an_output_made_with_another_threshold_or_crop(trained_run, tmp_path):
-    run, data = trained_run["run"], trained_run["data"]
+def test_resume_refuses_an_output_made_with_another_threshold_or_crop(trained_predict_run, tmp_path):
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     out = tmp_path / "scores.csv"
     invoke(*predict_args(run, data / "a", out))
     before = out.read_bytes()
@@ -219,10 +187,10 @@ def test_resume_refuses_an_output_made_with_another_threshold_or_crop(trained_ru
     assert "not an output of `pipeline predict`" in output
 
 
-def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partial_file(trained_run, tmp_path):
+def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partial_file(trained_predict_run, tmp_path):
     import pyarrow.parquet as pq
 
-    run, data = trained_run["run"], trained_run["data"]
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     invoke(*predict_args(run, data, tmp_path / "s.csv"))
     expected = read_rows(tmp_path / "s.csv")
     invoke(*predict_args(run, data, tmp_path / "s.jsonl"))
@@ -242,9 +210,9 @@ def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partia
     assert table.to_pylist() == records
 
 
-def test_stdout_gets_the_csv_when_no_out_is_given(trained_run):
-    result = CliRunner().invoke(main, ["predict", str(trained_run["data"] / "a" / "0_real"), "--head",
-                                       str(trained_run["run"]), "--device", "cpu", "--no-progress"])  # fmt: skip
+def test_stdout_gets_the_csv_when_no_out_is_given(trained_predict_run):
+    result = CliRunner().invoke(main, ["predict", str(trained_predict_run["data"] / "a" / "0_real"), "--head",
+                                       str(trained_predict_run["run"]), "--device", "cpu", "--no-progress"])  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert len(rows) == 8 and rows[0].keys() == set(PREDICTION_COLUMNS)
@@ -282,8 +250,8 @@ def test_inputs_are_files_folders_path_csvs_and_lists_each_path_once(tmp_path):
         collect_inputs([bad])
 
 
-def test_bad_files_get_rows_with_their_reason_and_exit_status_3(trained_run, tmp_path):
-    run = trained_run["run"]
+def test_bad_files_get_rows_with_their_reason_and_exit_status_3(trained_predict_run, tmp_path):
+    run = trained_predict_run["run"]
     good = write_image(tmp_path / "good.png", (40, 40), 1)
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "text.jpg").write_text("hello")
@@ -302,8 +270,8 @@ def test_bad_files_get_rows_with_their_reason_and_exit_status_3(trained_run, tmp
     assert "4 images could not be scored" in output and str(good) in out.read_text()
 
 
-def test_auto_crop_takes_ten_crops_of_large_images_only(trained_run, tmp_path):
-    run = trained_run["run"]
+def test_auto_crop_takes_ten_crops_of_large_images_only(trained_predict_run, tmp_path):
+    run = trained_predict_run["run"]
     small = write_image(tmp_path / "small.png", (50, 40), 1)  # shorter side 40 < 2 x 32
     large = write_image(tmp_path / "large.png", (90, 70), 2)
     out = tmp_path / "s.csv"
@@ -333,8 +301,8 @@ def other_clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return folders
 
 
-def test_another_backbone_is_refused_unless_allowed_and_then_recorded(trained_run, other_clips, tmp_path):
-    run, data = trained_run["run"], trained_run["data"] / "a" / "0_real"
+def test_another_backbone_is_refused_unless_allowed_and_then_recorded(trained_predict_run, other_clips, tmp_path):
+    run, data = trained_predict_run["run"], trained_predict_run["data"] / "a" / "0_real"
     for name in ("seed", "fewer"):
         output = invoke("predict", str(data), "--head", str(run), "--model", str(other_clips[name]), "--device", "cpu",
                         code=1)  # fmt: skip
@@ -349,14 +317,14 @@ def test_another_backbone_is_refused_unless_allowed_and_then_recorded(trained_ru
     assert "outside a 2-block model" in output
 
 
-def test_same_model_id_with_changed_weights_is_refused(trained_run, tiny_clip_dir, tmp_path):
+def test_same_model_id_with_changed_weights_is_refused(trained_predict_run, tiny_clip_dir, tmp_path):
     """A local model's content hash is part of what the head records: edited weights are another backbone."""
     copy = tmp_path / "clip"
     copy.mkdir()
     for file in tiny_clip_dir.iterdir():
         (copy / file.name).write_bytes(file.read_bytes())
     head = tmp_path / "head.safetensors"
-    with safe_open(str(trained_run["run"] / "head.safetensors"), framework="pt") as handle:
+    with safe_open(str(trained_predict_run["run"] / "head.safetensors"), framework="pt") as handle:
         metadata = handle.metadata()
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     save_file(tensors, str(head), metadata={**metadata, "model": str(copy)})
@@ -409,8 +377,8 @@ def test_empty_or_malformed_head_files_are_errors_not_tracebacks(tmp_path, conte
 
 
 @pytest.mark.parametrize("key", ["model", "store_blocks", "thresholds", "n_blocks"])
-def test_head_metadata_missing_a_key_is_an_error_naming_it(trained_run, tmp_path, key):
-    with safe_open(str(trained_run["run"] / "head.safetensors"), framework="pt") as handle:
+def test_head_metadata_missing_a_key_is_an_error_naming_it(trained_predict_run, tmp_path, key):
+    with safe_open(str(trained_predict_run["run"] / "head.safetensors"), framework="pt") as handle:
         metadata = {k: v for k, v in handle.metadata().items() if k != key}
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     head = tmp_path / "head.safetensors"
@@ -419,17 +387,19 @@ def test_head_metadata_missing_a_key_is_an_error_naming_it(trained_run, tmp_path
     assert output.startswith("Error:") and key in output and "Traceback" not in output
 
 
-def test_a_resumed_output_rewritten_by_another_program_is_refused(trained_run, tmp_path):
+def test_a_resumed_output_rewritten_by_another_program_is_refused(trained_predict_run, tmp_path):
     out = tmp_path / "s.csv"
-    invoke(*predict_args(trained_run["run"], trained_run["data"] / "a", out))
+    invoke(*predict_args(trained_predict_run["run"], trained_predict_run["data"] / "a", out))
     out.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))  # saved again by a spreadsheet, say
     with pytest.raises(OutputError, match="edited since"):
-        run_predict(PredictConfig(head=trained_run["run"], inputs=(trained_run["data"],), out=out, device="cpu"))
+        run_predict(
+            PredictConfig(head=trained_predict_run["run"], inputs=(trained_predict_run["data"],), out=out, device="cpu")
+        )
 
 
-def test_detector_crops_are_the_evaluations(trained_run, tiny_clip_dir):
+def test_detector_crops_are_the_evaluations(trained_predict_run, tiny_clip_dir):
     """Detector.score recomputed crop by crop with the backbone and head: center and the mean ten-crop logit."""
-    run, data = trained_run["run"], trained_run["data"]
+    run, data = trained_predict_run["run"], trained_predict_run["data"]
     detector = Detector.load(run, device="cpu")
     file = sorted((data / "b" / "1_fake").iterdir())[0]
     backbone = Backbone(BackboneConfig(str(tiny_clip_dir), device="cpu", dtype="float32"))

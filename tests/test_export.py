@@ -1,0 +1,132 @@
+"""`pipeline export`: a run as a detector folder that loads back, its model card, and its ONNX graph."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+from pipeline.cli import main
+from pipeline.detector import Detector
+from pipeline.export import ExportConfig, run_export
+from pipeline.results import read_result_rows
+
+
+def invoke(*args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def exported(trained_predict_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "detector"
+    invoke("export", str(trained_predict_run["run"]), "--out", str(out), "--onnx")
+    return out
+
+
+def test_the_folder_holds_head_config_card_and_graph_and_the_config_says_what_the_head_recorded(
+    trained_predict_run, exported
+):
+    run = trained_predict_run["run"]
+    assert sorted(p.name for p in exported.iterdir()) == ["README.md", "config.json", "detector.onnx",
+                                                           "head.safetensors"]  # fmt: skip
+    assert (exported / "head.safetensors").read_bytes() == (run / "head.safetensors").read_bytes()
+    with safe_open(str(run / "head.safetensors"), framework="np") as handle:
+        metadata = handle.metadata()
+    config = json.loads((exported / "config.json").read_text())
+    assert config["format"] == "rine-pipeline/detector@1"
+    assert config["backbone"] == {"model": metadata["model"], "revision": metadata["model_revision"], "tap": "ln2"}
+    assert config["block_indices"] == json.loads(metadata["store_blocks"]) == [0, 1, 2]
+    assert config["thresholds"] == json.loads(metadata["thresholds"])
+    assert config["temperature"] == float(metadata["temperature"]) and config["calibration"] == "temperature"
+    assert (config["store_dtype"], config["crop"], config["head"]["proj_dim"]) == ("float16", "center", 16)
+    assert config["source"]["run"] == run.name and config["onnx"]["file"] == "detector.onnx"
+
+
+def test_the_model_card_has_its_sections_and_the_runs_metrics(trained_predict_run, exported):
+    card = (exported / "README.md").read_text()
+    for section in ("## How to load", "## Backbone and features", "## Training data", "## Configuration",
+                    "## Thresholds", "## Metrics", "## Intended use and limitations"):  # fmt: skip
+        assert section in card, section
+    assert 'Detector.load("detector")' in card and "pipeline predict --head detector" in card
+    rows = [row for _, row in read_result_rows(trained_predict_run["run"] / "metrics.csv")]
+    for row in rows:
+        cells = f"| {row.split} | {row.variant} | {row.dataset} | {row.n} | {100 * row.metric('acc'):.1f} | "
+        assert cells + f"{100 * row.metric('ap'):.1f} |" in card, cells
+    assert "32 images used" in card
+
+
+def test_the_export_loads_back_and_scores_as_the_run(trained_predict_run, exported, tmp_path):
+    files = sorted(trained_predict_run["data"].rglob("*.png"))[::5]
+    from_run = Detector.load(trained_predict_run["run"], device="cpu")
+    from_export = Detector.load(exported, device="cpu", threshold="fpr5")
+    assert from_export.spec.calibration == from_run.spec.calibration
+    assert from_export.threshold == from_run.thresholds["fpr5"]
+    for crop in ("center", "tencrop"):
+        np.testing.assert_array_equal(from_export.score(files, crop=crop), from_run.score(files, crop=crop))
+    out = tmp_path / "s.csv"
+    invoke("predict", *map(str, files), "--head", str(exported), "--out", str(out), "--device", "cpu")
+    assert out.read_text().count("\n") == len(files) + 1
+
+
+def test_onnx_graph_gives_the_torch_logits_and_scores(exported):
+    detector = Detector.load(exported, device="cpu")
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)  # a batch size other than the traced one
+    crops[1] = crops[1] // 2 + 128  # a brighter one
+    session = onnxruntime.InferenceSession(str(exported / "detector.onnx"))
+    logits, scores = session.run(["logit", "score"], {"pixels": crops})
+    expected = detector.logits(detector.forward_step()(crops)[detector.spec.tap])
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(scores, detector.scores(expected[:, None]), rtol=0, atol=1e-5)
+    assert np.ptp(logits) > 0.1
+
+
+def test_export_never_replaces_a_folder_it_did_not_write(trained_predict_run, exported, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"precious")
+    for extra in ([], ["--overwrite"]):
+        output = invoke("export", str(trained_predict_run["run"]), "--out", str(photos), *extra, code=1)
+        assert "not a folder written by `pipeline export`" in output
+    assert [p.name for p in photos.iterdir()] == ["holiday.jpg"]
+    copy = tmp_path / "copy"
+    run_export(ExportConfig(trained_predict_run["run"], copy))
+    output = invoke("export", str(trained_predict_run["run"]), "--out", str(copy), code=1)
+    assert "--overwrite" in output
+    (copy / "README.md").write_text("stale")
+    run_export(ExportConfig(trained_predict_run["run"], copy, overwrite=True))
+    assert (copy / "README.md").read_text().startswith("# RINE detector copy")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_export_of_a_folder_that_is_not_a_run_is_an_error(tmp_path):
+    output = invoke("export", str(tmp_path), "--out", str(tmp_path / "x"), code=1)
+    assert "not a finished run folder" in output
+
+
+def test_pixels_to_score_module_matches_the_detector_on_the_last_block_ablation(trained_predict_run, tmp_path):
+    """The graph's module on a head reading only the last block, without rounding to float16."""
+    from dataclasses import replace
+
+    from pipeline.export import PixelsToScore
+    from pipeline.head import RineHead
+
+    detector = Detector.load(trained_predict_run["run"], device="cpu")
+    torch.manual_seed(0)
+    detector.head = RineHead(1, 32, 8, 1).eval()
+    detector.spec = replace(detector.spec, head_blocks="last", store_dtype="float32")
+    crops = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        logit, score = PixelsToScore(detector)(torch.from_numpy(crops))
+    expected = detector.logits(detector.forward_step()(crops)["ln2"])
+    torch.testing.assert_close(logit, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(score, torch.sigmoid(expected / detector.spec.temperature), rtol=0, atol=1e-6)
