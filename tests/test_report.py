@@ -884,3 +884,33 @@ def test_tsne_points_are_scikit_learns_tsne() -> None:
         "fake (GAN)": [False, True, False, False],
         "fake (other)": [False, False, True, False],
     }
+
+
+# ----------------------------------------------------------------------------- calibration figures
+
+
+def test_each_selected_full_model_gets_a_reliability_diagram_and_score_histograms(grids, report) -> None:
+    from pipeline.metrics import best_threshold
+    from pipeline.report import figures
+    from pipeline.report.inputs import best_by_test_full_models, read_grid_dir
+
+    names = [path.name for path in report.written]
+    results = [read_grid_dir(grid) for grid in grids]
+    runs = best_by_test_full_models(results)
+    assert len([n for n in names if n.startswith("reliability_")]) == len(runs) == 7  # the five above, two LDM
+    assert len([n for n in names if n.startswith("scores_")]) == len(runs)
+    jobs = [job for job in figures.calibration_jobs(results, report.out) if not isinstance(job, figures.SkippedOutput)]
+    reliability, histograms = jobs[0][1], jobs[1][1]  # the first run's two figures
+    run_folder = runs[0].folder
+    curves = reliability.args[2]
+    assert list(curves) == ["val", "test"]
+    val = read_rows(run_folder / "scores_val.csv")
+    np.testing.assert_array_equal(curves["val"][1], [float(row["score"]) for row in val])
+    np.testing.assert_array_equal(curves["val"][0], [int(row["label"]) for row in val])
+    panels, thresholds = histograms.args[2], histograms.args[3]
+    test = read_rows(run_folder / "scores_test.csv")
+    assert list(panels) == [d for d in PAPER_ORDER if d in {r["dataset"] for r in test}] + ["my_extra"]
+    dalle = [float(row["score"]) for row in test if row["dataset"] == "dalle"]
+    np.testing.assert_array_equal(np.sort(panels["dalle"][1]), np.sort(dalle))
+    labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
+    assert thresholds["0.5"] == 0.5 and thresholds["val val"] == best_threshold(labels, scores)[0]
