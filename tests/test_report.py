@@ -913,4 +913,4 @@ def test_each_selected_full_model_gets_a_reliability_diagram_and_score_histogram
     dalle = [float(row["score"]) for row in test if row["dataset"] == "dalle"]
     np.testing.assert_array_equal(np.sort(panels["dalle"][1]), np.sort(dalle))
     labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
-    assert thresholds["0.5"] == 0.5 and thresholds["val val"] == best_threshold(labels, scores)[0]
+    assert thresholds["0.5"] == 0.5 and thresholds["best val acc"] == best_threshold(labels, scores)[0]

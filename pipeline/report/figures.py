@@ -41,6 +41,7 @@ from .tables import SkippedOutput, block_importance, format_hyper, order_dataset
 
 DPI = 100
 SCORES_PREFIX = "scores_"  # a run folder's per-split score files: scores_<split>.csv
+THRESHOLD_LABELS = {"val": "best val acc", "eer": "val EER", "fpr1": "1 % val FPR", "fpr5": "5 % val FPR"}
 ACC_COLOR = "tab:olive"
 AP_COLOR = "goldenrod"
 
@@ -431,10 +432,8 @@ def calibration_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | 
         title = run_title(run, "Reliability of the scores")
         jobs.append((name, functools.partial(plot_reliability, out / name, title, curves)))
         val_labels, _, val_scores = files[VAL_SPLIT]
-        thresholds = {
-            "0.5": 0.5,
-            **{f"val {rule}": p.threshold for rule, p in choose_thresholds(val_labels, val_scores).items()},
-        }
+        chosen = choose_thresholds(val_labels, val_scores)
+        thresholds = {"0.5": 0.5, **{label: chosen[rule].threshold for rule, label in THRESHOLD_LABELS.items()}}
         panels = {
             f"{split}: {dataset}" if len(files) > 2 else str(dataset): (
                 labels[datasets == dataset],
