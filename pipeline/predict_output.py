@@ -31,6 +31,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -105,6 +106,15 @@ class PredictionWriter(Protocol):
     def close(self) -> None: ...
 
 
+@contextmanager
+def reported(path: Path | None) -> Iterator[None]:
+    """Turn a failed read or write of the output (full disk, no permission, ...) into an ``OutputError``."""
+    try:
+        yield
+    except OSError as error:
+        raise OutputError(f"{path or 'stdout'}: cannot write the predictions ({error.strerror or error})") from None
+
+
 def csv_line(fields_: Sequence[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(fields_)
@@ -150,12 +160,13 @@ class CsvPredictionWriter:
             self._handle.write(HEADER_LINE)
             return
         kept = ""
-        if path.is_file() and path.stat().st_size:
-            kept, self._kept = self._read(path)
-        self._handle = open_for_append(path, kept)
-        if not kept:
-            self._handle.write(HEADER_LINE)
-            sync(self._handle)
+        with reported(path):
+            if path.is_file() and path.stat().st_size:
+                kept, self._kept = self._read(path)
+            self._handle = open_for_append(path, kept)
+            if not kept:
+                self._handle.write(HEADER_LINE)
+                sync(self._handle)
 
     @staticmethod
     def _read(path: Path) -> tuple[str, list[PredictionRow]]:
@@ -178,21 +189,26 @@ class CsvPredictionWriter:
                 raise OutputError(f"{path}: record {line}: not a prediction row ({error})") from None
         kept = "".join(csv_line(record) for record in records)
         if not text.startswith(kept):
-            raise OutputError(f"{path}: edited since `pipeline predict` wrote it; cannot resume it safely")
+            raise OutputError(
+                f"{path}: not laid out as `pipeline predict` writes it (re-saved by another program?); "
+                "cannot resume it safely"
+            )
         return kept, rows
 
     def existing_rows(self) -> Iterator[PredictionRow]:
         return iter(self._kept)
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
-        self._handle.write("".join(csv_line(row.csv_fields()) for row in rows))
-        sync(self._handle)
+        with reported(self.path):
+            self._handle.write("".join(csv_line(row.csv_fields()) for row in rows))
+            sync(self._handle)
 
     def close(self) -> None:
-        if self.path is not None:
-            self._handle.close()
-        else:
-            self._handle.flush()
+        with reported(self.path):
+            if self.path is not None:
+                self._handle.close()
+            else:
+                self._handle.flush()
 
 
 class JsonlPredictionWriter:
@@ -202,24 +218,27 @@ class JsonlPredictionWriter:
         self.path = path
         self._kept: list[PredictionRow] = []
         kept = ""
-        if path.is_file():
-            kept = complete_text(path)
-            for line, text in enumerate(kept.splitlines(), start=1):
-                try:
-                    self._kept.append(PredictionRow.from_json_record(json.loads(text)))
-                except (ValueError, TypeError, KeyError) as error:
-                    raise OutputError(f"{path}: line {line}: not a prediction row ({error!r})") from None
-        self._handle = open_for_append(path, kept)
+        with reported(path):
+            if path.is_file():
+                kept = complete_text(path)
+            self._handle = open_for_append(path, kept)
+        for line, text in enumerate(kept.splitlines(), start=1):
+            try:
+                self._kept.append(PredictionRow.from_json_record(json.loads(text)))
+            except (ValueError, TypeError, KeyError) as error:
+                raise OutputError(f"{path}: line {line}: not a prediction row ({error!r})") from None
 
     def existing_rows(self) -> Iterator[PredictionRow]:
         return iter(self._kept)
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
-        self._handle.write("".join(json.dumps(row.json_record()) + "\n" for row in rows))
-        sync(self._handle)
+        with reported(self.path):
+            self._handle.write("".join(json.dumps(row.json_record()) + "\n" for row in rows))
+            sync(self._handle)
 
     def close(self) -> None:
-        self._handle.close()
+        with reported(self.path):
+            self._handle.close()
 
 
 class ParquetPredictionWriter:
@@ -235,7 +254,10 @@ class ParquetPredictionWriter:
         self.path = path
         self._finished: list[PredictionRow] = []
         if path.is_file():
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except (OSError, ValueError) as error:  # pyarrow's errors derive from these
+                raise OutputError(f"{path}: not a readable Parquet file ({error})") from None
             if tuple(table.column_names) != PREDICTION_COLUMNS:
                 raise OutputError(f"{path}: not an output of `pipeline predict` (columns {table.column_names})")
             self._finished = [PredictionRow.from_json_record(record) for record in table.to_pylist()]
@@ -261,7 +283,7 @@ class ParquetPredictionWriter:
         columns = {name: [getattr(row, name) for row in rows] for name in PREDICTION_COLUMNS}
         columns["path"] = [printable(path) for path in columns["path"]]
         table = pa.table(columns, schema=parquet_schema())
-        with atomic_path(self.path) as tmp:
+        with reported(self.path), atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
         self.partial.unlink(missing_ok=True)
 

@@ -19,7 +19,8 @@ apply (an error row has no split or metrics; a store without classes has no
   config): ``epochs``, ``batch_size``, ``lr``, ``lr_milestones`` (1-based
   epochs at whose start lr /= 10), ``classes``, ``n_classes``,
   ``train_fraction``, ``head_blocks`` (``all`` | ``last``), ``aggregation``
-  (``tie`` | ``mean``), ``seed``, ``amp`` (``none`` | ``bf16``);
+  (``tie`` | ``mean``), ``seed``, ``amp`` (``none`` | ``bf16``),
+  ``calibration`` (``none`` | ``temperature``);
 * the fit: ``n_params``, ``fit_seconds``, ``views_used`` (distinct training
   views read), ``views_reused`` (epochs that read a view an earlier epoch
   had already read: the run had more epochs than the store has views);
@@ -27,10 +28,17 @@ apply (an error row has no split or metrics; a store without classes has no
   (``center``, ``tencrop`` or a perturbation such as ``jpeg-official``),
   ``dataset``, ``n`` (rows scored), ``n_invalid`` (rows excluded because
   their image could not be read);
-* the metrics of ``pipeline.metrics.METRIC_NAMES``: ``acc`` (threshold
-  0.5), ``ap`` (the paper's two), ``auc``, ``real_acc``, ``fake_acc``,
-  ``oracle_acc``, ``oracle_threshold``, ``calibrated_acc``,
-  ``calibrated_threshold`` (the threshold that maximises val accuracy).
+* the metrics of ``pipeline.metrics.METRIC_NAMES`` (defined there):
+  ``acc`` (threshold 0.5), ``ap`` (the paper's two), ``auc``, ``real_acc``,
+  ``fake_acc``, ``eer``, ``brier``, ``ece``, and the operating points
+  ``<point>_{threshold,acc,real_acc,fake_acc}`` chosen on the set itself
+  (``oracle``, ``oracle_eer``, ``oracle_fpr1``, ``oracle_fpr5``) or on val
+  (``calibrated``: the threshold that maximises val accuracy, ``val_eer``,
+  ``val_fpr1``, ``val_fpr5``).
+
+Columns added after the first format (``ADDED_COLUMNS``) read, from a file
+that lacks them, as the value their absence implies (``nan``; ``none`` for
+``calibration``).
 
 ``<grid out>/selection.csv`` — per training setting, two rows: the best run
 by val (``best_by_val``: highest mean val ACC, then val AP; honest) and by

@@ -391,7 +391,7 @@ def test_a_resumed_output_rewritten_by_another_program_is_refused(trained_predic
     out = tmp_path / "s.csv"
     invoke(*predict_args(trained_predict_run["run"], trained_predict_run["data"] / "a", out))
     out.write_bytes(out.read_bytes().replace(b"\n", b"\r\n"))  # saved again by a spreadsheet, say
-    with pytest.raises(OutputError, match="edited since"):
+    with pytest.raises(OutputError, match="not laid out as `pipeline predict` writes it"):
         run_predict(
             PredictConfig(head=trained_predict_run["run"], inputs=(trained_predict_run["data"],), out=out, device="cpu")
         )
@@ -415,3 +415,11 @@ def test_detector_crops_are_the_evaluations(trained_predict_run, tiny_clip_dir):
     temperature = detector.spec.temperature
     assert detector.score([file], crop="tencrop")[0] == pytest.approx(1 / (1 + np.exp(-ten / temperature)), abs=1e-6)
     assert detector.score([file])[0] == pytest.approx(1 / (1 + np.exp(-center / temperature)), abs=1e-6)
+
+
+def test_a_full_disk_is_an_error_naming_the_output(trained_predict_run, tmp_path):
+    out = tmp_path / "scores.csv"
+    out.symlink_to("/dev/full")  # every write fails with ENOSPC
+    output = invoke(*predict_args(trained_predict_run["run"], trained_predict_run["data"] / "a", out), code=1)
+    assert output.startswith("Error:") or "\nError: " in output
+    assert f"{out}: cannot write the predictions (No space left on device)" in output
