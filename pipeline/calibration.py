@@ -26,6 +26,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,15 +56,21 @@ class HeadCalibration:
         """Probability of fake from the logits of each image's crops, shape (N, n_crops)."""
         return calibrated_scores(logits, self.temperature)
 
-    def to_metadata(self) -> dict[str, str]:
-        points = {rule: point.as_dict() for rule, point in self.thresholds.items()}
+    def as_json(self) -> dict[str, Any]:
+        """Typed values under the metadata keys (``config.json`` of an exported detector holds them)."""
         return {
             "calibration": self.method,
-            "temperature": repr(float(self.temperature)),
+            "temperature": float(self.temperature),
             "val_split": self.val_split,
-            "n_val": str(self.n_val),
-            "thresholds": json.dumps(points),
+            "n_val": self.n_val,
+            "thresholds": {rule: point.as_dict() for rule, point in self.thresholds.items()},
         }
+
+    def to_metadata(self) -> dict[str, str]:
+        """:meth:`as_json` as safetensors metadata: strings (the thresholds as JSON text)."""
+        values = self.as_json()
+        return {key: json.dumps(value) if key == "thresholds" else repr(value) if key == "temperature" else str(value)
+                for key, value in values.items()}  # fmt: skip
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], where: object) -> HeadCalibration:
@@ -72,20 +79,28 @@ class HeadCalibration:
         if missing:
             raise CheckpointError(f"{where}: head metadata lacks {', '.join(missing)} (calibration and thresholds)")
         try:
-            method = metadata["calibration"]
+            thresholds = json.loads(metadata["thresholds"])
+        except ValueError as error:
+            raise CheckpointError(f"{where}: head metadata: bad calibration or thresholds ({error!r})") from None
+        return cls.from_json({**metadata, "thresholds": thresholds}, where)
+
+    @classmethod
+    def from_json(cls, values: Mapping[str, Any], where: object) -> HeadCalibration:
+        """Read :meth:`as_json`'s values (numbers may come as text); ``CheckpointError`` names what is wrong."""
+        try:
+            method = values["calibration"]
             if method not in CALIBRATIONS:
                 raise ValueError(f"calibration {method!r} is not one of {', '.join(CALIBRATIONS)}")
-            temperature = float(metadata["temperature"])
+            temperature = float(values["temperature"])
             if not (math.isfinite(temperature) and temperature > 0):
                 raise ValueError(f"temperature {temperature!r} is not a positive number")
-            n_val = int(metadata["n_val"])
-            stored = json.loads(metadata["thresholds"])
+            stored = values["thresholds"]
             thresholds = {
                 rule: OperatingPoint(**{f: float(stored[rule][f]) for f in POINT_FIELDS}) for rule in THRESHOLD_RULES
             }
+            return cls(method, temperature, thresholds, str(values["val_split"]), int(values["n_val"]))
         except (ValueError, TypeError, KeyError) as error:
             raise CheckpointError(f"{where}: head metadata: bad calibration or thresholds ({error!r})") from None
-        return cls(method, temperature, thresholds, metadata["val_split"], n_val)
 
 
 def calibrated_scores(logits: torch.Tensor, temperature: float) -> np.ndarray:

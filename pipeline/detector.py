@@ -123,21 +123,17 @@ class DetectorSpec:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The typed fields of ``config.json`` (``pipeline export``)."""
-        calibration = self.calibration
+        """The typed fields of ``config.json`` (``pipeline export``); calibration keys null without one."""
+        from .calibration import METADATA_KEYS
+
+        calibration = dict.fromkeys(METADATA_KEYS) if self.calibration is None else self.calibration.as_json()
         return {
             "backbone": {"model": self.model, "revision": self.revision, "tap": self.tap},
             "block_indices": None if self.block_indices is None else list(self.block_indices),
             "head_blocks": self.head_blocks,
             "store_dtype": self.store_dtype,
             "amp": self.amp,
-            "calibration": None if calibration is None else calibration.method,
-            "temperature": self.temperature,
-            "val_split": None if calibration is None else calibration.val_split,
-            "n_val": None if calibration is None else calibration.n_val,
-            "thresholds": None
-            if calibration is None
-            else {rule: point.as_dict() for rule, point in calibration.thresholds.items()},
+            **calibration,
         }
 
     @classmethod
@@ -148,12 +144,7 @@ class DetectorSpec:
         try:
             backbone = document["backbone"]
             blocks = document["block_indices"]
-            calibration = None
-            if document["calibration"] is not None:
-                metadata = {key: document[key] for key in ("calibration", "val_split")}
-                metadata.update(temperature=repr(document["temperature"]), n_val=str(document["n_val"]))
-                metadata["thresholds"] = json.dumps(document["thresholds"])
-                calibration = HeadCalibration.from_metadata(metadata, where)
+            calibration = None if document["calibration"] is None else HeadCalibration.from_json(document, where)
             return cls(
                 model=str(backbone["model"]),
                 revision=backbone["revision"],

@@ -130,3 +130,16 @@ def test_pixels_to_score_module_matches_the_detector_on_the_last_block_ablation(
     expected = detector.logits(detector.forward_step()(crops)["ln2"])
     torch.testing.assert_close(logit, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(score, torch.sigmoid(expected / detector.spec.temperature), rtol=0, atol=1e-6)
+
+
+def test_a_damaged_config_json_is_an_error_naming_the_file(exported, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "head.safetensors").write_bytes((exported / "head.safetensors").read_bytes())
+    config = json.loads((exported / "config.json").read_text())
+    for damage in ({"backbone": None}, {"thresholds": {"val": {}}}, {"format": "something else"}):
+        (copy / "config.json").write_text(json.dumps({**config, **damage}))
+        output = invoke("predict", str(copy), "--head", str(copy), code=1)
+        assert output.startswith("Error:") and "config.json" in output, damage
+    (copy / "config.json").write_text("{not json")
+    assert "not readable JSON" in invoke("predict", str(copy), "--head", str(copy), code=1)
