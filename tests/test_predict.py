@@ -423,3 +423,9 @@ def test_a_full_disk_is_an_error_naming_the_output(trained_predict_run, tmp_path
     output = invoke(*predict_args(trained_predict_run["run"], trained_predict_run["data"] / "a", out), code=1)
     assert output.startswith("Error:") or "\nError: " in output
     assert f"{out}: cannot write the predictions (No space left on device)" in output
+
+
+def test_import_pipeline_and_its_detector_class_load_no_torch():
+    code = "import sys, pipeline; from pipeline import Detector; print('torch' in sys.modules, Detector.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "Detector"]
