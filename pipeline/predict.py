@@ -17,10 +17,11 @@ format) and appends the batch's rows to the output (``pipeline.predict_output``)
 
 Batches are planned over the whole input list: batch b holds images
 ``b * batch_size ...`` (with ``--crop auto``, its center-crop and ten-crop
-images as two batches, decided from the headers read beforehand). A batch
-whose images are all in the output already is skipped, and any other is
-computed whole, so a resumed run puts every image through the backbone in the
-same batch as an uninterrupted run: the output file ends up the same.
+images go through the backbone as two work items, decided from the headers
+read beforehand, and are written together in input order). A batch whose
+images are all in the output already is skipped, and any other is computed
+whole, so a resumed run puts every image through the backbone in the same
+batch as an uninterrupted run: the output file ends up the same.
 """
 
 from __future__ import annotations
@@ -161,6 +162,12 @@ def ten_crop_rows(paths: Sequence[Path], rows: np.ndarray, detector: Detector, c
     return np.array(chosen, dtype=bool)
 
 
+def open_batch_rows(done: np.ndarray, batch_size: int) -> np.ndarray:
+    """The rows of every batch that still has an image to score (its done images included)."""
+    starts = [start for start in range(0, len(done), batch_size) if not done[start : start + batch_size].all()]
+    return np.array([row for start in starts for row in range(start, min(start + batch_size, len(done)))], dtype=int)
+
+
 def plan_work(
     n_images: int, batch_size: int, done: np.ndarray, ten_crop: np.ndarray, crop_size: int
 ) -> list[BatchWork]:
@@ -181,7 +188,11 @@ def plan_work(
 
 
 class PredictionCommitter:
-    """The committer of ``pipeline predict``: scores each finished batch and appends its rows to the output."""
+    """The committer of ``pipeline predict``: scores each finished work item and appends its batch's rows.
+
+    A batch planned as two work items (its center and ten-crop images) is
+    written once both are scored, its rows in input order.
+    """
 
     def __init__(
         self,
@@ -190,13 +201,17 @@ class PredictionCommitter:
         work: Sequence[BatchWork],
         writer: PredictionWriter,
         done: set[str],
+        batch_size: int,
     ) -> None:
         self.detector = detector
         self.paths = paths
         self.work = {item.shard: item for item in work}
+        self.parts = Counter(int(item.rows[0]) // batch_size for item in work)  # input batch -> its work items
+        self.batch_size = batch_size
         self.writer = writer
         self.done = done
         self.backbone = detector.backbone_label()
+        self.pending: dict[int, list[tuple[int, PredictionRow]]] = {}
         self.seconds = 0.0
         self.written = 0
         self.failures: list[tuple[str, str]] = []
@@ -209,37 +224,30 @@ class PredictionCommitter:
         logits = torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
         scores = self.detector.scores(logits)
         crop = "tencrop" if len(names) > 1 else "center"
-        rows = []
+        batch = int(item.rows[0]) // self.batch_size
+        rows = self.pending.setdefault(batch, [])
         for i, row in enumerate(item.rows.tolist()):
-            path = str(self.paths[row])
-            if path in self.done:
-                continue
-            header = read_image_header(self.paths[row])
-            score = float(scores[i]) if finished.valid[i] else None
-            label = "" if score is None else ("fake" if score >= self.detector.threshold else "real")
-            rows.append(
-                PredictionRow(
-                    path,
-                    score,
-                    label,
-                    self.detector.threshold,
-                    self.detector.threshold_name,
-                    crop,
-                    header.width,
-                    header.height,
-                    header.format or "",
-                    self.backbone,
-                    finished.errors[i],
-                )  # fmt: skip
-            )
-            if score is None:
-                self.failures.append((path, finished.errors[i]))
-        self.writer.write(rows)
-        self.written += len(rows)
+            if str(self.paths[row]) not in self.done:
+                score = float(scores[i]) if finished.valid[i] else None
+                rows.append((row, self.prediction_row(row, score, crop, finished.errors[i])))
+        self.parts[batch] -= 1
+        if not self.parts[batch]:
+            ordered = [prediction for _, prediction in sorted(self.pending.pop(batch), key=lambda pair: pair[0])]
+            self.writer.write(ordered)
+            self.written += len(ordered)
+            self.failures += [(p.path, p.error) for p in ordered if p.score is None]
         self.seconds += time.perf_counter() - start
 
+    def prediction_row(self, row: int, score: float | None, crop: str, error: str) -> PredictionRow:
+        header = read_image_header(self.paths[row])
+        label = "" if score is None else ("fake" if score >= self.detector.threshold else "real")
+        return PredictionRow(
+            str(self.paths[row]), score, label, self.detector.threshold, self.detector.threshold_name, crop,
+            header.width, header.height, header.format or "", self.backbone, error,
+        )  # fmt: skip
+
     def close(self) -> None:
-        """Rows are written as each batch is scored: nothing is left in flight."""
+        """Each batch is written once its work items are scored: nothing is left in flight."""
 
 
 def check_resumable(rows: Sequence[PredictionRow], detector: Detector, crop: str, out: Path | None) -> None:
@@ -279,11 +287,11 @@ def run_predict(
         done = {row.path for row in existing}
         is_done = np.array([str(path) in done for path in paths], dtype=bool)
         ten_crop = np.full(len(paths), config.crop == "tencrop")
-        if config.crop == "auto":
-            todo = np.flatnonzero(~is_done)
-            ten_crop[todo] = ten_crop_rows(paths, todo, detector, config)
+        if config.crop == "auto":  # every image of a batch to compute, so that its halves are those of a full run
+            rows = open_batch_rows(is_done, config.batch_size)
+            ten_crop[rows] = ten_crop_rows(paths, rows, detector, config)
         work = plan_work(len(paths), config.batch_size, is_done, ten_crop, detector.backbone.crop_size)
-        committer = PredictionCommitter(detector, paths, work, writer, done)
+        committer = PredictionCommitter(detector, paths, work, writer, done, config.batch_size)
         source = ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers)
         total = sum(len(item.rows) for item in work)
         with tqdm(total=total, unit="img", desc="predict", disable=not config.progress, smoothing=0.05) as bar:

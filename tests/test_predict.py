@@ -429,3 +429,18 @@ def test_import_pipeline_and_its_detector_class_load_no_torch():
     code = "import sys, pipeline; from pipeline import Detector; print('torch' in sys.modules, Detector.__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "Detector"]
+
+
+def test_an_output_cut_mid_batch_resumes_to_the_uninterrupted_file_with_auto_crops(trained_predict_run, tmp_path):
+    folder = tmp_path / "mixed"
+    for i in range(7):
+        write_image(folder / f"{i}.png", (90, 70) if i % 3 == 0 else (40, 40), i)  # shorter side 70: ten crops
+    reference, cut = tmp_path / "reference.csv", tmp_path / "cut.csv"
+    args = ("--crop", "auto", "--batch-size", "3", "--device", "cpu", "--no-progress")
+    invoke("predict", str(folder), "--head", str(trained_predict_run["run"]), "--out", str(reference), *args)
+    lines = reference.read_text().splitlines(keepends=True)
+    assert [line.split(",")[5] for line in lines[1:]] == ["tencrop", "center", "center"] * 2 + ["tencrop"]
+    cut.write_text("".join(lines[:6]) + lines[6][:20])  # header, 5 rows (batch 2 half done), a torn record
+    output = invoke("predict", str(folder), "--head", str(trained_predict_run["run"]), "--out", str(cut), *args)
+    assert "2 written" in output and "5 were already in" in output
+    assert cut.read_bytes() == reference.read_bytes()
