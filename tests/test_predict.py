@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,38 +140,45 @@ def predict_args(run: Path, data: Path, out: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_file_of_an_uninterrupted_run(trained_predict_run, tmp_path):
-    run, data = trained_predict_run["run"], trained_predict_run["data"]
+    """Every run a `python -m pipeline` process with the same environment (torch threads included)."""
+    run, data = trained_predict_run["run"], shutil.copytree(trained_predict_run["data"], tmp_path / "data")
     (data / "b" / "0_real" / "broken.png").write_bytes(b"not an image")
-    try:
-        reference = tmp_path / "reference.csv"
-        invoke(*predict_args(run, data, reference), code=3)
-        throttle = tmp_path / "throttle"
-        throttle.mkdir()
-        (throttle / "sitecustomize.py").write_text(SLOW_COMMIT)
-        out = tmp_path / "killed.csv"
-        python_path = os.pathsep.join(p for p in (str(throttle), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_COMMIT_DELAY": "0.15", "HF_HUB_OFFLINE": "1"}
-        process = subprocess.Popen([sys.executable, "-m", "pipeline", *predict_args(run, data, out)], env=env,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
-            if out.is_file() and out.read_text().count("\n") >= 8:  # the header and a few batches
-                os.kill(process.pid, signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        process.wait()
-        assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
-        lines = out.read_text().count("\n")
-        assert 8 <= lines < 34
-        with open(out, "a") as handle:  # as if the kill had torn a record
-            handle.write(str(data / "a" / "0_real" / "img_000.png") + ",0.12")
-        output = invoke(*predict_args(run, data, out), code=3)
-        assert f"{lines - 1} were already in" in output
-        assert out.read_bytes() == reference.read_bytes()
-        again = invoke(*predict_args(run, data, out), code=3)  # everything done: nothing computed, same file
-        assert "0 written" in again and out.read_bytes() == reference.read_bytes()
-    finally:
-        (data / "b" / "0_real" / "broken.png").unlink()
+    throttle = tmp_path / "throttle"
+    throttle.mkdir()
+    (throttle / "sitecustomize.py").write_text(SLOW_COMMIT)
+    python_path = os.pathsep.join(p for p in (str(throttle), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_COMMIT_DELAY": "0", "HF_HUB_OFFLINE": "1"}
+
+    def start(out: Path, delay: str = "0") -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", *predict_args(run, data, out)],
+                                env={**env, "RINE_TEST_COMMIT_DELAY": delay}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+    def finish(out: Path) -> str:
+        process = start(out)
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 3, stderr  # the broken file
+        return stderr
+
+    reference, out = tmp_path / "reference.csv", tmp_path / "killed.csv"
+    finish(reference)
+    process = start(out, delay="0.15")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if out.is_file() and out.read_text().count("\n") >= 8:  # the header and a few batches
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, process.stderr.read()
+    lines = out.read_text().count("\n")
+    assert 8 <= lines < 34
+    with open(out, "a") as handle:  # as if the kill had torn a record
+        handle.write(str(data / "a" / "0_real" / "img_000.png") + ",0.12")
+    assert f"{lines - 1} were already in" in finish(out)
+    assert out.read_bytes() == reference.read_bytes()
+    assert "0 written" in finish(out)  # everything done: nothing computed, the same file
+    assert out.read_bytes() == reference.read_bytes()
 
 
 def test_resume_refuses_an_output_made_with_another_threshold_or_crop(trained_predict_run, tmp_path):
