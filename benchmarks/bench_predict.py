@@ -117,11 +117,11 @@ def time_backbone(backbone: Backbone, batches: list[np.ndarray]) -> float:
     return time.perf_counter() - start
 
 
-def time_predict(config: PredictConfig) -> float:
+def time_predict(config: PredictConfig) -> tuple[float, str]:
     config.out.unlink(missing_ok=True)
     start = time.perf_counter()
-    run_predict(config)
-    return time.perf_counter() - start
+    summary = run_predict(config)
+    return time.perf_counter() - start, summary.report()
 
 
 def speed(args: argparse.Namespace, work: Path) -> None:
@@ -137,7 +137,9 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     bare_seconds, predict_seconds = [], []
     for _ in range(args.repeats):
         bare_seconds.append(time_backbone(backbone, batches))
-        predict_seconds.append(time_predict(config))
+        seconds, report = time_predict(config)
+        predict_seconds.append(seconds)
+        print("  run_predict: " + report.replace("\n", "\n  "))
     bare = args.images / statistics.median(bare_seconds)
     end_to_end = args.images / statistics.median(predict_seconds)
     print(f"bare forward_taps: {bare:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in bare_seconds)})")

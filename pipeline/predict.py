@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from . import images
 from .detector import CROPS, Detector, PredictError, variants_of
-from .extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, extract_shards
+from .extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, StageTimes, extract_shards
 from .image_headers import read_image_header
 from .manifest import read_sidecar, sidecar_path
 from .predict_output import PredictionRow, PredictionWriter, open_prediction_writer
@@ -86,11 +86,17 @@ class PredictSummary:
     n_scored: int  # rows this run wrote
     failures: tuple[tuple[str, str], ...]  # (path, error) of every row of the output without a score
     seconds: float
+    times: StageTimes  # of the scoring loop: decoding (overlapped), backbone, head and writing
 
     def report(self) -> str:
         rate = self.n_scored / self.seconds if self.seconds > 0 else 0.0
         resumed = f"; {self.n_resumed} were already in {self.out}" if self.n_resumed else ""
-        lines = [f"{self.n_images} images: {self.n_scored} written in {self.seconds:.1f} s ({rate:.1f} img/s){resumed}"]
+        t = self.times
+        lines = [
+            f"{self.n_images} images: {self.n_scored} written in {self.seconds:.1f} s ({rate:.1f} img/s){resumed}",
+            f"time: decoding {t.decode:.1f} s (in {t.wait_for_pixels:.1f} s of waiting), backbone {t.backbone:.1f} s, "
+            f"head, headers and writing {t.write:.1f} s",
+        ]
         if self.failures:
             lines.append(f"{len(self.failures)} images could not be scored (rows with an error):")
             for reason, count in Counter(reason for _, reason in self.failures).most_common():
@@ -295,7 +301,7 @@ def run_predict(
         source = ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers)
         total = sum(len(item.rows) for item in work)
         with tqdm(total=total, unit="img", desc="predict", disable=not config.progress, smoothing=0.05) as bar:
-            extract_shards(work, source, detector.forward_step(), committer, progress=bar.update)
+            times = extract_shards(work, source, detector.forward_step(), committer, progress=bar.update)
     finally:
         writer.close()
     earlier = [(row.path, row.error) for row in existing if row.score is None]
@@ -306,4 +312,5 @@ def run_predict(
         n_scored=committer.written,
         failures=tuple(earlier + committer.failures),
         seconds=time.perf_counter() - start,
+        times=times,
     )
