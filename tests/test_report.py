@@ -889,28 +889,31 @@ def test_tsne_points_are_scikit_learns_tsne() -> None:
 # ----------------------------------------------------------------------------- calibration figures
 
 
-def test_each_selected_full_model_gets_a_reliability_diagram_and_score_histograms(grids, report) -> None:
-    from pipeline.metrics import best_threshold
-    from pipeline.report import figures
-    from pipeline.report.inputs import best_by_test_full_models, read_grid_dir
+def test_each_selected_run_gets_a_reliability_diagram_and_histograms_marked_with_its_val_thresholds(
+    grids, report
+) -> None:
+    from pipeline.metrics import best_threshold, choose_thresholds
+    from pipeline.report.analysis import RunSection
+    from pipeline.report.inputs import all_runs, read_grid_dir
+    from pipeline.report.run_figures import run_jobs
+    from pipeline.report.scores import read_run_scores
 
-    names = [path.name for path in report.written]
-    results = [read_grid_dir(grid) for grid in grids]
-    runs = best_by_test_full_models(results)
-    assert len([n for n in names if n.startswith("reliability_")]) == len(runs) == 7  # the five above, two LDM
-    assert len([n for n in names if n.startswith("scores_")]) == len(runs)
-    jobs = [job for job in figures.calibration_jobs(results, report.out) if not isinstance(job, figures.SkippedOutput)]
-    reliability, histograms = jobs[0][1], jobs[1][1]  # the first run's two figures
-    run_folder = runs[0].folder
-    curves = reliability.args[2]
-    assert list(curves) == ["val", "test"]
-    val = read_rows(run_folder / "scores_val.csv")
-    np.testing.assert_array_equal(curves["val"][1], [float(row["score"]) for row in val])
-    np.testing.assert_array_equal(curves["val"][0], [int(row["label"]) for row in val])
-    panels, thresholds = histograms.args[2], histograms.args[3]
-    test = read_rows(run_folder / "scores_test.csv")
-    assert list(panels) == [d for d in PAPER_ORDER if d in {r["dataset"] for r in test}] + ["my_extra"]
-    dalle = [float(row["score"]) for row in test if row["dataset"] == "dalle"]
-    np.testing.assert_array_equal(np.sort(panels["dalle"][1]), np.sort(dalle))
+    names = {path.name for path in report.written}
+    selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}
+    assert {f"run_{run}_reliability.png" for run in selected} <= names
+    run = next(r for r in all_runs([read_grid_dir(grids[0])]) if r.run in selected)
+    tests, _ = read_run_scores(run)
+    section = RunSection(run, (), tuple(tests), (), (), (), ())
+    jobs = {job[0]: job[1] for job in run_jobs(section, report.out)}
+    val = read_rows(run.folder / "scores_val.csv")
     labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
-    assert thresholds["0.5"] == 0.5 and thresholds["best val acc"] == best_threshold(labels, scores)[0]
+    curves = jobs[f"run_{run.run}_reliability.png"].args[2]
+    assert list(curves) == ["val", "test"]
+    np.testing.assert_array_equal(curves["val"][0], labels)
+    np.testing.assert_array_equal(curves["val"][1], scores)
+    test = read_rows(run.folder / "scores_test.csv")
+    np.testing.assert_array_equal(curves["test"][1], [float(r["score"]) for r in test])
+    thresholds = jobs[f"run_{run.run}_scores.png"].args[3]
+    chosen = choose_thresholds(labels, scores)
+    assert thresholds["val best acc"] == best_threshold(labels, scores)[0]
+    assert (thresholds["val EER"], thresholds["val 1 % FPR"]) == (chosen["eer"].threshold, chosen["fpr1"].threshold)

@@ -8,16 +8,13 @@ box plots of mean ACC/AP per hyper-parameter value (paper Figs. 3-4), mean
 ACC/AP against epochs and against training fraction, the TIE block
 importance per setting (``tie.png``, the numbers of ``tie.csv``) and a t-SNE
 of the head's z on a sample of the test sets (``tsne_*.png``, from the
-``embeddings.npz`` that ``pipeline fit`` writes for selected runs), and per
-selected run, from its ``scores_<split>.csv`` files, a reliability diagram
-(``reliability_*.png``: fraction of fakes against the score per bin, val and
-each test split, with ECE and Brier score) and the score histograms of reals
-and fakes per test set (``scores_*.png``, with 0.5 and the val thresholds).
+``embeddings.npz`` that ``pipeline fit`` writes for selected runs).
+:func:`plot_reliability` draws a run's reliability diagram
+(``pipeline.report.run_figures`` makes one per selected run).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import math
@@ -34,14 +31,11 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import reference as ref
 from ..files import atomic_path
-from ..metrics import ECE_BINS, brier_score, choose_thresholds, expected_calibration_error, reliability_bins
-from ..results import VAL_SPLIT
+from ..metrics import ECE_BINS, brier_score, expected_calibration_error, reliability_bins
 from .inputs import EMBEDDINGS_FILE, HEAD_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
 from .tables import SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
 
 DPI = 100
-SCORES_PREFIX = "scores_"  # a run folder's per-split score files: scores_<split>.csv
-THRESHOLD_LABELS = {"val": "best val acc", "eer": "val EER", "fpr1": "1 % val FPR", "fpr5": "5 % val FPR"}
 ACC_COLOR = "tab:olive"
 AP_COLOR = "goldenrod"
 
@@ -191,39 +185,6 @@ def plot_reliability(path: Path, title: str, curves: Mapping[str, tuple[np.ndarr
     top.legend(fontsize="small", loc="upper left")
     bottom.set_xlabel(f"score (probability of fake), {ECE_BINS} bins")
     bottom.set_ylabel("share of images")
-    figure.suptitle(wrap_title(title), fontsize="medium")
-    return save_png(figure, path)
-
-
-def plot_score_histograms(
-    path: Path,
-    title: str,
-    panels: Mapping[str, tuple[np.ndarray, np.ndarray]],
-    thresholds: Mapping[str, float],
-) -> Path:
-    """One panel per test set (label -> (labels, scores)): histograms of the scores of reals and of fakes.
-
-    Vertical lines mark ``thresholds`` (name -> value, e.g. 0.5 and those chosen on val).
-    """
-    columns = min(4, len(panels))
-    rows = -(-len(panels) // columns)
-    figure = new_figure(3.2 * columns, 2.4 * rows + 0.8)
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False, sharex=True)).ravel()
-    bins = np.linspace(0, 1, 26)
-    styles = ("black", "tab:purple", "tab:orange", "tab:cyan", "tab:pink")
-    for axis, (label, (labels, scores)) in zip(axes, panels.items()):
-        axis.hist(scores[labels == 0], bins=bins, color="tab:blue", alpha=0.6, label=f"real ({np.sum(labels == 0)})")
-        axis.hist(scores[labels == 1], bins=bins, color="tab:red", alpha=0.6, label=f"fake ({np.sum(labels == 1)})")
-        for (name, value), color in zip(thresholds.items(), styles):
-            if np.isfinite(value):
-                axis.axvline(value, color=color, linestyle="--", linewidth=1, label=f"{name} {value:.3g}")
-        axis.set_title(label, fontsize="small")
-        axis.tick_params(labelsize="x-small")
-    for axis in axes[len(panels) :]:
-        axis.set_visible(False)
-    axes[0].legend(fontsize="x-small")
-    figure.supxlabel("score (probability of fake)", fontsize="small")
-    figure.supylabel("images", fontsize="small")
     figure.suptitle(wrap_title(title), fontsize="medium")
     return save_png(figure, path)
 
@@ -404,54 +365,6 @@ def tsne_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | Skipped
     return jobs
 
 
-def read_score_file(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, datasets, scores) of a run's ``scores_<split>.csv`` (path,label,dataset,score)."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    labels = np.array([int(row["label"]) for row in rows], dtype=np.int64)
-    return labels, np.array([row["dataset"] for row in rows]), np.array([float(row["score"]) for row in rows])
-
-
-def score_files(run: RunResult) -> dict[str, Path]:
-    """Split name -> its scores file in the run folder (val first)."""
-    files = {path.stem.removeprefix(SCORES_PREFIX): path for path in sorted(run.folder.glob(f"{SCORES_PREFIX}*.csv"))}
-    return dict(sorted(files.items(), key=lambda item: item[0] != VAL_SPLIT))
-
-
-def calibration_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | SkippedOutput]:
-    """Per selected full model with score files: its reliability diagram and its per-test-set score histograms."""
-    runs = [run for run in best_by_test_full_models(grids) if VAL_SPLIT in score_files(run)]
-    if not runs:
-        return [SkippedOutput("reliability_*.png, scores_*.png", "no best_by_test full-model run with score files")]
-    tokens = common_tokens(runs)
-    jobs: list[PlotJob | SkippedOutput] = []
-    for run in runs:
-        files = {split: read_score_file(path) for split, path in score_files(run).items()}
-        curves = {split: (labels, scores) for split, (labels, _, scores) in files.items()}
-        name = run_plot_name("reliability", run, tokens)
-        title = run_title(run, "Reliability of the scores")
-        jobs.append((name, functools.partial(plot_reliability, out / name, title, curves)))
-        val_labels, _, val_scores = files[VAL_SPLIT]
-        chosen = choose_thresholds(val_labels, val_scores)
-        thresholds = {"0.5": 0.5, **{label: chosen[rule].threshold for rule, label in THRESHOLD_LABELS.items()}}
-        panels = {
-            f"{split}: {dataset}" if len(files) > 2 else str(dataset): (
-                labels[datasets == dataset],
-                scores[datasets == dataset],
-            )
-            for split, (labels, datasets, scores) in files.items()
-            if split != VAL_SPLIT
-            for dataset in order_datasets(set(datasets.tolist()))
-        }
-        if not panels:
-            jobs.append(SkippedOutput(run_plot_name("scores", run, tokens), "no test scores in the run folder"))
-            continue
-        name = run_plot_name("scores", run, tokens)
-        title = run_title(run, "Scores of reals and fakes per test set")
-        jobs.append((name, functools.partial(plot_score_histograms, out / name, title, panels, thresholds)))
-    return jobs
-
-
 def plot_preparers(
     grids: Sequence[GridResults], out: Path
 ) -> tuple[tuple[str, Callable[[], list[PlotJob | SkippedOutput]]], ...]:
@@ -463,5 +376,4 @@ def plot_preparers(
         ("fraction.png", lambda: [study_job(grids, out, "train_fraction", "fraction.png")]),
         ("tie.png", lambda: [tie_job(grids, out)]),
         ("tsne_*.png", lambda: tsne_jobs(grids, out)),
-        ("reliability_*.png, scores_*.png", lambda: calibration_jobs(grids, out)),
     )

@@ -1,7 +1,9 @@
-"""Figures of one selected run for its section of the HTML page: score histograms per test set and its TIE curve.
+"""Figures of one selected run for its section of the HTML page: score histograms, reliability, TIE curve.
 
-Files: ``run_<run id>_scores.png`` and ``run_<run id>_tie.png`` (a head
-with TIE only).
+Files: ``run_<run id>_scores.png`` (per test set, reals vs fakes, with 0.5
+and the thresholds chosen on the run's val scores, ``metrics.THRESHOLD_RULES``),
+``run_<run id>_reliability.png`` (``figures.plot_reliability``: val and each
+test split) and ``run_<run id>_tie.png`` (a head with TIE only).
 
 Drawn like ``pipeline.report.figures`` (matplotlib's Agg canvas, no pyplot,
 complete-or-absent PNG files) and imported only when plots are asked for.
@@ -11,24 +13,33 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..metrics import choose_thresholds
+from ..results import CENTER, VAL_SPLIT
 from .analysis import RunKey, RunSection, run_key
-from .figures import PlotJob, new_figure, save_png, wrap_title
+from .figures import PlotJob, new_figure, plot_reliability, save_png, wrap_title
 from .inputs import HEAD_FILE, RunResult
-from .scores import ScoredSplit
+from .scores import ScoredSplit, read_scored_split, scores_path
 from .tables import SkippedOutput, block_importance
 
 HISTOGRAM_BINS = np.linspace(0.0, 1.0, 21)
 PANEL_COLUMNS = 5
 REAL_COLOR, FAKE_COLOR = "tab:blue", "tab:red"
+THRESHOLD_COLORS = ("black", "tab:purple", "tab:orange", "tab:cyan", "tab:pink")
+THRESHOLD_LABELS = {"val": "val best acc", "eer": "val EER", "fpr1": "val 1 % FPR", "fpr5": "val 5 % FPR"}
 
 
-def plot_score_histograms(path: Path, title: str, splits: Sequence[ScoredSplit]) -> Path:
-    """One panel per (test split, dataset): the share of reals and of fakes per score bin, the 0.5 threshold dashed."""
+def plot_score_histograms(
+    path: Path, title: str, splits: Sequence[ScoredSplit], thresholds: Mapping[str, float] | None = None
+) -> Path:
+    """One panel per (test split, dataset): the share of reals and of fakes per score bin.
+
+    Dashed lines: 0.5 and ``thresholds`` (label -> value, those chosen on val).
+    """
     panels = [(scored, dataset) for scored in splits for dataset in scored.dataset_names()]
     if not panels:
         raise ValueError("no scored test set to draw")
@@ -50,7 +61,10 @@ def plot_score_histograms(path: Path, title: str, splits: Sequence[ScoredSplit])
                     color=color,
                     label=f"{name} ({values.size})",
                 )
-        axis.axvline(0.5, color="black", linestyle="--", linewidth=0.8)
+        marks = {"0.5": 0.5, **(thresholds or {})}
+        for (label, value), color in zip(marks.items(), THRESHOLD_COLORS):
+            if np.isfinite(value):
+                axis.axvline(value, color=color, linestyle="--", linewidth=0.8, label=f"{label} {value:.3g}")
         axis.set_xlim(0, 1)
         suffix = "" if len(splits) == 1 else f" [{scored.split}]"
         axis.set_title(f"{dataset}{suffix}", fontsize="small")
@@ -92,15 +106,32 @@ def run_jobs(section: RunSection, out: Path) -> list[PlotJob | SkippedOutput]:
     run = section.run
     jobs: list[PlotJob | SkippedOutput] = []
     name = f"run_{run.run}_scores.png"
+    val_file = scores_path(run, VAL_SPLIT)
+    val = [read_scored_split(val_file, VAL_SPLIT, run.splits.get(VAL_SPLIT, CENTER))] if val_file.is_file() else []
+    thresholds = val_thresholds(val[0]) if val else {}
     if section.test_splits:
         title = f"Scores of run {run.run} per test set: reals vs fakes"
-        jobs.append((name, functools.partial(plot_score_histograms, out / name, title, section.test_splits)))
+        plot = functools.partial(plot_score_histograms, out / name, title, section.test_splits, thresholds)
+        jobs.append((name, plot))
     else:
         jobs.append(SkippedOutput(name, f"no scores_<split>.csv of a test split in {run.folder}"))
+    name = f"run_{run.run}_reliability.png"
+    curves = {split.split: (split.labels, split.scores) for split in (*val, *section.test_splits)}
+    if curves:
+        title = f"Reliability of the scores of run {run.run}"
+        jobs.append((name, functools.partial(plot_reliability, out / name, title, curves)))
+    else:
+        jobs.append(SkippedOutput(name, f"no scores_<split>.csv in {run.folder}"))
     if run.is_full_architecture and (run.folder / HEAD_FILE).is_file():  # TIE over every block
         name = f"run_{run.run}_tie.png"
         jobs.append((name, functools.partial(draw_run_tie, out / name, run)))
     return jobs
+
+
+def val_thresholds(val: ScoredSplit) -> dict[str, float]:
+    """Label -> the threshold each rule of ``metrics.THRESHOLD_RULES`` chooses on the val scores."""
+    chosen = choose_thresholds(val.labels, val.scores)
+    return {label: chosen[rule].threshold for rule, label in THRESHOLD_LABELS.items()}
 
 
 def draw_run_tie(path: Path, run: RunResult) -> Path:
