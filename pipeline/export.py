@@ -43,7 +43,7 @@ import yaml
 
 from . import __version__
 from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files
-from .files import atomic_path
+from .files import atomic_path, disk_errors_explained
 from .head import RineHead
 from .metrics import THRESHOLD_RULES
 from .results import OK, VAL_SPLIT, ResultRow, read_result_rows
@@ -138,7 +138,7 @@ def run_export(config: ExportConfig) -> ExportSummary:
     if out.exists() and not config.overwrite:
         raise PredictError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
     detector = Detector.load(record.folder, device="cpu", dtype="float32") if config.onnx else None
-    with atomic_path(out) as tmp:
+    with disk_errors_explained(out), atomic_path(out) as tmp:
         tmp.mkdir()
         shutil.copyfile(record.folder / HEAD_FILE, tmp / HEAD_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config_document(record, config.onnx), indent=2) + "\n")

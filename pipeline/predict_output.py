@@ -31,13 +31,12 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from .errors import PipelineError
-from .files import atomic_path
+from .files import atomic_path, disk_errors_explained, fsync_directory
 
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names need not be valid UTF-8
@@ -106,15 +105,6 @@ class PredictionWriter(Protocol):
     def close(self) -> None: ...
 
 
-@contextmanager
-def reported(path: Path | None) -> Iterator[None]:
-    """Turn a failed read or write of the output (full disk, no permission, ...) into an ``OutputError``."""
-    try:
-        yield
-    except OSError as error:
-        raise OutputError(f"{path or 'stdout'}: cannot write the predictions ({error.strerror or error})") from None
-
-
 def csv_line(fields_: Sequence[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(fields_)
@@ -139,9 +129,12 @@ def complete_text(path: Path) -> str:
 
 
 def open_for_append(path: Path, keep_chars: str) -> TextIO:
-    """Open ``path`` for appending after cutting it to ``keep_chars`` (its kept text)."""
+    """Open ``path`` for appending after cutting it to ``keep_chars`` (its kept text); a new file is made durable."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
     handle = path.open("a", newline="", **ENCODING)
+    if new:
+        fsync_directory(path.parent)
     size = len(keep_chars.encode(**ENCODING))
     if handle.tell() != size:
         handle.truncate(size)
@@ -160,7 +153,7 @@ class CsvPredictionWriter:
             self._handle.write(HEADER_LINE)
             return
         kept = ""
-        with reported(path):
+        with disk_errors_explained(path):
             if path.is_file() and path.stat().st_size:
                 kept, self._kept = self._read(path)
             self._handle = open_for_append(path, kept)
@@ -199,12 +192,12 @@ class CsvPredictionWriter:
         return iter(self._kept)
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
-        with reported(self.path):
+        with disk_errors_explained(self.path):
             self._handle.write("".join(csv_line(row.csv_fields()) for row in rows))
             sync(self._handle)
 
     def close(self) -> None:
-        with reported(self.path):
+        with disk_errors_explained(self.path):
             if self.path is not None:
                 self._handle.close()
             else:
@@ -218,7 +211,7 @@ class JsonlPredictionWriter:
         self.path = path
         self._kept: list[PredictionRow] = []
         kept = ""
-        with reported(path):
+        with disk_errors_explained(path):
             if path.is_file():
                 kept = complete_text(path)
             self._handle = open_for_append(path, kept)
@@ -232,12 +225,12 @@ class JsonlPredictionWriter:
         return iter(self._kept)
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
-        with reported(self.path):
+        with disk_errors_explained(self.path):
             self._handle.write("".join(json.dumps(row.json_record()) + "\n" for row in rows))
             sync(self._handle)
 
     def close(self) -> None:
-        with reported(self.path):
+        with disk_errors_explained(self.path):
             self._handle.close()
 
 
@@ -283,7 +276,7 @@ class ParquetPredictionWriter:
         columns = {name: [getattr(row, name) for row in rows] for name in PREDICTION_COLUMNS}
         columns["path"] = [printable(path) for path in columns["path"]]
         table = pa.table(columns, schema=parquet_schema())
-        with reported(self.path), atomic_path(self.path) as tmp:
+        with disk_errors_explained(self.path), atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
         self.partial.unlink(missing_ok=True)
 

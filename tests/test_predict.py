@@ -430,7 +430,7 @@ def test_a_full_disk_is_an_error_naming_the_output(trained_predict_run, tmp_path
     out.symlink_to("/dev/full")  # every write fails with ENOSPC
     output = invoke(*predict_args(trained_predict_run["run"], trained_predict_run["data"] / "a", out), code=1)
     assert output.startswith("Error:") or "\nError: " in output
-    assert f"{out}: cannot write the predictions (No space left on device)" in output
+    assert f"{out}: cannot write (No space left on device)" in output
 
 
 def test_import_pipeline_and_its_detector_class_load_no_torch():
