@@ -127,7 +127,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
 
 def read_path_csv(path: Path) -> list[Path]:
     """The ``path`` column of a CSV, resolved against its sidecar's data root or its folder."""
-    data_root, _, _ = read_sidecar(sidecar_path(path))
+    data_root = read_sidecar(sidecar_path(path))[0]
     root = data_root or path.parent
     with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
