@@ -19,12 +19,21 @@ data, not fill). Shards not yet committed read as the fill value, exactly as
 Problems raise :class:`ShardFileError` naming the shard and the file. Plain
 ``zarr`` reads of this layout measured 0.12 of raw disk speed
 (``benchmarks/bench_read.py``).
+
+``ShardRowGatherer`` serves training beyond memory: rows in any order (a
+shuffled batch), each a contiguous slice of its inner chunk, copied with
+positional reads (``os.preadv``) straight into the caller's buffer; runs of
+rows adjacent both in a file and in the batch go in one read. It verifies
+what ``read_raw`` verifies: shard indexes through ``read_shard_index``, and
+every chunk's checksum, once, the first time a gather touches the chunk
+(the whole chunk is read then, and that batch's rows are taken from it).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,3 +320,121 @@ def page_aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(n_bytes + _PAGE_BYTES, dtype=np.uint8)
     start = (-raw.ctypes.data) % _PAGE_BYTES
     return raw[start : start + n_bytes].view(dtype).reshape(shape)
+
+
+class ShardRowGatherer:
+    """Rows of one array whose every shard is committed, gathered in any order from the shard files.
+
+    Thread-safe: shard indexes and the set of verified chunks are shared
+    under a lock; files are opened per call. Over an epoch, verifying costs
+    at most one extra read of each chunk. A missing file or chunk, a damaged
+    index or a chunk that fails its checksum raises ``ShardFileError``.
+    """
+
+    def __init__(self, array_dir: Path, layout: ShardLayout, array: zarr.Array) -> None:
+        self.array_dir = Path(array_dir)
+        self.geometry = _geometry(layout, array)
+        self.ndim = array.ndim
+        self._lock = threading.Lock()
+        self._offsets: dict[int, np.ndarray] = {}  # shard -> byte offset of each of its chunks
+        self._verified: set[int] = set()  # chunks (global numbers) whose checksum held
+
+    def gather(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` (len(rows), ...), C-contiguous, with ``rows`` in the given order."""
+        geometry, layout = self.geometry, self.geometry.layout
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        flat = out.reshape(len(rows), -1).view(np.uint8).reshape(len(rows), geometry.row_bytes)
+        chunks = rows // layout.chunk_rows
+        shards = chunks // geometry.chunks_per_shard
+        offsets = np.empty(len(rows), dtype=np.int64)
+        for shard in np.unique(shards).tolist():
+            here = shards == shard
+            chunk_offsets = self._chunk_offsets(shard)
+            offsets[here] = chunk_offsets[chunks[here] % geometry.chunks_per_shard]
+            offsets[here] += (rows[here] % layout.chunk_rows) * geometry.row_bytes
+        descriptors: dict[int, int] = {}
+        try:
+            pending = np.ones(len(rows), dtype=bool)
+            with self._lock:
+                unverified = [c for c in np.unique(chunks).tolist() if c not in self._verified]
+            if layout.chunk_crc and VERIFY_CHUNK_CHECKSUMS:
+                for chunk in unverified:
+                    data = self._verified_chunk(chunk, descriptors)
+                    here = np.flatnonzero(chunks == chunk)
+                    flat[here] = data[rows[here] - chunk * layout.chunk_rows]
+                    pending[here] = False
+            # A run continues while the next pending row follows in the same file.
+            todo = np.flatnonzero(pending)
+            follows = (
+                (np.diff(todo) == 1) & (np.diff(shards[todo]) == 0) & (np.diff(offsets[todo]) == geometry.row_bytes)
+            )
+            breaks = np.flatnonzero(~follows)
+            for lo, hi in zip(
+                np.concatenate([[0], breaks + 1]).tolist(), np.concatenate([breaks + 1, [len(todo)]]).tolist()
+            ):
+                if lo == hi:
+                    continue
+                first, last = int(todo[lo]), int(todo[hi - 1]) + 1
+                shard = int(shards[first])
+                target = memoryview(flat[first:last]).cast("B")
+                self._read(self._descriptor(shard, descriptors), shard, target, int(offsets[first]))
+        finally:
+            for descriptor in descriptors.values():
+                os.close(descriptor)
+
+    def _file(self, shard: int) -> Path:
+        return shard_file(self.array_dir, shard, self.ndim)
+
+    def _descriptor(self, shard: int, descriptors: dict[int, int]) -> int:
+        if shard not in descriptors:
+            descriptors[shard] = os.open(self._file(shard), os.O_RDONLY)
+        return descriptors[shard]
+
+    def _read(self, descriptor: int, shard: int, target: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(target):
+            got = os.preadv(descriptor, [target[done:]], offset + done)
+            if not got:
+                raise ShardFileError(f"shard {shard}: file {self._file(shard)} is shorter than its index says")
+            done += got
+
+    def _chunk_offsets(self, shard: int) -> np.ndarray:
+        with self._lock:
+            if shard in self._offsets:
+                return self._offsets[shard]
+        geometry, file = self.geometry, self._file(shard)
+        index = read_shard_index(file, shard, geometry)
+        if index is None:
+            raise ShardFileError(f"shard {shard}: file {file} is missing, but the shard is marked done")
+        for local in range(geometry.chunks_in_range(shard)):
+            offset, nbytes = index[local]
+            if offset == _EMPTY_CHUNK:
+                raise ShardFileError(
+                    f"shard {shard}: chunk {local} is missing from {file}, but the shard is marked done"
+                )
+            if nbytes != geometry.stored_chunk_bytes:
+                raise ShardFileError(
+                    f"shard {shard}: chunk {local} of {file} has {nbytes} bytes, expected {geometry.stored_chunk_bytes}"
+                )
+        offsets = index[:, 0].astype(np.int64)
+        with self._lock:
+            self._offsets[shard] = offsets
+        return offsets
+
+    def _verified_chunk(self, chunk: int, descriptors: dict[int, int]) -> np.ndarray:
+        """A chunk's rows (chunk_rows, row_bytes), read whole and checked against its CRC32C."""
+        geometry = self.geometry
+        shard, local = divmod(chunk, geometry.chunks_per_shard)
+        stored = np.empty(geometry.stored_chunk_bytes, dtype=np.uint8)
+        offset = int(self._chunk_offsets(shard)[local])
+        self._read(self._descriptor(shard, descriptors), shard, memoryview(stored), offset)
+        data = stored[: geometry.chunk_bytes]
+        if google_crc32c.value(data) != int.from_bytes(stored[geometry.chunk_bytes :].tobytes(), "little"):
+            raise ShardFileError(
+                f"shard {shard}: chunk {local} of {self._file(shard)} fails its CRC32C checksum (the data are damaged)"
+            )
+        with self._lock:
+            self._verified.add(chunk)
+        return data.reshape(geometry.layout.chunk_rows, geometry.row_bytes)

@@ -52,7 +52,9 @@ Reading: :func:`open_store_info`, :func:`read_rows` and
 :func:`read_features`, which reads whole inner chunks of the shard files
 into one pre-allocated array and verifies their checksums
 (``pipeline/_shard_reader.py``); layouts it does not know fall back to
-``zarr``.
+``zarr``. :func:`open_feature_rows` gathers single rows in any order from
+the same files, with the same checks (training on splits larger than
+memory).
 
 Stores of an older schema (``feature-store@1``: no checksums, no model
 config in the identity) are refused with a message saying to rebuild them.
@@ -832,12 +834,7 @@ def read_features(
     """
     path = Path(path)
     info = open_store_info(path)
-    if variant not in info.variants:
-        raise StoreError(f"{path}: no variant {variant!r}; it has {sorted(info.variants) or 'none'}")
-    if require_complete and variant not in info.complete_variants:
-        missing = int(np.count_nonzero(~info.shard_flags[variant]))
-        raise StoreError(f"{path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction")
-    array = zarr.open_array(path / "features" / variant, mode="r")
+    array = _open_variant(info, variant, require_complete)
     row_index = _row_index(rows, array.shape[0])
     shape = (len(row_index),) + tuple(array.shape[1:])
     if out is None:
@@ -856,6 +853,73 @@ def read_features(
     except (OSError, ValueError) as error:
         raise StoreError(f"{path}: features/{variant} cannot be read ({type(error).__name__}: {error})") from None
     return out
+
+
+class FeatureRows:
+    """The features of one complete variant, gathered row by row in any order without loading the variant.
+
+    For training beyond memory: ``gather(rows)`` returns exactly
+    ``read_features(path, variant)[rows]`` for rows in any order (a shuffled
+    batch), read straight from the shard files with the checks of
+    ``read_features`` (``_shard_reader.ShardRowGatherer``); other layouts go
+    through ``zarr`` (slow, the same values). Safe to share between threads.
+    """
+
+    def __init__(self, path: Path, variant: str, array: zarr.Array) -> None:
+        self.path = Path(path)
+        self.variant = variant
+        self.shape: tuple[int, ...] = tuple(array.shape)
+        self.dtype = np.dtype(array.dtype)
+        self._array = array
+        layout = _shard_reader.raw_shard_layout(array)
+        array_dir = self.path / "features" / variant
+        self._gatherer = None if layout is None else _shard_reader.ShardRowGatherer(array_dir, layout, array)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def gather(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``rows`` (any order, repeats allowed) as one (len(rows), n_blocks, dim) array; ``out`` to fill."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= self.shape[0])):
+            raise IndexError(f"row indices must be a 1-d array within [0, {self.shape[0]})")
+        shape = (len(rows), *self.shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=self.dtype)
+        elif out.shape != shape or out.dtype != self.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, expected a C-contiguous {shape} {self.dtype}")
+        try:
+            if self._gatherer is None:
+                unique, inverse = np.unique(rows, return_inverse=True)
+                out[...] = self._array.get_orthogonal_selection((unique,))[inverse]
+            else:
+                self._gatherer.gather(rows, out)
+        except _shard_reader.ShardFileError as error:
+            raise StoreError(f"{self.path}: features/{self.variant} {error}") from None
+        except (OSError, ValueError) as error:
+            raise StoreError(
+                f"{self.path}: features/{self.variant} cannot be read ({type(error).__name__}: {error})"
+            ) from None
+        return out
+
+
+def open_feature_rows(path: Path, variant: str) -> FeatureRows:
+    """A complete variant of a store, opened for row gathers (``FeatureRows``); nothing is read yet."""
+    path = Path(path)
+    return FeatureRows(path, variant, _open_variant(open_store_info(path), variant, require_complete=True))
+
+
+def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr.Array:
+    """A variant's feature array, refused when the store has no such variant or it is incomplete."""
+    if variant not in info.variants:
+        raise StoreError(f"{info.path}: no variant {variant!r}; it has {sorted(info.variants) or 'none'}")
+    if require_complete and variant not in info.complete_variants:
+        missing = int(np.count_nonzero(~info.shard_flags[variant]))
+        raise StoreError(
+            f"{info.path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction"
+        )
+    return zarr.open_array(info.path / "features" / variant, mode="r")
 
 
 def committed_rows(info: StoreInfo) -> np.ndarray:

@@ -54,6 +54,26 @@ def _check_split(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: 123456, 512M, 8G, 1.5T (powers of 1024; a trailing B or iB is allowed)."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in self._UNITS else ""
+        try:
+            size = float(text[: len(text) - len(unit)]) * self._UNITS[unit]
+        except ValueError:
+            self.fail(f"{value!r} is not a size such as 800M, 16G or 1.5T", param, ctx)
+        if not size > 0 or size == float("inf"):
+            self.fail(f"{value!r} must be a positive size", param, ctx)
+        return int(size)
+
+
 DEVICE_OPTION = click.option(
     "--device", default="auto", callback=_check_device, help="auto (cuda if available), cpu, cuda, cuda:1, ..."
 )
@@ -571,12 +591,24 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
     "--jobs",
     type=click.IntRange(1),
     default=1,
-    help="Configs fitted in parallel (threads sharing one copy of the features).",
+    help="Configs (fused groups) fitted in parallel, in threads sharing one copy of the features.",
 )
 @DEVICE_OPTION
+@click.option(
+    "--no-fuse",
+    is_flag=True,
+    help="Fit every config alone. By default configs that differ only in contrastive_factor train together "
+    "(one batched matmul per layer for the group; the same results to float rounding).",
+)
+@click.option(
+    "--memory-budget",
+    type=ByteSize(),
+    help="Bytes of features held in memory (e.g. 16G); stores beyond it are read batch by batch from their "
+    "shard files, with the same results. Default: 80 % of the RAM available now (of the free GPU memory on a GPU).",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
+def fit_command(grid_file, out, jobs, device, no_fuse, memory_budget, fail_fast, no_progress) -> None:
     """Train and evaluate every head config of a grid from cached features (finished runs are skipped).
 
     Prints the results table path. Exit status 1 when any config failed
@@ -586,7 +618,15 @@ def fit_command(grid_file, out, jobs, device, fail_fast, no_progress) -> None:
     from .grid import FitOptions, run_grid
 
     spec = load_grid(grid_file, out=out)
-    summary = run_grid(spec, FitOptions(device=device, jobs=jobs, fail_fast=fail_fast, progress=not no_progress))
+    options = FitOptions(
+        device=device,
+        jobs=jobs,
+        fail_fast=fail_fast,
+        progress=not no_progress,
+        fuse=not no_fuse,
+        memory_budget=memory_budget,
+    )
+    summary = run_grid(spec, options)
     click.echo(
         f"{summary.n_runs} runs ({summary.n_skipped} already done, {summary.n_errors} failed) in {summary.seconds:.1f} s; "
         f"best configs in {summary.selection}",

@@ -19,7 +19,7 @@ from sklearn.model_selection import ParameterGrid
 
 from .cache import DEFAULT_MODEL, TAPS, default_store_path
 from .errors import PipelineError
-from .results import AGGREGATIONS, ALL_CLASSES, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR
+from .results import AGGREGATIONS, ALL_CLASSES, AMP_AUTO, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR
 
 
 class ConfigError(PipelineError, ValueError):
@@ -43,7 +43,9 @@ class RunConfig:
     head_blocks: str = "all"  # one of HEAD_BLOCKS; "last": ablation without intermediate blocks
     aggregation: str = "tie"  # one of AGGREGATIONS; "mean": ablation without TIE
     seed: int = 0
-    amp: str = "none"  # one of AMP_MODES; "bf16": autocast
+    # "none" (float32), "bf16" (bfloat16 matmuls, float32 master weights) or "auto": bf16 where it is fast
+    # (devices.resolve_amp); a grid resolves it before anything else, so runs and results hold the value used
+    amp: str = AMP_AUTO
     calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.calibration)
 
     def lr_at_epoch(self, epoch: int) -> float:
@@ -66,6 +68,8 @@ def _renamed_hint(keys: list[str]) -> str:
 def _check_number(key: str, value: Any, kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
         raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: {value!r} is not a finite number")
     if value < low or value > high or (low_open and value == low):
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
         raise ConfigError(f"{key}: {value!r} is outside {bound}")
@@ -114,7 +118,7 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
         elif key == "aggregation":
             checked[key] = _check_choice(name, value, AGGREGATIONS)
         elif key == "amp":
-            checked[key] = _check_choice(name, value, AMP_MODES)
+            checked[key] = _check_choice(name, value, (AMP_AUTO, *AMP_MODES))
         elif key == "calibration":
             checked[key] = _check_choice(name, value, CALIBRATIONS)
     return RunConfig(**checked)
@@ -143,7 +147,13 @@ class StoreRef:
 
 @dataclass(frozen=True)
 class GridSpec:
-    """A parsed grid file."""
+    """A parsed grid file.
+
+    ``model`` and ``tap`` locate stores named by split; ``declared`` says
+    which of the two the file gave (``data.model``, ``data.tap``): those are
+    checked against every store, the others are taken from the stores before
+    a grid runs (``grid.plan_grid_stores``).
+    """
 
     name: str
     out: Path
@@ -154,6 +164,7 @@ class GridSpec:
     tests: tuple[StoreRef, ...]
     runs: tuple[RunConfig, ...]
     source: Path | None = None
+    declared: frozenset[str] = frozenset({"model", "tap"})
 
     def __len__(self) -> int:
         return len(self.runs)
@@ -229,7 +240,9 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base: expected a mapping of hyper-parameters")
     make_run_config(base, "base")  # validate base alone, so its errors name it
-    runs = tuple(make_run_config({**base, **point}, "grid") for point in expand_grid(document.get("grid"), where))
+    points = expand_grid(document.get("grid"), where)
+    runs = tuple(make_run_config({**base, **point}, "grid") for point in points)
+    check_distinct_runs(runs, points, where)
     return GridSpec(
         name=name,
         out=out or Path(document.get("out", Path("runs") / name)),
@@ -240,6 +253,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         tests=tests,
         runs=runs,
         source=source,
+        declared=frozenset(key for key in ("model", "tap") if key in data),
     )
 
 
@@ -258,10 +272,35 @@ def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
                 )
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: grid.{key}: expected a non-empty list of values, got {values!r}")
+    if not blocks:
+        raise ConfigError(f"{where}: grid: an empty list gives no config; leave grid out to run the base config once")
+    for i, block in enumerate(blocks):
+        for key, values in block.items():
+            checked = [getattr(make_run_config({key: value}, "grid"), key) for value in values]
+            repeats = [values[j] for j, value in enumerate(checked) if value in checked[:j]]
+            if repeats:
+                repeated = repeats[0]
+                raise ConfigError(
+                    f"{where}: grid{f'[{i}]' if isinstance(grid, list) else ''}.{key}: {repeated!r} is listed more "
+                    "than once; every config would run twice"
+                )
     points = list(ParameterGrid(blocks))
     for point in points:
         make_run_config(point, "grid")
     return points
+
+
+def check_distinct_runs(runs: tuple[RunConfig, ...], points: list[dict[str, Any]], where: str) -> None:
+    """Refuse a grid that lists one config twice (its rows would be written twice)."""
+    first_seen: dict[RunConfig, int] = {}
+    for index, run in enumerate(runs):
+        if run in first_seen:
+            earlier = first_seen[run]
+            raise ConfigError(
+                f"{where}: grid: configs {earlier} ({points[earlier]}) and {index} ({points[index]}) are the same "
+                "once base is applied; every config must appear once"
+            )
+        first_seen[run] = index
 
 
 def load_grid(path: Path, out: Path | None = None) -> GridSpec:

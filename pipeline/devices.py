@@ -1,12 +1,15 @@
-"""Pick the torch device both stages run on."""
+"""Pick the torch device both stages run on, the precision stage two computes in there, and its memory."""
 
 from __future__ import annotations
 
 import os
+import resource
+from pathlib import Path
 
 import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+MEMORY_FRACTION = 0.8  # of the memory available now that stage two may fill with features by default
 
 
 def resolve_device(device: str) -> torch.device:
@@ -39,3 +42,59 @@ def _checked_cuda(resolved: torch.device, asked: str) -> torch.device:
     if resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ValueError(f"device {asked!r} asked for, but torch sees {torch.cuda.device_count()} CUDA device(s)")
     return resolved
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later)."""
+    try:
+        if torch.cpu._is_amx_tile_supported():
+            return True
+    except AttributeError:  # a torch without the probe: read the kernel's flags
+        pass
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Hardware whose bfloat16 matmuls run well ahead of float32: AMX CPUs and CUDA GPUs with bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_amx()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where ``bf16_is_fast(device)``, else ``none``; other values unchanged."""
+    if amp == "auto":
+        return "bf16" if bf16_is_fast(device) else "none"
+    return amp
+
+
+def compute_dtype(amp: str, device: torch.device) -> torch.dtype:
+    """The dtype stage two's matmuls run in on ``device`` for ``amp`` (``none``, ``bf16`` or ``auto``)."""
+    return torch.bfloat16 if resolve_amp(amp, device) == "bf16" else torch.float32
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes of features stage two may hold by default: ``MEMORY_FRACTION`` of the free GPU memory, or of the
+    RAM available now (``MemAvailable`` on Linux, free pages elsewhere)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(int(line.split()[1]) * 1024 * MEMORY_FRACTION)
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * MEMORY_FRACTION)
+
+
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak memory of this process so far: resident set (``ru_maxrss``), and on a GPU the most torch allocated."""
+    scale = 1 if os.uname().sysname == "Darwin" else 1024  # bytes on macOS, KiB on Linux
+    peak = {"process_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    if device.type == "cuda":
+        peak["cuda_allocated"] = int(torch.cuda.max_memory_allocated(device))
+    return peak

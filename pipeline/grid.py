@@ -1,11 +1,25 @@
 """Run a grid of head configs from cached features; one results row per run x dataset.
 
-The evaluation stores are loaded once per process and the training views
-stream through one shared ``ViewCache``; every run (also with ``--jobs N``,
-which uses threads) reads the same tensors. Each run writes a folder named
-by a hash of its config, its data and ``RUN_PROTOCOL``, with ``metrics.csv``
-written last: a folder with it is finished and skipped on re-run. A failing
-config becomes an error row and the grid goes on unless ``fail_fast``.
+Configs that may train together (``train.group_key``: all but xi equal) are
+fitted and scored as fused groups of at most ``MAX_GROUP_SIZE``
+(``train.fit_group``; ``FitOptions.fuse=False`` fits each alone); each
+config still gets its own run folder, metrics and head. The evaluation
+stores are loaded once per process and the training views stream through
+one shared ``ViewCache``; every group (also with ``--jobs N``, which uses
+threads) reads the same tensors. Stores that do not fit the memory budget
+(``FitOptions.memory_budget``, default ``devices.available_memory``) are not
+loaded: their batches are gathered from the shard files, with the same
+results. Each run writes a folder named by a hash of its config (``amp``
+resolved), its data and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
+a folder with it is finished and skipped on re-run. A failing config becomes
+an error row and the grid goes on unless ``fail_fast``; an output folder that
+cannot be written stops the grid with an ``OutputError``.
+
+Checked before anything is fitted: the stores hold the tap and model the
+grid declares (undeclared, they are taken from the stores, so results are
+labelled with what the features are) and the same kind of features, and
+every config's training rows hold both labels. A test dataset whose rows are all invalid gets a row with
+``n = 0`` and status ``no_valid_rows``.
 
 After every run, ``results.csv`` and ``selection.csv`` are written (format
 and selection rules: ``pipeline.results``), and each selected run gets
@@ -18,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -39,13 +54,15 @@ from tqdm.auto import tqdm
 from . import cache
 from .calibration import calibrate_head
 from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
-from .devices import resolve_device
+from .devices import available_memory, peak_memory, resolve_amp, resolve_device
+from .errors import PipelineError
 from .files import atomic_path, write_text_atomic
 from .head import count_parameters, load_head, save_head
 from .metrics import compute_metrics
 from .results import (
     CENTER,
     ERROR,
+    NO_VALID_ROWS,
     OK,
     RESULT_COLUMNS,
     SELECTION_COLUMNS,
@@ -61,33 +78,47 @@ from .results import (
     write_csv,
 )
 from .train import (
+    DataError,
+    FitResult,
     LoadedStore,
+    OneLabelError,
     TrainStore,
     check_compatible,
     class_mask,
     evaluation_variants,
-    fit_head,
+    fit_group,
     forward_rows,
+    fusable_groups,
+    group_logits,
     load_store,
     open_info,
     open_train_store,
     store_block_indices,
-    store_logits,
     train_views,
+    training_rows,
+    variant_bytes,
 )
 
 # Bumped whenever training or scoring changes what a config computes, so that
 # finished runs of an older protocol are not reused. 2: the authors' lr
 # schedule, ten-crop by the mean logit, the view of each epoch streamed.
 # 3: val thresholds (and the optional temperature) stored with the head,
-# operating-point and calibration metrics.
-RUN_PROTOCOL = 3
+# operating-point and calibration metrics. 4: the fused (stacked) trainer:
+# the dropout masks of a step in one draw, bf16 without autocast.
+RUN_PROTOCOL = 4
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
+MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
+# What a full or read-only output folder looks like: the grid stops instead of failing every run.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class ViewReuseWarning(UserWarning):
     """Runs of a grid have more epochs than the training store has views."""
+
+
+class OutputError(PipelineError, OSError):
+    """The grid's output folder cannot be written (read-only, full, no permission)."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +127,8 @@ class FitOptions:
     jobs: int = 1
     fail_fast: bool = False
     progress: bool = True
+    fuse: bool = True  # False: every config fitted alone (the unfused trainer)
+    memory_budget: int | None = None  # bytes of features held in memory; None: devices.available_memory
 
 
 @dataclass(frozen=True)
@@ -161,11 +194,38 @@ def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, .
 
 
 def plan_grid_stores(spec: GridSpec) -> GridStores:
-    """Open every store's attributes, check they hold the same kind of features."""
+    """Open every store's attributes; check they hold the grid's declared tap and model and the same kind of features."""
     refs = (spec.train, spec.val, *spec.tests)
     infos = tuple(open_info(ref) for ref in refs)
+    for ref, info in zip(refs, infos):
+        check_declared(spec, ref, info)
     check_compatible(list(infos))
     return GridStores(refs, infos, train_views(infos[0], spec.train))
+
+
+def labelled_spec(spec: GridSpec, stores: GridStores) -> GridSpec:
+    """The spec with the model and tap it does not declare taken from its stores: what results are labelled with."""
+    identity = stores.infos[0].identity
+    model = spec.model if "model" in spec.declared else identity.model_id
+    tap = spec.tap if "tap" in spec.declared else identity.tap
+    return dataclasses.replace(spec, model=model, tap=tap)
+
+
+def check_declared(spec: GridSpec, ref: StoreRef, info: cache.StoreInfo) -> None:
+    """A store must hold the tap and the model the grid declares (``data.tap``, ``data.model``)."""
+    identity = info.identity
+    if "tap" in spec.declared and identity.tap != spec.tap:
+        raise DataError(
+            f"{ref.name} ({info.path}) holds features of tap {identity.tap!r}, but the grid's data.tap is "
+            f"{spec.tap!r}; declare the tap the stores hold, or give stores of tap {spec.tap!r}"
+        )
+    if "model" not in spec.declared:
+        return
+    if identity.model_id != spec.model and cache.model_slug(identity.model_id) != cache.model_slug(spec.model):
+        raise DataError(
+            f"{ref.name} ({info.path}) holds features of model {identity.model_id!r}, but the grid's data.model is "
+            f"{spec.model!r}; declare the model the stores hold, or give stores of model {spec.model!r}"
+        )
 
 
 def warn_view_reuse(spec: GridSpec, stores: GridStores) -> None:
@@ -184,53 +244,113 @@ def warn_view_reuse(spec: GridSpec, stores: GridStores) -> None:
         )
 
 
-def load_grid_data(stores: GridStores, device: torch.device) -> GridData:
-    train = open_train_store(stores.refs[0], device, stores.train_views)
-    val, *tests = (load_store(ref, device) for ref in stores.refs[1:])
+def place_features(spec: GridSpec, stores: GridStores, budget: int) -> tuple[bool, ...]:
+    """In memory or streamed, per store (train, val, tests): each fits in what the earlier ones left of ``budget``.
+
+    The training store counts its views resident at once (two when a run
+    reads more than one view: the one trained on and the one prefetched);
+    an evaluation store counts every variant it scores.
+    """
+    longest = max(len(stores.run_views(run)) for run in spec.runs)
+    needs = [variant_bytes(stores.infos[0]) * min(longest, 2)]
+    needs += [
+        variant_bytes(info) * len(evaluation_variants(ref)) for ref, info in zip(stores.refs[1:], stores.infos[1:])
+    ]
+    placement = []
+    for need in needs:
+        placement.append(need <= budget)
+        budget -= need if need <= budget else 0
+    return tuple(placement)
+
+
+def load_grid_data(stores: GridStores, device: torch.device, placement: tuple[bool, ...]) -> GridData:
+    train = open_train_store(stores.refs[0], device, stores.train_views, in_memory=placement[0])
+    val, *tests = (load_store(ref, device, in_memory) for ref, in_memory in zip(stores.refs[1:], placement[1:]))
     return GridData(train, val, tuple(tests), stores.identity())
+
+
+def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfig]) -> None:
+    """Refuse the grid before any fit when a config's training rows hold one label only."""
+    problems = {}
+    for run in runs:
+        try:
+            training_rows(train, run)
+        except OneLabelError as error:
+            problems.setdefault(str(error), None)
+        except DataError:  # other problems become that config's error row
+            pass
+    if problems:
+        raise DataError(f"grid {spec.name}: " + "\n".join(problems))
 
 
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings."""
+    try:
+        return _run_grid(spec, options)
+    except OSError as error:
+        if error.errno not in _OUTPUT_ERRNOS:
+            raise
+        where = Path(error.filename or spec.out)
+        if where.is_relative_to(spec.out):
+            raise OutputError(f"cannot write {where}: {error.strerror}") from None
+        raise OutputError(f"{where}: {error.strerror}") from None
+
+
+def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     start = time.perf_counter()
     device = resolve_device(options.device)
+    runs = [dataclasses.replace(run, amp=resolve_amp(run.amp, device)) for run in spec.runs]
     out = spec.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.source is not None:
         write_text_atomic(out / "grid.yaml", spec.source.read_text())
     stores = plan_grid_stores(spec)
+    spec = labelled_spec(spec, stores)
     warn_view_reuse(spec, stores)
     identity = stores.identity()
-    ids = [run_id(run, identity, stores.run_views(run)) for run in spec.runs]
+    ids = [run_id(run, identity, stores.run_views(run)) for run in runs]
     todo = [i for i, rid in enumerate(ids) if not (out / "runs" / rid / "metrics.csv").is_file()]
-    data = load_grid_data(stores, device) if todo else None  # a finished grid reads no features
+    budget = available_memory(device) if options.memory_budget is None else options.memory_budget
+    placement = place_features(spec, stores, budget)
+    data = None
+    if todo:  # a finished grid reads no features
+        data = load_grid_data(stores, device, placement)
+        check_training_labels(spec, data.train, [runs[i] for i in todo])
+    groups = fusable_groups([runs[i] for i in todo], MAX_GROUP_SIZE if options.fuse else 1)
+    groups = [[todo[i] for i in group] for group in groups]
     if options.jobs > 1 and device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
+    context = GroupContext(spec, data, device, budget, placement, options.fuse)
 
-    def task(index: int) -> tuple[int, list[ResultRow]]:
-        run, folder = spec.runs[index], out / "runs" / ids[index]
-        step_bar = options.progress and options.jobs == 1  # one config at a time: show its steps too
+    def task(group: list[int]) -> list[tuple[int, list[ResultRow]]]:
+        members = [(index, runs[index], ids[index]) for index in group]
+        step_bar = options.progress and options.jobs == 1  # one group at a time: show its steps too
         try:
-            return index, fit_and_evaluate(spec, data, run, ids[index], folder, device, step_bar)
-        except Exception as error:  # noqa: BLE001 - one failing config becomes an error row
-            if options.fail_fast:
+            return fit_and_evaluate_group(context, members, out / "runs", step_bar)
+        except Exception as error:  # noqa: BLE001 - one failing group becomes error rows
+            if options.fail_fast or (isinstance(error, OSError) and error.errno in _OUTPUT_ERRNOS):
                 raise
-            write_text_atomic(folder / "error.txt", traceback.format_exc())
-            return index, [error_row(spec, data, run, ids[index], f"{type(error).__name__}: {error}")]
+            message = f"{type(error).__name__}: {error}"
+            failed = []
+            for index, run, rid in members:
+                write_text_atomic(out / "runs" / rid / "error.txt", traceback.format_exc())
+                failed.append((index, [error_row(spec, data, run, rid, message)]))
+            return failed
 
     errors: dict[int, list[ResultRow]] = {}
     bar = tqdm(total=len(todo), unit="run", desc=f"grid {spec.name}", disable=not options.progress)
     parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
     try:
-        for index, rows in parallel(delayed(task)(i) for i in todo):
-            run = spec.runs[index]
-            label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
-            if rows[0].status == ERROR:
-                errors[index] = rows
-                bar.write(f"{label} failed: {rows[0].error}")
-            elif options.progress:
-                bar.write(f"{label}: fit {rows[0].fit_seconds:.1f} s")
-            bar.update(1)
+        for finished in parallel(delayed(task)(group) for group in groups):
+            for index, rows in finished:
+                run = runs[index]
+                label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
+                if rows[0].status == ERROR:
+                    errors[index] = rows
+                    bar.write(f"{label} failed: {rows[0].error}")
+                elif options.progress:
+                    bar.write(f"{label}: fit {rows[0].fit_seconds:.1f} s")
+                bar.update(1)
     finally:
         bar.close()
         if data is not None:
@@ -281,18 +401,75 @@ def error_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str, m
     return dataclasses.replace(base_row(spec, data, run, rid), status=ERROR, error=message)
 
 
-def fit_and_evaluate(
-    spec: GridSpec,
-    data: GridData,
+@dataclass(frozen=True)
+class GroupContext:
+    """What every group of a grid shares: the spec, the stores, the device and where features live."""
+
+    spec: GridSpec
+    data: GridData  # (None only for a grid with nothing left to fit, which has no group)
+    device: torch.device
+    memory_budget: int
+    placement: tuple[bool, ...]  # in memory (True) or streamed, per store: train, val, tests
+    fuse: bool
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One split evaluated by one head: the rows scored, their logits (N, n_crops), and the rows in scope."""
+
+    store: LoadedStore
+    rows: np.ndarray
+    logits: torch.Tensor
+    scope: np.ndarray  # bool per store row: rows the split reports on (valid or not)
+
+
+def fit_and_evaluate_group(
+    context: GroupContext, members: list[tuple[int, RunConfig, str]], runs_dir: Path, progress: bool = False
+) -> list[tuple[int, list[ResultRow]]]:
+    """Fit a group of configs together, run val and every test store through all its heads at once, write each run."""
+    data = context.data
+    configs = [run for _, run, _ in members]
+    first = configs[0]  # the group shares classes, so it shares the val rows
+    val_scope = evaluation_scope(data.val, first)
+    val_rows = np.flatnonzero(val_scope & data.val.rows.valid)
+    if not len(val_rows):
+        raise DataError(f"{data.val.ref.name}: no valid row of the run's classes to choose its thresholds on")
+    group = fit_group(data.train, configs, device=context.device, progress=progress)
+    val_logits = group_logits(group.stack, data.val, val_rows, first)
+    tests = []
+    for test in data.tests:
+        test_rows = np.flatnonzero(test.rows.valid)
+        tests.append((test, test_rows, group_logits(group.stack, test, test_rows, first)))
+    group_record = {
+        "runs": [rid for _, _, rid in members],
+        "fused": context.fuse,
+        "fit_seconds": group.fit_seconds,
+        "cuda_graph": group.cuda_graph,
+    }
+    finished = []
+    for position, ((index, run, rid), fit) in enumerate(zip(members, group.results(), strict=True)):
+        val = Evaluated(data.val, val_rows, val_logits[position], val_scope)
+        evaluated = [
+            Evaluated(test, rows, logits[position], np.ones(len(test.rows), dtype=bool)) for test, rows, logits in tests
+        ]
+        record = {"group": {**group_record, "index": position}}
+        finished.append((index, write_run(context, run, rid, runs_dir / rid, fit, val, evaluated, record)))
+    return finished
+
+
+def write_run(
+    context: GroupContext,
     run: RunConfig,
     rid: str,
     folder: Path,
-    device: torch.device,
-    progress: bool = False,
+    fit: FitResult,
+    val: Evaluated,
+    tests: list[Evaluated],
+    record: dict[str, Any],
 ) -> list[ResultRow]:
-    """Fit one config, score val and every test store, write the run folder."""
+    """Calibrate one fitted run on val, write its folder (scores, head, config, fit.json, then metrics.csv)."""
+    spec, data = context.spec, context.data
     folder.mkdir(parents=True, exist_ok=True)
-    fit = fit_head(data.train, run, device=device, progress=progress)
     head = fit.head
     base = dataclasses.replace(
         base_row(spec, data, run, rid),
@@ -301,20 +478,17 @@ def fit_and_evaluate(
         views_used=fit.views_used,
         views_reused=fit.views_reused,
     )
-    val_rows = evaluation_rows(data.val, run)
-    val_logits = store_logits(head, data.val, val_rows, run)
-    calibration = calibrate_head(run.calibration, val_logits, data.val.rows.labels[val_rows], data.val.ref.name)
-    val_scores = calibration.scores(val_logits)
-    rows = metric_rows(base, VAL_SPLIT, data.val, val_rows, val_scores, None)
-    write_scores(folder / "scores_val.csv", data.val, val_rows, val_scores)
-    for test in data.tests:
-        test_rows = np.flatnonzero(test.rows.valid)
-        scores = calibration.scores(store_logits(head, test, test_rows, run))
-        write_scores(folder / f"scores_{test.ref.name}.csv", test, test_rows, scores)
-        rows += metric_rows(base, test.ref.name, test, test_rows, scores, calibration.threshold_values())
+    calibration = calibrate_head(run.calibration, val.logits, data.val.rows.labels[val.rows], data.val.ref.name)
+    rows: list[ResultRow] = []
+    splits = [(VAL_SPLIT, val, None)] + [(t.store.ref.name, t, calibration.threshold_values()) for t in tests]
+    for split, evaluated, thresholds in splits:
+        scores = calibration.scores(evaluated.logits)
+        write_scores(folder / f"scores_{split}.csv", evaluated.store, evaluated.rows, scores)
+        rows += metric_rows(base, split, evaluated.store, evaluated.rows, scores, thresholds, evaluated.scope)
 
     save_head(head, folder / "head.safetensors", {**head_metadata(data.train, run), **calibration.to_metadata()})
     write_text_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
+    refs = (data.train.ref, data.val.ref, *(t.ref for t in data.tests))
     fit_info = {
         "fit_seconds": fit.fit_seconds,
         "n_train": fit.n_train,
@@ -324,7 +498,12 @@ def fit_and_evaluate(
         "epoch_views": list(fit.epoch_views),
         "views_used": fit.views_used,
         "views_reused": fit.views_reused,
-        "device": str(device),
+        "amp": run.amp,
+        **record,
+        "features": {ref.name: "memory" if here else "streamed" for ref, here in zip(refs, context.placement)},
+        "memory_budget_bytes": context.memory_budget,
+        "peak_memory_bytes": peak_memory(context.device),
+        "device": str(context.device),
         "torch": torch.__version__,
     }
     write_text_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
@@ -332,10 +511,10 @@ def fit_and_evaluate(
     return rows
 
 
-def evaluation_rows(store: LoadedStore, run: RunConfig) -> np.ndarray:
-    """Valid rows; on a store with classes, those of the run's training classes."""
+def evaluation_scope(store: LoadedStore, run: RunConfig) -> np.ndarray:
+    """Rows a split reports on (valid or not): on a store with classes, those of the run's training classes."""
     classes = run.classes if store.rows.classes is not None else None
-    return np.flatnonzero(class_mask(store.rows, classes, store.info.path) & store.rows.valid)
+    return class_mask(store.rows, classes, store.info.path)
 
 
 def metric_rows(
@@ -345,36 +524,43 @@ def metric_rows(
     rows: np.ndarray,
     scores: np.ndarray,
     val_thresholds: Mapping[str, float] | None,
+    scope: np.ndarray | None = None,
 ) -> list[ResultRow]:
-    labels = store.rows.labels[rows]
-    datasets = store.rows.datasets[rows]
-    invalid = store.rows.datasets[~store.rows.valid]
+    """One row per dataset in ``scope`` (all rows by default); a dataset without a valid row gets ``n = 0`` and
+    status ``no_valid_rows``, saying why."""
+    table = store.rows
+    scope = np.ones(len(table), dtype=bool) if scope is None else scope
+    labels = table.labels[rows]
+    datasets = table.datasets[rows]
     out = []
-    for dataset in sorted(set(datasets.tolist())):
+    for dataset in sorted(set(table.datasets[scope].tolist())):
+        invalid = np.flatnonzero(scope & ~table.valid & (table.datasets == dataset))
         mask = datasets == dataset
-        metrics = compute_metrics(labels[mask], scores[mask], val_thresholds)
-        out.append(
-            dataclasses.replace(
-                base,
-                split=split,
-                variant=store.ref.variant or CENTER,
-                dataset=dataset,
-                n=int(mask.sum()),
-                n_invalid=int(np.count_nonzero(invalid == dataset)),
-                metrics=metrics.columns(),
-            )
+        row = dataclasses.replace(
+            base,
+            split=split,
+            variant=store.ref.variant or CENTER,
+            dataset=dataset,
+            n=int(mask.sum()),
+            n_invalid=len(invalid),
         )
+        if not mask.any():
+            example = f"{table.paths[invalid[0]]}: {table.errors[invalid[0]]}"
+            reason = f"all {len(invalid)} rows of {dataset} are invalid, e.g. {example}"
+            out.append(dataclasses.replace(row, status=NO_VALID_ROWS, error=reason))
+            continue
+        metrics = compute_metrics(labels[mask], scores[mask], val_thresholds)
+        out.append(dataclasses.replace(row, metrics=metrics.columns()))
     return out
 
 
 def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.ndarray) -> None:
+    table = store.rows
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "dataset", "score"])
     for row, score in zip(rows, scores):
-        writer.writerow(
-            [store.rows.paths[row], int(store.rows.labels[row]), store.rows.datasets[row], repr(float(score))]
-        )
+        writer.writerow([table.paths[row], int(table.labels[row]), table.datasets[row], repr(float(score))])
     write_text_atomic(path, buffer.getvalue())
 
 
@@ -424,7 +610,10 @@ def write_embeddings(spec: GridSpec, data: GridData | None, folders: list[Path],
     refs = [ref for ref in spec.tests if (ref.variant or CENTER) == CENTER]
     if not missing or not refs:
         return
-    tests = [t for t in data.tests if t.ref in refs] if data is not None else [load_store(ref, device) for ref in refs]
+    if data is not None:
+        tests = [t for t in data.tests if t.ref in refs]
+    else:  # a finished grid: a few hundred rows per set, gathered from the shard files
+        tests = [load_store(ref, device, in_memory=False) for ref in refs]
     samples = [(test, embedding_sample(test)) for test in tests]
     for folder in missing:
         head = load_head(folder / "head.safetensors")[0].to(device)

@@ -48,6 +48,8 @@ class FastDropout(nn.Module):
     on any device (the mask is drawn on the input's device from its default
     generator, so ``torch.manual_seed`` makes it reproducible), under autograd and
     under ``torch.autocast`` (the mask takes the input's dtype; 0 and 2 are exact).
+    ``pipeline fit`` does not train ``RineHead`` modules but ``head_stack.HeadStack``,
+    which draws the same kind of masks for a whole step at once (``HalfMasks``).
     """
 
     def __init__(self, p: float = 0.5) -> None:
@@ -55,7 +57,6 @@ class FastDropout(nn.Module):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.p = p
-        self.generator: torch.Generator | None = None  # None: torch's default generator
         self.register_buffer("byte_to_scale", build_byte_to_bits(2.0), persistent=False)
 
     def extra_repr(self) -> str:
@@ -74,7 +75,7 @@ class FastDropout(nn.Module):
         n_bytes = -(-n_elements // 8)
         n_words = -(-n_bytes // 4)
         # The range 2**32 makes every word uniform over all 32-bit patterns (no modulo bias).
-        words = torch.randint(-(2**31), 2**31, (n_words,), dtype=torch.int32, device=x.device, generator=self.generator)
+        words = torch.randint(-(2**31), 2**31, (n_words,), dtype=torch.int32, device=x.device)
         random_bytes = words.view(torch.uint8)[:n_bytes]
         table = self.byte_to_scale.to(device=x.device, dtype=x.dtype)
         multipliers = table.index_select(0, random_bytes.int())
@@ -148,12 +149,6 @@ class RineHead(nn.Module):
         self.proj1 = build_mlp_stack(in_dim, proj_dim, proj_layers, dropout)
         self.proj2 = build_mlp_stack(proj_dim, proj_dim, proj_layers, dropout)
         self.head = build_classifier(proj_dim, dropout)
-
-    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
-        """Draw every p = 0.5 dropout mask from ``generator`` (a run's own stream)."""
-        for module in self.modules():
-            if isinstance(module, FastDropout):
-                module.generator = generator
 
     def extra_repr(self) -> str:
         return (

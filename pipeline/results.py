@@ -10,7 +10,9 @@ apply (an error row has no split or metrics; a store without classes has no
 ``n_classes``). Tuples are joined with ``+`` (``classes`` is ``all`` or e.g.
 ``car+cat+chair+horse``; ``lr_milestones`` e.g. ``6+11``).
 
-* ``run``, ``status`` (``ok`` | ``error``), ``error`` (the message),
+* ``run``, ``status`` (``ok`` | ``error`` | ``no_valid_rows``: a dataset
+  whose rows all failed to decode, with ``n`` 0 and no metrics), ``error``
+  (the message, or why no row was valid),
   ``grid`` (its name), ``model``, ``tap``, ``train`` (the training store's
   split name; ``train_ldm`` marks the LDM training setting);
 * the searched head config: ``contrastive_factor`` (xi), ``proj_layers``
@@ -19,8 +21,9 @@ apply (an error row has no split or metrics; a store without classes has no
   config): ``epochs``, ``batch_size``, ``lr``, ``lr_milestones`` (1-based
   epochs at whose start lr /= 10), ``classes``, ``n_classes``,
   ``train_fraction``, ``head_blocks`` (``all`` | ``last``), ``aggregation``
-  (``tie`` | ``mean``), ``seed``, ``amp`` (``none`` | ``bf16``),
-  ``calibration`` (``none`` | ``temperature``);
+  (``tie`` | ``mean``), ``seed``, ``amp`` (``none`` | ``bf16``: the
+  precision the run used, ``auto`` resolved), ``calibration`` (``none`` |
+  ``temperature``);
 * the fit: ``n_params``, ``fit_seconds``, ``views_used`` (distinct training
   views read), ``views_reused`` (epochs that read a view an earlier epoch
   had already read: the run had more epochs than the store has views);
@@ -109,11 +112,14 @@ PAPER_DATASETS: tuple[str, ...] = (
 # Choices of the run config (config.py validates against them, the report reads them).
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
-AMP_MODES: tuple[str, ...] = ("none", "bf16")
+AMP_MODES: tuple[str, ...] = ("none", "bf16")  # as run (results.csv); a config may also say "auto"
+AMP_AUTO = "auto"
 CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.calibration)
 
 VAL_SPLIT = "val"
 OK, ERROR = "ok", "error"
+NO_VALID_ROWS = "no_valid_rows"  # a dataset whose rows all failed to decode: n = 0, no metrics
+STATUSES: tuple[str, ...] = (OK, ERROR, NO_VALID_ROWS)
 CENTER = "center"
 TEN_CROP = "tencrop"  # the grid's name for the ten crops of a store, scored together
 UNPERTURBED_VARIANTS: tuple[str, ...] = (CENTER, TEN_CROP)
@@ -219,8 +225,8 @@ class ResultRow:
     def from_csv(cls, row: Mapping[str, str]) -> ResultRow:
         """Parse a results.csv row (column -> text); raises ResultsFormatError naming the bad column."""
         values = {name: parse_column(name, row) for name in _ROW_PARSERS}
-        if values["status"] not in (OK, ERROR):
-            raise ResultsFormatError(f"column status: {values['status']!r} is neither {OK!r} nor {ERROR!r}")
+        if values["status"] not in STATUSES:
+            raise ResultsFormatError(f"column status: {values['status']!r} is not one of {', '.join(STATUSES)}")
         metrics = None
         if row.get("acc", "") != "":
             metrics = {name: parse_column(name, row, _parse_float) for name in METRIC_NAMES}

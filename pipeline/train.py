@@ -1,8 +1,33 @@
-"""Fit one RINE head from cached block tokens, and score stores with it.
+"""Fit RINE heads from cached block tokens, several configs at once, and score stores with them.
 
-Evaluation stores (val, tests) are read once into one float16 tensor per
-variant (on the GPU when there is one) that every run of a process shares: a
-run only holds the indices of its rows and gathers each batch from them.
+**Fused groups.** Configs that differ only in the contrastive factor xi (or
+in the calibration fitted afterwards) share their training rows, batch
+order, epochs, lr schedule and head shape (``group_key``): :func:`fit_group` trains them together as one
+``HeadStack``: each batch is gathered and cast once, every layer of the group
+is one batched matmul, the dropout masks of a step are one draw, and one
+fused Adam step updates the group. Each config's loss is its own BCE +
+xi x SupCon; their sum is back-propagated, so each head's gradient is its
+own. The dropout stream is the run's seed (as are its initial weights and
+batch order), so a config trained alone (:func:`fit_head`, a group of one,
+``pipeline fit --no-fuse``) and in a group sees the same masks and batches:
+the two agree to float rounding (tested). Evaluation scores all heads of a
+group on each batch in one pass (:func:`group_logits`).
+
+**Precision.** ``amp`` ``bf16`` runs the matmuls and elementwise work in
+bfloat16 with float32 master weights, loss and optimizer; ``auto`` (the
+default) picks it where bf16 is fast (``devices.resolve_amp``).
+
+**Features.** A store's variants are either read whole into one tensor (on
+the GPU when there is one) that every group of a process shares
+(``InMemoryFeatures``), or, for stores beyond the memory budget, streamed
+(``StreamedFeatures``): each batch, training or scoring, is gathered row by
+row from the store's shard files (``cache.open_feature_rows``). Either way a
+batch holds the same values, so results do not depend on where the
+features live (tested bit for bit).
+
+**GPU.** On CUDA each group's step is captured once as a CUDA graph and
+replayed (``GroupSteps``); the features, masks and optimizer state stay on
+the device.
 
 Training follows the authors' loop: epoch e (0-based) reads training view
 ``e mod K`` of the K views in the store, with the lr of ``RunConfig.lr_at_epoch``
@@ -17,10 +42,12 @@ views held in memory bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
+import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +58,11 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .config import RunConfig, StoreRef
+from .devices import compute_dtype, resolve_amp
 from .errors import PipelineError
 from .head import RineHead
-from .loss import rine_loss
+from .head_stack import HalfMasks, HeadStack
+from .loss import group_losses
 from .results import CENTER, TEN_CROP
 from .variants import ten_crop_variants
 
@@ -46,9 +75,69 @@ class DataError(PipelineError, RuntimeError):
     """Stores that cannot be trained or evaluated on as asked."""
 
 
+class OneLabelError(DataError):
+    """Training rows that are all real or all fake."""
+
+
 def store_block_indices(identity: cache.StoreIdentity) -> tuple[int, ...]:
     """The backbone blocks a store holds (the one place that names the identity field)."""
     return identity.block_indices
+
+
+# ----------------------------------------------------------------------------- feature sources
+
+
+@dataclass(frozen=True)
+class InMemoryFeatures:
+    """A variant read whole into one tensor (store dtype, on the training device)."""
+
+    tensor: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (a CPU int64 tensor, any order) as (len, n_blocks, dim), store dtype, on the device."""
+        return self.tensor.index_select(0, rows.to(self.tensor.device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class StreamedFeatures:
+    """A variant left on disk: each batch is gathered from the shard files (training beyond memory)."""
+
+    rows: cache.FeatureRows
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        try:
+            array = self.rows.gather(rows.numpy())
+        except cache.StoreError as error:
+            raise DataError(str(error)) from None
+        return torch.from_numpy(array).to(self.device)
+
+
+FeatureSource = InMemoryFeatures | StreamedFeatures
+
+
+def variant_bytes(info: cache.StoreInfo) -> int:
+    """Bytes of one variant of a store's features."""
+    identity = info.identity
+    return info.n_rows * len(store_block_indices(identity)) * identity.dim * np.dtype(identity.dtype).itemsize
+
+
+def open_variant(ref: StoreRef, variant: str, device: torch.device, in_memory: bool) -> FeatureSource:
+    """One variant of a store as a feature source: read whole, or opened for streaming."""
+    try:
+        if in_memory:
+            return InMemoryFeatures(torch.from_numpy(cache.read_features(ref.path, variant)).to(device))
+        return StreamedFeatures(cache.open_feature_rows(ref.path, variant), device)
+    except cache.StoreError as error:
+        raise DataError(f"{ref.name}: {error}") from None
 
 
 @dataclass(frozen=True)
@@ -58,7 +147,7 @@ class LoadedStore:
     ref: StoreRef
     info: cache.StoreInfo
     rows: cache.RowTable
-    features: dict[str, torch.Tensor]  # variant -> (N, n_blocks, dim), store dtype
+    features: dict[str, FeatureSource]  # variant -> its features
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -66,7 +155,7 @@ class LoadedStore:
 
 
 class ViewCache:
-    """Training views (variant name -> tensor) loaded on demand, shared by the runs of a process.
+    """Training views (variant name -> feature source) loaded on demand, shared by the runs of a process.
 
     ``acquire(name)`` returns a future of the view and holds it until
     ``release(name)``; a view no run holds stays cached, least recently used
@@ -76,7 +165,7 @@ class ViewCache:
     loaded again); ``peak_resident`` is the most views held at once.
     """
 
-    def __init__(self, load: Callable[[str], torch.Tensor], capacity: int = VIEW_CACHE_CAPACITY) -> None:
+    def __init__(self, load: Callable[[str], FeatureSource], capacity: int = VIEW_CACHE_CAPACITY) -> None:
         self._load = load
         self.capacity = capacity
         self._lock = threading.Lock()
@@ -85,7 +174,7 @@ class ViewCache:
         self.loads: Counter[str] = Counter()
         self.peak_resident = 0
 
-    def acquire(self, name: str) -> Future[torch.Tensor]:
+    def acquire(self, name: str) -> Future[FeatureSource]:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or (entry.future.done() and entry.future.exception() is not None):
@@ -115,11 +204,11 @@ class ViewCache:
                 self._executor.shutdown(wait=True)
                 self._executor = None
 
-    def _load_counted(self, name: str) -> torch.Tensor:
-        tensor = self._load(name)
+    def _load_counted(self, name: str) -> FeatureSource:
+        source = self._load(name)
         with self._lock:
             self.loads[name] += 1
-        return tensor
+        return source
 
     def _evict(self) -> None:
         idle = [name for name, entry in self._entries.items() if entry.holders == 0]
@@ -129,7 +218,7 @@ class ViewCache:
 
 @dataclass
 class _CachedView:
-    future: Future[torch.Tensor]
+    future: Future[FeatureSource]
     holders: int = 0
 
 
@@ -142,6 +231,7 @@ class TrainStore:
     rows: cache.RowTable
     views: tuple[str, ...]
     view_cache: ViewCache = field(compare=False)
+    in_memory: bool = True  # False: batches are gathered from the shard files
 
     def epoch_views(self, epochs: int) -> tuple[str, ...]:
         """The view each epoch reads: view e mod K."""
@@ -167,26 +257,20 @@ def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
     return (ref.variant or CENTER,)
 
 
-def read_variant(ref: StoreRef, variant: str, device: torch.device) -> torch.Tensor:
-    try:
-        array = cache.read_features(ref.path, variant)
-    except cache.StoreError as error:
-        raise DataError(f"{ref.name}: {error}") from None
-    return torch.from_numpy(array).to(device)
-
-
-def load_store(ref: StoreRef, device: torch.device) -> LoadedStore:
-    """Read an evaluation store's rows and its evaluation variants into memory once."""
-    features = {variant: read_variant(ref, variant, device) for variant in evaluation_variants(ref)}
+def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> LoadedStore:
+    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming)."""
+    features = {variant: open_variant(ref, variant, device, in_memory) for variant in evaluation_variants(ref)}
     return LoadedStore(ref=ref, info=open_info(ref), rows=cache.read_rows(ref.path), features=features)
 
 
-def open_train_store(ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None) -> TrainStore:
-    """The training store with a view cache that reads its views on demand (nothing loaded yet)."""
+def open_train_store(
+    ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None, in_memory: bool = True
+) -> TrainStore:
+    """The training store with a view cache that reads (or opens for streaming) its views on demand."""
     info = open_info(ref)
     views = views or train_views(info, ref)
-    view_cache = ViewCache(lambda variant: read_variant(ref, variant, device))
-    return TrainStore(ref=ref, info=info, rows=cache.read_rows(ref.path), views=views, view_cache=view_cache)
+    view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
+    return TrainStore(ref, info, cache.read_rows(ref.path), views, view_cache, in_memory)
 
 
 def open_info(ref: StoreRef) -> cache.StoreInfo:
@@ -219,10 +303,23 @@ def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Pat
 
 
 def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
-    """Rows a run trains on, and how many invalid rows of its classes were excluded."""
+    """Rows a run trains on, and how many invalid rows of its classes were excluded.
+
+    Raises ``OneLabelError`` when the valid rows of the run's classes are all
+    real or all fake (before ``train_fraction`` draws from them), and
+    ``DataError`` when fewer than two rows are usable.
+    """
     of_classes = class_mask(store.rows, config.classes, store.info.path)
     rows = np.flatnonzero(of_classes & store.rows.valid)
     n_invalid = int(np.count_nonzero(of_classes)) - len(rows)
+    labels = set(store.rows.labels[rows].tolist())
+    if len(labels) == 1:
+        which = "real (label 0)" if labels == {0} else "fake (label 1)"
+        classes = "all classes" if config.classes is None else f"classes {list(config.classes)}"
+        raise OneLabelError(
+            f"{store.info.path}: the {len(rows)} valid training rows of {classes} are all {which}; "
+            "a detector needs real and fake images to train on"
+        )
     if config.train_fraction < 1.0:
         rng = np.random.default_rng([config.seed, len(rows)])
         count = max(2, round(config.train_fraction * len(rows)))
@@ -240,6 +337,28 @@ def block_view(x: torch.Tensor, config: RunConfig) -> torch.Tensor:
 def build_head(info: cache.StoreInfo, config: RunConfig) -> RineHead:
     n_blocks = 1 if config.head_blocks == "last" else len(store_block_indices(info.identity))
     return RineHead(n_blocks, info.identity.dim, config.proj_dim, config.proj_layers, aggregation=config.aggregation)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def group_key(config: RunConfig) -> RunConfig:
+    """What configs must share to train as one group: everything but the contrastive factor and the calibration.
+
+    (The calibration is fitted per head on its val logits, after training.)
+    """
+    return dataclasses.replace(config, contrastive_factor=0.0, calibration="none")
+
+
+def fusable_groups(configs: Sequence[RunConfig], max_size: int) -> list[list[int]]:
+    """Indices of ``configs`` grouped by ``group_key``, at most ``max_size`` per group, in the order of their first."""
+    by_key: dict[RunConfig, list[list[int]]] = {}
+    for index, config in enumerate(configs):
+        groups = by_key.setdefault(group_key(config), [[]])
+        if len(groups[-1]) == max_size:
+            groups.append([])
+        groups[-1].append(index)
+    return sorted((group for groups in by_key.values() for group in groups), key=lambda group: group[0])
 
 
 @dataclass(frozen=True)
@@ -262,18 +381,167 @@ class FitResult:
         return len(self.epoch_views) - self.views_used
 
 
-def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, progress: bool = False) -> FitResult:
-    """Train one head with the authors' protocol; each epoch's view is loaded (and the next prefetched) as it starts."""
+@dataclass(frozen=True)
+class GroupFit:
+    """The heads of a group trained together, and what their training saw."""
+
+    stack: HeadStack
+    configs: tuple[RunConfig, ...]  # amp resolved
+    fit_seconds: float  # wall time of the whole group
+    n_train: int
+    n_train_invalid: int
+    epoch_losses: tuple[tuple[float, ...], ...]  # per config, per epoch
+    epoch_views: tuple[str, ...]
+    epoch_lrs: tuple[float, ...]
+    cuda_graph: bool = False  # whether its steps were replayed from a captured CUDA graph
+
+    def results(self) -> list[FitResult]:
+        """One ``FitResult`` per config; ``fit_seconds`` is its share of the group's wall time."""
+        share = self.fit_seconds / len(self.configs)
+        return [
+            FitResult(head, share, self.n_train, self.n_train_invalid, losses, self.epoch_views, self.epoch_lrs)
+            for head, losses in zip(self.stack.to_heads(), self.epoch_losses, strict=True)
+        ]
+
+
+def check_group(configs: Sequence[RunConfig]) -> None:
+    keys = {group_key(config) for config in configs}
+    if len(keys) != 1:
+        raise ValueError(
+            f"configs of one group may differ only in contrastive_factor and calibration, got {len(keys)} kinds"
+        )
+
+
+def build_stack(store: TrainStore, configs: Sequence[RunConfig], device: torch.device) -> HeadStack:
+    """The group's heads, each initialised exactly as it would be alone (its seed, then its module init)."""
+    heads = []
+    for config in configs:
+        with _SEED_LOCK:  # parallel groups (threads) must not interleave seeding and init
+            torch.manual_seed(config.seed)
+            heads.append(build_head(store.info, config))
+    return HeadStack(heads).to(device)
+
+
+CUDA_GRAPH_WARMUP = 3  # eager steps before a group's step is captured (optimizer state, workspace, cuBLAS)
+
+
+class GroupSteps:
+    """The training step of a group: eager, or on CUDA replayed from a captured CUDA graph.
+
+    A step gathers nothing itself: it takes the batch's stored features and
+    labels, casts the features once to the compute dtype, draws the step's
+    masks, runs the stack, the losses, the backward and one fused Adam step,
+    and adds the losses to ``totals`` on the device (no sync per step).
+
+    On CUDA (``graphs``), after ``CUDA_GRAPH_WARMUP`` eager steps on a side
+    stream the whole step (forward, backward, Adam with a tensor lr) is
+    captured once with static input buffers and replayed for every full
+    batch; a batch of another size (an epoch's last) runs eagerly. Masks are
+    drawn outside the graph into the buffers it reads. The eager and the
+    replayed step run the same kernels; a capture that fails falls back to
+    eager steps with a warning.
+    """
+
+    def __init__(self, stack: HeadStack, configs: Sequence[RunConfig], device: torch.device, graphs: bool) -> None:
+        config = configs[0]
+        self.stack = stack
+        self.dtype = compute_dtype(config.amp, device)
+        self.batch_size = config.batch_size
+        self.last_block = config.head_blocks == "last"
+        # Dropout draws from the group's own stream (its seed), so parallel groups stay reproducible.
+        self.masks = HalfMasks(torch.Generator(device=device).manual_seed(config.seed), device, self.dtype)
+        self.factors = torch.tensor([c.contrastive_factor for c in configs], device=device)
+        self.contrastive = any(c.contrastive_factor != 0 for c in configs)
+        self.graphs = graphs and device.type == "cuda"
+        self.optimizer = make_adam(stack, config.lr, capturable=self.graphs)
+        self.totals = torch.zeros(len(configs), dtype=torch.float64, device=device)
+        self.captured = False
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._warmup_left = CUDA_GRAPH_WARMUP
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+
+    def step(self, stored: torch.Tensor, labels: torch.Tensor) -> None:
+        """Train on one batch: features (B, n, d) as stored, labels (B,) float, both on the device."""
+        if not self.graphs or len(labels) != self.batch_size:
+            self._run(stored, labels, self._draw(len(labels)))
+        elif self._warmup_left > 0:
+            self._warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run(stored, labels, self._draw(len(labels)))
+            torch.cuda.current_stream().wait_stream(side)
+        elif self._graph is None:
+            self._capture(stored, labels)
+        else:
+            static_features, static_labels = self._static
+            static_features.copy_(stored)
+            static_labels.copy_(labels)
+            self._draw(len(labels))  # into the buffers the graph reads
+            self._graph.replay()
+
+    def _draw(self, batch: int) -> list[torch.Tensor]:
+        return self.masks.draw(self.stack.shape.mask_shapes(batch))
+
+    def _run(self, stored: torch.Tensor, labels: torch.Tensor, masks: list[torch.Tensor]) -> None:
+        x = (stored[:, -1:] if self.last_block else stored).to(self.dtype)  # the one cast of the batch
+        logits, z = self.stack(x, masks)
+        losses = group_losses(logits, z, labels, self.factors, self.contrastive)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        self.totals += losses.detach()
+
+    def _capture(self, stored: torch.Tensor, labels: torch.Tensor) -> None:
+        """Capture the step on this batch, then replay it once: that is this batch's step (eager if capture fails)."""
+        self._static = (stored.clone(), labels.clone())
+        masks = self._draw(len(labels))
+        graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.cuda.graph(graph):
+                self._run(*self._static, masks)
+        except RuntimeError as error:
+            warnings.warn(
+                f"CUDA graph capture failed, the group trains without graphs: {error}", RuntimeWarning, stacklevel=3
+            )
+            self.graphs = False
+            torch.cuda.synchronize()
+            self._run(stored, labels, masks)
+            return
+        self._graph = graph
+        self.captured = True
+        graph.replay()
+
+
+def fit_group(
+    store: TrainStore,
+    configs: Sequence[RunConfig],
+    *,
+    device: torch.device,
+    progress: bool = False,
+    cuda_graphs: bool = True,
+) -> GroupFit:
+    """Train configs that share ``group_key`` together, with the authors' protocol (see the module docstring).
+
+    ``cuda_graphs``: on a CUDA device, replay each step from a captured graph (``GroupSteps``).
+    """
+    configs = tuple(dataclasses.replace(c, amp=resolve_amp(c.amp, device)) for c in configs)
+    check_group(configs)
+    config = configs[0]
     rows, n_invalid = training_rows(store, config)
-    with _SEED_LOCK:  # parallel runs (threads) must not interleave seeding and init
-        torch.manual_seed(config.seed)
-        head = build_head(store.info, config).to(device)
-    # Dropout and shuffling draw from the run's own streams, so parallel runs stay reproducible.
-    head.set_dropout_generator(torch.Generator(device=device).manual_seed(config.seed))
-    optimizer = make_adam(head, config.lr)
-    generator = torch.Generator().manual_seed(config.seed)
+    stack = build_stack(store, configs, device)
+    steps = GroupSteps(stack, configs, device, cuda_graphs)
+    shuffle = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(store.rows.labels.astype(np.float32)).to(device)
-    rows_tensor = torch.from_numpy(rows).to(device)
+    rows_tensor = torch.from_numpy(rows)
     epoch_views = store.epoch_views(config.epochs)
     steps_per_epoch = -(-len(rows) // config.batch_size)
     bar = tqdm(total=config.epochs * steps_per_epoch, unit="step", leave=False, disable=not progress, desc="fit")
@@ -281,7 +549,7 @@ def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, prog
     held: list[str] = [epoch_views[0]]
     pending = store.view_cache.acquire(epoch_views[0])
     start = time.perf_counter()
-    head.train()
+    stack.train()
     try:
         for epoch in range(config.epochs):
             features = pending.result()
@@ -289,24 +557,17 @@ def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, prog
                 held.append(epoch_views[epoch + 1])
                 pending = store.view_cache.acquire(epoch_views[epoch + 1])
             lr = config.lr_at_epoch(epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            steps.set_lr(lr)
             lrs.append(lr)
-            order = rows_tensor[torch.randperm(len(rows), generator=generator).to(device)]
-            total = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per step
+            order = rows_tensor[torch.randperm(len(rows), generator=shuffle)]
+            order_on_device = order.to(device)
+            steps.totals.zero_()
             for batch_start in range(0, len(order), config.batch_size):
                 batch_rows = order[batch_start : batch_start + config.batch_size]
-                x = block_view(features[batch_rows], config).float()
-                y = labels[batch_rows]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
-                    logits, z = head(x)
-                loss = rine_loss(logits.float().squeeze(1), z.float(), y, config.contrastive_factor)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach()
+                batch_labels = labels.index_select(0, order_on_device[batch_start : batch_start + config.batch_size])
+                steps.step(features.gather(batch_rows), batch_labels)
                 bar.update(1)
-            losses.append(float(total) / len(order))
+            losses.append((steps.totals / len(order)).tolist())
             del features
             store.view_cache.release(held.pop(0))
     finally:
@@ -316,44 +577,79 @@ def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, prog
         torch.cuda.synchronize(device)
     fit_seconds = time.perf_counter() - start
     bar.close()
-    head.eval()
-    return FitResult(head, fit_seconds, len(rows), n_invalid, tuple(losses), epoch_views, tuple(lrs))
+    stack.eval()
+    per_config = tuple(tuple(epoch[i] for epoch in losses) for i in range(len(configs)))
+    return GroupFit(
+        stack, configs, fit_seconds, len(rows), n_invalid, per_config, epoch_views, tuple(lrs), steps.captured
+    )
 
 
-def make_adam(head: RineHead, lr: float) -> torch.optim.Adam:
+def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, progress: bool = False) -> FitResult:
+    """Train one head alone (the unfused trainer: a group of one)."""
+    return fit_group(store, [config], device=device, progress=progress).results()[0]
+
+
+def make_adam(module: torch.nn.Module, lr: float, capturable: bool = False) -> torch.optim.Adam:
     """Adam, fused into one pass over the parameters per step where torch has that kernel.
 
     The same update as the default per-tensor loop up to float rounding; that
     loop took ~20 % of a training step of the 4-class head on a 2-core CPU.
     Torch has fused Adam for CUDA, and for the CPU from version 2.4.
+    ``capturable`` (CUDA graphs): the lr is a tensor on the device and the
+    step count stays there, so a captured step reads the lr set later.
     """
+    if capturable:
+        device = next(module.parameters()).device
+        return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=device), fused=True, capturable=True)
     try:
-        return torch.optim.Adam(head.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
     except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.Adam(head.parameters(), lr=lr)
+        return torch.optim.Adam(module.parameters(), lr=lr)
 
 
-def store_logits(head: RineHead, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> torch.Tensor:
-    """Logits (N, n_crops) of ``rows``: one column per evaluated variant (one, or the ten crops).
-
-    ``pipeline.calibration`` turns them into scores (``head.crop_scores``: the sigmoid of the mean logit).
-    """
-    return torch.stack([forward_rows(head, store.features[v], rows, config)[0] for v in store.variants], dim=1)
+# ----------------------------------------------------------------------------- scoring
 
 
 @torch.inference_mode()
-def forward_rows(
-    head: RineHead, features: torch.Tensor, rows: np.ndarray, config: RunConfig
+def stack_outputs(
+    stack: HeadStack, features: FeatureSource, rows: np.ndarray, config: RunConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N,), z (N, proj_dim)) of ``rows``, float32 on the CPU."""
-    head.eval()
-    logits = torch.empty(len(rows), dtype=torch.float32)
-    z = torch.empty(len(rows), head.proj_dim, dtype=torch.float32)
-    index = torch.from_numpy(rows).to(features.device)
-    for start in range(0, len(rows), EVAL_BATCH):
-        x = block_view(features[index[start : start + EVAL_BATCH]], config).float()
-        with torch.autocast(features.device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
-            batch_logits, batch_z = head(x)
-        logits[start : start + EVAL_BATCH] = batch_logits.float().squeeze(1).cpu()
-        z[start : start + EVAL_BATCH] = batch_z.float().cpu()
+    """(logits (G, N), z (G, N, proj_dim)) of every head of ``stack`` on ``rows``, float32 on the CPU.
+
+    Batches of rows in increasing order (``EVAL_BATCH`` shared by the G
+    heads, so that memory does not grow with the group), each run through all
+    heads at once, in the compute dtype of ``config.amp``.
+    """
+    stack.eval()
+    dtype = compute_dtype(config.amp, next(stack.parameters()).device)
+    logits = torch.empty(stack.size, len(rows), dtype=torch.float32)
+    z = torch.empty(stack.size, len(rows), stack.shape.proj_dim, dtype=torch.float32)
+    index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    batch = max(1, EVAL_BATCH // stack.size)
+    for start in range(0, len(rows), batch):
+        x = block_view(features.gather(index[start : start + batch]), config).to(dtype)
+        batch_logits, batch_z = stack(x)
+        logits[:, start : start + batch] = batch_logits.cpu()
+        z[:, start : start + batch] = batch_z.cpu()
     return logits, z
+
+
+def group_logits(stack: HeadStack, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> torch.Tensor:
+    """Logits (G, N, n_crops) of every head on ``rows``: one column per evaluated variant (one, or the ten crops).
+
+    ``pipeline.calibration`` turns a head's (N, n_crops) into scores (the
+    sigmoid of the mean logit, over its temperature).
+    """
+    return torch.stack([stack_outputs(stack, store.features[v], rows, config)[0] for v in store.variants], dim=2)
+
+
+def forward_rows(
+    head: RineHead, features: FeatureSource, rows: np.ndarray, config: RunConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N,), z (N, proj_dim)) of one head on ``rows``, float32 on the CPU."""
+    logits, z = stack_outputs(HeadStack([head]).to(_source_device(features)), features, rows, config)
+    return logits[0], z[0]
+
+
+def _source_device(features: FeatureSource) -> torch.device:
+    return features.tensor.device if isinstance(features, InMemoryFeatures) else features.device

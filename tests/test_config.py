@@ -73,7 +73,7 @@ def test_a_list_of_grid_blocks_is_concatenated():
         ("proj_dim: [8, 16]", "grid.proj_dim: expected an integer, got 8.5"),
         ("tap: ln2", "data.tap: 'ln3' is not one of ln2, hidden"),
         ("train: train", "data.train: give exactly one of split"),
-        ("epochs: 2", "base.amp: 'fp8' is not one of none, bf16"),
+        ("epochs: 2", "base.amp: 'fp8' is not one of auto, none, bf16"),
         ("proj_dim: [8, 16]", "unknown key 'blocks'; known:"),
         ("epochs: 2", "base.lr_milestones: expected increasing epoch numbers"),
     ],
@@ -87,7 +87,7 @@ def test_bad_values_are_rejected_by_name(replacement, message):
         "grid.proj_dim: expected an integer, got 8.5": "proj_dim: [8.5]",
         "data.tap: 'ln3' is not one of ln2, hidden": "tap: ln3",
         "data.train: give exactly one of split": "train: {split: a, store: b}",
-        "base.amp: 'fp8' is not one of none, bf16": "amp: fp8",
+        "base.amp: 'fp8' is not one of auto, none, bf16": "amp: fp8",
         "unknown key 'blocks'; known:": "blocks: [last]",
         "base.lr_milestones: expected increasing epoch numbers": "lr_milestones: [11, 6]",
     }[message]
@@ -137,3 +137,36 @@ def test_lr_of_each_epoch_follows_the_authors_milestones():
     assert [config.lr_at_epoch(e) for e in range(12)] == [1e-3] * 5 + [1e-3 / 10] * 5 + [1e-3 / 100] * 2
     assert [RunConfig(lr=0.5, lr_milestones=(1, 3)).lr_at_epoch(e) for e in range(3)] == [0.05, 0.05, 0.005]
     assert [RunConfig(lr_milestones=()).lr_at_epoch(e) for e in (0, 20)] == [1e-3, 1e-3]
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("base:\n  epochs: 2\n  lr: .nan\n", "base.lr: nan is not a finite number"),
+        ("base:\n  epochs: 2\n  contrastive_factor: .inf\n", "base.contrastive_factor: inf is not a finite number"),
+        ("base:\n  epochs: 2\n  train_fraction: .nan\n", "base.train_fraction: nan is not a finite number"),
+        ("grid:\n  lr: [0.001, -.inf]\n", "grid.lr: -inf is not a finite number"),
+        ("grid: []\n", "grid: an empty list gives no config"),
+        ("grid:\n  proj_dim: [16, 16]\n", "grid.proj_dim: 16 is listed more than once"),
+        ("grid:\n  contrastive_factor: [0.1, 0.10, 0.2]\n", "grid.contrastive_factor: 0.1 is listed more than once"),
+        ("grid:\n  - {proj_dim: [8]}\n  - {classes: [[a, b], [b, a]]}\n", "grid[1].classes: ['b', 'a'] is listed more"),
+        (
+            "grid:\n  - {proj_dim: [8, 16]}\n  - {proj_dim: [16]}\n",
+            "configs 1 ({'proj_dim': 16}) and 2 ({'proj_dim': 16}) are the same",
+        ),
+        (
+            "base:\n  proj_dim: 8\ngrid:\n  - {proj_dim: [8]}\n  - {}\n",
+            "configs 0 ({'proj_dim': 8}) and 1 ({}) are the same",
+        ),
+    ],
+)
+def test_non_finite_values_empty_grids_and_repeated_configs_are_refused_by_key(bad, message):
+    text = GRID[: GRID.index("base:")] + bad
+    with pytest.raises(ConfigError) as error:
+        parse_grid(text)
+    assert message in str(error.value)
+
+
+def test_amp_defaults_to_auto_and_accepts_the_resolved_values():
+    assert RunConfig().amp == "auto"
+    assert [make_run_config({"amp": amp}).amp for amp in ("auto", "none", "bf16")] == ["auto", "none", "bf16"]

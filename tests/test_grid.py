@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -60,6 +62,7 @@ def grid_text(root: Path, out: Path, grid: str = "  contrastive_factor: [0.1, 0.
 name: unit
 out: {out}
 data:
+  model: synthetic
   train: {{store: {root / "train.zarr"}}}
   val: {{store: {root / "val.zarr"}}}
   test:
@@ -325,3 +328,167 @@ def test_selected_runs_get_embeddings_of_a_sample_of_their_test_rows(stores, tmp
     with torch.no_grad():
         expected = head(torch.from_numpy(cache.read_features(stores / "test.zarr", "center")[order]).float())[1]
     assert np.allclose(z, expected.numpy(), atol=1e-5)
+
+
+def strip_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
+
+
+def test_fused_groups_give_the_unfused_metrics_and_record_their_group(stores, tmp_path):
+    grid = "  contrastive_factor: [0.1, 0.2, 0.4, 0.8]\n  proj_dim: [16, 32]\n"
+    spec = parse_grid(grid_text(stores, tmp_path / "fused", grid))
+    fused = run_grid(spec, FitOptions(device="cpu", progress=False))
+    alone = run_grid(
+        parse_grid(grid_text(stores, tmp_path / "alone", grid)), FitOptions(device="cpu", progress=False, fuse=False)
+    )
+    fused_rows, alone_rows = read(fused.results), read(alone.results)
+    assert [r["run"] for r in fused_rows] == [r["run"] for r in alone_rows]  # same configs, same ids
+    for a, b in zip(fused_rows, alone_rows):
+        for metric in ("acc", "ap", "auc", "real_acc", "fake_acc", "calibrated_acc"):
+            assert float(a[metric]) == pytest.approx(float(b[metric]), abs=5e-5, nan_ok=True), metric
+    groups = {}
+    for run_id in {r["run"] for r in fused_rows}:
+        fit = json.loads((tmp_path / "fused" / "runs" / run_id / "fit.json").read_text())
+        assert fit["group"]["runs"][fit["group"]["index"]] == run_id and fit["group"]["fused"] is True
+        groups.setdefault(tuple(fit["group"]["runs"]), set()).add(run_id)
+        assert fit["amp"] == "none" and fit["features"]["train"] == "memory"
+        assert fit["peak_memory_bytes"]["process_rss"] > 0
+        single = json.loads((tmp_path / "alone" / "runs" / run_id / "fit.json").read_text())
+        assert single["group"]["runs"] == [run_id] and single["group"]["fused"] is False
+    # one group per proj_dim, holding its four contrastive factors
+    assert sorted(len(members) for members in groups.values()) == [4, 4]
+    assert all(set(key) == members for key, members in groups.items())
+
+
+def test_a_grid_beyond_its_memory_budget_streams_and_gives_the_same_results(stores, tmp_path, monkeypatch):
+    in_memory = run(stores, tmp_path / "memory")
+    loads: list[str] = []
+    read_features = cache.read_features
+    monkeypatch.setattr(cache, "read_features", lambda *a, **k: loads.append(a[1]) or read_features(*a, **k))
+    spec = parse_grid(grid_text(stores, tmp_path / "streamed"))
+    streamed = run_grid(spec, FitOptions(device="cpu", progress=False, memory_budget=1000))
+    assert loads == []  # no variant was read whole
+    assert strip_timing(read(streamed.results)) == strip_timing(read(in_memory.results))
+    run_id = read(streamed.results)[0]["run"]
+    fit = json.loads((tmp_path / "streamed" / "runs" / run_id / "fit.json").read_text())
+    assert fit["features"] == {"train": "streamed", "val": "streamed", "test": "streamed", "test_jpeg": "streamed"}
+    assert fit["memory_budget_bytes"] == 1000
+
+
+def test_the_memory_budget_keeps_what_fits_in_order(stores, tmp_path):
+    from pipeline.grid import place_features, plan_grid_stores
+
+    spec = parse_grid(grid_text(stores, tmp_path / "g"))  # two-epoch runs: two training views resident
+    view = 160 * 4 * 16 * 2  # rows x blocks x dim x float16
+    budget = 2 * view + 40 * 4 * 16 * 2 + 10  # the two views and val, not the 160-row test store
+    assert place_features(spec, plan_grid_stores(spec), budget) == (True, True, False, False)
+    assert place_features(spec, plan_grid_stores(spec), 10**9) == (True, True, True, True)
+
+
+def test_a_declared_tap_or_model_that_the_stores_do_not_hold_is_refused(stores, tmp_path, monkeypatch):
+    import pipeline.grid
+
+    monkeypatch.setattr(pipeline.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
+    hidden = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
+        "  model: synthetic\n", "  model: synthetic\n  tap: hidden\n"
+    )
+    with pytest.raises(
+        DataError, match=r"train \(.*train.zarr\) holds features of tap 'ln2', but the grid's data.tap is 'hidden'"
+    ):
+        run_grid(parse_grid(hidden), FitOptions(device="cpu", progress=False))
+    other_model = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
+        "model: synthetic", "model: org/other"
+    )
+    with pytest.raises(
+        DataError, match="holds features of model 'synthetic', but the grid's data.model is 'org/other'"
+    ):
+        run_grid(parse_grid(other_model), FitOptions(device="cpu", progress=False))
+    assert not list((tmp_path / "g" / "runs").iterdir())
+
+
+def test_an_undeclared_tap_and_model_are_taken_from_the_stores(tmp_path):
+    features, labels = separable_features(120, seed=4, shift=3.0)
+    for name, rows in (("train", slice(0, 80)), ("val", slice(80, 100)), ("test", slice(100, 120))):
+        write_store(
+            tmp_path / f"{name}.zarr",
+            {"center": features[rows]},
+            labels[rows],
+            ["d"] * 20 if name != "train" else ["d"] * 80,
+            tap="hidden",
+            model="mine",
+        )
+    text = f"""
+name: undeclared
+out: {tmp_path / "g"}
+data:
+  train: {{store: {tmp_path / "train.zarr"}}}
+  val: {{store: {tmp_path / "val.zarr"}}}
+  test: [{{store: {tmp_path / "test.zarr"}}}]
+base: {{proj_layers: 1, proj_dim: 8, batch_size: 32}}
+"""
+    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    assert {(r["model"], r["tap"]) for r in read(summary.results)} == {("mine", "hidden")}
+    declared = text.replace("data:\n", "data:\n  tap: ln2\n")
+    with pytest.raises(DataError, match="holds features of tap 'hidden', but the grid's data.tap is 'ln2'"):
+        run_grid(parse_grid(declared), FitOptions(device="cpu", progress=False))
+
+
+def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path, monkeypatch):
+    import pipeline.grid
+
+    features, labels = separable_features(40)
+    write_store(tmp_path / "fakes.zarr", {"center": features}, np.ones(40, dtype=np.int8), ["progan"] * 40)
+    monkeypatch.setattr(pipeline.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n  epochs: [1]\n").replace(
+        str(stores / "train.zarr"), str(tmp_path / "fakes.zarr")
+    )
+    with pytest.raises(DataError, match="40 valid training rows of all classes are all fake"):
+        run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+
+
+def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp_path):
+    features, labels = separable_features(60, seed=9)
+    valid = np.ones(60, dtype=bool)
+    valid[:30] = False  # every row of broken_set
+    write_store(tmp_path / "t.zarr", {"center": features}, labels, ["broken_set"] * 30 + ["fine_set"] * 30, valid=valid)
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
+        f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
+        f"    - {{store: {tmp_path / 't.zarr'}, name: partly_broken}}\n",
+    )
+    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    rows = {r["dataset"]: r for r in read(summary.results) if r["split"] == "partly_broken"}
+    assert set(rows) == {"broken_set", "fine_set"}
+    broken = rows["broken_set"]
+    assert (broken["status"], broken["n"], broken["n_invalid"], broken["acc"]) == ("no_valid_rows", "0", "30", "")
+    assert (
+        broken["error"].startswith("all 30 rows of broken_set are invalid, e.g. broken_set/")
+        and "synthetic failure" in broken["error"]
+    )
+    assert rows["fine_set"]["status"] == "ok" and rows["fine_set"]["n"] == "30"
+    assert summary.n_errors == 0
+    assert len(read(summary.selection)) == 2  # the run is still selected on its valid sets
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
+def test_an_output_folder_that_cannot_be_written_stops_the_grid_with_a_message(stores, tmp_path, monkeypatch, code):
+    import pipeline.grid
+
+    def refuse(path, text):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(pipeline.grid, "write_text_atomic", refuse)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n"))
+    result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert result.output.startswith(f"Error: cannot write {tmp_path / 'g'}/") and os.strerror(code) in result.output
+    assert not (tmp_path / "g" / "results.csv").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "mps", "xla:0", "meta"])
+def test_a_device_the_pipeline_cannot_run_on_is_a_bad_option(tmp_path, device):
+    (tmp_path / "grid.yaml").write_text("name: g\n")
+    result = CliRunner().invoke(main, ["fit", "--grid", str(tmp_path / "grid.yaml"), "--device", device])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '--device'" in result.output and "Traceback" not in result.output

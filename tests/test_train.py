@@ -14,10 +14,18 @@ from pipeline import train as train_module
 from pipeline.config import RunConfig, StoreRef
 from pipeline.train import (
     DataError,
+    InMemoryFeatures,
+    OneLabelError,
+    StreamedFeatures,
     TrainStore,
     ViewCache,
+    build_head,
+    build_stack,
+    fit_group,
     fit_head,
     forward_rows,
+    fusable_groups,
+    group_logits,
     load_store,
     open_train_store,
     training_rows,
@@ -33,9 +41,8 @@ def open_train(path) -> TrainStore:
 
 def in_memory(store: TrainStore, tensors: dict[str, torch.Tensor]) -> TrainStore:
     """The same store with every view already in memory (no loading at all)."""
-    return TrainStore(
-        store.ref, store.info, store.rows, store.views, ViewCache(tensors.__getitem__, capacity=len(tensors))
-    )
+    sources = {name: InMemoryFeatures(tensor) for name, tensor in tensors.items()}
+    return TrainStore(store.ref, store.info, store.rows, store.views, ViewCache(sources.__getitem__, len(tensors)))
 
 
 def parameters(head) -> torch.Tensor:
@@ -85,8 +92,8 @@ def test_the_lr_of_every_epoch_of_a_12_epoch_run(tmp_path, monkeypatch):
     used: list[float] = []
     make_adam = train_module.make_adam
 
-    def recording_adam(head, lr):
-        optimizer = make_adam(head, lr)
+    def recording_adam(head, lr, **kwargs):
+        optimizer = make_adam(head, lr, **kwargs)
         step = optimizer.step
 
         def recorded_step(*args, **kwargs):
@@ -191,3 +198,108 @@ def test_last_block_and_mean_ablations_train(tmp_path):
     assert not hasattr(mean, "alpha")
     bf16 = fit_head(store, RunConfig(amp="bf16", **SMALL), device=CPU)
     assert np.isfinite(bf16.epoch_losses).all()
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_a_fused_group_starts_from_and_trains_to_the_heads_of_its_configs_alone(tmp_path):
+    features, labels = separable_features(200, n_blocks=4, dim=16, seed=2)
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 200))
+    configs = [
+        RunConfig(contrastive_factor=xi, proj_dim=32, proj_layers=2, batch_size=32) for xi in (0.1, 0.2, 0.4, 0.8)
+    ]
+    # initial weights: the stack holds exactly the heads each config would start from alone
+    initial = build_stack(store, configs, CPU).to_heads()
+    for config, head in zip(configs, initial):
+        torch.manual_seed(config.seed)
+        alone = build_head(store.info, config)
+        assert torch.equal(parameters(head), parameters(alone))
+    fused = fit_group(store, configs, device=CPU).results()
+    for config, together in zip(configs, fused):
+        alone = fit_head(store, config, device=CPU)
+        assert relative_difference(parameters(together.head), parameters(alone.head)) < 1e-5
+        assert together.epoch_losses == pytest.approx(alone.epoch_losses, rel=1e-5)
+        assert not torch.equal(parameters(together.head), parameters(initial[0]))
+
+
+def test_configs_group_by_everything_but_the_contrastive_factor():
+    configs = [
+        RunConfig(contrastive_factor=0.1, proj_dim=8),
+        RunConfig(contrastive_factor=0.2, proj_dim=16),
+        RunConfig(contrastive_factor=0.4, proj_dim=8),
+        RunConfig(contrastive_factor=0.1, proj_dim=8, seed=1),
+        RunConfig(contrastive_factor=0.8, proj_dim=8),
+    ]
+    assert fusable_groups(configs, max_size=8) == [[0, 2, 4], [1], [3]]
+    assert fusable_groups(configs, max_size=2) == [[0, 2], [1], [3], [4]]
+    assert fusable_groups(configs, max_size=1) == [[0], [1], [2], [3], [4]]
+    with pytest.raises(ValueError, match="differ only in contrastive_factor and calibration"):
+        fit_group(None, configs[:2], device=CPU)  # type: ignore[arg-type]
+
+
+def test_scoring_a_group_equals_scoring_each_head(tmp_path):
+    features, labels = separable_features(90, seed=4)
+    path = write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 90)
+    store = open_train(path)
+    configs = [RunConfig(contrastive_factor=xi, **SMALL) for xi in (0.1, 0.8)]
+    group = fit_group(store, configs, device=CPU)
+    loaded = load_store(StoreRef("s", path), CPU)
+    rows = np.arange(3, 90, 2)
+    together = group_logits(group.stack, loaded, rows, configs[0])
+    assert together.shape == (2, len(rows), 1)
+    for index, result in enumerate(group.results()):
+        logits, _ = forward_rows(result.head, loaded.features["center"], rows, configs[0])
+        with torch.no_grad():  # the module itself, from the stored float16 features
+            expected = result.head(torch.from_numpy(features[rows].astype(np.float16)).float())[0].squeeze(1)
+        np.testing.assert_allclose(together[index, :, 0].numpy(), expected.numpy(), atol=1e-5)
+        np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_streamed_training_and_scoring_equal_in_memory_bit_for_bit(tmp_path):
+    features, labels = separable_features(150, seed=5)
+    views = {f"view_{v:03d}": features + 0.25 * v for v in range(2)}
+    path = write_store(tmp_path / "train.zarr", views, labels, ["d"] * 150, shard_rows=32, chunk_rows=8)
+    configs = [RunConfig(contrastive_factor=xi, epochs=3, **SMALL) for xi in (0.2, 0.4)]
+    in_memory = fit_group(open_train_store(StoreRef("t", path), CPU, in_memory=True), configs, device=CPU)
+    streamed_store = open_train_store(StoreRef("t", path), CPU, in_memory=False)
+    streamed = fit_group(streamed_store, configs, device=CPU)
+    assert isinstance(streamed_store.view_cache.acquire("view_000").result(), StreamedFeatures)
+    for a, b in zip(in_memory.results(), streamed.results()):
+        assert torch.equal(parameters(a.head), parameters(b.head))
+        assert a.epoch_losses == b.epoch_losses
+    rows = np.flatnonzero(labels >= 0)[::3]
+    scored = [
+        group_logits(
+            in_memory.stack, load_store(StoreRef("t", path, "view_001"), CPU, in_memory=where), rows, configs[0]
+        )
+        for where in (True, False)
+    ]
+    assert torch.equal(scored[0], scored[1])
+
+
+def test_a_training_split_with_one_label_is_refused(tmp_path):
+    features, labels = separable_features(40)
+    classes = ["cat" if label else "dog" for label in labels]  # every cat is fake, every dog real
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 40, classes))
+    with pytest.raises(
+        OneLabelError, match=r"40 valid training rows|20 valid training rows of classes \['cat'\] are all fake"
+    ):
+        training_rows(store, RunConfig(classes=("cat",)))
+    rows, _ = training_rows(store, RunConfig(classes=("cat", "dog")))
+    assert len(rows) == 40
+
+
+def test_amp_auto_resolves_to_the_precision_the_hardware_runs_fast(tmp_path, monkeypatch):
+    from pipeline import devices
+
+    features, labels = separable_features(64)
+    store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    assert fit_group(store, [RunConfig(**SMALL)], device=CPU).configs[0].amp == "none"
+    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
+    group = fit_group(store, [RunConfig(**SMALL)], device=CPU)
+    assert group.configs[0].amp == "bf16"
+    assert group.stack.workspace.get("h0", (1,), torch.bfloat16, CPU).dtype == torch.bfloat16
+    assert np.isfinite(group.epoch_losses).all()
