@@ -12,8 +12,9 @@ loaded: their batches are gathered from the shard files, with the same
 results. Each run writes a folder named by a hash of its config (``amp``
 resolved), its data and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
 a folder with it is finished and skipped on re-run. A failing config becomes
-an error row and the grid goes on unless ``fail_fast``; an output folder that
-cannot be written stops the grid with an ``OutputError``.
+an error row and the grid goes on unless ``fail_fast``; a disk error a user
+can fix (full, read-only, denied) stops the grid with one ``WriteError``
+naming the file (``files.disk_errors_explained``).
 
 Checked before anything is fitted: the stores hold the tap and model the
 grid declares (undeclared, they are taken from the stores, so results are
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import errno
 import hashlib
 import io
 import json
@@ -55,8 +55,7 @@ from . import cache
 from .calibration import calibrate_head
 from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
-from .errors import PipelineError
-from .files import atomic_path, write_text_atomic
+from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
 from .head import count_parameters, load_head, save_head
 from .metrics import compute_metrics
 from .results import (
@@ -109,16 +108,10 @@ RUN_PROTOCOL = 4
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
 MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
-# What a full or read-only output folder looks like: the grid stops instead of failing every run.
-_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class ViewReuseWarning(UserWarning):
     """Runs of a grid have more epochs than the training store has views."""
-
-
-class OutputError(PipelineError, OSError):
-    """The grid's output folder cannot be written (read-only, full, no permission)."""
 
 
 @dataclass(frozen=True)
@@ -285,15 +278,8 @@ def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfi
 
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings."""
-    try:
+    with disk_errors_explained(spec.out):
         return _run_grid(spec, options)
-    except OSError as error:
-        if error.errno not in _OUTPUT_ERRNOS:
-            raise
-        where = Path(error.filename or spec.out)
-        if where.is_relative_to(spec.out):
-            raise OutputError(f"cannot write {where}: {error.strerror}") from None
-        raise OutputError(f"{where}: {error.strerror}") from None
 
 
 def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
@@ -328,7 +314,7 @@ def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
         try:
             return fit_and_evaluate_group(context, members, out / "runs", step_bar)
         except Exception as error:  # noqa: BLE001 - one failing group becomes error rows
-            if options.fail_fast or (isinstance(error, OSError) and error.errno in _OUTPUT_ERRNOS):
+            if options.fail_fast or (isinstance(error, OSError) and explain_os_error(error) is not None):
                 raise
             message = f"{type(error).__name__}: {error}"
             failed = []
