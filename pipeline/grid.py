@@ -1,7 +1,7 @@
 """Run a grid of head configs from cached features; one results row per run x dataset.
 
-Configs that may train together (``train.group_key``: all but xi equal) are
-fitted and scored as fused groups of at most ``MAX_GROUP_SIZE``
+Configs that may train together (``train.group_key``: all but xi and the
+calibration equal) are fitted and scored as fused groups of at most ``MAX_GROUP_SIZE``
 (``train.fit_group``; ``FitOptions.fuse=False`` fits each alone); each
 config still gets its own run folder, metrics and head. The evaluation
 stores are loaded once per process and the training views stream through
@@ -19,8 +19,8 @@ naming the file (``files.disk_errors_explained``).
 Checked before anything is fitted: the stores hold the tap and model the
 grid declares (undeclared, they are taken from the stores, so results are
 labelled with what the features are) and the same kind of features, and
-every config's training rows hold both labels. A test dataset whose rows are all invalid gets a row with
-``n = 0`` and status ``no_valid_rows``.
+every config's training rows hold both labels. A test dataset whose rows
+are all invalid gets a row with ``n = 0`` and status ``no_valid_rows``.
 
 After every run, ``results.csv`` and ``selection.csv`` are written (format
 and selection rules: ``pipeline.results``), and each selected run gets
