@@ -105,7 +105,7 @@ class HeadCalibration:
 
 def calibrated_scores(logits: torch.Tensor, temperature: float) -> np.ndarray:
     """``sigmoid(mean logit / temperature)`` per row of (N, n_crops) logits: the evaluation's aggregation, float64."""
-    return crop_scores(logits.float() / temperature).double().cpu().numpy()
+    return crop_scores(logits.float() / temperature).numpy()
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

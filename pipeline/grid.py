@@ -103,8 +103,9 @@ from .train import (
 # schedule, ten-crop by the mean logit, the view of each epoch streamed.
 # 3: val thresholds (and the optional temperature) stored with the head,
 # operating-point and calibration metrics. 4: the fused (stacked) trainer:
-# the dropout masks of a step in one draw, bf16 without autocast.
-RUN_PROTOCOL = 4
+# the dropout masks of a step in one draw, bf16 without autocast. 5: scores in float64 and TIE's softmax
+# row by row, so that no number depends on the count of torch threads.
+RUN_PROTOCOL = 5
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
 MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
@@ -277,9 +278,17 @@ def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfi
 
 
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
-    """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings."""
-    with disk_errors_explained(spec.out):
-        return _run_grid(spec, options)
+    """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings.
+
+    The numbers do not depend on ``options.jobs`` (nor on torch's thread
+    count), and torch's thread count is as it was when this returns.
+    """
+    threads = torch.get_num_threads()
+    try:
+        with disk_errors_explained(spec.out):
+            return _run_grid(spec, options)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
@@ -305,7 +314,7 @@ def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     groups = fusable_groups([runs[i] for i in todo], MAX_GROUP_SIZE if options.fuse else 1)
     groups = [[todo[i] for i in group] for group in groups]
     if options.jobs > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))  # (restored by run_grid)
     context = GroupContext(spec, data, device, budget, placement, options.fuse)
 
     def task(group: list[int]) -> list[tuple[int, list[ResultRow]]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 from torch import nn
 
 from .errors import PipelineError
@@ -107,7 +108,7 @@ class RineHead(nn.Module):
     """The RINE head on cached CLS tokens of shape (B, n_blocks, in_dim).
 
     ``aggregation="tie"``: a parameter ``alpha`` (1, n_blocks, proj_dim), standard
-    normal at init, weights the projected blocks by ``softmax(alpha, dim=1)`` (over
+    normal at init, weights the projected blocks by ``softmax(alpha, dim=1)`` (``block_weights``, over
     blocks, per feature). ``aggregation="mean"`` is the ablation "without TIE": a
     plain mean over blocks, no ``alpha``. The ablation "without intermediate blocks"
     is done by the caller, who feeds ``x[:, -1:]`` to a head built with
@@ -164,11 +165,24 @@ class RineHead(nn.Module):
         x = x.to(self.proj2[1].weight.dtype)
         per_block = self.proj1(x)
         if self.aggregation == "tie":
-            pooled = (torch.softmax(self.alpha, dim=1) * per_block).sum(dim=1)
+            pooled = (block_weights(self.alpha) * per_block).sum(dim=1)
         else:
             pooled = per_block.mean(dim=1)
         z = self.proj2(pooled)
         return self.head(z), z
+
+
+def block_weights(alpha: torch.Tensor) -> torch.Tensor:
+    """TIE's weights: the softmax of ``alpha`` (..., n_blocks, proj_dim) over its blocks (dim -2).
+
+    Taken as a softmax over the last dim of the transposed tensor: each
+    (head, unit) row is then computed alone, by the same code, whatever the
+    number of torch threads. Torch's softmax over an inner dim of a tensor
+    this size (G x 24 x d') splits the units across threads and rounds the
+    vectorised ones and the scalar tail of each thread's share differently,
+    so its last bits followed the thread count.
+    """
+    return torch.softmax(alpha.transpose(-1, -2), dim=-1).transpose(-1, -2)
 
 
 def crop_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -176,10 +190,15 @@ def crop_scores(logits: torch.Tensor) -> torch.Tensor:
 
     The authors' ten-crop evaluation (``torch.sigmoid(outputs.view(B, 10).mean(1))``),
     not the mean of the ten sigmoids; with one crop it is the sigmoid of the logit.
+    Float64 on the CPU, element by element (numpy's mean over the crops, scipy's
+    ``expit``): a logit gets the same score whatever batch it is scored in and
+    however many threads torch uses (``torch.sigmoid`` on a tensor past torch's
+    grain size is split across threads, and its vectorised body and scalar tail
+    round differently).
     """
     if logits.ndim != 2:
         raise ValueError(f"crop_scores expects logits of shape (B, n_crops), got {tuple(logits.shape)}")
-    return torch.sigmoid(logits.float().mean(dim=1))
+    return torch.from_numpy(expit(logits.detach().double().cpu().numpy().mean(axis=1)))
 
 
 def count_parameters(module: nn.Module) -> int:

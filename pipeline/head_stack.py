@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .head import RineHead, build_byte_to_bits
+from .head import RineHead, block_weights, build_byte_to_bits
 
 DROPOUT_SCALE = 2.0  # 1 / (1 - p) for p = 0.5, the only dropout the head uses
 
@@ -198,19 +198,19 @@ def project_blocks(
         torch.baddbmm(biases[layer].to(dtype).unsqueeze(1), hidden[-1], cast[layer], out=out)
         hidden.append(relu_dropout_(out, next(mask)))
     last = hidden[-1].view(size, batch, tokens // batch, width)
-    block_weights = None
+    weights = None
     if alpha is not None:
-        block_weights = torch.softmax(alpha.float(), dim=1).to(dtype)  # (G, n, d')
+        weights = block_weights(alpha.float()).to(dtype)  # (G, n, d')
         # scratch: the buffer the backward starts its gradient in (or, without a backward, the free one)
         scratch_name = f"g{(len(hidden) - 1) % 2}" if keep else f"h{len(hidden) % 2}"
         scratch = workspace.get(scratch_name, last.shape, dtype, x.device)
-        pooled = torch.mul(last, block_weights.unsqueeze(1), out=scratch).sum(dim=2)
+        pooled = torch.mul(last, weights.unsqueeze(1), out=scratch).sum(dim=2)
     else:
         pooled = last.mean(dim=2)
     if not keep:
         return pooled, None
     scale = 1.0 if masks is None else DROPOUT_SCALE
-    return pooled, _Projected(x, hidden, cast, block_weights, batch, scale)
+    return pooled, _Projected(x, hidden, cast, weights, batch, scale)
 
 
 def project_blocks_backward(

@@ -244,7 +244,8 @@ def test_crop_score_is_the_sigmoid_of_the_mean_logit():
 
     logits = torch.tensor([[4.0, -2.0, 0.0], [1.0, 1.0, 1.0]])
     expected = [1 / (1 + math.exp(-2 / 3)), 1 / (1 + math.exp(-1.0))]
-    assert torch.allclose(crop_scores(logits), torch.tensor(expected))
+    assert crop_scores(logits).dtype == torch.float64
+    assert torch.allclose(crop_scores(logits), torch.tensor(expected, dtype=torch.float64), rtol=1e-15, atol=0)
     assert not math.isclose(float(crop_scores(logits)[0]), float(torch.sigmoid(logits[0]).mean()), abs_tol=1e-3)
     with pytest.raises(ValueError, match=r"\(B, n_crops\)"):
         crop_scores(torch.zeros(3))
