@@ -595,6 +595,21 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
 )
 @DEVICE_OPTION
 @click.option(
+    "--scheduler",
+    metavar="ADDRESS|local:N",
+    help="Run the groups on a Dask cluster through joblib's Dask backend: a dask.distributed scheduler address "
+    "(e.g. tcp://head:8786, the scheduler_address of a dask-jobqueue SLURMCluster), or local:N for N worker "
+    "processes on this machine. Each worker process loads the stores once and keeps them for all its groups; "
+    "run folders are written by the workers (a shared file system), results.csv by this process; the numbers "
+    "equal --jobs 1. Needs pip install 'rine-pipeline[dask]'.",
+)
+@click.option(
+    "--devices",
+    metavar="DEV[,DEV...]",
+    help="One local Dask worker per device, each pinned to it: e.g. cuda:0,cuda:1,cuda:2,cuda:3 on one "
+    "multi-GPU node (cpu,cpu for CPU workers). Needs pip install 'rine-pipeline[dask]'.",
+)
+@click.option(
     "--no-fuse",
     is_flag=True,
     help="Fit every config alone. By default configs that differ only in contrastive_factor train together "
@@ -608,15 +623,20 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def fit_command(grid_file, out, jobs, device, no_fuse, memory_budget, fail_fast, no_progress) -> None:
+def fit_command(
+    grid_file, out, jobs, device, scheduler, devices, no_fuse, memory_budget, fail_fast, no_progress
+) -> None:
     """Train and evaluate every head config of a grid from cached features (finished runs are skipped).
 
+    The groups run in this process (--jobs threads) or on a Dask cluster
+    (--scheduler, --devices); the results are the same, bit for bit.
     Prints the results table path. Exit status 1 when any config failed
     (its error row is in results.csv), 0 otherwise.
     """
     from .config import load_grid
     from .grid import FitOptions, run_grid
 
+    cluster = _cluster_spec(scheduler, devices, jobs)
     spec = load_grid(grid_file, out=out)
     options = FitOptions(
         device=device,
@@ -625,6 +645,7 @@ def fit_command(grid_file, out, jobs, device, no_fuse, memory_budget, fail_fast,
         progress=not no_progress,
         fuse=not no_fuse,
         memory_budget=memory_budget,
+        cluster=cluster,
     )
     summary = run_grid(spec, options)
     click.echo(
@@ -635,6 +656,24 @@ def fit_command(grid_file, out, jobs, device, no_fuse, memory_budget, fail_fast,
     click.echo(str(summary.results))
     if summary.n_errors:
         raise SystemExit(1)
+
+
+def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
+    """The Dask cluster of ``pipeline fit`` (None: threads of this process); bad combinations exit 2."""
+    from .cluster import ClusterSpec, check_devices
+
+    if scheduler is None and devices is None:
+        return None
+    if scheduler is not None and devices is not None:
+        raise click.UsageError("--scheduler and --devices are exclusive: --devices starts its own local cluster")
+    if jobs > 1:
+        raise click.UsageError("--jobs is for threads of this process; with a Dask cluster its workers run the groups")
+    try:
+        if devices is not None:
+            return ClusterSpec(devices=check_devices(_comma_list(devices) or ()))
+        return ClusterSpec(scheduler=scheduler)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--devices" if devices else "--scheduler") from None
 
 
 def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

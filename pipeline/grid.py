@@ -31,12 +31,14 @@ the report draws as a t-SNE.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
 import json
 import os
+import threading
 import time
 import traceback
 import warnings
@@ -48,11 +50,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from joblib import Parallel, delayed
+from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from . import cache
 from .calibration import calibrate_head
+from .cluster import ClusterSpec, dask_client, worker_device
 from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
 from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
@@ -123,6 +126,7 @@ class FitOptions:
     progress: bool = True
     fuse: bool = True  # False: every config fitted alone (the unfused trainer)
     memory_budget: int | None = None  # bytes of features held in memory; None: devices.available_memory
+    cluster: ClusterSpec | None = None  # run the groups on a Dask cluster's workers instead of ``jobs`` threads
 
 
 @dataclass(frozen=True)
@@ -280,21 +284,28 @@ def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfi
 def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings.
 
-    The numbers do not depend on ``options.jobs`` (nor on torch's thread
-    count), and torch's thread count is as it was when this returns.
+    The groups run in this process (``options.jobs`` threads) or on a Dask
+    cluster's workers (``options.cluster``); the numbers are the same either
+    way (nor do they depend on torch's thread count), and torch's thread
+    count is as it was when this returns.
     """
     threads = torch.get_num_threads()
     try:
-        with disk_errors_explained(spec.out):
-            return _run_grid(spec, options)
+        cluster = contextlib.nullcontext() if options.cluster is None else dask_client(options.cluster)
+        with disk_errors_explained(spec.out), cluster as client:
+            return _run_grid(spec, options, client)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
+def _run_grid(spec: GridSpec, options: FitOptions, client: Any | None) -> GridSummary:
     start = time.perf_counter()
-    device = resolve_device(options.device)
-    runs = [dataclasses.replace(run, amp=resolve_amp(run.amp, device)) for run in spec.runs]
+    if client is None:
+        device = resolve_device(options.device)
+        runs = [dataclasses.replace(run, amp=resolve_amp(run.amp, device)) for run in spec.runs]
+    else:  # the workers fit on their devices; this process only draws the embeddings
+        device = torch.device("cpu")
+        runs = workers_resolve_amp(client, spec.runs, options.device)
     out = spec.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.source is not None:
@@ -305,38 +316,37 @@ def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
     identity = stores.identity()
     ids = [run_id(run, identity, stores.run_views(run)) for run in runs]
     todo = [i for i, rid in enumerate(ids) if not (out / "runs" / rid / "metrics.csv").is_file()]
-    budget = available_memory(device) if options.memory_budget is None else options.memory_budget
-    placement = place_features(spec, stores, budget)
-    data = None
-    if todo:  # a finished grid reads no features
-        data = load_grid_data(stores, device, placement)
+    memory_budget = options.memory_budget
+    if memory_budget is None and client is not None and options.cluster.local_ram_sharers():
+        memory_budget = available_memory(device) // options.cluster.local_ram_sharers()  # one copy per worker
+    task = GridTask(spec, stores, tuple(runs), tuple(ids), options.device, memory_budget, options.fuse,
+                    options.fail_fast)  # fmt: skip
+    context = data = None
+    if todo and client is None:  # a finished grid reads no features
+        context = load_group_context(task, device)
+        data = context.data
         check_training_labels(spec, data.train, [runs[i] for i in todo])
+    elif todo:  # the workers read the features; the labels of the training rows are checked here
+        check_training_labels(
+            spec, open_train_store(stores.refs[0], device, stores.train_views), [runs[i] for i in todo]
+        )
     groups = fusable_groups([runs[i] for i in todo], MAX_GROUP_SIZE if options.fuse else 1)
     groups = [[todo[i] for i in group] for group in groups]
-    if options.jobs > 1 and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))  # (restored by run_grid)
-    context = GroupContext(spec, data, device, budget, placement, options.fuse)
-
-    def task(group: list[int]) -> list[tuple[int, list[ResultRow]]]:
-        members = [(index, runs[index], ids[index]) for index in group]
+    if client is None:
+        if options.jobs > 1 and device.type == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))  # (restored by run_grid)
         step_bar = options.progress and options.jobs == 1  # one group at a time: show its steps too
-        try:
-            return fit_and_evaluate_group(context, members, out / "runs", step_bar)
-        except Exception as error:  # noqa: BLE001 - one failing group becomes error rows
-            if options.fail_fast or (isinstance(error, OSError) and explain_os_error(error) is not None):
-                raise
-            message = f"{type(error).__name__}: {error}"
-            failed = []
-            for index, run, rid in members:
-                write_text_atomic(out / "runs" / rid / "error.txt", traceback.format_exc())
-                failed.append((index, [error_row(spec, data, run, rid, message)]))
-            return failed
+        parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
+        calls = (delayed(run_group)(task, context, group, step_bar) for group in groups)
+    else:  # joblib's Dask backend: as many groups at once as the cluster's workers have threads
+        with parallel_config(backend="dask", n_jobs=-1, client=client):
+            parallel = Parallel(batch_size=1, return_as="generator_unordered")
+        calls = (delayed(run_group_on_worker)(task, group) for group in groups)
 
     errors: dict[int, list[ResultRow]] = {}
     bar = tqdm(total=len(todo), unit="run", desc=f"grid {spec.name}", disable=not options.progress)
-    parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
     try:
-        for finished in parallel(delayed(task)(group) for group in groups):
+        for finished in parallel(calls):
             for index, rows in finished:
                 run = runs[index]
                 label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
@@ -372,6 +382,94 @@ def _run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
         selection=selection,
         seconds=time.perf_counter() - start,
     )
+
+
+# ----------------------------------------------------------------------------- a group of configs: one joblib task
+
+
+@dataclass(frozen=True)
+class GridTask:
+    """What every group of a grid needs besides its context: plain data, pickled to the Dask workers."""
+
+    spec: GridSpec  # labelled with its stores' model and tap
+    stores: GridStores
+    runs: tuple[RunConfig, ...]  # amp resolved
+    ids: tuple[str, ...]
+    device: str  # --device; a worker pinned to a device (--devices) runs on its own
+    memory_budget: int | None
+    fuse: bool
+    fail_fast: bool
+
+    def data_key(self, device: torch.device) -> str:
+        """What the features a process loads for this grid depend on: the stores as named, the device, the budget."""
+        paths = [str(ref.path) for ref in self.stores.refs]
+        key = {"stores": self.stores.identity(), "paths": paths, "views": list(self.stores.train_views),
+               "device": str(device), "budget": self.memory_budget}  # fmt: skip
+        return json.dumps(key, sort_keys=True)
+
+
+def load_group_context(task: GridTask, device: torch.device) -> GroupContext:
+    """The grid's stores loaded on ``device``: those that fit the memory budget in memory, the others streamed."""
+    budget = available_memory(device) if task.memory_budget is None else task.memory_budget
+    placement = place_features(task.spec, task.stores, budget)
+    data = load_grid_data(task.stores, device, placement)
+    return GroupContext(task.spec, data, device, budget, placement, task.fuse)
+
+
+def run_group(
+    task: GridTask, context: GroupContext, group: list[int], progress: bool = False
+) -> list[tuple[int, list[ResultRow]]]:
+    """Fit and evaluate one group of configs (indices into ``task.runs``); a failing group becomes error rows (and
+    an ``error.txt`` per run) unless ``fail_fast`` or a disk error a user can fix, which are raised."""
+    runs_dir = task.spec.out / "runs"
+    members = [(index, task.runs[index], task.ids[index]) for index in group]
+    try:
+        return fit_and_evaluate_group(context, members, runs_dir, progress)
+    except Exception as error:  # noqa: BLE001 - one failing group becomes error rows
+        if task.fail_fast or (isinstance(error, OSError) and explain_os_error(error) is not None):
+            raise
+        message = f"{type(error).__name__}: {error}"
+        failed = []
+        for index, run, rid in members:
+            write_text_atomic(runs_dir / rid / "error.txt", traceback.format_exc())
+            failed.append((index, [error_row(task.spec, context.data, run, rid, message)]))
+        return failed
+
+
+# The grid stores a Dask worker process has loaded (at most one set), by ``GridTask.data_key``: loaded for its first
+# group and kept for every later one, of this grid or of the next on the same stores.
+_WORKER_CONTEXT: dict[str, GroupContext] = {}
+_WORKER_CONTEXT_LOCK = threading.Lock()
+
+
+def run_group_on_worker(task: GridTask, group: list[int]) -> list[tuple[int, list[ResultRow]]]:
+    """``run_group`` on a Dask worker, on the device it is pinned to (else ``--device``), with the stores this
+    process loaded for an earlier group when it did (a store that cannot be loaded stops the grid)."""
+    device = worker_device(task.device)
+    key = task.data_key(device)
+    with _WORKER_CONTEXT_LOCK:
+        if key not in _WORKER_CONTEXT:
+            for stale in _WORKER_CONTEXT.values():
+                stale.data.train.view_cache.close()
+            _WORKER_CONTEXT.clear()
+            _WORKER_CONTEXT[key] = load_group_context(task, device)
+        context = dataclasses.replace(_WORKER_CONTEXT[key], spec=task.spec, fuse=task.fuse)
+    return run_group(task, context, group)
+
+
+def workers_resolve_amp(client: Any, runs: tuple[RunConfig, ...], device: str) -> list[RunConfig]:
+    """The runs with ``amp: auto`` resolved on the cluster's workers (each on its device); they must agree."""
+    answers = client.run(_worker_auto_amp, device)  # worker address -> (its device, what auto means there)
+    (auto, *others) = {amp for _, amp in answers.values()}
+    if others:
+        listing = ", ".join(f"{worker} ({where}): {amp}" for worker, (where, amp) in sorted(answers.items()))
+        raise DataError(f"amp: auto means different things on the cluster's workers: {listing}; set amp in the grid")
+    return [dataclasses.replace(run, amp=auto if run.amp == "auto" else run.amp) for run in runs]
+
+
+def _worker_auto_amp(device: str) -> tuple[str, str]:
+    resolved = worker_device(device)
+    return str(resolved), resolve_amp("auto", resolved)
 
 
 def base_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:

@@ -7,6 +7,8 @@ import errno
 import json
 import math
 import os
+import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from conftest import separable_features, write_store
 from pipeline import cache
 from pipeline.cli import main
+from pipeline.cluster import ClusterError, ClusterSpec, dask_client
 from pipeline.config import parse_grid
 from pipeline.grid import FitOptions, ViewReuseWarning, run_grid
 from pipeline.train import DataError
@@ -190,6 +193,82 @@ def test_the_numbers_do_not_depend_on_the_number_of_torch_threads(stores, tmp_pa
             assert_same_results(first.out, run(stores, tmp_path / f"threads_{threads}").out)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, monkeypatch):
+    first = run(stores, tmp_path / "a")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_text(stores, tmp_path / "b"))
+    monkeypatch.setattr("pipeline.grid.available_memory", lambda device: 10**9)  # (in this process only)
+    command = ["fit", "--grid", str(grid_file), "--scheduler", "local:2", "--device", "cpu", "--no-progress"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert_same_results(first.out, tmp_path / "b")
+    fits = [json.loads(path.read_text()) for path in (tmp_path / "b").glob("runs/*/fit.json")]
+    # each worker process holds its own copy of the features: the RAM is shared out between the two
+    assert [fit["memory_budget_bytes"] for fit in fits] == [10**9 // 2] * 4
+
+
+@pytest.mark.slow
+def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(stores, tmp_path):
+    def worker_state() -> tuple[str, list[int]]:  # run on each worker: its device, the stores it holds
+        from pipeline import cluster, grid
+
+        return os.environ[cluster.WORKER_DEVICE_ENV], [id(context.data) for context in grid._WORKER_CONTEXT.values()]
+
+    grid = "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [8, 16, 24, 32]\n"  # four groups
+    first = run(stores, tmp_path / "a", grid=grid)
+    with dask_client(ClusterSpec(devices=("cpu", "cpu"))) as client:  # what --devices cpu,cpu starts
+        address = ClusterSpec(scheduler=client.scheduler.address)  # reached as --scheduler ADDRESS
+        options = FitOptions(device="cpu", progress=False, cluster=address)
+        run_grid(parse_grid(grid_text(stores, tmp_path / "b", grid)), options)
+        held = client.run(worker_state)
+        run_grid(parse_grid(grid_text(stores, tmp_path / "c", grid)), options)
+        held_after = client.run(worker_state)
+    assert len(held) == 2 and {device for device, _ in held.values()} == {"cpu"}
+    assert all(len(ids) <= 1 for _, ids in held.values()) and any(ids for _, ids in held.values())
+    assert all(held_after[worker] == (device, ids) for worker, (device, ids) in held.items() if ids)  # not reloaded
+    assert_same_results(first.out, tmp_path / "b")
+    assert_same_results(first.out, tmp_path / "c")
+
+
+def test_a_dask_cluster_without_dask_installed_says_what_to_install(stores, tmp_path, monkeypatch):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_text(stores, tmp_path / "g"))
+    monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed raises ImportError
+    for option in (["--scheduler", "local:2"], ["--devices", "cpu,cpu"]):
+        result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", *option])
+        assert result.exit_code == 1
+        assert "not installed: pip install 'rine-pipeline[dask]'" in result.output
+    assert not (tmp_path / "g" / "results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--scheduler", "local:0"], "local:N with N >= 1"),
+        (["--devices", "cuda:99"], "CUDA device"),
+        (["--devices", "cpu", "--scheduler", "local:2"], "exclusive"),
+        (["--jobs", "2", "--scheduler", "local:2"], "--jobs"),
+    ],
+)
+def test_bad_cluster_options_are_refused(stores, tmp_path, options, message):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(grid_text(stores, tmp_path / "g"))
+    result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", *options])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_an_unreachable_scheduler_is_an_error_naming_it(stores, tmp_path, monkeypatch):
+    pytest.importorskip("distributed")
+    monkeypatch.setattr("pipeline.cluster.CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    options = FitOptions(device="cpu", progress=False, cluster=ClusterSpec(scheduler=address))
+    with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler {address}"):
+        run_grid(parse_grid(grid_text(stores, tmp_path / "g")), options)
 
 
 def assert_same_results(one: Path, two: Path) -> None:

@@ -1,0 +1,167 @@
+"""Dask clusters for ``pipeline fit``: a scheduler to connect to, a local cluster, or one local worker per device.
+
+``dask.distributed`` is an optional dependency (``pip install
+'rine-pipeline[dask]'``); it is imported only when a cluster is asked for,
+and its absence is a ``ClusterError`` saying what to install.
+
+* ``--scheduler tcp://host:8786`` (any ``dask.distributed`` address, e.g. the
+  ``scheduler_address`` of a dask-jobqueue ``SLURMCluster``): the grid's
+  tasks run on that cluster's workers, each on the device ``--device``
+  resolves to there.
+* ``--scheduler local:N``: a ``LocalCluster`` of N worker processes on this
+  machine, one task at a time each, sharing the CPUs (each worker's torch
+  gets ``cpu_count // N`` threads).
+* ``--devices cuda:0,cuda:1``: one worker process per device, pinned to it
+  (the worker reads its device from ``WORKER_DEVICE_ENV``); ``cpu,cpu`` gives
+  CPU workers. Each device is checked here first, so a CUDA device on a
+  machine without one is refused before anything starts.
+
+The cluster is closed when the grid ends; a scheduler given by address is
+only disconnected from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import PipelineError
+
+DASK_INSTALL_HINT = "pip install 'rine-pipeline[dask]' (or: pip install 'dask[distributed]')"
+WORKER_DEVICE_ENV = "RINE_PIPELINE_WORKER_DEVICE"
+LOCAL_PREFIX = "local:"
+CONNECT_TIMEOUT_S = 30
+WORKERS_TIMEOUT_S = 120
+
+
+class ClusterError(PipelineError, RuntimeError):
+    """A cluster that cannot be reached or started, or dask not installed."""
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where a grid's tasks run: a scheduler address, ``local:N``, or one local worker per device."""
+
+    scheduler: str | None = None
+    devices: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.scheduler is None) == (self.devices is None):
+            raise ValueError("a cluster is a scheduler (an address or local:N) or a list of devices, one of the two")
+        if self.devices is not None and not self.devices:
+            raise ValueError("--devices needs at least one device")
+        if self.scheduler is not None and self.scheduler.startswith(LOCAL_PREFIX):
+            local_workers(self.scheduler)
+
+    def local_ram_sharers(self) -> int:
+        """Worker processes of this machine that each load the features into its RAM (0: a remote cluster)."""
+        if self.devices is not None:
+            return sum(1 for device in self.devices if not device.startswith(("cuda", "mps")))
+        return local_workers(self.scheduler) if self.scheduler.startswith(LOCAL_PREFIX) else 0
+
+    def describe(self) -> str:
+        if self.devices is not None:
+            return f"a local Dask cluster, one worker per device ({', '.join(self.devices)})"
+        if self.scheduler.startswith(LOCAL_PREFIX):
+            return f"a local Dask cluster of {local_workers(self.scheduler)} worker processes"
+        return f"the Dask scheduler {self.scheduler}"
+
+
+def local_workers(scheduler: str) -> int:
+    """N of ``local:N`` (at least 1)."""
+    text = scheduler.removeprefix(LOCAL_PREFIX)
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{scheduler!r}: a local cluster is local:N with N >= 1 worker processes, e.g. local:4")
+    return int(text)
+
+
+def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
+    """Each device as torch names it; a device this machine lacks is a ValueError (``--devices cuda:0`` without a GPU)."""
+    from .devices import resolve_device
+
+    return tuple(str(resolve_device(device)) for device in devices)
+
+
+def import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError:
+        raise ClusterError(
+            f"--scheduler and --devices run the grid on Dask, which is not installed: {DASK_INSTALL_HINT}"
+        ) from None
+    return distributed
+
+
+def worker_threads(n_workers: int) -> int:
+    """Torch threads per local worker: the CPUs shared out."""
+    return max(1, (os.cpu_count() or 1) // n_workers)
+
+
+@contextlib.contextmanager
+def dask_client(spec: ClusterSpec) -> Iterator[Any]:
+    """A ``distributed.Client`` on the cluster ``spec`` names, with its workers up; closed (and a local cluster
+    shut down) on exit."""
+    distributed = import_distributed()
+    with contextlib.ExitStack() as stack:
+        if spec.scheduler is not None and not spec.scheduler.startswith(LOCAL_PREFIX):
+            try:
+                client = stack.enter_context(distributed.Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S))
+            except (OSError, TimeoutError) as error:
+                raise ClusterError(f"cannot reach the Dask scheduler {spec.scheduler}: {error}") from None
+            n_workers = 1  # whatever the cluster has; at least one before the first task
+        else:
+            try:
+                cluster, n_workers = _local_cluster(distributed, spec)
+            except RuntimeError as error:  # distributed's "Nanny failed to start" and the like
+                raise ClusterError(f"{spec.describe()} did not start: {error}") from error
+            stack.enter_context(cluster)
+            client = stack.enter_context(distributed.Client(cluster))
+        try:
+            client.wait_for_workers(n_workers, timeout=WORKERS_TIMEOUT_S)
+        except TimeoutError:
+            raise ClusterError(
+                f"{spec.describe()}: fewer than {n_workers} worker(s) joined within {WORKERS_TIMEOUT_S} s"
+            ) from None
+        yield client
+
+
+def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
+    """A cluster of worker processes on this machine: ``local:N``, or one per device, each pinned to it."""
+    silent = {"dashboard_address": None, "silence_logs": logging.ERROR}
+    if spec.devices is None:
+        n_workers = local_workers(spec.scheduler)
+        threads = str(worker_threads(n_workers))
+        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, env=env, **silent), n_workers
+    devices = check_devices(spec.devices)
+    threads = str(worker_threads(len(devices)))
+    workers = {
+        f"device-{index}": {
+            "cls": distributed.Nanny,
+            "options": {
+                "nthreads": 1,
+                "silence_logs": logging.ERROR,
+                "env": {WORKER_DEVICE_ENV: device, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+            },
+        }
+        for index, device in enumerate(devices)
+    }
+    scheduler = {"cls": distributed.Scheduler, "options": {"dashboard_address": None}}
+    return distributed.SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR), len(devices)
+
+
+def worker_device(asked: str) -> torch.device:
+    """The device a worker process runs its groups on: the one it was pinned to (``--devices``), else ``asked``
+    (``--device``) as resolved there; a CUDA device with an index becomes the process's current device."""
+    from .devices import resolve_device
+
+    device = resolve_device(os.environ.get(WORKER_DEVICE_ENV) or asked)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
