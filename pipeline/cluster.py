@@ -11,10 +11,15 @@ and its absence is a ``ClusterError`` saying what to install.
 * ``--scheduler local:N``: a ``LocalCluster`` of N worker processes on this
   machine, one task at a time each, sharing the CPUs (each worker's torch
   gets ``cpu_count // N`` threads).
-* ``--devices cuda:0,cuda:1``: one worker process per device, pinned to it
-  (the worker reads its device from ``WORKER_DEVICE_ENV``); ``cpu,cpu`` gives
-  CPU workers. Each device is checked here first, so a CUDA device on a
-  machine without one is refused before anything starts.
+* ``--devices cuda:0,cuda:1``: one worker process per device, pinned to it;
+  ``cpu,cpu`` gives CPU workers. Each device is checked here first, so a
+  CUDA device on a machine without one is refused before anything starts.
+
+A worker reads its device and its torch thread count from the environment
+(``WORKER_DEVICE_ENV``, ``WORKER_THREADS_ENV``; the local clusters set both,
+a job script of a remote cluster may export them) in ``pin_worker``, before
+each task. Without ``WORKER_THREADS_ENV``, torch keeps the thread count
+Dask's nanny gives a worker process (``OMP_NUM_THREADS=1`` by default).
 
 The cluster is closed when the grid ends; a scheduler given by address is
 only disconnected from.
@@ -35,6 +40,7 @@ from .errors import PipelineError
 
 DASK_INSTALL_HINT = "pip install 'rine-pipeline[dask]' (or: pip install 'dask[distributed]')"
 WORKER_DEVICE_ENV = "RINE_PIPELINE_WORKER_DEVICE"
+WORKER_THREADS_ENV = "RINE_PIPELINE_WORKER_THREADS"
 LOCAL_PREFIX = "local:"
 CONNECT_TIMEOUT_S = 30
 WORKERS_TIMEOUT_S = 120
@@ -136,8 +142,7 @@ def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
     silent = {"dashboard_address": None, "silence_logs": logging.ERROR}
     if spec.devices is None:
         n_workers = local_workers(spec.scheduler)
-        threads = str(worker_threads(n_workers))
-        env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        env = {WORKER_THREADS_ENV: str(worker_threads(n_workers))}
         return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, env=env, **silent), n_workers
     devices = check_devices(spec.devices)
     threads = str(worker_threads(len(devices)))
@@ -147,7 +152,7 @@ def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
             "options": {
                 "nthreads": 1,
                 "silence_logs": logging.ERROR,
-                "env": {WORKER_DEVICE_ENV: device, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+                "env": {WORKER_DEVICE_ENV: device, WORKER_THREADS_ENV: threads},
             },
         }
         for index, device in enumerate(devices)
@@ -156,12 +161,16 @@ def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
     return distributed.SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR), len(devices)
 
 
-def worker_device(asked: str) -> torch.device:
-    """The device a worker process runs its groups on: the one it was pinned to (``--devices``), else ``asked``
-    (``--device``) as resolved there; a CUDA device with an index becomes the process's current device."""
+def pin_worker(asked: str) -> torch.device:
+    """The device this worker process runs its groups on: the one it was pinned to (``--devices``), else
+    ``asked`` (``--device``) as resolved here. A CUDA device with an index becomes the process's current device,
+    and torch takes ``WORKER_THREADS_ENV`` threads when it is set."""
     from .devices import resolve_device
 
     device = resolve_device(os.environ.get(WORKER_DEVICE_ENV) or asked)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
+    threads = os.environ.get(WORKER_THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:
+        torch.set_num_threads(int(threads))
     return device

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .calibration import calibrate_head
-from .cluster import ClusterSpec, dask_client, worker_device
+from .cluster import ClusterSpec, dask_client, pin_worker
 from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
 from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
@@ -445,7 +445,7 @@ _WORKER_CONTEXT_LOCK = threading.Lock()
 def run_group_on_worker(task: GridTask, group: list[int]) -> list[tuple[int, list[ResultRow]]]:
     """``run_group`` on a Dask worker, on the device it is pinned to (else ``--device``), with the stores this
     process loaded for an earlier group when it did (a store that cannot be loaded stops the grid)."""
-    device = worker_device(task.device)
+    device = pin_worker(task.device)
     key = task.data_key(device)
     with _WORKER_CONTEXT_LOCK:
         if key not in _WORKER_CONTEXT:
@@ -468,7 +468,7 @@ def workers_resolve_amp(client: Any, runs: tuple[RunConfig, ...], device: str) -
 
 
 def _worker_auto_amp(device: str) -> tuple[str, str]:
-    resolved = worker_device(device)
+    resolved = pin_worker(device)
     return str(resolved), resolve_amp("auto", resolved)
 
 

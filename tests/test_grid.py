@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from conftest import separable_features, write_store
-from pipeline import cache
+from pipeline import cache, cluster
 from pipeline.cli import main
 from pipeline.cluster import ClusterError, ClusterSpec, dask_client
 from pipeline.config import parse_grid
@@ -212,10 +212,11 @@ def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, mon
 
 @pytest.mark.slow
 def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(stores, tmp_path):
-    def worker_state() -> tuple[str, list[int]]:  # run on each worker: its device, the stores it holds
-        from pipeline import cluster, grid
+    def worker_state() -> tuple[str, int, list[int]]:  # run on each worker: its device, threads, stores held
+        from pipeline import grid
 
-        return os.environ[cluster.WORKER_DEVICE_ENV], [id(context.data) for context in grid._WORKER_CONTEXT.values()]
+        held = [id(context.data) for context in grid._WORKER_CONTEXT.values()]
+        return os.environ[cluster.WORKER_DEVICE_ENV], torch.get_num_threads(), held
 
     grid = "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [8, 16, 24, 32]\n"  # four groups
     first = run(stores, tmp_path / "a", grid=grid)
@@ -226,9 +227,11 @@ def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(store
         held = client.run(worker_state)
         run_grid(parse_grid(grid_text(stores, tmp_path / "c", grid)), options)
         held_after = client.run(worker_state)
-    assert len(held) == 2 and {device for device, _ in held.values()} == {"cpu"}
-    assert all(len(ids) <= 1 for _, ids in held.values()) and any(ids for _, ids in held.values())
-    assert all(held_after[worker] == (device, ids) for worker, (device, ids) in held.items() if ids)  # not reloaded
+    assert len(held) == 2 and {(device, threads) for device, threads, _ in held.values()} == {
+        ("cpu", cluster.worker_threads(2))
+    }
+    assert all(len(ids) <= 1 for *_, ids in held.values()) and any(ids for *_, ids in held.values())
+    assert all(held_after[worker] == state for worker, state in held.items() if state[2])  # not loaded again
     assert_same_results(first.out, tmp_path / "b")
     assert_same_results(first.out, tmp_path / "c")
 
