@@ -606,8 +606,8 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
 @click.option(
     "--devices",
     metavar="DEV[,DEV...]",
-    help="One local Dask worker per device, each pinned to it: e.g. cuda:0,cuda:1,cuda:2,cuda:3 on one "
-    "multi-GPU node (cpu,cpu for CPU workers). Needs pip install 'rine-pipeline[dask]'.",
+    help="One local Dask worker per device, each pinned to it (in place of --device): e.g. cuda:0,cuda:1,cuda:2,"
+    "cuda:3 on one multi-GPU node, cpu,cpu for CPU workers. Needs pip install 'rine-pipeline[dask]'.",
 )
 @click.option(
     "--no-fuse",
@@ -619,7 +619,8 @@ def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress
     "--memory-budget",
     type=ByteSize(),
     help="Bytes of features held in memory (e.g. 16G); stores beyond it are read batch by batch from their "
-    "shard files, with the same results. Default: 80 % of the RAM available now (of the free GPU memory on a GPU).",
+    "shard files, with the same results. Default: 80 % of the RAM available now (of the free GPU memory on a GPU); "
+    "on a Dask cluster, per worker process (a local cluster's CPU workers share the default out).",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")

@@ -21,8 +21,8 @@ a job script of a remote cluster may export them) in ``pin_worker``, before
 each task. Without ``WORKER_THREADS_ENV``, torch keeps the thread count
 Dask's nanny gives a worker process (``OMP_NUM_THREADS=1`` by default).
 
-The cluster is closed when the grid ends; a scheduler given by address is
-only disconnected from.
+A local cluster is closed when the grid ends; a scheduler given by address
+is only disconnected from (and waited for until a first worker joins).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -71,12 +72,10 @@ class ClusterSpec:
             return sum(1 for device in self.devices if not device.startswith(("cuda", "mps")))
         return local_workers(self.scheduler) if self.scheduler.startswith(LOCAL_PREFIX) else 0
 
-    def describe(self) -> str:
+    def describe_local(self) -> str:
         if self.devices is not None:
             return f"a local Dask cluster, one worker per device ({', '.join(self.devices)})"
-        if self.scheduler.startswith(LOCAL_PREFIX):
-            return f"a local Dask cluster of {local_workers(self.scheduler)} worker processes"
-        return f"the Dask scheduler {self.scheduler}"
+        return f"a local Dask cluster of {local_workers(self.scheduler)} worker processes"
 
 
 def local_workers(scheduler: str) -> int:
@@ -111,8 +110,9 @@ def worker_threads(n_workers: int) -> int:
 
 @contextlib.contextmanager
 def dask_client(spec: ClusterSpec) -> Iterator[Any]:
-    """A ``distributed.Client`` on the cluster ``spec`` names, with its workers up; closed (and a local cluster
-    shut down) on exit."""
+    """A ``distributed.Client`` on the cluster ``spec`` names, once a worker (a local cluster: all of them) has
+    joined; closed, and a local cluster shut down, on exit. A remote scheduler is waited for as long as it takes
+    its first worker to join (batch jobs may wait in their queue), saying so on stderr."""
     distributed = import_distributed()
     with contextlib.ExitStack() as stack:
         if spec.scheduler is not None and not spec.scheduler.startswith(LOCAL_PREFIX):
@@ -120,19 +120,22 @@ def dask_client(spec: ClusterSpec) -> Iterator[Any]:
                 client = stack.enter_context(distributed.Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S))
             except (OSError, TimeoutError) as error:
                 raise ClusterError(f"cannot reach the Dask scheduler {spec.scheduler}: {error}") from None
-            n_workers = 1  # whatever the cluster has; at least one before the first task
-        else:
-            try:
-                cluster, n_workers = _local_cluster(distributed, spec)
-            except RuntimeError as error:  # distributed's "Nanny failed to start" and the like
-                raise ClusterError(f"{spec.describe()} did not start: {error}") from error
-            stack.enter_context(cluster)
-            client = stack.enter_context(distributed.Client(cluster))
+            if not client.scheduler_info().get("workers"):
+                print(f"waiting for a worker to join the Dask scheduler {spec.scheduler} ...", file=sys.stderr)
+                client.wait_for_workers(1)
+            yield client
+            return
+        try:
+            cluster, n_workers = _local_cluster(distributed, spec)
+        except RuntimeError as error:  # distributed's "Nanny failed to start" and the like
+            raise ClusterError(f"{spec.describe_local()} did not start: {error}") from error
+        stack.enter_context(cluster)
+        client = stack.enter_context(distributed.Client(cluster))
         try:
             client.wait_for_workers(n_workers, timeout=WORKERS_TIMEOUT_S)
         except TimeoutError:
             raise ClusterError(
-                f"{spec.describe()}: fewer than {n_workers} worker(s) joined within {WORKERS_TIMEOUT_S} s"
+                f"{spec.describe_local()}: fewer than {n_workers} worker(s) joined within {WORKERS_TIMEOUT_S} s"
             ) from None
         yield client
 

@@ -6,7 +6,11 @@ calibration equal) are fitted and scored as fused groups of at most ``MAX_GROUP_
 config still gets its own run folder, metrics and head. The evaluation
 stores are loaded once per process and the training views stream through
 one shared ``ViewCache``; every group (also with ``--jobs N``, which uses
-threads) reads the same tensors. Stores that do not fit the memory budget
+threads) reads the same tensors. With ``FitOptions.cluster`` the groups run
+on a Dask cluster's workers instead (``pipeline.cluster``; joblib's Dask
+backend): each worker process loads the stores for its first group and keeps
+them (``run_group_on_worker``), writes its runs' folders, and this process
+assembles the results. Stores that do not fit the memory budget
 (``FitOptions.memory_budget``, default ``devices.available_memory``) are not
 loaded: their batches are gathered from the shard files, with the same
 results. Each run writes a folder named by a hash of its config (``amp``
@@ -339,7 +343,8 @@ def _run_grid(spec: GridSpec, options: FitOptions, client: Any | None) -> GridSu
         parallel = Parallel(n_jobs=options.jobs, backend="threading", return_as="generator_unordered")
         calls = (delayed(run_group)(task, context, group, step_bar) for group in groups)
     else:  # joblib's Dask backend: as many groups at once as the cluster's workers have threads
-        with parallel_config(backend="dask", n_jobs=-1, client=client):
+        # (the task, the same for every group, is sent to every worker once, up front)
+        with parallel_config(backend="dask", n_jobs=-1, client=client, scatter=[task]):
             parallel = Parallel(batch_size=1, return_as="generator_unordered")
         calls = (delayed(run_group_on_worker)(task, group) for group in groups)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +141,15 @@ def test_demo_command_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1 and result.output.startswith(f"Error: {tmp_path}: not empty and not a demo build")
     assert (tmp_path / "mine.txt").read_text() == "user data"
+
+
+def test_python_m_pipeline_runs_the_cli_only_as_the_main_module() -> None:
+    # A worker process started by spawn (a local Dask cluster of `python -m pipeline fit --scheduler local:2`)
+    # re-imports the parent's main module as __mp_main__: that must not run the command line again.
+    code = "import runpy; runpy.run_module('pipeline', run_name='__mp_main__'); print('imported')"
+    child = subprocess.run([sys.executable, "-c", code, "fit", "--help"], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout == "imported\n", child.stdout + child.stderr
+    child = subprocess.run(
+        [sys.executable, "-m", "pipeline", "fit", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0 and "--scheduler" in child.stdout
