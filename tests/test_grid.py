@@ -202,8 +202,10 @@ def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, mon
     grid_file.write_text(grid_text(stores, tmp_path / "b"))
     monkeypatch.setattr("pipeline.grid.available_memory", lambda device: 10**9)  # (in this process only)
     command = ["fit", "--grid", str(grid_file), "--scheduler", "local:2", "--device", "cpu", "--no-progress"]
+    environment = dict(os.environ)
     result = CliRunner().invoke(main, command)
     assert result.exit_code == 0, result.output
+    assert dict(os.environ) == environment  # (Dask's nannies set OMP_NUM_THREADS=1 and more in this process)
     assert_same_results(first.out, tmp_path / "b")
     fits = [json.loads(path.read_text()) for path in (tmp_path / "b").glob("runs/*/fit.json")]
     # each worker process holds its own copy of the features: the RAM is shared out between the two
@@ -212,11 +214,16 @@ def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, mon
 
 @pytest.mark.slow
 def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(stores, tmp_path):
-    def worker_state() -> tuple[str, int, list[int]]:  # run on each worker: its device, threads, stores held
+    def worker_state() -> tuple[str, int, str | None, list[int]]:  # run on each worker
         from pipeline import grid
 
         held = [id(context.data) for context in grid._WORKER_CONTEXT.values()]
-        return os.environ[cluster.WORKER_DEVICE_ENV], torch.get_num_threads(), held
+        return (
+            os.environ[cluster.WORKER_DEVICE_ENV],
+            torch.get_num_threads(),
+            os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+            held,
+        )
 
     grid = "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [8, 16, 24, 32]\n"  # four groups
     first = run(stores, tmp_path / "a", grid=grid)
@@ -227,9 +234,8 @@ def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(store
         held = client.run(worker_state)
         run_grid(parse_grid(grid_text(stores, tmp_path / "c", grid)), options)
         held_after = client.run(worker_state)
-    assert len(held) == 2 and {(device, threads) for device, threads, _ in held.values()} == {
-        ("cpu", cluster.worker_threads(2))
-    }
+    # each worker on its device, with its share of the CPUs, and glibc's malloc as usual (see LOCAL_NANNY_CONFIG)
+    assert len(held) == 2 and {state[:3] for state in held.values()} == {("cpu", cluster.worker_threads(2), None)}
     assert all(len(ids) == 1 for *_, ids in held.values())  # both workers had groups, and one copy of the stores
     assert held_after == held  # kept for the next grid: not loaded again
     assert_same_results(first.out, tmp_path / "b")
