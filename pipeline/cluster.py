@@ -67,6 +67,8 @@ class ClusterSpec:
             raise ValueError("a cluster is a scheduler (an address or local:N) or a list of devices, one of the two")
         if self.devices is not None and not self.devices:
             raise ValueError("--devices needs at least one device")
+        if self.devices is not None:
+            check_devices(self.devices)
         if self.scheduler is not None and self.scheduler.startswith(LOCAL_PREFIX):
             local_workers(self.scheduler)
 
@@ -161,7 +163,7 @@ def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
         n_workers = local_workers(spec.scheduler)
         env = {WORKER_THREADS_ENV: str(worker_threads(n_workers))}
         return distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, env=env, **silent), n_workers
-    devices = check_devices(spec.devices)
+    devices = spec.devices
     threads = str(worker_threads(len(devices)))
     workers = {
         f"device-{index}": {
