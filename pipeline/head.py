@@ -177,10 +177,10 @@ def block_weights(alpha: torch.Tensor) -> torch.Tensor:
 
     Taken as a softmax over the last dim of the transposed tensor: each
     (head, unit) row is then computed alone, by the same code, whatever the
-    number of torch threads. Torch's softmax over an inner dim of a tensor
-    this size (G x 24 x d') splits the units across threads and rounds the
-    vectorised ones and the scalar tail of each thread's share differently,
-    so its last bits followed the thread count.
+    number of torch threads. Torch's softmax over an inner dim splits the
+    units across threads and rounds the vectorised ones and the scalar tail
+    of each thread's share differently, so its last bits followed the thread
+    count (from 3 threads on, already for a 2 x 4 x 16 alpha).
     """
     return torch.softmax(alpha.transpose(-1, -2), dim=-1).transpose(-1, -2)
 

@@ -249,3 +249,18 @@ def test_crop_score_is_the_sigmoid_of_the_mean_logit():
     assert not math.isclose(float(crop_scores(logits)[0]), float(torch.sigmoid(logits[0]).mean()), abs_tol=1e-3)
     with pytest.raises(ValueError, match=r"\(B, n_crops\)"):
         crop_scores(torch.zeros(3))
+
+
+def test_tie_block_weights_are_the_softmax_over_blocks_and_do_not_depend_on_the_thread_count():
+    from pipeline.head import block_weights
+
+    alpha = torch.randn(8, 24, 256, generator=torch.Generator().manual_seed(0))
+    weights = block_weights(alpha)
+    torch.testing.assert_close(weights, torch.softmax(alpha.double(), dim=1).float(), rtol=0, atol=1e-7)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 16):
+            torch.set_num_threads(threads)
+            assert torch.equal(block_weights(alpha), weights), threads
+    finally:
+        torch.set_num_threads(before)
