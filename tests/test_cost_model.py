@@ -1,0 +1,62 @@
+"""benchmarks/cost_model.py: its FLOP and parameter formulas against torch's FLOP counter and the real modules."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from pipeline.head import RineHead, count_parameters
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
+
+
+@pytest.fixture(scope="module")
+def cost_model():
+    sys.path.insert(0, str(SCRIPT.parent))  # the script imports _common by file name, as when run directly
+    try:
+        spec = importlib.util.spec_from_file_location("cost_model", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+
+
+def counted_flops(module: torch.nn.Module, *inputs: torch.Tensor, **kwargs) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs, **kwargs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("q, width", [(1, 128), (2, 1024), (4, 256)])
+def test_head_flops_and_parameters_match_the_real_head(cost_model, q: int, width: int) -> None:
+    head = RineHead(24, 1024, width, q).eval()
+    assert cost_model.head_parameters(24, 1024, q, width) == count_parameters(head)
+    batch = 3
+    assert batch * cost_model.head_flops(24, 1024, q, width) == pytest.approx(
+        counted_flops(head, torch.randn(batch, 24, 1024)), rel=0.01
+    )  # the counter counts matmuls only: the formula leaves out the bias adds (~1e-3)
+
+
+def test_the_paper_s_parameter_counts(cost_model) -> None:
+    assert cost_model.head_parameters(24, 1024, 4, 1024) == 10_521_601  # paper Table 1
+    assert cost_model.head_parameters(24, 1024, 4, 128) == 283_009
+    assert cost_model.head_parameters(24, 1024, 2, 1024) == 6_323_201
+
+
+def test_backbone_flops_match_the_counted_forward_of_a_clip_vision_tower(cost_model) -> None:
+    shape = cost_model.BackboneShape("small", hidden=64, layers=2, patch=8, image=64, mlp=256)
+    config = CLIPVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=64,
+                              intermediate_size=256, attn_implementation="eager")  # fmt: skip
+    model = CLIPVisionModel(config).eval()
+    assert 2 * shape.forward_flops() == pytest.approx(
+        counted_flops(model, pixel_values=torch.randn(2, 3, 64, 64)), rel=0.01
+    )
+    assert cost_model.VIT_L14.forward_flops() == pytest.approx(162.0e9, rel=0.01)  # 81 GMACs, the usual figure
