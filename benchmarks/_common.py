@@ -152,6 +152,16 @@ VIT_B32_SHAPE = dict(
 )
 
 
+VIT_L14_SHAPE = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    patch_size=14,
+    image_size=224,
+    intermediate_size=4096,
+)
+
+
 def save_random_clip(path: Path, seed: int = 0, **shape: int) -> Path:
     """A randomly initialised CLIP vision tower (ViT-B/32 shape by default), saved like a hub checkpoint."""
     from transformers import CLIPVisionConfig, CLIPVisionModel

@@ -36,6 +36,7 @@ import numpy as np
 import scipy.optimize
 import torch
 from _common import (
+    VIT_L14_SHAPE,
     add_scratch_options,
     print_machine,
     quiet_transformers,
@@ -80,8 +81,6 @@ class BackboneShape:
 
 
 VIT_L14 = BackboneShape("ViT-L/14", 1024, 24, 14, 224, 4096)
-VIT_L14_CONFIG = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224,
-                      intermediate_size=4096)  # fmt: skip
 VIT_B16 = BackboneShape("ViT-B/16", 768, 12, 16, 224, 3072)
 VIT_B32 = BackboneShape("ViT-B/32", 768, 12, 32, 224, 3072)
 PAPER_SHAPES = [(q, width) for q in (1, 2, 4) for width in (128, 256, 512, 1024)]  # x 4 xi = the 48 configs
@@ -110,7 +109,6 @@ class Constants:
     gpu_grid_seconds: float = 60.0  # the 48-config 4-class grid (144k rows, 1 epoch) -> R_head on the GPU
     cores_per_gpu: int = 16  # decode threads per GPU (the H200 machine: 16 cores)
     disk_bytes_per_second: float = 2e9  # reading a training view from the store (NVMe / parallel FS), per worker
-    gpu_memory: float = 141e9  # H200
 
 
 def extraction_model_seconds(c: Constants, shape: BackboneShape, forwards: int, decode: float) -> float:
@@ -171,7 +169,7 @@ def measure_extraction(work: Path, images: int, repeats: int) -> tuple[dict[str,
                 overwrite=True,
                 progress=False,
                 augment=bool(views),
-            )  # fmt: skip
+            )
         )
         return summary.times.wall - load, summary.times.backbone, summary.times.decode
 
@@ -181,7 +179,7 @@ def measure_extraction(work: Path, images: int, repeats: int) -> tuple[dict[str,
         ("decode", None, 0, None),
         ("decode", None, 2, None),
         ("calibration", VIT_B16, 0, dict(patch_size=16)),
-        ("check", L14_6, 2, dict(VIT_L14_CONFIG, num_hidden_layers=6)),
+        ("check", L14_6, 2, dict(VIT_L14_SHAPE, num_hidden_layers=6)),
         ("outside", VIT_B32, 0, {}),
     ]
     models = [tiny if config is None else save_random_clip(work / f"model-{i}", **config)

@@ -71,6 +71,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import (
+    VIT_L14_SHAPE,
     add_scratch_options,
     premade_center_batches,
     print_machine,
@@ -91,10 +92,6 @@ from pipeline.head_stack import HalfMasks
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXTRACT_TARGET = 2500.0  # img/s, run_extract in float16 on an H200
 GRID_TARGET = 60.0  # seconds, the 48-config 4-class grid on an H200
-VIT_L14_SHAPE = dict(
-    hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224,
-    intermediate_size=4096,
-)  # fmt: skip
 QUICK_SHAPE = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, patch_size=8, image_size=32, intermediate_size=64
 )
