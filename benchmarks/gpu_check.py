@@ -1,4 +1,8 @@
-"""A prepared check of every GPU path of the pipeline, for one GPU machine with no network (< 8 min on an H200).
+"""A prepared check of every GPU path of the pipeline, for one GPU machine with no network.
+
+Written to take under 8 minutes on an H200 (a guess until it has run on one:
+no GPU was at hand when it was written; ``--checks`` and the size options
+run a part of it).
 
 Everything is made here: a random-weight CLIP vision tower of the ViT-L/14
 shape (hidden 1024, 24 layers, 16 heads, patch 14, image 224, MLP 4096) saved
@@ -14,13 +18,15 @@ Checks, in the order they run:
 
 * dropout generator: ``HalfMasks`` on a generator of the device: the same
   seed gives the same masks, another seed others, entries 0 or 2, half kept;
-* fused Adam: ``train.make_adam`` on the device is the fused kernel and one
-  step equals torch's reference Adam (and on CUDA its capturable form too);
+* fused Adam: ``train.make_adam`` on the device is the fused kernel and
+  three steps equal torch's reference Adam (and on CUDA its capturable form
+  too);
 * features on the device: a store's variant read whole onto the device
   (``InMemoryFeatures``) and streamed from the shard files
   (``StreamedFeatures``) gather exactly the rows ``cache.read_features`` reads;
 * fused trainer: a group of 4 configs (xi 0.1-0.8) trained together on the
-  device equals each config trained alone (weights and losses);
+  device equals each config trained alone (val logits and losses; the
+  weight difference is printed);
 * CUDA graphs (CUDA only): the same group replayed from a captured CUDA graph
   equals its eager training, in float32 and in bf16;
 * out-of-core training: ``run_grid`` with ``--memory-budget 1`` (every batch
@@ -39,7 +45,8 @@ Checks, in the order they run:
   ``grid.run_grid``, one epoch, batch 128) on a synthetic training store of
   the real size (144k x 24 x 1024 float16, ~7 GB, written at disk speed from
   a pool of random rows) with val and test stores: wall time (target <= 60 s
-  on an H200), peak GPU memory, groups replayed from CUDA graphs.
+  on an H200), peak GPU memory, and on CUDA every group replayed from a CUDA
+  graph.
 
 Targets are judged only on a full-size run on a GPU; ``--quick`` (small
 sizes) and ``--cpu`` runs print them as not judged. ``--quick --cpu`` runs
