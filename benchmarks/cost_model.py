@@ -83,6 +83,7 @@ class BackboneShape:
 VIT_L14 = BackboneShape("ViT-L/14", 1024, 24, 14, 224, 4096)
 VIT_B16 = BackboneShape("ViT-B/16", 768, 12, 16, 224, 3072)
 VIT_B32 = BackboneShape("ViT-B/32", 768, 12, 32, 224, 3072)
+PAPER_BACKBONES = (VIT_L14, VIT_B32)  # the two backbones of the paper's tables
 PAPER_SHAPES = [(q, width) for q in (1, 2, 4) for width in (128, 256, 512, 1024)]  # x 4 xi = the 48 configs
 
 
@@ -261,7 +262,7 @@ def plan(c: Constants, r: Reproduction, devices: int) -> dict[str, float]:
     groups = []  # seconds of each fused group (the unit Dask hands to a GPU)
     memory = 0.0
     head_rate = gpu_head_rate(c)
-    for shape in (VIT_L14, VIT_B16):
+    for shape in PAPER_BACKBONES:
         extract_seconds += r.train_images * r.views / gpu_extraction_rate(c, shape, c.decode_augmented_here)[0]
         extract_seconds += r.eval_images / gpu_extraction_rate(c, shape, c.decode_center_here)[0]
         disk += (r.train_images * r.views + r.eval_images) * shape.row_bytes()
@@ -318,8 +319,8 @@ def print_constants(c: Constants) -> None:
 def print_plan(c: Constants) -> None:
     r = Reproduction()
     print(f"\nREPRODUCTION ({r.train_images:,} training images x {r.views} views + {r.eval_images:,} val/test, "
-          f"ViT-L/14 and ViT-B/16; 48-config grid + epochs study {r.study_epochs} per backbone)")  # fmt: skip
-    for shape in (VIT_L14, VIT_B16):
+          f"ViT-L/14 and ViT-B/32; 48-config grid + epochs study {r.study_epochs} per backbone)")  # fmt: skip
+    for shape in PAPER_BACKBONES:
         rate, bound = gpu_extraction_rate(c, shape, c.decode_augmented_here)
         print(f"  {shape.name}: {rate:,.0f} img/s per GPU with augmentation ({bound}-bound)")
     print("  GPUs | extraction h | fit h | total h | disk TB | peak fit memory per GPU GB")
