@@ -208,12 +208,19 @@ def store_path(config: ExtractConfig, tap: str) -> Path:
 
 @dataclass
 class StageTimes:
-    """Seconds spent per stage; decoding and writing overlap with the backbone."""
+    """Seconds spent per stage; decoding and writing overlap with the backbone.
+
+    ``wait_for_pixels`` and ``wait_for_writes`` are what the overlap left on
+    the loop's path: the time it waited for decoded batches, and for the
+    committer (a shard handed over while the previous one was still being
+    written, and the last shard's write).
+    """
 
     decode: float = 0.0
     backbone: float = 0.0
     write: float = 0.0
     wait_for_pixels: float = 0.0
+    wait_for_writes: float = 0.0
     wall: float = 0.0
 
 
@@ -242,7 +249,7 @@ class ExtractSummary:
             f"{self.n_rows} rows; {self.shards_done} shards extracted, {self.shards_skipped} already done{others}; "
             f"{self.images_processed} images in {t.wall:.1f} s ({rate:.1f} img/s)",
             f"time: decoding {t.decode:.1f} s (in {t.wait_for_pixels:.1f} s of waiting), "
-            f"backbone {t.backbone:.1f} s, writing {t.write:.1f} s",
+            f"backbone {t.backbone:.1f} s, writing {t.write:.1f} s (in {t.wait_for_writes:.1f} s of waiting)",
         ]
         if self.failures:
             reasons = Counter(reason for _, reason in self.failures)
@@ -522,13 +529,17 @@ def extract_shards(
             errors.extend(batch.errors)
             if batch.work.closes_shard:
                 joined = {key: np.concatenate(parts) for key, parts in features.items()}
+                start = time.perf_counter()
                 committer.submit(FinishedShard(shard, joined, np.concatenate(valid), tuple(errors)))
+                times.wait_for_writes += time.perf_counter() - start
                 features, valid, errors, shard = {}, [], [], None
             if progress is not None:
                 progress(len(batch.work.rows))
             waited = time.perf_counter()
     finally:
+        start = time.perf_counter()
         committer.close()
+        times.wait_for_writes += time.perf_counter() - start
     times.write = committer.seconds
     times.wall = time.perf_counter() - wall_start
     return times
@@ -640,7 +651,7 @@ def extract_claimed_shards(
             path = manifest.rows[stop.row].path
             raise ExtractError(f"{path}: {stop.reason} (stopped by --fail-fast; committed shards are kept)") from None
         done += committer.committed
-        for name in ("decode", "backbone", "write", "wait_for_pixels"):
+        for name in ("decode", "backbone", "write", "wait_for_pixels", "wait_for_writes"):
             setattr(times, name, getattr(times, name) + getattr(round_times, name))
         pending = pending_targets(stores, wanted)
         by_others = set(previous) - set(pending) - set(committer.committed)

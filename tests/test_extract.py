@@ -155,16 +155,19 @@ def fake_step(pixels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 class RecordingCommitter:
-    def __init__(self) -> None:
+    def __init__(self, blocks_for: float = 0.0) -> None:
         self.shards: list[FinishedShard] = []
         self.closed = False
         self.seconds = 0.25
+        self.blocks_for = blocks_for  # seconds each submit and the close keep the loop waiting
 
     def submit(self, finished: FinishedShard) -> None:
         assert not self.closed
+        time.sleep(self.blocks_for)
         self.shards.append(finished)
 
     def close(self) -> None:
+        time.sleep(self.blocks_for)
         self.closed = True
 
 
@@ -204,6 +207,14 @@ def test_extract_shards_commits_each_shard_whole_with_invalid_rows_zeroed() -> N
             np.testing.assert_array_equal(tokens, expected, err_msg=f"{tap} {variant}")
     assert not second.features[("ln2", "view_000")][1].any()
     assert times.write == 0.25 and times.decode == pytest.approx(0.003) and times.wall >= times.backbone > 0
+
+
+def test_extract_shards_counts_the_time_the_loop_waits_for_the_committer() -> None:
+    quick = extract_shards(two_view_work(), FakeSource({}), fake_step, RecordingCommitter())
+    blocked = extract_shards(two_view_work(), FakeSource({}), fake_step, RecordingCommitter(blocks_for=0.05))
+
+    assert quick.wait_for_writes < 0.05
+    assert 0.15 <= blocked.wait_for_writes <= blocked.wall  # two submits and the close
 
 
 def test_fail_fast_stops_before_the_shard_holding_a_bad_image() -> None:
