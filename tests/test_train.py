@@ -296,10 +296,30 @@ def test_amp_auto_resolves_to_the_precision_the_hardware_runs_fast(tmp_path, mon
 
     features, labels = separable_features(64)
     store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
+    resolved = {}
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(devices, "cpu_has_amx", lambda amx=amx: amx)
+        monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda avx512_bf16=avx512_bf16: avx512_bf16)
+        resolved[amx, avx512_bf16] = devices.resolve_amp("auto", CPU)
+    assert resolved == {(False, False): "none", (True, False): "bf16", (False, True): "bf16", (True, True): "bf16"}
+    assert devices.resolve_amp("none", CPU) == "none"  # an explicit choice is kept
+
     monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: False)
     assert fit_group(store, [RunConfig(**SMALL)], device=CPU).configs[0].amp == "none"
-    monkeypatch.setattr(devices, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: True)
     group = fit_group(store, [RunConfig(**SMALL)], device=CPU)
     assert group.configs[0].amp == "bf16"
     assert group.stack.workspace.get("h0", (1,), torch.bfloat16, CPU).dtype == torch.bfloat16
     assert np.isfinite(group.epoch_losses).all()
+
+
+def test_cpu_bf16_probes_read_the_kernel_flags_where_torch_has_no_probe(monkeypatch):
+    from pipeline import devices
+
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert devices.cpu_has_avx512_bf16() and not devices.cpu_has_amx()
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16", "amx_tile"}))
+    assert devices.cpu_has_amx() and not devices.cpu_has_avx512_bf16()
