@@ -117,6 +117,8 @@ EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
 MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
 
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text, ~5x faster per run folder
+
 
 class ViewReuseWarning(UserWarning):
     """Runs of a grid have more epochs than the training store has views."""
@@ -585,7 +587,9 @@ def write_run(
         rows += metric_rows(base, split, evaluated.store, evaluated.rows, scores, thresholds, evaluated.scope)
 
     save_head(head, folder / "head.safetensors", {**head_metadata(data.train, run), **calibration.to_metadata()})
-    write_text_atomic(folder / "config.yaml", yaml.safe_dump(run_document(spec, run, data), sort_keys=False))
+    write_text_atomic(
+        folder / "config.yaml", yaml.dump(run_document(spec, run, data), Dumper=YAML_DUMPER, sort_keys=False)
+    )
     refs = (data.train.ref, data.val.ref, *(t.ref for t in data.tests))
     fit_info = {
         "fit_seconds": fit.fit_seconds,

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import sklearn
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 DEFAULT_THRESHOLD = 0.5
@@ -131,6 +132,9 @@ def compute_metrics(
     n_fake = int(is_fake.sum())
     n_real = int(labels.size - n_fake)
     predicted_fake = scores > DEFAULT_THRESHOLD
+    with sklearn.config_context(skip_parameter_validation=True):  # inputs checked above; saves ~30 % of these calls
+        ap = float(average_precision_score(labels, scores)) if n_fake else math.nan
+        auc = float(roc_auc_score(labels, scores)) if n_fake and n_real else math.nan
     cuts = score_cuts(labels, scores)
     points = {name: cuts.point(rule) for name, rule in ORACLE_POINTS.items()}
     for name, rule in VAL_POINTS.items():
@@ -140,8 +144,8 @@ def compute_metrics(
         n_real=n_real,
         n_fake=n_fake,
         acc=float(np.mean(predicted_fake == is_fake)),
-        ap=float(average_precision_score(labels, scores)) if n_fake else math.nan,
-        auc=float(roc_auc_score(labels, scores)) if n_fake and n_real else math.nan,
+        ap=ap,
+        auc=auc,
         real_acc=float(np.mean(~predicted_fake[~is_fake])) if n_real else math.nan,
         fake_acc=float(np.mean(predicted_fake[is_fake])) if n_fake else math.nan,
         eer=cuts.equal_error_rate(),
