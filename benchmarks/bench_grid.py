@@ -17,7 +17,9 @@ ViT-B/32-shaped CLIP vision tower, float32 on the CPU, it measures:
   background thread; what they add to the wall time is the shard handed
   over while the previous one was still being written and the last shard's
   write). That is the decode + augment/crop + forward over train, val and
-  test that every official run pays; measured inside E, so P <= E;
+  test that every official run pays; measured inside E, so P <= E. (What
+  the background writes take from the backbone's CPU stays in P: a few MB
+  of features per split, negligible);
 * H: ``run_grid`` of the 48 configs (xi {0.1, 0.2, 0.4, 0.8} x q {1, 2, 4} x
   d' {128, 256, 512, 1024}, one epoch, batch 128; fused into 12 groups of 4
   unless --no-fuse), loading the stores, fitting, scoring val and test,
