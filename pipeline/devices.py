@@ -10,6 +10,7 @@ import torch
 
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 MEMORY_FRACTION = 0.8  # of the memory available now that stage two may fill with features by default
+CPU_BF16_ENV = "RINE_CPU_BF16"  # "0" / "1": whether the CPU counts as running bfloat16 fast, instead of detecting it
 
 
 def resolve_device(device: str) -> torch.device:
@@ -76,11 +77,18 @@ def bf16_is_fast(device: torch.device) -> bool:
     """Hardware whose bfloat16 matmuls run well ahead of float32: CUDA GPUs with bf16, and CPUs with AMX or with
     AVX-512 BF16 (where the head trains ~2x faster in bf16 than in float32, ``benchmarks/bench_head.py``).
 
-    Other CPUs convert bfloat16 in software, slower than float32: they keep float32.
+    Other CPUs have no bfloat16 instructions, where it is no faster than float32: they keep float32.
+    ``RINE_CPU_BF16=0`` or ``1`` in the environment overrides the CPU's detection (the test suite sets 0, so
+    that its float32 comparisons hold on any CPU).
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and (cpu_has_amx() or cpu_has_avx512_bf16())
+    if device.type != "cpu":
+        return False
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:

@@ -296,6 +296,7 @@ def test_amp_auto_resolves_to_the_precision_the_hardware_runs_fast(tmp_path, mon
 
     features, labels = separable_features(64)
     store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
+    monkeypatch.delenv(devices.CPU_BF16_ENV)  # detect (conftest pins float32)
     resolved = {}
     for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
         monkeypatch.setattr(devices, "cpu_has_amx", lambda amx=amx: amx)
@@ -312,6 +313,11 @@ def test_amp_auto_resolves_to_the_precision_the_hardware_runs_fast(tmp_path, mon
     assert group.configs[0].amp == "bf16"
     assert group.stack.workspace.get("h0", (1,), torch.bfloat16, CPU).dtype == torch.bfloat16
     assert np.isfinite(group.epoch_losses).all()
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "0")  # the override wins over the detection, both ways
+    assert devices.resolve_amp("auto", CPU) == "none"
+    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: False)
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
+    assert devices.resolve_amp("auto", CPU) == "bf16"
 
 
 def test_cpu_bf16_probes_read_the_kernel_flags_where_torch_has_no_probe(monkeypatch):
