@@ -55,22 +55,18 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles for bfloat16 (Intel Sapphire Rapids and later)."""
-    try:
-        if torch.cpu._is_amx_tile_supported():
-            return True
-    except AttributeError:  # a torch without the probe: read the kernel's flags
-        pass
-    return "amx_bf16" in cpu_flags()
+    return _cpu_has("_is_amx_tile_supported", "amx_bf16")
 
 
 def cpu_has_avx512_bf16() -> bool:
     """Whether this CPU has the AVX-512 BF16 instructions (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids)."""
-    try:
-        if torch.cpu._is_avx512_bf16_supported():
-            return True
-    except AttributeError:
-        pass
-    return "avx512_bf16" in cpu_flags()
+    return _cpu_has("_is_avx512_bf16_supported", "avx512_bf16")
+
+
+def _cpu_has(probe: str, flag: str) -> bool:
+    """torch's ``torch.cpu.<probe>()`` where it says yes; otherwise (or in a torch without it) the kernel's ``flag``."""
+    check = getattr(torch.cpu, probe, None)
+    return bool(check is not None and check()) or flag in cpu_flags()
 
 
 def bf16_is_fast(device: torch.device) -> bool:
