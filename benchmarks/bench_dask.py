@@ -33,7 +33,7 @@ from _common import add_scratch_options, print_machine, scratch_dir, write_synth
 
 from pipeline.cluster import ClusterSpec, dask_client, worker_threads
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, run_grid
+from pipeline.grid import FitConfig, run_grid
 
 TARGET = 0.8
 GRID_YAML = """\
@@ -92,8 +92,8 @@ def main() -> int:
             startup = time.perf_counter() - start
             print(f"dask local:2 cluster started in {startup:.1f} s")
             modes = {
-                "--jobs 2": FitOptions(device="cpu", jobs=2, progress=False),
-                "dask local:2": FitOptions(
+                "--jobs 2": FitConfig(device="cpu", jobs=2, progress=False),
+                "dask local:2": FitConfig(
                     device="cpu", progress=False, cluster=ClusterSpec(scheduler=client.scheduler.address)
                 ),
             }

@@ -68,7 +68,7 @@ from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.config import RunConfig, StoreRef, parse_grid
 from pipeline.devices import resolve_amp, resolve_device
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.grid import MAX_GROUP_SIZE, FitOptions, run_grid
+from pipeline.grid import MAX_GROUP_SIZE, FitConfig, run_grid
 
 TARGET = 40.0
 PAPER_GRID = {"contrastive_factor": (0.1, 0.2, 0.4, 0.8), "proj_layers": (1, 2, 4), "proj_dim": (128, 256, 512, 1024)}
@@ -268,7 +268,7 @@ def main() -> int:
 
         grid = parse_grid(GRID_YAML.format(cache=work / "cache", model=model_dir, amp=args.amp), out=work / "runs")
         start = time.perf_counter()
-        summary = run_grid(grid, FitOptions(device="cpu", jobs=args.jobs, progress=False, fuse=not args.no_fuse))
+        summary = run_grid(grid, FitConfig(device="cpu", jobs=args.jobs, progress=False, fuse=not args.no_fuse))
         grid_seconds = time.perf_counter() - start
         if summary.n_errors:
             raise RuntimeError(f"{summary.n_errors} grid runs failed; see {summary.results}")

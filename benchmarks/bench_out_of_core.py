@@ -29,7 +29,7 @@ from _common import add_scratch_options, print_machine, scratch_dir, write_synth
 
 from pipeline import cache
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, run_grid
+from pipeline.grid import FitConfig, run_grid
 
 TARGET = 0.7
 GRID_YAML = """\
@@ -88,7 +88,7 @@ def main() -> int:
             for mode, budget in modes.items():
                 spec = parse_grid(text, out=work / "runs" / f"{mode}-{round_}")
                 start = time.perf_counter()
-                summary = run_grid(spec, FitOptions(device="cpu", progress=False, memory_budget=budget))
+                summary = run_grid(spec, FitConfig(device="cpu", progress=False, memory_budget=budget))
                 wall = time.perf_counter() - start
                 rows = read_results(summary.results)
                 tables[mode] = [{k: v for k, v in row.items() if k != "fit_seconds"} for row in rows]

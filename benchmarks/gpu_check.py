@@ -93,7 +93,7 @@ from pipeline import cache, train
 from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.config import RunConfig, StoreRef, parse_grid
 from pipeline.extract import ExtractConfig, run_extract
-from pipeline.grid import FitOptions, run_grid
+from pipeline.grid import FitConfig, run_grid
 from pipeline.head_stack import HalfMasks
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -517,7 +517,7 @@ def check_out_of_core(ctx: Context) -> Outcome:
     tables, placements = {}, {}
     for mode, budget in (("in memory", None), ("out of core", 1)):
         spec = parse_grid(text, out=ctx.work / "out-of-core" / mode.replace(" ", "-"))
-        summary = run_grid(spec, FitOptions(device=str(ctx.device), progress=False, memory_budget=budget))
+        summary = run_grid(spec, FitConfig(device=str(ctx.device), progress=False, memory_budget=budget))
         require(summary.n_errors == 0, f"{mode}: {summary.n_errors} runs failed; see {summary.results}")
         tables[mode] = [{k: v for k, v in row.items() if k != "fit_seconds"} for row in read_csv(summary.results)]
         fit_json = next((spec.out / "runs").glob("*/fit.json")).read_text()
@@ -671,7 +671,7 @@ def check_grid(ctx: Context) -> Outcome:
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
     start = time.perf_counter()
-    summary = run_grid(spec, FitOptions(device=str(ctx.device), progress=False))
+    summary = run_grid(spec, FitConfig(device=str(ctx.device), progress=False))
     wall = time.perf_counter() - start
     require(summary.n_errors == 0, f"{summary.n_errors} runs failed; see {summary.results}")
     fits = [json.loads(path.read_text()) for path in (spec.out / "runs").glob("*/fit.json")]

@@ -635,11 +635,11 @@ def fit_command(
     (its error row is in results.csv), 0 otherwise.
     """
     from .config import load_grid
-    from .grid import FitOptions, run_grid
+    from .grid import FitConfig, run_grid
 
     cluster = _cluster_spec(scheduler, devices, jobs)
     spec = load_grid(grid_file, out=out)
-    options = FitOptions(
+    options = FitConfig(
         device=device,
         jobs=jobs,
         fail_fast=fail_fast,

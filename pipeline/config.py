@@ -146,7 +146,7 @@ class StoreRef:
 
 
 @dataclass(frozen=True)
-class GridSpec:
+class GridConfig:
     """A parsed grid file.
 
     ``model`` and ``tap`` locate stores named by split; ``declared`` says
@@ -201,7 +201,7 @@ def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str) ->
     return StoreRef(name=name, path=path, variant=variant)
 
 
-def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None) -> GridSpec:
+def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None) -> GridConfig:
     """Parse grid YAML text (relative paths are relative to the working directory)."""
     try:
         document = yaml.safe_load(text)
@@ -243,7 +243,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
     points = expand_grid(document.get("grid"), where)
     runs = tuple(make_run_config({**base, **point}, "grid") for point in points)
     check_distinct_runs(runs, points, where)
-    return GridSpec(
+    return GridConfig(
         name=name,
         out=out or Path(document.get("out", Path("runs") / name)),
         model=model,
@@ -303,7 +303,7 @@ def check_distinct_runs(runs: tuple[RunConfig, ...], points: list[dict[str, Any]
         first_seen[run] = index
 
 
-def load_grid(path: Path, out: Path | None = None) -> GridSpec:
+def load_grid(path: Path, out: Path | None = None) -> GridConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: grid file not found")
     return parse_grid(path.read_text(), source=path, out=out)

@@ -2,16 +2,16 @@
 
 Configs that may train together (``train.group_key``: all but xi and the
 calibration equal) are fitted and scored as fused groups of at most ``MAX_GROUP_SIZE``
-(``train.fit_group``; ``FitOptions.fuse=False`` fits each alone); each
+(``train.fit_group``; ``FitConfig.fuse=False`` fits each alone); each
 config still gets its own run folder, metrics and head. The evaluation
 stores are loaded once per process and the training views stream through
 one shared ``ViewCache``; every group (also with ``--jobs N``, which uses
-threads) reads the same tensors. With ``FitOptions.cluster`` the groups run
+threads) reads the same tensors. With ``FitConfig.cluster`` the groups run
 on a Dask cluster's workers instead (``pipeline.cluster``; joblib's Dask
 backend): each worker process loads the stores for its first group and keeps
 them (``run_group_on_worker``), writes its runs' folders, and this process
 assembles the results. Stores that do not fit the memory budget
-(``FitOptions.memory_budget``, default ``devices.available_memory``) are not
+(``FitConfig.memory_budget``, default ``devices.available_memory``) are not
 loaded: their batches are gathered from the shard files, with the same
 results. Each run writes a folder named by a hash of its config (``amp``
 resolved), its data and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from . import cache
 from .calibration import calibrate_head
 from .cluster import ClusterSpec, dask_client, pin_worker
-from .config import GridSpec, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
+from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
 from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
 from .head import count_parameters, load_head, save_head
@@ -125,7 +125,7 @@ class ViewReuseWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class FitOptions:
+class FitConfig:
     device: str = "auto"
     jobs: int = 1
     fail_fast: bool = False
@@ -197,7 +197,7 @@ def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, .
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def plan_grid_stores(spec: GridSpec) -> GridStores:
+def plan_grid_stores(spec: GridConfig) -> GridStores:
     """Open every store's attributes; check they hold the grid's declared tap and model and the same kind of features."""
     refs = (spec.train, spec.val, *spec.tests)
     infos = tuple(open_info(ref) for ref in refs)
@@ -207,7 +207,7 @@ def plan_grid_stores(spec: GridSpec) -> GridStores:
     return GridStores(refs, infos, train_views(infos[0], spec.train))
 
 
-def labelled_spec(spec: GridSpec, stores: GridStores) -> GridSpec:
+def labelled_spec(spec: GridConfig, stores: GridStores) -> GridConfig:
     """The spec with the model and tap it does not declare taken from its stores: what results are labelled with."""
     identity = stores.infos[0].identity
     model = spec.model if "model" in spec.declared else identity.model_id
@@ -215,7 +215,7 @@ def labelled_spec(spec: GridSpec, stores: GridStores) -> GridSpec:
     return dataclasses.replace(spec, model=model, tap=tap)
 
 
-def check_declared(spec: GridSpec, ref: StoreRef, info: cache.StoreInfo) -> None:
+def check_declared(spec: GridConfig, ref: StoreRef, info: cache.StoreInfo) -> None:
     """A store must hold the tap and the model the grid declares (``data.tap``, ``data.model``)."""
     identity = info.identity
     if "tap" in spec.declared and identity.tap != spec.tap:
@@ -232,7 +232,7 @@ def check_declared(spec: GridSpec, ref: StoreRef, info: cache.StoreInfo) -> None
         )
 
 
-def warn_view_reuse(spec: GridSpec, stores: GridStores) -> None:
+def warn_view_reuse(spec: GridConfig, stores: GridStores) -> None:
     """Warn once per grid when runs have more epochs than the store has views."""
     n_views = len(stores.train_views)
     longer = [run for run in spec.runs if run.epochs > n_views]
@@ -248,7 +248,7 @@ def warn_view_reuse(spec: GridSpec, stores: GridStores) -> None:
         )
 
 
-def place_features(spec: GridSpec, stores: GridStores, budget: int) -> tuple[bool, ...]:
+def place_features(spec: GridConfig, stores: GridStores, budget: int) -> tuple[bool, ...]:
     """In memory or streamed, per store (train, val, tests): each fits in what the earlier ones left of ``budget``.
 
     The training store counts its views resident at once (two when a run
@@ -273,7 +273,7 @@ def load_grid_data(stores: GridStores, device: torch.device, placement: tuple[bo
     return GridData(train, val, tuple(tests), stores.identity())
 
 
-def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfig]) -> None:
+def check_training_labels(spec: GridConfig, train: TrainStore, runs: list[RunConfig]) -> None:
     """Refuse the grid before any fit when a config's training rows hold one label only."""
     problems = {}
     for run in runs:
@@ -287,7 +287,7 @@ def check_training_labels(spec: GridSpec, train: TrainStore, runs: list[RunConfi
         raise DataError(f"grid {spec.name}: " + "\n".join(problems))
 
 
-def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
+def run_grid(spec: GridConfig, options: FitConfig) -> GridSummary:
     """Fit and evaluate every config of ``spec``; write results.csv, selection.csv and the selected runs' embeddings.
 
     The groups run in this process (``options.jobs`` threads) or on a Dask
@@ -304,7 +304,7 @@ def run_grid(spec: GridSpec, options: FitOptions) -> GridSummary:
         torch.set_num_threads(threads)
 
 
-def _run_grid(spec: GridSpec, options: FitOptions, client: Any | None) -> GridSummary:
+def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridSummary:
     start = time.perf_counter()
     if client is None:
         device = resolve_device(options.device)
@@ -398,7 +398,7 @@ def _run_grid(spec: GridSpec, options: FitOptions, client: Any | None) -> GridSu
 class GridTask:
     """What every group of a grid needs besides its context: plain data, pickled to the Dask workers."""
 
-    spec: GridSpec  # labelled with its stores' model and tap
+    spec: GridConfig  # labelled with its stores' model and tap
     stores: GridStores
     runs: tuple[RunConfig, ...]  # amp resolved
     ids: tuple[str, ...]
@@ -479,7 +479,7 @@ def _worker_auto_amp(device: str) -> tuple[str, str]:
     return str(resolved), resolve_amp("auto", resolved)
 
 
-def base_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
+def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
     """A run's row before anything is scored: its setting and head config."""
     n_classes = None
     if data is not None and data.train.rows.classes is not None:
@@ -497,7 +497,7 @@ def base_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str) ->
     return ResultRow(run=rid, status=OK, error="", grid=spec.name, head=head, setting=setting)
 
 
-def error_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str, message: str) -> ResultRow:
+def error_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str, message: str) -> ResultRow:
     return dataclasses.replace(base_row(spec, data, run, rid), status=ERROR, error=message)
 
 
@@ -505,7 +505,7 @@ def error_row(spec: GridSpec, data: GridData | None, run: RunConfig, rid: str, m
 class GroupContext:
     """What every group of a grid shares: the spec, the stores, the device and where features live."""
 
-    spec: GridSpec
+    spec: GridConfig
     data: GridData  # (None only for a grid with nothing left to fit, which has no group)
     device: torch.device
     memory_budget: int
@@ -680,7 +680,7 @@ def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
     }
 
 
-def run_document(spec: GridSpec, run: RunConfig, data: GridData) -> dict[str, Any]:
+def run_document(spec: GridConfig, run: RunConfig, data: GridData) -> dict[str, Any]:
     return {
         "grid": spec.name,
         "run": run_config_dict(run),
@@ -705,7 +705,7 @@ def embedding_sample(store: LoadedStore, per_set: int = EMBEDDING_ROWS_PER_SET, 
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
-def write_embeddings(spec: GridSpec, data: GridData | None, folders: list[Path], device: torch.device) -> None:
+def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[Path], device: torch.device) -> None:
     """embeddings.npz for each selected run folder that has a head and no embeddings yet."""
     missing = [folder for folder in dict.fromkeys(folders) if not (folder / EMBEDDINGS_FILE).is_file()]
     missing = [folder for folder in missing if (folder / "head.safetensors").is_file()]

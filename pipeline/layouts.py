@@ -72,7 +72,7 @@ _MISSING_EXAMPLES = 5
 
 
 @dataclass(frozen=True)
-class LayoutOptions:
+class LayoutConfig:
     """What a layout may take besides its root; None = not given (all classes, all generators)."""
 
     classes: tuple[str, ...] | None = None
@@ -82,7 +82,7 @@ class LayoutOptions:
     coco_root: Path | None = None
 
 
-Walker = Callable[[Path, LayoutOptions], tuple[Path, list[ManifestRow]]]  # (root, options) -> (data root, rows)
+Walker = Callable[[Path, LayoutConfig], tuple[Path, list[ManifestRow]]]  # (root, options) -> (data root, rows)
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Layout:
 
     name: str
     walk: Walker
-    accepts: tuple[str, ...] = ()  # LayoutOptions fields it may be given
+    accepts: tuple[str, ...] = ()  # LayoutConfig fields it may be given
     needs: Mapping[str, str] = field(default_factory=dict)  # fields it must be given -> what they hold
 
 
@@ -121,7 +121,7 @@ def build_manifest(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout '{layout}' (known: {', '.join(LAYOUTS)})")
     spec = LAYOUTS[layout]
-    options = LayoutOptions(
+    options = LayoutConfig(
         classes=name_list("classes", classes),
         generators=name_list("generators", generators),
         raise_root=absolute(raise_root),
@@ -169,8 +169,8 @@ def absolute(path: Path | None) -> Path | None:
     return None if path is None else Path(path).resolve()
 
 
-def check_layout_options(layout: Layout, options: LayoutOptions) -> None:
-    for option in fields(LayoutOptions):
+def check_layout_options(layout: Layout, options: LayoutConfig) -> None:
+    for option in fields(LayoutConfig):
         given = getattr(options, option.name) is not None
         if given and option.name not in (*layout.accepts, *layout.needs):
             raise ValueError(f"layout '{layout.name}' does not take {option.name}")
@@ -513,7 +513,7 @@ _LDM_ROOTS = {
 }
 
 
-def _rooted(list_rows: Callable[[Path, LayoutOptions], list[ManifestRow]]) -> Walker:
+def _rooted(list_rows: Callable[[Path, LayoutConfig], list[ManifestRow]]) -> Walker:
     """A walker whose data root is its root."""
     return lambda root, options: (root, list_rows(root, options))
 

@@ -58,7 +58,7 @@ class Manifest:
     """A split: its rows in order, and where the data were when it was built.
 
     ``options`` records what the layout was built with (``root`` and the
-    fields of ``layouts.LayoutOptions``); lists are stored as tuples.
+    fields of ``layouts.LayoutConfig``); lists are stored as tuples.
     ``skipped`` lists (name, reason) of the files the layout found but could
     not list (names a manifest cannot hold), recorded in the sidecar.
     """

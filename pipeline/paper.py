@@ -40,7 +40,7 @@ from .manifest import manifest_path, read_manifest, write_manifest
 from .variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
-    from .config import GridSpec, StoreRef
+    from .config import GridConfig, StoreRef
     from .extract import ExtractConfig, ExtractSummary
     from .grid import GridSummary
 
@@ -243,7 +243,7 @@ class ExtractJob:
 @dataclass(frozen=True)
 class GridPlan:
     path: Path
-    spec: GridSpec | None  # None when skipped
+    spec: GridConfig | None  # None when skipped
     skip_reason: str = ""
 
 
@@ -255,7 +255,7 @@ class PaperPlan:
     notes: tuple[str, ...]  # why the training splits get as many views as they do
 
     @property
-    def fits(self) -> tuple[GridSpec, ...]:
+    def fits(self) -> tuple[GridConfig, ...]:
         return tuple(g.spec for g in self.grids if g.spec is not None)
 
     def describe(self) -> str:
@@ -317,7 +317,7 @@ def default_grid_files() -> tuple[Path, ...]:
     return tuple(found)
 
 
-def ref_cache_dir(spec: GridSpec, ref: StoreRef) -> Path | None:
+def ref_cache_dir(spec: GridConfig, ref: StoreRef) -> Path | None:
     """The cache folder a split reference resolves in, or None for a store given by path."""
     if len(ref.path.parents) < 3:
         return None
@@ -337,7 +337,7 @@ def evaluation_group(variant: str | None) -> VariantGroup | None:
     return None
 
 
-def grid_skip_reason(spec: GridSpec, backbones: tuple[str, ...], data: DataCheck) -> str:
+def grid_skip_reason(spec: GridConfig, backbones: tuple[str, ...], data: DataCheck) -> str:
     """Why paper mode cannot run this grid, or "" when it can."""
     if spec.model not in backbones:
         return f"its backbone {spec.model} is not among the selected backbones ({', '.join(backbones)})"
@@ -492,10 +492,10 @@ def extract(config: ExtractConfig) -> ExtractSummary:
     return run_extract(config)
 
 
-def fit(spec: GridSpec, config: PaperConfig) -> GridSummary:
-    from .grid import FitOptions, run_grid
+def fit(spec: GridConfig, config: PaperConfig) -> GridSummary:
+    from .grid import FitConfig, run_grid
 
     return run_grid(
         spec,
-        FitOptions(device=config.device, jobs=config.jobs, progress=config.progress),
+        FitConfig(device=config.device, jobs=config.jobs, progress=config.progress),
     )

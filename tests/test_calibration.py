@@ -18,7 +18,7 @@ from conftest import separable_features, write_store
 from pipeline import cache
 from pipeline.calibration import HeadCalibration, calibrate_head, fit_temperature
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, ViewReuseWarning, run_grid
+from pipeline.grid import FitConfig, ViewReuseWarning, run_grid
 from pipeline.head import CheckpointError, load_head
 from pipeline.metrics import choose_thresholds, operating_point
 
@@ -92,7 +92,7 @@ data: {{train: {{store: {root / "train.zarr"}}}, val: {{store: {root / "val.zarr
 base: {{proj_dim: 16, proj_layers: 1, batch_size: 32, epochs: 6, lr: 0.01, calibration: temperature}}
 """
     with pytest.warns(ViewReuseWarning):  # six epochs of one view
-        run_grid(parse_grid(grid), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(grid), FitConfig(device="cpu", progress=False))
     return root
 
 

@@ -23,7 +23,7 @@ from pipeline import cache, cluster
 from pipeline.cli import main
 from pipeline.cluster import ClusterError, ClusterSpec, dask_client
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, ViewReuseWarning, run_grid
+from pipeline.grid import FitConfig, ViewReuseWarning, run_grid
 from pipeline.train import DataError
 
 
@@ -81,7 +81,7 @@ grid:
 
 def run(root: Path, out: Path, jobs: int = 1, grid: str | None = None):
     spec = parse_grid(grid_text(root, out) if grid is None else grid_text(root, out, grid))
-    return run_grid(spec, FitOptions(device="cpu", jobs=jobs, progress=False))
+    return run_grid(spec, FitConfig(device="cpu", jobs=jobs, progress=False))
 
 
 def test_results_equal_metrics_recomputed_from_saved_scores(stores, tmp_path):
@@ -229,7 +229,7 @@ def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(store
     first = run(stores, tmp_path / "a", grid=grid)
     with dask_client(ClusterSpec(devices=("cpu", "cpu"))) as client:  # what --devices cpu,cpu starts
         address = ClusterSpec(scheduler=client.scheduler.address)  # reached as --scheduler ADDRESS
-        options = FitOptions(device="cpu", progress=False, cluster=address)
+        options = FitConfig(device="cpu", progress=False, cluster=address)
         run_grid(parse_grid(grid_text(stores, tmp_path / "b", grid)), options)
         held = client.run(worker_state)
         run_grid(parse_grid(grid_text(stores, tmp_path / "c", grid)), options)
@@ -275,7 +275,7 @@ def test_an_unreachable_scheduler_is_an_error_naming_it(stores, tmp_path, monkey
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    options = FitOptions(device="cpu", progress=False, cluster=ClusterSpec(scheduler=address))
+    options = FitConfig(device="cpu", progress=False, cluster=ClusterSpec(scheduler=address))
     with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler {address}"):
         run_grid(parse_grid(grid_text(stores, tmp_path / "g")), options)
 
@@ -305,7 +305,7 @@ def test_a_failing_config_becomes_an_error_row_and_the_grid_goes_on(stores, tmp_
     assert len([r for r in rows if r["status"] == "ok"]) == 5
     with pytest.raises(DataError):
         spec = parse_grid(grid_text(stores, tmp_path / "h", grid))
-        run_grid(spec, FitOptions(device="cpu", fail_fast=True, progress=False))
+        run_grid(spec, FitConfig(device="cpu", fail_fast=True, progress=False))
 
 
 def test_stores_with_other_features_are_refused(stores, tmp_path):
@@ -315,7 +315,7 @@ def test_stores_with_other_features_are_refused(stores, tmp_path):
         str(stores / "val.zarr"), str(tmp_path / "hidden.zarr")
     )
     with pytest.raises(DataError, match="tap: store has 'ln2', asked for 'hidden'"):
-        run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
 
 
 def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
@@ -344,7 +344,7 @@ def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp
         f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
         f"    - {{store: {tmp_path / 'big.zarr'}, variant: tencrop}}\n",
     )
-    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
     rows = [r for r in read(summary.results) if r["split"] == "big_tencrop"]
     assert len(rows) == 1 and rows[0]["variant"] == "tencrop" and rows[0]["n"] == "40"
     head, _ = load_head(tmp_path / "g" / "runs" / rows[0]["run"] / "head.safetensors")
@@ -400,7 +400,7 @@ def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp
         f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
         f"    - {{store: {tmp_path / 'mixed.zarr'}, name: mixed}}\n",
     )
-    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
     rows = read(summary.results)
     assert "whichfaceisreal" in {r["dataset"] for r in rows}  # still scored, in its own rows
     for selected in read(summary.selection):
@@ -444,9 +444,9 @@ def strip_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def test_fused_groups_give_the_unfused_metrics_and_record_their_group(stores, tmp_path):
     grid = "  contrastive_factor: [0.1, 0.2, 0.4, 0.8]\n  proj_dim: [16, 32]\n"
     spec = parse_grid(grid_text(stores, tmp_path / "fused", grid))
-    fused = run_grid(spec, FitOptions(device="cpu", progress=False))
+    fused = run_grid(spec, FitConfig(device="cpu", progress=False))
     alone = run_grid(
-        parse_grid(grid_text(stores, tmp_path / "alone", grid)), FitOptions(device="cpu", progress=False, fuse=False)
+        parse_grid(grid_text(stores, tmp_path / "alone", grid)), FitConfig(device="cpu", progress=False, fuse=False)
     )
     fused_rows, alone_rows = read(fused.results), read(alone.results)
     assert [r["run"] for r in fused_rows] == [r["run"] for r in alone_rows]  # same configs, same ids
@@ -473,7 +473,7 @@ def test_a_grid_beyond_its_memory_budget_streams_and_gives_the_same_results(stor
     read_features = cache.read_features
     monkeypatch.setattr(cache, "read_features", lambda *a, **k: loads.append(a[1]) or read_features(*a, **k))
     spec = parse_grid(grid_text(stores, tmp_path / "streamed"))
-    streamed = run_grid(spec, FitOptions(device="cpu", progress=False, memory_budget=1000))
+    streamed = run_grid(spec, FitConfig(device="cpu", progress=False, memory_budget=1000))
     assert loads == []  # no variant was read whole
     assert strip_timing(read(streamed.results)) == strip_timing(read(in_memory.results))
     run_id = read(streamed.results)[0]["run"]
@@ -502,14 +502,14 @@ def test_a_declared_tap_or_model_that_the_stores_do_not_hold_is_refused(stores, 
     with pytest.raises(
         DataError, match=r"train \(.*train.zarr\) holds features of tap 'ln2', but the grid's data.tap is 'hidden'"
     ):
-        run_grid(parse_grid(hidden), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(hidden), FitConfig(device="cpu", progress=False))
     other_model = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
         "model: synthetic", "model: org/other"
     )
     with pytest.raises(
         DataError, match="holds features of model 'synthetic', but the grid's data.model is 'org/other'"
     ):
-        run_grid(parse_grid(other_model), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(other_model), FitConfig(device="cpu", progress=False))
     assert not list((tmp_path / "g" / "runs").iterdir())
 
 
@@ -533,11 +533,11 @@ data:
   test: [{{store: {tmp_path / "test.zarr"}}}]
 base: {{proj_layers: 1, proj_dim: 8, batch_size: 32}}
 """
-    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
     assert {(r["model"], r["tap"]) for r in read(summary.results)} == {("mine", "hidden")}
     declared = text.replace("data:\n", "data:\n  tap: ln2\n")
     with pytest.raises(DataError, match="holds features of tap 'hidden', but the grid's data.tap is 'ln2'"):
-        run_grid(parse_grid(declared), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(declared), FitConfig(device="cpu", progress=False))
 
 
 def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path, monkeypatch):
@@ -550,7 +550,7 @@ def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path, 
         str(stores / "train.zarr"), str(tmp_path / "fakes.zarr")
     )
     with pytest.raises(DataError, match="40 valid training rows of all classes are all fake"):
-        run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+        run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
 
 
 def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp_path):
@@ -562,7 +562,7 @@ def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp
         f"    - {{store: {stores / 'test.zarr'}, variant: jpeg-official, name: test_jpeg}}\n",
         f"    - {{store: {tmp_path / 't.zarr'}, name: partly_broken}}\n",
     )
-    summary = run_grid(parse_grid(text), FitOptions(device="cpu", progress=False))
+    summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
     rows = {r["dataset"]: r for r in read(summary.results) if r["split"] == "partly_broken"}
     assert set(rows) == {"broken_set", "fine_set"}
     broken = rows["broken_set"]

@@ -30,7 +30,7 @@ from pipeline.audit import AuditConfig, run_audit
 from pipeline.bootstrap import DEFAULT_RESAMPLES, BootstrapConfig, bootstrap_set
 from pipeline.cli import main
 from pipeline.config import parse_grid
-from pipeline.grid import FitOptions, run_grid
+from pipeline.grid import FitConfig, run_grid
 from pipeline.manifest import Manifest, ManifestRow, write_manifest
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.gallery import DEFAULT_GALLERY_SIZE
@@ -126,7 +126,7 @@ grid:
   contrastive_factor: [0.1, 0.8]
   seed: [0, 1]
 """
-    grid_dir = run_grid(parse_grid(grid), FitOptions(device="cpu", progress=False)).out
+    grid_dir = run_grid(parse_grid(grid), FitConfig(device="cpu", progress=False)).out
     summary = run_report(
         ReportConfig(grid_dirs=(grid_dir,), out=reports, bootstrap=BootstrapConfig(RESAMPLES), progress=False)
     )
