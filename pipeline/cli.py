@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -16,7 +17,7 @@ import click
 from . import cache, images
 from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
 from .claims import DEFAULT_STALE_AFTER
-from .errors import PipelineError
+from .errors import PipelineError, PipelineWarning
 from .files import disk_errors_explained
 from .layouts import LAYOUTS, build_manifest
 from .manifest import check_split_name, manifest_path, sidecar_path, write_manifest
@@ -87,13 +88,26 @@ ALIGN_QUALITY_OPTION = click.option(
 
 
 class _Commands(click.Group):
-    """A command group that turns every library error into ``Error: <message>`` and exit status 1."""
+    """A command group that turns every library error into ``Error: <message>`` and exit status 1, and prints the
+    library's warnings as ``Warning: <message>`` (without Python's source line)."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except PipelineError as error:
-            raise click.ClickException(str(error)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning(warnings.showwarning)
+            try:
+                return super().invoke(ctx)
+            except PipelineError as error:
+                raise click.ClickException(str(error)) from None
+
+
+def _show_warning(default):
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, PipelineWarning):
+            click.echo(f"Warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _split_options(command):

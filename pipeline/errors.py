@@ -12,3 +12,7 @@ from __future__ import annotations
 
 class PipelineError(Exception):
     """A problem with the user's data, files or options, explained by its message."""
+
+
+class PipelineWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as ``Warning: <message>``."""

@@ -62,6 +62,7 @@ from .calibration import calibrate_head
 from .cluster import ClusterSpec, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
+from .errors import PipelineWarning
 from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
 from .head import count_parameters, load_head, save_head
 from .metrics import compute_metrics
@@ -120,7 +121,7 @@ MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the gro
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text, ~5x faster per run folder
 
 
-class ViewReuseWarning(UserWarning):
+class ViewReuseWarning(PipelineWarning):
     """Runs of a grid have more epochs than the training store has views."""
 
 

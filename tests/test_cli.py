@@ -70,6 +70,30 @@ def test_library_errors_print_one_clean_line_and_exit_1(tmp_path: Path, args: li
     assert "Traceback" not in result.output
 
 
+def test_library_warnings_print_one_line_and_others_keep_pythons_format(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import warnings
+
+    import pipeline.report
+    from pipeline.errors import PipelineWarning
+
+    def warns(config):
+        warnings.warn("views are reused", PipelineWarning, stacklevel=1)
+        warnings.warn("a library's own note", DeprecationWarning, stacklevel=1)
+        raise PipelineError("stop here")
+
+    monkeypatch.setattr(pipeline.report, "run_report", warns)
+    others = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, category, *rest: others.append((category, str(message)))
+        result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.output == "Warning: views are reused\nError: stop here\n"  # one line, no source line
+    assert others == [(DeprecationWarning, "a library's own note")]  # shown as Python shows it
+    assert result.exit_code == 1
+
+
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import pipeline.report
 
