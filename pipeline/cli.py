@@ -89,25 +89,26 @@ ALIGN_QUALITY_OPTION = click.option(
 
 class _Commands(click.Group):
     """A command group that turns every library error into ``Error: <message>`` and exit status 1, and prints the
-    library's warnings as ``Warning: <message>`` (without Python's source line)."""
+    library's warnings as ``Warning: <message>`` (without Python's file, line and source line)."""
 
     def invoke(self, ctx: click.Context):
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning(warnings.showwarning)
-            try:
-                return super().invoke(ctx)
-            except PipelineError as error:
-                raise click.ClickException(str(error)) from None
+        python_format = warnings.formatwarning
+        warnings.formatwarning = _warning_formatter(python_format)
+        try:
+            return super().invoke(ctx)
+        except PipelineError as error:
+            raise click.ClickException(str(error)) from None
+        finally:
+            warnings.formatwarning = python_format
 
 
-def _show_warning(default):
-    def show(message, category, filename, lineno, file=None, line=None):
+def _warning_formatter(python_format):
+    def format_warning(message, category, filename, lineno, line=None) -> str:
         if issubclass(category, PipelineWarning):
-            click.echo(f"Warning: {message}", err=True)
-        else:
-            default(message, category, filename, lineno, file, line)
+            return f"Warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
 
-    return show
+    return format_warning
 
 
 def _split_options(command):

@@ -78,20 +78,20 @@ def test_library_warnings_print_one_line_and_others_keep_pythons_format(
     import pipeline.report
     from pipeline.errors import PipelineWarning
 
-    def warns(config):
-        warnings.warn("views are reused", PipelineWarning, stacklevel=1)
-        warnings.warn("a library's own note", DeprecationWarning, stacklevel=1)
-        raise PipelineError("stop here")
+    python_format = warnings.formatwarning
 
-    monkeypatch.setattr(pipeline.report, "run_report", warns)
-    others = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = lambda message, category, *rest: others.append((category, str(message)))
-        result = CliRunner().invoke(cli, ["report", str(tmp_path)])
-    assert result.output == "Warning: views are reused\nError: stop here\n"  # one line, no source line
-    assert others == [(DeprecationWarning, "a library's own note")]  # shown as Python shows it
+    def formats(config):  # what a warning raised while the command runs prints as
+        ours = warnings.formatwarning("views are reused", PipelineWarning, "grid.py", 321, "warn_view_reuse(...)")
+        other = warnings.formatwarning("a library's note", DeprecationWarning, "lib.py", 7, "old()")
+        raise PipelineError(ours + other)
+
+    monkeypatch.setattr(pipeline.report, "run_report", formats)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 1
+    ours, other = result.output.removeprefix("Error: ").split("\n", 1)
+    assert ours == "Warning: views are reused"  # one line: no file, line or source line
+    assert other.startswith("lib.py:7: DeprecationWarning: a library's note\n  old()")  # as Python prints it
+    assert warnings.formatwarning is python_format  # restored after the command
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
