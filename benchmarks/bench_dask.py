@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
 
-from pipeline.cluster import ClusterSpec, dask_client, worker_threads
+from pipeline.cluster import ClusterConfig, dask_client, worker_threads
 from pipeline.config import parse_grid
 from pipeline.grid import FitConfig, run_grid
 
@@ -88,13 +88,13 @@ def main() -> int:
             f"one epoch, batch 128, float32; {worker_threads(2)} torch thread(s) per job / worker"
         )
         start = time.perf_counter()
-        with dask_client(ClusterSpec(scheduler="local:2")) as client:
+        with dask_client(ClusterConfig(scheduler="local:2")) as client:
             startup = time.perf_counter() - start
             print(f"dask local:2 cluster started in {startup:.1f} s")
             modes = {
                 "--jobs 2": FitConfig(device="cpu", jobs=2, progress=False),
                 "dask local:2": FitConfig(
-                    device="cpu", progress=False, cluster=ClusterSpec(scheduler=client.scheduler.address)
+                    device="cpu", progress=False, cluster=ClusterConfig(scheduler=client.scheduler.address)
                 ),
             }
             walls: dict[str, list[float]] = {mode: [] for mode in modes}

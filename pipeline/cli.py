@@ -676,7 +676,7 @@ def fit_command(
 
 def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
     """The Dask cluster of ``pipeline fit`` (None: threads of this process); bad combinations exit 2."""
-    from .cluster import ClusterSpec, check_devices
+    from .cluster import ClusterConfig, check_devices
 
     if scheduler is None and devices is None:
         return None
@@ -686,8 +686,8 @@ def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
         raise click.UsageError("--jobs is for threads of this process; with a Dask cluster its workers run the groups")
     try:
         if devices is not None:
-            return ClusterSpec(devices=check_devices(_comma_list(devices) or ()))
-        return ClusterSpec(scheduler=scheduler)
+            return ClusterConfig(devices=check_devices(_comma_list(devices) or ()))
+        return ClusterConfig(scheduler=scheduler)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--devices" if devices else "--scheduler") from None
 

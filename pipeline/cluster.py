@@ -56,7 +56,7 @@ class ClusterError(PipelineError, RuntimeError):
 
 
 @dataclass(frozen=True)
-class ClusterSpec:
+class ClusterConfig:
     """Where a grid's tasks run: a scheduler address, ``local:N``, or one local worker per device."""
 
     scheduler: str | None = None
@@ -115,7 +115,7 @@ def worker_threads(n_workers: int) -> int:
 
 
 @contextlib.contextmanager
-def dask_client(spec: ClusterSpec) -> Iterator[Any]:
+def dask_client(spec: ClusterConfig) -> Iterator[Any]:
     """A ``distributed.Client`` on the cluster ``spec`` names, once a worker (a local cluster: all of them) has
     joined; closed, and a local cluster shut down, on exit. A remote scheduler is waited for as long as it takes
     its first worker to join (batch jobs may wait in their queue), saying so on stderr."""
@@ -156,7 +156,7 @@ def _restore_environment(saved: dict[str, str]) -> None:
     os.environ.update(saved)
 
 
-def _local_cluster(distributed: Any, spec: ClusterSpec) -> tuple[Any, int]:
+def _local_cluster(distributed: Any, spec: ClusterConfig) -> tuple[Any, int]:
     """A cluster of worker processes on this machine: ``local:N``, or one per device, each pinned to it."""
     silent = {"dashboard_address": None, "silence_logs": logging.ERROR}
     if spec.devices is None:

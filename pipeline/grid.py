@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .calibration import calibrate_head
-from .cluster import ClusterSpec, dask_client, pin_worker
+from .cluster import ClusterConfig, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
 from .devices import available_memory, peak_memory, resolve_amp, resolve_device
 from .errors import PipelineWarning
@@ -133,7 +133,7 @@ class FitConfig:
     progress: bool = True
     fuse: bool = True  # False: every config fitted alone (the unfused trainer)
     memory_budget: int | None = None  # bytes of features held in memory; None: devices.available_memory
-    cluster: ClusterSpec | None = None  # run the groups on a Dask cluster's workers instead of ``jobs`` threads
+    cluster: ClusterConfig | None = None  # run the groups on a Dask cluster's workers instead of ``jobs`` threads
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from conftest import separable_features, write_store
 from pipeline import cache, cluster
 from pipeline.cli import main
-from pipeline.cluster import ClusterError, ClusterSpec, dask_client
+from pipeline.cluster import ClusterConfig, ClusterError, dask_client
 from pipeline.config import parse_grid
 from pipeline.grid import FitConfig, ViewReuseWarning, run_grid
 from pipeline.train import DataError
@@ -227,8 +227,8 @@ def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(store
 
     grid = "  contrastive_factor: [0.1, 0.8]\n  proj_dim: [8, 16, 24, 32]\n"  # four groups
     first = run(stores, tmp_path / "a", grid=grid)
-    with dask_client(ClusterSpec(devices=("cpu", "cpu"))) as client:  # what --devices cpu,cpu starts
-        address = ClusterSpec(scheduler=client.scheduler.address)  # reached as --scheduler ADDRESS
+    with dask_client(ClusterConfig(devices=("cpu", "cpu"))) as client:  # what --devices cpu,cpu starts
+        address = ClusterConfig(scheduler=client.scheduler.address)  # reached as --scheduler ADDRESS
         options = FitConfig(device="cpu", progress=False, cluster=address)
         run_grid(parse_grid(grid_text(stores, tmp_path / "b", grid)), options)
         held = client.run(worker_state)
@@ -275,7 +275,7 @@ def test_an_unreachable_scheduler_is_an_error_naming_it(stores, tmp_path, monkey
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    options = FitConfig(device="cpu", progress=False, cluster=ClusterSpec(scheduler=address))
+    options = FitConfig(device="cpu", progress=False, cluster=ClusterConfig(scheduler=address))
     with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler {address}"):
         run_grid(parse_grid(grid_text(stores, tmp_path / "g")), options)
 
