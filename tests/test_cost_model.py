@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
+from conftest import load_benchmark_script
 from pipeline.head import RineHead, count_parameters
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_model.py"
 
 
 @pytest.fixture(scope="module")
 def cost_model():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports _common by file name, as when run directly
-    try:
-        spec = importlib.util.spec_from_file_location("cost_model", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_benchmark_script("cost_model")
 
 
 def counted_flops(module: torch.nn.Module, *inputs: torch.Tensor, **kwargs) -> int:

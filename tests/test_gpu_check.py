@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -11,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+from conftest import BENCHMARKS, load_benchmark_script
+
+SCRIPT = BENCHMARKS / "gpu_check.py"
 CHECK_LINE = re.compile(r"^(PASS|FAIL|SKIP) ([^:]+): (.*) \[[\d.]+ s\]$")
 CUDA_ONLY = {"CUDA graphs", "fp16 extraction", "torchrun 2 ranks, one device"}
 
 
 def load_gpu_check():
-    sys.path.insert(0, str(SCRIPT.parent))  # the script imports _common by file name, as when run directly
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    return load_benchmark_script("gpu_check")
 
 
 @pytest.mark.slow
