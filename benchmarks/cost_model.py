@@ -36,7 +36,6 @@ import numpy as np
 import scipy.optimize
 import torch
 from _common import (
-    VIT_L14_SHAPE,
     add_scratch_options,
     print_machine,
     quiet_transformers,
@@ -78,6 +77,11 @@ class BackboneShape:
     def row_bytes(self) -> int:
         """One stored row: the CLS token of every block, float16."""
         return self.layers * self.hidden * 2
+
+    def clip_config(self) -> dict[str, int]:
+        """The ``CLIPVisionConfig`` keywords of a random tower of this shape (CLIP's heads are 64 wide)."""
+        return dict(hidden_size=self.hidden, num_hidden_layers=self.layers, num_attention_heads=self.hidden // 64,
+                    patch_size=self.patch, image_size=self.image, intermediate_size=self.mlp)  # fmt: skip
 
 
 VIT_L14 = BackboneShape("ViT-L/14", 1024, 24, 14, 224, 4096)
@@ -177,25 +181,25 @@ def measure_extraction(work: Path, images: int, repeats: int) -> tuple[dict[str,
     tiny = save_random_clip(work / "tiny", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64, patch_size=32)  # fmt: skip
     plans = [
-        ("decode", None, 0, None),
-        ("decode", None, 2, None),
-        ("calibration", VIT_B16, 0, dict(patch_size=16)),
-        ("check", L14_6, 2, dict(VIT_L14_SHAPE, num_hidden_layers=6)),
-        ("outside", VIT_B32, 0, {}),
+        ("decode", None, 0),
+        ("decode", None, 2),
+        ("calibration", VIT_B16, 0),
+        ("check", L14_6, 2),
+        ("outside", VIT_B32, 0),
     ]
-    models = [tiny if config is None else save_random_clip(work / f"model-{i}", **config)
-              for i, (*_, config) in enumerate(plans)]  # fmt: skip
+    models = [tiny if shape is None else save_random_clip(work / f"model-{i}", **shape.clip_config())
+              for i, (_, shape, _) in enumerate(plans)]  # fmt: skip
     rounds: list[list[tuple[float, float, float]]] = [[] for _ in plans]
     for _ in range(repeats):
-        for i, ((_, _, views, config), model) in enumerate(zip(plans, models)):
-            rounds[i].append(extract(model, views, 1 if config is None else 2))  # decode costs: one thread
+        for i, ((_, shape, views), model) in enumerate(zip(plans, models)):
+            rounds[i].append(extract(model, views, 1 if shape is None else 2))  # decode costs: one thread
     best = [min(r) for r in rounds]
     constants = {
         "decode_center": min(r[2] for r in rounds[0]) / images,
         "decode_augmented": min(r[2] for r in rounds[1]) / (2 * images),
         "backbone_flops": images * VIT_B16.forward_flops() / best[2][1],
     }
-    runs = [ExtractionRun(role, shape, images, views, b[0]) for (role, shape, views, _), b in zip(plans, best) if shape]
+    runs = [ExtractionRun(role, shape, images, views, b[0]) for (role, shape, views), b in zip(plans, best) if shape]
     return constants, runs
 
 

@@ -47,3 +47,12 @@ def test_backbone_flops_match_the_counted_forward_of_a_clip_vision_tower(cost_mo
         counted_flops(model, pixel_values=torch.randn(2, 3, 64, 64)), rel=0.01
     )
     assert cost_model.VIT_L14.forward_flops() == pytest.approx(162.0e9, rel=0.01)  # 81 GMACs, the usual figure
+
+
+def test_the_random_towers_it_times_have_the_shapes_it_models(cost_model) -> None:
+    # openai/clip-vit-large-patch14's and clip-vit-base-patch32's vision configs
+    assert cost_model.VIT_L14.clip_config() == dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                    patch_size=14, image_size=224, intermediate_size=4096)  # fmt: skip
+    assert cost_model.VIT_B32.clip_config() == dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                    patch_size=32, image_size=224, intermediate_size=3072)  # fmt: skip
+    assert cost_model.L14_6.clip_config()["num_hidden_layers"] == 6
