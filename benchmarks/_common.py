@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import cache
+from pipeline import cache, train
+from pipeline.config import StoreRef
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,28 @@ def write_synthetic_store(
         datasets=["synthetic"] * n_rows,
         features={"center": RandomRows((n_rows, n_blocks, dim), seed)},
     )
+
+
+def synthetic_store(name: str, features: torch.Tensor, labels: np.ndarray, classes: np.ndarray) -> train.LoadedStore:
+    """Features already in device memory dressed as a store (no files): its rows, one ``center`` variant."""
+    n_rows, blocks, dim = features.shape
+    identity = cache.placeholder_identity(blocks, dim)
+    info = cache.StoreInfo(Path(name), identity, name, n_rows, {}, ("center",), {})
+    rows = cache.RowTable(
+        labels=labels.astype(np.int8),
+        paths=np.array([f"{name}/{i:07d}.png" for i in range(n_rows)], dtype=object),
+        datasets=np.full(n_rows, name, dtype=object),
+        classes=classes,
+        valid=np.ones(n_rows, dtype=bool),
+        errors=np.full(n_rows, "", dtype=object),
+    )
+    return train.LoadedStore(StoreRef(name, Path(name)), info, rows, {"center": train.InMemoryFeatures(features)})
+
+
+def synthetic_train_store(store: train.LoadedStore) -> train.TrainStore:
+    """A ``synthetic_store`` as a training store: its ``center`` variant is the one training view."""
+    view_cache = train.ViewCache(lambda name: store.features[name])
+    return train.TrainStore(store.ref, store.info, store.rows, ("center",), view_cache)
 
 
 VIT_B32_SHAPE = dict(

@@ -10,8 +10,10 @@ weights). Head FLOPs are counted analytically (printed below; a group does
 four times the work); the peak is a loop of (4096 x 1024) @ (1024 x 1024)
 matmuls in the matching dtype, timed in alternation with the fits. Prints
 one RATIO line per mode: fp32 target >= 0.7; bf16 target >= 0.5 where bf16
-is fast (AMX or AVX-512 BF16: `amp: auto` = bf16; see the capability line),
-for information elsewhere.
+is fast (AMX or AVX-512 BF16; see the capability line), for information
+elsewhere; and the speed-up bf16 / fp32 of each mode. (Float32 is the default
+precision; bf16 is the ``amp: bf16`` opt-in, whose effect on the numbers
+``bench_precision.py`` measures.)
 
     .venv/bin/python benchmarks/bench_head.py [--rows 3072] [--repeats 3] [--skip-bf16]
 """
@@ -30,7 +32,7 @@ from _common import add_scratch_options, print_machine, scratch_dir, write_synth
 
 from pipeline import train
 from pipeline.config import RunConfig, StoreRef
-from pipeline.devices import bf16_is_fast, cpu_has_amx, cpu_has_avx512_bf16, resolve_amp
+from pipeline.devices import bf16_is_fast, cpu_has_amx, cpu_has_avx512_bf16
 
 TARGETS = {"fp32": 0.7, "bf16": 0.5}
 GROUP_FACTORS = (0.1, 0.2, 0.4, 0.8)
@@ -111,8 +113,7 @@ def print_capabilities() -> None:
     cpu = torch.device("cpu")
     print(
         f"cpu capability: torch {torch.backends.cpu.get_cpu_capability()}, AMX bf16 {cpu_has_amx()}, "
-        f"AVX-512 bf16 {cpu_has_avx512_bf16()}; bf16 counted fast here: {bf16_is_fast(cpu)} "
-        f"(amp auto -> {resolve_amp('auto', cpu)})"
+        f"AVX-512 bf16 {cpu_has_avx512_bf16()}; bf16 counted fast here: {bf16_is_fast(cpu)}"
     )
 
 
@@ -174,6 +175,12 @@ def main() -> int:
         print(
             f"RATIO {name}: head training / {precision} matmul FLOP/s = {ratio:.3f} ({verdict}, target {TARGETS[precision]})"
         )
+    for name in modes:
+        if name.startswith("bf16"):
+            fp32 = statistics.median(fit_seconds[name.replace("bf16", "fp32")])
+            print(
+                f"SPEED-UP {name.removeprefix('bf16 ')}: bf16 / fp32 samples/s = {fp32 / statistics.median(fit_seconds[name]):.2f}x"
+            )
     return 0
 
 

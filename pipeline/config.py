@@ -19,7 +19,15 @@ from sklearn.model_selection import ParameterGrid
 
 from .cache import DEFAULT_MODEL, TAPS, default_store_path
 from .errors import PipelineError
-from .results import AGGREGATIONS, ALL_CLASSES, AMP_AUTO, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR
+from .results import (
+    AGGREGATIONS,
+    ALL_CLASSES,
+    AMP_MODES,
+    CALIBRATIONS,
+    HEAD_BLOCKS,
+    LIST_SEPARATOR,
+    SELECT_ACROSS_FIELDS,
+)
 
 
 class ConfigError(PipelineError, ValueError):
@@ -43,9 +51,9 @@ class RunConfig:
     head_blocks: str = "all"  # one of HEAD_BLOCKS; "last": ablation without intermediate blocks
     aggregation: str = "tie"  # one of AGGREGATIONS; "mean": ablation without TIE
     seed: int = 0
-    # "none" (float32), "bf16" (bfloat16 matmuls, float32 master weights) or "auto": bf16 where it is fast
-    # (devices.resolve_amp); a grid resolves it before anything else, so runs and results hold the value used
-    amp: str = AMP_AUTO
+    # training precision: "none" (float32, as the authors) or "bf16" (bfloat16 matmuls, float32 master weights,
+    # an explicit opt-in for screening); scores are float32 either way
+    amp: str = "none"
     calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.calibration)
 
     def lr_at_epoch(self, epoch: int) -> float:
@@ -118,7 +126,12 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
         elif key == "aggregation":
             checked[key] = _check_choice(name, value, AGGREGATIONS)
         elif key == "amp":
-            checked[key] = _check_choice(name, value, (AMP_AUTO, *AMP_MODES))
+            if value == "auto":
+                raise ConfigError(
+                    f"{name}: 'auto' is no longer a choice (it picked bf16 by the CPU or GPU, so numbers changed "
+                    "with the machine); float32 ('none') is the default, as the authors; ask for 'bf16' explicitly"
+                )
+            checked[key] = _check_choice(name, value, AMP_MODES)
         elif key == "calibration":
             checked[key] = _check_choice(name, value, CALIBRATIONS)
     return RunConfig(**checked)
@@ -165,12 +178,13 @@ class GridConfig:
     runs: tuple[RunConfig, ...]
     source: Path | None = None
     declared: frozenset[str] = frozenset({"model", "tap"})
+    select_across: tuple[str, ...] = ()  # setting fields selection compares across (results.select_runs)
 
     def __len__(self) -> int:
         return len(self.runs)
 
 
-_GRID_KEYS = ("name", "out", "data", "base", "grid")
+_GRID_KEYS = ("name", "out", "data", "base", "grid", "select_across")
 _DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test")
 _REF_KEYS = ("split", "store", "variant", "name")
 
@@ -201,8 +215,11 @@ def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str) ->
     return StoreRef(name=name, path=path, variant=variant)
 
 
-def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None) -> GridConfig:
-    """Parse grid YAML text (relative paths are relative to the working directory)."""
+def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None, amp: str | None = None) -> GridConfig:
+    """Parse grid YAML text (relative paths are relative to the working directory).
+
+    ``amp``: the training precision of every config, in place of the file's (``pipeline fit --amp``).
+    """
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -241,8 +258,14 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         raise ConfigError(f"{where}: base: expected a mapping of hyper-parameters")
     make_run_config(base, "base")  # validate base alone, so its errors name it
     points = expand_grid(document.get("grid"), where)
-    runs = tuple(make_run_config({**base, **point}, "grid") for point in points)
+    override = {} if amp is None else {"amp": amp}
+    runs = tuple(make_run_config({**base, **point, **override}, "grid") for point in points)
     check_distinct_runs(runs, points, where)
+    select_across = document.get("select_across") or []
+    if not isinstance(select_across, list) or any(field not in SELECT_ACROSS_FIELDS for field in select_across):
+        raise ConfigError(
+            f"{where}: select_across: expected a list of {', '.join(SELECT_ACROSS_FIELDS)}, got {select_across!r}"
+        )
     return GridConfig(
         name=name,
         out=out or Path(document.get("out", Path("runs") / name)),
@@ -254,6 +277,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         runs=runs,
         source=source,
         declared=frozenset(key for key in ("model", "tap") if key in data),
+        select_across=tuple(select_across),
     )
 
 
@@ -303,10 +327,10 @@ def check_distinct_runs(runs: tuple[RunConfig, ...], points: list[dict[str, Any]
         first_seen[run] = index
 
 
-def load_grid(path: Path, out: Path | None = None) -> GridConfig:
+def load_grid(path: Path, out: Path | None = None, amp: str | None = None) -> GridConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: grid file not found")
-    return parse_grid(path.read_text(), source=path, out=out)
+    return parse_grid(path.read_text(), source=path, out=out, amp=amp)
 
 
 def run_config_dict(config: RunConfig) -> dict[str, Any]:

@@ -72,7 +72,7 @@ class DetectorSpec:
     block_indices: tuple[int, ...] | None  # None: every block of the backbone (the authors' .pth)
     head_blocks: str = "all"  # "last": the head reads only the last of those blocks
     store_dtype: str = "float32"  # the head saw features rounded to this dtype
-    amp: str = "none"  # "bf16": the head ran under bf16 autocast when it was evaluated
+    amp: str = "none"  # the precision the head trained in ("bf16" or "none"); it always scores in float32
     calibration: HeadCalibration | None = None  # val thresholds and temperature; None for the authors' .pth
     origin: str = ""  # where the spec was read, for messages
 
@@ -354,13 +354,13 @@ class Detector:
         """Head logits (B,) of tokens (B, n_blocks, dim), on the CPU in float32."""
         import torch
 
+        from .devices import exact_float32
+
         x = torch.from_numpy(tokens).to(self.backbone.device)
         if self.spec.head_blocks == "last":
             x = x[:, -1:]
-        with torch.inference_mode():
-            enabled = self.spec.amp == "bf16"
-            with torch.autocast(self.backbone.device.type, dtype=torch.bfloat16, enabled=enabled):
-                logits, _ = self.head(x.float())
+        with torch.inference_mode(), exact_float32():
+            logits, _ = self.head(x.float())
         return logits.float().squeeze(1).cpu()
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:

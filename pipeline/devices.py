@@ -1,9 +1,11 @@
-"""Pick the torch device both stages run on, the precision stage two computes in there, and its memory."""
+"""Pick the torch device both stages run on, the precision stage two computes in, and its memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -73,9 +75,8 @@ def bf16_is_fast(device: torch.device) -> bool:
     """Hardware whose bfloat16 matmuls run well ahead of float32: CUDA GPUs with bf16, and CPUs with AMX or with
     AVX-512 BF16 (where the head trains ~2x faster in bf16 than in float32, ``benchmarks/bench_head.py``).
 
-    Other CPUs have no bfloat16 instructions, where it is no faster than float32: they keep float32.
-    ``RINE_CPU_BF16=0`` or ``1`` in the environment overrides the CPU's detection (the test suite sets 0, so
-    that its float32 comparisons hold on any CPU).
+    Only benchmarks and advice read it: no setting follows the machine (``amp`` is ``none`` unless a grid asks
+    for ``bf16``). ``RINE_CPU_BF16=0`` or ``1`` in the environment overrides the CPU's detection.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
@@ -87,16 +88,24 @@ def bf16_is_fast(device: torch.device) -> bool:
     return cpu_has_amx() or cpu_has_avx512_bf16()
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` where ``bf16_is_fast(device)``, else ``none``; other values unchanged."""
-    if amp == "auto":
-        return "bf16" if bf16_is_fast(device) else "none"
-    return amp
+def compute_dtype(amp: str) -> torch.dtype:
+    """The dtype stage two's training matmuls run in for ``amp`` (``none``: float32, ``bf16``: bfloat16)."""
+    return torch.bfloat16 if amp == "bf16" else torch.float32
 
 
-def compute_dtype(amp: str, device: torch.device) -> torch.dtype:
-    """The dtype stage two's matmuls run in on ``device`` for ``amp`` (``none``, ``bf16`` or ``auto``)."""
-    return torch.bfloat16 if resolve_amp(amp, device) == "bf16" else torch.float32
+@contextlib.contextmanager
+def exact_float32() -> Iterator[None]:
+    """float32 matmuls computed in float32 (no TF32 on CUDA, no bf16 passes on oneDNN), restored on exit.
+
+    PyTorch's default, under which the authors trained and scored; a library or a user may have lowered it
+    (``torch.set_float32_matmul_precision("high")``), which would silently round every float32 head.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def available_memory(device: torch.device) -> int:

@@ -13,8 +13,8 @@ them (``run_group_on_worker``), writes its runs' folders, and this process
 assembles the results. Stores that do not fit the memory budget
 (``FitConfig.memory_budget``, default ``devices.available_memory``) are not
 loaded: their batches are gathered from the shard files, with the same
-results. Each run writes a folder named by a hash of its config (``amp``
-resolved), its data and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
+results. Each run writes a folder named by a hash of its config, its data
+and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
 a folder with it is finished and skipped on re-run. A failing config becomes
 an error row and the grid goes on unless ``fail_fast``; a disk error a user
 can fix (full, read-only, denied) stops the grid with one ``WriteError``
@@ -61,7 +61,7 @@ from . import cache
 from .calibration import calibrate_head
 from .cluster import ClusterConfig, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
-from .devices import available_memory, peak_memory, resolve_amp, resolve_device
+from .devices import available_memory, bf16_is_fast, exact_float32, peak_memory, resolve_device
 from .errors import PipelineWarning
 from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
 from .head import count_parameters, load_head, save_head
@@ -112,8 +112,9 @@ from .train import (
 # 3: val thresholds (and the optional temperature) stored with the head,
 # operating-point and calibration metrics. 4: the fused (stacked) trainer:
 # the dropout masks of a step in one draw, bf16 without autocast. 5: scores in float64 and TIE's softmax
-# row by row, so that no number depends on the count of torch threads.
-RUN_PROTOCOL = 5
+# row by row, so that no number depends on the count of torch threads. 6: scores in float32 whatever the
+# training precision (bf16 runs scored in bf16 before), float32 matmuls at "highest" precision.
+RUN_PROTOCOL = 6
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
 MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
@@ -123,6 +124,10 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the sa
 
 class ViewReuseWarning(PipelineWarning):
     """Runs of a grid have more epochs than the training store has views."""
+
+
+class SlowPrecisionWarning(PipelineWarning):
+    """Runs of a grid ask for bf16 on hardware that only emulates it."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +304,7 @@ def run_grid(spec: GridConfig, options: FitConfig) -> GridSummary:
     threads = torch.get_num_threads()
     try:
         cluster = contextlib.nullcontext() if options.cluster is None else dask_client(options.cluster)
-        with disk_errors_explained(spec.out), cluster as client:
+        with disk_errors_explained(spec.out), cluster as client, exact_float32():
             return _run_grid(spec, options, client)
     finally:
         torch.set_num_threads(threads)
@@ -307,12 +312,16 @@ def run_grid(spec: GridConfig, options: FitConfig) -> GridSummary:
 
 def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridSummary:
     start = time.perf_counter()
-    if client is None:
-        device = resolve_device(options.device)
-        runs = [dataclasses.replace(run, amp=resolve_amp(run.amp, device)) for run in spec.runs]
-    else:  # the workers fit on their devices; this process only draws the embeddings
-        device = torch.device("cpu")
-        runs = workers_resolve_amp(client, spec.runs, options.device)
+    # the workers of a cluster fit on their devices; this process only draws the embeddings
+    device = resolve_device(options.device) if client is None else torch.device("cpu")
+    runs = list(spec.runs)
+    if client is None and any(run.amp == "bf16" for run in runs) and not bf16_is_fast(device):
+        warnings.warn(
+            f"grid {spec.name}: amp bf16 on {device}, which has no bfloat16 units (AMX or AVX-512 BF16 on a CPU): "
+            "bfloat16 is emulated there, ~100x slower than float32; use amp none",
+            SlowPrecisionWarning,
+            stacklevel=3,
+        )
     out = spec.out
     (out / "runs").mkdir(parents=True, exist_ok=True)
     if spec.source is not None:
@@ -377,7 +386,7 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
             all_rows.extend(row for _, row in read_result_rows(out / "runs" / rid / "metrics.csv"))
     results = out / "results.csv"
     write_csv(results, RESULT_COLUMNS, (row.to_csv() for row in all_rows))
-    selections = select_runs(summarize_runs(all_rows).values())
+    selections = select_runs(summarize_runs(all_rows).values(), spec.select_across)
     selection = out / "selection.csv"
     write_csv(selection, SELECTION_COLUMNS, (selection_record(s) for s in selections))
     write_embeddings(spec, data, [out / "runs" / s.summary.run for s in selections], device)
@@ -401,7 +410,7 @@ class GridTask:
 
     spec: GridConfig  # labelled with its stores' model and tap
     stores: GridStores
-    runs: tuple[RunConfig, ...]  # amp resolved
+    runs: tuple[RunConfig, ...]
     ids: tuple[str, ...]
     device: str  # --device; a worker pinned to a device (--devices) runs on its own
     memory_budget: int | None
@@ -462,22 +471,8 @@ def run_group_on_worker(task: GridTask, group: list[int]) -> list[tuple[int, lis
             _WORKER_CONTEXT.clear()
             _WORKER_CONTEXT[key] = load_group_context(task, device)
         context = dataclasses.replace(_WORKER_CONTEXT[key], spec=task.spec, fuse=task.fuse)
-    return run_group(task, context, group)
-
-
-def workers_resolve_amp(client: Any, runs: tuple[RunConfig, ...], device: str) -> list[RunConfig]:
-    """The runs with ``amp: auto`` resolved on the cluster's workers (each on its device); they must agree."""
-    answers = client.run(_worker_auto_amp, device)  # worker address -> (its device, what auto means there)
-    (auto, *others) = {amp for _, amp in answers.values()}
-    if others:
-        listing = ", ".join(f"{worker} ({where}): {amp}" for worker, (where, amp) in sorted(answers.items()))
-        raise DataError(f"amp: auto means different things on the cluster's workers: {listing}; set amp in the grid")
-    return [dataclasses.replace(run, amp=auto if run.amp == "auto" else run.amp) for run in runs]
-
-
-def _worker_auto_amp(device: str) -> tuple[str, str]:
-    resolved = pin_worker(device)
-    return str(resolved), resolve_amp("auto", resolved)
+    with exact_float32():
+        return run_group(task, context, group)
 
 
 def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
@@ -536,6 +531,7 @@ def fit_and_evaluate_group(
     if not len(val_rows):
         raise DataError(f"{data.val.ref.name}: no valid row of the run's classes to choose its thresholds on")
     group = fit_group(data.train, configs, device=context.device, progress=progress)
+    scoring_start = time.perf_counter()
     val_logits = group_logits(group.stack, data.val, val_rows, first)
     tests = []
     for test in data.tests:
@@ -545,6 +541,7 @@ def fit_and_evaluate_group(
         "runs": [rid for _, _, rid in members],
         "fused": context.fuse,
         "fit_seconds": group.fit_seconds,
+        "score_seconds": time.perf_counter() - scoring_start,  # val and every test entry, all heads at once
         "cuda_graph": group.cuda_graph,
     }
     finished = []

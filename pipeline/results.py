@@ -22,7 +22,7 @@ apply (an error row has no split or metrics; a store without classes has no
   epochs at whose start lr /= 10), ``classes``, ``n_classes``,
   ``train_fraction``, ``head_blocks`` (``all`` | ``last``), ``aggregation``
   (``tie`` | ``mean``), ``seed``, ``amp`` (``none`` | ``bf16``: the
-  precision the run used, ``auto`` resolved), ``calibration`` (``none`` |
+  precision the run trained in; scores are float32 either way), ``calibration`` (``none`` |
   ``temperature``);
 * the fit: ``n_params``, ``fit_seconds``, ``views_used`` (distinct training
   views read), ``views_reused`` (epochs that read a view an earlier epoch
@@ -43,7 +43,8 @@ Columns added after the first format (``ADDED_COLUMNS``) read, from a file
 that lacks them, as the value their absence implies (``nan``; ``none`` for
 ``calibration``).
 
-``<grid out>/selection.csv`` — per training setting, two rows: the best run
+``<grid out>/selection.csv`` — per training setting (without the fields the
+grid's ``select_across`` names, e.g. ``epochs`` for the LDM study), two rows: the best run
 by val (``best_by_val``: highest mean val ACC, then val AP; honest) and by
 mean test ACC + AP (``best_by_test_mean_acc_ap``: the paper's protocol).
 Columns ``SELECTION_COLUMNS``: the rule, the run, its setting and head
@@ -112,8 +113,8 @@ PAPER_DATASETS: tuple[str, ...] = (
 # Choices of the run config (config.py validates against them, the report reads them).
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
-AMP_MODES: tuple[str, ...] = ("none", "bf16")  # as run (results.csv); a config may also say "auto"
-AMP_AUTO = "auto"
+# "none": float32 (the default, as the authors); "bf16": bfloat16 matmuls in training, an explicit opt-in
+AMP_MODES: tuple[str, ...] = ("none", "bf16")
 CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.calibration)
 
 VAL_SPLIT = "val"
@@ -128,6 +129,8 @@ BEST_BY_TEST = "best_by_test_mean_acc_ap"
 SELECTION_RULES: tuple[str, ...] = (BEST_BY_VAL, BEST_BY_TEST)
 LIST_SEPARATOR = "+"
 ALL_CLASSES = "all"
+# Setting fields a grid may select across (``select_across``) rather than select within
+SELECT_ACROSS_FIELDS: tuple[str, ...] = ("epochs", "batch_size", "lr", "lr_milestones", "train_fraction")
 
 
 class ResultsFormatError(PipelineError, ValueError):
@@ -421,9 +424,9 @@ def nan_std(values: Iterable[float]) -> float:
     return float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
 
 
-def setting_without_seed(setting: Setting) -> tuple:
-    """What runs that differ only in their seed share: the selection's group."""
-    return tuple(getattr(setting, name) for name in SETTING_FIELDS if name != "seed")
+def setting_without_seed(setting: Setting, across: Sequence[str] = ()) -> tuple:
+    """What runs that differ only in their seed (and in the fields ``across``) share: the selection's group."""
+    return tuple(getattr(setting, name) for name in SETTING_FIELDS if name != "seed" and name not in across)
 
 
 @dataclass(frozen=True)
@@ -515,11 +518,16 @@ class Selection:
         return self.config.representative
 
 
-def select_runs(summaries: Iterable[RunSummary]) -> list[Selection]:
-    """Per training setting (without the seed), the best config by each rule of SELECTION_RULES, on seed means."""
+def select_runs(summaries: Iterable[RunSummary], across: Sequence[str] = ()) -> list[Selection]:
+    """Per training setting (without the seed), the best config by each rule of SELECTION_RULES, on seed means.
+
+    ``across``: setting fields (``SELECT_ACROSS_FIELDS``) compared like the head config instead of
+    separating settings, e.g. ``("epochs",)``: one best over every epoch count, as the authors pick their LDM
+    model (over all 24 runs of 1, 3 and 5 epochs).
+    """
     by_setting: dict[tuple, list[ConfigSummary]] = {}
     for config in summarize_configs(summaries):
-        by_setting.setdefault(setting_without_seed(config.representative.row.setting), []).append(config)
+        by_setting.setdefault(setting_without_seed(config.representative.row.setting, across), []).append(config)
     selections = []
     for key in sorted(by_setting, key=lambda key: tuple(format_value(value) for value in key)):
         for rule in SELECTION_RULES:

@@ -13,9 +13,10 @@ batch order), so a config trained alone (:func:`fit_head`, a group of one,
 the two agree to float rounding (tested). Evaluation scores all heads of a
 group on each batch in one pass (:func:`group_logits`).
 
-**Precision.** ``amp`` ``bf16`` runs the matmuls and elementwise work in
-bfloat16 with float32 master weights, loss and optimizer; ``auto`` (the
-default) picks it where bf16 is fast (``devices.resolve_amp``).
+**Precision.** Training runs in float32 (``amp: none``, the default, as the
+authors); ``amp: bf16`` runs its matmuls and elementwise work in bfloat16 with
+float32 master weights, loss and optimizer. Scoring is float32 whatever the
+training precision (``stack_outputs``), so N images get about N distinct scores.
 
 **Features.** A store's variants are either read whole into one tensor (on
 the GPU when there is one) that every group of a process shares
@@ -43,6 +44,7 @@ views held in memory bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 import warnings
@@ -58,7 +60,7 @@ from tqdm.auto import tqdm
 
 from . import cache
 from .config import RunConfig, StoreRef
-from .devices import compute_dtype, resolve_amp
+from .devices import compute_dtype
 from .errors import PipelineError
 from .head import RineHead
 from .head_stack import HalfMasks, HeadStack
@@ -386,7 +388,7 @@ class GroupFit:
     """The heads of a group trained together, and what their training saw."""
 
     stack: HeadStack
-    configs: tuple[RunConfig, ...]  # amp resolved
+    configs: tuple[RunConfig, ...]
     fit_seconds: float  # wall time of the whole group
     n_train: int
     n_train_invalid: int
@@ -445,7 +447,7 @@ class GroupSteps:
     def __init__(self, stack: HeadStack, configs: Sequence[RunConfig], device: torch.device, graphs: bool) -> None:
         config = configs[0]
         self.stack = stack
-        self.dtype = compute_dtype(config.amp, device)
+        self.dtype = compute_dtype(config.amp)
         self.batch_size = config.batch_size
         self.last_block = config.head_blocks == "last"
         # Dropout draws from the group's own stream (its seed), so parallel groups stay reproducible.
@@ -533,7 +535,7 @@ def fit_group(
 
     ``cuda_graphs``: on a CUDA device, replay each step from a captured graph (``GroupSteps``).
     """
-    configs = tuple(dataclasses.replace(c, amp=resolve_amp(c.amp, device)) for c in configs)
+    configs = tuple(configs)
     check_group(configs)
     config = configs[0]
     rows, n_invalid = training_rows(store, config)
@@ -589,22 +591,79 @@ def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, prog
     return fit_group(store, [config], device=device, progress=progress).results()[0]
 
 
-def make_adam(module: torch.nn.Module, lr: float, capturable: bool = False) -> torch.optim.Adam:
-    """Adam, fused into one pass over the parameters per step where torch has that kernel.
+class FusedAdam:
+    """Adam with torch's defaults (betas 0.9 / 0.999, eps 1e-8, no weight decay) as one call of torch's fused
+    kernel per step: ``torch.optim.Adam(fused=True)``'s update, bit for bit (tested), without ``torch.optim``'s
+    machinery, whose first use in a process imports ``torch._dynamo`` (~1.3 s of every ``pipeline fit``).
+
+    ``param_groups[0]["lr"]`` is the lr of the next step, as in ``torch.optim``.
+    """
+
+    defaults = {"fused": True}
+
+    def __init__(self, parameters: Sequence[torch.nn.Parameter], lr: float) -> None:
+        self.parameters = list(parameters)
+        self.param_groups = [{"lr": lr}]
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.parameters]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.parameters]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for parameter in self.parameters:
+            parameter.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        with_grad = [i for i, p in enumerate(self.parameters) if p.grad is not None]
+        steps = [self.steps[i] for i in with_grad]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_(
+            [self.parameters[i] for i in with_grad],
+            [self.parameters[i].grad for i in with_grad],
+            [self.exp_avgs[i] for i in with_grad],
+            [self.exp_avg_sqs[i] for i in with_grad],
+            [],
+            steps,
+            amsgrad=False,
+            lr=float(self.param_groups[0]["lr"]),
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+
+@functools.cache
+def has_fused_adam(device_type: str) -> bool:
+    """Whether torch has the fused Adam kernel for this kind of device (CUDA; the CPU from torch 2.4)."""
+    probe = torch.zeros(1, device=device_type)
+    try:
+        torch._fused_adam_([probe], [probe.clone()], [probe.clone()], [probe.clone()], [], [probe.clone()],
+                           amsgrad=False, lr=0.0, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
+                           maximize=False, grad_scale=None, found_inf=None)  # fmt: skip
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def make_adam(module: torch.nn.Module, lr: float, capturable: bool = False) -> FusedAdam | torch.optim.Adam:
+    """Adam, fused into one pass over the parameters per step where torch has that kernel (``FusedAdam``).
 
     The same update as the default per-tensor loop up to float rounding; that
     loop took ~20 % of a training step of the 4-class head on a 2-core CPU.
     Torch has fused Adam for CUDA, and for the CPU from version 2.4.
-    ``capturable`` (CUDA graphs): the lr is a tensor on the device and the
-    step count stays there, so a captured step reads the lr set later.
+    ``capturable`` (CUDA graphs): ``torch.optim.Adam`` with the lr a tensor on the
+    device and the step count there, so that a captured step reads the lr set later.
     """
     if capturable:
         device = next(module.parameters()).device
         return torch.optim.Adam(module.parameters(), lr=torch.tensor(lr, device=device), fused=True, capturable=True)
-    try:
-        return torch.optim.Adam(module.parameters(), lr=lr, fused=True)
-    except RuntimeError:  # no fused kernel for this device in this torch version
-        return torch.optim.Adam(module.parameters(), lr=lr)
+    if has_fused_adam(next(module.parameters()).device.type):
+        return FusedAdam(list(module.parameters()), lr)
+    return torch.optim.Adam(module.parameters(), lr=lr)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -618,16 +677,16 @@ def stack_outputs(
 
     Batches of rows in increasing order (``EVAL_BATCH`` shared by the G
     heads, so that memory does not grow with the group), each run through all
-    heads at once, in the compute dtype of ``config.amp``.
+    heads at once in float32, whatever precision the heads trained in: bf16
+    logits would take a few hundred distinct values over thousands of rows.
     """
     stack.eval()
-    dtype = compute_dtype(config.amp, next(stack.parameters()).device)
     logits = torch.empty(stack.size, len(rows), dtype=torch.float32)
     z = torch.empty(stack.size, len(rows), stack.shape.proj_dim, dtype=torch.float32)
     index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     batch = max(1, EVAL_BATCH // stack.size)
     for start in range(0, len(rows), batch):
-        x = block_view(features.gather(index[start : start + batch]), config).to(dtype)
+        x = block_view(features.gather(index[start : start + batch]), config).float()
         batch_logits, batch_z = stack(x)
         logits[:, start : start + batch] = batch_logits.cpu()
         z[:, start : start + batch] = batch_z.cpu()

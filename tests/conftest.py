@@ -8,9 +8,6 @@ import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# `amp: auto` means float32 on every CPU here (and in subprocesses): tests compare with float32 computations
-# whatever bfloat16 instructions the machine has; tests of bf16 ask for it, or unset this and patch the probes.
-os.environ["RINE_CPU_BF16"] = "0"
 
 from pathlib import Path
 

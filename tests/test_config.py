@@ -73,7 +73,7 @@ def test_a_list_of_grid_blocks_is_concatenated():
         ("proj_dim: [8, 16]", "grid.proj_dim: expected an integer, got 8.5"),
         ("tap: ln2", "data.tap: 'ln3' is not one of ln2, hidden"),
         ("train: train", "data.train: give exactly one of split"),
-        ("epochs: 2", "base.amp: 'fp8' is not one of auto, none, bf16"),
+        ("epochs: 2", "base.amp: 'fp8' is not one of none, bf16"),
         ("proj_dim: [8, 16]", "unknown key 'blocks'; known:"),
         ("epochs: 2", "base.lr_milestones: expected increasing epoch numbers"),
     ],
@@ -87,7 +87,7 @@ def test_bad_values_are_rejected_by_name(replacement, message):
         "grid.proj_dim: expected an integer, got 8.5": "proj_dim: [8.5]",
         "data.tap: 'ln3' is not one of ln2, hidden": "tap: ln3",
         "data.train: give exactly one of split": "train: {split: a, store: b}",
-        "base.amp: 'fp8' is not one of auto, none, bf16": "amp: fp8",
+        "base.amp: 'fp8' is not one of none, bf16": "amp: fp8",
         "unknown key 'blocks'; known:": "blocks: [last]",
         "base.lr_milestones: expected increasing epoch numbers": "lr_milestones: [11, 6]",
     }[message]
@@ -167,6 +167,8 @@ def test_non_finite_values_empty_grids_and_repeated_configs_are_refused_by_key(b
     assert message in str(error.value)
 
 
-def test_amp_defaults_to_auto_and_accepts_the_resolved_values():
-    assert RunConfig().amp == "auto"
-    assert [make_run_config({"amp": amp}).amp for amp in ("auto", "none", "bf16")] == ["auto", "none", "bf16"]
+def test_amp_defaults_to_float32_and_auto_is_refused_saying_why():
+    assert RunConfig().amp == "none"
+    assert [make_run_config({"amp": amp}).amp for amp in ("none", "bf16")] == ["none", "bf16"]
+    with pytest.raises(ConfigError, match=r"base.amp: 'auto' is no longer a choice.*float32 \('none'\) is the default"):
+        parse_grid(GRID.replace("epochs: 2", "amp: auto"))

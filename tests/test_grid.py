@@ -441,6 +441,78 @@ def strip_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
 
 
+@pytest.mark.parametrize("amp", [None, "bf16"])
+def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_float32(stores, tmp_path, monkeypatch, amp):
+    """The bf16 probe forced on changes nothing; ``amp: bf16`` is recorded everywhere and still scores in float32."""
+    from pipeline import devices
+    from pipeline.head import load_head
+
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
+    grid = "  proj_dim: [16]\n" + ("" if amp is None else f"  amp: [{amp}]\n")
+    summary = run(stores, tmp_path / "g", grid=grid)
+    expected = amp or "none"
+    assert {row["amp"] for row in read(summary.results)} == {expected}
+    (folder,) = (tmp_path / "g" / "runs").iterdir()
+    assert json.loads((folder / "fit.json").read_text())["amp"] == expected
+    head, metadata = load_head(folder / "head.safetensors")
+    assert metadata["amp"] == expected
+    saved = {row["path"]: float(row["score"]) for row in read(folder / "scores_test.csv")}
+    rows = cache.read_rows(stores / "test.zarr")
+    valid = np.flatnonzero(rows.valid)
+    features = torch.from_numpy(cache.read_features(stores / "test.zarr", "center")[valid]).float()
+    with torch.inference_mode():  # the saved head in float32, by hand
+        expected_scores = torch.sigmoid(head(features)[0].squeeze(1).double()).numpy()
+    np.testing.assert_allclose([saved[rows.paths[i]] for i in valid], expected_scores, rtol=0, atol=1e-6)
+
+
+def test_bf16_on_hardware_without_bfloat16_units_warns_that_it_is_emulated(stores, tmp_path, monkeypatch):
+    from pipeline import devices
+    from pipeline.grid import SlowPrecisionWarning
+
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "0")
+    with pytest.warns(SlowPrecisionWarning, match="amp bf16 on cpu, which has no bfloat16 units"):
+        run(stores, tmp_path / "g", grid="  proj_dim: [16]\n  amp: [bf16]\n")
+
+
+def test_fit_amp_option_sets_every_configs_precision_and_the_run_ids_say_so(stores, tmp_path, monkeypatch):
+    from pipeline import devices
+
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")  # no warning about emulated bf16, whatever this CPU has
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n"))
+    ids = {}
+    for amp in ("none", "bf16"):
+        result = CliRunner().invoke(
+            main, ["fit", "--grid", str(grid), "--amp", amp, "--device", "cpu", "--no-progress"]
+        )
+        assert result.exit_code == 0, result.output
+        rows = read(tmp_path / "g" / "results.csv")
+        assert {row["amp"] for row in rows} == {amp}
+        ids[amp] = {row["run"] for row in rows}
+    assert ids["none"].isdisjoint(ids["bf16"])  # another precision is another run, never a reused one
+    result = CliRunner().invoke(main, ["fit", "--grid", str(grid), "--amp", "auto"])
+    assert result.exit_code == 2 and "'auto' is not one of 'none', 'bf16'" in result.output
+
+
+@pytest.mark.parametrize("select_across, n_selected", [(None, 4), ("[epochs]", 2)])
+def test_select_across_epochs_selects_one_best_over_every_epoch_count(stores, tmp_path, select_across, n_selected):
+    text = grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n  epochs: [1, 2]\n")
+    if select_across:
+        text += f"select_across: {select_across}\n"
+    summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
+    selected = read(summary.selection)
+    assert len(selected) == n_selected  # two rules x (one setting, or one per epoch count)
+    if select_across:  # the winner by the paper's rule is the best of all four runs, whatever its epochs
+        results = read(summary.results)
+        score = {}
+        for row in results:
+            if row["split"] == "test":
+                score.setdefault(row["run"], []).append((float(row["acc"]), float(row["ap"])))
+        means = {run: np.mean([a for a, _ in v]) + np.mean([p for _, p in v]) for run, v in score.items()}
+        (best,) = [row["run"] for row in selected if row["selection"] == "best_by_test_mean_acc_ap"]
+        assert means[best] == max(means.values())
+
+
 def test_fused_groups_give_the_unfused_metrics_and_record_their_group(stores, tmp_path):
     grid = "  contrastive_factor: [0.1, 0.2, 0.4, 0.8]\n  proj_dim: [16, 32]\n"
     spec = parse_grid(grid_text(stores, tmp_path / "fused", grid))

@@ -24,9 +24,10 @@ def configs(path: Path) -> set[tuple]:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_grid_parses(path: Path) -> None:
+def test_every_shipped_grid_parses_and_trains_in_float32_as_the_authors(path: Path) -> None:
     spec = load_grid(path)
     assert len(spec.runs) >= 1 and spec.name and spec.tests
+    assert {run.amp for run in spec.runs} == {"none"}
 
 
 def test_epochs_study_runs_the_authors_top_three_per_setting_for_each_length() -> None:
@@ -60,5 +61,6 @@ def test_ldm_setting_is_the_authors_grid_tested_on_synthbuster_by_ten_crops() ->
     assert configs(REPO / "grids" / "ldm_vitl14.yaml") == {
         (0, xi, q, d, e, 1.0) for xi in (0.2, 0.4) for q in (2, 4) for d in (512, 1024) for e in (1, 3, 5)
     }
+    assert spec.select_across == ("epochs",)  # one best over all 24 runs, as the authors pick their LDM model
     synthbuster = load_grid(REPO / "grids" / "synthbuster_vitl14.yaml")
     assert [(t.path.stem, t.variant) for t in synthbuster.tests] == [("synthbuster", "tencrop")]

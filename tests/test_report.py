@@ -917,3 +917,20 @@ def test_each_selected_run_gets_a_reliability_diagram_and_histograms_marked_with
     chosen = choose_thresholds(labels, scores)
     assert thresholds["val best acc"] == best_threshold(labels, scores)[0]
     assert (thresholds["val EER"], thresholds["val 1 % FPR"]) == (chosen["eer"].threshold, chosen["fpr1"].threshold)
+
+
+def test_the_page_header_says_which_precision_the_heads_trained_in(report) -> None:
+    from types import SimpleNamespace
+
+    from pipeline.report.html import precision_line
+
+    page = (report.out / "index.html").read_text(encoding="utf-8")
+    assert '<span id="precision">heads trained in float32, as the authors</span>' in page
+
+    def grid(*amps: str) -> SimpleNamespace:
+        runs = {
+            str(i): SimpleNamespace(row=SimpleNamespace(setting=SimpleNamespace(amp=amp))) for i, amp in enumerate(amps)
+        }
+        return SimpleNamespace(runs=runs)
+
+    assert precision_line([grid("none", "bf16"), grid("bf16")]).startswith("2 of 3 runs trained in bf16 (amp: bf16)")

@@ -130,3 +130,23 @@ def test_seeds_of_a_config_are_selected_by_their_mean_and_reported_with_mean_and
     assert set(configs) == {"a0", "b0"} and configs["a0"].seeds == (0, 1, 2)
     single = selection_record(select_runs(summarize_runs(rows[:3]).values())[0])
     assert (single["n_seeds"], single["seeds"], single["mean_acc_std"]) == ("1", "0", "nan")
+
+
+def test_selecting_across_epochs_picks_the_authors_ldm_model_from_their_24_runs():
+    """Their results/diffusion runs: one best over 1, 3 and 5 epochs (xi 0.4, q 4, d' 1024 at 5), not one per count."""
+    from pipeline.reference import group_reference_runs, load_reference_ldm
+
+    rows = []
+    for key, scores in group_reference_runs(load_reference_ldm()).items():
+        head = key.head_config
+        run = f"{head.label()}@{key.epochs}"
+        for dataset, (acc, ap) in scores.items():
+            rows.append(scored(run, "synthbuster", dataset, acc, ap, variant="tencrop", epochs=key.epochs, head=head))
+    assert len({row.run for row in rows}) == 24
+    summaries = summarize_runs(rows).values()
+    across = [s for s in select_runs(summaries, across=("epochs",)) if s.rule == BEST_BY_TEST]
+    assert [(s.config.representative.row.head, s.summary.row.setting.epochs) for s in across] == [
+        (HeadConfig(0.4, 4, 1024), 5)
+    ]
+    per_epochs = [s for s in select_runs(summaries) if s.rule == BEST_BY_TEST]
+    assert sorted(s.summary.row.setting.epochs for s in per_epochs) == [1, 3, 5]  # the old grouping: one per count

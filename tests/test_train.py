@@ -110,6 +110,25 @@ def test_the_lr_of_every_epoch_of_a_12_epoch_run(tmp_path, monkeypatch):
     assert list(fit.epoch_lrs) == used
 
 
+def test_fused_adam_is_torchs_fused_update_bit_for_bit():
+    from pipeline.train import FusedAdam
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    theirs = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    theirs.load_state_dict(ours.state_dict())
+    optimizers = (FusedAdam(list(ours.parameters()), 1e-2), torch.optim.Adam(theirs.parameters(), lr=1e-2, fused=True))
+    x = torch.randn(32, 16)
+    for step in range(4):
+        for optimizer, module in zip(optimizers, (ours, theirs)):
+            optimizer.param_groups[0]["lr"] = 1e-2 / 10**step
+            optimizer.zero_grad(set_to_none=True)
+            module(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_epoch_e_reads_view_e_mod_k_streamed_equals_in_memory_bit_for_bit(tmp_path):
     features, labels = separable_features(96)
     views = {f"view_{v:03d}": features + 0.5 * v for v in range(3)}
@@ -291,33 +310,39 @@ def test_a_training_split_with_one_label_is_refused(tmp_path):
     assert len(rows) == 40
 
 
-def test_amp_auto_resolves_to_the_precision_the_hardware_runs_fast(tmp_path, monkeypatch):
+def test_a_config_without_amp_trains_in_float32_even_where_the_probe_says_bf16_is_fast(tmp_path, monkeypatch):
     from pipeline import devices
 
     features, labels = separable_features(64)
     store = open_train(write_store(tmp_path / "s.zarr", {"center": features}, labels, ["d"] * 64))
-    monkeypatch.delenv(devices.CPU_BF16_ENV)  # detect (conftest pins float32)
-    resolved = {}
-    for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
-        monkeypatch.setattr(devices, "cpu_has_amx", lambda amx=amx: amx)
-        monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda avx512_bf16=avx512_bf16: avx512_bf16)
-        resolved[amx, avx512_bf16] = devices.resolve_amp("auto", CPU)
-    assert resolved == {(False, False): "none", (True, False): "bf16", (False, True): "bf16", (True, True): "bf16"}
-    assert devices.resolve_amp("none", CPU) == "none"  # an explicit choice is kept
-
-    monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)
-    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: False)
-    assert fit_group(store, [RunConfig(**SMALL)], device=CPU).configs[0].amp == "none"
-    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "0")
+    on_a_cpu_without_bf16 = parameters(fit_group(store, [RunConfig(**SMALL)], device=CPU).stack.to_heads()[0])
+    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")  # the capability probe forced on
+    assert devices.bf16_is_fast(CPU)
     group = fit_group(store, [RunConfig(**SMALL)], device=CPU)
-    assert group.configs[0].amp == "bf16"
-    assert group.stack.workspace.get("h0", (1,), torch.bfloat16, CPU).dtype == torch.bfloat16
-    assert np.isfinite(group.epoch_losses).all()
-    monkeypatch.setenv(devices.CPU_BF16_ENV, "0")  # the override wins over the detection, both ways
-    assert devices.resolve_amp("auto", CPU) == "none"
-    monkeypatch.setattr(devices, "cpu_has_avx512_bf16", lambda: False)
-    monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
-    assert devices.resolve_amp("auto", CPU) == "bf16"
+    assert group.configs[0].amp == "none"
+    torch.testing.assert_close(parameters(group.stack.to_heads()[0]), on_a_cpu_without_bf16, rtol=0, atol=0)
+    asked = fit_group(store, [RunConfig(**SMALL, amp="bf16")], device=CPU)  # bf16 only when asked for
+    assert asked.configs[0].amp == "bf16" and np.isfinite(asked.epoch_losses).all()
+    assert not torch.equal(parameters(asked.stack.to_heads()[0]), on_a_cpu_without_bf16)
+
+
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_the_released_head_gives_float32_resolution_scores_under_every_precision(amp):
+    """8,000 seeded rows: bf16 logits would take ~500 distinct values; float32 scoring keeps ~8,000."""
+    from pathlib import Path
+
+    from pipeline.head import load_official_checkpoint
+
+    head = load_official_checkpoint(Path(__file__).parent / "data" / "rine_2class_trainable.pth")
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(8000, head.n_blocks, head.in_dim, generator=generator).half()
+    logits, _ = forward_rows(head, InMemoryFeatures(features), np.arange(8000), RunConfig(amp=amp))
+    assert logits.dtype == torch.float32
+    assert len(np.unique(logits.numpy())) >= 7900
+    with torch.inference_mode():  # the head module itself, in float32
+        expected = head(features[:1000].float())[0].squeeze(1)
+    torch.testing.assert_close(logits[:1000], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_cpu_bf16_probes_read_the_kernel_flags_where_torch_has_no_probe(monkeypatch):

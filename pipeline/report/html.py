@@ -127,6 +127,7 @@ class Page:
     figures: tuple[Figure, ...]
     sections: tuple[SectionView, ...]
     bootstrap: str
+    precision: str
     flagged: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -376,6 +377,18 @@ def section_view(section: RunSection, analysis: ReportAnalysis, figures: Sequenc
 # ----------------------------------------------------------------------------- the page
 
 
+def precision_line(grids: Sequence[GridResults]) -> str:
+    """What precision the heads trained in: the authors' float32, or how many runs used the bf16 opt-in."""
+    runs = [run for grid in grids for run in grid.runs.values()]
+    bf16 = sum(run.row.setting.amp == "bf16" for run in runs)
+    if not bf16:
+        return "heads trained in float32, as the authors"
+    return (
+        f"{bf16} of {len(runs)} runs trained in bf16 (amp: bf16): screening numbers, which differ slightly from "
+        "float32 training; retrain in float32 (amp: none) for numbers to publish"
+    )
+
+
 def png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -425,6 +438,7 @@ def write_html(
             if bootstrap.enabled
             else "no bootstrap intervals (--bootstrap 0)"
         ),
+        precision=precision_line(grids),
         flagged=flagged,
     )
     path = out / PAGE_NAME
