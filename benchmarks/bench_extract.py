@@ -36,8 +36,8 @@ from _common import (
     write_folder_manifest,
 )
 
-from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.extract import ExtractConfig, ExtractSummary, run_extract
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features.extract import ExtractConfig, ExtractSummary, run_extract
 
 TARGET = 0.9
 

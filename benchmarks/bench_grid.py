@@ -71,12 +71,12 @@ from _common import (
     write_folder_manifest,
 )
 
-from pipeline import train
-from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.config import RunConfig, parse_grid
 from pipeline.devices import resolve_device
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.grid import MAX_GROUP_SIZE, FitConfig, run_grid
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features.extract import ExtractConfig, run_extract
+from pipeline.heads import train
+from pipeline.heads.config import RunConfig, parse_grid
+from pipeline.heads.grid import MAX_GROUP_SIZE, FitConfig, run_grid
 
 TARGET = 40.0
 REST_TARGET = 0.2  # of stage two's time: neither fitting nor scoring

@@ -39,11 +39,11 @@ import torch
 from _common import add_scratch_options, print_machine, quiet_transformers, save_random_clip, scratch_dir
 from PIL import Image
 
-from pipeline import images
-from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.calibration import calibrate_head
-from pipeline.head import RineHead, save_head
-from pipeline.predict import PredictConfig, run_predict
+from pipeline.detector.predict import PredictConfig, run_predict
+from pipeline.features import images
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.heads.calibration import calibrate_head
+from pipeline.heads.head import RineHead, save_head
 
 TARGET = 0.9
 TINY_CLIP = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

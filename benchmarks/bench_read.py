@@ -48,7 +48,8 @@ from _common import (
     write_synthetic_store,
 )
 
-from pipeline import _shard_reader, cache
+from pipeline import cache
+from pipeline.cache import _shard_reader
 
 TARGET = 0.8
 VERIFY_TARGET = 0.8  # checksums may cost at most 20 % of the reader's throughput

@@ -46,10 +46,10 @@ from _common import (
     write_synthetic_store,
 )
 
-from pipeline import train
-from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.config import RunConfig, StoreRef
-from pipeline.extract import ExtractConfig, run_extract
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features.extract import ExtractConfig, run_extract
+from pipeline.heads import train
+from pipeline.heads.config import RunConfig, StoreRef
 
 
 @dataclass(frozen=True)

@@ -90,12 +90,13 @@ from _common import (
     write_folder_manifest,
 )
 
-from pipeline import cache, train
-from pipeline.backbone import Backbone, BackboneConfig
-from pipeline.config import RunConfig, StoreRef, parse_grid
-from pipeline.extract import ExtractConfig, run_extract
-from pipeline.grid import FitConfig, run_grid
-from pipeline.head_stack import HalfMasks
+from pipeline import cache
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features.extract import ExtractConfig, run_extract
+from pipeline.heads import train
+from pipeline.heads.config import RunConfig, StoreRef, parse_grid
+from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.heads.head_stack import HalfMasks
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXTRACT_TARGET = 2500.0  # img/s, run_extract in float16 on an H200

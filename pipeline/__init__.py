@@ -1,6 +1,6 @@
 """RINE synthetic-image detection as a two-stage CLIP feature-cache pipeline.
 
-``from pipeline import Detector`` gives the Python API (``pipeline.detector``);
+``from pipeline import Detector`` gives the Python API (``pipeline.detector.detector``);
 importing the package loads neither torch nor the detector until then.
 """
 
@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 
 def __getattr__(name: str):
     if name == "Detector":
-        from .detector import Detector
+        from .detector.detector import Detector
 
         return Detector
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING
 
 from . import cache
 from .errors import PipelineError
-from .layouts import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest
-from .manifest import manifest_path, read_manifest, write_manifest
+from .features.layouts import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest
+from .features.manifest import manifest_path, read_manifest, write_manifest
 from .variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
-    from .config import GridConfig, StoreRef
-    from .extract import ExtractConfig, ExtractSummary
-    from .grid import GridSummary
+    from .features.extract import ExtractConfig, ExtractSummary
+    from .heads.config import GridConfig, StoreRef
+    from .heads.grid import GridSummary
 
 DEFAULT_BACKBONES = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
 TRAIN_CLASSES = ("car", "cat", "chair", "horse")
@@ -221,8 +221,8 @@ class ExtractJob:
 
     def extract_config(self, config: PaperConfig) -> ExtractConfig:
         """The `pipeline extract` configuration of this job."""
-        from .backbone import BackboneConfig
-        from .extract import ExtractConfig
+        from .features.backbone import BackboneConfig
+        from .features.extract import ExtractConfig
 
         return ExtractConfig(
             split=self.split,
@@ -358,7 +358,7 @@ def grid_skip_reason(spec: GridConfig, backbones: tuple[str, ...], data: DataChe
 
 def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     """Which grids run, and the manifests and extractions they need (see the module docstring)."""
-    from .config import ConfigError, load_grid
+    from .heads.config import ConfigError, load_grid
 
     grids: list[GridPlan] = []
     for path in config.grid_files or default_grid_files():
@@ -472,7 +472,7 @@ def write_split_manifest(
 
 def stores_are_complete(config: ExtractConfig) -> bool:
     """Every tap's store holds every variant of ``config``, complete, for its manifest (no backbone to load)."""
-    from .extract import store_path
+    from .features.extract import store_path
 
     manifest_sha256 = read_manifest(config.manifest).sha256()
     wanted = {variant.name for variant in config.variants()}
@@ -487,13 +487,13 @@ def stores_are_complete(config: ExtractConfig) -> bool:
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
-    from .extract import run_extract
+    from .features.extract import run_extract
 
     return run_extract(config)
 
 
 def fit(spec: GridConfig, config: PaperConfig) -> GridSummary:
-    from .grid import FitConfig, run_grid
+    from .heads.grid import FitConfig, run_grid
 
     return run_grid(
         spec,

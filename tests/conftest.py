@@ -147,7 +147,7 @@ def trained_predict_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFa
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.grid import ViewReuseWarning
+    from pipeline.heads.grid import ViewReuseWarning
 
     def invoke(*args: str) -> None:
         result = CliRunner().invoke(main, list(args))

@@ -1,4 +1,4 @@
-"""Tests of pipeline.image_headers and pipeline.audit: header facts, JPEG quality, shortcut AUCs and flags, CLI."""
+"""Tests of pipeline.features.image_headers and pipeline.features.audit: header facts, JPEG quality, shortcut AUCs and flags, CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from pipeline.audit import (
+from pipeline.cli import main
+from pipeline.features.audit import (
     ALL_FEATURES,
     FEATURE_NAMES,
     AuditConfig,
@@ -26,16 +27,15 @@ from pipeline.audit import (
     run_audit,
     score_features,
 )
-from pipeline.cli import main
-from pipeline.image_headers import (
+from pipeline.features.image_headers import (
     STANDARD_CHROMINANCE_TABLE,
     STANDARD_LUMINANCE_TABLE,
     ImageHeader,
     read_format_aligned_header,
     read_image_header,
 )
-from pipeline.images import format_align_bytes
-from pipeline.manifest import Manifest, ManifestRow, write_manifest
+from pipeline.features.images import format_align_bytes
+from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
 from pipeline.variants import FORMAT_ALIGN
 
 
@@ -171,7 +171,7 @@ def test_a_jpeg_truncated_after_its_header_still_describes_itself(tmp_path: Path
 
 def test_shared_files_are_read_once(tmp_path: Path) -> None:
     """Reals listed under several datasets (UFD diffusion, Synthbuster) are read once, reported per row."""
-    import pipeline.audit as audit_module
+    import pipeline.features.audit as audit_module
 
     read: list[Path] = []
     shared = save(tmp_path / "real.png", (8, 8), 0)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP
-from pipeline.backbone import CLIP_MEAN, CLIP_STD, Backbone, BackboneConfig, parse_block_selection
+from pipeline.features.backbone import CLIP_MEAN, CLIP_STD, Backbone, BackboneConfig, parse_block_selection
 
 CLIP_MEAN_BY_HAND = np.array([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD_BY_HAND = np.array([0.26862954, 0.26130258, 0.27577711])

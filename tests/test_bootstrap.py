@@ -1,4 +1,4 @@
-"""Bootstrap intervals (pipeline.bootstrap) against scikit-learn on explicitly resampled copies."""
+"""Bootstrap intervals (pipeline.results.bootstrap) against scikit-learn on explicitly resampled copies."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score
 
-from pipeline.bootstrap import (
+from pipeline.results.bootstrap import (
     BootstrapConfig,
     bootstrap_set,
     bootstrap_sets,

@@ -13,8 +13,8 @@ import pytest
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline import _shard_reader, cache
-from pipeline.cache import StoreError, StoreIdentity, VariantSpec
+from pipeline import cache
+from pipeline.cache import StoreError, StoreIdentity, VariantSpec, _shard_reader
 
 N_BLOCKS, DIM = 3, 5
 

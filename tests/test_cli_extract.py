@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import make_folder_dataset
-from pipeline import cache, images
-from pipeline.backbone import Backbone, BackboneConfig
+from pipeline import cache
 from pipeline.cli import main
+from pipeline.features import images
+from pipeline.features.backbone import Backbone, BackboneConfig
 
 
 def invoke(*args: str) -> object:
@@ -265,7 +266,7 @@ def test_cache_export_to_a_full_disk_is_an_error_naming_the_file(
 ) -> None:
     import errno
 
-    from pipeline import hdf5
+    from pipeline.cache import hdf5
 
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import load_benchmark_script
-from pipeline.head import RineHead, count_parameters
+from pipeline.heads.head import RineHead, count_parameters
 
 
 @pytest.fixture(scope="module")

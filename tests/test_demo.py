@@ -17,17 +17,12 @@ from safetensors.torch import load_file
 from transformers import CLIPVisionModel
 
 from pipeline import cache
-from pipeline.audit import AuditConfig, run_audit
 from pipeline.cli import main as cli
-from pipeline.config import load_grid
-from pipeline.demo import (
-    COMPLETE_MARKER,
-    GENERATOR_TRACES,
-    make_demo_backbone,
-    make_demo_data,
-)
-from pipeline.layouts import build_manifest
-from pipeline.manifest import write_manifest
+from pipeline.demo import COMPLETE_MARKER, GENERATOR_TRACES, make_demo_backbone, make_demo_data
+from pipeline.features.audit import AuditConfig, run_audit
+from pipeline.features.layouts import build_manifest
+from pipeline.features.manifest import write_manifest
+from pipeline.heads.config import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")

@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from conftest import make_folder_dataset
 from pipeline import cache, files
-from pipeline.claims import ShardClaims
 from pipeline.cli import main
-from pipeline.extract import shard_order
-from pipeline.layouts import build_manifest
-from pipeline.manifest import write_manifest
+from pipeline.features.claims import ShardClaims
+from pipeline.features.extract import shard_order
+from pipeline.features.layouts import build_manifest
+from pipeline.features.manifest import write_manifest
 
 N_SHARDS = 10  # 40 images in shards of 4
 
@@ -31,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-import pipeline.backbone as _backbone
+import pipeline.features.backbone as _backbone
 
 Path(os.environ["RINE_TEST_PIDS"], "rank" + os.environ.get("RANK", "0") + "-" + str(os.getpid())).touch()
 _DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from pipeline.cli import main
-from pipeline.detector import Detector
-from pipeline.export import ExportConfig, run_export
+from pipeline.detector.detector import Detector
+from pipeline.detector.export import ExportConfig, run_export
 from pipeline.results import read_result_rows
 
 
@@ -117,8 +117,8 @@ def test_pixels_to_score_module_matches_the_detector_on_the_last_block_ablation(
     """The graph's module on a head reading only the last block, without rounding to float16."""
     from dataclasses import replace
 
-    from pipeline.export import PixelsToScore
-    from pipeline.head import RineHead
+    from pipeline.detector.export import PixelsToScore
+    from pipeline.heads.head import RineHead
 
     detector = Detector.load(trained_predict_run["run"], device="cpu")
     torch.manual_seed(0)

@@ -30,11 +30,12 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
-from pipeline import cache, images
-from pipeline.backbone import Backbone, BackboneConfig
+from pipeline import cache
 from pipeline.cache import TAPS
 from pipeline.cli import main
-from pipeline.extract import (
+from pipeline.features import images
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features.extract import (
     PERTURB_STREAM,
     BadImageStop,
     BatchWork,
@@ -52,8 +53,8 @@ from pipeline.extract import (
     prepare_store,
     run_extract,
 )
-from pipeline.layouts import build_manifest
-from pipeline.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from pipeline.features.layouts import build_manifest
+from pipeline.features.manifest import Manifest, ManifestRow, read_manifest, write_manifest
 from pipeline.variants import PERTURBATIONS, VariantSpec, ten_crop_variants
 
 CROP = 32  # TINY_CLIP image_size
@@ -537,7 +538,7 @@ THROTTLE = '''\
 import os
 import time
 
-import pipeline.backbone as _backbone
+import pipeline.features.backbone as _backbone
 
 _DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])
 _forward_taps = _backbone.Backbone.forward_taps
@@ -1068,7 +1069,7 @@ def test_decoding_holds_pixels_within_the_budget(tmp_path: Path, monkeypatch: py
 MEMORY_PROBE = """
 import resource, sys
 import numpy as np
-from pipeline import images
+from pipeline.features import images
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 pixels = images.decode_image(sys.argv[1])
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

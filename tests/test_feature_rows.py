@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import separable_features, write_store
-from pipeline import _shard_reader, cache
+from pipeline import cache
+from pipeline.cache import _shard_reader
 
 
 @pytest.fixture

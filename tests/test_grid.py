@@ -19,12 +19,13 @@ from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
 from conftest import separable_features, write_store
-from pipeline import cache, cluster
+from pipeline import cache
 from pipeline.cli import main
-from pipeline.cluster import ClusterConfig, ClusterError, dask_client
-from pipeline.config import parse_grid
-from pipeline.grid import FitConfig, ViewReuseWarning, run_grid
-from pipeline.train import DataError
+from pipeline.heads import cluster
+from pipeline.heads.cluster import ClusterConfig, ClusterError, dask_client
+from pipeline.heads.config import parse_grid
+from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
+from pipeline.heads.train import DataError
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -123,7 +124,7 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
     }
     header = (folder / "scores_test.csv").read_text().splitlines()[0]
     assert header == "path,label,dataset,score"
-    from pipeline.head import load_head
+    from pipeline.heads.head import load_head
 
     head, metadata = load_head(folder / "head.safetensors")
     assert (head.n_blocks, head.in_dim, head.proj_dim) == (4, 16, 16) and metadata["tap"] == "ln2"
@@ -200,7 +201,7 @@ def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, mon
     first = run(stores, tmp_path / "a")
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(grid_text(stores, tmp_path / "b"))
-    monkeypatch.setattr("pipeline.grid.available_memory", lambda device: 10**9)  # (in this process only)
+    monkeypatch.setattr("pipeline.heads.grid.available_memory", lambda device: 10**9)  # (in this process only)
     command = ["fit", "--grid", str(grid_file), "--scheduler", "local:2", "--device", "cpu", "--no-progress"]
     environment = dict(os.environ)
     result = CliRunner().invoke(main, command)
@@ -215,7 +216,7 @@ def test_a_local_dask_cluster_gives_the_numbers_of_one_job(stores, tmp_path, mon
 @pytest.mark.slow
 def test_dask_workers_load_the_stores_once_and_keep_them_for_the_next_grid(stores, tmp_path):
     def worker_state() -> tuple[str, int, str | None, list[int]]:  # run on each worker
-        from pipeline import grid
+        from pipeline.heads import grid
 
         held = [id(context.data) for context in grid._WORKER_CONTEXT.values()]
         return (
@@ -271,7 +272,7 @@ def test_bad_cluster_options_are_refused(stores, tmp_path, options, message):
 
 def test_an_unreachable_scheduler_is_an_error_naming_it(stores, tmp_path, monkeypatch):
     pytest.importorskip("distributed")
-    monkeypatch.setattr("pipeline.cluster.CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr("pipeline.heads.cluster.CONNECT_TIMEOUT_S", 1)
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
@@ -335,7 +336,7 @@ def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
 
 
 def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp_path):
-    from pipeline.head import load_head
+    from pipeline.heads.head import load_head
 
     features, labels = separable_features(40, seed=7, shift=3.0)
     crops = {f"tencrop_{i}": features * (1 + i) - 2.0 * i for i in range(10)}
@@ -416,7 +417,7 @@ def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp
 
 
 def test_selected_runs_get_embeddings_of_a_sample_of_their_test_rows(stores, tmp_path):
-    from pipeline.head import load_head
+    from pipeline.heads.head import load_head
 
     summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16]\n")
     selected = {r["run"] for r in read(summary.selection)}
@@ -445,7 +446,7 @@ def strip_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_float32(stores, tmp_path, monkeypatch, amp):
     """The bf16 probe forced on changes nothing; ``amp: bf16`` is recorded everywhere and still scores in float32."""
     from pipeline import devices
-    from pipeline.head import load_head
+    from pipeline.heads.head import load_head
 
     monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
     grid = "  proj_dim: [16]\n" + ("" if amp is None else f"  amp: [{amp}]\n")
@@ -467,7 +468,7 @@ def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_floa
 
 def test_bf16_on_hardware_without_bfloat16_units_warns_that_it_is_emulated(stores, tmp_path, monkeypatch):
     from pipeline import devices
-    from pipeline.grid import SlowPrecisionWarning
+    from pipeline.heads.grid import SlowPrecisionWarning
 
     monkeypatch.setenv(devices.CPU_BF16_ENV, "0")
     with pytest.warns(SlowPrecisionWarning, match="amp bf16 on cpu, which has no bfloat16 units"):
@@ -555,7 +556,7 @@ def test_a_grid_beyond_its_memory_budget_streams_and_gives_the_same_results(stor
 
 
 def test_the_memory_budget_keeps_what_fits_in_order(stores, tmp_path):
-    from pipeline.grid import place_features, plan_grid_stores
+    from pipeline.heads.grid import place_features, plan_grid_stores
 
     spec = parse_grid(grid_text(stores, tmp_path / "g"))  # two-epoch runs: two training views resident
     view = 160 * 4 * 16 * 2  # rows x blocks x dim x float16
@@ -565,9 +566,9 @@ def test_the_memory_budget_keeps_what_fits_in_order(stores, tmp_path):
 
 
 def test_a_declared_tap_or_model_that_the_stores_do_not_hold_is_refused(stores, tmp_path, monkeypatch):
-    import pipeline.grid
+    import pipeline.heads.grid
 
-    monkeypatch.setattr(pipeline.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
+    monkeypatch.setattr(pipeline.heads.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
     hidden = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
         "  model: synthetic\n", "  model: synthetic\n  tap: hidden\n"
     )
@@ -613,11 +614,11 @@ base: {{proj_layers: 1, proj_dim: 8, batch_size: 32}}
 
 
 def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path, monkeypatch):
-    import pipeline.grid
+    import pipeline.heads.grid
 
     features, labels = separable_features(40)
     write_store(tmp_path / "fakes.zarr", {"center": features}, np.ones(40, dtype=np.int8), ["progan"] * 40)
-    monkeypatch.setattr(pipeline.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
+    monkeypatch.setattr(pipeline.heads.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
     text = grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n  epochs: [1]\n").replace(
         str(stores / "train.zarr"), str(tmp_path / "fakes.zarr")
     )
@@ -650,12 +651,12 @@ def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
 def test_an_output_folder_that_cannot_be_written_stops_the_grid_with_a_message(stores, tmp_path, monkeypatch, code):
-    import pipeline.grid
+    import pipeline.heads.grid
 
     def refuse(path, text):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(pipeline.grid, "write_text_atomic", refuse)
+    monkeypatch.setattr(pipeline.heads.grid, "write_text_atomic", refuse)
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n"))
     result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", "--device", "cpu"])

@@ -12,7 +12,8 @@ import zarr
 from click.testing import CliRunner
 
 from conftest import separable_features, write_store
-from pipeline import cache, hdf5
+from pipeline import cache
+from pipeline.cache import hdf5
 from pipeline.cli import main as cli
 
 N_ROWS = 70  # two shards of 64 rows: the last one partial

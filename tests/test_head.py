@@ -1,4 +1,4 @@
-"""Tests for pipeline.head: layout, parameter counts, the released checkpoint, the loader's refusals, FastDropout."""
+"""Tests for pipeline.heads.head: layout, parameter counts, the released checkpoint, the loader's refusals, FastDropout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.head import CheckpointError, FastDropout, RineHead, count_parameters, load_official_checkpoint
+from pipeline.heads.head import CheckpointError, FastDropout, RineHead, count_parameters, load_official_checkpoint
 
 CHECKPOINT = Path(__file__).parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
@@ -240,7 +240,7 @@ def test_fast_dropout_keeps_bfloat16_dtype() -> None:
 
 
 def test_crop_score_is_the_sigmoid_of_the_mean_logit():
-    from pipeline.head import crop_scores
+    from pipeline.heads.head import crop_scores
 
     logits = torch.tensor([[4.0, -2.0, 0.0], [1.0, 1.0, 1.0]])
     expected = [1 / (1 + math.exp(-2 / 3)), 1 / (1 + math.exp(-1.0))]
@@ -252,7 +252,7 @@ def test_crop_score_is_the_sigmoid_of_the_mean_logit():
 
 
 def test_tie_block_weights_are_the_softmax_over_blocks_and_do_not_depend_on_the_thread_count():
-    from pipeline.head import block_weights
+    from pipeline.heads.head import block_weights
 
     alpha = torch.randn(8, 24, 256, generator=torch.Generator().manual_seed(0))
     weights = block_weights(alpha)

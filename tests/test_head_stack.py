@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.head import FastDropout, RineHead
-from pipeline.head_stack import HalfMasks, HeadShape, HeadStack, Workspace
-from pipeline.loss import group_losses, rine_loss
+from pipeline.heads.head import FastDropout, RineHead
+from pipeline.heads.head_stack import HalfMasks, HeadShape, HeadStack, Workspace
+from pipeline.heads.loss import group_losses, rine_loss
 
 
 def make_heads(count: int, q: int, aggregation: str = "tie", n_blocks: int = 5, dim: int = 12, width: int = 8):

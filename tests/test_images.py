@@ -1,4 +1,4 @@
-"""Tests for pipeline.images: decoding, crops, training views, perturbations.
+"""Tests for pipeline.features.images: decoding, crops, training views, perturbations.
 
 Expected values come from hand-computed offsets, hand-built arrays and direct
 calls to the libraries the authors used (scipy, OpenCV, Pillow), never from
@@ -19,8 +19,8 @@ import pytest
 from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
-from pipeline import images
-from pipeline.images import (
+from pipeline.features import images
+from pipeline.features.images import (
     ImageDecodeError,
     TrainViewDraw,
     apply_train_view,

@@ -1,4 +1,4 @@
-"""Tests of pipeline.layouts: every layout on a miniature copy of its tree, option and structure errors."""
+"""Tests of pipeline.features.layouts: every layout on a miniature copy of its tree, option and structure errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.layouts import LAYOUTS, build_manifest
-from pipeline.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from pipeline.features.layouts import LAYOUTS, build_manifest
+from pipeline.features.manifest import Manifest, ManifestError, read_manifest, write_manifest
 
 
 def touch(root: Path, *relatives: str) -> None:

@@ -1,4 +1,4 @@
-"""Tests for pipeline.loss against SupCon and BCE computed by hand."""
+"""Tests for pipeline.heads.loss against SupCon and BCE computed by hand."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.loss import rine_loss, supcon_loss
+from pipeline.heads.loss import rine_loss, supcon_loss
 
 
 def supcon_by_hand(vectors: np.ndarray, labels: list[int], temperature: float, base_temperature: float) -> float:

@@ -1,4 +1,4 @@
-"""Tests of pipeline.manifest: CSV round trip, identity, validation, atomic writes."""
+"""Tests of pipeline.features.manifest: CSV round trip, identity, validation, atomic writes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.manifest import (
+from pipeline.features.manifest import (
     Manifest,
     ManifestError,
     ManifestRow,

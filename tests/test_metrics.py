@@ -1,4 +1,4 @@
-"""Tests for pipeline.metrics against hand computations and scikit-learn."""
+"""Tests for pipeline.results.metrics against hand computations and scikit-learn."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from pipeline.metrics import (
+from pipeline.results.metrics import (
     METRIC_NAMES,
     best_threshold,
     choose_thresholds,

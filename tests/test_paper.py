@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, write_image
 from pipeline.cli import main as cli
-from pipeline.layouts import LAYOUTS
+from pipeline.features.layouts import LAYOUTS
 from pipeline.paper import (
     DIFFUSION_TEST_SETS,
     GAN_TEST_FOLDERS,
@@ -207,7 +207,7 @@ def test_training_views_are_the_largest_epochs_and_taps_share_forward_passes(tmp
 def test_test_manifests_keep_exactly_the_paper_test_sets() -> None:
     assert SPLITS["test_gan"].generators == tuple(PAPER_TEST_SETS[:12])
     assert SPLITS["test_diffusion"].generators == tuple(PAPER_TEST_SETS[12:])
-    from pipeline import reference
+    from pipeline.results import reference
 
     assert tuple(PAPER_TEST_SETS) == reference.PAPER_DATASETS
 

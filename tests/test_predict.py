@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
-from pipeline import images
-from pipeline.backbone import Backbone, BackboneConfig
 from pipeline.cache import DEFAULT_MODEL
 from pipeline.cli import main
-from pipeline.detector import Detector, PredictError, read_detector_files
-from pipeline.metrics import THRESHOLD_RULES, operating_point
-from pipeline.predict import PredictConfig, collect_inputs, run_predict
-from pipeline.predict_output import PREDICTION_COLUMNS, OutputError
+from pipeline.detector.detector import Detector, PredictError, read_detector_files
+from pipeline.detector.output import PREDICTION_COLUMNS, OutputError
+from pipeline.detector.predict import PredictConfig, collect_inputs, run_predict
+from pipeline.features import images
+from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.results.metrics import THRESHOLD_RULES, operating_point
 
 OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
@@ -119,7 +119,7 @@ SLOW_COMMIT = '''\
 import os
 import time
 
-import pipeline.predict as _predict
+import pipeline.detector.predict as _predict
 
 _submit = _predict.PredictionCommitter.submit
 

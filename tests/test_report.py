@@ -1,10 +1,10 @@
-"""Tests of pipeline.report / pipeline.reference on small grid folders built here.
+"""Tests of pipeline.report / pipeline.results.reference on small grid folders built here.
 
 The builder writes per-image score CSVs first and derives results.csv and
 selection.csv from them (scikit-learn), in the format documented in
 pipeline/results.py, spelled out here independently. The checks recompute
 every expected number from the saved score files and from the packaged
-reference CSVs read with the csv module (not through pipeline.reference).
+reference CSVs read with the csv module (not through pipeline.results.reference).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from pipeline import reference
 from pipeline.report import ReportConfig, ReportError, run_report
+from pipeline.results import reference
 
 PAPER_ORDER = (
     "progan stylegan stylegan2 biggan cyclegan stargan gaugan deepfake sitd san crn imle guided ldm_200 "
@@ -269,7 +269,7 @@ def scores_per_dataset(score_file: Path) -> dict[str, tuple[float, float]]:
 
 
 def packaged_reference(name: str) -> list[dict[str, str]]:
-    with (resources.files("pipeline") / "data" / name).open("r", encoding="utf-8", newline="") as handle:
+    with (resources.files("pipeline.results") / "data" / name).open("r", encoding="utf-8", newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -892,11 +892,11 @@ def test_tsne_points_are_scikit_learns_tsne() -> None:
 def test_each_selected_run_gets_a_reliability_diagram_and_histograms_marked_with_its_val_thresholds(
     grids, report
 ) -> None:
-    from pipeline.metrics import best_threshold, choose_thresholds
     from pipeline.report.analysis import RunSection
     from pipeline.report.inputs import all_runs, read_grid_dir
     from pipeline.report.run_figures import run_jobs
     from pipeline.report.scores import read_run_scores
+    from pipeline.results.metrics import best_threshold, choose_thresholds
 
     names = {path.name for path in report.written}
     selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}

@@ -26,14 +26,14 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline import cache
-from pipeline.audit import AuditConfig, run_audit
-from pipeline.bootstrap import DEFAULT_RESAMPLES, BootstrapConfig, bootstrap_set
 from pipeline.cli import main
-from pipeline.config import parse_grid
-from pipeline.grid import FitConfig, run_grid
-from pipeline.manifest import Manifest, ManifestRow, write_manifest
+from pipeline.features.audit import AuditConfig, run_audit
+from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
+from pipeline.heads.config import parse_grid
+from pipeline.heads.grid import FitConfig, run_grid
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.gallery import DEFAULT_GALLERY_SIZE
+from pipeline.results.bootstrap import DEFAULT_RESAMPLES, BootstrapConfig, bootstrap_set
 from pipeline.variants import FORMAT_ALIGN
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,8 @@ import statistics
 
 import pytest
 
-from pipeline import config, metrics, variants
+from pipeline import variants
+from pipeline.heads import config
 from pipeline.results import (
     BEST_BY_TEST,
     BEST_BY_VAL,
@@ -19,6 +20,7 @@ from pipeline.results import (
     ResultsFormatError,
     Setting,
     mean_datasets,
+    metrics,
     nan_mean,
     read_result_rows,
     select_runs,
@@ -134,7 +136,7 @@ def test_seeds_of_a_config_are_selected_by_their_mean_and_reported_with_mean_and
 
 def test_selecting_across_epochs_picks_the_authors_ldm_model_from_their_24_runs():
     """Their results/diffusion runs: one best over 1, 3 and 5 epochs (xi 0.4, q 4, d' 1024 at 5), not one per count."""
-    from pipeline.reference import group_reference_runs, load_reference_ldm
+    from pipeline.results.reference import group_reference_runs, load_reference_ldm
 
     rows = []
     for key, scores in group_reference_runs(load_reference_ldm()).items():

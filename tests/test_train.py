@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from conftest import separable_features, write_store
-from pipeline import train as train_module
-from pipeline.config import RunConfig, StoreRef
-from pipeline.train import (
+from pipeline.heads import train as train_module
+from pipeline.heads.config import RunConfig, StoreRef
+from pipeline.heads.train import (
     DataError,
     InMemoryFeatures,
     OneLabelError,
@@ -111,7 +111,7 @@ def test_the_lr_of_every_epoch_of_a_12_epoch_run(tmp_path, monkeypatch):
 
 
 def test_fused_adam_is_torchs_fused_update_bit_for_bit():
-    from pipeline.train import FusedAdam
+    from pipeline.heads.train import FusedAdam
 
     torch.manual_seed(0)
     ours = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -332,7 +332,7 @@ def test_the_released_head_gives_float32_resolution_scores_under_every_precision
     """8,000 seeded rows: bf16 logits would take ~500 distinct values; float32 scoring keeps ~8,000."""
     from pathlib import Path
 
-    from pipeline.head import load_official_checkpoint
+    from pipeline.heads.head import load_official_checkpoint
 
     head = load_official_checkpoint(Path(__file__).parent / "data" / "rine_2class_trainable.pth")
     generator = torch.Generator().manual_seed(0)

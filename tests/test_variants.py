@@ -7,14 +7,7 @@ from dataclasses import asdict
 
 import pytest
 
-from pipeline.variants import (
-    PERTURB_PRESETS,
-    PERTURBATIONS,
-    TEN_CROP,
-    VariantKind,
-    VariantSpec,
-    ten_crop_variants,
-)
+from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP, VariantKind, VariantSpec, ten_crop_variants
 
 EVERY_KIND = [
     (VariantSpec.center(), "center", VariantKind.CENTER, 0),

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..bootstrap import BootstrapConfig
+from ..results.bootstrap import BootstrapConfig
 from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
 from .gallery import DEFAULT_GALLERY_SIZE

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..bootstrap import BootstrapConfig
 from ..results import UNPERTURBED_VARIANTS
+from ..results.bootstrap import BootstrapConfig
 from .audits import AuditDocument, audited_image_facts
 from .errors import BucketCount, ImageFactsFinder, analyse_errors
 from .gallery import FALSE_NEGATIVES, FALSE_POSITIVES, GalleryItem, gallery, worst_errors

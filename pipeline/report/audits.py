@@ -24,7 +24,7 @@ DOCUMENT_KEYS = ("split", "variant", "threshold", "flags", "feature_aucs", "summ
 
 @dataclass(frozen=True)
 class AuditDocument:
-    """One ``audit_*.json`` as written by ``pipeline.audit.write_audit``."""
+    """One ``audit_*.json`` as written by ``pipeline.features.audit.write_audit``."""
 
     path: Path
     split: str

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audit import read_headers
-from ..metrics import DEFAULT_THRESHOLD
+from ..features.audit import read_headers
+from ..results.metrics import DEFAULT_THRESHOLD
 from .audits import UNKNOWN, UNKNOWN_FACTS, ImageFacts
 from .scores import ScoredSplit
 

@@ -29,9 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from .. import reference as ref
 from ..files import atomic_path
-from ..metrics import ECE_BINS, brier_score, expected_calibration_error, reliability_bins
+from ..results import reference as ref
+from ..results.metrics import ECE_BINS, brier_score, expected_calibration_error, reliability_bins
 from .inputs import EMBEDDINGS_FILE, HEAD_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
 from .tables import SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
 

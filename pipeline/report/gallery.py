@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import ImageDecodeError, decode_image
-from ..metrics import DEFAULT_THRESHOLD
+from ..features.images import ImageDecodeError, decode_image
+from ..results.metrics import DEFAULT_THRESHOLD
 from .scores import ScoredSplit
 
 THUMBNAIL_SIZE = 112

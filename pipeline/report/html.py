@@ -23,9 +23,9 @@ from pathlib import Path
 import jinja2
 
 from .. import __version__
-from ..bootstrap import Interval
 from ..files import write_text_atomic
 from ..results import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, nan_mean, nan_std
+from ..results.bootstrap import Interval
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
 from .gallery import GalleryItem

@@ -13,7 +13,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import reference as ref
 from ..errors import PipelineError
 from ..results import (
     BEST_BY_TEST,
@@ -32,6 +31,7 @@ from ..results import (
     read_result_rows,
     summarize_runs,
 )
+from ..results import reference as ref
 
 HEAD_FILE = "head.safetensors"
 EMBEDDINGS_FILE = "embeddings.npz"

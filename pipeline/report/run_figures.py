@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..metrics import choose_thresholds
 from ..results import CENTER, VAL_SPLIT
+from ..results.metrics import choose_thresholds
 from .analysis import RunKey, RunSection, run_key
 from .figures import PlotJob, new_figure, plot_reliability, save_png, wrap_title
 from .inputs import HEAD_FILE, RunResult

@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import reference as ref
-from ..bootstrap import Interval
 from ..files import atomic_path
 from ..results import (
     BEST_BY_TEST,
@@ -37,6 +35,8 @@ from ..results import (
     mean_datasets,
     nan_mean,
 )
+from ..results import reference as ref
+from ..results.bootstrap import Interval
 from ..variants import VariantKind, VariantSpec
 from .inputs import (
     HEAD_FILE,

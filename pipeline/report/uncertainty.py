@@ -1,4 +1,4 @@
-"""Bootstrap intervals of a run's ACC and AP per scored set and of its test mean (``pipeline.bootstrap``).
+"""Bootstrap intervals of a run's ACC and AP per scored set and of its test mean (``pipeline.results.bootstrap``).
 
 Computed from the run's ``scores_<split>.csv`` files; the mean's interval
 averages, per replicate, exactly the sets that form the run's test mean
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..bootstrap import BootstrapConfig, Interval, Replicates, bootstrap_set, mean_replicates
 from ..results import UNPERTURBED_VARIANTS, VAL_SPLIT
+from ..results.bootstrap import BootstrapConfig, Interval, Replicates, bootstrap_set, mean_replicates
 from .inputs import RunResult
 from .scores import read_run_scores
 

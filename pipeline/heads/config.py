@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 from sklearn.model_selection import ParameterGrid
 
-from .cache import DEFAULT_MODEL, TAPS, default_store_path
-from .errors import PipelineError
-from .results import (
+from ..cache import DEFAULT_MODEL, TAPS, default_store_path
+from ..errors import PipelineError
+from ..results import (
     AGGREGATIONS,
     ALL_CLASSES,
     AMP_MODES,
@@ -54,7 +54,7 @@ class RunConfig:
     # training precision: "none" (float32, as the authors) or "bf16" (bfloat16 matmuls, float32 master weights,
     # an explicit opt-in for screening); scores are float32 either way
     amp: str = "none"
-    calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.calibration)
+    calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.heads.calibration)
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""

@@ -4,7 +4,7 @@ Benchmarks of synthetic-image detection are known to carry shortcuts: reals
 and fakes that differ in file format, JPEG quality, size or metadata, so a
 detector may learn "PNG = fake" instead of generator traces. For every
 dataset of a split, :func:`run_audit` reads the image headers only (no pixel
-decoding, no backbone; :mod:`pipeline.image_headers`), then
+decoding, no backbone; :mod:`pipeline.features.image_headers`), then
 
 1. describes each label (0 real / 1 fake): formats, estimated JPEG quality,
    width and height (min / median / max), colour modes, EXIF presence, file
@@ -52,11 +52,11 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.tree import DecisionTreeClassifier
 from tqdm.auto import tqdm
 
-from .errors import PipelineError
-from .files import atomic_path
+from ..errors import PipelineError
+from ..files import atomic_path
+from ..variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, VariantSpec
 from .image_headers import ImageHeader, read_format_aligned_header, read_image_header
 from .manifest import Manifest, check_split_name, read_manifest
-from .variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, VariantSpec
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_FOLDS = 5

@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
-from .files import HOST_TAG, process_alive
+from ..files import HOST_TAG, process_alive
 
 DEFAULT_STALE_AFTER = 300.0  # seconds without a refresh after which a claim is taken over
 

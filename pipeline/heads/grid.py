@@ -7,7 +7,7 @@ config still gets its own run folder, metrics and head. The evaluation
 stores are loaded once per process and the training views stream through
 one shared ``ViewCache``; every group (also with ``--jobs N``, which uses
 threads) reads the same tensors. With ``FitConfig.cluster`` the groups run
-on a Dask cluster's workers instead (``pipeline.cluster``; joblib's Dask
+on a Dask cluster's workers instead (``pipeline.heads.cluster``; joblib's Dask
 backend): each worker process loads the stores for its first group and keeps
 them (``run_group_on_worker``), writes its runs' folders, and this process
 assembles the results. Stores that do not fit the memory budget
@@ -57,16 +57,11 @@ import yaml
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
-from . import cache
-from .calibration import calibrate_head
-from .cluster import ClusterConfig, dask_client, pin_worker
-from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
-from .devices import available_memory, bf16_is_fast, exact_float32, peak_memory, resolve_device
-from .errors import PipelineWarning
-from .files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
-from .head import count_parameters, load_head, save_head
-from .metrics import compute_metrics
-from .results import (
+from .. import cache
+from ..devices import available_memory, bf16_is_fast, exact_float32, peak_memory, resolve_device
+from ..errors import PipelineWarning
+from ..files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
+from ..results import (
     CENTER,
     ERROR,
     NO_VALID_ROWS,
@@ -84,6 +79,11 @@ from .results import (
     summarize_runs,
     write_csv,
 )
+from ..results.metrics import compute_metrics
+from .calibration import calibrate_head
+from .cluster import ClusterConfig, dask_client, pin_worker
+from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
+from .head import count_parameters, load_head, save_head
 from .train import (
     DataError,
     FitResult,

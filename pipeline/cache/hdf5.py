@@ -33,9 +33,9 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import cache
-from .errors import PipelineError
-from .files import atomic_path
+from .. import cache
+from ..errors import PipelineError
+from ..files import atomic_path
 
 JSON_ATTRIBUTES = "json_attributes"  # root attribute: names of the attributes stored as JSON text
 _STRING = h5py.string_dtype("utf-8")

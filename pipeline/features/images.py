@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import gaussian_filter
 
-from .variants import PERTURB_PRESETS, PERTURBATIONS
+from ..variants import PERTURB_PRESETS, PERTURBATIONS
 
 DEFAULT_MAX_PIXELS: int = 100_000_000
 # Pixels that the decode threads of one process may hold decoded at once (see PixelBudget).

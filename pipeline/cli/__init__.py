@@ -14,16 +14,17 @@ from pathlib import Path
 
 import click
 
-from . import cache, images
-from .cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
-from .claims import DEFAULT_STALE_AFTER
-from .errors import PipelineError, PipelineWarning
-from .files import disk_errors_explained
-from .layouts import LAYOUTS, build_manifest
-from .manifest import check_split_name, manifest_path, sidecar_path, write_manifest
-from .paper import DEFAULT_BACKBONES
-from .results import AMP_MODES
-from .variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS
+from .. import cache
+from ..cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
+from ..errors import PipelineError, PipelineWarning
+from ..features import images
+from ..features.claims import DEFAULT_STALE_AFTER
+from ..features.layouts import LAYOUTS, build_manifest
+from ..features.manifest import check_split_name, manifest_path, sidecar_path, write_manifest
+from ..files import disk_errors_explained
+from ..paper import DEFAULT_BACKBONES
+from ..results import AMP_MODES
+from ..variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
@@ -38,7 +39,7 @@ def _comma_list(value: str | None) -> tuple[str, ...] | None:
 
 def _check_device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """Refuse a device torch cannot use (e.g. cuda on a machine without one) as a bad option."""
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     try:
         resolve_device(value)
@@ -393,8 +394,8 @@ def extract_command(
     the first bad image; 2 bad options; 3 more than --max-invalid of the rows
     could not be decoded (the store keeps them; fix and use --retry-invalid).
     """
-    from .backbone import BackboneConfig
-    from .extract import ExtractConfig, OptionError, TooManyInvalid, run_extract
+    from ..features.backbone import BackboneConfig
+    from ..features.extract import ExtractConfig, OptionError, TooManyInvalid, run_extract
 
     rank, world_size = _rank_and_world_size(rank, world_size)
 
@@ -497,7 +498,7 @@ def audit_command(
     a dataset reaching --threshold is FLAGGED with the feature responsible.
     Prints the flags, then the paths of the CSVs and JSON written.
     """
-    from .audit import AuditConfig, run_audit
+    from ..features.audit import AuditConfig, run_audit
 
     config = AuditConfig(
         split=split,
@@ -567,7 +568,7 @@ def cache_export_command(store: Path, out: Path, file_format: str, no_progress: 
     (rows chunked like the store); the store's attributes on the root group.
     OUT is written under a temporary name and appears only when whole.
     """
-    from .hdf5 import export_hdf5
+    from ..cache.hdf5 import export_hdf5
 
     with disk_errors_explained(out):
         summary = export_hdf5(store, out, progress=not no_progress)
@@ -582,7 +583,7 @@ def cache_export_command(store: Path, out: Path, file_format: str, no_progress: 
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache_import_command(source: Path, store: Path, overwrite: bool, no_progress: bool) -> None:
     """Read an HDF5 file written by `pipeline cache export` back into the feature store STORE."""
-    from .hdf5 import import_hdf5
+    from ..cache.hdf5 import import_hdf5
 
     with disk_errors_explained(store):
         summary = import_hdf5(source, store, overwrite=overwrite, progress=not no_progress)
@@ -658,8 +659,8 @@ def fit_command(
     Prints the results table path. Exit status 1 when any config failed
     (its error row is in results.csv), 0 otherwise.
     """
-    from .config import load_grid
-    from .grid import FitConfig, run_grid
+    from ..heads.config import load_grid
+    from ..heads.grid import FitConfig, run_grid
 
     cluster = _cluster_spec(scheduler, devices, jobs)
     spec = load_grid(grid_file, out=out, amp=amp)
@@ -685,7 +686,7 @@ def fit_command(
 
 def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
     """The Dask cluster of ``pipeline fit`` (None: threads of this process); bad combinations exit 2."""
-    from .cluster import ClusterConfig, check_devices
+    from ..heads.cluster import ClusterConfig, check_devices
 
     if scheduler is None and devices is None:
         return None
@@ -702,7 +703,7 @@ def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
 
 
 def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from .detector import parse_threshold
+    from ..detector.detector import parse_threshold
 
     if value is not None:
         try:
@@ -713,7 +714,7 @@ def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    from .predict_output import OUTPUT_FORMATS
+    from ..detector.output import OUTPUT_FORMATS
 
     if value is not None and value.suffix.lower() not in OUTPUT_FORMATS:
         raise click.BadParameter(f"{value}: the name must end with one of {', '.join(OUTPUT_FORMATS)}")
@@ -810,7 +811,7 @@ def predict_command(
     rows say why); 1 an error (e.g. a head file that cannot be read, a
     backbone other than the head's); 2 bad options.
     """
-    from .predict import PredictConfig, run_predict
+    from ..detector.predict import PredictConfig, run_predict
 
     config = PredictConfig(
         head=head_path,
@@ -857,7 +858,7 @@ def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> Non
     `Detector.load(OUT)`. The backbone weights are not copied: they load from
     the hub (or the local folder) the config names.
     """
-    from .export import ExportConfig, run_export
+    from ..detector.export import ExportConfig, run_export
 
     summary = run_export(ExportConfig(run_dir=run_dir, out=out, onnx=onnx, overwrite=overwrite))
     click.echo(summary.report(), err=True)
@@ -913,8 +914,8 @@ def report_command(
     found in --out and, per selected run, ACC/AP with bootstrap intervals,
     the error analysis, score histograms, the TIE curve and its worst errors.
     """
-    from .bootstrap import BootstrapConfig
-    from .report import ReportConfig, run_report
+    from ..report import ReportConfig, run_report
+    from ..results.bootstrap import BootstrapConfig
 
     config = ReportConfig(
         grid_dirs=tuple(grid_dirs),
@@ -958,7 +959,7 @@ def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: in
     pipeline working end to end (./run_all.sh demo runs the whole chain on
     them), not detection quality.
     """
-    from .demo import DemoConfig, build_demo
+    from ..demo import DemoConfig, build_demo
 
     click.echo(build_demo(DemoConfig(root=root, backbone=backbone, n_train=n_train, n_test=n_test, seed=seed)).report())
 
@@ -1006,7 +1007,7 @@ def paper_command(
     step is resumable: re-running the command redoes nothing finished.
     Exit status 1 when any config failed (its error row is in results.csv).
     """
-    from .paper import PaperConfig, run_paper
+    from ..paper import PaperConfig, run_paper
 
     config = PaperConfig(
         data_root=data_root,

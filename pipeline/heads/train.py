@@ -58,15 +58,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import cache
+from .. import cache
+from ..devices import compute_dtype
+from ..errors import PipelineError
+from ..results import CENTER, TEN_CROP
+from ..variants import ten_crop_variants
 from .config import RunConfig, StoreRef
-from .devices import compute_dtype
-from .errors import PipelineError
 from .head import RineHead
 from .head_stack import HalfMasks, HeadStack
 from .loss import group_losses
-from .results import CENTER, TEN_CROP
-from .variants import ten_crop_variants
 
 EVAL_BATCH = 1024
 VIEW_CACHE_CAPACITY = 2
@@ -696,7 +696,7 @@ def stack_outputs(
 def group_logits(stack: HeadStack, store: LoadedStore, rows: np.ndarray, config: RunConfig) -> torch.Tensor:
     """Logits (G, N, n_crops) of every head on ``rows``: one column per evaluated variant (one, or the ten crops).
 
-    ``pipeline.calibration`` turns a head's (N, n_crops) into scores (the
+    ``pipeline.heads.calibration`` turns a head's (N, n_crops) into scores (the
     sigmoid of the mean logit, over its temperature).
     """
     return torch.stack([stack_outputs(stack, store.features[v], rows, config)[0] for v in store.variants], dim=2)

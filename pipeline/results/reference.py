@@ -1,6 +1,6 @@
 """The authors' published RINE numbers (every grid config, the studies, the ablations, the perturbations) as typed project data.
 
-The CSV files under ``pipeline/data`` hold the per-test-set ACC and AP
+The CSV files under ``pipeline/results/data`` hold the per-test-set ACC and AP
 (fractions) of every official run. Facts about them:
 
 * ``rine_official_grid.csv``: both backbones x 1/2/4 training classes x the 48
@@ -50,8 +50,8 @@ from importlib import resources
 from pathlib import PurePath
 from typing import NamedTuple, TypeVar
 
-from .errors import PipelineError
-from .results import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
+from ..errors import PipelineError
+from . import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
 
 # Paper Table 4 reports "all generators" and "non-GAN generators". The authors'
 # results script defines non-GAN as every test set whose folder name does not
@@ -195,19 +195,21 @@ Record = TypeVar("Record")
 def read_packaged_csv(
     name: str, columns: tuple[str, ...], make: Callable[[dict[str, str]], Record]
 ) -> tuple[Record, ...]:
-    """Parse ``pipeline/data/<name>`` into records, naming the file and line of any bad value."""
-    resource = resources.files("pipeline") / "data" / name
+    """Parse ``pipeline/results/data/<name>`` into records, naming the file and line of any bad value."""
+    resource = resources.files("pipeline.results") / "data" / name
     with resource.open("r", encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         header = tuple(reader.fieldnames or ())
         if header != columns:
-            raise ReferenceDataError(f"pipeline/data/{name}: expected columns {list(columns)}, found {list(header)}")
+            raise ReferenceDataError(
+                f"pipeline/results/data/{name}: expected columns {list(columns)}, found {list(header)}"
+            )
         records = []
         for row in reader:
             try:
                 records.append(make(row))
             except (KeyError, ValueError) as error:
-                raise ReferenceDataError(f"pipeline/data/{name}:{reader.line_num}: {error}") from None
+                raise ReferenceDataError(f"pipeline/results/data/{name}:{reader.line_num}: {error}") from None
     return tuple(records)
 
 

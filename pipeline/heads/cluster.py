@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 DASK_INSTALL_HINT = "pip install 'rine-pipeline[dask]' (or: pip install 'dask[distributed]')"
 WORKER_DEVICE_ENV = "RINE_PIPELINE_WORKER_DEVICE"
@@ -94,7 +94,7 @@ def local_workers(scheduler: str) -> int:
 
 def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:
     """Each device as torch names it; a device this machine lacks is a ValueError (``--devices cuda:0`` without a GPU)."""
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     return tuple(str(resolve_device(device)) for device in devices)
 
@@ -184,7 +184,7 @@ def pin_worker(asked: str) -> torch.device:
     """The device this worker process runs its groups on: the one it was pinned to (``--devices``), else
     ``asked`` (``--device``) as resolved here. A CUDA device with an index becomes the process's current device,
     and torch takes ``WORKER_THREADS_ENV`` threads when it is set."""
-    from .devices import resolve_device
+    from ..devices import resolve_device
 
     device = resolve_device(os.environ.get(WORKER_DEVICE_ENV) or asked)
     if device.type == "cuda" and device.index is not None:

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from scipy.special import expit
 from torch import nn
 
-from .errors import PipelineError
-from .files import atomic_path
-from .results import AGGREGATIONS
+from ..errors import PipelineError
+from ..files import atomic_path
+from ..results import AGGREGATIONS
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
 _WRAPPER_KEYS = ("state_dict", "model")

@@ -18,10 +18,10 @@ scored as the sigmoid of the mean of the ten logits; ``"auto"``: ten crops
 when the image's shorter side is at least ``auto_min_side``, by default twice
 the crop), the features rounded to the dtype the head was trained on, the
 head in the same autocast mode, and ``sigmoid(mean logit / temperature)``
-(``pipeline.calibration``). A label is fake when ``score >= threshold``.
+(``pipeline.heads.calibration``). A label is fake when ``score >= threshold``.
 
 Importing this module imports neither torch nor transformers; :meth:`load` does.
-:meth:`score` handles images in memory; ``pipeline predict`` (``pipeline.predict``)
+:meth:`score` handles images in memory; ``pipeline predict`` (``pipeline.detector.predict``)
 streams many files through the same steps with threaded decoding.
 """
 
@@ -36,17 +36,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from .backbone import Backbone
-    from .calibration import HeadCalibration
-    from .extract import ForwardStep
-    from .head import RineHead
-    from .variants import VariantSpec
+    from ..features.backbone import Backbone
+    from ..features.extract import ForwardStep
+    from ..heads.calibration import HeadCalibration
+    from ..heads.head import RineHead
+    from ..variants import VariantSpec
 
 OFFICIAL_MODEL = "openai/clip-vit-large-patch14"  # = cache.DEFAULT_MODEL: the authors' heads read its 24 blocks
 CROPS: tuple[str, ...] = ("center", "tencrop", "auto")
@@ -97,8 +97,8 @@ class DetectorSpec:
     @classmethod
     def from_head_metadata(cls, metadata: Mapping[str, str], where: Path) -> DetectorSpec:
         """Read the metadata ``pipeline fit`` writes into head.safetensors; errors name the missing or bad key."""
-        from .calibration import METADATA_KEYS, HeadCalibration
-        from .head import CheckpointError
+        from ..heads.calibration import METADATA_KEYS, HeadCalibration
+        from ..heads.head import CheckpointError
 
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing:
@@ -124,7 +124,7 @@ class DetectorSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The typed fields of ``config.json`` (``pipeline export``); calibration keys null without one."""
-        from .calibration import METADATA_KEYS
+        from ..heads.calibration import METADATA_KEYS
 
         calibration = dict.fromkeys(METADATA_KEYS) if self.calibration is None else self.calibration.as_json()
         return {
@@ -139,7 +139,7 @@ class DetectorSpec:
     @classmethod
     def from_json(cls, document: Mapping[str, Any], where: Path) -> DetectorSpec:
         """Read :meth:`to_json`'s fields back (``config.json`` of an exported detector)."""
-        from .calibration import HeadCalibration
+        from ..heads.calibration import HeadCalibration
 
         try:
             backbone = document["backbone"]
@@ -162,7 +162,7 @@ class DetectorSpec:
 
 def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
     """The head and its spec from a run folder, an exported folder, a head.safetensors or an authors' .pth."""
-    from .head import load_head, load_official_checkpoint
+    from ..heads.head import load_head, load_official_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -183,7 +183,7 @@ def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
 
 
 def read_exported(folder: Path) -> tuple[RineHead, DetectorSpec]:
-    from .head import load_head
+    from ..heads.head import load_head
 
     config = folder / CONFIG_FILE
     try:
@@ -208,14 +208,14 @@ def resolve_crop(crop: str, height: int, width: int, crop_size: int, auto_min_si
 
 def variants_of(crop: str) -> tuple[VariantSpec, ...]:
     """The variants a resolved crop (``center`` or ``tencrop``) is scored by."""
-    from .variants import VariantSpec, ten_crop_variants
+    from ..variants import VariantSpec, ten_crop_variants
 
     return ten_crop_variants() if crop == "tencrop" else (VariantSpec.center(),)
 
 
 def parse_threshold(text: str) -> str | float:
     """A threshold option: a rule name of ``metrics.THRESHOLD_RULES`` or a number in [0, 1]."""
-    from .metrics import THRESHOLD_RULES
+    from ..results.metrics import THRESHOLD_RULES
 
     if text in THRESHOLD_RULES:
         return text
@@ -265,7 +265,7 @@ class Detector:
         ``threshold`` is a rule name (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; by
         default ``val`` when the head has val thresholds, else 0.5.
         """
-        from .backbone import Backbone, BackboneConfig
+        from ..features.backbone import Backbone, BackboneConfig
 
         head, spec = read_detector_files(Path(path))
         wanted = model or spec.model
@@ -346,7 +346,7 @@ class Detector:
 
     def forward_step(self) -> ForwardStep:
         """Pixels -> {tap: tokens} rounded to the dtype the head was trained on."""
-        from .extract import ForwardStep
+        from ..features.extract import ForwardStep
 
         return ForwardStep(self.backbone, (self.spec.tap,), self.spec.store_dtype)
 
@@ -354,7 +354,7 @@ class Detector:
         """Head logits (B,) of tokens (B, n_blocks, dim), on the CPU in float32."""
         import torch
 
-        from .devices import exact_float32
+        from ..devices import exact_float32
 
         x = torch.from_numpy(tokens).to(self.backbone.device)
         if self.spec.head_blocks == "last":
@@ -365,7 +365,7 @@ class Detector:
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
         """Probability of fake from crop logits (B, n_crops): ``sigmoid(mean logit / temperature)``."""
-        from .calibration import calibrated_scores
+        from ..heads.calibration import calibrated_scores
 
         return calibrated_scores(logits, self.spec.temperature)
 
@@ -389,7 +389,7 @@ class Detector:
         """
         import torch
 
-        from .extract import PixelRecipe
+        from ..features.extract import PixelRecipe
 
         arrays = [to_rgb_array(item) for item in images]
         crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]
@@ -420,7 +420,7 @@ def to_rgb_array(item: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array from a path (decoded as evaluation decodes), a PIL image or an array."""
     from PIL import Image
 
-    from . import images
+    from ..features import images
 
     if isinstance(item, (str, Path)):
         try:

@@ -41,12 +41,12 @@ from typing import Any
 import torch
 import yaml
 
-from . import __version__
+from .. import __version__
+from ..files import atomic_path, disk_errors_explained
+from ..heads.head import RineHead
+from ..results import OK, VAL_SPLIT, ResultRow, read_result_rows
+from ..results.metrics import THRESHOLD_RULES
 from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files
-from .files import atomic_path, disk_errors_explained
-from .head import RineHead
-from .metrics import THRESHOLD_RULES
-from .results import OK, VAL_SPLIT, ResultRow, read_result_rows
 
 ONNX_FILE = "detector.onnx"
 ONNX_OPSET = 17

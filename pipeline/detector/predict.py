@@ -13,7 +13,7 @@ pixel source (decoding in threads a few batches ahead, one decode per image,
 the evaluation's crops) and the detector's forward step; a committer scores
 each finished batch with the head (``Detector.logits`` / ``Detector.scores``,
 the evaluation's aggregation), reads each image's header (width, height,
-format) and appends the batch's rows to the output (``pipeline.predict_output``).
+format) and appends the batch's rows to the output (``pipeline.detector.output``).
 
 Batches are planned over the whole input list: batch b holds images
 ``b * batch_size ...`` (with ``--crop auto``, its center-crop and ten-crop
@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import images
+from ..features import images
+from ..features.extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, StageTimes, extract_shards
+from ..features.image_headers import read_image_header
+from ..features.manifest import read_sidecar, sidecar_path
 from .detector import CROPS, Detector, PredictError, variants_of
-from .extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, StageTimes, extract_shards
-from .image_headers import read_image_header
-from .manifest import read_sidecar, sidecar_path
-from .predict_output import PredictionRow, PredictionWriter, open_prediction_writer
+from .output import PredictionRow, PredictionWriter, open_prediction_writer
 
 LIST_SUFFIXES = (".txt", ".lst")
 FAILURE_EXAMPLES = 10

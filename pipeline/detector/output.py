@@ -35,8 +35,8 @@ from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from .errors import PipelineError
-from .files import atomic_path, disk_errors_explained, fsync_directory
+from ..errors import PipelineError
+from ..files import atomic_path, disk_errors_explained, fsync_directory
 
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names need not be valid UTF-8

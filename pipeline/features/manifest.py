@@ -26,8 +26,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from .errors import PipelineError
-from .files import disk_errors_explained, replace_files_atomically
+from ..errors import PipelineError
+from ..files import disk_errors_explained, replace_files_atomically
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"

@@ -77,9 +77,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.storage import LocalStore
 
-from . import _shard_reader
-from .errors import PipelineError
-from .files import (
+from ..errors import PipelineError
+from ..files import (
     _temporary_sibling,
     atomic_path,
     disk_errors_explained,
@@ -89,7 +88,8 @@ from .files import (
     remove_stray_temporaries,
     write_bytes_durable,
 )
-from .variants import VariantKind, VariantSpec
+from ..variants import VariantKind, VariantSpec
+from . import _shard_reader
 
 SCHEMA_PREFIX = "rine-pipeline/feature-store@"
 SCHEMA = SCHEMA_PREFIX + "2"

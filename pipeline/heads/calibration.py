@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..results import CALIBRATIONS
+from ..results.metrics import POINT_FIELDS, THRESHOLD_RULES, OperatingPoint, choose_thresholds
 from .head import CheckpointError, crop_scores
-from .metrics import POINT_FIELDS, THRESHOLD_RULES, OperatingPoint, choose_thresholds
-from .results import CALIBRATIONS
 
 TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it
 METADATA_KEYS: tuple[str, ...] = ("calibration", "temperature", "val_split", "n_val", "thresholds")

@@ -45,13 +45,10 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__, cache, images
-from .backbone import Backbone, BackboneConfig, BlockSelectionError
-from .cache import STORE_DTYPES, TAPS
-from .claims import DEFAULT_STALE_AFTER, ShardClaims
-from .errors import PipelineError
-from .manifest import Manifest, check_split_name, read_manifest
-from .variants import (
+from .. import __version__, cache
+from ..cache import STORE_DTYPES, TAPS
+from ..errors import PipelineError
+from ..variants import (
     DEFAULT_ALIGN_QUALITY,
     FORMAT_ALIGN,
     PERTURB_PRESETS,
@@ -60,6 +57,10 @@ from .variants import (
     VariantSpec,
     ten_crop_variants,
 )
+from . import images
+from .backbone import Backbone, BackboneConfig, BlockSelectionError
+from .claims import DEFAULT_STALE_AFTER, ShardClaims
+from .manifest import Manifest, check_split_name, read_manifest
 
 FAILURE_EXAMPLES = 10
 DEFAULT_MAX_INVALID = 0.05

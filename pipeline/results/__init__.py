@@ -31,7 +31,7 @@ apply (an error row has no split or metrics; a store without classes has no
   (``center``, ``tencrop`` or a perturbation such as ``jpeg-official``),
   ``dataset``, ``n`` (rows scored), ``n_invalid`` (rows excluded because
   their image could not be read);
-* the metrics of ``pipeline.metrics.METRIC_NAMES`` (defined there):
+* the metrics of ``pipeline.results.metrics.METRIC_NAMES`` (defined there):
   ``acc`` (threshold 0.5), ``ap`` (the paper's two), ``auc``, ``real_acc``,
   ``fake_acc``, ``eer``, ``brier``, ``ece``, and the operating points
   ``<point>_{threshold,acc,real_acc,fake_acc}`` chosen on the set itself
@@ -82,8 +82,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .errors import PipelineError
-from .files import write_text_atomic
+from ..errors import PipelineError
+from ..files import write_text_atomic
 from .metrics import METRIC_NAMES
 
 # The paper's 20 test sets, in the order of its tables.
@@ -115,7 +115,7 @@ HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without inter
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
 # "none": float32 (the default, as the authors); "bf16": bfloat16 matmuls in training, an explicit opt-in
 AMP_MODES: tuple[str, ...] = ("none", "bf16")
-CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.calibration)
+CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.heads.calibration)
 
 VAL_SPLIT = "val"
 OK, ERROR = "ok", "error"

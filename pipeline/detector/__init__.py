@@ -1,0 +1,1 @@
+"""(face written in the next step)"""
