@@ -76,7 +76,8 @@ from pipeline.features.backbone import Backbone, BackboneConfig
 from pipeline.features.extract import ExtractConfig, run_extract
 from pipeline.heads import train
 from pipeline.heads.config import RunConfig, parse_grid
-from pipeline.heads.grid import MAX_GROUP_SIZE, FitConfig, run_grid
+from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.names import MAX_GROUP_SIZE
 
 TARGET = 40.0
 REST_TARGET = 0.2  # of stage two's time: neither fitting nor scoring

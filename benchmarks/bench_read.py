@@ -50,6 +50,7 @@ from _common import (
 
 from pipeline import cache
 from pipeline.cache import _shard_reader
+from pipeline.names import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
 
 TARGET = 0.8
 VERIFY_TARGET = 0.8  # checksums may cost at most 20 % of the reader's throughput
@@ -60,8 +61,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=40960)
     parser.add_argument("--blocks", type=int, default=24)
     parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--shard-rows", type=int, default=cache.DEFAULT_SHARD_ROWS)
-    parser.add_argument("--chunk-rows", type=int, default=cache.DEFAULT_CHUNK_ROWS)
+    parser.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS)
+    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-context", action="store_true", help="Skip the plain zarr and h5py figures.")
     add_scratch_options(parser)

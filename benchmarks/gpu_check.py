@@ -97,6 +97,7 @@ from pipeline.heads import train
 from pipeline.heads.config import RunConfig, StoreRef, parse_grid
 from pipeline.heads.grid import FitConfig, run_grid
 from pipeline.heads.head_stack import HalfMasks
+from pipeline.names import DEFAULT_SHARD_ROWS
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXTRACT_TARGET = 2500.0  # img/s, run_extract in float16 on an H200
@@ -556,7 +557,7 @@ def check_extraction_speed(ctx: Context) -> Outcome:
     hundreds of thousands of images amortises) against the bare forward; the end-to-end rate is printed too."""
     s = ctx.sizes
     manifest = ctx.speed_manifest
-    config = ctx.extract_config("speed", manifest, ctx.work / "speed" / "speed.zarr", cache.DEFAULT_SHARD_ROWS)
+    config = ctx.extract_config("speed", manifest, ctx.work / "speed" / "speed.zarr", DEFAULT_SHARD_ROWS)
     Backbone(config.backbone)  # the first load reads the weights from disk; the next ones from the page cache
     start = time.perf_counter()
     backbone = Backbone(config.backbone)  # the load, as run_extract does it first

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+from .names import DEVICE_CHOICES
+
 MEMORY_FRACTION = 0.8  # of the memory available now that stage two may fill with features by default
 CPU_BF16_ENV = "RINE_CPU_BF16"  # "0" / "1": whether the CPU counts as running bfloat16 fast, instead of detecting it
 

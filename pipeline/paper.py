@@ -35,16 +35,15 @@ from typing import TYPE_CHECKING
 
 from . import cache
 from .errors import PipelineError
-from .features.layouts import GENERATOR_DATASET_NAMES, LAYOUTS, build_manifest
+from .features.layouts import GENERATOR_DATASET_NAMES, LAYOUTS, UFD_REAL_FOLDERS, build_manifest
 from .features.manifest import manifest_path, read_manifest, write_manifest
-from .variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
+from .names import PAPER_BACKBONES, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
     from .features.extract import ExtractConfig, ExtractSummary
     from .heads.config import GridConfig, StoreRef
     from .heads.grid import GridSummary
 
-DEFAULT_BACKBONES = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
 TRAIN_CLASSES = ("car", "cat", "chair", "horse")
 # The paper's 20 test sets, as folders of the download.
 GAN_TEST_FOLDERS = (
@@ -54,7 +53,6 @@ GAN_TEST_FOLDERS = (
 DIFFUSION_TEST_SETS = (
     "guided", "ldm_200", "ldm_200_cfg", "ldm_100", "glide_100_27", "glide_50_27", "glide_100_10", "dalle",
 )  # fmt: skip
-UFD_REAL_FOLDERS = ("imagenet", "laion")
 # The generators of Synthbuster the authors evaluate (src/utils.py get_generators("synthbuster")).
 SYNTHBUSTER_GENERATORS = (
     "dalle2", "dalle3", "stable-diffusion-1-3", "stable-diffusion-1-4", "stable-diffusion-2",
@@ -163,7 +161,7 @@ class PaperConfig:
     """What `pipeline paper` runs; paths other than data_root are relative to the working directory."""
 
     data_root: Path
-    backbones: tuple[str, ...] = DEFAULT_BACKBONES
+    backbones: tuple[str, ...] = PAPER_BACKBONES
     grid_files: tuple[Path, ...] | None = None  # None: grid.yaml and grids/*.yaml except the demo's
     manifests_dir: Path = Path("manifests")
     reports_dir: Path = Path("reports")

@@ -29,12 +29,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-PERTURBATIONS: tuple[str, ...] = ("blur", "crop", "jpeg", "noise", "combined")
-PERTURB_PRESETS: tuple[str, ...] = ("official", "paper")
-TEN_CROP = "tencrop"  # the group of the ten crop variants tencrop_0 .. tencrop_9
-TEN_CROP_COUNT = 10
-FORMAT_ALIGN = "format-align"  # what --perturb takes; stored as format-align-q<quality>
-DEFAULT_ALIGN_QUALITY = 95
+from .names import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP, TEN_CROP_COUNT
 
 _TRAIN_VIEW_NAME = re.compile(r"view_(\d{3,})")
 _TEN_CROP_NAME = re.compile(rf"{TEN_CROP}_(\d)")

@@ -36,7 +36,7 @@ from pipeline.features.image_headers import (
 )
 from pipeline.features.images import format_align_bytes
 from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
-from pipeline.variants import FORMAT_ALIGN
+from pipeline.names import FORMAT_ALIGN
 
 
 def noise(size: tuple[int, int], seed: int, channels: int = 3) -> np.ndarray:

@@ -31,7 +31,6 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline import cache
-from pipeline.cache import TAPS
 from pipeline.cli import main
 from pipeline.features import images
 from pipeline.features.backbone import Backbone, BackboneConfig
@@ -55,7 +54,8 @@ from pipeline.features.extract import (
 )
 from pipeline.features.layouts import build_manifest
 from pipeline.features.manifest import Manifest, ManifestRow, read_manifest, write_manifest
-from pipeline.variants import PERTURBATIONS, VariantSpec, ten_crop_variants
+from pipeline.names import DEFAULT_MAX_PIXELS, PERTURBATIONS, TAPS
+from pipeline.variants import VariantSpec, ten_crop_variants
 
 CROP = 32  # TINY_CLIP image_size
 
@@ -321,7 +321,7 @@ def test_image_source_decodes_each_image_once_in_order_and_records_bad_files(
     monkeypatch.setattr(images, "decode_image", counting)
     recipe = PixelRecipe((VariantSpec.center(), *ten_crop_variants()), CROP)
     work = plan_batches({0: recipe, 1: recipe}, n_rows=7, shard_rows=4, batch_size=2)
-    source = ImageSource(lambda row: files[row], images.DEFAULT_MAX_PIXELS, workers=2)
+    source = ImageSource(lambda row: files[row], DEFAULT_MAX_PIXELS, workers=2)
     batches = list(source.batches(work))
 
     assert [b.work.rows.tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6]]

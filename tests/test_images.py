@@ -36,7 +36,7 @@ from pipeline.features.images import (
     ten_crop,
     view_rng,
 )
-from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS
+from pipeline.names import PERTURB_PRESETS, PERTURBATIONS
 
 
 def random_image(height: int, width: int, seed: int = 0, low: int = 0) -> np.ndarray:

@@ -22,14 +22,14 @@ from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
-from pipeline.cache import DEFAULT_MODEL
 from pipeline.cli import main
 from pipeline.detector.detector import Detector, PredictError, read_detector_files
 from pipeline.detector.output import PREDICTION_COLUMNS, OutputError
 from pipeline.detector.predict import PredictConfig, collect_inputs, run_predict
 from pipeline.features import images
 from pipeline.features.backbone import Backbone, BackboneConfig
-from pipeline.results.metrics import THRESHOLD_RULES, operating_point
+from pipeline.names import DEFAULT_MODEL, THRESHOLD_RULES
+from pipeline.results.metrics import operating_point
 
 OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 

@@ -31,10 +31,10 @@ from pipeline.features.audit import AuditConfig, run_audit
 from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
 from pipeline.heads.config import parse_grid
 from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.names import DEFAULT_RESAMPLES, FORMAT_ALIGN
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.gallery import DEFAULT_GALLERY_SIZE
-from pipeline.results.bootstrap import DEFAULT_RESAMPLES, BootstrapConfig, bootstrap_set
-from pipeline.variants import FORMAT_ALIGN
+from pipeline.results.bootstrap import BootstrapConfig, bootstrap_set
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,9 @@ import statistics
 
 import pytest
 
-from pipeline import variants
 from pipeline.heads import config
+from pipeline.names import BEST_BY_TEST, BEST_BY_VAL
 from pipeline.results import (
-    BEST_BY_TEST,
-    BEST_BY_VAL,
     RESULT_COLUMNS,
     SETTING_COLUMNS,
     HeadConfig,
@@ -57,7 +55,6 @@ def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
         f.name for f in dataclasses.fields(config.RunConfig)
     }
     assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES) :] == metrics.METRIC_NAMES
-    assert variants.TEN_CROP == "tencrop"  # the ten-crop group name results.UNPERTURBED_VARIANTS expects
     rows = [
         scored("a", "val", "progan", 0.9, math.nan),
         dataclasses.replace(BASE, status="error", error="boom", setting=dataclasses.replace(SETTING, n_classes=None)),

@@ -7,7 +7,8 @@ from dataclasses import asdict
 
 import pytest
 
-from pipeline.variants import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP, VariantKind, VariantSpec, ten_crop_variants
+from pipeline.names import PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
+from pipeline.variants import VariantKind, VariantSpec, ten_crop_variants
 
 EVERY_KIND = [
     (VariantSpec.center(), "center", VariantKind.CENTER, 0),

@@ -88,17 +88,12 @@ from ..files import (
     remove_stray_temporaries,
     write_bytes_durable,
 )
+from ..names import DEFAULT_CHUNK_ROWS, DEFAULT_SHARD_ROWS
 from ..variants import VariantKind, VariantSpec
 from . import _shard_reader
 
 SCHEMA_PREFIX = "rine-pipeline/feature-store@"
 SCHEMA = SCHEMA_PREFIX + "2"
-TAPS = ("ln2", "hidden")  # see backbone.py for what each tap is
-STORE_DTYPES = ("float16", "float32")  # dtypes of the stored features
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in (backbone.py)
-DEFAULT_MODEL = "openai/clip-vit-large-patch14"
-DEFAULT_SHARD_ROWS = 1024
-DEFAULT_CHUNK_ROWS = 256
 # Row and flag arrays: compressed, and checksummed like the features.
 _CHECKED_CODECS = (ZstdCodec(level=3), Crc32cCodec())
 

@@ -15,16 +15,27 @@ from pathlib import Path
 import click
 
 from .. import cache
-from ..cache import COMPUTE_DTYPES, DEFAULT_MODEL, STORE_DTYPES, TAPS
 from ..errors import PipelineError, PipelineWarning
-from ..features import images
-from ..features.claims import DEFAULT_STALE_AFTER
 from ..features.layouts import LAYOUTS, build_manifest
 from ..features.manifest import check_split_name, manifest_path, sidecar_path, write_manifest
 from ..files import disk_errors_explained
-from ..paper import DEFAULT_BACKBONES
-from ..results import AMP_MODES
-from ..variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS
+from ..names import (
+    AMP_MODES,
+    COMPUTE_DTYPES,
+    DEFAULT_ALIGN_QUALITY,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    DEFAULT_RESAMPLES,
+    DEFAULT_SHARD_ROWS,
+    FORMAT_ALIGN,
+    PAPER_BACKBONES,
+    PERTURB_PRESETS,
+    PERTURBATIONS,
+    STORE_DTYPES,
+    TAPS,
+)
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
@@ -293,20 +304,20 @@ def manifest_command(
 @click.option(
     "--shard-rows",
     type=click.IntRange(1),
-    default=cache.DEFAULT_SHARD_ROWS,
+    default=DEFAULT_SHARD_ROWS,
     help="Rows per shard: the unit of work and resume.",
 )
 @click.option(
     "--chunk-rows",
     type=click.IntRange(1),
-    default=cache.DEFAULT_CHUNK_ROWS,
+    default=DEFAULT_CHUNK_ROWS,
     help="Rows per inner chunk (divides --shard-rows).",
 )
 @click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
 @click.option(
     "--max-pixels",
     type=click.IntRange(1),
-    default=images.DEFAULT_MAX_PIXELS,
+    default=DEFAULT_MAX_PIXELS,
     help="Images with more pixels are recorded as invalid.",
 )
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be used (exit status 1).")
@@ -341,7 +352,7 @@ def manifest_command(
 @click.option(
     "--claim-timeout",
     type=click.FloatRange(0.0, min_open=True),
-    default=DEFAULT_STALE_AFTER,
+    default=DEFAULT_CLAIM_TIMEOUT,
     help="Seconds after which a claim on a shard that its owner stopped refreshing (a dead process on another "
     "machine) is taken over.",
 )
@@ -714,7 +725,7 @@ def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | No
 
 
 def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
-    from ..detector.output import OUTPUT_FORMATS
+    from ..names import OUTPUT_FORMATS
 
     if value is not None and value.suffix.lower() not in OUTPUT_FORMATS:
         raise click.BadParameter(f"{value}: the name must end with one of {', '.join(OUTPUT_FORMATS)}")
@@ -780,7 +791,7 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
 @click.option(
     "--max-pixels",
     type=click.IntRange(1),
-    default=images.DEFAULT_MAX_PIXELS,
+    default=DEFAULT_MAX_PIXELS,
     help="Images with more pixels get an error row instead of a score.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -885,7 +896,7 @@ def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> Non
     "--bootstrap",
     "resamples",
     type=click.IntRange(0),
-    default=1000,  # bootstrap.DEFAULT_RESAMPLES (not imported: `pipeline --help` stays light)
+    default=DEFAULT_RESAMPLES,
     help="Bootstrap resamples of the 95 % intervals of ACC and AP (stratified by label); 0: none.",
 )
 @click.option("--bootstrap-seed", type=int, default=0, help="Seed of the bootstrap resamples.")
@@ -966,7 +977,7 @@ def demo_command(root: Path, backbone: Path, n_train: int, n_test: int, seed: in
 
 @main.command("paper")
 @click.argument("data_root", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--backbones", default=",".join(DEFAULT_BACKBONES), help="Comma list of backbones whose grids run.")
+@click.option("--backbones", default=",".join(PAPER_BACKBONES), help="Comma list of backbones whose grids run.")
 @click.option(
     "--grids",
     "grid_files",
@@ -1011,7 +1022,7 @@ def paper_command(
 
     config = PaperConfig(
         data_root=data_root,
-        backbones=_comma_list(backbones) or DEFAULT_BACKBONES,
+        backbones=_comma_list(backbones) or PAPER_BACKBONES,
         grid_files=tuple(grid_files) or None,
         manifests_dir=manifests_dir,
         reports_dir=reports_dir,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import PipelineError
+from ..names import CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     import torch
@@ -48,9 +49,6 @@ if TYPE_CHECKING:
     from ..heads.head import RineHead
     from ..variants import VariantSpec
 
-OFFICIAL_MODEL = "openai/clip-vit-large-patch14"  # = cache.DEFAULT_MODEL: the authors' heads read its 24 blocks
-CROPS: tuple[str, ...] = ("center", "tencrop", "auto")
-DEFAULT_THRESHOLD = 0.5
 FIXED = "fixed"  # the threshold name of a number given by the user (0.5 included)
 EXPORT_FORMAT = "rine-pipeline/detector@1"
 CONFIG_FILE = "config.json"
@@ -92,7 +90,7 @@ class DetectorSpec:
     @classmethod
     def official(cls, origin: str) -> DetectorSpec:
         """The authors' released heads: every block's ln_2 output of ViT-L/14, features in float32, no thresholds."""
-        return cls(OFFICIAL_MODEL, None, "ln2", None, origin=origin)
+        return cls(DEFAULT_MODEL, None, "ln2", None, origin=origin)
 
     @classmethod
     def from_head_metadata(cls, metadata: Mapping[str, str], where: Path) -> DetectorSpec:
@@ -215,7 +213,7 @@ def variants_of(crop: str) -> tuple[VariantSpec, ...]:
 
 def parse_threshold(text: str) -> str | float:
     """A threshold option: a rule name of ``metrics.THRESHOLD_RULES`` or a number in [0, 1]."""
-    from ..results.metrics import THRESHOLD_RULES
+    from ..names import THRESHOLD_RULES
 
     if text in THRESHOLD_RULES:
         return text

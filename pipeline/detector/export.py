@@ -44,8 +44,8 @@ import yaml
 from .. import __version__
 from ..files import atomic_path, disk_errors_explained
 from ..heads.head import RineHead
-from ..results import OK, VAL_SPLIT, ResultRow, read_result_rows
-from ..results.metrics import THRESHOLD_RULES
+from ..names import THRESHOLD_RULES, VAL_SPLIT
+from ..results import OK, ResultRow, read_result_rows
 from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files
 
 ONNX_FILE = "detector.onnx"

@@ -37,8 +37,8 @@ from typing import Any, Protocol, TextIO
 
 from ..errors import PipelineError
 from ..files import atomic_path, disk_errors_explained, fsync_directory
+from ..names import OUTPUT_FORMATS
 
-OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")
 ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}  # file names need not be valid UTF-8
 
 

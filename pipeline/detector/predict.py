@@ -43,7 +43,8 @@ from ..features import images
 from ..features.extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, StageTimes, extract_shards
 from ..features.image_headers import read_image_header
 from ..features.manifest import read_sidecar, sidecar_path
-from .detector import CROPS, Detector, PredictError, variants_of
+from ..names import CROPS, DEFAULT_MAX_PIXELS
+from .detector import Detector, PredictError, variants_of
 from .output import PredictionRow, PredictionWriter, open_prediction_writer
 
 LIST_SUFFIXES = (".txt", ".lst")
@@ -66,7 +67,7 @@ class PredictConfig:
     dtype: str = "auto"
     batch_size: int = 32
     decode_workers: int = 2
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
 
     def validate(self) -> None:

@@ -54,7 +54,8 @@ from tqdm.auto import tqdm
 
 from ..errors import PipelineError
 from ..files import atomic_path
-from ..variants import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, VariantSpec
+from ..names import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN
+from ..variants import VariantSpec
 from .image_headers import ImageHeader, read_format_aligned_header, read_image_header
 from .manifest import Manifest, check_split_name, read_manifest
 

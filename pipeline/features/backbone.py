@@ -28,9 +28,10 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
-from ..cache import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS, canonical_model_config
+from ..cache import canonical_model_config
 from ..devices import resolve_device
 from ..errors import PipelineError
+from ..names import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -26,14 +26,13 @@ from pathlib import Path
 from types import TracebackType
 
 from ..files import HOST_TAG, process_alive
-
-DEFAULT_STALE_AFTER = 300.0  # seconds without a refresh after which a claim is taken over
+from ..names import DEFAULT_CLAIM_TIMEOUT
 
 
 class ShardClaims:
     """The claims one process holds; a context manager that refreshes them and releases them on exit."""
 
-    def __init__(self, rank: int = 0, stale_after: float = DEFAULT_STALE_AFTER) -> None:
+    def __init__(self, rank: int = 0, stale_after: float = DEFAULT_CLAIM_TIMEOUT) -> None:
         self.owner = f"{HOST_TAG} {os.getpid()} {rank}\n"
         self.stale_after = stale_after
         self._held: set[Path] = set()

@@ -46,24 +46,27 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__, cache
-from ..cache import STORE_DTYPES, TAPS
 from ..errors import PipelineError
-from ..variants import (
+from ..names import (
     DEFAULT_ALIGN_QUALITY,
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_CLAIM_TIMEOUT,
+    DEFAULT_MAX_INVALID,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_SHARD_ROWS,
     FORMAT_ALIGN,
     PERTURB_PRESETS,
     PERTURBATIONS,
-    VariantKind,
-    VariantSpec,
-    ten_crop_variants,
+    STORE_DTYPES,
+    TAPS,
 )
+from ..variants import VariantKind, VariantSpec, ten_crop_variants
 from . import images
 from .backbone import Backbone, BackboneConfig, BlockSelectionError
-from .claims import DEFAULT_STALE_AFTER, ShardClaims
+from .claims import ShardClaims
 from .manifest import Manifest, check_split_name, read_manifest
 
 FAILURE_EXAMPLES = 10
-DEFAULT_MAX_INVALID = 0.05
 CLAIM_POLL_SECONDS = 2.0  # how often a process that has nothing left to claim looks again
 # Perturbation p of row r draws from view_rng(seed, r, PERTURB_STREAM + index of p in PERTURBATIONS):
 # streams apart from the training views 0, 1, ...
@@ -121,10 +124,10 @@ class ExtractConfig:
     align_quality: int = DEFAULT_ALIGN_QUALITY  # JPEG quality of the format-align variant
     ten_crop: bool = False  # evaluation by ten crops (large images, e.g. Synthbuster)
     seed: int = 0
-    shard_rows: int = cache.DEFAULT_SHARD_ROWS
-    chunk_rows: int = cache.DEFAULT_CHUNK_ROWS
+    shard_rows: int = DEFAULT_SHARD_ROWS
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     decode_workers: int = 2
-    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS
     fail_fast: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -132,7 +135,7 @@ class ExtractConfig:
     retry_invalid: bool = False  # re-extract the shards holding invalid rows
     rank: int = 0  # this process among world_size processes sharing the work (torchrun, SLURM, ...)
     world_size: int = 1
-    claim_timeout: float = DEFAULT_STALE_AFTER  # seconds after which a claim not refreshed is taken over
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT  # seconds after which a claim not refreshed is taken over
 
     def is_training(self) -> bool:
         """Training splits get seeded augmented views, others the center crop."""

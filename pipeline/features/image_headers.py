@@ -29,14 +29,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .images import (
-    _PILLOW_LIMIT_SUSPENDED,
-    DEFAULT_MAX_PIXELS,
-    ImageDecodeError,
-    check_file_readable,
-    decode_image,
-    format_align_bytes,
-)
+from ..names import DEFAULT_MAX_PIXELS
+from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable, decode_image, format_align_bytes
 
 # ITU T.81 Annex K tables K.1 (luminance) and K.2 (chrominance), natural
 # (row-major) order, as Pillow's ``image.quantization`` gives them.

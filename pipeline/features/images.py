@@ -27,9 +27,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from scipy.ndimage import gaussian_filter
 
-from ..variants import PERTURB_PRESETS, PERTURBATIONS
+from ..names import DEFAULT_MAX_PIXELS, PERTURB_PRESETS, PERTURBATIONS
 
-DEFAULT_MAX_PIXELS: int = 100_000_000
 # Pixels that the decode threads of one process may hold decoded at once (see PixelBudget).
 DECODE_PIXEL_BUDGET: int = 100_000_000
 # File name endings (any case) that layouts and `pipeline predict` take for images.

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..results import CALIBRATIONS
-from ..results.metrics import POINT_FIELDS, THRESHOLD_RULES, OperatingPoint, choose_thresholds
+from ..names import CALIBRATIONS, THRESHOLD_RULES
+from ..results.metrics import POINT_FIELDS, OperatingPoint, choose_thresholds
 from .head import CheckpointError, crop_scores
 
 TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it

@@ -17,16 +17,18 @@ from typing import Any
 import yaml
 from sklearn.model_selection import ParameterGrid
 
-from ..cache import DEFAULT_MODEL, TAPS, default_store_path
+from ..cache import default_store_path
 from ..errors import PipelineError
-from ..results import (
+from ..names import (
     AGGREGATIONS,
     ALL_CLASSES,
     AMP_MODES,
     CALIBRATIONS,
+    DEFAULT_MODEL,
     HEAD_BLOCKS,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
+    TAPS,
 )
 
 

@@ -61,15 +61,14 @@ from .. import cache
 from ..devices import available_memory, bf16_is_fast, exact_float32, peak_memory, resolve_device
 from ..errors import PipelineWarning
 from ..files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
+from ..names import CENTER, MAX_GROUP_SIZE, VAL_SPLIT
 from ..results import (
-    CENTER,
     ERROR,
     NO_VALID_ROWS,
     OK,
     RESULT_COLUMNS,
     SELECTION_COLUMNS,
     SETTING_FIELDS,
-    VAL_SPLIT,
     HeadConfig,
     ResultRow,
     Setting,
@@ -117,7 +116,6 @@ from .train import (
 RUN_PROTOCOL = 6
 EMBEDDING_ROWS_PER_SET = 200
 EMBEDDINGS_FILE = "embeddings.npz"
-MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
 
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text, ~5x faster per run folder
 

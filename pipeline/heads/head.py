@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import PipelineError
 from ..files import atomic_path
-from ..results import AGGREGATIONS
+from ..names import AGGREGATIONS
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
 _WRAPPER_KEYS = ("state_dict", "model")

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from .. import cache
 from ..devices import compute_dtype
 from ..errors import PipelineError
-from ..results import CENTER, TEN_CROP
+from ..names import CENTER, TEN_CROP
 from ..variants import ten_crop_variants
 from .config import RunConfig, StoreRef
 from .head import RineHead

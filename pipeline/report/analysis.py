@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..results import UNPERTURBED_VARIANTS
+from ..names import UNPERTURBED_VARIANTS
 from ..results.bootstrap import BootstrapConfig
 from .audits import AuditDocument, audited_image_facts
 from .errors import BucketCount, ImageFactsFinder, analyse_errors

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..results import CENTER, LIST_SEPARATOR, format_value, mean_datasets, nan_mean, nan_std
+from ..names import CENTER, LIST_SEPARATOR
+from ..results import format_value, mean_datasets, nan_mean, nan_std
 from ..variants import VariantKind, VariantSpec
 from .analysis import ReportAnalysis, selected_runs
 from .inputs import GridResults, seed_groups

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..features.audit import read_headers
-from ..results.metrics import DEFAULT_THRESHOLD
+from ..names import DEFAULT_THRESHOLD
 from .audits import UNKNOWN, UNKNOWN_FACTS, ImageFacts
 from .scores import ScoredSplit
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from ..features.images import ImageDecodeError, decode_image
-from ..results.metrics import DEFAULT_THRESHOLD
+from ..names import DEFAULT_THRESHOLD
 from .scores import ScoredSplit
 
 THUMBNAIL_SIZE = 112

@@ -24,7 +24,8 @@ import jinja2
 
 from .. import __version__
 from ..files import write_text_atomic
-from ..results import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, nan_mean, nan_std
+from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR
+from ..results import nan_mean, nan_std
 from ..results.bootstrap import Interval
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument

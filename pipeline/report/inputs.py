@@ -14,13 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PipelineError
+from ..names import BEST_BY_TEST, CENTER, SELECTION_RULES, VAL_SPLIT
 from ..results import (
-    BEST_BY_TEST,
-    CENTER,
     OK,
     SELECTION_COLUMNS,
-    SELECTION_RULES,
-    VAL_SPLIT,
     HeadConfig,
     ResultRow,
     ResultsFormatError,

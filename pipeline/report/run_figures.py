@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..results import CENTER, VAL_SPLIT
+from ..names import CENTER, VAL_SPLIT
 from ..results.metrics import choose_thresholds
 from .analysis import RunKey, RunSection, run_key
 from .figures import PlotJob, new_figure, plot_reliability, save_png, wrap_title

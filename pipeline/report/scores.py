@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..results import VAL_SPLIT
+from ..names import VAL_SPLIT
 from .inputs import ReportError, RunResult
 
 SCORES_COLUMNS = ("path", "label", "dataset", "score")

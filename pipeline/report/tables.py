@@ -23,18 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..files import atomic_path
-from ..results import (
-    BEST_BY_TEST,
-    LIST_SEPARATOR,
-    PAPER_DATASETS,
-    RESULT_COLUMNS,
-    UNPERTURBED_VARIANTS,
-    HeadConfig,
-    best_run,
-    format_value,
-    mean_datasets,
-    nan_mean,
-)
+from ..names import BEST_BY_TEST, LIST_SEPARATOR, PAPER_DATASETS, PERTURBATIONS, UNPERTURBED_VARIANTS
+from ..results import RESULT_COLUMNS, HeadConfig, best_run, format_value, mean_datasets, nan_mean
 from ..results import reference as ref
 from ..results.bootstrap import Interval
 from ..variants import VariantKind, VariantSpec
@@ -56,7 +46,6 @@ PUBLISHED = "published"
 OURS, AUTHORS = "ours", "authors"
 FULL = "full"
 ABLATION_ORDER: tuple[str, ...] = (FULL, "without_intermediate", "without_tie", "without_contrastive")
-PERTURBATION_ORDER: tuple[str, ...] = ("blur", "crop", "jpeg", "noise", "combined")
 METRICS: tuple[str, ...] = ("acc", "ap")
 
 
@@ -490,7 +479,7 @@ def is_perturbation(variant: str) -> bool:
 
 
 def perturbation_sort_key(perturbation: str) -> tuple[int, str]:
-    order = PERTURBATION_ORDER.index(perturbation) if perturbation in PERTURBATION_ORDER else len(PERTURBATION_ORDER)
+    order = PERTURBATIONS.index(perturbation) if perturbation in PERTURBATIONS else len(PERTURBATIONS)
     return (order, perturbation)
 
 

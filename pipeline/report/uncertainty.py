@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..results import UNPERTURBED_VARIANTS, VAL_SPLIT
+from ..names import UNPERTURBED_VARIANTS, VAL_SPLIT
 from ..results.bootstrap import BootstrapConfig, Interval, Replicates, bootstrap_set, mean_replicates
 from .inputs import RunResult
 from .scores import read_run_scores

@@ -84,53 +84,20 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..files import write_text_atomic
+from ..names import (
+    BEST_BY_TEST,
+    BEST_BY_VAL,
+    LIST_SEPARATOR,
+    PAPER_DATASETS,
+    SELECTION_RULES,
+    UNPERTURBED_VARIANTS,
+    VAL_SPLIT,
+)
 from .metrics import METRIC_NAMES
 
-# The paper's 20 test sets, in the order of its tables.
-PAPER_DATASETS: tuple[str, ...] = (
-    "progan",
-    "stylegan",
-    "stylegan2",
-    "biggan",
-    "cyclegan",
-    "stargan",
-    "gaugan",
-    "deepfake",
-    "sitd",
-    "san",
-    "crn",
-    "imle",
-    "guided",
-    "ldm_200",
-    "ldm_200_cfg",
-    "ldm_100",
-    "glide_100_27",
-    "glide_50_27",
-    "glide_100_10",
-    "dalle",
-)
-
-# Choices of the run config (config.py validates against them, the report reads them).
-HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
-AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
-# "none": float32 (the default, as the authors); "bf16": bfloat16 matmuls in training, an explicit opt-in
-AMP_MODES: tuple[str, ...] = ("none", "bf16")
-CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # "temperature": fitted on val (pipeline.heads.calibration)
-
-VAL_SPLIT = "val"
 OK, ERROR = "ok", "error"
 NO_VALID_ROWS = "no_valid_rows"  # a dataset whose rows all failed to decode: n = 0, no metrics
 STATUSES: tuple[str, ...] = (OK, ERROR, NO_VALID_ROWS)
-CENTER = "center"
-TEN_CROP = "tencrop"  # the grid's name for the ten crops of a store, scored together
-UNPERTURBED_VARIANTS: tuple[str, ...] = (CENTER, TEN_CROP)
-BEST_BY_VAL = "best_by_val"
-BEST_BY_TEST = "best_by_test_mean_acc_ap"
-SELECTION_RULES: tuple[str, ...] = (BEST_BY_VAL, BEST_BY_TEST)
-LIST_SEPARATOR = "+"
-ALL_CLASSES = "all"
-# Setting fields a grid may select across (``select_across``) rather than select within
-SELECT_ACROSS_FIELDS: tuple[str, ...] = ("epochs", "batch_size", "lr", "lr_milestones", "train_fraction")
 
 
 class ResultsFormatError(PipelineError, ValueError):

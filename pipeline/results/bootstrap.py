@@ -28,10 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .metrics import DEFAULT_THRESHOLD, validate_inputs
+from ..names import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_THRESHOLD
+from .metrics import validate_inputs
 
-DEFAULT_RESAMPLES = 1000
-DEFAULT_CONFIDENCE = 0.95
 _CHUNK_CELLS = 1 << 18  # replicates x rows per block of work: small blocks stay in cache
 
 

@@ -44,10 +44,9 @@ import numpy as np
 import sklearn
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-DEFAULT_THRESHOLD = 0.5
+from ..names import DEFAULT_THRESHOLD, FPR_TARGETS, THRESHOLD_RULES
+
 ECE_BINS = 15
-FPR_TARGETS: dict[str, float] = {"fpr1": 0.01, "fpr5": 0.05}
-THRESHOLD_RULES: tuple[str, ...] = ("val", "eer", *FPR_TARGETS)  # what travels with a head, chosen on val
 # Result columns: point -> the rule whose threshold it uses (oracle: chosen on the set; the others: chosen on val).
 ORACLE_POINTS: dict[str, str] = {"oracle": "val", "oracle_eer": "eer", "oracle_fpr1": "fpr1", "oracle_fpr5": "fpr5"}
 VAL_POINTS: dict[str, str] = {"calibrated": "val", "val_eer": "eer", "val_fpr1": "fpr1", "val_fpr5": "fpr5"}

@@ -51,7 +51,8 @@ from pathlib import PurePath
 from typing import NamedTuple, TypeVar
 
 from ..errors import PipelineError
-from . import PAPER_DATASETS, HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
+from ..names import PAPER_DATASETS
+from . import HeadConfig, acc_ap_rank, mean_scores  # noqa: F401 - the reference data's keys
 
 # Paper Table 4 reports "all generators" and "non-GAN generators". The authors'
 # results script defines non-GAN as every test set whose folder name does not

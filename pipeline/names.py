@@ -1,0 +1,93 @@
+"""Every choice list and default of the pipeline, in one place that imports nothing (open_clip's ``constants.py``).
+
+Modules, the CLI's options and the docs take their words and defaults from here, never a copy. One sentence
+settles two words: the **cache** is the set of feature **stores** (one Zarr store per split, backbone and tap,
+``cache/<model>/<tap>/<split>.zarr``); a store holds **variants** (``center``, views, crops, perturbed copies).
+"""
+
+# ----------------------------------------------------------------------------- backbones and stores
+DEFAULT_MODEL = "openai/clip-vit-large-patch14"  # the paper's backbone and the released heads'
+PAPER_BACKBONES: tuple[str, ...] = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
+TAPS: tuple[str, ...] = ("ln2", "hidden")  # ln2: the authors' tensor (inside the block); hidden: block outputs
+DEFAULT_TAP = "ln2"
+STORE_DTYPES: tuple[str, ...] = ("float16", "float32")  # dtypes of the stored features
+DEFAULT_STORE_DTYPE = "float16"
+COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in
+DEFAULT_SHARD_ROWS = 1024  # rows per shard file: the unit of work, resume and distribution
+DEFAULT_CHUNK_ROWS = 256  # rows per inner chunk (must divide the shard rows)
+DEFAULT_MAX_PIXELS = 100_000_000  # larger images are recorded as invalid rather than decoded
+DEFAULT_MAX_INVALID = 0.05  # share of undecodable rows above which `pipeline extract` exits 3
+DEFAULT_CLAIM_TIMEOUT = 300.0  # seconds without a refresh after which another process takes a shard's claim over
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+# ----------------------------------------------------------------------------- variants
+CENTER = "center"  # the evaluation crop
+TEN_CROP = "tencrop"  # the group of the ten crops tencrop_0 .. tencrop_9, scored by their mean logit
+TEN_CROP_COUNT = 10
+VIEWS = "views"  # the group of seeded augmented training views view_000, view_001, ...
+PERTURBATIONS: tuple[str, ...] = ("blur", "crop", "jpeg", "noise", "combined")  # the paper's Table 5
+PERTURB_PRESETS: tuple[str, ...] = ("official", "paper")  # the authors' code's parameters, or the paper's text's
+DEFAULT_PERTURB_PRESET = "official"
+FORMAT_ALIGN = "format-align"  # every image re-encoded as one JPEG; stored as format-align-q<quality>
+DEFAULT_ALIGN_QUALITY = 95
+UNPERTURBED_VARIANTS: tuple[str, ...] = (CENTER, TEN_CROP)
+
+# ----------------------------------------------------------------------------- manifests
+LAYOUT_NAMES: tuple[str, ...] = (
+    "cnndetection-train",
+    "cnndetection-val",
+    "cnndetection-test",
+    "ufd-diffusion",
+    "synthbuster",
+    "ldm-train",
+    "ldm-val",
+    "folder",
+)
+
+# ----------------------------------------------------------------------------- stage two
+HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
+AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
+AMP_MODES: tuple[str, ...] = ("none", "bf16")  # none: float32 (the default, as the authors); bf16: an opt-in
+CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # temperature: fitted on val
+SELECT_ACROSS_FIELDS: tuple[str, ...] = ("epochs", "batch_size", "lr", "lr_milestones", "train_fraction")
+ALL_CLASSES = "all"
+LIST_SEPARATOR = "+"  # tuples in CSV cells: classes car+cat, lr_milestones 6+11
+MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
+
+# ----------------------------------------------------------------------------- results
+# The paper's 20 test sets, in the order of its tables.
+PAPER_DATASETS: tuple[str, ...] = (
+    "progan",
+    "stylegan",
+    "stylegan2",
+    "biggan",
+    "cyclegan",
+    "stargan",
+    "gaugan",
+    "deepfake",
+    "sitd",
+    "san",
+    "crn",
+    "imle",
+    "guided",
+    "ldm_200",
+    "ldm_200_cfg",
+    "ldm_100",
+    "glide_100_27",
+    "glide_50_27",
+    "glide_100_10",
+    "dalle",
+)
+VAL_SPLIT = "val"
+BEST_BY_VAL = "best_by_val"
+BEST_BY_TEST = "best_by_test_mean_acc_ap"  # the paper's protocol
+SELECTION_RULES: tuple[str, ...] = (BEST_BY_VAL, BEST_BY_TEST)
+DEFAULT_THRESHOLD = 0.5  # the authors' evaluation: fake iff score > 0.5
+FPR_TARGETS: dict[str, float] = {"fpr1": 0.01, "fpr5": 0.05}
+THRESHOLD_RULES: tuple[str, ...] = ("val", "eer", *FPR_TARGETS)  # thresholds chosen on val, carried with a head
+DEFAULT_RESAMPLES = 1000  # bootstrap resamples of the report's 95 % intervals
+DEFAULT_CONFIDENCE = 0.95
+
+# ----------------------------------------------------------------------------- the product
+CROPS: tuple[str, ...] = (CENTER, TEN_CROP, "auto")  # pipeline predict --crop
+OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")  # pipeline predict --out, by suffix
