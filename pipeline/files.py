@@ -124,6 +124,10 @@ def write_bytes_durable(path: Path, data: bytes | memoryview) -> int:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error  # a full disk at write or fsync: name the file
     finally:
         tmp.unlink(missing_ok=True)
     fsync_directory(path.parent)

@@ -14,7 +14,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline import cache
-from pipeline.cache import StoreError, StoreIdentity, VariantSpec, _shard_reader
+from pipeline.cache import StoreError, StoreIdentity, _shard_reader
+from pipeline.variants import VariantKind, VariantSpec
 
 N_BLOCKS, DIM = 3, 5
 
@@ -521,7 +522,7 @@ def test_train_views_lists_complete_views_in_view_order(tmp_path: Path) -> None:
     cache.add_variant(path, VariantSpec.train_view(1), N_BLOCKS, DIM)  # incomplete: no shard committed
     info = cache.open_store_info(path)
     assert info.train_views() == ("view_000", "view_002", "view_010")
-    assert info.variants["view_001"].kind is cache.VariantKind.TRAIN_VIEW
+    assert info.variants["view_001"].kind is VariantKind.TRAIN_VIEW
 
 
 def test_a_store_of_the_older_schema_is_refused_with_what_to_do(store_21: tuple[Path, np.ndarray]) -> None:

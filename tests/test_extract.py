@@ -1001,15 +1001,12 @@ def test_every_bad_option_exits_2_before_any_store_exists(small_run: dict, tmp_p
 def test_a_full_disk_or_read_only_output_is_an_error_naming_the_file(
     small_run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import files
-
     for code, text in ((errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")):
 
-        def refuse(path: Path, data: object, code: int = code, text: str = text) -> int:
-            raise OSError(code, text, str(path))
+        def refuse(fd: int, code: int = code, text: str = text) -> None:
+            raise OSError(code, text)  # as the kernel reports a full or read-only disk when data reach it
 
-        monkeypatch.setattr(files, "write_bytes_durable", refuse)
-        monkeypatch.setattr(cache, "write_bytes_durable", refuse)
+        monkeypatch.setattr(os, "fsync", refuse)
         out = tmp_path / f"full-{code}.zarr"
         result = CliRunner().invoke(main, cli_args(replace(small_run["config"], out=out)))
         assert result.exit_code == 1, result.output
@@ -1019,7 +1016,8 @@ def test_a_full_disk_or_read_only_output_is_an_error_naming_the_file(
         def refuse_replace(src: object, dst: object, code: int = code, text: str = text) -> None:
             raise OSError(code, text, str(dst))
 
-        monkeypatch.setattr(files.os, "replace", refuse_replace)
+        monkeypatch.undo()
+        monkeypatch.setattr(os, "replace", refuse_replace)
         manifests = tmp_path / f"manifests-{code}"
         result = CliRunner().invoke(
             main,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -15,6 +16,7 @@ from conftest import separable_features, write_store
 from pipeline import cache
 from pipeline.cache import hdf5
 from pipeline.cli import main as cli
+from pipeline.variants import VariantSpec
 
 N_ROWS = 70  # two shards of 64 rows: the last one partial
 
@@ -115,7 +117,7 @@ def test_an_h5_file_that_is_not_an_export_is_refused(tmp_path: Path) -> None:
 
 
 def test_an_incomplete_variant_is_refused_and_no_file_written(store: Path, tmp_path: Path) -> None:
-    cache.add_variant(store, cache.VariantSpec.perturbed("blur", "official"), 3, 8)  # no shard committed
+    cache.add_variant(store, VariantSpec.perturbed("blur", "official"), 3, 8)  # no shard committed
     out = tmp_path / "s.h5"
     result = invoke("cache", "export", store, out)
     assert result.exit_code == 1 and "blur-official are incomplete" in result.output
@@ -123,15 +125,10 @@ def test_an_incomplete_variant_is_refused_and_no_file_written(store: Path, tmp_p
 
 
 def test_an_interrupted_export_leaves_no_file(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_read, calls = cache.read_features, []
+    def interrupted(*args, **kwargs):  # killed (Ctrl-C) when the whole file is written, just before its rename
+        raise KeyboardInterrupt
 
-    def read_then_fail(*args, **kwargs):
-        calls.append(args)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_read(*args, **kwargs)
-
-    monkeypatch.setattr(cache, "read_features", read_then_fail)
+    monkeypatch.setattr(os, "replace", interrupted)
     out = tmp_path / "s.h5"
     with pytest.raises(KeyboardInterrupt):
         hdf5.export_hdf5(store, out, progress=False)

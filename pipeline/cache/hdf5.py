@@ -33,14 +33,16 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import cache
 from ..errors import PipelineError
 from ..files import atomic_path
+from .reading import open_store_info, read_features, read_rows
+from .schema import SCHEMA, RowTable, StoreIdentity
+from .writing import delete_store, write_store
 
 JSON_ATTRIBUTES = "json_attributes"  # root attribute: names of the attributes stored as JSON text
 _STRING = h5py.string_dtype("utf-8")
 # The attributes create_store writes itself; the rest of a store's attributes are "extra".
-_STORE_OWN_ATTRIBUTES = {"schema", "split", "n_rows", "variants"} | {f.name for f in fields(cache.StoreIdentity)}
+_STORE_OWN_ATTRIBUTES = {"schema", "split", "n_rows", "variants"} | {f.name for f in fields(StoreIdentity)}
 
 
 class ExportError(PipelineError):
@@ -65,14 +67,14 @@ class TransferSummary:
 
 def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSummary:
     """Write ``store`` to the HDF5 file ``out`` (see the module docstring)."""
-    info = cache.open_store_info(store)
+    info = open_store_info(store)
     incomplete = [name for name in info.variants if name not in info.complete_variants]
     if incomplete:
         raise ExportError(
             f"{store}: variant(s) {', '.join(incomplete)} are incomplete; finish the extraction "
             f"(re-run the same `pipeline extract`) before exporting"
         )
-    rows = cache.read_rows(store)
+    rows = read_rows(store)
     chunk_rows = min(info.identity.chunk_rows, max(1, info.n_rows))
     total = info.n_rows * len(info.variants)
     with (
@@ -87,7 +89,7 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
         for variant in info.variants:
             for start in range(0, info.n_rows, info.identity.shard_rows):
                 stop = min(start + info.identity.shard_rows, info.n_rows)
-                block = cache.read_features(store, variant, slice(start, stop))
+                block = read_features(store, variant, slice(start, stop))
                 if start == 0:
                     shape = (info.n_rows, *block.shape[1:])
                     dataset = group.create_dataset(
@@ -98,7 +100,7 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
     return TransferSummary(Path(store), Path(out), info.n_rows, tuple(info.variants))
 
 
-def row_arrays(rows: cache.RowTable) -> dict[str, np.ndarray]:
+def row_arrays(rows: RowTable) -> dict[str, np.ndarray]:
     arrays = {
         "labels": rows.labels,
         "paths": rows.paths,
@@ -151,7 +153,7 @@ def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress:
         raise ExportError(f"{source}: cannot be read as HDF5 ({error})") from None
     with handle, atomic_path(store) as tmp:
         n_rows, variants = write_store_from(handle, source, tmp, progress)
-        cache.delete_store(store)  # --overwrite: the old store goes only once the new one is whole
+        delete_store(store)  # --overwrite: the old store goes only once the new one is whole
     return TransferSummary(source, store, n_rows, variants)
 
 
@@ -170,17 +172,17 @@ class _CountedRows:
 def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool) -> tuple[int, tuple[str, ...]]:
     """Write the store held by an open export to ``path``; (rows, variants)."""
     attrs = read_attributes(handle.attrs, source)
-    if attrs.get("schema") != cache.SCHEMA:
-        raise ExportError(f"{source}: schema {attrs.get('schema')!r}, expected {cache.SCHEMA!r}")
+    if attrs.get("schema") != SCHEMA:
+        raise ExportError(f"{source}: schema {attrs.get('schema')!r}, expected {SCHEMA!r}")
     strings = {
         name: handle[name].asstr()[:].tolist() for name in ("paths", "dataset", "class", "error") if name in handle
     }
     variants = tuple(attrs["variants"])
     total = attrs["n_rows"] * len(variants)
     with tqdm(total=total, unit="row", desc=f"import {attrs['split']}", disable=not progress) as bar:
-        cache.write_store(
+        write_store(
             path,
-            cache.StoreIdentity.from_attrs(attrs),
+            StoreIdentity.from_attrs(attrs),
             split=attrs["split"],
             labels=handle["labels"][:].tolist(),
             paths=strings["paths"],
