@@ -211,8 +211,7 @@ def write_folder_images(root: Path, n_images: int, size: int, seed: int = 0) -> 
 
 def write_folder_manifest(root: Path, manifests_dir: Path, split: str) -> Path:
     """The ``folder``-layout manifest of ``root`` written as ``manifests_dir/<split>.csv``."""
-    from pipeline.features.layouts import build_manifest
-    from pipeline.features.manifest import manifest_path, write_manifest
+    from pipeline.features import build_manifest, manifest_path, write_manifest
 
     manifest = build_manifest("folder", root, split)
     path = manifest_path(manifests_dir, split)
@@ -222,8 +221,7 @@ def write_folder_manifest(root: Path, manifests_dir: Path, split: str) -> Path:
 
 def premade_center_batches(manifest_csv: Path, crop: int, batch: int) -> list[np.ndarray]:
     """The manifest's images decoded and center-cropped beforehand, in order, as uint8 batches."""
-    from pipeline.features import images
-    from pipeline.features.manifest import read_manifest
+    from pipeline.features import images, read_manifest
 
     manifest = read_manifest(manifest_csv)
     crops = [images.center_crop(images.decode_image(manifest.resolve(i)), crop) for i in range(len(manifest))]

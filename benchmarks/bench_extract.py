@@ -36,8 +36,7 @@ from _common import (
     write_folder_manifest,
 )
 
-from pipeline.features.backbone import Backbone, BackboneConfig
-from pipeline.features.extract import ExtractConfig, ExtractSummary, run_extract
+from pipeline.features import Backbone, BackboneConfig, ExtractConfig, ExtractSummary, run_extract
 
 TARGET = 0.9
 

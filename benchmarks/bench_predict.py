@@ -40,8 +40,7 @@ from _common import add_scratch_options, print_machine, quiet_transformers, save
 from PIL import Image
 
 from pipeline.detector.predict import PredictConfig, run_predict
-from pipeline.features import images
-from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features import Backbone, BackboneConfig, images
 from pipeline.heads.calibration import calibrate_head
 from pipeline.heads.head import RineHead, save_head
 

@@ -46,8 +46,7 @@ from _common import (
     write_synthetic_store,
 )
 
-from pipeline.features.backbone import Backbone, BackboneConfig
-from pipeline.features.extract import ExtractConfig, run_extract
+from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
 from pipeline.heads import train
 from pipeline.heads.config import RunConfig, StoreRef
 

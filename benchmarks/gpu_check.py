@@ -91,8 +91,7 @@ from _common import (
 )
 
 from pipeline import cache
-from pipeline.features.backbone import Backbone, BackboneConfig
-from pipeline.features.extract import ExtractConfig, run_extract
+from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
 from pipeline.heads import train
 from pipeline.heads.config import RunConfig, StoreRef, parse_grid
 from pipeline.heads.grid import FitConfig, run_grid

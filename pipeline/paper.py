@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 
 from . import cache
 from .errors import PipelineError
+from .features import manifest_path, read_manifest, write_manifest
 from .features.layouts import GENERATOR_DATASET_NAMES, LAYOUTS, UFD_REAL_FOLDERS, build_manifest
-from .features.manifest import manifest_path, read_manifest, write_manifest
 from .names import PAPER_BACKBONES, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
-    from .features.extract import ExtractConfig, ExtractSummary
+    from .features import ExtractConfig, ExtractSummary
     from .heads.config import GridConfig, StoreRef
     from .heads.grid import GridSummary
 
@@ -219,8 +219,7 @@ class ExtractJob:
 
     def extract_config(self, config: PaperConfig) -> ExtractConfig:
         """The `pipeline extract` configuration of this job."""
-        from .features.backbone import BackboneConfig
-        from .features.extract import ExtractConfig
+        from .features import BackboneConfig, ExtractConfig
 
         return ExtractConfig(
             split=self.split,
@@ -470,7 +469,7 @@ def write_split_manifest(
 
 def stores_are_complete(config: ExtractConfig) -> bool:
     """Every tap's store holds every variant of ``config``, complete, for its manifest (no backbone to load)."""
-    from .features.extract import store_path
+    from .features import store_path
 
     manifest_sha256 = read_manifest(config.manifest).sha256()
     wanted = {variant.name for variant in config.variants()}
@@ -485,7 +484,7 @@ def stores_are_complete(config: ExtractConfig) -> bool:
 
 
 def extract(config: ExtractConfig) -> ExtractSummary:
-    from .features.extract import run_extract
+    from .features import run_extract
 
     return run_extract(config)
 

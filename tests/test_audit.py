@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from pipeline.cli import main
+from pipeline.features import Manifest, ManifestRow, write_manifest
 from pipeline.features.audit import (
     ALL_FEATURES,
     FEATURE_NAMES,
@@ -27,6 +28,7 @@ from pipeline.features.audit import (
     run_audit,
     score_features,
 )
+from pipeline.features.augment import format_align_bytes
 from pipeline.features.image_headers import (
     STANDARD_CHROMINANCE_TABLE,
     STANDARD_LUMINANCE_TABLE,
@@ -34,8 +36,6 @@ from pipeline.features.image_headers import (
     read_format_aligned_header,
     read_image_header,
 )
-from pipeline.features.images import format_align_bytes
-from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
 from pipeline.names import FORMAT_ALIGN
 
 

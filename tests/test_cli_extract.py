@@ -12,8 +12,7 @@ from PIL import Image
 from conftest import make_folder_dataset
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.features import images
-from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features import Backbone, BackboneConfig, images
 
 
 def invoke(*args: str) -> object:

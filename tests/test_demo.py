@@ -19,9 +19,7 @@ from transformers import CLIPVisionModel
 from pipeline import cache
 from pipeline.cli import main as cli
 from pipeline.demo import COMPLETE_MARKER, GENERATOR_TRACES, make_demo_backbone, make_demo_data
-from pipeline.features.audit import AuditConfig, run_audit
-from pipeline.features.layouts import build_manifest
-from pipeline.features.manifest import write_manifest
+from pipeline.features import AuditConfig, build_manifest, run_audit, write_manifest
 from pipeline.heads.config import load_grid
 
 REPO = Path(__file__).resolve().parents[1]

@@ -18,10 +18,9 @@ from click.testing import CliRunner
 from conftest import make_folder_dataset
 from pipeline import cache, files
 from pipeline.cli import main
+from pipeline.features import build_manifest, write_manifest
 from pipeline.features.claims import ShardClaims
-from pipeline.features.extract import shard_order
-from pipeline.features.layouts import build_manifest
-from pipeline.features.manifest import write_manifest
+from pipeline.features.distribute import shard_order
 
 N_SHARDS = 10  # 40 images in shards of 4
 

@@ -32,14 +32,22 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.features import images
-from pipeline.features.backbone import Backbone, BackboneConfig
-from pipeline.features.extract import (
+from pipeline.features import (
+    Backbone,
+    BackboneConfig,
+    Manifest,
+    ManifestRow,
+    augment,
+    build_manifest,
+    images,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.features.distribute import pending_targets
+from pipeline.features.extract import prepare_store, run_extract
+from pipeline.features.loop import (
     PERTURB_STREAM,
-    BadImageStop,
     BatchWork,
-    ExtractConfig,
-    ExtractError,
     FinishedShard,
     ImageSource,
     PixelBatch,
@@ -47,13 +55,9 @@ from pipeline.features.extract import (
     ShardCommitter,
     ShardJob,
     extract_shards,
-    pending_targets,
     plan_batches,
-    prepare_store,
-    run_extract,
 )
-from pipeline.features.layouts import build_manifest
-from pipeline.features.manifest import Manifest, ManifestRow, read_manifest, write_manifest
+from pipeline.features.options import BadImageStop, ExtractConfig, ExtractError
 from pipeline.names import DEFAULT_MAX_PIXELS, PERTURBATIONS, TAPS
 from pipeline.variants import VariantSpec, ten_crop_variants
 
@@ -258,12 +262,14 @@ def test_recipe_gives_each_kind_the_authors_pixels() -> None:
     pixels = PixelRecipe(variants, CROP, seed=11)(image, 5)
     assert list(pixels) == ["center", "view_002", "tencrop_7", "jpeg-paper", "format-align-q90"]
     np.testing.assert_array_equal(pixels["center"], images.center_crop(image, CROP))
-    np.testing.assert_array_equal(pixels["view_002"], images.augment_train_view(image, CROP, images.view_rng(11, 5, 2)))
+    np.testing.assert_array_equal(
+        pixels["view_002"], augment.augment_train_view(image, CROP, augment.view_rng(11, 5, 2))
+    )
     np.testing.assert_array_equal(pixels["tencrop_7"], images.ten_crop(image, CROP)[7])
     stream = PERTURB_STREAM + PERTURBATIONS.index("jpeg")
-    perturbed = images.perturb_image(image, "jpeg", "paper", images.view_rng(11, 5, stream))
+    perturbed = augment.perturb_image(image, "jpeg", "paper", augment.view_rng(11, 5, stream))
     np.testing.assert_array_equal(pixels["jpeg-paper"], images.center_crop(perturbed, CROP))
-    reencoded = np.asarray(Image.open(io.BytesIO(images.format_align_bytes(image, 90))).convert("RGB"))
+    reencoded = np.asarray(Image.open(io.BytesIO(augment.format_align_bytes(image, 90))).convert("RGB"))
     np.testing.assert_array_equal(pixels["format-align-q90"], images.center_crop(reencoded, CROP))
 
 
@@ -271,7 +277,7 @@ def test_perturbed_rows_differ_from_center_only_where_the_draw_perturbs() -> Non
     image = np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     recipe = PixelRecipe((VariantSpec.center(), VariantSpec.perturbed("blur", "official")), CROP, seed=4)
     stream = PERTURB_STREAM + PERTURBATIONS.index("blur")
-    untouched = [row for row in range(12) if images.view_rng(4, row, stream).random() >= 0.5]
+    untouched = [row for row in range(12) if augment.view_rng(4, row, stream).random() >= 0.5]
     assert 0 < len(untouched) < 12
     for row in range(12):
         pixels = recipe(image, row)

@@ -19,22 +19,24 @@ import pytest
 from PIL import Image, ImageOps
 from scipy.ndimage import gaussian_filter
 
-from pipeline.features import images
-from pipeline.features.images import (
-    ImageDecodeError,
+from pipeline.features import augment
+from pipeline.features.augment import (
     TrainViewDraw,
     apply_train_view,
     augment_train_view,
-    center_crop,
-    crop_padded,
-    decode_image,
-    draw_crop_offsets,
     draw_train_view,
     gaussian_blur_official,
     jpeg_roundtrip,
     perturb_image,
-    ten_crop,
     view_rng,
+)
+from pipeline.features.images import (
+    ImageDecodeError,
+    center_crop,
+    crop_padded,
+    decode_image,
+    draw_crop_offsets,
+    ten_crop,
 )
 from pipeline.names import PERTURB_PRESETS, PERTURBATIONS
 
@@ -392,17 +394,17 @@ def test_format_align_makes_every_image_the_same_kind_of_jpeg() -> None:
     png_born = np.stack([4 * x, 5 * y, 2 * (x + y)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it close
     jpeg_born = np.asarray(Image.open(io.BytesIO(encode_with_pil(png_born, "JPEG", quality=75))))
     for image in (png_born, jpeg_born):
-        encoded = images.format_align_bytes(image, 95)
-        assert encoded == images.format_align_bytes(image, 95)  # deterministic
+        encoded = augment.format_align_bytes(image, 95)
+        assert encoded == augment.format_align_bytes(image, 95)  # deterministic
         reopened = Image.open(io.BytesIO(encoded))
         assert (reopened.format, reopened.size, reopened.mode) == ("JPEG", (56, 40), "RGB")
         assert reopened.layer == [(1, 2, 2, 0), (2, 1, 1, 1), (3, 1, 1, 1)]  # luma 2x2, chroma 1x1: 4:2:0
         assert not reopened.info.get("exif")
-        pixels = images.format_align(image, 95)
+        pixels = augment.format_align(image, 95)
         np.testing.assert_array_equal(pixels, np.asarray(reopened.convert("RGB")))
         assert pixels.dtype == np.uint8 and np.abs(pixels.astype(int) - image).mean() < 2
     with pytest.raises(ValueError, match="1..100"):
-        images.format_align_bytes(png_born, 0)
+        augment.format_align_bytes(png_born, 0)
 
 
 # ---------------------------------------------------------------- training views
@@ -448,8 +450,8 @@ def test_augment_train_view_applies_blur_jpeg_crop_flip_in_order(
         calls.append(("jpeg", quality, encoder))
         return image
 
-    monkeypatch.setattr(images, "gaussian_blur_official", record_blur)
-    monkeypatch.setattr(images, "jpeg_roundtrip", record_jpeg)
+    monkeypatch.setattr(augment, "gaussian_blur_official", record_blur)
+    monkeypatch.setattr(augment, "jpeg_roundtrip", record_jpeg)
     image = random_image(32, 32, seed=18)  # crop of the full size: only flips change pixels
     flips = 0
     n_views = 600
@@ -615,10 +617,10 @@ def test_perturb_combined_runs_blur_crop_jpeg_noise_in_order(
 
         return step
 
-    monkeypatch.setattr(images, "perturb_blur", recorder("blur", 1))
-    monkeypatch.setattr(images, "perturb_crop", recorder("crop", 2))
-    monkeypatch.setattr(images, "perturb_jpeg", recorder("jpeg", 3))
-    monkeypatch.setattr(images, "perturb_noise", recorder("noise", 4))
+    monkeypatch.setattr(augment, "perturb_blur", recorder("blur", 1))
+    monkeypatch.setattr(augment, "perturb_crop", recorder("crop", 2))
+    monkeypatch.setattr(augment, "perturb_jpeg", recorder("jpeg", 3))
+    monkeypatch.setattr(augment, "perturb_noise", recorder("noise", 4))
     image = np.zeros((30, 30, 3), dtype=np.uint8)
     out = first_perturbed_rngs(image, "combined", "official", 1)[0]
     assert order == ["blur<-0", "crop<-1", "jpeg<-2", "noise<-3"]

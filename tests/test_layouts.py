@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.features.layouts import LAYOUTS, build_manifest
-from pipeline.features.manifest import Manifest, ManifestError, read_manifest, write_manifest
+from pipeline.features import LAYOUTS, Manifest, ManifestError, build_manifest, read_manifest, write_manifest
 
 
 def touch(root: Path, *relatives: str) -> None:

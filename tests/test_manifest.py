@@ -12,14 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.features.manifest import (
-    Manifest,
-    ManifestError,
-    ManifestRow,
-    manifest_path,
-    read_manifest,
-    write_manifest,
-)
+from pipeline.features import Manifest, ManifestError, ManifestRow, manifest_path, read_manifest, write_manifest
 
 
 def rows_of(manifest: Manifest) -> list[tuple[str, int, str, str | None]]:

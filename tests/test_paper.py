@@ -16,7 +16,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, write_image
 from pipeline.cli import main as cli
-from pipeline.features.layouts import LAYOUTS
+from pipeline.features import LAYOUTS
 from pipeline.paper import (
     DIFFUSION_TEST_SETS,
     GAN_TEST_FOLDERS,

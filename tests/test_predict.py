@@ -26,8 +26,7 @@ from pipeline.cli import main
 from pipeline.detector.detector import Detector, PredictError, read_detector_files
 from pipeline.detector.output import PREDICTION_COLUMNS, OutputError
 from pipeline.detector.predict import PredictConfig, collect_inputs, run_predict
-from pipeline.features import images
-from pipeline.features.backbone import Backbone, BackboneConfig
+from pipeline.features import Backbone, BackboneConfig, images
 from pipeline.names import DEFAULT_MODEL, THRESHOLD_RULES
 from pipeline.results.metrics import operating_point
 

@@ -27,8 +27,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.features.audit import AuditConfig, run_audit
-from pipeline.features.manifest import Manifest, ManifestRow, write_manifest
+from pipeline.features import AuditConfig, Manifest, ManifestRow, run_audit, write_manifest
 from pipeline.heads.config import parse_grid
 from pipeline.heads.grid import FitConfig, run_grid
 from pipeline.names import DEFAULT_RESAMPLES, FORMAT_ALIGN

@@ -16,7 +16,7 @@ import click
 
 from .. import cache
 from ..errors import PipelineError, PipelineWarning
-from ..features.layouts import LAYOUTS, build_manifest
+from ..features import LAYOUTS, build_manifest
 from ..features.manifest import check_split_name, manifest_path, sidecar_path, write_manifest
 from ..files import disk_errors_explained
 from ..names import (
@@ -405,8 +405,7 @@ def extract_command(
     the first bad image; 2 bad options; 3 more than --max-invalid of the rows
     could not be decoded (the store keeps them; fix and use --retry-invalid).
     """
-    from ..features.backbone import BackboneConfig
-    from ..features.extract import ExtractConfig, OptionError, TooManyInvalid, run_extract
+    from ..features import BackboneConfig, ExtractConfig, OptionError, TooManyInvalid, run_extract
 
     rank, world_size = _rank_and_world_size(rank, world_size)
 
@@ -509,7 +508,7 @@ def audit_command(
     a dataset reaching --threshold is FLAGGED with the feature responsible.
     Prints the flags, then the paths of the CSVs and JSON written.
     """
-    from ..features.audit import AuditConfig, run_audit
+    from ..features import AuditConfig, run_audit
 
     config = AuditConfig(
         split=split,

@@ -43,8 +43,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from ..features.backbone import Backbone
-    from ..features.extract import ForwardStep
+    from ..features import Backbone, ForwardStep
     from ..heads.calibration import HeadCalibration
     from ..heads.head import RineHead
     from ..variants import VariantSpec
@@ -263,7 +262,7 @@ class Detector:
         ``threshold`` is a rule name (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; by
         default ``val`` when the head has val thresholds, else 0.5.
         """
-        from ..features.backbone import Backbone, BackboneConfig
+        from ..features import Backbone, BackboneConfig
 
         head, spec = read_detector_files(Path(path))
         wanted = model or spec.model
@@ -344,7 +343,7 @@ class Detector:
 
     def forward_step(self) -> ForwardStep:
         """Pixels -> {tap: tokens} rounded to the dtype the head was trained on."""
-        from ..features.extract import ForwardStep
+        from ..features import ForwardStep
 
         return ForwardStep(self.backbone, (self.spec.tap,), self.spec.store_dtype)
 
@@ -387,7 +386,7 @@ class Detector:
         """
         import torch
 
-        from ..features.extract import PixelRecipe
+        from ..features import PixelRecipe
 
         arrays = [to_rgb_array(item) for item in images]
         crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]

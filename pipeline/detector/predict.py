@@ -39,10 +39,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..features import images
-from ..features.extract import BatchWork, FinishedShard, ImageSource, PixelRecipe, StageTimes, extract_shards
-from ..features.image_headers import read_image_header
-from ..features.manifest import read_sidecar, sidecar_path
+from ..features import (
+    BatchWork,
+    FinishedShard,
+    ImageSource,
+    PixelRecipe,
+    StageTimes,
+    extract_shards,
+    images,
+    read_image_header,
+    read_sidecar,
+    sidecar_path,
+)
 from ..names import CROPS, DEFAULT_MAX_PIXELS
 from .detector import Detector, PredictError, variants_of
 from .output import PredictionRow, PredictionWriter, open_prediction_writer

@@ -21,7 +21,7 @@ decoding, no backbone; :mod:`pipeline.features.image_headers`), then
 With ``perturbation="format-align"`` (``pipeline audit --perturb
 format-align``) the audit describes instead the files the images become in
 the format-align variant of ``pipeline extract`` (each decoded and
-re-encoded as the same JPEG, ``images.format_align_bytes``): what is left of
+re-encoded as the same JPEG, ``augment.format_align_bytes``): what is left of
 the metadata shortcuts once format is aligned. The size of a re-encoded file
 is a function of its pixels alone (their compressibility, which generator
 traces change), so it is described but not scored there. Its outputs carry

@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..names import DEFAULT_MAX_PIXELS
-from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable, decode_image, format_align_bytes
+from .augment import format_align_bytes
+from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable, decode_image
 
 # ITU T.81 Annex K tables K.1 (luminance) and K.2 (chrominance), natural
 # (row-major) order, as Pillow's ``image.quantization`` gives them.
@@ -90,7 +91,7 @@ def read_image_header(path: Path) -> ImageHeader:
 
 
 def read_format_aligned_header(path: Path, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
-    """The header of the file ``path`` becomes in the format-align variant (``images.format_align_bytes``).
+    """The header of the file ``path`` becomes in the format-align variant (``augment.format_align_bytes``).
 
     Unlike :func:`read_image_header` this decodes the pixels (they are
     re-encoded): a file that cannot be decoded becomes an error header.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..features.audit import read_headers
+from ..features import read_headers
 from ..names import DEFAULT_THRESHOLD
 from .audits import UNKNOWN, UNKNOWN_FACTS, ImageFacts
 from .scores import ScoredSplit

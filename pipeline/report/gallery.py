@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..features.images import ImageDecodeError, decode_image
+from ..features import ImageDecodeError, decode_image
 from ..names import DEFAULT_THRESHOLD
 from .scores import ScoredSplit
 
