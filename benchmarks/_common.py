@@ -22,8 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import cache
-from pipeline.heads import train
-from pipeline.heads.config import StoreRef
+from pipeline.heads import StoreRef, train
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
 
+from pipeline.heads import FitConfig, parse_grid, run_grid
 from pipeline.heads.cluster import ClusterConfig, dask_client, worker_threads
-from pipeline.heads.config import parse_grid
-from pipeline.heads.grid import FitConfig, run_grid
 
 TARGET = 0.8
 GRID_YAML = """\

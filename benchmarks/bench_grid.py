@@ -73,9 +73,7 @@ from _common import (
 
 from pipeline.devices import resolve_device
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
-from pipeline.heads import train
-from pipeline.heads.config import RunConfig, parse_grid
-from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.heads import FitConfig, RunConfig, parse_grid, run_grid, train
 from pipeline.names import MAX_GROUP_SIZE
 
 TARGET = 40.0

@@ -31,8 +31,7 @@ import torch
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
 
 from pipeline.devices import bf16_is_fast, cpu_has_amx, cpu_has_avx512_bf16
-from pipeline.heads import train
-from pipeline.heads.config import RunConfig, StoreRef
+from pipeline.heads import RunConfig, StoreRef, train
 
 TARGETS = {"fp32": 0.7, "bf16": 0.5}
 GROUP_FACTORS = (0.1, 0.2, 0.4, 0.8)

@@ -28,8 +28,7 @@ import numpy as np
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
 
 from pipeline import cache
-from pipeline.heads.config import parse_grid
-from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.heads import FitConfig, parse_grid, run_grid
 
 TARGET = 0.7
 GRID_YAML = """\

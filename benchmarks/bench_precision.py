@@ -32,8 +32,7 @@ from _common import print_machine, synthetic_store, synthetic_train_store
 from sklearn.metrics import average_precision_score
 
 from pipeline.devices import bf16_is_fast, resolve_device
-from pipeline.heads import train
-from pipeline.heads.config import RunConfig
+from pipeline.heads import RunConfig, train
 
 GROUP_FACTORS = (0.1, 0.2, 0.4, 0.8)
 SHIFT = 2.5  # length of the fakes' shift along the unit direction, in every block

@@ -41,8 +41,7 @@ from PIL import Image
 
 from pipeline.detector.predict import PredictConfig, run_predict
 from pipeline.features import Backbone, BackboneConfig, images
-from pipeline.heads.calibration import calibrate_head
-from pipeline.heads.head import RineHead, save_head
+from pipeline.heads import RineHead, calibrate_head, save_head
 
 TARGET = 0.9
 TINY_CLIP = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

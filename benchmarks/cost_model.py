@@ -47,8 +47,7 @@ from _common import (
 )
 
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
-from pipeline.heads import train
-from pipeline.heads.config import RunConfig, StoreRef
+from pipeline.heads import RunConfig, StoreRef, train
 
 
 @dataclass(frozen=True)

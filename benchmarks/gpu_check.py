@@ -92,9 +92,7 @@ from _common import (
 
 from pipeline import cache
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
-from pipeline.heads import train
-from pipeline.heads.config import RunConfig, StoreRef, parse_grid
-from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.heads import FitConfig, RunConfig, StoreRef, parse_grid, run_grid, train
 from pipeline.heads.head_stack import HalfMasks
 from pipeline.names import DEFAULT_SHARD_ROWS
 

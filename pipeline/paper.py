@@ -41,8 +41,7 @@ from .names import PAPER_BACKBONES, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
     from .features import ExtractConfig, ExtractSummary
-    from .heads.config import GridConfig, StoreRef
-    from .heads.grid import GridSummary
+    from .heads import GridConfig, GridSummary, StoreRef
 
 TRAIN_CLASSES = ("car", "cat", "chair", "horse")
 # The paper's 20 test sets, as folders of the download.
@@ -355,7 +354,7 @@ def grid_skip_reason(spec: GridConfig, backbones: tuple[str, ...], data: DataChe
 
 def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     """Which grids run, and the manifests and extractions they need (see the module docstring)."""
-    from .heads.config import ConfigError, load_grid
+    from .heads import ConfigError, load_grid
 
     grids: list[GridPlan] = []
     for path in config.grid_files or default_grid_files():
@@ -490,7 +489,7 @@ def extract(config: ExtractConfig) -> ExtractSummary:
 
 
 def fit(spec: GridConfig, config: PaperConfig) -> GridSummary:
-    from .heads.grid import FitConfig, run_grid
+    from .heads import FitConfig, run_grid
 
     return run_grid(
         spec,

@@ -16,10 +16,9 @@ from scipy.special import expit
 
 from conftest import separable_features, write_store
 from pipeline import cache
+from pipeline.heads import CheckpointError, load_head, parse_grid
 from pipeline.heads.calibration import HeadCalibration, calibrate_head, fit_temperature
-from pipeline.heads.config import parse_grid
 from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
-from pipeline.heads.head import CheckpointError, load_head
 from pipeline.results.metrics import choose_thresholds, operating_point
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.heads.config import ConfigError, RunConfig, load_grid, make_run_config, parse_grid
+from pipeline.heads import ConfigError, RunConfig, load_grid, make_run_config, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from pipeline import cache
 from pipeline.cli import main as cli
 from pipeline.demo import COMPLETE_MARKER, GENERATOR_TRACES, make_demo_backbone, make_demo_data
 from pipeline.features import AuditConfig, build_manifest, run_audit, write_manifest
-from pipeline.heads.config import load_grid
+from pipeline.heads import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")

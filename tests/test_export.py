@@ -118,7 +118,7 @@ def test_pixels_to_score_module_matches_the_detector_on_the_last_block_ablation(
     from dataclasses import replace
 
     from pipeline.detector.export import PixelsToScore
-    from pipeline.heads.head import RineHead
+    from pipeline.heads import RineHead
 
     detector = Detector.load(trained_predict_run["run"], device="cpu")
     torch.manual_seed(0)

@@ -21,11 +21,9 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from conftest import separable_features, write_store
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.heads import cluster
+from pipeline.heads import DataError, cluster, parse_grid
 from pipeline.heads.cluster import ClusterConfig, ClusterError, dask_client
-from pipeline.heads.config import parse_grid
 from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
-from pipeline.heads.train import DataError
 
 
 def read(path: Path) -> list[dict[str, str]]:
@@ -124,7 +122,7 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
     }
     header = (folder / "scores_test.csv").read_text().splitlines()[0]
     assert header == "path,label,dataset,score"
-    from pipeline.heads.head import load_head
+    from pipeline.heads import load_head
 
     head, metadata = load_head(folder / "head.safetensors")
     assert (head.n_blocks, head.in_dim, head.proj_dim) == (4, 16, 16) and metadata["tap"] == "ln2"
@@ -336,7 +334,7 @@ def test_cli_fit_prints_results_and_exits_1_on_error_rows(stores, tmp_path):
 
 
 def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp_path):
-    from pipeline.heads.head import load_head
+    from pipeline.heads import load_head
 
     features, labels = separable_features(40, seed=7, shift=3.0)
     crops = {f"tencrop_{i}": features * (1 + i) - 2.0 * i for i in range(10)}
@@ -417,7 +415,7 @@ def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp
 
 
 def test_selected_runs_get_embeddings_of_a_sample_of_their_test_rows(stores, tmp_path):
-    from pipeline.heads.head import load_head
+    from pipeline.heads import load_head
 
     summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16]\n")
     selected = {r["run"] for r in read(summary.selection)}
@@ -446,7 +444,7 @@ def strip_timing(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_float32(stores, tmp_path, monkeypatch, amp):
     """The bf16 probe forced on changes nothing; ``amp: bf16`` is recorded everywhere and still scores in float32."""
     from pipeline import devices
-    from pipeline.heads.head import load_head
+    from pipeline.heads import load_head
 
     monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
     grid = "  proj_dim: [16]\n" + ("" if amp is None else f"  amp: [{amp}]\n")
@@ -565,10 +563,7 @@ def test_the_memory_budget_keeps_what_fits_in_order(stores, tmp_path):
     assert place_features(spec, plan_grid_stores(spec), 10**9) == (True, True, True, True)
 
 
-def test_a_declared_tap_or_model_that_the_stores_do_not_hold_is_refused(stores, tmp_path, monkeypatch):
-    import pipeline.heads.grid
-
-    monkeypatch.setattr(pipeline.heads.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
+def test_a_declared_tap_or_model_that_the_stores_do_not_hold_is_refused(stores, tmp_path):
     hidden = grid_text(stores, tmp_path / "g", "  proj_dim: [16]\n").replace(
         "  model: synthetic\n", "  model: synthetic\n  tap: hidden\n"
     )
@@ -613,17 +608,15 @@ base: {{proj_layers: 1, proj_dim: 8, batch_size: 32}}
         run_grid(parse_grid(declared), FitConfig(device="cpu", progress=False))
 
 
-def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path, monkeypatch):
-    import pipeline.heads.grid
-
+def test_a_one_label_training_split_is_refused_before_any_fit(stores, tmp_path):
     features, labels = separable_features(40)
     write_store(tmp_path / "fakes.zarr", {"center": features}, np.ones(40, dtype=np.int8), ["progan"] * 40)
-    monkeypatch.setattr(pipeline.heads.grid, "fit_group", lambda *a, **k: pytest.fail("nothing may be fitted"))
     text = grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n  epochs: [1]\n").replace(
         str(stores / "train.zarr"), str(tmp_path / "fakes.zarr")
     )
     with pytest.raises(DataError, match="40 valid training rows of all classes are all fake"):
         run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
+    assert list((tmp_path / "g" / "runs").iterdir()) == []  # refused before any config was fitted
 
 
 def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp_path):
@@ -651,12 +644,10 @@ def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
 def test_an_output_folder_that_cannot_be_written_stops_the_grid_with_a_message(stores, tmp_path, monkeypatch, code):
-    import pipeline.heads.grid
+    def refuse(source, target):  # the disk refuses the rename that makes a written file visible
+        raise OSError(code, os.strerror(code), str(target))
 
-    def refuse(path, text):
-        raise OSError(code, os.strerror(code), str(path))
-
-    monkeypatch.setattr(pipeline.heads.grid, "write_text_atomic", refuse)
+    monkeypatch.setattr(os, "replace", refuse)
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(grid_text(stores, tmp_path / "g", "  proj_dim: [16, 32]\n"))
     result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", "--device", "cpu"])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.heads.config import load_grid
+from pipeline.heads import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "grid.yaml", *sorted((REPO / "grids").glob("*.yaml"))]

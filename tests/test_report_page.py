@@ -28,8 +28,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.features import AuditConfig, Manifest, ManifestRow, run_audit, write_manifest
-from pipeline.heads.config import parse_grid
-from pipeline.heads.grid import FitConfig, run_grid
+from pipeline.heads import FitConfig, parse_grid, run_grid
 from pipeline.names import DEFAULT_RESAMPLES, FORMAT_ALIGN
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.gallery import DEFAULT_GALLERY_SIZE

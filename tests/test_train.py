@@ -10,26 +10,21 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from conftest import separable_features, write_store
+from pipeline.heads import RunConfig, StoreRef
 from pipeline.heads import train as train_module
-from pipeline.heads.config import RunConfig, StoreRef
-from pipeline.heads.train import (
+from pipeline.heads.scoring import forward_rows, group_logits
+from pipeline.heads.stores import (
     DataError,
     InMemoryFeatures,
     OneLabelError,
     StreamedFeatures,
     TrainStore,
     ViewCache,
-    build_head,
-    build_stack,
-    fit_group,
-    fit_head,
-    forward_rows,
-    fusable_groups,
-    group_logits,
     load_store,
     open_train_store,
     training_rows,
 )
+from pipeline.heads.train import build_head, build_stack, fit_group, fit_head, fusable_groups
 
 CPU = torch.device("cpu")
 SMALL = dict(proj_dim=16, proj_layers=1, batch_size=32)
@@ -332,7 +327,7 @@ def test_the_released_head_gives_float32_resolution_scores_under_every_precision
     """8,000 seeded rows: bf16 logits would take ~500 distinct values; float32 scoring keeps ~8,000."""
     from pathlib import Path
 
-    from pipeline.heads.head import load_official_checkpoint
+    from pipeline.heads import load_official_checkpoint
 
     head = load_official_checkpoint(Path(__file__).parent / "data" / "rine_2class_trainable.pth")
     generator = torch.Generator().manual_seed(0)

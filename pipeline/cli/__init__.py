@@ -669,8 +669,7 @@ def fit_command(
     Prints the results table path. Exit status 1 when any config failed
     (its error row is in results.csv), 0 otherwise.
     """
-    from ..heads.config import load_grid
-    from ..heads.grid import FitConfig, run_grid
+    from ..heads import FitConfig, load_grid, run_grid
 
     cluster = _cluster_spec(scheduler, devices, jobs)
     spec = load_grid(grid_file, out=out, amp=amp)
@@ -696,7 +695,7 @@ def fit_command(
 
 def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
     """The Dask cluster of ``pipeline fit`` (None: threads of this process); bad combinations exit 2."""
-    from ..heads.cluster import ClusterConfig, check_devices
+    from ..heads import ClusterConfig, check_devices
 
     if scheduler is None and devices is None:
         return None

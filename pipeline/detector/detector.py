@@ -44,8 +44,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..features import Backbone, ForwardStep
-    from ..heads.calibration import HeadCalibration
-    from ..heads.head import RineHead
+    from ..heads import HeadCalibration, RineHead
     from ..variants import VariantSpec
 
 FIXED = "fixed"  # the threshold name of a number given by the user (0.5 included)
@@ -94,8 +93,8 @@ class DetectorSpec:
     @classmethod
     def from_head_metadata(cls, metadata: Mapping[str, str], where: Path) -> DetectorSpec:
         """Read the metadata ``pipeline fit`` writes into head.safetensors; errors name the missing or bad key."""
+        from ..heads import CheckpointError
         from ..heads.calibration import METADATA_KEYS, HeadCalibration
-        from ..heads.head import CheckpointError
 
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing:
@@ -136,7 +135,7 @@ class DetectorSpec:
     @classmethod
     def from_json(cls, document: Mapping[str, Any], where: Path) -> DetectorSpec:
         """Read :meth:`to_json`'s fields back (``config.json`` of an exported detector)."""
-        from ..heads.calibration import HeadCalibration
+        from ..heads import HeadCalibration
 
         try:
             backbone = document["backbone"]
@@ -159,7 +158,7 @@ class DetectorSpec:
 
 def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
     """The head and its spec from a run folder, an exported folder, a head.safetensors or an authors' .pth."""
-    from ..heads.head import load_head, load_official_checkpoint
+    from ..heads import load_head, load_official_checkpoint
 
     path = Path(path)
     if path.is_dir():
@@ -180,7 +179,7 @@ def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
 
 
 def read_exported(folder: Path) -> tuple[RineHead, DetectorSpec]:
-    from ..heads.head import load_head
+    from ..heads import load_head
 
     config = folder / CONFIG_FILE
     try:
@@ -362,7 +361,7 @@ class Detector:
 
     def scores(self, logits: torch.Tensor) -> np.ndarray:
         """Probability of fake from crop logits (B, n_crops): ``sigmoid(mean logit / temperature)``."""
-        from ..heads.calibration import calibrated_scores
+        from ..heads import calibrated_scores
 
         return calibrated_scores(logits, self.spec.temperature)
 

@@ -43,7 +43,7 @@ import yaml
 
 from .. import __version__
 from ..files import atomic_path, disk_errors_explained
-from ..heads.head import RineHead
+from ..heads import RineHead
 from ..names import THRESHOLD_RULES, VAL_SPLIT
 from ..results import OK, ResultRow, read_result_rows
 from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files

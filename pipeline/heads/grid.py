@@ -1,101 +1,62 @@
-"""Run a grid of head configs from cached features; one results row per run x dataset.
+"""Run a grid of head configs from cached features: plan the stores, fit the groups here or on a Dask
+cluster, write ``results.csv`` and ``selection.csv``.
 
-Configs that may train together (``train.group_key``: all but xi and the
-calibration equal) are fitted and scored as fused groups of at most ``MAX_GROUP_SIZE``
-(``train.fit_group``; ``FitConfig.fuse=False`` fits each alone); each
-config still gets its own run folder, metrics and head. The evaluation
-stores are loaded once per process and the training views stream through
-one shared ``ViewCache``; every group (also with ``--jobs N``, which uses
-threads) reads the same tensors. With ``FitConfig.cluster`` the groups run
-on a Dask cluster's workers instead (``pipeline.heads.cluster``; joblib's Dask
-backend): each worker process loads the stores for its first group and keeps
-them (``run_group_on_worker``), writes its runs' folders, and this process
-assembles the results. Stores that do not fit the memory budget
-(``FitConfig.memory_budget``, default ``devices.available_memory``) are not
-loaded: their batches are gathered from the shard files, with the same
-results. Each run writes a folder named by a hash of its config, its data
-and ``RUN_PROTOCOL``, with ``metrics.csv`` written last:
-a folder with it is finished and skipped on re-run. A failing config becomes
-an error row and the grid goes on unless ``fail_fast``; a disk error a user
-can fix (full, read-only, denied) stops the grid with one ``WriteError``
-naming the file (``files.disk_errors_explained``).
-
-Checked before anything is fitted: the stores hold the tap and model the
-grid declares (undeclared, they are taken from the stores, so results are
-labelled with what the features are) and the same kind of features, and
-every config's training rows hold both labels. A test dataset whose rows
-are all invalid gets a row with ``n = 0`` and status ``no_valid_rows``.
-
-After every run, ``results.csv`` and ``selection.csv`` are written (format
-and selection rules: ``pipeline.results``), and each selected run gets
-``embeddings.npz``: the head's z for a seeded sample of at most
-``EMBEDDING_ROWS_PER_SET`` rows per test set (center-crop test entries), which
-the report draws as a t-SNE.
+Configs that may train together (``train.group_key``) are fitted and scored as fused groups of at most
+``MAX_GROUP_SIZE`` (``FitConfig.fuse=False`` fits each alone); each config keeps its own run folder. The
+evaluation stores are loaded once per process and shared by every group (``--jobs N`` threads); with
+``FitConfig.cluster`` the groups run on a Dask cluster's workers instead (``cluster.py``), each worker keeping
+the stores it loaded (``run_group_on_worker``). A run's folder is named by a hash of its config, its data and
+``RUN_PROTOCOL``; a finished run is skipped on re-run; a failing config becomes an error row and the grid goes
+on unless ``fail_fast``. Checked before anything is fitted: the stores hold the declared tap and model and
+the same kind of features, and every config's training rows hold both labels.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import threading
 import time
 import traceback
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import yaml
 from joblib import Parallel, delayed, parallel_config
 from tqdm.auto import tqdm
 
 from .. import cache
-from ..devices import available_memory, bf16_is_fast, exact_float32, peak_memory, resolve_device
+from ..devices import available_memory, bf16_is_fast, exact_float32, resolve_device
 from ..errors import PipelineWarning
-from ..files import atomic_path, disk_errors_explained, explain_os_error, write_text_atomic
-from ..names import CENTER, MAX_GROUP_SIZE, VAL_SPLIT
+from ..files import disk_errors_explained, explain_os_error, write_text_atomic
+from ..names import MAX_GROUP_SIZE
 from ..results import (
     ERROR,
-    NO_VALID_ROWS,
-    OK,
     RESULT_COLUMNS,
     SELECTION_COLUMNS,
-    SETTING_FIELDS,
-    HeadConfig,
     ResultRow,
-    Setting,
     read_result_rows,
     select_runs,
     selection_record,
     summarize_runs,
     write_csv,
 )
-from ..results.metrics import compute_metrics
-from .calibration import calibrate_head
 from .cluster import ClusterConfig, dask_client, pin_worker
-from .config import GridConfig, RunConfig, StoreRef, classes_label, make_run_config, run_config_dict
-from .head import count_parameters, load_head, save_head
-from .train import (
+from .config import GridConfig, RunConfig, StoreRef, run_config_dict
+from .embeddings import write_embeddings
+from .evaluate import GroupContext, error_row, fit_and_evaluate_group
+from .stores import (
     DataError,
-    FitResult,
-    LoadedStore,
+    GridData,
     OneLabelError,
     TrainStore,
     check_compatible,
-    class_mask,
     evaluation_variants,
-    fit_group,
-    forward_rows,
-    fusable_groups,
-    group_logits,
     load_store,
     open_info,
     open_train_store,
@@ -104,6 +65,7 @@ from .train import (
     training_rows,
     variant_bytes,
 )
+from .train import fusable_groups
 
 # Bumped whenever training or scoring changes what a config computes, so that
 # finished runs of an older protocol are not reused. 2: the authors' lr
@@ -114,10 +76,6 @@ from .train import (
 # row by row, so that no number depends on the count of torch threads. 6: scores in float32 whatever the
 # training precision (bf16 runs scored in bf16 before), float32 matmuls at "highest" precision.
 RUN_PROTOCOL = 6
-EMBEDDING_ROWS_PER_SET = 200
-EMBEDDINGS_FILE = "embeddings.npz"
-
-YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text, ~5x faster per run folder
 
 
 class ViewReuseWarning(PipelineWarning):
@@ -173,16 +131,6 @@ class GridStores:
     def run_views(self, run: RunConfig) -> tuple[str, ...]:
         """The distinct views a run reads, in epoch order."""
         return tuple(dict.fromkeys(self.train_views[epoch % len(self.train_views)] for epoch in range(run.epochs)))
-
-
-@dataclass(frozen=True)
-class GridData:
-    """The stores of a grid, opened once and shared by every run."""
-
-    train: TrainStore
-    val: LoadedStore
-    tests: tuple[LoadedStore, ...]
-    identity: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -399,9 +347,6 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
     )
 
 
-# ----------------------------------------------------------------------------- a group of configs: one joblib task
-
-
 @dataclass(frozen=True)
 class GridTask:
     """What every group of a grid needs besides its context: plain data, pickled to the Dask workers."""
@@ -454,6 +399,8 @@ def run_group(
 # The grid stores a Dask worker process has loaded (at most one set), by ``GridTask.data_key``: loaded for its first
 # group and kept for every later one, of this grid or of the next on the same stores.
 _WORKER_CONTEXT: dict[str, GroupContext] = {}
+
+
 _WORKER_CONTEXT_LOCK = threading.Lock()
 
 
@@ -471,260 +418,3 @@ def run_group_on_worker(task: GridTask, group: list[int]) -> list[tuple[int, lis
         context = dataclasses.replace(_WORKER_CONTEXT[key], spec=task.spec, fuse=task.fuse)
     with exact_float32():
         return run_group(task, context, group)
-
-
-def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
-    """A run's row before anything is scored: its setting and head config."""
-    n_classes = None
-    if data is not None and data.train.rows.classes is not None:
-        n_classes = len(set(data.train.rows.classes.tolist())) if run.classes is None else len(run.classes)
-    values = dataclasses.asdict(run)
-    setting = Setting(
-        model=spec.model,
-        tap=spec.tap,
-        train=spec.train.name,
-        **{name: values[name] for name in SETTING_FIELDS if name in values and name != "classes"},
-        classes=classes_label(run.classes),
-        n_classes=n_classes,
-    )
-    head = HeadConfig(run.contrastive_factor, run.proj_layers, run.proj_dim)
-    return ResultRow(run=rid, status=OK, error="", grid=spec.name, head=head, setting=setting)
-
-
-def error_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str, message: str) -> ResultRow:
-    return dataclasses.replace(base_row(spec, data, run, rid), status=ERROR, error=message)
-
-
-@dataclass(frozen=True)
-class GroupContext:
-    """What every group of a grid shares: the spec, the stores, the device and where features live."""
-
-    spec: GridConfig
-    data: GridData  # (None only for a grid with nothing left to fit, which has no group)
-    device: torch.device
-    memory_budget: int
-    placement: tuple[bool, ...]  # in memory (True) or streamed, per store: train, val, tests
-    fuse: bool
-
-
-@dataclass(frozen=True)
-class Evaluated:
-    """One split evaluated by one head: the rows scored, their logits (N, n_crops), and the rows in scope."""
-
-    store: LoadedStore
-    rows: np.ndarray
-    logits: torch.Tensor
-    scope: np.ndarray  # bool per store row: rows the split reports on (valid or not)
-
-
-def fit_and_evaluate_group(
-    context: GroupContext, members: list[tuple[int, RunConfig, str]], runs_dir: Path, progress: bool = False
-) -> list[tuple[int, list[ResultRow]]]:
-    """Fit a group of configs together, run val and every test store through all its heads at once, write each run."""
-    data = context.data
-    configs = [run for _, run, _ in members]
-    first = configs[0]  # the group shares classes, so it shares the val rows
-    val_scope = evaluation_scope(data.val, first)
-    val_rows = np.flatnonzero(val_scope & data.val.rows.valid)
-    if not len(val_rows):
-        raise DataError(f"{data.val.ref.name}: no valid row of the run's classes to choose its thresholds on")
-    group = fit_group(data.train, configs, device=context.device, progress=progress)
-    scoring_start = time.perf_counter()
-    val_logits = group_logits(group.stack, data.val, val_rows, first)
-    tests = []
-    for test in data.tests:
-        test_rows = np.flatnonzero(test.rows.valid)
-        tests.append((test, test_rows, group_logits(group.stack, test, test_rows, first)))
-    group_record = {
-        "runs": [rid for _, _, rid in members],
-        "fused": context.fuse,
-        "fit_seconds": group.fit_seconds,
-        "score_seconds": time.perf_counter() - scoring_start,  # val and every test entry, all heads at once
-        "cuda_graph": group.cuda_graph,
-    }
-    finished = []
-    for position, ((index, run, rid), fit) in enumerate(zip(members, group.results(), strict=True)):
-        val = Evaluated(data.val, val_rows, val_logits[position], val_scope)
-        evaluated = [
-            Evaluated(test, rows, logits[position], np.ones(len(test.rows), dtype=bool)) for test, rows, logits in tests
-        ]
-        record = {"group": {**group_record, "index": position}}
-        finished.append((index, write_run(context, run, rid, runs_dir / rid, fit, val, evaluated, record)))
-    return finished
-
-
-def write_run(
-    context: GroupContext,
-    run: RunConfig,
-    rid: str,
-    folder: Path,
-    fit: FitResult,
-    val: Evaluated,
-    tests: list[Evaluated],
-    record: dict[str, Any],
-) -> list[ResultRow]:
-    """Calibrate one fitted run on val, write its folder (scores, head, config, fit.json, then metrics.csv)."""
-    spec, data = context.spec, context.data
-    folder.mkdir(parents=True, exist_ok=True)
-    head = fit.head
-    base = dataclasses.replace(
-        base_row(spec, data, run, rid),
-        n_params=count_parameters(head),
-        fit_seconds=round(fit.fit_seconds, 4),
-        views_used=fit.views_used,
-        views_reused=fit.views_reused,
-    )
-    calibration = calibrate_head(run.calibration, val.logits, data.val.rows.labels[val.rows], data.val.ref.name)
-    rows: list[ResultRow] = []
-    splits = [(VAL_SPLIT, val, None)] + [(t.store.ref.name, t, calibration.threshold_values()) for t in tests]
-    for split, evaluated, thresholds in splits:
-        scores = calibration.scores(evaluated.logits)
-        write_scores(folder / f"scores_{split}.csv", evaluated.store, evaluated.rows, scores)
-        rows += metric_rows(base, split, evaluated.store, evaluated.rows, scores, thresholds, evaluated.scope)
-
-    save_head(head, folder / "head.safetensors", {**head_metadata(data.train, run), **calibration.to_metadata()})
-    write_text_atomic(
-        folder / "config.yaml", yaml.dump(run_document(spec, run, data), Dumper=YAML_DUMPER, sort_keys=False)
-    )
-    refs = (data.train.ref, data.val.ref, *(t.ref for t in data.tests))
-    fit_info = {
-        "fit_seconds": fit.fit_seconds,
-        "n_train": fit.n_train,
-        "n_train_invalid": fit.n_train_invalid,
-        "epoch_losses": list(fit.epoch_losses),
-        "epoch_lrs": list(fit.epoch_lrs),
-        "epoch_views": list(fit.epoch_views),
-        "views_used": fit.views_used,
-        "views_reused": fit.views_reused,
-        "amp": run.amp,
-        **record,
-        "features": {ref.name: "memory" if here else "streamed" for ref, here in zip(refs, context.placement)},
-        "memory_budget_bytes": context.memory_budget,
-        "peak_memory_bytes": peak_memory(context.device),
-        "device": str(context.device),
-        "torch": torch.__version__,
-    }
-    write_text_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
-    write_csv(folder / "metrics.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
-    return rows
-
-
-def evaluation_scope(store: LoadedStore, run: RunConfig) -> np.ndarray:
-    """Rows a split reports on (valid or not): on a store with classes, those of the run's training classes."""
-    classes = run.classes if store.rows.classes is not None else None
-    return class_mask(store.rows, classes, store.info.path)
-
-
-def metric_rows(
-    base: ResultRow,
-    split: str,
-    store: LoadedStore,
-    rows: np.ndarray,
-    scores: np.ndarray,
-    val_thresholds: Mapping[str, float] | None,
-    scope: np.ndarray | None = None,
-) -> list[ResultRow]:
-    """One row per dataset in ``scope`` (all rows by default); a dataset without a valid row gets ``n = 0`` and
-    status ``no_valid_rows``, saying why."""
-    table = store.rows
-    scope = np.ones(len(table), dtype=bool) if scope is None else scope
-    labels = table.labels[rows]
-    datasets = table.datasets[rows]
-    out = []
-    for dataset in sorted(set(table.datasets[scope].tolist())):
-        invalid = np.flatnonzero(scope & ~table.valid & (table.datasets == dataset))
-        mask = datasets == dataset
-        row = dataclasses.replace(
-            base,
-            split=split,
-            variant=store.ref.variant or CENTER,
-            dataset=dataset,
-            n=int(mask.sum()),
-            n_invalid=len(invalid),
-        )
-        if not mask.any():
-            example = f"{table.paths[invalid[0]]}: {table.errors[invalid[0]]}"
-            reason = f"all {len(invalid)} rows of {dataset} are invalid, e.g. {example}"
-            out.append(dataclasses.replace(row, status=NO_VALID_ROWS, error=reason))
-            continue
-        metrics = compute_metrics(labels[mask], scores[mask], val_thresholds)
-        out.append(dataclasses.replace(row, metrics=metrics.columns()))
-    return out
-
-
-def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.ndarray) -> None:
-    table = store.rows
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "dataset", "score"])
-    for row, score in zip(rows, scores):
-        writer.writerow([table.paths[row], int(table.labels[row]), table.datasets[row], repr(float(score))])
-    write_text_atomic(path, buffer.getvalue())
-
-
-def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
-    identity = train.info.identity
-    return {
-        "head_blocks": run.head_blocks,
-        "amp": run.amp,
-        "model": identity.model_id,
-        "model_revision": identity.model_revision,
-        "tap": identity.tap,
-        "store_blocks": json.dumps(list(store_block_indices(identity))),
-        "store_dtype": identity.dtype,
-        "crop_size": str(identity.crop_size),
-    }
-
-
-def run_document(spec: GridConfig, run: RunConfig, data: GridData) -> dict[str, Any]:
-    return {
-        "grid": spec.name,
-        "run": run_config_dict(run),
-        "data": data.identity,
-        "stores": {
-            "train": str(data.train.ref.path),
-            "val": str(data.val.ref.path),
-            "tests": {t.ref.name: str(t.ref.path) for t in data.tests},
-        },
-    }
-
-
-def embedding_sample(store: LoadedStore, per_set: int = EMBEDDING_ROWS_PER_SET, seed: int = 0) -> np.ndarray:
-    """Sorted valid rows: at most ``per_set`` per dataset, drawn with a fixed seed (the same for every run)."""
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for dataset in sorted(set(store.rows.datasets.tolist())):
-        candidates = np.flatnonzero((store.rows.datasets == dataset) & store.rows.valid)
-        if len(candidates) > per_set:
-            candidates = rng.choice(candidates, size=per_set, replace=False)
-        chosen.append(candidates)
-    return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
-
-
-def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[Path], device: torch.device) -> None:
-    """embeddings.npz for each selected run folder that has a head and no embeddings yet."""
-    missing = [folder for folder in dict.fromkeys(folders) if not (folder / EMBEDDINGS_FILE).is_file()]
-    missing = [folder for folder in missing if (folder / "head.safetensors").is_file()]
-    refs = [ref for ref in spec.tests if (ref.variant or CENTER) == CENTER]
-    if not missing or not refs:
-        return
-    if data is not None:
-        tests = [t for t in data.tests if t.ref in refs]
-    else:  # a finished grid: a few hundred rows per set, gathered from the shard files
-        tests = [load_store(ref, device, in_memory=False) for ref in refs]
-    samples = [(test, embedding_sample(test)) for test in tests]
-    for folder in missing:
-        head = load_head(folder / "head.safetensors")[0].to(device)
-        run = make_run_config(yaml.safe_load((folder / "config.yaml").read_text())["run"], str(folder / "config.yaml"))
-        parts: dict[str, list[np.ndarray]] = {"z": [], "label": [], "dataset": [], "split": [], "path": []}
-        for test, rows in samples:
-            _, z = forward_rows(head, test.features[CENTER], rows, run)
-            parts["z"].append(z.numpy())
-            parts["label"].append(test.rows.labels[rows].astype(np.int8))
-            parts["dataset"].append(test.rows.datasets[rows].astype(str))
-            parts["split"].append(np.full(len(rows), test.ref.name))
-            parts["path"].append(test.rows.paths[rows].astype(str))
-        arrays = {key: np.concatenate(values) for key, values in parts.items()}
-        with atomic_path(folder / EMBEDDINGS_FILE) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **arrays)

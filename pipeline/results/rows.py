@@ -12,10 +12,7 @@ from typing import Any, NamedTuple
 
 from ..errors import PipelineError
 from ..files import write_text_atomic
-from ..names import (
-    LIST_SEPARATOR,
-    UNPERTURBED_VARIANTS,
-)
+from ..names import LIST_SEPARATOR, UNPERTURBED_VARIANTS
 from .metrics import METRIC_NAMES
 
 OK, ERROR = "ok", "error"

@@ -8,14 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..names import (
-    BEST_BY_TEST,
-    BEST_BY_VAL,
-    LIST_SEPARATOR,
-    PAPER_DATASETS,
-    SELECTION_RULES,
-    VAL_SPLIT,
-)
+from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, PAPER_DATASETS, SELECTION_RULES, VAL_SPLIT
 from .rows import HEAD_COLUMNS, OK, SETTING_COLUMNS, SETTING_FIELDS, ResultRow, Setting, format_value
 
 

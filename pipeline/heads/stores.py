@@ -1,0 +1,295 @@
+"""The stores stage two reads, in memory or streamed, and the rows a run trains and is scored on.
+
+A store's variants are either read whole into one tensor (on the GPU when there is one) that every group of a
+process shares (``InMemoryFeatures``), or, beyond the memory budget, streamed (``StreamedFeatures``): each
+batch gathered row by row from the shard files (``cache.open_feature_rows``), with the same values, so results
+do not depend on where the features live (tested bit for bit). Training views are loaded on demand by a
+``ViewCache`` shared by the runs of a process: the view of epoch e when it starts and the next one in the
+background, at most ``capacity`` (2) idle views kept.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import cache
+from ..errors import PipelineError
+from ..names import CENTER, TEN_CROP
+from ..variants import ten_crop_variants
+from .config import RunConfig, StoreRef
+
+VIEW_CACHE_CAPACITY = 2
+
+
+class DataError(PipelineError, RuntimeError):
+    """Stores that cannot be trained or evaluated on as asked."""
+
+
+class OneLabelError(DataError):
+    """Training rows that are all real or all fake."""
+
+
+def store_block_indices(identity: cache.StoreIdentity) -> tuple[int, ...]:
+    """The backbone blocks a store holds (the one place that names the identity field)."""
+    return identity.block_indices
+
+
+@dataclass(frozen=True)
+class InMemoryFeatures:
+    """A variant read whole into one tensor (store dtype, on the training device)."""
+
+    tensor: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (a CPU int64 tensor, any order) as (len, n_blocks, dim), store dtype, on the device."""
+        return self.tensor.index_select(0, rows.to(self.tensor.device, non_blocking=True))
+
+
+@dataclass(frozen=True)
+class StreamedFeatures:
+    """A variant left on disk: each batch is gathered from the shard files (training beyond memory)."""
+
+    rows: cache.FeatureRows
+    device: torch.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        try:
+            array = self.rows.gather(rows.numpy())
+        except cache.StoreError as error:
+            raise DataError(str(error)) from None
+        return torch.from_numpy(array).to(self.device)
+
+
+FeatureSource = InMemoryFeatures | StreamedFeatures
+
+
+def variant_bytes(info: cache.StoreInfo) -> int:
+    """Bytes of one variant of a store's features."""
+    identity = info.identity
+    return info.n_rows * len(store_block_indices(identity)) * identity.dim * np.dtype(identity.dtype).itemsize
+
+
+def open_variant(ref: StoreRef, variant: str, device: torch.device, in_memory: bool) -> FeatureSource:
+    """One variant of a store as a feature source: read whole, or opened for streaming."""
+    try:
+        if in_memory:
+            return InMemoryFeatures(torch.from_numpy(cache.read_features(ref.path, variant)).to(device))
+        return StreamedFeatures(cache.open_feature_rows(ref.path, variant), device)
+    except cache.StoreError as error:
+        raise DataError(f"{ref.name}: {error}") from None
+
+
+@dataclass(frozen=True)
+class LoadedStore:
+    """An evaluation store's rows and the features of the variants a grid scores."""
+
+    ref: StoreRef
+    info: cache.StoreInfo
+    rows: cache.RowTable
+    features: dict[str, FeatureSource]  # variant -> its features
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+
+class ViewCache:
+    """Training views (variant name -> feature source) loaded on demand, shared by the runs of a process.
+
+    ``acquire(name)`` returns a future of the view and holds it until
+    ``release(name)``; a view no run holds stays cached, least recently used
+    first out, while more than ``capacity`` views are resident. Loads run on
+    one background thread, so acquiring the next epoch's view prefetches it.
+    ``loads`` counts the loads per view (a view evicted and needed again is
+    loaded again); ``peak_resident`` is the most views held at once.
+    """
+
+    def __init__(self, load: Callable[[str], FeatureSource], capacity: int = VIEW_CACHE_CAPACITY) -> None:
+        self._load = load
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _CachedView] = OrderedDict()
+        self._executor: ThreadPoolExecutor | None = None
+        self.loads: Counter[str] = Counter()
+        self.peak_resident = 0
+
+    def acquire(self, name: str) -> Future[FeatureSource]:
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is None or (entry.future.done() and entry.future.exception() is not None):
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="view-loader")
+                entry = _CachedView(self._executor.submit(self._load_counted, name))
+                self._entries[name] = entry
+            entry.holders += 1
+            self._entries.move_to_end(name)
+            self._evict()
+            self.peak_resident = max(self.peak_resident, len(self._entries))
+            return entry.future
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._entries[name]
+            entry.holders -= 1
+            if entry.holders == 0 and entry.future.done() and entry.future.exception() is not None:
+                del self._entries[name]
+            self._evict()
+
+    def close(self) -> None:
+        """Drop every cached view and stop the loader thread."""
+        with self._lock:
+            self._entries.clear()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _load_counted(self, name: str) -> FeatureSource:
+        source = self._load(name)
+        with self._lock:
+            self.loads[name] += 1
+        return source
+
+    def _evict(self) -> None:
+        idle = [name for name, entry in self._entries.items() if entry.holders == 0]
+        while len(self._entries) > self.capacity and idle:
+            del self._entries[idle.pop(0)]
+
+
+@dataclass
+class _CachedView:
+    future: Future[FeatureSource]
+    holders: int = 0
+
+
+@dataclass(frozen=True)
+class TrainStore:
+    """The training store: its rows, its training views (names) and the cache that loads them."""
+
+    ref: StoreRef
+    info: cache.StoreInfo
+    rows: cache.RowTable
+    views: tuple[str, ...]
+    view_cache: ViewCache = field(compare=False)
+    in_memory: bool = True  # False: batches are gathered from the shard files
+
+    def epoch_views(self, epochs: int) -> tuple[str, ...]:
+        """The view each epoch reads: view e mod K."""
+        return tuple(self.views[epoch % len(self.views)] for epoch in range(epochs))
+
+
+def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
+    """The complete training views of a store (or the variant the grid names, or ``center`` without views)."""
+    if ref.variant is not None:
+        return (ref.variant,)
+    views = info.train_views()
+    if views:
+        return views
+    if CENTER in info.complete_variants:
+        return (CENTER,)
+    raise DataError(f"{info.path}: no complete training views; extract it with --augment")
+
+
+def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
+    """Variants scored for an evaluation store: one, or the ten crops."""
+    if ref.variant == TEN_CROP:
+        return tuple(spec.name for spec in ten_crop_variants())
+    return (ref.variant or CENTER,)
+
+
+def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> LoadedStore:
+    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming)."""
+    features = {variant: open_variant(ref, variant, device, in_memory) for variant in evaluation_variants(ref)}
+    return LoadedStore(ref=ref, info=open_info(ref), rows=cache.read_rows(ref.path), features=features)
+
+
+def open_train_store(
+    ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None, in_memory: bool = True
+) -> TrainStore:
+    """The training store with a view cache that reads (or opens for streaming) its views on demand."""
+    info = open_info(ref)
+    views = views or train_views(info, ref)
+    view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
+    return TrainStore(ref, info, cache.read_rows(ref.path), views, view_cache, in_memory)
+
+
+def open_info(ref: StoreRef) -> cache.StoreInfo:
+    try:
+        return cache.open_store_info(ref.path)
+    except cache.StoreError as error:
+        raise DataError(f"{ref.name}: {error}") from None
+
+
+def check_compatible(infos: list[cache.StoreInfo]) -> None:
+    """Refuse to train on one store and score another made differently."""
+    first = infos[0]
+    for other in infos[1:]:
+        differences = first.identity.compatible_features(other.identity)
+        if differences:
+            raise DataError(f"{other.path} and {first.path} hold different features:\n  " + "\n  ".join(differences))
+
+
+def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Path) -> np.ndarray:
+    """Rows of ``classes`` (all rows when None), valid or not."""
+    if classes is None:
+        return np.ones(len(rows), dtype=bool)
+    if rows.classes is None:
+        raise DataError(f"{where}: the store has no class column, so classes={list(classes)} cannot be selected")
+    present = set(rows.classes.tolist())
+    missing = sorted(set(classes) - present)
+    if missing:
+        raise DataError(f"{where}: classes {missing} not in the store (it has {sorted(present)})")
+    return np.isin(rows.classes, classes)
+
+
+def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
+    """Rows a run trains on, and how many invalid rows of its classes were excluded.
+
+    Raises ``OneLabelError`` when the valid rows of the run's classes are all
+    real or all fake (before ``train_fraction`` draws from them), and
+    ``DataError`` when fewer than two rows are usable.
+    """
+    of_classes = class_mask(store.rows, config.classes, store.info.path)
+    rows = np.flatnonzero(of_classes & store.rows.valid)
+    n_invalid = int(np.count_nonzero(of_classes)) - len(rows)
+    labels = set(store.rows.labels[rows].tolist())
+    if len(labels) == 1:
+        which = "real (label 0)" if labels == {0} else "fake (label 1)"
+        classes = "all classes" if config.classes is None else f"classes {list(config.classes)}"
+        raise OneLabelError(
+            f"{store.info.path}: the {len(rows)} valid training rows of {classes} are all {which}; "
+            "a detector needs real and fake images to train on"
+        )
+    if config.train_fraction < 1.0:
+        rng = np.random.default_rng([config.seed, len(rows)])
+        count = max(2, round(config.train_fraction * len(rows)))
+        rows = np.sort(rng.choice(rows, size=count, replace=False))
+    if len(rows) < 2:
+        raise DataError(f"{store.info.path}: only {len(rows)} usable training rows")
+    return rows, n_invalid
+
+
+@dataclass(frozen=True)
+class GridData:
+    """The stores of a grid, opened once and shared by every run."""
+
+    train: TrainStore
+    val: LoadedStore
+    tests: tuple[LoadedStore, ...]
+    identity: dict[str, Any]
