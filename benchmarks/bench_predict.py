@@ -39,7 +39,7 @@ import torch
 from _common import add_scratch_options, print_machine, quiet_transformers, save_random_clip, scratch_dir
 from PIL import Image
 
-from pipeline.detector.predict import PredictConfig, run_predict
+from pipeline.detector import PredictConfig, run_predict
 from pipeline.features import Backbone, BackboneConfig, images
 from pipeline.heads import RineHead, calibrate_head, save_head
 

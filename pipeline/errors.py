@@ -9,6 +9,8 @@ keeps its traceback.
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 
 class PipelineError(Exception):
     """A problem with the user's data, files or options, explained by its message."""
@@ -16,3 +18,12 @@ class PipelineError(Exception):
 
 class PipelineWarning(UserWarning):
     """Something the user should know that does not stop the work; the CLI prints it as ``Warning: <message>``."""
+
+
+class ExitCode(IntEnum):
+    """The exit statuses of every ``pipeline`` command."""
+
+    OK = 0  # everything asked for was done
+    ERROR = 1  # a PipelineError (one ``Error:`` line), or a grid with failed configs
+    USAGE = 2  # bad options, refused before any work (click's usage errors)
+    PARTIAL = 3  # done, but some inputs could not be used: too many undecodable images, unscorable images

@@ -43,7 +43,7 @@ def library_error_types() -> list[type[Exception]]:
 def test_every_library_error_derives_from_the_one_base() -> None:
     errors = {error.__name__: error for error in library_error_types()}
     assert {"StoreError", "ExtractError", "ManifestError", "ConfigError", "DataError", "ReportError", "PredictError",
-            "CheckpointError", "PaperError", "ExportError", "DemoError"} <= set(errors)  # fmt: skip
+            "CheckpointError", "PaperError", "ExportError", "HDF5Error", "DemoError"} <= set(errors)  # fmt: skip
     # Not errors of a command: extraction records an ImageDecodeError per row (valid=false) and goes on;
     # the private shard reader's ShardFileError becomes a StoreError in cache.read_features.
     not_derived = sorted(name for name, error in errors.items() if not issubclass(error, PipelineError))

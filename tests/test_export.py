@@ -13,8 +13,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from pipeline.cli import main
-from pipeline.detector.detector import Detector
-from pipeline.detector.export import ExportConfig, run_export
+from pipeline.detector import Detector, ExportConfig, run_export
 from pipeline.results import read_result_rows
 
 

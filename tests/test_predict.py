@@ -23,9 +23,16 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from conftest import TINY_CLIP, make_folder_dataset, write_image
 from pipeline.cli import main
-from pipeline.detector.detector import Detector, PredictError, read_detector_files
-from pipeline.detector.output import PREDICTION_COLUMNS, OutputError
-from pipeline.detector.predict import PredictConfig, collect_inputs, run_predict
+from pipeline.detector import (
+    PREDICTION_COLUMNS,
+    Detector,
+    OutputError,
+    PredictConfig,
+    PredictError,
+    collect_inputs,
+    read_detector_files,
+    run_predict,
+)
 from pipeline.features import Backbone, BackboneConfig, images
 from pipeline.names import DEFAULT_MODEL, THRESHOLD_RULES
 from pipeline.results.metrics import operating_point

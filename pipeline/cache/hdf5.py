@@ -45,7 +45,7 @@ _STRING = h5py.string_dtype("utf-8")
 _STORE_OWN_ATTRIBUTES = {"schema", "split", "n_rows", "variants"} | {f.name for f in fields(StoreIdentity)}
 
 
-class ExportError(PipelineError):
+class HDF5Error(PipelineError):
     """A store that cannot be exported, or a file that is not an exported store."""
 
 
@@ -70,7 +70,7 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
     info = open_store_info(store)
     incomplete = [name for name in info.variants if name not in info.complete_variants]
     if incomplete:
-        raise ExportError(
+        raise HDF5Error(
             f"{store}: variant(s) {', '.join(incomplete)} are incomplete; finish the extraction "
             f"(re-run the same `pipeline extract`) before exporting"
         )
@@ -125,7 +125,7 @@ def write_attributes(attrs: h5py.AttributeManager, values: dict[str, Any]) -> No
 
 def read_attributes(attrs: h5py.AttributeManager, where: Path) -> dict[str, Any]:
     if JSON_ATTRIBUTES not in attrs:
-        raise ExportError(
+        raise HDF5Error(
             f"{where}: not a feature store exported by `pipeline cache export` (no {JSON_ATTRIBUTES} attribute)"
         )
     as_json = set(json.loads(attrs[JSON_ATTRIBUTES]))
@@ -146,11 +146,11 @@ def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress:
     """Read an exported HDF5 file back into a feature store at ``store`` (written whole, then renamed)."""
     source, store = Path(source), Path(store)
     if store.exists() and not overwrite:
-        raise ExportError(f"{store} exists; choose another path or pass --overwrite")
+        raise HDF5Error(f"{store} exists; choose another path or pass --overwrite")
     try:
         handle = h5py.File(source, "r")
     except OSError as error:
-        raise ExportError(f"{source}: cannot be read as HDF5 ({error})") from None
+        raise HDF5Error(f"{source}: cannot be read as HDF5 ({error})") from None
     with handle, atomic_path(store) as tmp:
         n_rows, variants = write_store_from(handle, source, tmp, progress)
         delete_store(store)  # --overwrite: the old store goes only once the new one is whole
@@ -173,7 +173,7 @@ def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool
     """Write the store held by an open export to ``path``; (rows, variants)."""
     attrs = read_attributes(handle.attrs, source)
     if attrs.get("schema") != SCHEMA:
-        raise ExportError(f"{source}: schema {attrs.get('schema')!r}, expected {SCHEMA!r}")
+        raise HDF5Error(f"{source}: schema {attrs.get('schema')!r}, expected {SCHEMA!r}")
     strings = {
         name: handle[name].asstr()[:].tolist() for name in ("paths", "dataset", "class", "error") if name in handle
     }

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .. import cache
-from ..errors import PipelineError, PipelineWarning
+from ..errors import ExitCode, PipelineError, PipelineWarning
 from ..features import LAYOUTS, build_manifest
 from ..features.manifest import check_split_name, manifest_path, sidecar_path, write_manifest
 from ..files import disk_errors_explained
@@ -39,9 +39,6 @@ from ..names import (
 
 # Each command imports its own stage inside its body, so that `pipeline --help`
 # and stage one do not pay for loading stage two (and the other way round).
-
-
-EXIT_TOO_MANY_INVALID = 3
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:
@@ -447,7 +444,7 @@ def extract_command(
     except TooManyInvalid as error:
         click.echo(error.summary.report(), err=True)
         click.echo(f"Error: {error}", err=True)
-        raise SystemExit(EXIT_TOO_MANY_INVALID) from None
+        raise SystemExit(ExitCode.PARTIAL) from None
     click.echo(summary.report(), err=True)
     for path in summary.stores.values():
         click.echo(str(path))
@@ -690,7 +687,7 @@ def fit_command(
     )
     click.echo(str(summary.results))
     if summary.n_errors:
-        raise SystemExit(1)
+        raise SystemExit(ExitCode.ERROR)
 
 
 def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
@@ -712,7 +709,7 @@ def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
 
 
 def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from ..detector.detector import parse_threshold
+    from ..detector import parse_threshold
 
     if value is not None:
         try:
@@ -820,7 +817,7 @@ def predict_command(
     rows say why); 1 an error (e.g. a head file that cannot be read, a
     backbone other than the head's); 2 bad options.
     """
-    from ..detector.predict import PredictConfig, run_predict
+    from ..detector import PredictConfig, run_predict
 
     config = PredictConfig(
         head=head_path,
@@ -843,7 +840,7 @@ def predict_command(
     if out is not None:
         click.echo(str(out))
     if summary.failures:
-        raise SystemExit(3)
+        raise SystemExit(ExitCode.PARTIAL)
 
 
 @main.command("export")
@@ -867,7 +864,7 @@ def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> Non
     `Detector.load(OUT)`. The backbone weights are not copied: they load from
     the hub (or the local folder) the config names.
     """
-    from ..detector.export import ExportConfig, run_export
+    from ..detector import ExportConfig, run_export
 
     summary = run_export(ExportConfig(run_dir=run_dir, out=out, onnx=onnx, overwrite=overwrite))
     click.echo(summary.report(), err=True)
@@ -1035,4 +1032,4 @@ def paper_command(
     if summary.reports_dir is not None:
         click.echo(str(summary.reports_dir))
     if summary.n_failed_runs:
-        raise SystemExit(1)
+        raise SystemExit(ExitCode.ERROR)

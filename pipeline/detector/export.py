@@ -42,15 +42,20 @@ import torch
 import yaml
 
 from .. import __version__
+from ..errors import PipelineError
 from ..files import atomic_path, disk_errors_explained
 from ..heads import RineHead
 from ..names import THRESHOLD_RULES, VAL_SPLIT
 from ..results import OK, ResultRow, read_result_rows
-from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, PredictError, read_detector_files
+from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, read_detector_files
 
 ONNX_FILE = "detector.onnx"
 ONNX_OPSET = 17
 RUN_FILES = (HEAD_FILE, "config.yaml", "metrics.csv")
+
+
+class ExportError(PipelineError, RuntimeError):
+    """A run folder that cannot be exported, or an --out that must not be overwritten."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class RunRecord:
 def read_run(folder: Path) -> RunRecord:
     missing = [name for name in RUN_FILES if not (folder / name).is_file()]
     if missing:
-        raise PredictError(f"{folder}: not a finished run folder of `pipeline fit` (no {', '.join(missing)})")
+        raise ExportError(f"{folder}: not a finished run folder of `pipeline fit` (no {', '.join(missing)})")
     head, spec = read_detector_files(folder / HEAD_FILE)
     document = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
     fit_file = folder / "fit.json"
@@ -134,9 +139,9 @@ def run_export(config: ExportConfig) -> ExportSummary:
     record = read_run(Path(config.run_dir))
     out = Path(config.out)
     if out.exists() and not is_exported_folder(out):
-        raise PredictError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
+        raise ExportError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
     if out.exists() and not config.overwrite:
-        raise PredictError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
+        raise ExportError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
     detector = Detector.load(record.folder, device="cpu", dtype="float32") if config.onnx else None
     with disk_errors_explained(out), atomic_path(out) as tmp:
         tmp.mkdir()
@@ -185,7 +190,7 @@ def export_onnx(detector: Detector, path: Path) -> None:
     try:
         import onnx  # noqa: F401 - torch.onnx needs it
     except ImportError:
-        raise PredictError("--onnx needs the onnx package: pip install 'rine-pipeline[export]'") from None
+        raise ExportError("--onnx needs the onnx package: pip install 'rine-pipeline[export]'") from None
     size = detector.backbone.crop_size
     example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
     module = PixelsToScore(detector).eval()
