@@ -230,3 +230,11 @@ def locked(lock: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def check_split_name(split: str) -> None:
+    """A split name becomes a file stem (``manifests/<split>.csv``, ``<split>.zarr``): refuse anything else."""
+    if not split or split.startswith(".") or any(c in split for c in "/\\\0\n\r"):
+        raise ValueError(
+            f"split name must be a plain file stem (not empty, no '/', '\\' or leading '.'), got {split!r}"
+        )

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import PipelineError
-from ..files import disk_errors_explained, replace_files_atomically
+from ..files import check_split_name, disk_errors_explained, replace_files_atomically
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"
@@ -110,13 +110,6 @@ def manifest_path(manifests_dir: Path, split: str) -> Path:
 
 def sidecar_path(csv_path: Path) -> Path:
     return Path(csv_path).with_suffix(".json")
-
-
-def check_split_name(split: str) -> None:
-    if not split or split.startswith(".") or any(c in split for c in "/\\\0\n\r"):
-        raise ValueError(
-            f"split name must be a plain file stem (not empty, no '/', '\\' or leading '.'), got {split!r}"
-        )
 
 
 def csv_header(with_classes: bool) -> list[str]:

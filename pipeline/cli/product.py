@@ -1,0 +1,182 @@
+"""The product's commands: ``predict`` (score images with a head) and ``export`` (a detector folder)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..errors import ExitCode
+from ..names import (
+    COMPUTE_DTYPES,
+    CROPS,
+    DEFAULT_MAX_PIXELS,
+)
+from .group import main
+from .options import (
+    DEVICE_OPTION,
+)
+
+
+def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from ..detector import parse_threshold
+
+    if value is not None:
+        try:
+            parse_threshold(value)
+        except ValueError as error:
+            raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from ..names import OUTPUT_FORMATS
+
+    if value is not None and value.suffix.lower() not in OUTPUT_FORMATS:
+        raise click.BadParameter(f"{value}: the name must end with one of {', '.join(OUTPUT_FORMATS)}")
+    if value is not None and value.suffix.lower() == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise click.BadParameter(
+                f"{value}: Parquet needs pyarrow (pip install pyarrow); or use .csv/.jsonl"
+            ) from None
+    return value
+
+
+@main.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--head",
+    "head_path",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, a folder written by `pipeline export`, "
+    "or an official RINE .pth checkpoint.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=_check_output,
+    help="Output file: .csv, .jsonl or .parquet (pyarrow), written batch by batch; re-running with the same "
+    "--out skips the images it holds. Default: CSV on stdout.",
+)
+@click.option(
+    "--crop",
+    type=click.Choice(CROPS),
+    default="center",
+    help="center: the evaluation crop (no resize); tencrop: ten crops scored by the sigmoid of their mean logit "
+    "(the authors' protocol for large images); auto: ten crops for images whose shorter side is at least "
+    "--auto-min-side.",
+)
+@click.option(
+    "--auto-min-side",
+    type=click.IntRange(1),
+    default=None,
+    help="--crop auto: shorter side (pixels) from which an image gets ten crops. Default: twice the crop (448).",
+)
+@click.option(
+    "--threshold",
+    callback=_check_threshold,
+    help="val (best val accuracy), eer (equal error rate on val), fpr1 / fpr5 (1 % / 5 % false positives on val "
+    "reals), or a number such as 0.5. Default: val; 0.5 for the authors' .pth (they carry no val thresholds).",
+)
+@click.option(
+    "--model", default=None, help="Another backbone than the one recorded with the head (needs --allow-other-backbone)."
+)
+@click.option(
+    "--allow-other-backbone",
+    is_flag=True,
+    help="Score even when the backbone (model id, revision or content) is not the head's; recorded in the output.",
+)
+@DEVICE_OPTION
+@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)), help="Backbone compute dtype.")
+@click.option("--batch-size", type=click.IntRange(1), default=32)
+@click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=DEFAULT_MAX_PIXELS,
+    help="Images with more pixels get an error row instead of a score.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def predict_command(
+    inputs,
+    head_path,
+    out,
+    crop,
+    auto_min_side,
+    threshold,
+    model,
+    allow_other_backbone,
+    device,
+    dtype,
+    batch_size,
+    workers,
+    max_pixels,
+    no_progress,
+) -> None:
+    """Score images: files, folders (recursive), a CSV with a path column, or a .txt list of paths.
+
+    \b
+    One row per image: path, score (probability of fake), label (fake when
+    score >= threshold), threshold, threshold_name, crop, width, height,
+    format, backbone, error. Images that cannot be used get a row with the
+    reason in `error` and no score.
+    Exit status: 0 every image scored; 3 some images could not be scored (their
+    rows say why); 1 an error (e.g. a head file that cannot be read, a
+    backbone other than the head's); 2 bad options.
+    """
+    from ..detector import PredictConfig, run_predict
+
+    config = PredictConfig(
+        head=head_path,
+        inputs=tuple(inputs),
+        out=out,
+        crop=crop,
+        auto_min_side=auto_min_side,
+        threshold=threshold,
+        model=model,
+        allow_other_backbone=allow_other_backbone,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        decode_workers=workers,
+        max_pixels=max_pixels,
+        progress=not no_progress,
+    )
+    summary = run_predict(config, sys.stdout, log=lambda line: click.echo(line, err=True))
+    click.echo(summary.report(), err=True)
+    if out is not None:
+        click.echo(str(out))
+    if summary.failures:
+        raise SystemExit(ExitCode.PARTIAL)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to create.")
+@click.option(
+    "--onnx",
+    is_flag=True,
+    help="Also write detector.onnx: backbone + head as one graph, uint8 RGB crops -> logit and score "
+    "(needs onnx; pip install 'rine-pipeline[export]').",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it is a detector folder written by `pipeline export`.")
+def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> None:
+    """Write a trained run (RUN_DIR = runs/<grid>/runs/<id>) as a self-contained detector folder.
+
+    \b
+    OUT gets head.safetensors, config.json (backbone id and revision, tap,
+    blocks, crop, thresholds, temperature) and README.md (a model card: training
+    data, config, metrics, intended use and limitations, how to load); with
+    --onnx also detector.onnx. Load it with `pipeline predict --head OUT` or
+    `Detector.load(OUT)`. The backbone weights are not copied: they load from
+    the hub (or the local folder) the config names.
+    """
+    from ..detector import ExportConfig, run_export
+
+    summary = run_export(ExportConfig(run_dir=run_dir, out=out, onnx=onnx, overwrite=overwrite))
+    click.echo(summary.report(), err=True)
+    click.echo(str(summary.out))
