@@ -445,6 +445,7 @@ def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_floa
     """The bf16 probe forced on changes nothing; ``amp: bf16`` is recorded everywhere and still scores in float32."""
     from pipeline import devices
     from pipeline.heads import load_head
+    from pipeline.results.run_folder import CALIBRATION_METADATA_KEYS, HEAD_METADATA_KEYS
 
     monkeypatch.setenv(devices.CPU_BF16_ENV, "1")
     grid = "  proj_dim: [16]\n" + ("" if amp is None else f"  amp: [{amp}]\n")
@@ -455,6 +456,7 @@ def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_floa
     assert json.loads((folder / "fit.json").read_text())["amp"] == expected
     head, metadata = load_head(folder / "head.safetensors")
     assert metadata["amp"] == expected
+    assert {*HEAD_METADATA_KEYS, *CALIBRATION_METADATA_KEYS} <= set(metadata)  # the detector's contract
     saved = {row["path"]: float(row["score"]) for row in read(folder / "scores_test.csv")}
     rows = cache.read_rows(stores / "test.zarr")
     valid = np.flatnonzero(rows.valid)

@@ -7,14 +7,9 @@ from pathlib import Path
 import click
 
 from ..errors import ExitCode
-from ..names import (
-    PAPER_BACKBONES,
-)
+from ..names import PAPER_BACKBONES
 from .group import main
-from .options import (
-    DEVICE_OPTION,
-    _comma_list,
-)
+from .options import DEVICE_OPTION, _comma_list
 
 
 @main.command("demo")

@@ -7,9 +7,7 @@ from pathlib import Path
 import click
 
 from ..files import check_split_name
-from ..names import (
-    DEFAULT_ALIGN_QUALITY,
-)
+from ..names import DEFAULT_ALIGN_QUALITY
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:

@@ -8,15 +8,9 @@ from pathlib import Path
 import click
 
 from ..errors import ExitCode
-from ..names import (
-    COMPUTE_DTYPES,
-    CROPS,
-    DEFAULT_MAX_PIXELS,
-)
+from ..names import COMPUTE_DTYPES, CROPS, DEFAULT_MAX_PIXELS
 from .group import main
-from .options import (
-    DEVICE_OPTION,
-)
+from .options import DEVICE_OPTION
 
 
 def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:

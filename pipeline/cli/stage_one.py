@@ -28,13 +28,7 @@ from ..names import (
     TAPS,
 )
 from .group import main
-from .options import (
-    ALIGN_QUALITY_OPTION,
-    DEVICE_OPTION,
-    _check_split,
-    _comma_list,
-    _split_options,
-)
+from .options import ALIGN_QUALITY_OPTION, DEVICE_OPTION, _check_split, _comma_list, _split_options
 
 
 @main.command("manifest")

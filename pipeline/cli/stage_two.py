@@ -7,16 +7,9 @@ from pathlib import Path
 import click
 
 from ..errors import ExitCode
-from ..names import (
-    AMP_MODES,
-    DEFAULT_RESAMPLES,
-)
+from ..names import AMP_MODES, DEFAULT_RESAMPLES
 from .group import main
-from .options import (
-    DEVICE_OPTION,
-    ByteSize,
-    _comma_list,
-)
+from .options import DEVICE_OPTION, ByteSize, _comma_list
 
 
 @main.command("fit")

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..names import CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD
+from ..results.run_folder import CALIBRATION_METADATA_KEYS, HEAD_FILE, REQUIRED_HEAD_METADATA
 
 if TYPE_CHECKING:
     import torch
@@ -50,8 +51,6 @@ if TYPE_CHECKING:
 FIXED = "fixed"  # the threshold name of a number given by the user (0.5 included)
 EXPORT_FORMAT = "rine-pipeline/detector@1"
 CONFIG_FILE = "config.json"
-HEAD_FILE = "head.safetensors"
-REQUIRED_METADATA = ("model", "model_revision", "tap", "store_blocks")
 
 
 class PredictError(PipelineError, RuntimeError):
@@ -93,10 +92,9 @@ class DetectorSpec:
     @classmethod
     def from_head_metadata(cls, metadata: Mapping[str, str], where: Path) -> DetectorSpec:
         """Read the metadata ``pipeline fit`` writes into head.safetensors; errors name the missing or bad key."""
-        from ..heads import CheckpointError
-        from ..heads.calibration import METADATA_KEYS, HeadCalibration
+        from ..heads import CheckpointError, HeadCalibration
 
-        missing = [key for key in REQUIRED_METADATA if key not in metadata]
+        missing = [key for key in REQUIRED_HEAD_METADATA if key not in metadata]
         if missing:
             raise CheckpointError(
                 f"{where}: head metadata lacks {', '.join(missing)}; not a head written by `pipeline fit`"
@@ -105,7 +103,7 @@ class DetectorSpec:
             blocks = tuple(int(b) for b in json.loads(metadata["store_blocks"]))
         except (ValueError, TypeError) as error:
             raise CheckpointError(f"{where}: head metadata store_blocks is not a list of blocks ({error})") from None
-        has_calibration = any(key in metadata for key in METADATA_KEYS)  # heads of older versions have none
+        has_calibration = any(key in metadata for key in CALIBRATION_METADATA_KEYS)  # heads of older versions have none
         return cls(
             model=metadata["model"],
             revision=metadata["model_revision"] or None,
@@ -120,9 +118,9 @@ class DetectorSpec:
 
     def to_json(self) -> dict[str, Any]:
         """The typed fields of ``config.json`` (``pipeline export``); calibration keys null without one."""
-        from ..heads.calibration import METADATA_KEYS
-
-        calibration = dict.fromkeys(METADATA_KEYS) if self.calibration is None else self.calibration.as_json()
+        calibration = (
+            dict.fromkeys(CALIBRATION_METADATA_KEYS) if self.calibration is None else self.calibration.as_json()
+        )
         return {
             "backbone": {"model": self.model, "revision": self.revision, "tap": self.tap},
             "block_indices": None if self.block_indices is None else list(self.block_indices),

@@ -39,19 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from .. import __version__
 from ..errors import PipelineError
 from ..files import atomic_path, disk_errors_explained
 from ..heads import RineHead
 from ..names import THRESHOLD_RULES, VAL_SPLIT
-from ..results import OK, ResultRow, read_result_rows
-from .detector import CONFIG_FILE, EXPORT_FORMAT, HEAD_FILE, Detector, DetectorSpec, read_detector_files
+from ..results import OK, ResultRow
+from ..results.run_folder import HEAD_FILE, RunDocument, RunFolder
+from .detector import CONFIG_FILE, EXPORT_FORMAT, Detector, DetectorSpec, read_detector_files
 
 ONNX_FILE = "detector.onnx"
 ONNX_OPSET = 17
-RUN_FILES = (HEAD_FILE, "config.yaml", "metrics.csv")
 
 
 class ExportError(PipelineError, RuntimeError):
@@ -79,10 +78,10 @@ class ExportSummary:
 class RunRecord:
     """What a run folder says about the trained head."""
 
-    folder: Path
+    folder: RunFolder
     head: RineHead
     spec: DetectorSpec
-    document: dict[str, Any]  # config.yaml
+    document: RunDocument  # config.yaml
     fit: dict[str, Any]  # fit.json ({} when absent)
     rows: tuple[ResultRow, ...]  # metrics.csv
 
@@ -91,21 +90,19 @@ class RunRecord:
         return next((row.variant for row in self.rows if row.split == VAL_SPLIT and row.variant), "center")
 
 
-def read_run(folder: Path) -> RunRecord:
-    missing = [name for name in RUN_FILES if not (folder / name).is_file()]
+def read_run(path: Path) -> RunRecord:
+    folder = RunFolder(path)
+    missing = folder.missing()
     if missing:
-        raise ExportError(f"{folder}: not a finished run folder of `pipeline fit` (no {', '.join(missing)})")
-    head, spec = read_detector_files(folder / HEAD_FILE)
-    document = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
-    fit_file = folder / "fit.json"
-    fit = json.loads(fit_file.read_text(encoding="utf-8")) if fit_file.is_file() else {}
-    rows = tuple(row for _, row in read_result_rows(folder / "metrics.csv") if row.status == OK)
-    return RunRecord(folder, head, spec, document, fit, rows)
+        raise ExportError(f"{path}: not a finished run folder of `pipeline fit` (no {', '.join(missing)})")
+    head, spec = read_detector_files(folder.head_path)
+    rows = tuple(row for row in folder.read_metrics() if row.status == OK)
+    return RunRecord(folder, head, spec, folder.read_document(), folder.read_fit(), rows)
 
 
 def config_document(record: RunRecord, onnx: bool) -> dict[str, Any]:
     head = record.head
-    data = record.document.get("data", {})
+    data = record.document.data
     document = {
         "format": EXPORT_FORMAT,
         **record.spec.to_json(),
@@ -119,8 +116,8 @@ def config_document(record: RunRecord, onnx: bool) -> dict[str, Any]:
             "aggregation": head.aggregation,
         },
         "source": {
-            "run": record.folder.name,
-            "grid": record.document.get("grid"),
+            "run": record.folder.run_id,
+            "grid": record.document.grid,
             "train_split": data.get("train", {}).get("name"),
             "package_version": __version__,
         },
@@ -142,10 +139,10 @@ def run_export(config: ExportConfig) -> ExportSummary:
         raise ExportError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
-    detector = Detector.load(record.folder, device="cpu", dtype="float32") if config.onnx else None
+    detector = Detector.load(record.folder.path, device="cpu", dtype="float32") if config.onnx else None
     with disk_errors_explained(out), atomic_path(out) as tmp:
         tmp.mkdir()
-        shutil.copyfile(record.folder / HEAD_FILE, tmp / HEAD_FILE)
+        shutil.copyfile(record.folder.head_path, tmp / HEAD_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config_document(record, config.onnx), indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(record, out.name, config.onnx), encoding="utf-8")
         if detector is not None:
@@ -217,8 +214,8 @@ def percent(value: float) -> str:
 
 def model_card(record: RunRecord, name: str, onnx: bool) -> str:
     spec = record.spec
-    run = record.document.get("run", {})
-    data = record.document.get("data", {})
+    run = record.document.run
+    data = record.document.data
     train = data.get("train", {})
     head = record.head
     setting = record.rows[0].setting if record.rows else None

@@ -33,10 +33,10 @@ import torch
 
 from ..names import CALIBRATIONS, THRESHOLD_RULES
 from ..results.metrics import POINT_FIELDS, OperatingPoint, choose_thresholds
+from ..results.run_folder import CALIBRATION_METADATA_KEYS
 from .head import CheckpointError, crop_scores
 
 TEMPERATURE_RANGE = (1e-2, 1e2)  # a fitted temperature is clipped into it
-METADATA_KEYS: tuple[str, ...] = ("calibration", "temperature", "val_split", "n_val", "thresholds")
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class HeadCalibration:
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], where: object) -> HeadCalibration:
         """Read what :meth:`to_metadata` wrote; ``CheckpointError`` names the missing or bad key."""
-        missing = [key for key in METADATA_KEYS if key not in metadata]
+        missing = [key for key in CALIBRATION_METADATA_KEYS if key not in metadata]
         if missing:
             raise CheckpointError(f"{where}: head metadata lacks {', '.join(missing)} (calibration and thresholds)")
         try:

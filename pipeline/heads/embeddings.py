@@ -1,24 +1,21 @@
-"""The selected runs' embeddings for the report's t-SNE: the head's z on a seeded sample of at most ``EMBEDDING_ROWS_PER_SET`` valid rows per test set of each center-crop test entry (``embeddings.npz``)."""
+"""The selected runs' embeddings for the report's t-SNE: the head's z on a seeded sample of at most
+``EMBEDDING_ROWS_PER_SET`` valid rows per test set of each center-crop test entry (``embeddings.npz``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
-import yaml
 
 from ..files import atomic_path
 from ..names import CENTER
+from ..results.run_folder import RunFolder
 from .config import GridConfig, make_run_config
 from .head import load_head
 from .scoring import forward_rows
 from .stores import GridData, LoadedStore, load_store
 
 EMBEDDING_ROWS_PER_SET = 200
-
-
-EMBEDDINGS_FILE = "embeddings.npz"
 
 
 def embedding_sample(store: LoadedStore, per_set: int = EMBEDDING_ROWS_PER_SET, seed: int = 0) -> np.ndarray:
@@ -33,10 +30,11 @@ def embedding_sample(store: LoadedStore, per_set: int = EMBEDDING_ROWS_PER_SET, 
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
 
 
-def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[Path], device: torch.device) -> None:
+def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[RunFolder], device: torch.device) -> None:
     """embeddings.npz for each selected run folder that has a head and no embeddings yet."""
-    missing = [folder for folder in dict.fromkeys(folders) if not (folder / EMBEDDINGS_FILE).is_file()]
-    missing = [folder for folder in missing if (folder / "head.safetensors").is_file()]
+    missing = [
+        folder for folder in dict.fromkeys(folders) if folder.has_head() and not folder.embeddings_path.is_file()
+    ]
     refs = [ref for ref in spec.tests if (ref.variant or CENTER) == CENTER]
     if not missing or not refs:
         return
@@ -46,8 +44,8 @@ def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[Path
         tests = [load_store(ref, device, in_memory=False) for ref in refs]
     samples = [(test, embedding_sample(test)) for test in tests]
     for folder in missing:
-        head = load_head(folder / "head.safetensors")[0].to(device)
-        run = make_run_config(yaml.safe_load((folder / "config.yaml").read_text())["run"], str(folder / "config.yaml"))
+        head = load_head(folder.head_path)[0].to(device)
+        run = make_run_config(folder.read_document().run, str(folder.config_path))
         parts: dict[str, list[np.ndarray]] = {"z": [], "label": [], "dataset": [], "split": [], "path": []}
         for test, rows in samples:
             _, z = forward_rows(head, test.features[CENTER], rows, run)
@@ -57,6 +55,6 @@ def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[Path
             parts["split"].append(np.full(len(rows), test.ref.name))
             parts["path"].append(test.rows.paths[rows].astype(str))
         arrays = {key: np.concatenate(values) for key, values in parts.items()}
-        with atomic_path(folder / EMBEDDINGS_FILE) as tmp:
+        with atomic_path(folder.embeddings_path) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(handle, **arrays)

@@ -4,9 +4,7 @@ head calibrated on val, and each run's folder written (scores, head, config, fit
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import json
 import time
 from collections.abc import Mapping
@@ -16,31 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from ..devices import peak_memory
-from ..files import write_text_atomic
 from ..names import CENTER, VAL_SPLIT
-from ..results import (
-    ERROR,
-    NO_VALID_ROWS,
-    OK,
-    RESULT_COLUMNS,
-    SETTING_FIELDS,
-    HeadConfig,
-    ResultRow,
-    Setting,
-    write_csv,
-)
+from ..results import ERROR, NO_VALID_ROWS, OK, SETTING_FIELDS, HeadConfig, ResultRow, Setting
 from ..results.metrics import compute_metrics
+from ..results.run_folder import RunDocument, RunFolder, ScoreFile
 from .calibration import calibrate_head
 from .config import GridConfig, RunConfig, classes_label, run_config_dict
 from .head import count_parameters, save_head
 from .scoring import group_logits
 from .stores import DataError, GridData, LoadedStore, TrainStore, class_mask, store_block_indices
 from .train import FitResult, fit_group
-
-YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: the same text, ~5x faster per run folder
 
 
 def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) -> ResultRow:
@@ -119,15 +104,14 @@ def fit_and_evaluate_group(
             Evaluated(test, rows, logits[position], np.ones(len(test.rows), dtype=bool)) for test, rows, logits in tests
         ]
         record = {"group": {**group_record, "index": position}}
-        finished.append((index, write_run(context, run, rid, runs_dir / rid, fit, val, evaluated, record)))
+        finished.append((index, write_run(context, run, RunFolder(runs_dir / rid), fit, val, evaluated, record)))
     return finished
 
 
 def write_run(
     context: GroupContext,
     run: RunConfig,
-    rid: str,
-    folder: Path,
+    folder: RunFolder,
     fit: FitResult,
     val: Evaluated,
     tests: list[Evaluated],
@@ -135,10 +119,10 @@ def write_run(
 ) -> list[ResultRow]:
     """Calibrate one fitted run on val, write its folder (scores, head, config, fit.json, then metrics.csv)."""
     spec, data = context.spec, context.data
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.path.mkdir(parents=True, exist_ok=True)
     head = fit.head
     base = dataclasses.replace(
-        base_row(spec, data, run, rid),
+        base_row(spec, data, run, folder.run_id),
         n_params=count_parameters(head),
         fit_seconds=round(fit.fit_seconds, 4),
         views_used=fit.views_used,
@@ -149,33 +133,32 @@ def write_run(
     splits = [(VAL_SPLIT, val, None)] + [(t.store.ref.name, t, calibration.threshold_values()) for t in tests]
     for split, evaluated, thresholds in splits:
         scores = calibration.scores(evaluated.logits)
-        write_scores(folder / f"scores_{split}.csv", evaluated.store, evaluated.rows, scores)
+        folder.write_scores(split, score_file(evaluated.store, evaluated.rows, scores))
         rows += metric_rows(base, split, evaluated.store, evaluated.rows, scores, thresholds, evaluated.scope)
 
-    save_head(head, folder / "head.safetensors", {**head_metadata(data.train, run), **calibration.to_metadata()})
-    write_text_atomic(
-        folder / "config.yaml", yaml.dump(run_document(spec, run, data), Dumper=YAML_DUMPER, sort_keys=False)
-    )
+    save_head(head, folder.head_path, {**head_metadata(data.train, run), **calibration.to_metadata()})
+    folder.write_document(run_document(spec, run, data))
     refs = (data.train.ref, data.val.ref, *(t.ref for t in data.tests))
-    fit_info = {
-        "fit_seconds": fit.fit_seconds,
-        "n_train": fit.n_train,
-        "n_train_invalid": fit.n_train_invalid,
-        "epoch_losses": list(fit.epoch_losses),
-        "epoch_lrs": list(fit.epoch_lrs),
-        "epoch_views": list(fit.epoch_views),
-        "views_used": fit.views_used,
-        "views_reused": fit.views_reused,
-        "amp": run.amp,
-        **record,
-        "features": {ref.name: "memory" if here else "streamed" for ref, here in zip(refs, context.placement)},
-        "memory_budget_bytes": context.memory_budget,
-        "peak_memory_bytes": peak_memory(context.device),
-        "device": str(context.device),
-        "torch": torch.__version__,
-    }
-    write_text_atomic(folder / "fit.json", json.dumps(fit_info, indent=2))
-    write_csv(folder / "metrics.csv", RESULT_COLUMNS, (row.to_csv() for row in rows))
+    folder.write_fit(
+        {
+            "fit_seconds": fit.fit_seconds,
+            "n_train": fit.n_train,
+            "n_train_invalid": fit.n_train_invalid,
+            "epoch_losses": list(fit.epoch_losses),
+            "epoch_lrs": list(fit.epoch_lrs),
+            "epoch_views": list(fit.epoch_views),
+            "views_used": fit.views_used,
+            "views_reused": fit.views_reused,
+            "amp": run.amp,
+            **record,
+            "features": {ref.name: "memory" if here else "streamed" for ref, here in zip(refs, context.placement)},
+            "memory_budget_bytes": context.memory_budget,
+            "peak_memory_bytes": peak_memory(context.device),
+            "device": str(context.device),
+            "torch": torch.__version__,
+        }
+    )
+    folder.write_metrics(rows)
     return rows
 
 
@@ -222,17 +205,13 @@ def metric_rows(
     return out
 
 
-def write_scores(path: Path, store: LoadedStore, rows: np.ndarray, scores: np.ndarray) -> None:
+def score_file(store: LoadedStore, rows: np.ndarray, scores: np.ndarray) -> ScoreFile:
     table = store.rows
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "dataset", "score"])
-    for row, score in zip(rows, scores):
-        writer.writerow([table.paths[row], int(table.labels[row]), table.datasets[row], repr(float(score))])
-    write_text_atomic(path, buffer.getvalue())
+    return ScoreFile(table.paths[rows], table.labels[rows].astype(np.int64), table.datasets[rows], scores)
 
 
 def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
+    """The head's metadata (``run_folder.HEAD_METADATA_KEYS``): what it needs of the backbone and its features."""
     identity = train.info.identity
     return {
         "head_blocks": run.head_blocks,
@@ -246,14 +225,12 @@ def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
     }
 
 
-def run_document(spec: GridConfig, run: RunConfig, data: GridData) -> dict[str, Any]:
-    return {
-        "grid": spec.name,
-        "run": run_config_dict(run),
-        "data": data.identity,
-        "stores": {
-            "train": str(data.train.ref.path),
-            "val": str(data.val.ref.path),
-            "tests": {t.ref.name: str(t.ref.path) for t in data.tests},
-        },
-    }
+def run_document(spec: GridConfig, run: RunConfig, data: GridData) -> RunDocument:
+    return RunDocument(
+        grid=spec.name,
+        run=run_config_dict(run),
+        data=data.identity,
+        train_store=str(data.train.ref.path),
+        val_store=str(data.val.ref.path),
+        test_stores={t.ref.name: str(t.ref.path) for t in data.tests},
+    )

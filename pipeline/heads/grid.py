@@ -40,12 +40,12 @@ from ..results import (
     RESULT_COLUMNS,
     SELECTION_COLUMNS,
     ResultRow,
-    read_result_rows,
     select_runs,
     selection_record,
     summarize_runs,
     write_csv,
 )
+from ..results.run_folder import RunFolder
 from .cluster import ClusterConfig, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, run_config_dict
 from .embeddings import write_embeddings
@@ -277,7 +277,7 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
     warn_view_reuse(spec, stores)
     identity = stores.identity()
     ids = [run_id(run, identity, stores.run_views(run)) for run in runs]
-    todo = [i for i, rid in enumerate(ids) if not (out / "runs" / rid / "metrics.csv").is_file()]
+    todo = [i for i, rid in enumerate(ids) if not RunFolder.of(out, rid).is_finished()]
     memory_budget = options.memory_budget
     if memory_budget is None and client is not None and options.cluster.local_ram_sharers():
         memory_budget = available_memory(device) // options.cluster.local_ram_sharers()  # one copy per worker
@@ -329,13 +329,13 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
         if index in errors:
             all_rows.extend(errors[index])
         else:
-            all_rows.extend(row for _, row in read_result_rows(out / "runs" / rid / "metrics.csv"))
+            all_rows.extend(RunFolder.of(out, rid).read_metrics())
     results = out / "results.csv"
     write_csv(results, RESULT_COLUMNS, (row.to_csv() for row in all_rows))
     selections = select_runs(summarize_runs(all_rows).values(), spec.select_across)
     selection = out / "selection.csv"
     write_csv(selection, SELECTION_COLUMNS, (selection_record(s) for s in selections))
-    write_embeddings(spec, data, [out / "runs" / s.summary.run for s in selections], device)
+    write_embeddings(spec, data, [RunFolder.of(out, s.summary.run) for s in selections], device)
     return GridSummary(
         out=out,
         n_runs=len(ids),
@@ -391,7 +391,7 @@ def run_group(
         message = f"{type(error).__name__}: {error}"
         failed = []
         for index, run, rid in members:
-            write_text_atomic(runs_dir / rid / "error.txt", traceback.format_exc())
+            RunFolder(runs_dir / rid).write_error(traceback.format_exc())
             failed.append((index, [error_row(task.spec, context.data, run, rid, message)]))
         return failed
 

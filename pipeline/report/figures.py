@@ -32,7 +32,8 @@ from matplotlib.ticker import MaxNLocator
 from ..files import atomic_path
 from ..results import reference as ref
 from ..results.metrics import ECE_BINS, brier_score, expected_calibration_error, reliability_bins
-from .inputs import EMBEDDINGS_FILE, HEAD_FILE, GridResults, RunResult, Scores, all_runs, best_by_test_full_models
+from ..results.run_folder import EMBEDDINGS_FILE, HEAD_FILE
+from .inputs import GridResults, RunResult, Scores, all_runs, best_by_test_full_models
 from .tables import SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
 
 DPI = 100

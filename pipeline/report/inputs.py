@@ -29,9 +29,8 @@ from ..results import (
     summarize_runs,
 )
 from ..results import reference as ref
+from ..results.run_folder import RunFolder
 
-HEAD_FILE = "head.safetensors"
-EMBEDDINGS_FILE = "embeddings.npz"
 LDM_MARK = "ldm"  # a training split whose name holds it is the LDM training setting (paper mode: train_ldm)
 
 
@@ -72,7 +71,11 @@ class RunResult:
 
     @property
     def folder(self) -> Path:
-        return self.grid_dir / "runs" / self.run
+        return self.run_folder.path
+
+    @property
+    def run_folder(self) -> RunFolder:
+        return RunFolder.of(self.grid_dir, self.run)
 
     @property
     def setting(self) -> Setting:

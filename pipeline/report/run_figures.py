@@ -20,9 +20,10 @@ import numpy as np
 
 from ..names import CENTER, VAL_SPLIT
 from ..results.metrics import choose_thresholds
+from ..results.run_folder import HEAD_FILE
 from .analysis import RunKey, RunSection, run_key
 from .figures import PlotJob, new_figure, plot_reliability, save_png, wrap_title
-from .inputs import HEAD_FILE, RunResult
+from .inputs import RunResult
 from .scores import ScoredSplit, read_scored_split, scores_path
 from .tables import SkippedOutput, block_importance
 

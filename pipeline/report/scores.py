@@ -10,18 +10,14 @@ unknown, with the reason.
 
 from __future__ import annotations
 
-import csv
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ..names import VAL_SPLIT
-from .inputs import ReportError, RunResult
-
-SCORES_COLUMNS = ("path", "label", "dataset", "score")
+from ..results.run_folder import RunFolderError, ScoreFile
+from .inputs import RunResult
 
 
 @dataclass(frozen=True)
@@ -45,36 +41,13 @@ class ScoredSplit:
 
 
 def scores_path(run: RunResult, split: str) -> Path:
-    return run.folder / f"scores_{split}.csv"
+    return run.run_folder.scores_path(split)
 
 
 def read_scored_split(path: Path, split: str, variant: str) -> ScoredSplit:
     """Read a scores_<split>.csv; a missing column or a bad value names the file and line."""
-    paths, labels, datasets, scores = [], [], [], []
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = [column for column in SCORES_COLUMNS if column not in (reader.fieldnames or [])]
-        if missing:
-            raise ReportError(f"{path}: missing column(s) {missing} (expected {', '.join(SCORES_COLUMNS)})")
-        for record in reader:
-            try:
-                label, score = int(record["label"]), float(record["score"])
-            except ValueError:
-                raise ReportError(f"{path}:{reader.line_num}: label or score is not a number") from None
-            if label not in (0, 1) or not 0.0 <= score <= 1.0 or math.isnan(score):
-                raise ReportError(f"{path}:{reader.line_num}: label must be 0 or 1 and score in [0, 1]")
-            paths.append(record["path"])
-            labels.append(label)
-            datasets.append(record["dataset"])
-            scores.append(score)
-    return ScoredSplit(
-        split=split,
-        variant=variant,
-        paths=np.asarray(paths, dtype=str),
-        labels=np.asarray(labels, dtype=np.int64),
-        datasets=np.asarray(datasets, dtype=str),
-        scores=np.asarray(scores, dtype=np.float64),
-    )
+    scores = ScoreFile.read(path)
+    return ScoredSplit(split, variant, scores.paths, scores.labels, scores.datasets, scores.scores)
 
 
 def read_run_scores(run: RunResult, include_val: bool = False) -> tuple[list[ScoredSplit], list[str]]:
@@ -102,16 +75,15 @@ class StoreFacts:
 
 def store_facts(run: RunResult, split: str) -> StoreFacts:
     """The data root and crop size recorded in the store ``split`` was scored from (``config.yaml`` names it)."""
-    config_file = run.folder / "config.yaml"
-    if not config_file.is_file():
-        return StoreFacts(None, None, f"{config_file} is missing: the store of {split!r} is unknown")
+    folder = run.run_folder
+    if not folder.config_path.is_file():
+        return StoreFacts(None, None, f"{folder.config_path} is missing: the store of {split!r} is unknown")
     try:
-        stores = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("stores", {})
-        store = stores.get("val") if split == VAL_SPLIT else stores.get("tests", {}).get(split)
-    except (yaml.YAMLError, AttributeError) as error:
-        return StoreFacts(None, None, f"{config_file}: cannot read its stores ({error})")
+        store = folder.read_document().store_of(split, VAL_SPLIT)
+    except RunFolderError as error:
+        return StoreFacts(None, None, f"cannot read its stores ({error})")
     if store is None:
-        return StoreFacts(None, None, f"{config_file} names no store for {split!r}")
+        return StoreFacts(None, None, f"{folder.config_path} names no store for {split!r}")
     from .. import cache  # the door to the stores; imports zarr only when the report needs it
 
     try:

@@ -27,17 +27,9 @@ from ..names import BEST_BY_TEST, LIST_SEPARATOR, PAPER_DATASETS, PERTURBATIONS,
 from ..results import RESULT_COLUMNS, HeadConfig, best_run, format_value, mean_datasets, nan_mean
 from ..results import reference as ref
 from ..results.bootstrap import Interval
+from ..results.run_folder import HEAD_FILE
 from ..variants import VariantKind, VariantSpec
-from .inputs import (
-    HEAD_FILE,
-    GridResults,
-    RunResult,
-    Scores,
-    Selection,
-    all_runs,
-    all_selections,
-    best_by_test_full_models,
-)
+from .inputs import GridResults, RunResult, Scores, Selection, all_runs, all_selections, best_by_test_full_models
 
 if TYPE_CHECKING:
     from .analysis import ReportAnalysis
