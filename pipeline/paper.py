@@ -37,7 +37,8 @@ from . import cache
 from .errors import PipelineError
 from .features import manifest_path, read_manifest, write_manifest
 from .features.layouts import GENERATOR_DATASET_NAMES, LAYOUTS, UFD_REAL_FOLDERS, build_manifest
-from .names import PAPER_BACKBONES, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP
+from .names import CENTER, PAPER_BACKBONES
+from .variants import VariantGroup
 
 if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pipeline --help` stays fast)
     from .features import ExtractConfig, ExtractSummary
@@ -182,39 +183,22 @@ class DataCheck:
 
 
 @dataclass(frozen=True)
-class VariantGroup:
-    """What one extraction makes of a split's images: augmented views, or one evaluation group."""
-
-    training: bool = False  # seeded augmented views (a grid's train entry)
-    perturbation: str | None = None  # a robustness copy, e.g. "jpeg"
-    preset: str = "official"
-    ten_crop: bool = False
-
-    def sort_key(self) -> tuple[bool, str, bool]:
-        return (not self.training, self.perturbation or "", self.ten_crop)
-
-
-@dataclass(frozen=True)
 class ExtractJob:
     """One `pipeline extract` call: one split, one variant group, the taps that want it."""
 
     model: str
     cache_dir: Path
     split: str
-    group: VariantGroup
+    group: VariantGroup  # a training group counts its views in ``views``
     taps: tuple[str, ...]
     views: int = 1  # augmented views (training group)
 
+    @property
+    def variant_group(self) -> VariantGroup:
+        return VariantGroup.views(self.views) if self.group.is_training else self.group
+
     def describe(self) -> str:
-        if self.group.training:
-            what = f"{self.views} augmented view(s)"
-        elif self.group.ten_crop:
-            what = "ten crops"
-        elif self.group.perturbation is not None:
-            what = f"perturbation {self.group.perturbation}-{self.group.preset}"
-        else:
-            what = "center crop"
-        return f"{self.split} ({what}; {self.model}, tap {'+'.join(self.taps)})"
+        return f"{self.split} ({self.variant_group.describe()}; {self.model}, tap {'+'.join(self.taps)})"
 
     def extract_config(self, config: PaperConfig) -> ExtractConfig:
         """The `pipeline extract` configuration of this job."""
@@ -227,11 +211,7 @@ class ExtractJob:
             taps=self.taps,
             cache_dir=self.cache_dir,
             batch_size=config.batch_size,
-            views=self.views,
-            augment=self.group.training,
-            perturbation=self.group.perturbation,
-            perturb_preset=self.group.preset,
-            ten_crop=self.group.ten_crop,
+            variant_group=self.variant_group,
             progress=config.progress,
         )
 
@@ -323,14 +303,10 @@ def ref_cache_dir(spec: GridConfig, ref: StoreRef) -> Path | None:
 
 def evaluation_group(variant: str | None) -> VariantGroup | None:
     """The group an evaluation entry's variant asks for; None when paper mode cannot extract it."""
-    if variant in (None, "center"):
-        return VariantGroup()
-    if variant == TEN_CROP:
-        return VariantGroup(ten_crop=True)
-    perturbation, _, preset = variant.partition("-")
-    if perturbation in PERTURBATIONS and preset in PERTURB_PRESETS:
-        return VariantGroup(perturbation=perturbation, preset=preset)
-    return None
+    try:
+        return VariantGroup.from_name(variant or CENTER)
+    except ValueError:
+        return None
 
 
 def grid_skip_reason(spec: GridConfig, backbones: tuple[str, ...], data: DataCheck) -> str:
@@ -372,7 +348,7 @@ def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     for spec in fits:
         for ref in (spec.train, spec.val, *spec.tests):
             training = ref is spec.train
-            group = VariantGroup(training=True) if training else evaluation_group(ref.variant)
+            group = VariantGroup.views(1) if training else evaluation_group(ref.variant)
             views = max(run.epochs for run in spec.runs) if training else 1
             taps = wanted.setdefault((spec.model, ref_cache_dir(spec, ref), ref.path.stem, group), {})
             taps[spec.tap] = max(taps.get(spec.tap, 1), views)
@@ -387,7 +363,7 @@ def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     extractions: list[ExtractJob] = []
     split_order = list(SPLITS)
     for (model, cache_dir, split, group), taps in sorted(
-        wanted.items(), key=lambda item: (item[0][0], split_order.index(item[0][2]), item[0][3].sort_key())
+        wanted.items(), key=lambda item: (item[0][0], split_order.index(item[0][2]), not item[0][3].is_training, item[0][3].name)
     ):
         # Fewest views first, with every tap that wants at least that many: each view is
         # computed by one forward pass, and no tap stores more views than its grids read.

@@ -16,11 +16,15 @@ q95``                            way, JPEG at quality 95 (the number), then the
                                  center crop: no file-format shortcut left
 =================  ============  ==================================================
 
-The ten crops are scored together: ``TEN_CROP`` names that *group* (what a
-grid asks for), never a stored array; :func:`ten_crop_variants` lists its ten
-members. :meth:`VariantSpec.from_name` is the one parser of these names.
+What a user asks for is a :class:`VariantGroup`: ``center``, ``tencrop`` (the
+ten crops, scored together by the sigmoid of their mean logit; never a stored
+array), ``views`` (K seeded training views), a perturbed copy
+(``jpeg-official``) or a format-aligned one (``format-align-q95``), in one
+spelling across `pipeline extract`, a grid's ``variant:`` and `pipeline
+predict --crop`. :meth:`VariantSpec.from_name` parses stored names,
+:meth:`VariantGroup.from_name` the names users write.
 
-Torch- and Zarr-free: both stages reach it (stage two through ``cache``).
+Torch- and Zarr-free: both stages and the product use it.
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-from .names import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN, PERTURB_PRESETS, PERTURBATIONS, TEN_CROP, TEN_CROP_COUNT
+from .names import (
+    CENTER,
+    DEFAULT_ALIGN_QUALITY,
+    FORMAT_ALIGN,
+    PERTURB_PRESETS,
+    PERTURBATIONS,
+    TEN_CROP,
+    TEN_CROP_COUNT,
+    VIEWS,
+)
 
 _TRAIN_VIEW_NAME = re.compile(r"view_(\d{3,})")
 _TEN_CROP_NAME = re.compile(rf"{TEN_CROP}_(\d)")
@@ -122,3 +135,102 @@ class VariantSpec:
 def ten_crop_variants() -> tuple[VariantSpec, ...]:
     """The ten members of the ``TEN_CROP`` group, in torchvision's order."""
     return tuple(VariantSpec.ten_crop(i) for i in range(TEN_CROP_COUNT))
+
+
+@dataclass(frozen=True)
+class VariantGroup:
+    """Variants made or scored together: ``center``, ``tencrop``, ``views`` (``count`` training views), a
+    perturbed copy or a format-aligned copy. Build one with the static constructors or :meth:`from_name`."""
+
+    kind: VariantKind
+    count: int = 1  # training views: how many
+    perturbation: str | None = None
+    preset: str | None = None
+    quality: int | None = None
+
+    @staticmethod
+    def center() -> VariantGroup:
+        return VariantGroup(VariantKind.CENTER)
+
+    @staticmethod
+    def ten_crop() -> VariantGroup:
+        return VariantGroup(VariantKind.TEN_CROP, count=TEN_CROP_COUNT)
+
+    @staticmethod
+    def views(count: int) -> VariantGroup:
+        if count < 1:
+            raise ValueError(f"a group of training views holds at least one, got {count}")
+        return VariantGroup(VariantKind.TRAIN_VIEW, count=count)
+
+    @staticmethod
+    def perturbed(perturbation: str, preset: str) -> VariantGroup:
+        spec = VariantSpec.perturbed(perturbation, preset)  # checks both
+        return VariantGroup(VariantKind.PERTURB, perturbation=spec.perturbation, preset=spec.preset)
+
+    @staticmethod
+    def format_aligned(quality: int = DEFAULT_ALIGN_QUALITY) -> VariantGroup:
+        return VariantGroup(VariantKind.FORMAT_ALIGN, quality=VariantSpec.format_aligned(quality).quality)
+
+    @staticmethod
+    def from_name(name: str) -> VariantGroup:
+        """``center``, ``tencrop``, ``<perturbation>-<preset>`` or ``format-align-q<quality>``; ValueError else."""
+        if name == CENTER:
+            return VariantGroup.center()
+        if name == TEN_CROP:
+            return VariantGroup.ten_crop()
+        try:
+            spec = VariantSpec.from_name(name)
+        except ValueError:
+            spec = None
+        if spec is not None and spec.kind is VariantKind.PERTURB:
+            return VariantGroup.perturbed(spec.perturbation or "", spec.preset or "")
+        if spec is not None and spec.kind is VariantKind.FORMAT_ALIGN:
+            return VariantGroup.format_aligned(spec.quality or DEFAULT_ALIGN_QUALITY)
+        raise ValueError(
+            f"unknown variant group {name!r}: expected {CENTER}, {TEN_CROP}, <perturbation>-<preset> with a "
+            f"perturbation in {PERTURBATIONS} and a preset in {PERTURB_PRESETS}, or {FORMAT_ALIGN}-q<JPEG quality>"
+        )
+
+    @property
+    def name(self) -> str:
+        """How users write the group (training views: ``views``)."""
+        if self.kind is VariantKind.CENTER:
+            return CENTER
+        if self.kind is VariantKind.TEN_CROP:
+            return TEN_CROP
+        if self.kind is VariantKind.TRAIN_VIEW:
+            return VIEWS
+        return self.members[0].name
+
+    @property
+    def members(self) -> tuple[VariantSpec, ...]:
+        """The stored variants of the group, in order."""
+        if self.kind is VariantKind.CENTER:
+            return (VariantSpec.center(),)
+        if self.kind is VariantKind.TEN_CROP:
+            return ten_crop_variants()
+        if self.kind is VariantKind.TRAIN_VIEW:
+            return tuple(VariantSpec.train_view(view) for view in range(self.count))
+        if self.kind is VariantKind.PERTURB:
+            return (VariantSpec.perturbed(self.perturbation or "", self.preset or ""),)
+        return (VariantSpec.format_aligned(self.quality or DEFAULT_ALIGN_QUALITY),)
+
+    @property
+    def is_training(self) -> bool:
+        return self.kind is VariantKind.TRAIN_VIEW
+
+    @property
+    def is_perturbed(self) -> bool:
+        """A copy of the images other than the detector would see them: a perturbation or format alignment."""
+        return self.kind in (VariantKind.PERTURB, VariantKind.FORMAT_ALIGN)
+
+    def describe(self) -> str:
+        if self.kind is VariantKind.TRAIN_VIEW:
+            return f"{self.count} augmented view(s)"
+        if self.kind is VariantKind.TEN_CROP:
+            return "ten crops"
+        if self.kind is VariantKind.PERTURB:
+            return f"perturbation {self.name}"
+        if self.kind is VariantKind.FORMAT_ALIGN:
+            return f"format-aligned (JPEG quality {self.quality})"
+        return "center crop"

@@ -163,7 +163,7 @@ def trained_predict_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFa
               "--chunk-rows", "8", "--no-progress", "--device", "cpu"]  # fmt: skip
     invoke("extract", "--split", "train", "--manifest", str(manifests / "train.csv"), *common)
     invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), *common)
-    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--ten-crop", *common)
+    invoke("extract", "--split", "test", "--manifest", str(manifests / "test.csv"), "--crop", "tencrop", *common)
     grid = root / "grid.yaml"
     grid.write_text(
         f"name: p\nout: {root / 'runs'}\ndata:\n  cache_dir: {root / 'cache'}\n  model: {tiny_clip_dir}\n"

@@ -464,7 +464,6 @@ def test_cli_audit(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--threshold" in bad.stderr
     missing = CliRunner().invoke(main, ["audit", "--split", "nope", "--manifest", str(tmp_path / "nope.csv")])
     assert missing.exit_code == 1 and f"{tmp_path / 'nope.csv'}: no such file" in missing.stderr
-    assert "metadata shortcuts" in CliRunner().invoke(main, ["--help"]).stdout
     aligned = CliRunner().invoke(
         main, ["audit", "--split", "cli", "--manifest", str(csv_path), "--out", str(out), "--no-progress",
                "--perturb", "format-align", "--align-quality", "90"],

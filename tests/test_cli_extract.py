@@ -12,6 +12,7 @@ from PIL import Image
 from conftest import make_folder_dataset
 from pipeline import cache
 from pipeline.cli import main
+from pipeline.errors import PipelineWarning
 from pipeline.features import Backbone, BackboneConfig, images
 
 
@@ -180,54 +181,18 @@ def test_manifest_of_a_folder_without_label_folders_exits_1(tmp_path: Path) -> N
     assert "no folder named 0_real/ or 1_fake/" in result.output
 
 
-@pytest.mark.parametrize(
-    ("command", "options"),
-    [
-        (
-            ["manifest"],
-            [
-                "--layout",
-                "--root",
-                "--split",
-                "--manifests-dir",
-                "folder",
-                "cnndetection-train",
-                "ldm-train",
-                "ldm-val",
-                "--progan-root",
-                "--coco-root",
-            ],
-        ),
-        (
-            ["extract"],
-            [
-                "--split",
-                "--manifest",
-                "--model",
-                "--tap",
-                "ln2",
-                "hidden",
-                "--blocks",
-                "--cache-dir",
-                "--out",
-                "--shard-rows",
-                "--chunk-rows",
-                "--views",
-                "--perturb",
-                "--seed",
-                "--overwrite",
-                "--fail-fast",
-                "--max-pixels",
-            ],
-        ),
-        (["cache", "info"], ["PATH"]),
-    ],
-)
-def test_help_mentions_key_options(command: list[str], options: list[str]) -> None:
-    result = invoke(*command, "--help")
-    assert result.exit_code == 0
-    for option in options:
-        assert option in result.output, option
+def test_the_deprecated_ten_crop_flag_still_extracts_ten_crops_and_says_what_replaces_it(
+    extracted: dict, tmp_path: Path
+) -> None:
+    args = list(extracted["args"])
+    args[args.index("--cache-dir") + 1] = tmp_path / "cache"
+    with pytest.warns(PipelineWarning, match="--ten-crop is deprecated: use --crop tencrop"):
+        result = invoke(*args, "--ten-crop")
+    assert result.exit_code == 0, result.output
+    store = next((tmp_path / "cache").rglob("*.zarr"))
+    assert [name for name in cache.open_store_info(store).variants if name.startswith("tencrop")] == [
+        f"tencrop_{i}" for i in range(10)
+    ]
 
 
 def test_missing_manifest_exits_1_naming_it(tmp_path: Path, tiny_clip_dir: Path) -> None:

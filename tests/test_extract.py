@@ -57,9 +57,9 @@ from pipeline.features.loop import (
     extract_shards,
     plan_batches,
 )
-from pipeline.features.options import BadImageStop, ExtractConfig, ExtractError
+from pipeline.features.options import BadImageStop, ExtractConfig, ExtractError, OptionError, variant_group_of
 from pipeline.names import DEFAULT_MAX_PIXELS, PERTURBATIONS, TAPS
-from pipeline.variants import VariantSpec, ten_crop_variants
+from pipeline.variants import VariantGroup, VariantSpec, ten_crop_variants
 
 CROP = 32  # TINY_CLIP image_size
 
@@ -357,16 +357,10 @@ def test_config_errors_are_refused(tmp_path: Path) -> None:
     bad = {
         "taps must be a non-empty subset": replace(config, taps=("ln2", "mlp")),
         "exactly one --tap": replace(config, out=tmp_path / "x.zarr", taps=("ln2", "hidden")),
-        "not a training split": replace(config, views=2),
         "--chunk-rows 4 must divide --shard-rows 6 .*e.g. --chunk-rows 2": replace(config, shard_rows=6),
         "--chunk-rows 16 must divide --shard-rows 8": replace(config, chunk_rows=16),
         "must be at least 1": replace(config, chunk_rows=0),
         "unknown store dtype 'int8'": replace(config, store_dtype="int8"),
-        "unknown perturbation 'rain'": replace(config, perturbation="rain"),
-        "unknown perturbation preset 'custom'": replace(config, perturbation="jpeg", perturb_preset="custom"),
-        "perturbations are for evaluation splits": replace(config, augment=True, perturbation="jpeg"),
-        "--align-quality must be in 1..100": replace(config, perturbation="format-align", align_quality=0),
-        "--ten-crop is an evaluation crop": replace(config, ten_crop=True, augment=True),
     }
     for text, changed in bad.items():
         with pytest.raises(ExtractError, match=text):
@@ -376,20 +370,40 @@ def test_config_errors_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_variants_follow_the_split_and_options(tmp_path: Path) -> None:
-    config = ExtractConfig(split="test", manifest=tmp_path / "m.csv")
-    assert [v.name for v in config.variants()] == ["center"]
-    assert [v.name for v in replace(config, ten_crop=True).variants()] == [f"tencrop_{i}" for i in range(10)]
-    assert [v.name for v in replace(config, perturbation="crop", perturb_preset="paper").variants()] == ["crop-paper"]
-    aligned = replace(config, perturbation="format-align", align_quality=80)
-    assert [v.name for v in aligned.variants()] == ["format-align-q80"]
-    assert [v.name for v in replace(config, split="train_4class", views=3).variants()] == [
-        "view_000",
-        "view_001",
-        "view_002",
-    ]
-    assert [v.name for v in replace(config, augment=True).variants()] == ["view_000"]
-    assert [v.name for v in replace(config, split="train", augment=False).variants()] == ["center"]
+def test_options_that_do_not_fit_together_are_refused_naming_the_option() -> None:
+    bad = {
+        "not a training split; add --augment": dict(views=2),
+        "unknown perturbation 'rain'": dict(perturbation="rain"),
+        "unknown perturbation preset 'custom'": dict(perturbation="jpeg", preset="custom"),
+        "perturbations are for evaluation splits": dict(augment=True, perturbation="jpeg"),
+        "a JPEG quality is in 1..100": dict(perturbation="format-align", align_quality=0),
+        "--crop tencrop is an evaluation crop": dict(crop="tencrop", augment=True),
+        "not with --perturb": dict(crop="tencrop", perturbation="blur"),
+    }
+    for text, options in bad.items():
+        with pytest.raises(OptionError, match=text):
+            variant_group_of("val", **options)
+
+
+@pytest.mark.parametrize(
+    "split, options, expected",
+    [
+        ("test", {}, ["center"]),
+        ("test", {"crop": "tencrop"}, [f"tencrop_{i}" for i in range(10)]),
+        ("test", {"perturbation": "crop", "preset": "paper"}, ["crop-paper"]),
+        ("test", {"perturbation": "format-align", "align_quality": 80}, ["format-align-q80"]),
+        ("train_4class", {"views": 3}, ["view_000", "view_001", "view_002"]),
+        ("test", {"augment": True}, ["view_000"]),
+        ("train", {"augment": False}, ["center"]),
+    ],
+)
+def test_the_variant_group_follows_the_split_and_options(tmp_path: Path, split, options, expected) -> None:
+    group = variant_group_of(split, **options)
+    config = ExtractConfig(split=split, manifest=tmp_path / "m.csv", variant_group=group)
+    assert [v.name for v in config.variants()] == expected
+    assert config.is_training() == expected[0].startswith("view_")
+    default = ExtractConfig(split=split, manifest=tmp_path / "m.csv")  # no group: by the split's name
+    assert default.is_training() == split.startswith("train")
 
 
 def fake_backbone() -> SimpleNamespace:
@@ -426,7 +440,7 @@ def test_a_new_variant_joins_an_existing_store_and_only_it_is_pending(tmp_path: 
         expected = np.array([0] * 4 + [1] * 4 + [2] * 2) + (tap == "hidden") * 10
         np.testing.assert_array_equal(cache.read_features(stores[tap], "center")[:, 0, 0], expected)
 
-    jpeg = replace(config, perturbation="jpeg")
+    jpeg = replace(config, variant_group=VariantGroup.perturbed("jpeg", "official"))
     path = prepare_store(jpeg, manifest, fake_backbone(), "ln2", jpeg.variants())
     assert path == stores["ln2"]
     info = cache.open_store_info(path)

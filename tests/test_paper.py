@@ -28,7 +28,7 @@ from pipeline.paper import (
     check_data,
     plan_paper,
 )
-from pipeline.variants import ten_crop_variants
+from pipeline.variants import VariantGroup, ten_crop_variants
 
 REPO = Path(__file__).resolve().parents[1]
 LARGE, BASE = "openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32"
@@ -154,10 +154,8 @@ def plan(tmp_path: Path, grids: list[Path], backbones=(LARGE, BASE), synthbuster
 def test_a_grid_naming_the_ten_crop_group_plans_a_ten_crop_extraction(tmp_path: Path) -> None:
     grid = write_grid(tmp_path / "sb.yaml", tests=[{"split": "synthbuster", "variant": "tencrop"}])
     result = plan(tmp_path, [grid], synthbuster=True)
-    ten_crops = [job for job in result.extractions if job.group.ten_crop]
-    assert [(job.split, job.model, job.taps, job.group.training) for job in ten_crops] == [
-        ("synthbuster", LARGE, ("ln2",), False)
-    ]
+    ten_crops = [job for job in result.extractions if job.group == VariantGroup.ten_crop()]
+    assert [(job.split, job.model, job.taps) for job in ten_crops] == [("synthbuster", LARGE, ("ln2",))]
     config = PaperConfig(data_root=tmp_path / "data")
     assert ten_crops[0].extract_config(config).variants() == ten_crop_variants()
     assert "synthbuster" in {source.split for source in result.manifests}
@@ -189,16 +187,12 @@ def test_training_views_are_the_largest_epochs_and_taps_share_forward_passes(tmp
     train = [(job.views, job.taps) for job in result.extractions if job.split == "train_4class"]
     # view_000/001 for both taps in one pass, then ln2 alone up to 15: no tap stores views its grids never read
     assert train == [(2, ("ln2", "hidden")), (15, ("ln2",))]
-    assert all(job.group.training for job in result.extractions if job.split == "train_4class")
-    evaluation = {
-        (job.split, job.group.perturbation, job.group.preset, job.taps)
-        for job in result.extractions
-        if not job.group.training
-    }
+    assert all(job.group.is_training for job in result.extractions if job.split == "train_4class")
+    evaluation = {(job.split, job.group.name, job.taps) for job in result.extractions if not job.group.is_training}
     assert evaluation == {
-        ("val_4class", None, "official", ("ln2", "hidden")),
-        ("test_gan", None, "official", ("ln2", "hidden")),
-        ("test_gan", "jpeg", "official", ("ln2",)),
+        ("val_4class", "center", ("ln2", "hidden")),
+        ("test_gan", "center", ("ln2", "hidden")),
+        ("test_gan", "jpeg-official", ("ln2",)),
     }
     assert any("15 augmented view(s)" in note and "long.yaml" in note for note in result.notes)
     assert [source.split for source in result.manifests] == ["train_4class", "val_4class", "test_gan"]

@@ -274,7 +274,8 @@ def test_scoring_a_group_equals_scoring_each_head(tmp_path):
 def test_streamed_training_and_scoring_equal_in_memory_bit_for_bit(tmp_path):
     features, labels = separable_features(150, seed=5)
     views = {f"view_{v:03d}": features + 0.25 * v for v in range(2)}
-    path = write_store(tmp_path / "train.zarr", views, labels, ["d"] * 150, shard_rows=32, chunk_rows=8)
+    variants = {**views, "center": features - 0.25}  # trained on the views, scored on the center crop
+    path = write_store(tmp_path / "train.zarr", variants, labels, ["d"] * 150, shard_rows=32, chunk_rows=8)
     configs = [RunConfig(contrastive_factor=xi, epochs=3, **SMALL) for xi in (0.2, 0.4)]
     in_memory = fit_group(open_train_store(StoreRef("t", path), CPU, in_memory=True), configs, device=CPU)
     streamed_store = open_train_store(StoreRef("t", path), CPU, in_memory=False)
@@ -285,9 +286,7 @@ def test_streamed_training_and_scoring_equal_in_memory_bit_for_bit(tmp_path):
         assert a.epoch_losses == b.epoch_losses
     rows = np.flatnonzero(labels >= 0)[::3]
     scored = [
-        group_logits(
-            in_memory.stack, load_store(StoreRef("t", path, "view_001"), CPU, in_memory=where), rows, configs[0]
-        )
+        group_logits(in_memory.stack, load_store(StoreRef("t", path), CPU, in_memory=where), rows, configs[0])
         for where in (True, False)
     ]
     assert torch.equal(scored[0], scored[1])

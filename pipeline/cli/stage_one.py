@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import click
 
-from ..errors import ExitCode, PipelineError
+from ..errors import ExitCode, PipelineError, PipelineWarning
 from ..files import disk_errors_explained
 from ..names import (
+    CENTER,
     COMPUTE_DTYPES,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_CLAIM_TIMEOUT,
@@ -26,6 +28,7 @@ from ..names import (
     PERTURBATIONS,
     STORE_DTYPES,
     TAPS,
+    TEN_CROP,
 )
 from .group import main
 from .options import ALIGN_QUALITY_OPTION, DEVICE_OPTION, _check_split, _comma_list, _split_options
@@ -154,11 +157,14 @@ def manifest_command(
     help="official = the authors' code with its quirks; paper = the parameters the paper describes.",
 )
 @click.option(
-    "--ten-crop",
-    is_flag=True,
-    help="Evaluation by ten crops (corners, center and their flips; variants tencrop_0..9), "
-    "scored by the sigmoid of the mean of the ten logits: the authors' protocol for large images (Synthbuster).",
+    "--crop",
+    type=click.Choice((CENTER, TEN_CROP)),
+    default=CENTER,
+    help="Evaluation crop: the center crop (no resize), or tencrop: the ten crops (corners, center and their "
+    "flips; variants tencrop_0..9), scored by the sigmoid of the mean of the ten logits, the authors' protocol "
+    "for large images (Synthbuster). The same word as a grid's `variant: tencrop` and `pipeline predict --crop`.",
 )
+@click.option("--ten-crop", is_flag=True, hidden=True, help="Deprecated: --crop tencrop.")
 @click.option(
     "--seed",
     type=click.IntRange(0),
@@ -240,6 +246,7 @@ def extract_command(
     perturb,
     align_quality,
     perturb_preset,
+    crop,
     ten_crop,
     seed,
     shard_rows,
@@ -269,10 +276,32 @@ def extract_command(
     the first bad image; 2 bad options; 3 more than --max-invalid of the rows
     could not be decoded (the store keeps them; fix and use --retry-invalid).
     """
-    from ..features import BackboneConfig, ExtractConfig, OptionError, TooManyInvalid, manifest_path, run_extract
+    from ..features import (
+        BackboneConfig,
+        ExtractConfig,
+        OptionError,
+        TooManyInvalid,
+        manifest_path,
+        run_extract,
+        variant_group_of,
+    )
 
     rank, world_size = _rank_and_world_size(rank, world_size)
-
+    if ten_crop:
+        warnings.warn("--ten-crop is deprecated: use --crop tencrop", PipelineWarning, stacklevel=1)
+        crop = TEN_CROP
+    try:
+        group = variant_group_of(
+            split,
+            views=views,
+            augment=augment,
+            perturbation=perturb,
+            preset=perturb_preset,
+            align_quality=align_quality,
+            crop=crop,
+        )
+    except OptionError as error:
+        raise click.UsageError(str(error)) from None
     config = ExtractConfig(
         split=split,
         manifest=manifest_file or manifest_path(Path("manifests"), split),
@@ -284,12 +313,7 @@ def extract_command(
         out=out,
         batch_size=batch_size,
         store_dtype=store_dtype,
-        views=views,
-        augment=augment,
-        perturbation=perturb,
-        perturb_preset=perturb_preset,
-        align_quality=align_quality,
-        ten_crop=ten_crop,
+        variant_group=group,
         seed=seed,
         shard_rows=shard_rows,
         chunk_rows=chunk_rows,

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import PipelineError
-from ..names import CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD
+from ..names import CENTER, CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD, TEN_CROP
 from ..results.run_folder import CALIBRATION_METADATA_KEYS, HEAD_FILE, REQUIRED_HEAD_METADATA
 
 if TYPE_CHECKING:
@@ -194,7 +194,7 @@ def resolve_crop(crop: str, height: int, width: int, crop_size: int, auto_min_si
     """``center`` or ``tencrop`` for one image under a crop mode of ``CROPS``."""
     if crop == "auto":
         limit = 2 * crop_size if auto_min_side is None else auto_min_side
-        return "tencrop" if min(height, width) >= limit else "center"
+        return TEN_CROP if min(height, width) >= limit else CENTER
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     return crop
@@ -202,9 +202,9 @@ def resolve_crop(crop: str, height: int, width: int, crop_size: int, auto_min_si
 
 def variants_of(crop: str) -> tuple[VariantSpec, ...]:
     """The variants a resolved crop (``center`` or ``tencrop``) is scored by."""
-    from ..variants import VariantSpec, ten_crop_variants
+    from ..variants import VariantGroup
 
-    return ten_crop_variants() if crop == "tencrop" else (VariantSpec.center(),)
+    return VariantGroup.from_name(crop).members
 
 
 def parse_threshold(text: str) -> str | float:
@@ -371,7 +371,7 @@ class Detector:
     def score(
         self,
         images: Iterable[str | Path | Image.Image | np.ndarray],
-        crop: str = "center",
+        crop: str = CENTER,
         *,
         batch_size: int = 32,
         auto_min_side: int | None = None,
@@ -389,7 +389,7 @@ class Detector:
         crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]
         scores = np.empty(len(arrays), dtype=np.float64)
         step = self.forward_step()
-        for kind in ("center", "tencrop"):
+        for kind in (CENTER, TEN_CROP):
             members = [i for i, c in enumerate(crops) if c == kind]
             recipe = PixelRecipe(variants_of(kind), self.backbone.crop_size)
             for start in range(0, len(members), batch_size):

@@ -44,7 +44,7 @@ from .. import __version__
 from ..errors import PipelineError
 from ..files import atomic_path, disk_errors_explained
 from ..heads import RineHead
-from ..names import THRESHOLD_RULES, VAL_SPLIT
+from ..names import CENTER, THRESHOLD_RULES, VAL_SPLIT
 from ..results import OK, ResultRow
 from ..results.run_folder import HEAD_FILE, RunDocument, RunFolder
 from .detector import CONFIG_FILE, EXPORT_FORMAT, Detector, DetectorSpec, read_detector_files
@@ -87,7 +87,7 @@ class RunRecord:
 
     @property
     def val_crop(self) -> str:
-        return next((row.variant for row in self.rows if row.split == VAL_SPLIT and row.variant), "center")
+        return next((row.variant for row in self.rows if row.split == VAL_SPLIT and row.variant), CENTER)
 
 
 def read_run(path: Path) -> RunRecord:

@@ -51,7 +51,7 @@ from ..features import (
     read_sidecar,
     sidecar_path,
 )
-from ..names import CROPS, DEFAULT_MAX_PIXELS
+from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, TEN_CROP
 from .detector import Detector, PredictError, variants_of
 from .output import PredictionRow, PredictionWriter, open_prediction_writer
 
@@ -66,7 +66,7 @@ class PredictConfig:
     head: Path  # run folder, exported detector folder, head.safetensors, or the authors' .pth
     inputs: tuple[Path, ...]
     out: Path | None = None  # .csv, .jsonl or .parquet; None: CSV to the given stream
-    crop: str = "center"  # one of detector.CROPS
+    crop: str = CENTER  # one of names.CROPS
     auto_min_side: int | None = None  # --crop auto: ten crops from this shorter side on (None: twice the crop)
     threshold: str | None = None  # a rule name or a number; None: the head's default (val, or 0.5)
     model: str | None = None  # another backbone than the head's (refused unless allow_other_backbone)
@@ -161,7 +161,7 @@ def ten_crop_rows(paths: Sequence[Path], rows: np.ndarray, detector: Detector, c
         header = read_image_header(paths[row])
         if header.error:
             return False
-        return detector.crop_of("auto", header.height, header.width, config.auto_min_side) == "tencrop"
+        return detector.crop_of("auto", header.height, header.width, config.auto_min_side) == TEN_CROP
 
     with ThreadPoolExecutor(max(4, config.decode_workers)) as pool:
         chosen = list(
@@ -187,13 +187,13 @@ def plan_work(
     n_images: int, batch_size: int, done: np.ndarray, ten_crop: np.ndarray, crop_size: int
 ) -> list[BatchWork]:
     """One work item per batch with rows not yet done (with mixed crops: its center and ten-crop halves)."""
-    recipes = {crop: PixelRecipe(variants_of(crop), crop_size) for crop in ("center", "tencrop")}
+    recipes = {crop: PixelRecipe(variants_of(crop), crop_size) for crop in (CENTER, TEN_CROP)}
     work = []
     for start in range(0, n_images, batch_size):
         rows = np.arange(start, min(start + batch_size, n_images))
         if done[rows].all():
             continue
-        for crop, members in (("center", rows[~ten_crop[rows]]), ("tencrop", rows[ten_crop[rows]])):
+        for crop, members in ((CENTER, rows[~ten_crop[rows]]), (TEN_CROP, rows[ten_crop[rows]])):
             if len(members):
                 work.append(BatchWork(len(work), members, recipes[crop], closes_shard=True))
     return work
@@ -238,7 +238,7 @@ class PredictionCommitter:
         tap = self.detector.spec.tap
         logits = torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
         scores = self.detector.scores(logits)
-        crop = "tencrop" if len(names) > 1 else "center"
+        crop = TEN_CROP if len(names) > 1 else CENTER
         batch = int(item.rows[0]) // self.batch_size
         rows = self.pending.setdefault(batch, [])
         for i, row in enumerate(item.rows.tolist()):
@@ -267,7 +267,7 @@ class PredictionCommitter:
 
 def check_resumable(rows: Sequence[PredictionRow], detector: Detector, crop: str, out: Path | None) -> None:
     """Refuse to append to an output made with another threshold, backbone or crop mode."""
-    allowed_crops = {"center", "tencrop"} if crop == "auto" else {crop}
+    allowed_crops = {CENTER, TEN_CROP} if crop == "auto" else {crop}
     wanted = (detector.threshold, detector.threshold_name, detector.backbone_label())
     for row in rows:
         made = (row.threshold, row.threshold_name, row.backbone)
@@ -301,7 +301,7 @@ def run_predict(
         check_resumable(existing, detector, config.crop, config.out)
         done = {row.path for row in existing}
         is_done = np.array([str(path) in done for path in paths], dtype=bool)
-        ten_crop = np.full(len(paths), config.crop == "tencrop")
+        ten_crop = np.full(len(paths), config.crop == TEN_CROP)
         if config.crop == "auto":  # every image of a batch to compute, so that its halves are those of a full run
             rows = open_batch_rows(is_done, config.batch_size)
             ten_crop[rows] = ten_crop_rows(paths, rows, detector, config)

@@ -22,6 +22,7 @@ _EXPORTS = {
     "StageTimes": "options",
     "TooManyInvalid": "options",
     "store_path": "options",
+    "variant_group_of": "options",
     "run_extract": "extract",
     "ImageDecodeError": "images",
     "decode_image": "images",

@@ -11,19 +11,21 @@ import numpy as np
 from .. import cache
 from ..errors import PipelineError
 from ..names import (
+    CENTER,
     DEFAULT_ALIGN_QUALITY,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_INVALID,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_PERTURB_PRESET,
     DEFAULT_SHARD_ROWS,
+    DEFAULT_STORE_DTYPE,
     FORMAT_ALIGN,
-    PERTURB_PRESETS,
-    PERTURBATIONS,
     STORE_DTYPES,
     TAPS,
+    TEN_CROP,
 )
-from ..variants import VariantSpec, ten_crop_variants
+from ..variants import VariantGroup, VariantSpec
 from .backbone import BackboneConfig
 from .manifest import check_split_name
 
@@ -73,13 +75,10 @@ class ExtractConfig:
     cache_dir: Path = Path("cache")
     out: Path | None = None
     batch_size: int = 32
-    store_dtype: str = "float16"
-    views: int = 1
-    augment: bool | None = None  # None: augment when the split name starts with "train"
-    perturbation: str | None = None  # one of PERTURBATIONS, or FORMAT_ALIGN
-    perturb_preset: str = "official"
-    align_quality: int = DEFAULT_ALIGN_QUALITY  # JPEG quality of the format-align variant
-    ten_crop: bool = False  # evaluation by ten crops (large images, e.g. Synthbuster)
+    store_dtype: str = DEFAULT_STORE_DTYPE
+    # what is made of every image; None: by the split's name, augmented views (one) for a name starting with
+    # "train", the center crop otherwise (variant_group_of builds one from the command's options)
+    variant_group: VariantGroup | None = None
     seed: int = 0
     shard_rows: int = DEFAULT_SHARD_ROWS
     chunk_rows: int = DEFAULT_CHUNK_ROWS
@@ -94,20 +93,19 @@ class ExtractConfig:
     world_size: int = 1
     claim_timeout: float = DEFAULT_CLAIM_TIMEOUT  # seconds after which a claim not refreshed is taken over
 
+    @property
+    def group(self) -> VariantGroup:
+        """The variants made of every image (see ``variant_group``)."""
+        if self.variant_group is not None:
+            return self.variant_group
+        return VariantGroup.views(1) if self.split.startswith("train") else VariantGroup.center()
+
     def is_training(self) -> bool:
-        """Training splits get seeded augmented views, others the center crop."""
-        return self.split.startswith("train") if self.augment is None else self.augment
+        """Training splits get seeded augmented views, others evaluation pixels."""
+        return self.group.is_training
 
     def variants(self) -> tuple[VariantSpec, ...]:
-        if self.perturbation == FORMAT_ALIGN:
-            return (VariantSpec.format_aligned(self.align_quality),)
-        if self.perturbation is not None:
-            return (VariantSpec.perturbed(self.perturbation, self.perturb_preset),)
-        if self.is_training():
-            return tuple(VariantSpec.train_view(v) for v in range(self.views))
-        if self.ten_crop:
-            return ten_crop_variants()
-        return (VariantSpec.center(),)
+        return self.group.members
 
     def validate(self) -> None:
         """Refuse options that cannot work together (:class:`OptionError`: exit status 2), before anything is written."""
@@ -119,10 +117,8 @@ class ExtractConfig:
             raise OptionError(f"taps must be a non-empty subset of {TAPS}, got {self.taps}")
         if self.out is not None and len(self.taps) != 1:
             raise OptionError("--out names one store, so it takes exactly one --tap")
-        if min(self.views, self.batch_size, self.decode_workers, self.shard_rows, self.chunk_rows, self.max_pixels) < 1:
-            raise OptionError(
-                "--views, --batch-size, --workers, --shard-rows, --chunk-rows and --max-pixels must be at least 1"
-            )
+        if min(self.batch_size, self.decode_workers, self.shard_rows, self.chunk_rows, self.max_pixels) < 1:
+            raise OptionError("--batch-size, --workers, --shard-rows, --chunk-rows and --max-pixels must be at least 1")
         if self.seed < 0:
             raise OptionError(f"--seed must be 0 or more (it seeds numpy's SeedSequence), got {self.seed}")
         if not 0.0 <= self.max_invalid <= 1.0:
@@ -136,10 +132,6 @@ class ExtractConfig:
             )
         if self.claim_timeout <= 0:
             raise OptionError(f"--claim-timeout must be positive, got {self.claim_timeout}")
-        if self.views > 1 and not self.is_training():
-            raise OptionError(
-                f"--views {self.views} asks for augmented views, but {self.split!r} is not a training split; add --augment"
-            )
         if self.shard_rows % self.chunk_rows:
             raise OptionError(
                 f"--chunk-rows {self.chunk_rows} must divide --shard-rows {self.shard_rows} "
@@ -147,18 +139,48 @@ class ExtractConfig:
             )
         if self.store_dtype not in STORE_DTYPES:
             raise OptionError(f"unknown store dtype {self.store_dtype!r}; choose from {STORE_DTYPES}")
-        if self.perturbation is not None and self.perturbation not in (*PERTURBATIONS, FORMAT_ALIGN):
-            raise OptionError(
-                f"unknown perturbation {self.perturbation!r}; choose from {PERTURBATIONS + (FORMAT_ALIGN,)}"
-            )
-        if not 1 <= self.align_quality <= 100:
-            raise OptionError(f"--align-quality must be in 1..100, got {self.align_quality}")
-        if self.perturb_preset not in PERTURB_PRESETS:
-            raise OptionError(f"unknown perturbation preset {self.perturb_preset!r}; choose from {PERTURB_PRESETS}")
-        if self.perturbation is not None and self.is_training():
+
+
+
+def variant_group_of(
+    split: str,
+    *,
+    views: int = 1,
+    augment: bool | None = None,
+    perturbation: str | None = None,
+    preset: str = DEFAULT_PERTURB_PRESET,
+    align_quality: int = DEFAULT_ALIGN_QUALITY,
+    crop: str = CENTER,
+) -> VariantGroup:
+    """The group `pipeline extract`'s options ask for; :class:`OptionError` for options that do not fit together.
+
+    ``augment`` (default: the split's name starts with "train") makes ``views`` training views; otherwise a
+    ``perturbation`` (one of ``PERTURBATIONS``, or ``FORMAT_ALIGN`` at ``align_quality``) or the ``crop``
+    (``center`` or ``tencrop``) of an evaluation split.
+    """
+    training = split.startswith("train") if augment is None else augment
+    if views < 1:
+        raise OptionError(f"--views must be at least 1, got {views}")
+    if crop not in (CENTER, TEN_CROP):
+        raise OptionError(f"--crop {crop!r}: extraction takes {CENTER} or {TEN_CROP}")
+    if training:
+        if perturbation is not None:
             raise OptionError("perturbations are for evaluation splits; pass --no-augment")
-        if self.ten_crop and (self.perturbation is not None or self.is_training()):
-            raise OptionError("--ten-crop is an evaluation crop: not with --perturb or a training split")
+        if crop == TEN_CROP:
+            raise OptionError(f"--crop {TEN_CROP} is an evaluation crop: not with a training split (pass --no-augment)")
+        return VariantGroup.views(views)
+    if views > 1:
+        raise OptionError(f"--views {views} asks for augmented views, but {split!r} is not a training split; add --augment")
+    if perturbation is not None and crop == TEN_CROP:
+        raise OptionError(f"--crop {TEN_CROP} is an evaluation crop of the images as they are: not with --perturb")
+    try:
+        if perturbation == FORMAT_ALIGN:
+            return VariantGroup.format_aligned(align_quality)
+        if perturbation is not None:
+            return VariantGroup.perturbed(perturbation, preset)
+    except ValueError as error:
+        raise OptionError(str(error)) from None
+    return VariantGroup.from_name(crop)
 
 
 def store_path(config: ExtractConfig, tap: str) -> Path:

@@ -24,12 +24,14 @@ from ..names import (
     ALL_CLASSES,
     AMP_MODES,
     CALIBRATIONS,
+    CENTER,
     DEFAULT_MODEL,
     HEAD_BLOCKS,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
     TAPS,
 )
+from ..variants import VariantGroup, VariantSpec
 
 
 class ConfigError(PipelineError, ValueError):
@@ -159,6 +161,11 @@ class StoreRef:
     path: Path
     variant: str | None = None  # None: "center" for evaluation, training views for train
 
+    @property
+    def group(self) -> VariantGroup:
+        """The variant group an evaluation entry scores (``center`` by default)."""
+        return VariantGroup.from_name(self.variant or CENTER)
+
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -191,7 +198,7 @@ _DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test")
 _REF_KEYS = ("split", "store", "variant", "name")
 
 
-def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str) -> StoreRef:
+def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str, training: bool = False) -> StoreRef:
     if isinstance(value, str):
         value = {"split": value}
     if not isinstance(value, dict):
@@ -202,6 +209,12 @@ def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str) ->
     if ("split" in value) == ("store" in value):
         raise ConfigError(f"{where}: give exactly one of split (a name in the cache) or store (a path)")
     variant = value.get("variant")
+    if variant is not None:
+        try:  # a training entry names one stored variant (a view); an evaluation entry a group (center, tencrop, ...)
+            VariantSpec.from_name(str(variant)) if training else VariantGroup.from_name(str(variant))
+        except ValueError as error:
+            raise ConfigError(f"{where}.variant: {error}") from None
+        variant = str(variant)
     if "split" in value:
         split = str(value["split"])
         path = default_store_path(cache_dir, model, tap, split)
@@ -273,7 +286,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         out=out or Path(document.get("out", Path("runs") / name)),
         model=model,
         tap=tap,
-        train=ref(data["train"], "train"),
+        train=_parse_ref(data["train"], "data.train", cache_dir, model, tap, training=True),
         val=ref(data["val"], "val"),
         tests=tests,
         runs=runs,

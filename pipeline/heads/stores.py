@@ -23,8 +23,7 @@ import torch
 
 from .. import cache
 from ..errors import PipelineError
-from ..names import CENTER, TEN_CROP
-from ..variants import ten_crop_variants
+from ..names import CENTER
 from .config import RunConfig, StoreRef
 
 VIEW_CACHE_CAPACITY = 2
@@ -207,10 +206,8 @@ def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
 
 
 def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
-    """Variants scored for an evaluation store: one, or the ten crops."""
-    if ref.variant == TEN_CROP:
-        return tuple(spec.name for spec in ten_crop_variants())
-    return (ref.variant or CENTER,)
+    """Variants scored for an evaluation store: its group's members (one, or the ten crops)."""
+    return tuple(spec.name for spec in ref.group.members)
 
 
 def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> LoadedStore:

@@ -455,9 +455,12 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
 
 
 def split_variant(variant: str) -> tuple[str, str]:
-    """'jpeg-official' -> ('jpeg', 'official'); a name without a preset -> (name, '')."""
-    perturbation, dash, preset = variant.rpartition("-")
-    return (perturbation, preset) if dash else (variant, "")
+    """'jpeg-official' -> ('jpeg', 'official'); a variant this version does not know -> (name, '')."""
+    try:
+        spec = VariantSpec.from_name(variant)
+    except ValueError:
+        return (variant, "")
+    return (spec.perturbation or variant, spec.preset or "")
 
 
 def is_perturbation(variant: str) -> bool:
