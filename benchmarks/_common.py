@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from pipeline import cache
-from pipeline.heads import StoreRef, train
+from pipeline.heads import StoreRef, stores
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def write_synthetic_store(
     )
 
 
-def synthetic_store(name: str, features: torch.Tensor, labels: np.ndarray, classes: np.ndarray) -> train.LoadedStore:
+def synthetic_store(name: str, features: torch.Tensor, labels: np.ndarray, classes: np.ndarray) -> stores.LoadedStore:
     """Features already in device memory dressed as a store (no files): its rows, one ``center`` variant."""
     n_rows, blocks, dim = features.shape
     identity = cache.placeholder_identity(blocks, dim)
@@ -156,13 +156,13 @@ def synthetic_store(name: str, features: torch.Tensor, labels: np.ndarray, class
         valid=np.ones(n_rows, dtype=bool),
         errors=np.full(n_rows, "", dtype=object),
     )
-    return train.LoadedStore(StoreRef(name, Path(name)), info, rows, {"center": train.InMemoryFeatures(features)})
+    return stores.LoadedStore(StoreRef(name, Path(name)), info, rows, {"center": stores.InMemoryFeatures(features)})
 
 
-def synthetic_train_store(store: train.LoadedStore) -> train.TrainStore:
+def synthetic_train_store(store: stores.LoadedStore) -> stores.TrainStore:
     """A ``synthetic_store`` as a training store: its ``center`` variant is the one training view."""
-    view_cache = train.ViewCache(lambda name: store.features[name])
-    return train.TrainStore(store.ref, store.info, store.rows, ("center",), view_cache)
+    view_cache = stores.ViewCache(lambda name: store.features[name])
+    return stores.TrainStore(store.ref, store.info, store.rows, ("center",), view_cache)
 
 
 VIT_B32_SHAPE = dict(

@@ -73,8 +73,9 @@ from _common import (
 
 from pipeline.devices import resolve_device
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
-from pipeline.heads import FitConfig, RunConfig, parse_grid, run_grid, train
+from pipeline.heads import FitConfig, RunConfig, parse_grid, run_grid, scoring, train
 from pipeline.names import MAX_GROUP_SIZE
+from pipeline.variants import VariantGroup
 
 TARGET = 40.0
 REST_TARGET = 0.2  # of stage two's time: neither fitting nor scoring
@@ -147,7 +148,7 @@ def synthetic_grid_seconds(
     """Wall time of the paper's 48-config grid (one epoch, batch 128) on synthetic 4-class features in device memory.
 
     The fused groups (12 of 4 unless ``fuse`` is False) are trained with
-    ``train.fit_group`` and score ``test_rows`` rows with ``train.group_logits``,
+    ``train.fit_group`` and score ``test_rows`` rows with ``scoring.group_logits``,
     as ``pipeline fit`` does, without stores or run folders. Returns the
     seconds of fitting and scoring, their sum, the group count, how many
     groups ran from a CUDA graph, the training samples per second over all
@@ -175,7 +176,7 @@ def synthetic_grid_seconds(
         fit_seconds += fitted.fit_seconds
         graphs += fitted.cuda_graph
         start = time.perf_counter()
-        train.group_logits(fitted.stack, test, np.arange(test_rows), fitted.configs[0])
+        scoring.group_logits(fitted.stack, test, np.arange(test_rows), fitted.configs[0])
         score_seconds += time.perf_counter() - start
     store.view_cache.close()
     result = {
@@ -254,7 +255,8 @@ def main() -> int:
                 backbone=backbone_config,
                 cache_dir=work / "cache",
                 batch_size=args.batch,
-                augment=split == "train",  # one augmented view, as the official loop augments every run
+                # one augmented view of train, as the official loop augments every run; center crops of val and test
+                variant_group=VariantGroup.views(1) if split == "train" else VariantGroup.center(),
                 progress=False,
             )
             start = time.perf_counter()

@@ -31,7 +31,7 @@ import torch
 from _common import add_scratch_options, print_machine, scratch_dir, write_synthetic_store
 
 from pipeline.devices import bf16_is_fast, cpu_has_amx, cpu_has_avx512_bf16
-from pipeline.heads import RunConfig, StoreRef, train
+from pipeline.heads import RunConfig, StoreRef, stores, train
 
 TARGETS = {"fp32": 0.7, "bf16": 0.5}
 GROUP_FACTORS = (0.1, 0.2, 0.4, 0.8)
@@ -146,7 +146,7 @@ def main() -> int:
         path = work / "train.zarr"
         labels = np.random.default_rng(0).integers(0, 2, args.rows)
         write_synthetic_store(path, args.rows, args.blocks, args.dim, shard_rows=1024, chunk_rows=256, labels=labels)
-        store = train.open_train_store(StoreRef("train", path), device)
+        store = stores.open_train_store(StoreRef("train", path), device)
         for configs in modes.values():
             train.fit_group(store, configs, device=device)  # warm-up: allocator, kernels, first touch
         for _ in range(args.repeats):

@@ -7,7 +7,7 @@ float32 and in bf16 on a synthetic task a head learns to ~0.9 AP: float16
 tokens drawn from a standard normal, the fakes shifted along one direction
 in every block, and a tenth of the labels flipped in training and test (so
 no head can be perfect). Both groups are scored in float32 on the same test
-rows (``train.group_logits``: scores are never rounded to bf16, whatever the
+rows (``scoring.group_logits``: scores are never rounded to bf16, whatever the
 training precision). Prints, per config and over the group: the fit's wall
 time in each precision (and their ratio), the largest and the mean absolute
 difference of the test scores (sigmoid of the logit), and the difference of
@@ -32,7 +32,7 @@ from _common import print_machine, synthetic_store, synthetic_train_store
 from sklearn.metrics import average_precision_score
 
 from pipeline.devices import bf16_is_fast, resolve_device
-from pipeline.heads import RunConfig, train
+from pipeline.heads import RunConfig, scoring, train
 
 GROUP_FACTORS = (0.1, 0.2, 0.4, 0.8)
 SHIFT = 2.5  # length of the fakes' shift along the unit direction, in every block
@@ -92,7 +92,7 @@ def main() -> int:
         ]
         group = train.fit_group(store, configs, device=device)
         seconds[amp] = group.fit_seconds
-        logits = train.group_logits(group.stack, test, np.arange(args.test_rows), configs[0])[..., 0]
+        logits = scoring.group_logits(group.stack, test, np.arange(args.test_rows), configs[0])[..., 0]
         scores[amp] = torch.sigmoid(logits.double()).numpy()  # (G, N), float32 scoring either way
         print(f"amp {amp}: fit {group.fit_seconds:.1f} s")
     store.view_cache.close()

@@ -9,7 +9,7 @@ all warm (each read once before timing) and into pre-allocated buffers:
   kernel copies fastest, so the strongest baseline);
 * ``cache.read_features(..., out=buffer)`` into a pre-allocated page-aligned
   array (the placement of the raw buffer, and the one ``read_features``
-  gives the arrays it allocates itself, as ``train.load_store`` uses it);
+  gives the arrays it allocates itself, as ``stores.load_store`` uses it);
 * the same into a ``np.empty`` array, which numpy places 16 bytes past a
   page boundary: a kernel read whose target is 8 or 16 bytes off the file
   offset modulo 64 runs at about half speed on this machine, so

@@ -48,6 +48,8 @@ from _common import (
 
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
 from pipeline.heads import RunConfig, StoreRef, train
+from pipeline.heads.stores import open_train_store
+from pipeline.variants import VariantGroup
 
 
 @dataclass(frozen=True)
@@ -167,11 +169,10 @@ def measure_extraction(work: Path, images: int, repeats: int) -> tuple[dict[str,
                 backbone=config,
                 cache_dir=work / "cache",
                 batch_size=16,
-                views=max(views, 1),
                 decode_workers=workers,
                 overwrite=True,
                 progress=False,
-                augment=bool(views),
+                variant_group=VariantGroup.views(views) if views else VariantGroup.center(),
             )
         )
         return summary.times.wall - load, summary.times.backbone, summary.times.decode
@@ -210,7 +211,7 @@ def measure_fit(work: Path, rows: int, repeats: int) -> dict[str, object]:
     for count in (rows, 2 * rows):
         path = work / f"train-{count}.zarr"
         write_synthetic_store(path, count, 24, 1024, shard_rows=256, chunk_rows=256)
-        stores[count] = train.open_train_store(StoreRef("train", path), torch.device("cpu"))
+        stores[count] = open_train_store(StoreRef("train", path), torch.device("cpu"))
     groups = {("calibration", q, w): (rows, 2) for q, w in ((1, 128), (2, 512))}
     groups |= {("check", q, w): (2 * rows, 4) for q, w in ((4, 256), (1, 1024))}
     seconds: dict[tuple[str, int, int], list[float]] = {key: [] for key in groups}

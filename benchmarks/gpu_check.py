@@ -92,9 +92,10 @@ from _common import (
 
 from pipeline import cache
 from pipeline.features import Backbone, BackboneConfig, ExtractConfig, run_extract
-from pipeline.heads import FitConfig, RunConfig, StoreRef, parse_grid, run_grid, train
+from pipeline.heads import FitConfig, RunConfig, StoreRef, parse_grid, run_grid, scoring, stores, train
 from pipeline.heads.head_stack import HalfMasks
 from pipeline.names import DEFAULT_SHARD_ROWS
+from pipeline.variants import VariantGroup
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 EXTRACT_TARGET = 2500.0  # img/s, run_extract in float16 on an H200
@@ -286,13 +287,13 @@ class Context:
         """``run_extract`` into ``out`` (batches never span shards: shards of at least a batch for speed)."""
         return ExtractConfig(
             split=split, manifest=manifest, backbone=self.backbone_config(), out=out, batch_size=self.sizes.batch,
-            decode_workers=self.sizes.workers, shard_rows=shard_rows, chunk_rows=shard_rows, augment=False,
+            decode_workers=self.sizes.workers, shard_rows=shard_rows, chunk_rows=shard_rows, variant_group=VariantGroup.center(),
             overwrite=True, progress=False,
         )  # fmt: skip
 
     @functools.cached_property
-    def small_val(self) -> train.LoadedStore:
-        return train.load_store(StoreRef("val", self.small_stores["val"]), self.device)
+    def small_val(self) -> stores.LoadedStore:
+        return stores.load_store(StoreRef("val", self.small_stores["val"]), self.device)
 
     @functools.cached_property
     def small_stores(self) -> dict[str, Path]:
@@ -426,10 +427,10 @@ def check_features_on_device(ctx: Context) -> Outcome:
     rows = torch.from_numpy(np.random.default_rng(0).permutation(len(expected))[:300])
     ref = StoreRef("val", path)
     sources = {
-        "in memory": train.open_variant(ref, "center", ctx.device, in_memory=True),
-        "streamed": train.open_variant(ref, "center", ctx.device, in_memory=False),
+        "in memory": stores.open_variant(ref, "center", ctx.device, in_memory=True),
+        "streamed": stores.open_variant(ref, "center", ctx.device, in_memory=False),
     }
-    require(isinstance(sources["in memory"], train.InMemoryFeatures), "not read whole")
+    require(isinstance(sources["in memory"], stores.InMemoryFeatures), "not read whole")
     require(sources["in memory"].tensor.device.type == ctx.device.type, "features read whole are not on the device")
     for name, source in sources.items():
         got = source.gather(rows)
@@ -446,7 +447,7 @@ def fused_group_configs(ctx: Context, amp: str = "none") -> list[RunConfig]:
 
 
 def fit_small_group(ctx: Context, configs: list[RunConfig], cuda_graphs: bool) -> train.GroupFit:
-    store = train.open_train_store(StoreRef("train", ctx.small_stores["train"]), ctx.device)
+    store = stores.open_train_store(StoreRef("train", ctx.small_stores["train"]), ctx.device)
     try:
         return train.fit_group(store, configs, device=ctx.device, cuda_graphs=cuda_graphs)
     finally:
@@ -467,7 +468,7 @@ def compare_fits(ctx: Context, fits: list[train.GroupFit], reference: list[train
     def side(group: list[train.GroupFit]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         val = ctx.small_val
         rows = np.arange(len(val.rows))
-        logits = torch.cat([train.group_logits(fit.stack, val, rows, fit.configs[0])[..., 0] for fit in group])
+        logits = torch.cat([scoring.group_logits(fit.stack, val, rows, fit.configs[0])[..., 0] for fit in group])
         losses = torch.tensor([loss for fit in group for loss in fit.epoch_losses])
         weights = [torch.cat(tensors) for tensors in zip(*(fit.stack.parameters() for fit in group), strict=True)]
         return logits, losses, weights
