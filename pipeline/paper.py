@@ -47,17 +47,41 @@ if TYPE_CHECKING:  # stage two and the backbone load only when a step runs (`pip
 TRAIN_CLASSES = ("car", "cat", "chair", "horse")
 # The paper's 20 test sets, as folders of the download.
 GAN_TEST_FOLDERS = (
-    "progan", "stylegan", "stylegan2", "biggan", "cyclegan", "stargan",
-    "gaugan", "deepfake", "seeingdark", "san", "crn", "imle",
-)  # fmt: skip
+    "progan",
+    "stylegan",
+    "stylegan2",
+    "biggan",
+    "cyclegan",
+    "stargan",
+    "gaugan",
+    "deepfake",
+    "seeingdark",
+    "san",
+    "crn",
+    "imle",
+)
 DIFFUSION_TEST_SETS = (
-    "guided", "ldm_200", "ldm_200_cfg", "ldm_100", "glide_100_27", "glide_50_27", "glide_100_10", "dalle",
-)  # fmt: skip
+    "guided",
+    "ldm_200",
+    "ldm_200_cfg",
+    "ldm_100",
+    "glide_100_27",
+    "glide_50_27",
+    "glide_100_10",
+    "dalle",
+)
 # The generators of Synthbuster the authors evaluate (src/utils.py get_generators("synthbuster")).
 SYNTHBUSTER_GENERATORS = (
-    "dalle2", "dalle3", "stable-diffusion-1-3", "stable-diffusion-1-4", "stable-diffusion-2",
-    "stable-diffusion-xl", "glide", "firefly", "midjourney-v5",
-)  # fmt: skip
+    "dalle2",
+    "dalle3",
+    "stable-diffusion-1-3",
+    "stable-diffusion-1-4",
+    "stable-diffusion-2",
+    "stable-diffusion-xl",
+    "glide",
+    "firefly",
+    "midjourney-v5",
+)
 DEFAULT_GRID_FILE = Path("grid.yaml")
 DEFAULT_GRID_DIR = Path("grids")
 DEMO_GRID = "demo.yaml"
@@ -363,7 +387,8 @@ def plan_paper(config: PaperConfig, data: DataCheck) -> PaperPlan:
     extractions: list[ExtractJob] = []
     split_order = list(SPLITS)
     for (model, cache_dir, split, group), taps in sorted(
-        wanted.items(), key=lambda item: (item[0][0], split_order.index(item[0][2]), not item[0][3].is_training, item[0][3].name)
+        wanted.items(),
+        key=lambda item: (item[0][0], split_order.index(item[0][2]), not item[0][3].is_training, item[0][3].name),
     ):
         # Fewest views first, with every tap that wants at least that many: each view is
         # computed by one forward pass, and no tap stores more views than its grids read.

@@ -10,6 +10,7 @@ reference CSVs read with the csv module (not through pipeline.results.reference)
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import html.parser
 import json
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
+from pipeline.heads import RunConfig
 from pipeline.report import ReportConfig, ReportError, run_report
 from pipeline.results import reference
 
@@ -522,6 +524,10 @@ def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
     ok_rows = [(grid, r) for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"]
     table = read_rows(report.out / "grid.csv")
     assert sorted(r["run"] for r in table) == sorted({r["run"] for _, r in ok_rows}) == sorted(folders)
+    # every field of a run's config is a column (calibration was once left out), as results.csv wrote it
+    assert {f.name for f in dataclasses.fields(RunConfig)} <= set(table[0])
+    written = {r["run"]: r for _, r in ok_rows}
+    assert all(row["calibration"] == written[row["run"]].get("calibration", "none") for row in table)
     for row in table:
         test = scores_per_dataset(folders[row["run"]] / "scores_test.csv")
         val = scores_per_dataset(folders[row["run"]] / "scores_val.csv")

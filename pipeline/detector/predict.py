@@ -172,7 +172,7 @@ def ten_crop_rows(paths: Sequence[Path], rows: np.ndarray, detector: Detector, c
                 desc="predict: image sizes",
                 disable=not config.progress,
                 leave=False,
-            )  # fmt: skip
+            )
         )
     return np.array(chosen, dtype=bool)
 
@@ -257,9 +257,18 @@ class PredictionCommitter:
         header = read_image_header(self.paths[row])
         label = "" if score is None else ("fake" if score >= self.detector.threshold else "real")
         return PredictionRow(
-            str(self.paths[row]), score, label, self.detector.threshold, self.detector.threshold_name, crop,
-            header.width, header.height, header.format or "", self.backbone, error,
-        )  # fmt: skip
+            str(self.paths[row]),
+            score,
+            label,
+            self.detector.threshold,
+            self.detector.threshold_name,
+            crop,
+            header.width,
+            header.height,
+            header.format or "",
+            self.backbone,
+            error,
+        )
 
     def close(self) -> None:
         """Each batch is written once its work items are scored: nothing is left in flight."""

@@ -70,11 +70,26 @@ REAL, FAKE = 0, 1
 
 AUC_COLUMNS = ("dataset", "feature", "auc", "auc_std", "n_real", "n_fake", "folds", "flagged", "responsible", "note")
 SUMMARY_COLUMNS = (
-    "dataset", "label", "n", "n_errors", "formats", "modes", "exif_fraction",
-    "jpeg_quality_min", "jpeg_quality_median", "jpeg_quality_max",
-    "width_min", "width_median", "width_max", "height_min", "height_median", "height_max",
-    "file_size_min", "file_size_median", "file_size_max",
-)  # fmt: skip
+    "dataset",
+    "label",
+    "n",
+    "n_errors",
+    "formats",
+    "modes",
+    "exif_fraction",
+    "jpeg_quality_min",
+    "jpeg_quality_median",
+    "jpeg_quality_max",
+    "width_min",
+    "width_median",
+    "width_max",
+    "height_min",
+    "height_median",
+    "height_max",
+    "file_size_min",
+    "file_size_median",
+    "file_size_max",
+)
 IMAGE_COLUMNS = (
     "path",
     "label",

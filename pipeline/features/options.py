@@ -141,7 +141,6 @@ class ExtractConfig:
             raise OptionError(f"unknown store dtype {self.store_dtype!r}; choose from {STORE_DTYPES}")
 
 
-
 def variant_group_of(
     split: str,
     *,
@@ -170,7 +169,9 @@ def variant_group_of(
             raise OptionError(f"--crop {TEN_CROP} is an evaluation crop: not with a training split (pass --no-augment)")
         return VariantGroup.views(views)
     if views > 1:
-        raise OptionError(f"--views {views} asks for augmented views, but {split!r} is not a training split; add --augment")
+        raise OptionError(
+            f"--views {views} asks for augmented views, but {split!r} is not a training split; add --augment"
+        )
     if perturbation is not None and crop == TEN_CROP:
         raise OptionError(f"--crop {TEN_CROP} is an evaluation crop of the images as they are: not with --perturb")
     try:

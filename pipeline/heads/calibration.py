@@ -69,8 +69,10 @@ class HeadCalibration:
     def to_metadata(self) -> dict[str, str]:
         """:meth:`as_json` as safetensors metadata: strings (the thresholds as JSON text)."""
         values = self.as_json()
-        return {key: json.dumps(value) if key == "thresholds" else repr(value) if key == "temperature" else str(value)
-                for key, value in values.items()}  # fmt: skip
+        return {
+            key: json.dumps(value) if key == "thresholds" else repr(value) if key == "temperature" else str(value)
+            for key, value in values.items()
+        }
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], where: object) -> HeadCalibration:

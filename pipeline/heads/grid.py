@@ -281,8 +281,9 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
     memory_budget = options.memory_budget
     if memory_budget is None and client is not None and options.cluster.local_ram_sharers():
         memory_budget = available_memory(device) // options.cluster.local_ram_sharers()  # one copy per worker
-    task = GridTask(spec, stores, tuple(runs), tuple(ids), options.device, memory_budget, options.fuse,
-                    options.fail_fast)  # fmt: skip
+    task = GridTask(
+        spec, stores, tuple(runs), tuple(ids), options.device, memory_budget, options.fuse, options.fail_fast
+    )
     context = data = None
     if todo and client is None:  # a finished grid reads no features
         context = load_group_context(task, device)
@@ -363,8 +364,13 @@ class GridTask:
     def data_key(self, device: torch.device) -> str:
         """What the features a process loads for this grid depend on: the stores as named, the device, the budget."""
         paths = [str(ref.path) for ref in self.stores.refs]
-        key = {"stores": self.stores.identity(), "paths": paths, "views": list(self.stores.train_views),
-               "device": str(device), "budget": self.memory_budget}  # fmt: skip
+        key = {
+            "stores": self.stores.identity(),
+            "paths": paths,
+            "views": list(self.stores.train_views),
+            "device": str(device),
+            "budget": self.memory_budget,
+        }
         return json.dumps(key, sort_keys=True)
 
 

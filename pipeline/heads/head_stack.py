@@ -332,8 +332,9 @@ class HeadStack(nn.Module):
         heads = []
         for index in range(self.size):
             with torch.device("meta"):  # no initialisation: every value is loaded next
-                head = RineHead(shape.n_blocks, shape.in_dim, shape.proj_dim, shape.proj_layers,
-                                aggregation=shape.aggregation)  # fmt: skip
+                head = RineHead(
+                    shape.n_blocks, shape.in_dim, shape.proj_dim, shape.proj_layers, aggregation=shape.aggregation
+                )
             head.load_state_dict(self.head_state(index), strict=True, assign=True)
             heads.append(head.eval())
         return heads
@@ -363,8 +364,9 @@ class HeadStack(nn.Module):
         if torch.is_grad_enabled():
             pooled = _ProjectBlocks.apply(x, proj1_masks, self.workspace, batch, alpha, *parameters)
         else:
-            pooled, _ = project_blocks(x, proj1_masks, self.proj1_weight, self.proj1_bias, alpha, batch,
-                                       self.workspace, keep=False)  # fmt: skip
+            pooled, _ = project_blocks(
+                x, proj1_masks, self.proj1_weight, self.proj1_bias, alpha, batch, self.workspace, keep=False
+            )
         mask = iter(rest) if rest is not None else iter(lambda: None, 1)
         pooled_mask = next(mask)
         p = pooled if pooled_mask is None else pooled * pooled_mask

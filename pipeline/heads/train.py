@@ -348,9 +348,23 @@ def has_fused_adam(device_type: str) -> bool:
     """Whether torch has the fused Adam kernel for this kind of device (CUDA; the CPU from torch 2.4)."""
     probe = torch.zeros(1, device=device_type)
     try:
-        torch._fused_adam_([probe], [probe.clone()], [probe.clone()], [probe.clone()], [], [probe.clone()],
-                           amsgrad=False, lr=0.0, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8,
-                           maximize=False, grad_scale=None, found_inf=None)  # fmt: skip
+        torch._fused_adam_(
+            [probe],
+            [probe.clone()],
+            [probe.clone()],
+            [probe.clone()],
+            [],
+            [probe.clone()],
+            amsgrad=False,
+            lr=0.0,
+            beta1=0.9,
+            beta2=0.999,
+            weight_decay=0.0,
+            eps=1e-8,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
     return True

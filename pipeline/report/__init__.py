@@ -39,7 +39,8 @@ from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
 from .gallery import DEFAULT_GALLERY_SIZE
 from .inputs import GridResults, ReportError, find_grid_dirs, read_grid_dir
-from .tables import SkippedOutput, Table, build_tables, write_table
+from .table import SkippedOutput, Table, write_table
+from .tables import build_tables
 
 __all__ = ["ReportConfig", "ReportError", "ReportSummary", "SkippedOutput", "run_report"]
 

@@ -25,7 +25,7 @@ from .errors import BucketCount, ImageFactsFinder, analyse_errors
 from .gallery import FALSE_NEGATIVES, FALSE_POSITIVES, GalleryItem, gallery, worst_errors
 from .inputs import GridResults, RunResult, Selection, all_runs, all_selections
 from .scores import ScoredSplit, read_run_scores, store_facts
-from .tables import SkippedOutput
+from .table import SkippedOutput
 from .uncertainty import RunIntervals, run_intervals
 
 RunKey = tuple[Path, str]  # (grid folder, run id)

@@ -20,7 +20,7 @@ from ..results import format_value, mean_datasets, nan_mean, nan_std
 from ..variants import VariantKind, VariantSpec
 from .analysis import ReportAnalysis, selected_runs
 from .inputs import GridResults, seed_groups
-from .tables import (
+from .table import (
     METRICS,
     SkippedOutput,
     Table,
@@ -37,17 +37,42 @@ AVERAGE = "avg"
 
 def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """seeds.csv: mean and standard deviation over seeds per config, test set and the test mean."""
-    header = ("grid_dir", "grid", "backbone", "tap", "n_classes", "setting", "contrastive_factor", "proj_layers",
-              "proj_dim", "n_seeds", "seeds", "runs", "variant", "dataset", "acc_mean", "acc_std", "ap_mean",
-              "ap_std")  # fmt: skip
+    header = (
+        "grid_dir",
+        "grid",
+        "backbone",
+        "tap",
+        "n_classes",
+        "setting",
+        "contrastive_factor",
+        "proj_layers",
+        "proj_dim",
+        "n_seeds",
+        "seeds",
+        "runs",
+        "variant",
+        "dataset",
+        "acc_mean",
+        "acc_std",
+        "ap_mean",
+        "ap_std",
+    )
     rows = []
     for grid in grids:
         for runs in (group for group in seed_groups(grid.runs.values()) if len(group) > 1):
             first = runs[0]
-            key = (str(grid.path), first.row.grid, first.backbone, first.setting.tap, format_n_classes(first.n_classes),
-                   first.setting.label(without=("model", "tap", "seed")), *format_hyper(first.head_config),
-                   str(len(runs)), format_value(tuple(run.setting.seed for run in runs)),
-                   LIST_SEPARATOR.join(run.run for run in runs))  # fmt: skip
+            key = (
+                str(grid.path),
+                first.row.grid,
+                first.backbone,
+                first.setting.tap,
+                format_n_classes(first.n_classes),
+                first.setting.label(without=("model", "tap", "seed")),
+                *format_hyper(first.head_config),
+                str(len(runs)),
+                format_value(tuple(run.setting.seed for run in runs)),
+                LIST_SEPARATOR.join(run.run for run in runs),
+            )
             for variant in dict.fromkeys(variant for run in runs for variant in run.test):
                 for dataset in order_datasets(dataset for run in runs for dataset in run.test.get(variant, {})):
                     present = [run.test[variant][dataset] for run in runs if dataset in run.test.get(variant, {})]
@@ -74,8 +99,22 @@ def is_format_aligned(variant: str) -> bool:
 
 def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     """format_align.csv: each selected run's ACC/AP on center and format-aligned test sets, and the change."""
-    header = ("backbone", "n_classes", "setting", "selection", "run", "seeds", "variant", "dataset", "acc_center",
-              "acc_aligned", "acc_change", "ap_center", "ap_aligned", "ap_change")  # fmt: skip
+    header = (
+        "backbone",
+        "n_classes",
+        "setting",
+        "selection",
+        "run",
+        "seeds",
+        "variant",
+        "dataset",
+        "acc_center",
+        "acc_aligned",
+        "acc_change",
+        "ap_center",
+        "ap_aligned",
+        "ap_change",
+    )
     rows = []
     for selections in selected_runs(grids).values():
         selection, run = selections[0], selections[0].run
@@ -84,9 +123,15 @@ def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOut
             aligned = mean_over_runs(selection.runs, variant)
             common = order_datasets(set(center) & set(aligned))
             averaged, _ = mean_datasets(common)
-            key = (run.backbone, format_n_classes(run.n_classes), run.setting.label(without=("model", "tap", "seed")),
-                   LIST_SEPARATOR.join(s.rule for s in selections), run.run,
-                   format_value(tuple(r.setting.seed for r in selection.runs)), variant)  # fmt: skip
+            key = (
+                run.backbone,
+                format_n_classes(run.n_classes),
+                run.setting.label(without=("model", "tap", "seed")),
+                LIST_SEPARATOR.join(s.rule for s in selections),
+                run.run,
+                format_value(tuple(r.setting.seed for r in selection.runs)),
+                variant,
+            )
             for dataset in [*common, AVERAGE]:
                 sets = averaged if dataset == AVERAGE else [dataset]
                 values = []
@@ -106,8 +151,21 @@ def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOut
 
 def build_errors_table(analysis: ReportAnalysis | None) -> Table | SkippedOutput:
     """errors.csv: the error analysis of every selected run's test splits."""
-    header = ("grid_dir", "run", "selection", "split", "variant", "dataset", "facet", "bucket", "n", "n_errors",
-              "error_rate", "share_of_errors", "share_of_images")  # fmt: skip
+    header = (
+        "grid_dir",
+        "run",
+        "selection",
+        "split",
+        "variant",
+        "dataset",
+        "facet",
+        "bucket",
+        "n",
+        "n_errors",
+        "error_rate",
+        "share_of_errors",
+        "share_of_images",
+    )
     rows = [
         (
             str(section.run.grid_dir),
@@ -123,7 +181,7 @@ def build_errors_table(analysis: ReportAnalysis | None) -> Table | SkippedOutput
             format_float(count.error_rate),
             format_float(count.share_of_errors),
             format_float(count.share_of_images),
-        )  # fmt: skip
+        )
         for section in (analysis.sections if analysis else ())
         for count in section.errors
     ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .tables import SkippedOutput
+from .table import SkippedOutput
 
 AUDIT_GLOB = "audit_*.json"
 DOCUMENT_KEYS = ("split", "variant", "threshold", "flags", "feature_aucs", "summary", "n_images", "n_errors")

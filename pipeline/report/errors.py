@@ -112,7 +112,7 @@ def analyse_errors(scored: ScoredSplit, facts: Sequence[ImageFacts], crop: int |
                         int(wrong[rows][inside].sum()),
                         dataset_n,
                         dataset_errors,
-                    )  # fmt: skip
+                    )
                 )
     return counts
 

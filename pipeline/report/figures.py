@@ -34,7 +34,8 @@ from ..results import reference as ref
 from ..results.metrics import ECE_BINS, brier_score, expected_calibration_error, reliability_bins
 from ..results.run_folder import EMBEDDINGS_FILE, HEAD_FILE
 from .inputs import GridResults, RunResult, Scores, all_runs, best_by_test_full_models
-from .tables import SkippedOutput, block_importance, format_hyper, order_datasets, scores_from_reference, tie_runs
+from .studies import block_importance, tie_runs
+from .table import SkippedOutput, format_hyper, order_datasets, scores_from_reference
 
 DPI = 100
 ACC_COLOR = "tab:olive"
@@ -174,10 +175,19 @@ def plot_reliability(path: Path, title: str, curves: Mapping[str, tuple[np.ndarr
         counts, mean_score, fake_fraction = reliability_bins(labels, scores)
         filled = counts > 0
         ece, brier = expected_calibration_error(labels, scores), brier_score(labels, scores)
-        line = top.plot(mean_score[filled], fake_fraction[filled], marker="o", markersize=0,
-                        label=f"{label} (ECE {ece:.3f}, Brier {brier:.3f}, n {len(scores)})")  # fmt: skip
-        top.scatter(mean_score[filled], fake_fraction[filled], s=20 + 200 * counts[filled] / counts.sum(),
-                    color=line[0].get_color())  # fmt: skip
+        line = top.plot(
+            mean_score[filled],
+            fake_fraction[filled],
+            marker="o",
+            markersize=0,
+            label=f"{label} (ECE {ece:.3f}, Brier {brier:.3f}, n {len(scores)})",
+        )
+        top.scatter(
+            mean_score[filled],
+            fake_fraction[filled],
+            s=20 + 200 * counts[filled] / counts.sum(),
+            color=line[0].get_color(),
+        )
         bottom.bar(edges[:-1] + (k + 0.5) * width, counts / counts.sum(), width, color=line[0].get_color())
     top.set_ylabel("fraction of fakes")
     top.set_xlim(0, 1)

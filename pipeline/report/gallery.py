@@ -88,6 +88,6 @@ def gallery(
                 float(scored.scores[row]),
                 thumbnail,
                 note,
-            )  # fmt: skip
+            )
         )
     return items

@@ -31,14 +31,27 @@ from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
 from .gallery import GalleryItem
 from .inputs import GridResults
-from .tables import SCORE_KEY, STUDY_KEY, SkippedOutput, Table, format_percent, order_datasets
+from .studies import RobustnessKey
+from .table import ScoreKey, SkippedOutput, StudyKey, Table, format_percent, order_datasets
 
 PAGE_NAME = "index.html"
 MAX_HTML_ROWS = 5000
 # Columns never compared with the authors' (keys, labels, hyper-parameters); every other column of a comparable
 # table holds a percentage per test set or mean.
-NOT_COMPARED = frozenset((*SCORE_KEY, *STUDY_KEY, "setting", "variant", "perturbation", "preset", "metric",
-                          "excluded_from_avg", "note"))  # fmt: skip
+NOT_COMPARED = frozenset(
+    (
+        *ScoreKey.header(),
+        *StudyKey.header(),
+        *RobustnessKey.header(),
+        "setting",
+        "variant",
+        "perturbation",
+        "preset",
+        "metric",
+        "excluded_from_avg",
+        "note",
+    )
+)
 RULE_NAMES = {BEST_BY_VAL: "best by val", BEST_BY_TEST: "best by mean test ACC+AP (the paper's protocol)"}
 
 
@@ -155,9 +168,7 @@ def comparison_cells(table: Table, comparison: Comparison) -> dict[tuple[int, in
     """(row, column) -> the coloured cell of each of our values that has an authors' counterpart."""
     records = [dict(zip(table.header, row)) for row in table.rows]
     is_reference = [all(r.get(c) == v for c, v in comparison.reference.items()) for r in records]
-    references = {
-        tuple(r.get(c, "") for c in comparison.key): r for r, ref in zip(records, is_reference) if ref
-    }  # fmt: skip
+    references = {tuple(r.get(c, "") for c in comparison.key): r for r, ref in zip(records, is_reference) if ref}
     columns = [i for i, name in enumerate(table.header) if name not in NOT_COMPARED]
     cells = {}
     for index, (record, reference_row) in enumerate(zip(records, is_reference)):
@@ -236,15 +247,27 @@ def audit_view(document: AuditDocument) -> AuditView:
         row += [Cell(str(any_record.get("n_real", ""))), Cell(str(any_record.get("n_fake", "")))]
         auc_rows.append(tuple(row))
     statistics = []
-    columns = ("dataset", "label", "n", "n_errors", "formats", "modes", "exif_fraction", "jpeg_quality", "width",
-               "height", "file_size")  # fmt: skip
+    columns = (
+        "dataset",
+        "label",
+        "n",
+        "n_errors",
+        "formats",
+        "modes",
+        "exif_fraction",
+        "jpeg_quality",
+        "width",
+        "height",
+        "file_size",
+    )
     for record in document.summary:
         dataset = str(record["dataset"])
         spread = {
-            name: "" if record.get(f"{name}_min") is None
+            name: ""
+            if record.get(f"{name}_min") is None
             else f"{record[f'{name}_min']} / {record[f'{name}_median']} / {record[f'{name}_max']}"
             for name in ("jpeg_quality", "width", "height", "file_size")
-        }  # fmt: skip
+        }
         exif = record.get("exif_fraction")
         statistics.append(
             (
@@ -348,7 +371,7 @@ def section_errors(section: RunSection) -> HtmlTable | None:
                 if errors
                 else f"{c.bucket}: {format_percent(c.share_of_images)} % of images"
                 for c in facets.get(facet, [])
-            )  # fmt: skip
+            )
             for facet in ("size", "format")
         ]
         rows.append([split, dataset, *accuracy, str(errors), *shares])

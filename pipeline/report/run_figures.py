@@ -25,7 +25,8 @@ from .analysis import RunKey, RunSection, run_key
 from .figures import PlotJob, new_figure, plot_reliability, save_png, wrap_title
 from .inputs import RunResult
 from .scores import ScoredSplit, read_scored_split, scores_path
-from .tables import SkippedOutput, block_importance
+from .studies import block_importance
+from .table import SkippedOutput
 
 HISTOGRAM_BINS = np.linspace(0.0, 1.0, 21)
 PANEL_COLUMNS = 5

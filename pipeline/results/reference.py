@@ -226,8 +226,20 @@ def parse_perturbation(value: str) -> str:
     return value
 
 
-_RUN_COLUMNS = ("backbone", "classes", "contrastive_factor", "proj_layers", "proj_dim", "batch_size", "lr", "epochs",
-                "val_acc", "dataset", "acc", "ap")  # fmt: skip
+_RUN_COLUMNS = (
+    "backbone",
+    "classes",
+    "contrastive_factor",
+    "proj_layers",
+    "proj_dim",
+    "batch_size",
+    "lr",
+    "epochs",
+    "val_acc",
+    "dataset",
+    "acc",
+    "ap",
+)
 
 
 def read_reference_runs(name: str, columns: tuple[str, ...]) -> tuple[ReferenceResult, ...]:
