@@ -8,7 +8,6 @@ unknown keys rejected by name.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -20,17 +19,14 @@ from sklearn.model_selection import ParameterGrid
 from ..cache import default_store_path
 from ..errors import PipelineError
 from ..names import (
-    AGGREGATIONS,
     ALL_CLASSES,
-    AMP_MODES,
-    CALIBRATIONS,
     CENTER,
     DEFAULT_MODEL,
-    HEAD_BLOCKS,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
     TAPS,
 )
+from ..params import RUN_PARAMETERS, ParameterError
 from ..variants import VariantGroup, VariantSpec
 
 
@@ -77,17 +73,6 @@ def _renamed_hint(keys: list[str]) -> str:
     return "".join(f" ({key} is now called {_RENAMED_KEYS[key]})" for key in keys if key in _RENAMED_KEYS)
 
 
-def _check_number(key: str, value: Any, kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Any:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{key}: {value!r} is not a finite number")
-    if value < low or value > high or (low_open and value == low):
-        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-        raise ConfigError(f"{key}: {value!r} is outside {bound}")
-    return kind(value)
-
-
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
@@ -101,56 +86,16 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(RUN_KEYS)}{_renamed_hint(unknown)}"
         )
-    checked: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{where}.{key}"
-        if key == "contrastive_factor":
-            checked[key] = _check_number(name, value, float, 0.0)
-        elif key in ("proj_layers", "proj_dim", "epochs"):
-            checked[key] = _check_number(name, value, int, 1)
-        elif key == "batch_size":
-            checked[key] = _check_number(name, value, int, 2)
-        elif key == "lr":
-            checked[key] = _check_number(name, value, float, 0.0, low_open=True)
-        elif key == "train_fraction":
-            checked[key] = _check_number(name, value, float, 0.0, 1.0, low_open=True)
-        elif key == "seed":
-            checked[key] = _check_number(name, value, int, 0)
-        elif key == "lr_milestones":
-            if not isinstance(value, (list, tuple)):
-                raise ConfigError(f"{name}: expected a list of epochs, got {value!r}")
-            milestones = tuple(_check_number(name, v, int, 1) for v in value)
-            if list(milestones) != sorted(set(milestones)):
-                raise ConfigError(f"{name}: expected increasing epoch numbers, got {list(value)!r}")
-            checked[key] = milestones
-        elif key == "classes":
-            checked[key] = _parse_classes(name, value)
-        elif key == "head_blocks":
-            checked[key] = _check_choice(name, value, HEAD_BLOCKS)
-        elif key == "aggregation":
-            checked[key] = _check_choice(name, value, AGGREGATIONS)
-        elif key == "amp":
-            if value == "auto":
-                raise ConfigError(
-                    f"{name}: 'auto' is no longer a choice (it picked bf16 by the CPU or GPU, so numbers changed "
-                    "with the machine); float32 ('none') is the default, as the authors; ask for 'bf16' explicitly"
-                )
-            checked[key] = _check_choice(name, value, AMP_MODES)
-        elif key == "calibration":
-            checked[key] = _check_choice(name, value, CALIBRATIONS)
+    if values.get("amp") == "auto":
+        raise ConfigError(
+            f"{where}.amp: 'auto' is no longer a choice (it picked bf16 by the CPU or GPU, so numbers changed "
+            "with the machine); float32 ('none') is the default, as the authors; ask for 'bf16' explicitly"
+        )
+    try:
+        checked = {key: RUN_PARAMETERS[key].check(f"{where}.{key}", value) for key, value in values.items()}
+    except ParameterError as error:
+        raise ConfigError(str(error)) from None
     return RunConfig(**checked)
-
-
-def _parse_classes(name: str, value: Any) -> tuple[str, ...] | None:
-    if value is None or value == ALL_CLASSES:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{name}: expected a list of class names, 'all' or null, got {value!r}")
-    if len(set(value)) != len(value):
-        raise ConfigError(f"{name}: repeated class in {value!r}")
-    return tuple(sorted(value))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 from ..errors import PipelineError
 from ..files import write_text_atomic
 from ..names import LIST_SEPARATOR, UNPERTURBED_VARIANTS
+from ..params import cell_parsers
 from .metrics import METRIC_NAMES
 
 OK, ERROR = "ok", "error"
@@ -125,7 +126,7 @@ class ResultRow:
             raise ResultsFormatError(f"column status: {values['status']!r} is not one of {', '.join(STATUSES)}")
         metrics = None
         if row.get("acc", "") != "":
-            metrics = {name: parse_column(name, row, _parse_float) for name in METRIC_NAMES}
+            metrics = {name: parse_column(name, row, float) for name in METRIC_NAMES}
         head = HeadConfig(*(values.pop(name) for name in HEAD_COLUMNS))
         setting = Setting(**{name: values.pop(name) for name in SETTING_FIELDS})
         return cls(**values, head=head, setting=setting, metrics=metrics)
@@ -163,27 +164,16 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _parse_float(text: str) -> float:
-    return float(text)
-
-
-def _parse_int_tuple(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split(LIST_SEPARATOR)) if text else ()
-
-
 def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return lambda text: None if text == "" else parse(text)
 
 
 _ROW_PARSERS: dict[str, Callable[[str], Any]] = {
-    **{name: str for name in ("run", "status", "error", "grid", "model", "tap", "train", "classes")},
-    **{name: str for name in ("head_blocks", "aggregation", "amp", "calibration")},
-    **{name: int for name in ("proj_layers", "proj_dim", "epochs", "batch_size", "seed")},
-    **{name: _parse_float for name in ("contrastive_factor", "lr", "train_fraction")},
-    "lr_milestones": _parse_int_tuple,
+    **{name: str for name in ("run", "status", "error", "grid", "model", "tap", "train")},
+    **cell_parsers(),  # the run config's parameters, as declared once (pipeline.params)
     "n_classes": _optional(int),
     **{name: _optional(int) for name in ("n_params", "views_used", "views_reused", "n", "n_invalid")},
-    "fit_seconds": _optional(_parse_float),
+    "fit_seconds": _optional(float),
     **{name: _optional(str) for name in ("split", "variant", "dataset")},
 }
 
