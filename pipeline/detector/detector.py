@@ -414,15 +414,15 @@ def to_rgb_array(item: str | Path | Image.Image | np.ndarray) -> np.ndarray:
     """An (H, W, 3) uint8 RGB array from a path (decoded as evaluation decodes), a PIL image or an array."""
     from PIL import Image
 
-    from ..features import images
+    from ..features import ImageDecodeError, convert_to_rgb_array, decode_image
 
     if isinstance(item, (str, Path)):
         try:
-            return images.decode_image(Path(item))
-        except images.ImageDecodeError as error:
+            return decode_image(Path(item))
+        except ImageDecodeError as error:
             raise PredictError(f"{item}: {error}") from None
     if isinstance(item, Image.Image):
-        return images.convert_to_rgb_array(item.copy())  # the conversion edits the image's info
+        return convert_to_rgb_array(item.copy())  # the conversion edits the image's info
     array = np.asarray(item)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise PredictError(f"an image array must be (H, W, 3) uint8 RGB, got {array.shape} {array.dtype}")

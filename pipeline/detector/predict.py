@@ -40,13 +40,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..features import (
+    IMAGE_EXTENSIONS,
     BatchWork,
     FinishedShard,
     ImageSource,
     PixelRecipe,
     StageTimes,
     extract_shards,
-    images,
     read_image_header,
     read_sidecar,
     sidecar_path,
@@ -122,9 +122,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(
-                sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS)
-            )
+            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
         elif item.suffix.lower() == ".csv":
             found.extend(read_path_csv(item))
         elif item.suffix.lower() in LIST_SUFFIXES:
