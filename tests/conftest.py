@@ -175,3 +175,40 @@ def trained_predict_run(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFa
         invoke("fit", "--grid", str(grid), "--no-progress", "--device", "cpu")
     (run_folder,) = (root / "runs" / "runs").iterdir()
     return {"run": run_folder, "data": data, "root": root}
+
+
+THROTTLE = '''\
+"""Test helper (a sitecustomize): slow every backbone call so that a test can kill a process mid-run; with
+RINE_TEST_PIDS set, note this rank's pid there first."""
+import os
+import time
+from pathlib import Path
+
+import pipeline.features.backbone as _backbone
+
+if "RINE_TEST_PIDS" in os.environ:
+    Path(os.environ["RINE_TEST_PIDS"], "rank" + os.environ.get("RANK", "0") + "-" + str(os.getpid())).touch()
+_DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])
+_forward_taps = _backbone.Backbone.forward_taps
+
+
+def _slow_forward_taps(self, images, taps):
+    time.sleep(_DELAY)
+    return _forward_taps(self, images, taps)
+
+
+_backbone.Backbone.forward_taps = _slow_forward_taps
+'''
+
+
+def throttled_environment(folder: Path, delay: float, pids: Path | None = None) -> dict[str, str]:
+    """The environment of a ``python -m pipeline`` subprocess whose every backbone call sleeps ``delay`` seconds
+    (a sitecustomize written to ``folder``), offline; with ``pids``, each process notes its pid there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(THROTTLE)
+    python_path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_FORWARD_DELAY": str(delay), "HF_HUB_OFFLINE": "1"}
+    if pids is not None:
+        pids.mkdir(exist_ok=True)
+        env["RINE_TEST_PIDS"] = str(pids)
+    return env

@@ -706,6 +706,7 @@ from pipeline import cache
 from pipeline.variants import VariantSpec
 
 path, me, go = Path({path!r}), int(sys.argv[1]), Path({go!r})
+(go.parent / f"ready-{{me}}").touch()  # imported: waiting for the start signal
 while not go.exists():
     time.sleep(0.001)
 created = cache.create_store(path, make_identity(), split="val", labels=[i % 2 for i in range(21)],
@@ -737,7 +738,9 @@ def test_three_processes_adding_variants_to_one_new_store_lose_nothing(tmp_path:
         )
         for me in range(3)
     ]
-    time.sleep(3.0)  # every writer imported and waiting
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:  # every writer imported, waiting
+        time.sleep(0.01)
     go.touch()
     outputs = [writer.communicate(timeout=120) for writer in writers]
     assert [writer.returncode for writer in writers] == [0, 0, 0], [err.decode() for _, err in outputs]
@@ -748,7 +751,8 @@ def test_three_processes_adding_variants_to_one_new_store_lose_nothing(tmp_path:
     for name in expected:
         np.testing.assert_array_equal(cache.read_features(path, name), features_for(21, seed=int(name[5:])))
     assert cache.verify_store(path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".shared.zarr.lock", "go", "shared.zarr", "writer.py"]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("ready-"))
+    assert left == [".shared.zarr.lock", "go", "shared.zarr", "writer.py"]
 
 
 def test_zarr_older_than_3_1_3_is_refused() -> None:

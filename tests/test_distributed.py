@@ -15,7 +15,7 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from conftest import make_folder_dataset
+from conftest import make_folder_dataset, throttled_environment
 from pipeline import cache, files
 from pipeline.cli import main
 from pipeline.features import build_manifest, write_manifest
@@ -23,28 +23,6 @@ from pipeline.features.claims import ShardClaims
 from pipeline.features.distribute import shard_order
 
 N_SHARDS = 10  # 40 images in shards of 4
-
-THROTTLE = '''\
-"""Test helper: note this rank's pid, and slow every backbone call so that a test can kill it mid-run."""
-import os
-import time
-from pathlib import Path
-
-import pipeline.features.backbone as _backbone
-
-Path(os.environ["RINE_TEST_PIDS"], "rank" + os.environ.get("RANK", "0") + "-" + str(os.getpid())).touch()
-_DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])
-_forward_taps = _backbone.Backbone.forward_taps
-
-
-def _slow_forward_taps(self, images, taps):
-    time.sleep(_DELAY)
-    return _forward_taps(self, images, taps)
-
-
-_backbone.Backbone.forward_taps = _slow_forward_taps
-'''
-
 
 # ---------------------------------------------------------------- claims
 
@@ -110,17 +88,11 @@ def split(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     reference = base / "reference.zarr"
     result = CliRunner().invoke(main, extract_args(tiny_clip_dir, manifest, reference))
     assert result.exit_code == 0, result.output
-    throttle = base / "throttle"
-    throttle.mkdir()
-    (throttle / "sitecustomize.py").write_text(THROTTLE)
-    return {"base": base, "manifest": manifest, "reference": reference, "throttle": throttle}
+    return {"base": base, "manifest": manifest, "reference": reference, "throttle": base / "throttle"}
 
 
 def environment(split: dict, delay: float, pids: Path) -> dict[str, str]:
-    pids.mkdir(exist_ok=True)
-    python_path = os.pathsep.join(p for p in (str(split["throttle"]), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_FORWARD_DELAY": str(delay),
-            "RINE_TEST_PIDS": str(pids), "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    return throttled_environment(split["throttle"], delay, pids)
 
 
 def torchrun(n: int) -> list[str]:

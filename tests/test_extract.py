@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from conftest import TINY_CLIP, make_folder_dataset, write_image
+from conftest import TINY_CLIP, make_folder_dataset, throttled_environment, write_image
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.features import (
@@ -553,24 +553,6 @@ def test_rerun_skips_every_shard_without_backbone_work(eval_run: dict, monkeypat
 
 # ---------------------------------------------------------------- resume after kill -9
 
-THROTTLE = '''\
-"""Test helper: slow every backbone call so that a test can kill the process mid-run."""
-import os
-import time
-
-import pipeline.features.backbone as _backbone
-
-_DELAY = float(os.environ["RINE_TEST_FORWARD_DELAY"])
-_forward_taps = _backbone.Backbone.forward_taps
-
-
-def _slow_forward_taps(self, images, taps):
-    time.sleep(_DELAY)
-    return _forward_taps(self, images, taps)
-
-
-_backbone.Backbone.forward_taps = _slow_forward_taps
-'''
 KILL_SHARDS = 11  # 41 rows in shards of 4
 KILL_VARIANTS = ("view_000", "view_001")
 
@@ -619,14 +601,10 @@ def kill_setup(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     root = make_folder_dataset(base / "data", n_per_label=10, seed=3)
     (root / "a" / "1_fake" / "zz_empty.png").write_bytes(b"")
     manifest = folder_manifest(root, "train", base / "manifests")
-    throttle = base / "throttle"
-    throttle.mkdir()
-    (throttle / "sitecustomize.py").write_text(THROTTLE)
 
     def start(name: str, delay: float) -> tuple[subprocess.Popen, Path]:
         out = base / f"{name}.zarr"
-        python_path = os.pathsep.join(p for p in (str(throttle), os.environ.get("PYTHONPATH", "")) if p)
-        env = {**os.environ, "PYTHONPATH": python_path, "RINE_TEST_FORWARD_DELAY": str(delay), "HF_HUB_OFFLINE": "1"}
+        env = throttled_environment(base / "throttle", delay)
         with open(base / f"{name}.log", "wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipeline", *kill_args(tiny_clip_dir, manifest, out)],
