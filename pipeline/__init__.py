@@ -15,27 +15,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-_EXPORTS = {
-    "Detector": "detector",
-    "PredictConfig": "detector",
-    "run_predict": "detector",
-    "ExportConfig": "detector",
-    "run_export": "detector",
-    "AuditConfig": "features",
-    "BackboneConfig": "features",
-    "ExtractConfig": "features",
-    "LayoutConfig": "features",
-    "build_manifest": "features",
-    "run_audit": "features",
-    "run_extract": "features",
-    "ClusterConfig": "heads",
-    "FitConfig": "heads",
-    "GridConfig": "heads",
-    "RunConfig": "heads",
-    "load_grid": "heads",
-    "run_grid": "heads",
-    "ReportConfig": "report",
-    "run_report": "report",
+_MODULES = {
+    "detector": ("Detector", "PredictConfig", "run_predict", "ExportConfig", "run_export"),
+    "features": (
+        "AuditConfig",
+        "BackboneConfig",
+        "ExtractConfig",
+        "LayoutConfig",
+        "build_manifest",
+        "run_audit",
+        "run_extract",
+    ),
+    "heads": ("ClusterConfig", "FitConfig", "GridConfig", "RunConfig", "load_grid", "run_grid"),
+    "report": ("ReportConfig", "run_report"),
 }
-__all__ = ["__version__", *sorted(_EXPORTS)]
-__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)
+_names, __getattr__, __dir__ = lazy_face(__name__, _MODULES)
+__all__ = ["__version__", *_names]

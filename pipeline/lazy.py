@@ -12,8 +12,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 
-def lazy_face(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package``: ``exports`` maps a public name to its module (relative)."""
+def lazy_face(
+    package: str, modules: Mapping[str, tuple[str, ...]]
+) -> tuple[list[str], Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__all__, __getattr__, __dir__)`` for ``package``; ``modules`` maps each module (relative to the package)
+    to the public names it defines."""
+    exports = {name: module for module, names in modules.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         module = exports.get(name)
@@ -27,4 +31,4 @@ def lazy_face(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str],
     def __dir__() -> list[str]:
         return sorted(exports)
 
-    return __getattr__, __dir__
+    return sorted(exports), __getattr__, __dir__

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..files import check_split_name
-from ..names import DEFAULT_ALIGN_QUALITY
+from ..names import COMPUTE_DTYPES, DEFAULT_ALIGN_QUALITY, DEFAULT_MAX_PIXELS
 
 
 def _comma_list(value: str | None) -> tuple[str, ...] | None:
@@ -88,3 +88,31 @@ def _split_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def backbone_options(command):
+    """--device, --dtype, --batch-size and --workers: how a command runs the backbone over decoded images."""
+    options = (
+        DEVICE_OPTION,
+        click.option(
+            "--dtype",
+            default="auto",
+            type=click.Choice(("auto", *COMPUTE_DTYPES)),
+            help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.",
+        ),
+        click.option("--batch-size", type=click.IntRange(1), default=32, help="Images per backbone batch."),
+        click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def max_pixels_option(what_happens: str):
+    """--max-pixels: the decompression-bomb bound, with what happens to a larger image."""
+    return click.option(
+        "--max-pixels",
+        type=click.IntRange(1),
+        default=DEFAULT_MAX_PIXELS,
+        help=f"Images with more pixels {what_happens}.",
+    )

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ..errors import ExitCode
-from ..names import COMPUTE_DTYPES, CROPS, DEFAULT_MAX_PIXELS
+from ..names import CROPS
 from .group import main
-from .options import DEVICE_OPTION
+from .options import backbone_options, max_pixels_option
 
 
 def _check_threshold(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -76,6 +76,7 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
     help="val (best val accuracy), eer (equal error rate on val), fpr1 / fpr5 (1 % / 5 % false positives on val "
     "reals), or a number such as 0.5. Default: val; 0.5 for the authors' .pth (they carry no val thresholds).",
 )
+@backbone_options
 @click.option(
     "--model", default=None, help="Another backbone than the one recorded with the head (needs --allow-other-backbone)."
 )
@@ -84,16 +85,7 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
     is_flag=True,
     help="Score even when the backbone (model id, revision or content) is not the head's; recorded in the output.",
 )
-@DEVICE_OPTION
-@click.option("--dtype", default="auto", type=click.Choice(("auto", *COMPUTE_DTYPES)), help="Backbone compute dtype.")
-@click.option("--batch-size", type=click.IntRange(1), default=32)
-@click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=DEFAULT_MAX_PIXELS,
-    help="Images with more pixels get an error row instead of a score.",
-)
+@max_pixels_option("get an error row instead of a score")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def predict_command(
     inputs,
@@ -128,6 +120,7 @@ def predict_command(
         head=head_path,
         inputs=tuple(inputs),
         out=out,
+        progress=not no_progress,
         crop=crop,
         auto_min_side=auto_min_side,
         threshold=threshold,
@@ -138,7 +131,6 @@ def predict_command(
         batch_size=batch_size,
         decode_workers=workers,
         max_pixels=max_pixels,
-        progress=not no_progress,
     )
     summary = run_predict(config, sys.stdout, log=lambda line: click.echo(line, err=True))
     click.echo(summary.report(), err=True)

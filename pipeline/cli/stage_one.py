@@ -12,11 +12,9 @@ from ..errors import ExitCode, PipelineError, PipelineWarning
 from ..files import disk_errors_explained
 from ..names import (
     CENTER,
-    COMPUTE_DTYPES,
     DEFAULT_CHUNK_ROWS,
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_INVALID,
-    DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL,
     DEFAULT_PERTURB_PRESET,
     DEFAULT_SHARD_ROWS,
@@ -31,7 +29,14 @@ from ..names import (
     TEN_CROP,
 )
 from .group import main
-from .options import ALIGN_QUALITY_OPTION, DEVICE_OPTION, _check_split, _comma_list, _split_options
+from .options import (
+    ALIGN_QUALITY_OPTION,
+    _check_split,
+    _comma_list,
+    _split_options,
+    backbone_options,
+    max_pixels_option,
+)
 
 
 @main.command("manifest")
@@ -121,14 +126,7 @@ def manifest_command(
 @click.option("--blocks", default="all", help="Blocks to keep: all, last:K, or a comma list (negative from the end).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("cache"))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Explicit store path (one tap only).")
-@click.option("--batch-size", type=click.IntRange(1), default=32)
-@DEVICE_OPTION
-@click.option(
-    "--dtype",
-    default="auto",
-    type=click.Choice(("auto", *COMPUTE_DTYPES)),
-    help="Backbone compute dtype; auto = float16 on GPU (as the authors), float32 on CPU.",
-)
+@backbone_options
 @click.option(
     "--store-dtype", default=DEFAULT_STORE_DTYPE, type=click.Choice(STORE_DTYPES), help="dtype of the stored features."
 )
@@ -183,13 +181,7 @@ def manifest_command(
     default=DEFAULT_CHUNK_ROWS,
     help="Rows per inner chunk (divides --shard-rows).",
 )
-@click.option("--workers", type=click.IntRange(1), default=2, help="Decoding threads.")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(1),
-    default=DEFAULT_MAX_PIXELS,
-    help="Images with more pixels are recorded as invalid.",
-)
+@max_pixels_option("are recorded as invalid")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first image that cannot be used (exit status 1).")
 @click.option(
     "--max-invalid",

@@ -8,20 +8,10 @@ stages through their faces. The names below load their module (and torch) on fir
 
 from ..lazy import lazy_face
 
-_EXPORTS = {
-    "Detector": "detector",
-    "DetectorSpec": "detector",
-    "PredictError": "detector",
-    "parse_threshold": "detector",
-    "read_detector_files": "detector",
-    "PredictConfig": "predict",
-    "collect_inputs": "predict",
-    "run_predict": "predict",
-    "OutputError": "output",
-    "PREDICTION_COLUMNS": "output",
-    "ExportConfig": "export",
-    "ExportError": "export",
-    "run_export": "export",
+_MODULES = {
+    "detector": ("Detector", "DetectorSpec", "PredictError", "parse_threshold", "read_detector_files"),
+    "predict": ("PredictConfig", "collect_inputs", "run_predict"),
+    "output": ("OutputError", "PREDICTION_COLUMNS"),
+    "export": ("ExportConfig", "ExportError", "run_export"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_face(__name__, _MODULES)

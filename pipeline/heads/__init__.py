@@ -10,32 +10,13 @@ stage one, the report or the product. The names below load their module on first
 
 from ..lazy import lazy_face
 
-_EXPORTS = {
-    "HeadCalibration": "calibration",
-    "calibrate_head": "calibration",
-    "calibrated_scores": "calibration",
-    "ClusterConfig": "cluster",
-    "ClusterError": "cluster",
-    "check_devices": "cluster",
-    "ConfigError": "config",
-    "GridConfig": "config",
-    "RunConfig": "config",
-    "StoreRef": "config",
-    "load_grid": "config",
-    "make_run_config": "config",
-    "parse_grid": "config",
-    "FitConfig": "grid",
-    "GridSummary": "grid",
-    "run_grid": "grid",
-    "CheckpointError": "head",
-    "RineHead": "head",
-    "load_head": "head",
-    "load_official_checkpoint": "head",
-    "save_head": "head",
-    "DataError": "stores",
-    "OneLabelError": "stores",
-    "fit_group": "train",
-    "fit_head": "train",
+_MODULES = {
+    "calibration": ("HeadCalibration", "calibrate_head", "calibrated_scores"),
+    "cluster": ("ClusterConfig", "ClusterError", "check_devices"),
+    "config": ("ConfigError", "GridConfig", "RunConfig", "StoreRef", "load_grid", "make_run_config", "parse_grid"),
+    "grid": ("FitConfig", "GridSummary", "run_grid"),
+    "head": ("CheckpointError", "RineHead", "load_head", "load_official_checkpoint", "save_head"),
+    "stores": ("DataError", "OneLabelError"),
+    "train": ("fit_group", "fit_head"),
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_face(__name__, _MODULES)
