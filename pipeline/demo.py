@@ -1,36 +1,10 @@
-"""A small built-in data set and a tiny random CLIP, so the whole pipeline runs offline.
+"""A small built-in data set and a tiny random CLIP, so that the whole pipeline runs offline.
 
-Nothing here measures detection quality: the backbone has random weights and
-the images are synthetic. The demo shows every stage working end to end.
-
-Data (``folder`` layout, 64x64 RGB PNG, but for one deliberate shortcut)::
-
-    root/train/progan/{0_real,1_fake}/00000.png ...   n_train images per label
-    root/val/progan/{0_real,1_fake}/...               n_test per label
-    root/test/<generator>/{0_real,1_fake}/...         n_test per label, per generator
-
-The shortcut: the reals of the ``guided`` test set are JPEG files (quality
-95) while its fakes are PNG, as in UniversalFakeDetect's guided set
-(ImageNet JPEG reals, PNG fakes), so that ``pipeline audit`` has a format
-shortcut to flag and ``--perturb format-align`` one to remove.
-
-A real image is a procedural scene (a 1/f colour field, a lighting gradient
-and a few anti-aliased ellipses and rectangles) rendered at full resolution
-plus sensor noise. The fake of the same index is the *same* scene passed
-through a generator-like trace (:data:`GENERATOR_TRACES`):
-
-- ``nearest`` (progan; also the training fakes): rendered at half resolution,
-  up-sampled by pixel repetition, so each 2x2 block is flat;
-- ``checkerboard`` (dalle): half resolution, bilinear up-sampling, then the
-  phase-dependent gain of a stride-2, 3x3 transposed convolution whose taps
-  overlap unevenly (1, 2, 2 and 4 taps on the four pixel phases);
-- ``bilinear`` (stylegan): half resolution, bilinear up-sampling: smooth,
-  with little energy at the highest frequencies;
-- ``smooth`` (guided): full resolution, slightly blurred, with spatially
-  correlated noise instead of sensor noise.
-
-Every image is drawn from its own generator seeded by (seed, part, generator,
-index), so a build is identical for a seed whatever the sizes.
+Nothing here measures detection quality: the backbone has random weights and the images are synthetic. A real
+image is a procedural scene; its fake is the same scene through a generator-like trace
+(:data:`GENERATOR_TRACES`: nearest, checkerboard, bilinear, smooth), and the ``guided`` test set's reals are
+JPEG while its fakes are PNG, a deliberate format shortcut for ``pipeline audit`` to flag. Every image is drawn
+from a generator seeded by (seed, part, generator, index). The demo: README and ``./run_all.sh demo``.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Complete-or-absent, durable writes; the lock that serialises a store's metadata updates; stray temporaries.
 
-Every atomic write of the package goes through here: :func:`atomic_path`
-for one file or new folder written by any library (grid, head, report and
-plot files; a feature store's skeleton, the demo backbone),
-:func:`write_text_atomic` for text, :func:`replace_files_atomically` for a
-set of small files that belong together (a manifest and its sidecar), and
-:func:`write_bytes_durable` for every file of a feature store (the cache's
-zarr store writes through it): written under a temporary name, synced,
-renamed into place, and the folder synced, so that after a crash or a power
-loss a file is either whole under its final name or absent.
-
-Temporary names are ``.<name>.<host>-<pid>.<random>.tmp`` (``host`` a short
-hash of the machine's name), so that :func:`remove_stray_temporaries` can tell
-the leftovers of a killed writer (its process is gone from this machine, or
-the file is older than any write takes) from a write in progress.
-
-:func:`locked` holds an exclusive ``fcntl.flock`` on a lock file for the
-length of a block: short critical sections (store creation, attribute
-updates) of processes that may run on several machines sharing a file
-system that supports locks (local disks, NFSv4, Lustre mounted with flock).
+Every atomic write of the package goes through here (:func:`atomic_path`, :func:`write_text_atomic`,
+:func:`replace_files_atomically`, and :func:`write_bytes_durable` for every file of a feature store: temporary
+name, fsync, rename, folder fsync). Temporary names ``.<name>.<host>-<pid>.<random>.tmp`` let
+:func:`remove_stray_temporaries` tell a killed writer's leftovers from a write in progress; :func:`locked` holds
+an ``fcntl.flock`` for short critical sections of processes that may share a file system.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """Paper mode: every experiment of the paper on the real data, planned from the grid files.
 
-``pipeline paper DATA_ROOT`` (and ``./run_all.sh paper DATA_ROOT``) runs, each
-step resumable (re-running the command redoes nothing that is finished):
-
-1. **Layout check** (:func:`check_data`): the folders of CNNDetection's
-   training, validation and test sets and of the UniversalFakeDetect
-   diffusion sets must exist; every missing one is listed. Synthbuster
-   (``synthbuster/`` + ``RAISEpng/``) and the LDM training set
-   (``latent_diffusion_trainingset/`` + ``coco/``) are optional: absent, the
-   grids that need them are skipped with that reason.
-2. **Plan** (:func:`plan_paper`): each grid file runs when its backbone is
-   among the selected ones and its data are present, otherwise it is skipped
-   with the reason. The extractions are derived from the grids that run:
-   every split, tap and variant group they read, with, per training split and
-   tap, as many augmented views as the largest ``epochs`` of its grids (so a
-   15-epoch run sees a fresh augmentation every epoch).
-3. **Manifests** (:data:`SPLITS`): the test manifests list exactly the
-   paper's 12 GAN and 8 diffusion test sets, so a stray folder in the
-   download (e.g. ``test/whichfaceisreal/``) is never extracted.
-4. **Extractions** (``pipeline extract``: shards already committed are skipped),
-5. **Fits** (``pipeline fit``: finished runs are skipped),
-6. **Report** (``pipeline report`` over every grid that ran) into ``reports/``.
-
-Grid files name the stores by split (``train: train_4class``); paper mode
-knows how to build the splits of :data:`SPLITS` and nothing else.
+``pipeline paper DATA_ROOT`` checks the layout (:func:`check_data`; Synthbuster and the LDM set optional),
+plans (:func:`plan_paper`: the grids whose backbone and data are present; the extractions they need, with as
+many training views as the largest ``epochs``), then writes the manifests (exactly the paper's 20 test sets),
+extracts, fits and reports, each step resumable. docs/reproduction.md.
 """
 
 from __future__ import annotations

@@ -1,30 +1,10 @@
-"""What a variant is: one way of turning an image into the pixels whose features a store holds.
+"""Variants and variant groups: the ways of turning an image into the pixels whose features a store holds.
 
-A store keeps one feature array per variant, named:
-
-=================  ============  ==================================================
-name               kind          pixels
-=================  ============  ==================================================
-``center``         center        the evaluation crop (no resize)
-``view_000`` ...   train_view    seeded augmented training view ``i``
-``tencrop_0`` ...  ten_crop      crop ``i`` of torchvision's ten crops (0-4 the
-``tencrop_9``                    corners and center, 5-9 the same of the flip)
-``jpeg-official``  perturb       a robustness perturbation (``PERTURBATIONS``)
-                                 with a preset (``PERTURB_PRESETS``)
-``format-align-    format_align  every image (real and fake) re-encoded the same
-q95``                            way, JPEG at quality 95 (the number), then the
-                                 center crop: no file-format shortcut left
-=================  ============  ==================================================
-
-What a user asks for is a :class:`VariantGroup`: ``center``, ``tencrop`` (the
-ten crops, scored together by the sigmoid of their mean logit; never a stored
-array), ``views`` (K seeded training views), a perturbed copy
-(``jpeg-official``) or a format-aligned one (``format-align-q95``), in one
-spelling across `pipeline extract`, a grid's ``variant:`` and `pipeline
-predict --crop`. :meth:`VariantSpec.from_name` parses stored names,
-:meth:`VariantGroup.from_name` the names users write.
-
-Torch- and Zarr-free: both stages and the product use it.
+A store keeps one feature array per variant: ``center``, ``view_NNN`` (seeded training views), ``tencrop_0``
+.. ``tencrop_9``, ``<perturbation>-<preset>`` and ``format-align-q<quality>`` (:class:`VariantSpec`; the names
+table: docs/cache-format.md). What a user asks for is a :class:`VariantGroup` (``center``, ``tencrop``,
+``views``, a perturbed or a format-aligned copy), in one spelling across `pipeline extract`, a grid's
+``variant:`` and `pipeline predict --crop`. Torch- and Zarr-free: both stages and the product use it.
 """
 
 from __future__ import annotations

@@ -1,35 +1,11 @@
-"""The fast path of ``cache.read_features``: rows read straight out of raw shard files, checksums verified.
+"""The fast path of ``cache.read_features``: rows read straight out of raw shard files, every checksum verified.
 
-Private to ``cache`` (which decides when to use it and checks the store
-first). A raw Zarr v3 shard is its inner chunks' bytes, each followed by the
-chunk's CRC32C (zarr's ``crc32c`` codec), then an index of (offset, length)
-pairs followed by its own CRC32C. Wanted rows are copied out of read-only
-memory maps of the shard files into one pre-allocated array: a chunk wanted
-whole is copied into its place in ``out`` in pieces, each piece checksummed
-right after it landed there, while it is in the CPU cache; of a chunk wanted in
-part the checksum of the whole is verified and its rows are picked. A few
-threads share the shard files. Checksums are computed with the ``crc32c``
-package, which releases the GIL (``google_crc32c``, zarr's, holds it, so the
-threads' checksums ran one at a time: measured 0.76-0.80 of the unverified
-reader's speed with it on this project's 2-core machines).
-
-What zarr would verify is verified here too, and more: the index checksum,
-every chunk's checksum and size, offsets inside the file, and, for shards
-whose progress flag is set, that the file and every chunk in range exist (an
-extraction writes every chunk, also one of zeros, so a missing one is lost
-data, not fill). Shards not yet committed read as the fill value, exactly as
-``zarr`` reads them; tests compare the two on every kind of selection.
-Problems raise :class:`ShardFileError` naming the shard and the file. Plain
-``zarr`` reads of this layout measured 0.12 of raw disk speed
-(``benchmarks/bench_read.py``).
-
-``ShardRowGatherer`` serves training beyond memory: rows in any order (a
-shuffled batch), each a contiguous slice of its inner chunk, copied with
-positional reads (``os.preadv``) straight into the caller's buffer; runs of
-rows adjacent both in a file and in the batch go in one read. It verifies
-what ``read_raw`` verifies: shard indexes through ``read_shard_index``, and
-every chunk's checksum, once, the first time a gather touches the chunk
-(the whole chunk is read then, and that batch's rows are taken from it).
+Private to ``cache``. A raw shard is its inner chunks' bytes, each with its CRC32C, then an index with its own;
+wanted rows are copied from read-only memory maps into one pre-allocated array by a few threads (checksums with
+the ``crc32c`` package, which releases the GIL), verifying what zarr verifies and more (index, every chunk's
+checksum and size, a committed shard's files present). ``ShardRowGatherer`` gathers rows in any order with
+positional reads (training beyond memory). Problems raise :class:`ShardFileError` naming shard and file.
+Layout and measurements: docs/cache-format.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,8 @@
 """A feature store as one HDF5 file, and back: for the many tools that read HDF5.
 
-:func:`export_hdf5` writes every row-aligned array of a store and every
-variant's features, with the store's attributes, to one file::
-
-    /labels            (N,)  int8        0 real, 1 fake
-    /paths             (N,)  string      relative to the data root (UTF-8)
-    /dataset           (N,)  string
-    /class             (N,)  string      only when the store has classes
-    /valid             (N,)  bool
-    /error             (N,)  string      "" for valid rows
-    /features/<variant> (N, n_blocks, dim) the store's dtype, chunked by the store's inner chunk rows
-
-The root group's attributes are the store's: strings, integers, floats and
-booleans as themselves; lists, mappings and nulls (``blocks``, ``mean``,
-``variants`` ...) as JSON text, named in the attribute ``json_attributes``.
-``h5py.File(path)["features/center"][:]`` is all another tool needs.
-
-Only complete variants are exported (an incomplete one is an error that says
-so); the file is written under a temporary name and renamed when whole.
-:func:`import_hdf5` reads such a file back into a feature store equal to the
-original (same attributes, rows and features), also complete or absent.
+:func:`export_hdf5` writes every row array, every complete variant's features and the store's attributes to
+one file (written under a temporary name, renamed when whole); :func:`import_hdf5` reads such a file back into
+an equal store, complete or absent. File layout: docs/cache-format.md.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from .options import (
     "--layout",
     type=click.Choice(LAYOUT_NAMES),
     required=True,
-    help="On-disk layout of the data set (README: Manifests).",
+    help="On-disk layout of the data set (docs/data.md: Layouts).",
 )
 @click.option(
     "--root",

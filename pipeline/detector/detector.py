@@ -1,28 +1,10 @@
-"""The Python API: a RINE detector (frozen CLIP backbone + trained head + its calibration) that scores images.
+"""The Python API: a RINE detector (a head, its frozen backbone and its calibration) that scores images.
 
-    from pipeline import Detector
-    det = Detector.load("runs/<grid>/runs/<run-id>")   # a run folder (or its head.safetensors)
-    det = Detector.load("rine_2class_trainable.pth")   # the authors' released head (ViT-L/14, tap ln2)
-    det = Detector.load("exported-detector/")          # a folder written by `pipeline export`
-    scores = det.score(["a.png", pil_image, rgb_array], crop="center")  # probability of fake
-    fake = scores >= det.threshold
-
-:meth:`Detector.load` reads what the head records (:class:`DetectorSpec`: the
-backbone id and revision, tap and blocks its features came from, their stored
-dtype, the thresholds chosen on val and the temperature), loads that backbone
-and refuses another one (``model=`` naming a different id, or the same id at
-another revision or content hash) unless ``allow_other_backbone=True``.
-Scoring is the evaluation's: the same decode and crops (``crop="center"``:
-the center crop without resizing; ``"tencrop"``: torchvision's ten crops,
-scored as the sigmoid of the mean of the ten logits; ``"auto"``: ten crops
-when the image's shorter side is at least ``auto_min_side``, by default twice
-the crop), the features rounded to the dtype the head was trained on, the
-head in the same autocast mode, and ``sigmoid(mean logit / temperature)``
-(``pipeline.heads.calibration``). A label is fake when ``score >= threshold``.
-
-Importing this module imports neither torch nor transformers; :meth:`load` does.
-:meth:`score` handles images in memory; ``pipeline predict`` (``pipeline.detector.predict``)
-streams many files through the same steps with threaded decoding.
+:meth:`Detector.load` reads what the head records (:class:`DetectorSpec`: backbone id and revision, tap and
+blocks, stored dtype, val thresholds, temperature), loads that backbone and refuses another unless allowed;
+:meth:`Detector.score` scores images in memory as the evaluation does (the same decode and crops, features
+rounded to the stored dtype, the head in float32, ``sigmoid(mean logit / temperature)``). Importing this
+module imports neither torch nor transformers; :meth:`load` does. Usage: docs/scoring.md.
 """
 
 from __future__ import annotations

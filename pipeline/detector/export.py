@@ -1,32 +1,8 @@
 """``pipeline export``: a trained run as a self-contained detector folder, optionally with one ONNX graph.
 
-``OUT/`` (created whole under a temporary name, then renamed):
-
-``head.safetensors``
-    the head's weights and metadata, copied from the run folder;
-``config.json``
-    ``format`` (``EXPORT_FORMAT``), the detector's spec (``DetectorSpec.to_json``:
-    backbone id, revision and tap, block indices, which blocks the head reads,
-    the dtype its features were stored in, the bf16 mode, the calibration
-    method and temperature, the val split and the thresholds with their val
-    metrics), ``crop`` (the crop the run was evaluated with on val), the head's
-    shape and file, where it came from (run id, grid, training split) and, with
-    ``--onnx``, the graph's file, inputs and outputs. ``Detector.load(OUT)``
-    reads it;
-``README.md``
-    a model card: how to load, backbone and features, training data, config,
-    thresholds, the metrics of the run, intended use and limitations;
-``detector.onnx`` (``--onnx``)
-    backbone + head as one graph: input ``pixels``, (B, S, S, 3) uint8 RGB
-    crops (S: the backbone's input size, the crops cut as ``pipeline predict``
-    cuts them); outputs ``logit`` (B,) and ``score`` = ``sigmoid(logit /
-    temperature)`` (B,). The ``ln2`` tap is the ``layer_norm2`` output of each
-    block of the traced model; the tokens are rounded to the stored feature
-    dtype as at training. For ten crops, feed the ten and take the sigmoid of
-    their mean logit over the temperature.
-
-The backbone's weights are not copied: the detector loads them from the hub
-id (pinned to the recorded revision) or the local folder the config names.
+The folder (``head.safetensors``, ``config.json`` with the detector's spec, a ``README.md`` model card, and
+with ``--onnx`` ``detector.onnx``: backbone + head as one graph) is created whole under a temporary name, then
+renamed; ``Detector.load(OUT)`` reads it. Contents: docs/scoring.md.
 """
 
 from __future__ import annotations

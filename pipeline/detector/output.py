@@ -1,26 +1,8 @@
-"""The output of ``pipeline predict``: one row per image, written batch by batch, resumable after a kill.
+"""The output of ``pipeline predict``: one row per image (``PREDICTION_COLUMNS``), written batch by batch.
 
-The format follows the suffix of ``--out``: ``.csv`` (also what goes to
-stdout without ``--out``), ``.jsonl`` (one JSON object per line; missing
-values are ``null``) or ``.parquet`` (needs pyarrow: the rows go as they come
-to a hidden ``.<name>.partial.jsonl`` beside it, which becomes the Parquet
-file when the run ends; a killed run leaves the partial file, and the next
-run goes on from it). Columns, in order (``PREDICTION_COLUMNS``):
-
-``path`` (as listed or found), ``score`` (probability of fake; empty when the
-image could not be used), ``label`` (``fake`` when score >= threshold,
-``real``, empty without a score), ``threshold``, ``threshold_name`` (``val``,
-``eer``, ``fpr1``, ``fpr5``: chosen on the head's val split; ``fixed``: a
-number given), ``crop`` (``center`` or ``tencrop``), ``width``, ``height``,
-``format`` (read from the header, when readable), ``backbone`` (model and
-revision that made the features; says so when it is not the head's), ``error``
-(why the image could not be used; empty otherwise).
-
-Scores and thresholds are written at full precision (``repr``). Each batch is
-appended, flushed and synced before the next one is scored. Opening an
-existing file reads its rows and cuts a record torn by a kill (the text after
-the last complete line); what stays is exactly what an uninterrupted run
-wrote up to there, so the caller can skip those rows and append the rest.
+CSV, JSONL or Parquet by the suffix of ``--out``; each batch is appended, flushed and synced before the next;
+opening an existing file keeps its complete rows (a record torn by a kill is cut), so a resumed run ends with
+the file an uninterrupted run writes. Columns and formats: docs/scoring.md.
 """
 
 from __future__ import annotations

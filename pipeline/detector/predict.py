@@ -1,27 +1,10 @@
 """``pipeline predict``: score many image files with a detector, streaming rows into a resumable output.
 
-Inputs (:func:`collect_inputs`), in the order given: image files; folders
-(their images, recursively, sorted); a CSV with a ``path`` column (a manifest
-of ``pipeline manifest`` or any list: relative paths resolve against the data
-root of its sidecar ``<name>.json`` when there is one, else against the CSV's
-folder); a text file (``.txt``, ``.lst``) of one path per line (blank lines
-and ``#`` comments skipped; relative to the list's folder). Each path is
-scored once.
-
-The images go through stage one's loop (``extract.extract_shards``) with its
-pixel source (decoding in threads a few batches ahead, one decode per image,
-the evaluation's crops) and the detector's forward step; a committer scores
-each finished batch with the head (``Detector.logits`` / ``Detector.scores``,
-the evaluation's aggregation), reads each image's header (width, height,
-format) and appends the batch's rows to the output (``pipeline.detector.output``).
-
-Batches are planned over the whole input list: batch b holds images
-``b * batch_size ...`` (with ``--crop auto``, its center-crop and ten-crop
-images go through the backbone as two work items, decided from the headers
-read beforehand, and are written together in input order). A batch whose
-images are all in the output already is skipped, and any other is computed
-whole, so a resumed run puts every image through the backbone in the same
-batch as an uninterrupted run: the output file ends up the same.
+:func:`collect_inputs` lists the images (files, folders, CSV manifests, path lists), each once. They go through
+stage one's loop (threaded decoding, the evaluation's crops) with the detector's forward step, and a committer
+that scores each batch, reads the headers and appends the rows (``output.py``). Batches are planned over the
+whole input list, so a resumed run puts every image through the backbone in the same batch as an uninterrupted
+one. Inputs and outputs: docs/scoring.md.
 """
 
 from __future__ import annotations

@@ -1,38 +1,10 @@
 """Dataset-bias audit of a split: can file metadata alone tell reals from fakes?
 
-Benchmarks of synthetic-image detection are known to carry shortcuts: reals
-and fakes that differ in file format, JPEG quality, size or metadata, so a
-detector may learn "PNG = fake" instead of generator traces. For every
-dataset of a split, :func:`run_audit` reads the image headers only (no pixel
-decoding, no backbone; :mod:`pipeline.features.image_headers`), then
-
-1. describes each label (0 real / 1 fake): formats, estimated JPEG quality,
-   width and height (min / median / max), colour modes, EXIF presence, file
-   size, and the files that could not be read;
-2. measures how well each header feature alone, and all of them together,
-   predicts the label: the mean ROC AUC over seeded stratified folds of a
-   shallow decision tree (categorical features one-hot). The tree learns the
-   direction, so a feature that singles out the *reals* scores as high as one
-   that singles out the fakes; an uninformative feature scores about 0.5;
-3. flags a dataset when any of them reaches the threshold (default 0.8), naming
-   the single feature with the highest AUC (ties: the order of ``FEATURES``, so
-   the cause, e.g. ``format``, is named before a consequence like ``file_size``).
-
-With ``perturbation="format-align"`` (``pipeline audit --perturb
-format-align``) the audit describes instead the files the images become in
-the format-align variant of ``pipeline extract`` (each decoded and
-re-encoded as the same JPEG, ``augment.format_align_bytes``): what is left of
-the metadata shortcuts once format is aligned. The size of a re-encoded file
-is a function of its pixels alone (their compressibility, which generator
-traces change), so it is described but not scored there. Its outputs carry
-the variant's name: ``audit_<split>_format-align-q95*``.
-
-Outputs, in ``out``: ``audit_<split>.csv`` (long: dataset x feature AUCs),
-``audit_<split>_summary.csv`` (header statistics per dataset and label),
-``audit_<split>_images.csv`` (one row per image, with its error if any) and
-``audit_<split>.json`` (the AUCs, statistics, flags and unreadable files, for
-the HTML report). Unreadable files are
-counted and listed; they take no part in the AUCs.
+For every dataset, :func:`run_audit` reads the image headers only (``image_headers.py``; no decoding, no
+backbone), describes each label (formats, JPEG quality, sizes, modes, EXIF, file size), and measures how well
+each header feature alone, and all together, predict the label (cross-validated ROC AUC of a shallow tree); a
+dataset reaching the threshold is flagged with the feature responsible. With ``format-align`` it audits the
+files as the format-aligned variant makes them. Outputs (``audit_<split>*.csv``, ``.json``): docs/reports.md.
 """
 
 from __future__ import annotations

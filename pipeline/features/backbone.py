@@ -1,16 +1,8 @@
 """Load a frozen CLIP vision tower and tap the CLS token of its blocks.
 
-Two taps come out of one forward pass:
-
-``ln2``
-    the output of each encoder layer's ``layer_norm2``, i.e.
-    ``LayerNorm2(x + Attention(LayerNorm1(x)))`` inside the block, before the
-    MLP. This is the tensor the authors' code hooks, and the only one their
-    released heads and published numbers were made with.
-``hidden``
-    the block outputs, ``hidden_states[1:]`` of ``output_hidden_states=True``
-    (``hidden_states[0]`` is the embedding, not a block): what the paper's
-    text describes.
+Two taps come out of one forward pass: ``ln2``, each layer's ``layer_norm2`` output (inside the block, before
+the MLP: the authors' tensor, the only one their heads and numbers were made with), and ``hidden``, the block
+outputs (``hidden_states[1:]``: what the paper's text describes). docs/data.md, "Which tap".
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """Claims on shards: how processes sharing a store (ranks, or uncoordinated runs) split the work.
 
-A claim is a small file created with ``O_CREAT | O_EXCL`` (only one creator
-can succeed, also on NFS) in the store's claims folder
-(``cache.claims_folder``), one per (variant, shard): ``<variant>.<shard>``.
-It says who made it (machine tag, process id, rank). Its owner refreshes its
-modification time every ``stale_after / 4`` seconds while it works, and
-removes it once the shard is committed. A claim is *stale*, and taken over,
-when its owner's process is gone from this machine, or when it was not
-refreshed for ``stale_after`` seconds (an owner on another machine that
-died).
-
-Claims only divide the work; correctness never depends on them. A shard's
-bytes are the same whoever computes them and every file is replaced whole,
-so two processes that both do a shard (a stale claim taken over from a
-stalled owner) still leave a correct store.
+A claim is a file created with ``O_CREAT | O_EXCL`` per (variant, shard) in the store's claims folder, refreshed
+while its owner works and removed once the shard is committed; a claim whose owner is gone from this machine,
+or not refreshed for ``stale_after`` seconds, is taken over. Claims only divide the work: a shard's bytes are
+the same whoever computes them and files are replaced whole, so a shard done twice still leaves a correct store.
 """
 
 from __future__ import annotations

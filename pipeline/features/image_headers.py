@@ -1,21 +1,9 @@
 """What an image file says about itself, read from its header without decoding pixels.
 
-:func:`read_image_header` opens a file with Pillow, which parses only the
-header (format, size, mode, metadata chunks and, for JPEG, the quantisation
-tables) until pixels are asked for; nothing here asks for them. So a file
-whose pixel data is truncated after a valid header still reads as fine: this
-module describes files, it does not validate them (``pipeline extract`` does).
-
-JPEG quality is not stored in a JPEG file; :func:`estimate_jpeg_quality`
-recovers it from the quantisation tables by finding the quality whose tables,
-under the IJG scaling of the standard tables (libjpeg, libjpeg-turbo, Pillow,
-OpenCV and most software encoders), are nearest to the file's. Files from
-encoders with their own tables (many cameras, Photoshop) get the nearest IJG
-quality, an estimate.
-
-:func:`read_format_aligned_header` describes instead the file an image
-becomes in the format-align variant (decoded, re-encoded as one JPEG): what
-a detector sees of the file once format is aligned.
+:func:`read_image_header` parses format, size, mode, metadata and, for JPEG, the quantisation tables, from which
+:func:`estimate_jpeg_quality` finds the nearest IJG quality (an estimate for encoders with their own tables). It
+describes files; it does not validate them (``pipeline extract`` does). :func:`read_format_aligned_header`
+describes the file an image becomes in the format-align variant.
 """
 
 from __future__ import annotations

@@ -1,47 +1,10 @@
 """Dataset layouts as downloaded -> split manifests: :func:`build_manifest` and the :data:`LAYOUTS` table.
 
-Each layout is a walker over folders (it never opens an image) that lists
-rows ``(path, label, dataset[, class])`` relative to a data root; records and
-their CSV live in ``manifest.py``. Images are files ending in
-png/jpg/jpeg/bmp/webp/tif/tiff (any case; ``images.IMAGE_EXTENSIONS``),
-except where a layout says otherwise; hidden files and folders (name
-starting with '.') are ignored, symbolic links are followed. Errors name the
-missing or unexpected folder or file.
-
-Layouts (``--layout``; the options each takes are in :data:`LAYOUTS`):
-
-- ``cnndetection-train`` / ``cnndetection-val``:
-  ``root/{train,val}/<class>/{0_real,1_fake}``; dataset ``progan``;
-  ``classes`` keeps only those classes (all when None).
-- ``cnndetection-test``: ``root/test/<generator>/[<class>/]{0_real,1_fake}``,
-  class folders detected per generator; dataset = generator folder name,
-  except ``seeingdark`` -> ``sitd``; ``diffusion_datasets`` is skipped;
-  ``generators`` keeps only those dataset names.
-- ``ufd-diffusion``: ``root/test/diffusion_datasets/<set>/1_fake`` fakes;
-  reals from ``imagenet/0_real`` for ``guided`` and ``laion/0_real`` for
-  every other set, listed once per set; ``generators`` keeps only those sets.
-- ``synthbuster``: ``root/<generator>/*`` fakes (images directly in the
-  folder; folders without images are skipped), reals directly in
-  ``raise_root`` (required), listed once per generator; ``generators``
-  keeps only those.
-- ``ldm-train`` / ``ldm-val``: the latent-diffusion training setting of the
-  authors (``scripts/diffusion.py``, ``TrainingDatasetLDM`` in their
-  ``src/data.py``), see :func:`list_ldm_training`; dataset ``ldm``.
-- ``folder``: every image below any ``0_real``/``1_fake`` folder under
-  ``root``; dataset = the folder path between ``root`` and that folder
-  (``root``'s own name when the label folder is directly under it).
-
-Below a ``0_real``/``1_fake`` folder images are collected at any depth.
-A file whose name a manifest cannot hold (a line break or other control
-character, a backslash, bytes that are not UTF-8) is left out and recorded
-with the reason in the manifest's ``skipped`` list (its sidecar), so one odd
-name never stops a listing.
-Paths are relative to ``root``, which becomes the data root (resolved to an
-absolute path) -- except for layouts whose images live under several roots
-(``synthbuster``: ``raise_root``; ``ldm-*``: ``progan_root`` and
-``coco_root``): there the data root is the deepest common parent of all of
-them and paths are relative to it (e.g. ``synthbuster/dalle2/x.png`` and
-``RAISEpng/r.png`` under ``/data``).
+Each layout walks folders (it never opens an image) and lists rows ``(path, label, dataset[, class])``
+relative to a data root; records and their CSV live in ``manifest.py``. A file whose name a manifest cannot
+hold is left out and recorded with the reason; errors name the missing or unexpected folder or file. The
+layouts (CNNDetection, UniversalFakeDetect, Synthbuster, the authors' LDM setting, any folder tree) and the
+details of the authors' loaders each follows: docs/data.md.
 """
 
 from __future__ import annotations

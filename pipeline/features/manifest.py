@@ -1,16 +1,8 @@
 """Splits as validated records, and their CSV files: read and write them.
 
-A split is a CSV ``manifests/<split>.csv`` with the header ``path,label,dataset``
-and, when any row has a class, a fourth column ``class`` (empty for rows
-without one). One row per image; ``label`` is 0 for real and 1 for fake;
-``path`` is a POSIX path relative to a data root, so a manifest moves between
-machines. The root used to build it is remembered in the sidecar
-``manifests/<split>.json`` = ``{"data_root": ..., "layout": ..., "options": ...}``;
-a caller may give another root when resolving paths.
-
-The identity of a split (:meth:`Manifest.sha256`) is the hash of its canonical
-CSV text, which is exactly the bytes :func:`write_manifest` writes. It does not
-depend on the data root, so moving the data keeps the identity.
+A split is ``manifests/<split>.csv`` (``path,label,dataset[,class]``, paths relative to a data root remembered
+in the sidecar ``<split>.json``); its identity (:meth:`Manifest.sha256`) is the hash of the canonical CSV text,
+independent of the data root. Format: docs/data.md.
 """
 
 from __future__ import annotations

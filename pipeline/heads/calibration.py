@@ -1,23 +1,9 @@
 """What travels with a trained head besides its weights: thresholds chosen on val, and an optional temperature.
 
-``pipeline fit`` scores the validation split with each new head and records in
-the head's metadata (``head.safetensors``) a :class:`HeadCalibration`:
-
-* the operating points of ``metrics.THRESHOLD_RULES`` chosen on the val scores
-  (``val``: best accuracy; ``eer``: equal error rate; ``fpr1`` / ``fpr5``: the
-  thresholds for 1 % / 5 % false positives on val reals), each with the val
-  accuracy, real accuracy and fake accuracy it gives;
-* with ``calibration: temperature`` in the grid, a temperature T fitted on the
-  val logits (one scalar, LBFGS on log T minimising the binary cross-entropy of
-  ``sigmoid(logit / T)``; the ten crops of an image count as their mean logit).
-  Every score of the run (val, tests, ``pipeline predict``) is then
-  ``sigmoid(mean logit / T)``, which reads as a probability, and the thresholds
-  are chosen on those scores. Without it T = 1.
-
-Metadata keys (strings, as safetensors stores them): ``calibration`` (``none``
-| ``temperature``), ``temperature``, ``val_split``, ``n_val`` and
-``thresholds`` (JSON: rule -> ``{threshold, acc, real_acc, fake_acc}``;
-an all-fake / all-real cut is written as -Infinity / Infinity).
+:class:`HeadCalibration` holds the operating points of ``names.THRESHOLD_RULES`` chosen on the val scores (each
+with its val accuracy, real and fake accuracy) and, with ``calibration: temperature``, a temperature T fitted
+on the val logits (LBFGS on the binary cross-entropy), so that every score of the run is
+``sigmoid(mean logit / T)``. It is stored in the head's metadata (``run_folder.CALIBRATION_METADATA_KEYS``).
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
 """Dask clusters for ``pipeline fit``: a scheduler to connect to, a local cluster, or one local worker per device.
 
-``dask.distributed`` is an optional dependency (``pip install
-'rine-pipeline[dask]'``); it is imported only when a cluster is asked for,
-and its absence is a ``ClusterError`` saying what to install.
-
-* ``--scheduler tcp://host:8786`` (any ``dask.distributed`` address, e.g. the
-  ``scheduler_address`` of a dask-jobqueue ``SLURMCluster``): the grid's
-  tasks run on that cluster's workers, each on the device ``--device``
-  resolves to there.
-* ``--scheduler local:N``: a ``LocalCluster`` of N worker processes on this
-  machine, one task at a time each, sharing the CPUs (each worker's torch
-  gets ``cpu_count // N`` threads).
-* ``--devices cuda:0,cuda:1``: one worker process per device, pinned to it;
-  ``cpu,cpu`` gives CPU workers. Each device is checked here first, so a
-  CUDA device on a machine without one is refused before anything starts.
-
-A worker reads its device and its torch thread count from the environment
-(``WORKER_DEVICE_ENV``, ``WORKER_THREADS_ENV``; the local clusters set both,
-a job script of a remote cluster may export them) in ``pin_worker``, before
-each task. Without ``WORKER_THREADS_ENV``, torch keeps the thread count
-Dask's nanny gives a worker process (``OMP_NUM_THREADS=1`` by default).
-
-A local cluster is closed when the grid ends; a scheduler given by address
-is only disconnected from (and waited for until a first worker joins).
+``dask.distributed`` is optional (the ``[dask]`` extra), imported only when a cluster is asked for. A worker
+reads its device and torch thread count from the environment in :func:`pin_worker` before each task. A local
+cluster is closed when the grid ends; a scheduler given by address is only disconnected from. How to run a
+grid on SLURM or PBS: docs/scale-out.md.
 """
 
 from __future__ import annotations

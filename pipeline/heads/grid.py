@@ -1,14 +1,11 @@
-"""Run a grid of head configs from cached features: plan the stores, fit the groups here or on a Dask
-cluster, write ``results.csv`` and ``selection.csv``.
+"""Run a grid of head configs from cached features: plan the stores, fit the groups here or on a Dask cluster,
+write ``results.csv`` and ``selection.csv``.
 
-Configs that may train together (``train.group_key``) are fitted and scored as fused groups of at most
-``MAX_GROUP_SIZE`` (``FitConfig.fuse=False`` fits each alone); each config keeps its own run folder. The
-evaluation stores are loaded once per process and shared by every group (``--jobs N`` threads); with
-``FitConfig.cluster`` the groups run on a Dask cluster's workers instead (``cluster.py``), each worker keeping
-the stores it loaded (``run_group_on_worker``). A run's folder is named by a hash of its config, its data and
-``RUN_PROTOCOL``; a finished run is skipped on re-run; a failing config becomes an error row and the grid goes
-on unless ``fail_fast``. Checked before anything is fitted: the stores hold the declared tap and model and
-the same kind of features, and every config's training rows hold both labels.
+Configs that may train together (``train.group_key``) are fitted and scored as fused groups; each keeps its
+own run folder, named by a hash of its config, its data and ``RUN_PROTOCOL``, and skipped once finished. The
+stores are loaded once per process (or per Dask worker) and shared; a failing config becomes an error row. Checked
+before anything is fitted: the stores hold the declared tap and model and the same features, and every
+config's training rows hold both labels.
 """
 
 from __future__ import annotations

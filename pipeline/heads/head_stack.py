@@ -1,35 +1,10 @@
 """G RINE heads of one shape trained as one: every parameter stacked along a leading axis of size G.
 
-A ``HeadStack`` holds the parameters of G ``RineHead`` s with the same
-(n_blocks, in_dim, proj_dim, proj_layers, aggregation) as stacked tensors
-(``alpha`` (G, n, d'), each Linear's weight as (G, in, out), its bias
-(G, out)), so that each layer of the G heads is one batched matmul:
-
-* proj1 and the pooling over blocks, where a step's large tensors live
-  (G x B*n x d'), run by hand in buffers kept between steps
-  (``project_blocks`` and its backward, wrapped for autograd): the first
-  Linear reads the same input for every head (one matmul per head), every
-  later Linear is one ``baddbmm``, ReLU and dropout one in-place pass, the
-  TIE softmax weighting and the sum over blocks one pass; the backward zeroes
-  gradients where a unit was dropped or inactive and folds the dropout scale
-  into the matmuls;
-* proj2 and the classifier (G x B x d') go through autograd, one
-  ``baddbmm`` per layer;
-* the output is (logits (G, B), z (G, B, d')), float32 for the loss.
-
-Dropout masks come from ``HalfMasks``: every p = 0.5 mask of a training step,
-for all its dropout sites, from one draw of random words on one generator.
-The masks do not depend on G: a head trained alone (G = 1) and in a stack
-sees the same masks when its generator has the same seed, which is what makes
-the fused trainer equal the unfused one (``pipeline/train.py``). (Each site
-starts on a word boundary, so one draw gives the words that ``FastDropout``
-draws site by site from the same generator.)
-
-Compute dtype: the caller passes ``x`` in the dtype the matmuls run in
-(float32, or bfloat16 for mixed precision); the master parameters stay
-float32 and are cast once per forward. ``HeadStack(heads)`` and
-``to_heads()`` convert from and to ``RineHead`` modules (the saved format),
-exactly.
+Each layer of the G heads is one batched matmul; proj1 and the pooling over blocks, where a step's large
+tensors live, run by hand in buffers kept between steps (with their own backward), the rest through autograd.
+``HalfMasks`` draws every p = 0.5 dropout mask of a step at once from one generator, the same masks whatever G,
+which is what makes a head trained in a stack equal one trained alone. ``HeadStack(heads)`` and ``to_heads()``
+convert from and to ``RineHead`` modules exactly.
 """
 
 from __future__ import annotations

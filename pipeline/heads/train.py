@@ -1,19 +1,10 @@
 """Fit RINE heads from cached block tokens, several configs at once, with the authors' protocol.
 
-**Fused groups.** Configs that differ only in the contrastive factor xi (or in the calibration fitted
-afterwards) share their training rows, batch order, epochs, lr schedule and head shape (``group_key``):
-:func:`fit_group` trains them as one ``HeadStack``: each batch is gathered and cast once, every layer of the
-group is one batched matmul, the dropout masks of a step are one draw, one fused Adam step updates the group.
-Each config's loss is its own BCE + xi x SupCon, so each head's gradient is its own; a config trained alone
-(:func:`fit_head`, ``pipeline fit --no-fuse``) sees the same masks and batches (its seed): the two agree to
-float rounding (tested).
-
-**Precision.** float32 (``amp: none``, the default, as the authors); ``amp: bf16`` runs the matmuls and
-elementwise work in bfloat16 with float32 master weights, loss and optimizer.
-
-**The loop.** Epoch e (0-based) reads training view ``e mod K`` with the lr of ``RunConfig.lr_at_epoch`` (lr
-/ 10 from the start of the 6th and of the 11th epoch). On CUDA each group's step is captured once as a CUDA
-graph and replayed (``GroupSteps``).
+Configs that differ only in xi (or the calibration fitted afterwards) train as one ``HeadStack``
+(:func:`fit_group`): each batch gathered and cast once, every layer one batched matmul, one fused Adam step;
+each config's loss is its own, so a config trained alone (:func:`fit_head`) agrees to float rounding. Epoch e
+reads training view ``e mod K`` with the lr of ``RunConfig.lr_at_epoch``; float32 by default (``amp: bf16`` an
+opt-in); on CUDA each group's step is replayed from a captured graph (``GroupSteps``). docs/training.md.
 """
 
 from __future__ import annotations

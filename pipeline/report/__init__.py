@@ -1,31 +1,9 @@
-"""Turn stage two's grid folders into the paper's tables (CSV) beside the authors' published numbers, figures and one HTML page.
+"""Turn stage two's grid folders into the paper's tables (CSV) beside the authors' numbers, figures and one page.
 
-Reads ``<grid>/results.csv``, ``<grid>/selection.csv`` (format:
-``pipeline.results``; README "Results and selection"), the runs'
-``scores_<split>.csv`` (bootstrap intervals, error analysis, galleries) and,
-for the figures and tie.csv, the selected runs' ``head.safetensors`` and
-``embeddings.npz``; with no grid folder named, every grid folder under
-``runs/``. Writes into ``out`` (README "Reports"):
-
-* ``acc.csv``, ``ap.csv`` (paper Tables 2/3), ``best.csv`` (Table 1),
-  ``ablations.csv`` (Table 4), ``robustness.csv`` (Table 5), ``epochs.csv``,
-  ``fractions.csv``, ``ldm.csv`` (the studies), ``tie.csv`` (TIE block
-  importance), ``grid.csv`` (every run with its means and their intervals),
-  ``metrics.csv`` (every ok row, with intervals): see
-  ``pipeline.report.tables``; ``seeds.csv``, ``format_align.csv``,
-  ``errors.csv``: see ``pipeline.report.analysis_tables``;
-* PNG figures: see ``pipeline.report.figures`` and, per selected run,
-  ``pipeline.report.run_figures``;
-* ``index.html``: every table and figure, the audits found in ``out`` and a
-  section per selected run, in one self-contained page
-  (``pipeline.report.html``).
-
-Means follow ``pipeline.results``: over the paper's 20 test sets when any is
-present (other sets keep their columns and are named in
-``excluded_from_avg``), NaN values skipped. A table without inputs is
-skipped with its reason (and any stale copy removed). All tables are written
-before any figure; figures (matplotlib, imported only here and lazily) never
-stop the tables or the page, and each failure is reported.
+Reads each grid folder's ``results.csv``, ``selection.csv`` and the runs' folders (``results.run_folder``);
+writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``), then the figures (``figures.py``,
+``run_figures.py``; matplotlib, imported lazily, never stops the tables or the page) and ``index.html``
+(``html.py``). A table without inputs is skipped with its reason. What each file holds: docs/reports.md.
 """
 
 from __future__ import annotations

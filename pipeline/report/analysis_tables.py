@@ -1,14 +1,5 @@
-"""The report's analysis tables: the spread over seeds, center vs format-align, and the error analysis.
-
-* ``seeds.csv``: per config run with several seeds, per test variant and
-  set and for the test mean (``avg``), the mean and sample standard
-  deviation (ddof 1) over the seeds of ACC and AP (fractions, full precision);
-* ``format_align.csv``: per selected run evaluated on a format-aligned copy
-  of its test sets (``pipeline extract --perturb format-align``), ACC and AP
-  (percent) on the files as they are (``center``) and aligned, and the
-  change in points: how much survives once the file format is no shortcut;
-* ``errors.csv``: per selected run, test split and set, the error analysis
-  of ``pipeline.report.errors`` (facets label / size / format).
+"""The report's analysis tables: the spread over seeds (``seeds.csv``), center vs format-aligned
+(``format_align.csv``), and the error analysis (``errors.csv``).
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
 """Error analysis of a scored split: accuracy on reals and on fakes, and where the errors are by size and format.
 
-An error is a real scored > 0.5 or a fake scored <= 0.5 (the ``acc``
-threshold). Per dataset, the rows are counted in buckets of three facets:
-
-* ``label``: ``real`` / ``fake`` (1 - error rate = ``real_acc`` / ``fake_acc``);
-* ``size``: the shorter side against the crop the backbone sees (RINE crops
-  without resizing): smaller than the crop (zero-padded), up to 2x, up to
-  4x, larger;
-* ``format``: the file format (JPEG, PNG, ...).
-
-Each bucket has its number of images and errors, its error rate, its share
-of the dataset's errors and its share of the dataset's images (a bucket
-holding 80 % of the errors is only telling when it holds far fewer of the
-images). Sizes and formats come from the audit's per-image records
-(``pipeline audit``) when present, else from the image headers under the
-data root; ``unknown`` when neither is reachable.
+An error is a real scored > 0.5 or a fake scored <= 0.5. Per dataset, rows are counted in buckets of three
+facets (label; the shorter side against the crop; the file format), each with its images, errors, error rate,
+share of the errors and share of the images. Sizes and formats come from the audit's per-image records when
+present, else from the image headers; ``unknown`` when neither is reachable.
 """
 
 from __future__ import annotations

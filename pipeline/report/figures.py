@@ -1,16 +1,8 @@
 """The report's figures: plot jobs prepared from typed grid results, drawn as PNG files with matplotlib's Agg canvas.
 
-Importing this module imports matplotlib (``pipeline.report`` imports it only
-when plots are asked for). Drawing uses no pyplot and no global backend
-state; each figure is written complete-or-absent. Jobs: ACC/AP per test set
-beside the authors' published config (one per selected full-model setting),
-box plots of mean ACC/AP per hyper-parameter value (paper Figs. 3-4), mean
-ACC/AP against epochs and against training fraction, the TIE block
-importance per setting (``tie.png``, the numbers of ``tie.csv``) and a t-SNE
-of the head's z on a sample of the test sets (``tsne_*.png``, from the
-``embeddings.npz`` that ``pipeline fit`` writes for selected runs).
-:func:`plot_reliability` draws a run's reliability diagram
-(``pipeline.report.run_figures`` makes one per selected run).
+Importing this module imports matplotlib; drawing uses no pyplot and no global state, and each figure is
+written complete-or-absent. The figures (ACC/AP per test set beside the authors', hyper-parameter boxes, the
+studies, TIE block importance, t-SNE of z) and :func:`plot_reliability`: docs/reports.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """``index.html``: the report as one self-contained page (figures as data URIs, CSS and JS inline, no network).
 
-Rendered with a Jinja2 template (``templates/index.html.j2``, autoescaped:
-every value from the data is escaped). The page holds, in order: what was
-skipped and why; the dataset audits found in the report folder (flagged
-datasets highlighted, and marked in every table's header); every table the
-report wrote (sortable by clicking a header; our rows beside the authors'
-with each difference coloured); every figure; and a section per selected run
-(ACC/AP with bootstrap intervals and the spread over seeds, the error
-analysis, score histograms per test set, the TIE curve and galleries of the
-worst false positives and false negatives). Tables longer than
-``MAX_HTML_ROWS`` show their first rows and say so (the CSV has them all).
+Rendered with the Jinja2 template ``templates/index.html.j2``, autoescaped (every value from the data is
+escaped): what was skipped, the audits, every table (sortable; ours beside the authors' with each difference
+coloured), every figure, and a section per selected run. Tables longer than ``MAX_HTML_ROWS`` show their first
+rows and say so.
 """
 
 from __future__ import annotations

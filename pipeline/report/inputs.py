@@ -1,7 +1,7 @@
 """Read and validate grid output folders (results.csv, selection.csv, run folders) into typed records.
 
-The formats are those of ``pipeline.results`` (README: "Results and
-selection"); every problem names the file (and line) and what is wrong.
+The formats are those of ``pipeline.results`` (docs/results-format.md);
+every problem names the file (and line) and what is wrong.
 :func:`find_grid_dirs` finds the grid folders under ``runs/`` when the
 report is given none.
 """

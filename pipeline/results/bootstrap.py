@@ -1,22 +1,10 @@
 """Seeded bootstrap confidence intervals for ACC and AP of scored test sets and of their mean.
 
-A replicate resamples each test set **stratified by label**: its reals with
-replacement to the same number of reals, its fakes likewise, so every
-replicate has the set's class balance (AP depends on it) and ACC/AP are
-always defined when they are on the set itself. A replicate is a vector of
-integer weights over the rows (how often each row was drawn); ACC and AP of
-the weighted rows equal those of the resampled set, and AP follows
-scikit-learn's ``average_precision_score`` exactly, ties included (tested
-against it with ``sample_weight``).
-
-Reproducibility: the draws of a test set come from a generator seeded by
-``(seed, crc32(dataset name))`` alone, so a set's interval does not depend on
-which other sets, runs or grids are reported, and two runs scored on the same
-rows see the same resamples (a paired comparison). The interval of a mean
-over test sets takes, per replicate, the mean of the sets' replicate values
-(NaN skipped, as ``pipeline.results.nan_mean``): the sets are independent
-samples. Intervals are percentile intervals of the replicates (95 % by
-default: the 2.5th and 97.5th percentiles).
+A replicate resamples a set stratified by label (its reals and its fakes each with replacement), as integer
+weights over the rows; AP follows scikit-learn's exactly, ties included. A set's draws are seeded by
+``(seed, crc32(dataset))`` alone, so an interval does not depend on what else is reported and two runs on the
+same rows are compared on the same resamples; a mean over sets takes the mean per replicate. Percentile
+intervals (95 % by default).
 """
 
 from __future__ import annotations

@@ -1,37 +1,10 @@
 """Binary detection metrics for one scored set: the paper's two, ranking, operating points and calibration.
 
-Labels: 0 = real, 1 = fake. Scores are fake probabilities in [0, 1] (a sigmoid
-output, or the sigmoid of the mean ten-crop logit). Two threshold conventions, both documented:
-
-* ``acc``, ``real_acc``, ``fake_acc`` predict fake when ``score > 0.5`` (strictly), as
-  the authors' evaluation does (``accuracy_score(y_true, y_score > 0.5)``).
-* Every other threshold predicts fake when ``score >= threshold``. Thresholds chosen
-  from scores are *cuts*: midpoints between neighbouring distinct scores, or -inf /
-  +inf for "all fake" / "all real" (:func:`score_cuts`), so no score of the set they
-  were chosen on sits exactly on one.
-
-Operating points (:class:`OperatingPoint`: threshold, accuracy, real accuracy =
-1 - false-positive rate, fake accuracy = true-positive rate), chosen by a rule of
-``THRESHOLD_RULES`` on a set of scores:
-
-* ``val``: the best accuracy (ties: the lowest threshold);
-* ``eer``: the equal error rate, the cut where the false-positive rate on reals and
-  the false-negative rate on fakes are closest (ties: the lowest threshold); the
-  EER is their mean there;
-* ``fpr1`` / ``fpr5``: the lowest threshold whose false-positive rate on the reals
-  is at most 1 % / 5 % (the highest true-positive rate under that constraint).
-
-``compute_metrics`` reports, per set: each rule chosen on the set itself (``oracle``,
-``oracle_eer``, ``oracle_fpr1``, ``oracle_fpr5``: the best one could do knowing the
-labels) and, given the thresholds chosen on the validation split, the same rules
-applied with those (``calibrated`` = val's best-accuracy threshold, ``val_eer``,
-``val_fpr1``, ``val_fpr5``: what a deployed detector gets). Each point is four
-columns ``<point>_threshold``, ``<point>_acc``, ``<point>_real_acc``,
-``<point>_fake_acc``; the TPR at 1 % FPR is ``val_fpr1_fake_acc`` (threshold from
-val) and ``oracle_fpr1_fake_acc`` (oracle). Calibration: ``brier`` (mean squared
-error of the score against the label) and ``ece`` (expected calibration error of
-the probability of fake over ``ECE_BINS`` equal-width bins: the count-weighted
-mean of |mean score - fraction of fakes| per bin; the first bin includes 0).
+Labels 0 real, 1 fake; scores are probabilities of fake. ``acc``, ``real_acc`` and ``fake_acc`` predict fake
+when ``score > 0.5`` (as the authors); every other threshold predicts fake when ``score >= threshold``, and
+thresholds chosen from scores are cuts between distinct scores. ``compute_metrics`` gives ACC, AP, AUC, EER,
+Brier, ECE and the operating points of ``THRESHOLD_RULES`` chosen on the set itself (``oracle*``) and on val
+(``calibrated``, ``val_*``). Every definition: docs/results-format.md.
 """
 
 from __future__ import annotations

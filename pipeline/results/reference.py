@@ -1,43 +1,8 @@
-"""The authors' published RINE numbers (every grid config, the studies, the ablations, the perturbations) as typed project data.
+"""The authors' published RINE numbers (every grid config, the studies, the ablations, the perturbations) as
+typed project data, read from the CSV files in ``data/``.
 
-The CSV files under ``pipeline/results/data`` hold the per-test-set ACC and AP
-(fractions) of every official run. Facts about them:
-
-* ``rine_official_grid.csv``: both backbones x 1/2/4 training classes x the 48
-  head configs, 1 epoch, batch 128, lr 1e-3, 20 test sets each.
-* ``rine_official_ablations.csv``: no backbone column; the ablations were run
-  on ViT-L/14 at the published config of each class setting (paper Table 4).
-* ``rine_official_perturbations.csv``: no backbone or config columns; these are
-  the released ViT-L/14 checkpoints under the authors' perturbation code
-  (paper Table 5), i.e. our ``official`` preset; their ``compress`` is our ``jpeg``.
-* ``rine_official_epochs.csv``: ViT-L/14, the three best grid configs of each
-  class setting (the authors' ``best_configs(ncls, nbest=3, nepochs=1)``, which
-  are the three highest mean ACC + AP rows of the grid file) trained for 3, 5,
-  10 and 15 epochs (lr / 10 at the start of epochs 6 and 11; ``val_acc`` is the
-  last epoch's). Their 1-epoch numbers are the grid file's rows.
-* ``rine_official_fractions.csv``: ViT-L/14, the best grid config of each class
-  setting, 1 epoch, on 20/50/80/100 % of the training images
-  (``train_fraction``). The 100 % rows equal the grid file's rows of the same
-  config (to the grid file's 6 decimals).
-* ``rine_official_ldm.csv``: ViT-L/14 trained on the LDM training set
-  (``scripts/diffusion.py``: xi 0.2/0.4, q 2/4, d' 512/1024, 1/3/5 epochs; no
-  class column) and tested on the nine Synthbuster generators by ten crops,
-  whose mean is the paper's LDM number. Our Synthbuster manifests name these
-  datasets alike (the generator folder names).
-* The authors extract features at the ``ln_2`` tap (our ``ln2``).
-
-Provenance of the last three: the authors' repository (GitHub
-``mever-team/rine``, Apache-2.0) keeps them only as Python pickles,
-``results/epochs/*.pickle``, ``results/dataset_size/*.pickle`` and
-``results/diffusion/*.pickle``: one dict per run (``epochs``, ``config``,
-``results`` with ``val_acc`` per epoch and ``test`` -> generator -> ``acc`` /
-``ap``). They were read with an unpickler that resolves no global: the only
-two the files name (numpy's ``scalar`` and ``dtype``, holding the AP values as
-little-endian float64) were replaced by inert decoders of those 8 bytes, and
-every other global was refused. The numbers were then transcribed into the
-CSVs above (``seeingdark`` renamed ``sitd``, ``diffusion_datasets/<set>`` to
-``<set>``). Neither the pickles nor the conversion script are part of this
-project.
+What each file holds, and how the study files were transcribed from the authors' pickles (their repository,
+``mever-team/rine``, Apache-2.0): docs/reproduction.md.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def read_csv_records(path: Path, required: Sequence[str]) -> list[tuple[int, dic
         if missing:
             raise ResultsFormatError(
                 f"{path}: missing column(s) {missing}; not a file written by `pipeline fit` of this version "
-                "(format: README section 'Results and selection', pipeline/results.py)"
+                "(format: docs/results-format.md)"
             )
         implied = {column: ADDED_COLUMNS[column] for column in required if column not in present}
         return [(reader.line_num, {**implied, **row}) for row in reader]
