@@ -1,4 +1,4 @@
-"""The cost model of README.md's "Cost model" section: its formulas, checked against runs measured here, and the cost
+"""The cost model of docs/cost-model.md: its formulas, checked against runs measured here, and the cost
 of a full reproduction on 1, 8 and 64 GPUs.
 
 Formulas (F = forward FLOPs, from the shapes; the rates are measured here or assumed for GPUs):
@@ -102,7 +102,7 @@ def head_parameters(blocks: int, dim: int, q: int, width: int) -> int:
 
 @dataclass(frozen=True)
 class Constants:
-    """The model's rates; the ``*_here`` ones are measured by this script, the GPU ones assumed (see the README)."""
+    """The model's rates; the ``*_here`` ones are measured by this script, the GPU ones assumed (see docs/cost-model.md)."""
 
     backbone_flops_here: float  # FLOP/s of the backbone forward on this CPU (float32)
     decode_center_here: float  # seconds per image per core: decode + center crop
@@ -333,7 +333,7 @@ def print_plan(c: Constants) -> None:
               f"{p['disk_tb']:7.2f} | {p['fit_memory_gb']:.0f}")  # fmt: skip
 
 
-# The constants measured by a run of this script on the development machine (see README "Cost model");
+# The constants measured by a run of this script on the development machine (see docs/cost-model.md);
 # --plan-only uses them.
 RECORDED = Constants(
     backbone_flops_here=106e9, decode_center_here=0.94e-3, decode_augmented_here=3.50e-3, group_seconds_here=111e-6,
