@@ -21,6 +21,8 @@ import numpy as np
 from ..errors import PipelineError
 from ..names import CENTER, CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD, TEN_CROP
 from ..results.run_folder import CALIBRATION_METADATA_KEYS, HEAD_FILE, REQUIRED_HEAD_METADATA
+from .backbones import BackboneSource, choose_backbone, ensure_available, identity_differences, is_local_revision
+from .hub import fetch_detector_repo, looks_like_repo_id
 
 if TYPE_CHECKING:
     import torch
@@ -39,6 +41,11 @@ class PredictError(PipelineError, RuntimeError):
     """The head, backbone, threshold or inputs cannot be used together."""
 
 
+class PredictOptionError(PredictError):
+    """An option that does not fit the head (e.g. a val threshold of a head without any), found before the
+    backbone is loaded; the CLI exits 2 on it."""
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
     """What a head expects from the backbone, and how its logits become scores."""
@@ -52,6 +59,9 @@ class DetectorSpec:
     amp: str = "none"  # the precision the head trained in ("bf16" or "none"); it always scores in float32
     calibration: HeadCalibration | None = None  # val thresholds and temperature; None for the authors' .pth
     origin: str = ""  # where the spec was read, for messages
+    model_config: str | None = None  # the backbone's config.json as canonical JSON; None: not recorded
+    backbone_copy: Path | None = None  # an export's own copy of the backbone (--include-backbone)
+    backbone_copy_revision: str | None = None  # that copy's content hash, as exported
 
     @property
     def temperature(self) -> float:
@@ -96,6 +106,7 @@ class DetectorSpec:
             amp=metadata.get("amp", "none"),
             calibration=HeadCalibration.from_metadata(metadata, where) if has_calibration else None,
             origin=str(where),
+            model_config=metadata.get("model_config") or None,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -104,7 +115,13 @@ class DetectorSpec:
             dict.fromkeys(CALIBRATION_METADATA_KEYS) if self.calibration is None else self.calibration.as_json()
         )
         return {
-            "backbone": {"model": self.model, "revision": self.revision, "tap": self.tap},
+            "backbone": {
+                "model": self.model,  # a hub id, or the local folder's path as given (a hint)
+                "revision": self.revision,
+                "source": "local" if is_local_revision(self.revision) else "hub",
+                "tap": self.tap,
+                "model_config": None if self.model_config is None else json.loads(self.model_config),
+            },
             "block_indices": None if self.block_indices is None else list(self.block_indices),
             "head_blocks": self.head_blocks,
             "store_dtype": self.store_dtype,
@@ -121,6 +138,8 @@ class DetectorSpec:
             backbone = document["backbone"]
             blocks = document["block_indices"]
             calibration = None if document["calibration"] is None else HeadCalibration.from_json(document, where)
+            model_config = backbone.get("model_config")
+            copy = backbone.get("included")
             return cls(
                 model=str(backbone["model"]),
                 revision=backbone["revision"],
@@ -131,15 +150,26 @@ class DetectorSpec:
                 amp=str(document["amp"]),
                 calibration=calibration,
                 origin=str(where),
+                model_config=None if model_config is None else canonical_json(model_config),
+                backbone_copy=None if copy is None else Path(where).parent / str(copy["folder"]),
+                backbone_copy_revision=None if copy is None else str(copy["revision"]),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PredictError(f"{where}: not a detector config written by `pipeline export` ({error!r})") from None
 
 
-def read_detector_files(path: Path) -> tuple[RineHead, DetectorSpec]:
-    """The head and its spec from a run folder, an exported folder, a head.safetensors or an authors' .pth."""
+def canonical_json(document: Any) -> str:
+    """A config.json object as the identity text ``cache.canonical_model_config`` makes of it."""
+    return json.dumps(document, sort_keys=True, separators=(",", ":"))
+
+
+def read_detector_files(path: str | Path, revision: str | None = None) -> tuple[RineHead, DetectorSpec]:
+    """The head and its spec from a run folder, an exported folder, a head.safetensors, an authors' .pth, or a
+    detector repo on the hub (``org/name`` at ``revision``, through the hub cache)."""
     from ..heads import load_head, load_official_checkpoint
 
+    if not Path(path).exists() and looks_like_repo_id(str(path)):
+        path = fetch_detector_repo(str(path), revision)
     path = Path(path)
     if path.is_dir():
         config = path / CONFIG_FILE
@@ -230,43 +260,57 @@ class Detector:
         path: str | Path,
         *,
         model: str | None = None,
+        revision: str | None = None,
         allow_other_backbone: bool = False,
         device: str = "auto",
         dtype: str = "auto",
         threshold: str | float | None = None,
     ) -> Detector:
-        """Read a head (run folder, exported folder, head.safetensors, authors' .pth) and load its backbone.
+        """Read a head (run folder, exported folder, head.safetensors, authors' .pth, or a detector repo id on the
+        hub at ``revision``) and load its backbone.
 
-        ``model`` replaces the recorded backbone (refused unless ``allow_other_backbone``);
-        ``threshold`` is a rule name (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; by
-        default ``val`` when the head has val thresholds, else 0.5.
+        ``model`` (a folder or a hub id) replaces the recorded backbone: a folder with the recorded content
+        (weights and config.json) is the head's; anything else is refused unless ``allow_other_backbone``.
+        ``threshold`` is a rule name (``val``, ``eer``, ``fpr1``, ``fpr5``) or a number; by default ``val`` when
+        the head has val thresholds, else 0.5. Everything but the backbone is checked before it is loaded.
         """
-        from ..features import Backbone, BackboneConfig
+        head, spec = read_detector_files(path, revision)
+        check_threshold(spec, threshold)
+        source = choose_backbone(spec, model, spec.backbone_copy, spec.backbone_copy_revision)
+        if source.other and not allow_other_backbone:
+            raise PredictError(refusal(spec, f"{source.model} (another model)"))
+        from ..features import BlockSelectionError
 
-        head, spec = read_detector_files(Path(path))
-        wanted = model or spec.model
-        same_model = wanted == spec.model
-        pinned = spec.revision if same_model and spec.revision and not spec.revision.startswith("local-") else None
-        if not same_model and not allow_other_backbone:
-            raise PredictError(refusal(spec, f"{wanted} (other model)"))
-        config = BackboneConfig(model=wanted, revision=pinned, device=device, dtype=dtype)
         try:
-            backbone = Backbone(config, spec.block_selection)
-        except (OSError, ValueError) as error:
-            raise PredictError(f"{wanted}: cannot load the backbone the head needs ({error})") from None
-        other = ""
-        if not same_model or (spec.revision is not None and backbone.revision != spec.revision):
-            found = f"{wanted} ({backbone.revision})"
+            backbone = load_backbone(ensure_available(source, spec), spec, device, dtype)
+        except BlockSelectionError as error:
             if not allow_other_backbone:
-                raise PredictError(refusal(spec, found))
+                raise PredictError(refusal(spec, f"{source.model} ({error})")) from None
+            raise PredictError(f"{source.model}: cannot load the backbone the head needs ({error})") from None
+        differences = identity_differences(source, spec, backbone)
+        other = ""
+        if source.other or differences:
+            if not allow_other_backbone:
+                raise PredictError(refusal(spec, f"{source.model} ({'; '.join(differences) or backbone.revision})"))
             other = f"other than the head's {spec.model} ({spec.revision or 'any revision'}): allowed"
         n_blocks = 1 if spec.head_blocks == "last" else len(backbone.block_indices)
         if (head.n_blocks, head.in_dim) != (n_blocks, backbone.dim):
             raise PredictError(
                 f"the head expects {head.n_blocks} blocks of dim {head.in_dim}, "
-                f"the backbone {wanted} gives {n_blocks} of dim {backbone.dim}"
+                f"the backbone {source.model} gives {n_blocks} of dim {backbone.dim}"
             )
         return cls(spec, head, backbone, threshold=threshold, other_backbone=other)
+
+    def __repr__(self) -> str:
+        return (
+            f"Detector(backbone={self.backbone_label()!r}, head={self.spec.origin!r}, "
+            f"threshold={self.threshold!r} ({self.threshold_name}), crop={self.crop_size}x{self.crop_size})"
+        )
+
+    @property
+    def crop_size(self) -> int:
+        """The side of the square crops the backbone reads (no resize: larger images are cropped)."""
+        return self.backbone.crop_size
 
     # ------------------------------------------------------------------ thresholds
 
@@ -292,9 +336,7 @@ class Detector:
             self.threshold, self.threshold_name = float(threshold), FIXED
 
     def why_no_thresholds(self) -> str:
-        if self.spec.block_indices is None:
-            return "the authors' checkpoints were not calibrated; their evaluation calls a score above 0.5 fake"
-        return "it was trained before thresholds were stored with heads; fit it again to get them"
+        return why_no_thresholds(self.spec)
 
     def describe(self) -> str:
         """Lines for the terminal: backbone, threshold and where it comes from."""
@@ -314,9 +356,11 @@ class Detector:
         return "\n".join(lines)
 
     def backbone_label(self) -> str:
-        """The backbone that made the features (the output's ``backbone`` column)."""
-        label = f"{self.backbone.config.model}@{self.backbone.revision}"
-        return f"{label} ({self.other_backbone})" if self.other_backbone else label
+        """The backbone that made the features (the output's ``backbone`` column): the head's recorded identity
+        when it is the head's, wherever it was loaded from; else the folder or id and what it is."""
+        if not self.other_backbone:
+            return f"{self.spec.model}@{self.spec.revision or self.backbone.revision}"
+        return f"{self.backbone.config.model}@{self.backbone.revision} ({self.other_backbone})"
 
     # ------------------------------------------------------------------ scoring steps
 
@@ -382,6 +426,38 @@ class Detector:
                 ]
                 scores[chunk] = self.scores(torch.stack(logits, dim=1))
         return scores
+
+
+def check_threshold(spec: DetectorSpec, threshold: str | float | None) -> None:
+    """Refuse a threshold rule the head carries no value for (:class:`PredictOptionError`), before any loading."""
+    if isinstance(threshold, str):
+        try:
+            threshold = parse_threshold(threshold)
+        except ValueError as error:
+            raise PredictOptionError(f"--threshold: {error}") from None
+    if isinstance(threshold, str) and spec.calibration is None:
+        raise PredictOptionError(
+            f"{spec.origin}: this head carries no val thresholds ({why_no_thresholds(spec)}); --threshold "
+            f"{threshold} needs them: give a number such as 0.5"
+        )
+
+
+def why_no_thresholds(spec: DetectorSpec) -> str:
+    if spec.block_indices is None:
+        return "the authors' checkpoints were not calibrated; their evaluation calls a score above 0.5 fake"
+    return "it was trained before thresholds were stored with heads; fit it again to get them"
+
+
+def load_backbone(source: BackboneSource, spec: DetectorSpec, device: str, dtype: str) -> Backbone:
+    from ..features import Backbone, BackboneConfig, BlockSelectionError
+
+    config = BackboneConfig(source.model, source.revision, device, dtype, local_files_only=source.local_files_only)
+    try:
+        return Backbone(config, spec.block_selection)
+    except BlockSelectionError:
+        raise  # another backbone (fewer blocks): the caller says so
+    except (OSError, ValueError) as error:
+        raise PredictError(f"{source.model}: cannot load the backbone the head needs ({error})") from None
 
 
 def refusal(spec: DetectorSpec, found: str) -> str:

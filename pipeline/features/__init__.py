@@ -11,7 +11,7 @@ from ..lazy import lazy_face
 
 _MODULES = {
     "audit": ("AuditConfig", "read_headers", "run_audit"),
-    "backbone": ("Backbone", "BackboneConfig"),
+    "backbone": ("Backbone", "BackboneConfig", "BlockSelectionError", "local_content_hash", "weight_files"),
     "options": (
         "ExtractConfig",
         "ExtractError",

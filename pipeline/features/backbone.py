@@ -38,6 +38,7 @@ class BackboneConfig:
     revision: str | None = None
     device: str = "auto"  # "auto" = cuda when available, else cpu
     dtype: str = "auto"  # "auto" = float16 on GPU (the authors' setting), float32 on CPU; else one of COMPUTE_DTYPES
+    local_files_only: bool = False  # a hub id from the hub cache only, without asking the hub (it is there)
 
 
 class BlockSelectionError(PipelineError, ValueError):
@@ -99,6 +100,7 @@ class Backbone:
                 dtype=self.dtype,
                 attn_implementation="sdpa",
                 output_loading_info=True,
+                local_files_only=config.local_files_only,
             )
         if loading["missing_keys"]:
             missing = sorted(loading["missing_keys"])
@@ -182,6 +184,7 @@ def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[flo
         config.model,
         "preprocessor_config.json",
         revision=config.revision,
+        local_files_only=config.local_files_only,
         _raise_exceptions_for_missing_entries=False,
     )
     if config_file is None:
@@ -193,7 +196,9 @@ def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[flo
 
 def _model_config_text(config: BackboneConfig) -> str:
     """The checkpoint's config.json as canonical JSON: part of a store's identity (``cache.canonical_model_config``)."""
-    config_file = cached_file(config.model, "config.json", revision=config.revision)
+    config_file = cached_file(
+        config.model, "config.json", revision=config.revision, local_files_only=config.local_files_only
+    )
     return canonical_model_config(json.loads(Path(config_file).read_text(encoding="utf-8")))
 
 
@@ -206,13 +211,26 @@ def _resolved_revision(config: BackboneConfig) -> str:
     """
     local = Path(config.model)
     if local.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(local.glob("*.safetensors")) + sorted(local.glob("*.bin")):
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 24), b""):
-                    digest.update(block)
-        return "local-sha256:" + digest.hexdigest()[:16]
-    snapshot = Path(cached_file(config.model, "config.json", revision=config.revision)).parent
+        return local_content_hash(local)
+    snapshot = Path(
+        cached_file(config.model, "config.json", revision=config.revision, local_files_only=config.local_files_only)
+    ).parent
     if snapshot.parent.name != "snapshots":
         raise ValueError(f"{config.model}: cannot tell which commit was loaded (config.json at {snapshot})")
     return snapshot.name
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a local model folder, in the order :func:`local_content_hash` reads them."""
+    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+
+
+def local_content_hash(folder: Path) -> str:
+    """A local model folder's weights as ``local-sha256:<16 hex>`` (a store's ``model_revision``); its config is
+    the other half of its identity (:func:`_model_config_text`)."""
+    digest = hashlib.sha256()
+    for file in weight_files(Path(folder)):
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return "local-sha256:" + digest.hexdigest()[:16]

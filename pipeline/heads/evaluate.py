@@ -218,6 +218,7 @@ def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
         "amp": run.amp,
         "model": identity.model_id,
         "model_revision": identity.model_revision,
+        "model_config": identity.model_config,
         "tap": identity.tap,
         "store_blocks": json.dumps(list(store_block_indices(identity))),
         "store_dtype": identity.dtype,

@@ -38,7 +38,8 @@ HEAD_METADATA_KEYS: tuple[str, ...] = (
     "head_blocks",  # "all" or "last": the blocks the head reads of those stored
     "amp",  # the precision it trained in
     "model",  # the backbone: hub id or local path
-    "model_revision",  # hub commit, or a content hash of a local folder
+    "model_revision",  # hub commit, or a content hash of a local folder's weights
+    "model_config",  # the backbone's config.json as canonical JSON (the store identity's model_config)
     "tap",
     "store_blocks",  # JSON list of the backbone blocks whose tokens were stored
     "store_dtype",  # the dtype its features were rounded to
