@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors import safe_open
 
+from conftest import write_image
 from pipeline.cli import main
 from pipeline.detector import Detector, ExportConfig, run_export
 from pipeline.results import read_result_rows
@@ -42,7 +43,9 @@ def test_the_folder_holds_head_config_card_and_graph_and_the_config_says_what_th
         metadata = handle.metadata()
     config = json.loads((exported / "config.json").read_text())
     assert config["format"] == "rine-pipeline/detector@1"
-    assert config["backbone"] == {"model": metadata["model"], "revision": metadata["model_revision"], "tap": "ln2"}
+    assert config["backbone"] == {"model": metadata["model"], "revision": metadata["model_revision"], "tap": "ln2",
+                                  "source": "local", "model_config": json.loads(metadata["model_config"])}  # fmt: skip
+    assert metadata["model_revision"].startswith("local-sha256:")
     assert config["block_indices"] == json.loads(metadata["store_blocks"]) == [0, 1, 2]
     assert config["thresholds"] == json.loads(metadata["thresholds"])
     assert config["temperature"] == float(metadata["temperature"]) and config["calibration"] == "temperature"
@@ -103,7 +106,7 @@ def test_export_never_replaces_a_folder_it_did_not_write(trained_predict_run, ex
     assert "--overwrite" in output
     (copy / "README.md").write_text("stale")
     run_export(ExportConfig(trained_predict_run["run"], copy, overwrite=True))
-    assert (copy / "README.md").read_text().startswith("# RINE detector copy")
+    assert "\n# RINE detector copy\n" in (copy / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
@@ -134,11 +137,12 @@ def test_pixels_to_score_module_matches_the_detector_on_the_last_block_ablation(
 def test_a_damaged_config_json_is_an_error_naming_the_file(exported, tmp_path):
     copy = tmp_path / "copy"
     copy.mkdir()
+    write_image(tmp_path / "images" / "x.png", (40, 40), 0)
     (copy / "head.safetensors").write_bytes((exported / "head.safetensors").read_bytes())
     config = json.loads((exported / "config.json").read_text())
     for damage in ({"backbone": None}, {"thresholds": {"val": {}}}, {"format": "something else"}):
         (copy / "config.json").write_text(json.dumps({**config, **damage}))
-        output = invoke("predict", str(copy), "--head", str(copy), code=1)
+        output = invoke("predict", str(tmp_path / "images"), "--head", str(copy), code=1)
         assert output.startswith("Error:") and "config.json" in output, damage
     (copy / "config.json").write_text("{not json")
-    assert "not readable JSON" in invoke("predict", str(copy), "--head", str(copy), code=1)
+    assert "not readable JSON" in invoke("predict", str(tmp_path / "images"), "--head", str(copy), code=1)

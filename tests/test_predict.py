@@ -212,7 +212,7 @@ def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partia
     assert [list(r) for r in records[:1]] == [list(PREDICTION_COLUMNS)]
     assert [r["path"] for r in records] == [r["path"] for r in expected]
     assert [r["score"] for r in records] == [float(r["score"]) for r in expected]
-    assert records[0]["width"] == 45 and records[0]["error"] == ""
+    assert records[0]["width"] == 45 and records[0]["error"] is None  # missing values are null
 
     parquet = tmp_path / "s.parquet"
     partial = tmp_path / ".s.parquet.partial.jsonl"
@@ -386,6 +386,7 @@ def test_official_checkpoint_threshold_is_half_and_named_rules_are_refused(tiny_
 def test_empty_or_malformed_head_files_are_errors_not_tracebacks(tmp_path, content, message):
     head = tmp_path / "head.safetensors"
     head.write_bytes(content)
+    write_image(tmp_path / "x.png", (8, 8), 0)
     output = invoke("predict", str(tmp_path), "--head", str(head), code=1)
     assert output.startswith("Error:") and message in output and "Traceback" not in output
 
@@ -397,6 +398,7 @@ def test_head_metadata_missing_a_key_is_an_error_naming_it(trained_predict_run, 
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     head = tmp_path / "head.safetensors"
     save_file(tensors, str(head), metadata=metadata)
+    write_image(tmp_path / "x.png", (8, 8), 0)
     output = invoke("predict", str(tmp_path), "--head", str(head), code=1)
     assert output.startswith("Error:") and key in output and "Traceback" not in output
 

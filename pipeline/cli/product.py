@@ -45,10 +45,10 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
     "--head",
     "head_path",
     required=True,
-    type=click.Path(exists=True, path_type=Path),
     help="A run folder (runs/<grid>/runs/<id>), its head.safetensors, a folder written by `pipeline export`, "
-    "or an official RINE .pth checkpoint.",
+    "an official RINE .pth checkpoint, or the hub repo id (ORG/NAME) of an exported detector.",
 )
+@click.option("--revision", default=None, help="With a hub repo id as --head: its branch, tag or commit.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -78,7 +78,10 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
 )
 @backbone_options
 @click.option(
-    "--model", default=None, help="Another backbone than the one recorded with the head (needs --allow-other-backbone)."
+    "--model",
+    default=None,
+    help="The head's backbone from this folder (any copy with the recorded weights and config.json is accepted "
+    "as is), or another backbone (needs --allow-other-backbone).",
 )
 @click.option(
     "--allow-other-backbone",
@@ -90,6 +93,7 @@ def _check_output(ctx: click.Context, param: click.Parameter, value: Path | None
 def predict_command(
     inputs,
     head_path,
+    revision,
     out,
     crop,
     auto_min_side,
@@ -111,13 +115,15 @@ def predict_command(
     format, backbone, error. Images that cannot be used get a row with the
     reason in `error` and no score.
     Exit status: 0 every image scored; 3 some images could not be scored (their
-    rows say why); 1 an error (e.g. a head file that cannot be read, a
-    backbone other than the head's); 2 bad options.
+    rows say why), or no image was found; 1 an error (e.g. a head file that
+    cannot be read, a backbone other than the head's, a backbone not here with
+    the hub offline); 2 bad options (checked before the backbone is loaded).
     """
-    from ..detector import PredictConfig, run_predict
+    from ..detector import NoImagesFound, PredictConfig, PredictOptionError, run_predict
 
     config = PredictConfig(
         head=head_path,
+        revision=revision,
         inputs=tuple(inputs),
         out=out,
         progress=not no_progress,
@@ -132,7 +138,13 @@ def predict_command(
         decode_workers=workers,
         max_pixels=max_pixels,
     )
-    summary = run_predict(config, sys.stdout, log=lambda line: click.echo(line, err=True))
+    try:
+        summary = run_predict(config, sys.stdout, log=lambda line: click.echo(line, err=True))
+    except PredictOptionError as error:
+        raise click.UsageError(str(error)) from None
+    except NoImagesFound as error:
+        click.echo(f"Error: {error}", err=True)
+        raise SystemExit(ExitCode.PARTIAL) from None
     click.echo(summary.report(), err=True)
     if out is not None:
         click.echo(str(out))
@@ -150,7 +162,19 @@ def predict_command(
     "(needs onnx; pip install 'rine-pipeline[export]').",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it is a detector folder written by `pipeline export`.")
-def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> None:
+@click.option(
+    "--include-backbone",
+    is_flag=True,
+    help="Copy the backbone (safetensors weights, config.json, preprocessor_config.json) into OUT/backbone: the "
+    "folder then scores with no hub and no other copy.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Where the run's backbone is (a folder with the recorded content, or the hub id), when its recorded path "
+    "does not lead to it from here; for --onnx and --include-backbone.",
+)
+def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool, include_backbone: bool, model) -> None:
     """Write a trained run (RUN_DIR = runs/<grid>/runs/<id>) as a self-contained detector folder.
 
     \b
@@ -158,11 +182,14 @@ def export_command(run_dir: Path, out: Path, onnx: bool, overwrite: bool) -> Non
     blocks, crop, thresholds, temperature) and README.md (a model card: training
     data, config, metrics, intended use and limitations, how to load); with
     --onnx also detector.onnx. Load it with `pipeline predict --head OUT` or
-    `Detector.load(OUT)`. The backbone weights are not copied: they load from
-    the hub (or the local folder) the config names.
+    `Detector.load(OUT)`; OUT is a hub model repository (`huggingface-cli upload
+    ORG/NAME OUT`, then `--head ORG/NAME`). The backbone's weights are copied
+    with --include-backbone only; otherwise they load from the hub (pinned
+    commit) or a folder with the recorded content (--model at predict time).
     """
     from ..detector import ExportConfig, run_export
 
-    summary = run_export(ExportConfig(run_dir=run_dir, out=out, onnx=onnx, overwrite=overwrite))
+    config = ExportConfig(run_dir, out, onnx, overwrite, include_backbone=include_backbone, model=model)
+    summary = run_export(config)
     click.echo(summary.report(), err=True)
     click.echo(str(summary.out))

@@ -9,9 +9,18 @@ stages through their faces. The names below load their module (and torch) on fir
 from ..lazy import lazy_face
 
 _MODULES = {
-    "detector": ("Detector", "DetectorSpec", "PredictError", "parse_threshold", "read_detector_files"),
-    "predict": ("PredictConfig", "collect_inputs", "run_predict"),
+    "detector": (
+        "Detector",
+        "DetectorSpec",
+        "PredictError",
+        "PredictOptionError",
+        "parse_threshold",
+        "read_detector_files",
+    ),
+    "predict": ("NoImagesFound", "PredictConfig", "collect_inputs", "run_predict"),
     "output": ("OutputError", "PREDICTION_COLUMNS"),
     "export": ("ExportConfig", "ExportError", "run_export"),
+    "backbones": ("BackboneUnavailable",),
+    "hub": ("HubError",),
 }
 __all__, __getattr__, __dir__ = lazy_face(__name__, _MODULES)

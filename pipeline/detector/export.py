@@ -1,8 +1,9 @@
 """``pipeline export``: a trained run as a self-contained detector folder, optionally with one ONNX graph.
 
-The folder (``head.safetensors``, ``config.json`` with the detector's spec, a ``README.md`` model card, and
-with ``--onnx`` ``detector.onnx``: backbone + head as one graph) is created whole under a temporary name, then
-renamed; ``Detector.load(OUT)`` reads it. Contents: docs/scoring.md.
+The folder (``head.safetensors``, ``config.json`` with the detector's spec, a ``README.md`` model card with
+the hub's metadata block, with ``--onnx`` ``detector.onnx``: backbone + head as one graph, with
+``--include-backbone`` the backbone's files) is created whole under a temporary name, then renamed; it is a
+valid hub model repository, and ``Detector.load(OUT)`` (or its repo id) reads it. Contents: docs/scoring.md.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ..heads import RineHead
 from ..names import CENTER, THRESHOLD_RULES, VAL_SPLIT
 from ..results import OK, ResultRow
 from ..results.run_folder import HEAD_FILE, RunDocument, RunFolder
+from .backbone_copy import copy_backbone
+from .backbones import is_local_revision
 from .detector import CONFIG_FILE, EXPORT_FORMAT, Detector, DetectorSpec, read_detector_files
 
 ONNX_FILE = "detector.onnx"
@@ -39,6 +42,8 @@ class ExportConfig:
     out: Path
     onnx: bool = False
     overwrite: bool = False  # replace OUT when it is a detector folder written by this command
+    include_backbone: bool = False  # copy the backbone's files into OUT/backbone (a folder that needs no hub)
+    model: str | None = None  # where the run's backbone is when its recorded path is not (same content only)
 
 
 @dataclass(frozen=True)
@@ -76,12 +81,15 @@ def read_run(path: Path) -> RunRecord:
     return RunRecord(folder, head, spec, folder.read_document(), folder.read_fit(), rows)
 
 
-def config_document(record: RunRecord, onnx: bool) -> dict[str, Any]:
+def config_document(record: RunRecord, onnx: bool, included: dict[str, str] | None = None) -> dict[str, Any]:
     head = record.head
     data = record.document.data
+    spec_json = record.spec.to_json()
+    if included is not None:
+        spec_json["backbone"]["included"] = included
     document = {
         "format": EXPORT_FORMAT,
-        **record.spec.to_json(),
+        **spec_json,
         "crop": record.val_crop,
         "head": {
             "file": HEAD_FILE,
@@ -115,12 +123,17 @@ def run_export(config: ExportConfig) -> ExportSummary:
         raise ExportError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
     if out.exists() and not config.overwrite:
         raise ExportError(f"{out}: exists; pass --overwrite to replace it, or choose another --out")
-    detector = Detector.load(record.folder.path, device="cpu", dtype="float32") if config.onnx else None
+    needs_backbone = config.onnx or config.include_backbone
+    detector = (
+        Detector.load(record.folder.path, model=config.model, device="cpu", dtype="float32") if needs_backbone else None
+    )
     with disk_errors_explained(out), atomic_path(out) as tmp:
         tmp.mkdir()
         shutil.copyfile(record.folder.head_path, tmp / HEAD_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_document(record, config.onnx), indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(record, out.name, config.onnx), encoding="utf-8")
+        included = copy_backbone(detector, tmp) if config.include_backbone else None
+        document = config_document(record, config.onnx, included)
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(record, out.name, config.onnx, included), encoding="utf-8")
         if detector is not None:
             export_onnx(detector, tmp / ONNX_FILE)
         if out.exists():  # an earlier export, replaced once the new one is whole
@@ -188,7 +201,39 @@ def percent(value: float) -> str:
     return "" if value != value else f"{100 * value:.1f}"  # NaN -> empty
 
 
-def model_card(record: RunRecord, name: str, onnx: bool) -> str:
+def card_metadata(spec: DetectorSpec) -> list[str]:
+    """The model card's metadata block (YAML front matter), as the hub reads it."""
+    lines = ["---", "library_name: rine-pipeline", "pipeline_tag: image-classification", "tags:"]
+    lines += [f"- {tag}" for tag in ("synthetic-image-detection", "ai-generated-image-detection", "rine", "clip")]
+    if not is_local_revision(spec.revision):
+        lines.append(f"base_model: {spec.model}")
+    return [*lines, "---", ""]
+
+
+def backbone_lines(spec: DetectorSpec, included: dict[str, str] | None) -> list[str]:
+    """The card's paragraph on where the backbone comes from."""
+    if included is not None:
+        return [
+            f"This folder carries its backbone (`{included['folder']}/`, content {included['revision']}): it scores "
+            "with no hub at all.",
+        ]
+    if is_local_revision(spec.revision):
+        where = (
+            f"a local folder (weights {spec.revision}, recorded as `{spec.model}`; any copy of it with the same "
+            "weights and config.json is accepted: `pipeline predict --model DIR ...`, `Detector.load(..., model=DIR)`)"
+        )
+    else:
+        revision = spec.revision or "main"
+        where = (
+            f"`{spec.model}` at revision `{revision}` from the hub (or its cache: `huggingface-cli download "
+            f"{spec.model} --revision {revision}` pre-fills it)"
+        )
+    return [
+        f"The backbone is not included: it loads from {where}. An export made with `--include-backbone` carries it.",
+    ]
+
+
+def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str] | None = None) -> str:
     spec = record.spec
     run = record.document.run
     data = record.document.data
@@ -196,6 +241,7 @@ def model_card(record: RunRecord, name: str, onnx: bool) -> str:
     head = record.head
     setting = record.rows[0].setting if record.rows else None
     lines = [
+        *card_metadata(spec),
         f"# RINE detector {name}",
         "",
         "A synthetic-image detector: the RINE head (Koutlis & Papadopoulos, *Leveraging Representations from "
@@ -216,6 +262,11 @@ def model_card(record: RunRecord, name: str, onnx: bool) -> str:
         "```bash",
         f"pipeline predict --head {name} images/ --out scores.csv   # streaming, resumable; --threshold eer|fpr1|...",
         "```",
+        "",
+        "Published on the hub (`huggingface-cli upload ORG/NAME " + name + "`), it loads by its repo id: "
+        '`Detector.load("ORG/NAME", revision=...)`, `pipeline predict --head ORG/NAME --revision ...`.',
+        "",
+        *backbone_lines(spec, included),
     ]
     if onnx:
         lines += [

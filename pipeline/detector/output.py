@@ -67,14 +67,17 @@ class PredictionRow:
         )
 
     def json_record(self) -> dict[str, Any]:
-        return dict(zip(PREDICTION_COLUMNS, astuple(self), strict=True))
+        """The row as JSON (JSONL, Parquet): a missing value (no score, no error, ...) is null."""
+        return {name: None if value == "" else value for name, value in zip(PREDICTION_COLUMNS, astuple(self))}
 
     @classmethod
     def from_json_record(cls, record: dict[str, Any]) -> PredictionRow:
-        return cls(**{name: record[name] for name in PREDICTION_COLUMNS})
+        return cls(**{name: "" if record[name] is None and name in TEXT_COLUMNS else record[name]
+                      for name in PREDICTION_COLUMNS})  # fmt: skip
 
 
 PREDICTION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PredictionRow))
+TEXT_COLUMNS = frozenset(f.name for f in fields(PredictionRow) if f.type == "str")  # "" in a row, null in JSON
 
 
 class PredictionWriter(Protocol):
@@ -255,7 +258,8 @@ class ParquetPredictionWriter:
         if self.path.is_file() and len(rows) == len(self._finished):
             self.partial.unlink(missing_ok=True)
             return
-        columns = {name: [getattr(row, name) for row in rows] for name in PREDICTION_COLUMNS}
+        records = [row.json_record() for row in rows]
+        columns = {name: [record[name] for record in records] for name in PREDICTION_COLUMNS}
         columns["path"] = [printable(path) for path in columns["path"]]
         table = pa.table(columns, schema=parquet_schema())
         with disk_errors_explained(self.path), atomic_path(self.path) as tmp:

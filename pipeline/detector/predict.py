@@ -34,25 +34,30 @@ from ..features import (
     read_sidecar,
     sidecar_path,
 )
-from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, TEN_CROP
-from .detector import Detector, PredictError, variants_of
+from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, TEN_CROP
+from .detector import Detector, PredictError, PredictOptionError, variants_of
 from .output import PredictionRow, PredictionWriter, open_prediction_writer
 
 LIST_SUFFIXES = (".txt", ".lst")
 FAILURE_EXAMPLES = 10
 
 
+class NoImagesFound(PredictError):
+    """The inputs name no image at all (the CLI exits 3)."""
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """Everything ``pipeline predict`` needs, resolved from the command line."""
 
-    head: Path  # run folder, exported detector folder, head.safetensors, or the authors' .pth
+    head: Path | str  # run folder, exported detector folder, head.safetensors, the authors' .pth, or a hub repo id
     inputs: tuple[Path, ...]
     out: Path | None = None  # .csv, .jsonl or .parquet; None: CSV to the given stream
     crop: str = CENTER  # one of names.CROPS
     auto_min_side: int | None = None  # --crop auto: ten crops from this shorter side on (None: twice the crop)
     threshold: str | None = None  # a rule name or a number; None: the head's default (val, or 0.5)
-    model: str | None = None  # another backbone than the head's (refused unless allow_other_backbone)
+    model: str | None = None  # a folder with the head's backbone content, or another backbone (refused unless allowed)
+    revision: str | None = None  # of a hub repo id given as head
     allow_other_backbone: bool = False
     device: str = "auto"
     dtype: str = "auto"
@@ -68,6 +73,8 @@ class PredictConfig:
             raise PredictError("batch size, decode workers and max pixels must be at least 1")
         if self.auto_min_side is not None and self.auto_min_side < 1:
             raise PredictError(f"auto_min_side must be at least 1, got {self.auto_min_side}")
+        if self.out is not None and self.out.suffix.lower() not in OUTPUT_FORMATS:
+            raise PredictOptionError(f"{self.out}: the name must end with one of {', '.join(OUTPUT_FORMATS)}")
 
 
 @dataclass(frozen=True)
@@ -276,9 +283,15 @@ def run_predict(
     config.validate()
     start = time.perf_counter()
     paths = collect_inputs(config.inputs)
+    if not paths:
+        raise NoImagesFound(
+            f"no image found in {', '.join(map(str, config.inputs))} (folders are searched recursively for "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; lists and CSVs name files): nothing to score"
+        )
     detector = Detector.load(
         config.head,
         model=config.model,
+        revision=config.revision,
         allow_other_backbone=config.allow_other_backbone,
         device=config.device,
         dtype=config.dtype,
