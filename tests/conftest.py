@@ -212,3 +212,43 @@ def throttled_environment(folder: Path, delay: float, pids: Path | None = None) 
         pids.mkdir(exist_ok=True)
         env["RINE_TEST_PIDS"] = str(pids)
     return env
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # a hub commit of the test hub caches
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``folder`` as hub repo ``repo_id`` at ``commit`` (its main) in a hub cache at ``cache`` (the layout
+    huggingface_hub reads), made the cache of this test."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit, ignore=shutil.ignore_patterns(".cache"))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def head_recording(run: Path, out: Path, **metadata: str) -> Path:
+    """The run's head.safetensors with its metadata changed (what a head trained on that backbone records)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(run / "head.safetensors"), framework="pt") as handle:
+        recorded = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={**recorded, **metadata})
+    return out
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    """A plain copy of a folder's files (new times, no hub metadata): what `cp -r` gives."""
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.is_file():
+            (target / file.name).write_bytes(file.read_bytes())
+    return target

@@ -8,7 +8,6 @@ built in the test, the layout huggingface_hub reads).
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 from pathlib import Path
@@ -19,13 +18,12 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import write_image
+from conftest import COMMIT, copy_folder, fill_hub_cache, head_recording, write_image
 from pipeline.cli import main
 from pipeline.detector import BackboneUnavailable, Detector, PredictError
 from pipeline.features import Backbone, local_content_hash
 
 OFFICIAL = Path(__file__).resolve().parent / "data" / "rine_2class_trainable.pth"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def invoke(*args: str, code: int = 0) -> str:
@@ -35,36 +33,10 @@ def invoke(*args: str, code: int = 0) -> str:
     return result.output
 
 
-def head_recording(run: Path, out: Path, **metadata: str) -> Path:
-    """The run's head.safetensors with its metadata changed (what a head trained on that backbone records)."""
-    with safe_open(str(run / "head.safetensors"), framework="pt") as handle:
-        recorded = handle.metadata()
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={**recorded, **metadata})
-    return out
-
-
-def copy_folder(source: Path, target: Path) -> Path:
-    """A plain copy of the files (new times, no hub metadata): what `cp -r` gives."""
-    target.mkdir(parents=True)
-    for file in source.iterdir():
-        if file.is_file():
-            (target / file.name).write_bytes(file.read_bytes())
-    return target
-
-
 @pytest.fixture
 def hub_cache(tiny_clip_dir, tmp_path, monkeypatch) -> Path:
-    """A hub cache holding the tiny CLIP as test-org/tiny-clip at COMMIT (main), the hub offline."""
-    import huggingface_hub.constants
-
-    repo = tmp_path / "hub" / "models--test-org--tiny-clip"
-    shutil.copytree(tiny_clip_dir, repo / "snapshots" / COMMIT, ignore=shutil.ignore_patterns(".cache"))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    return tmp_path / "hub"
+    """A hub cache holding the tiny CLIP as test-org/tiny-clip at COMMIT (main)."""
+    return fill_hub_cache(tmp_path / "hub", "test-org/tiny-clip", tiny_clip_dir, COMMIT, monkeypatch)
 
 
 @pytest.fixture

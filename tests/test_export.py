@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import onnxruntime
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors import safe_open
 
-from conftest import write_image
+from conftest import COMMIT, copy_folder, fill_hub_cache, head_recording, write_image
 from pipeline.cli import main
-from pipeline.detector import Detector, ExportConfig, run_export
+from pipeline.detector import BackboneUnavailable, Detector, ExportConfig, PredictError, run_export
+from pipeline.features import local_content_hash
 from pipeline.results import read_result_rows
 
 
@@ -146,3 +153,106 @@ def test_a_damaged_config_json_is_an_error_naming_the_file(exported, tmp_path):
         assert output.startswith("Error:") and "config.json" in output, damage
     (copy / "config.json").write_text("{not json")
     assert "not readable JSON" in invoke("predict", str(tmp_path / "images"), "--head", str(copy), code=1)
+
+
+# ---------------------------------------------------------------- portable exports
+
+
+def run_recording(run: Path, out: Path, **metadata: str) -> Path:
+    """A copy of the run folder whose head records another backbone (as one trained on it would)."""
+    shutil.copytree(run, out)
+    head_recording(run, out / "head.safetensors", **metadata)
+    return out
+
+
+def card_metadata(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+@pytest.mark.slow
+def test_an_export_with_its_backbone_scores_offline_where_no_other_copy_is(
+    trained_predict_run, tiny_clip_dir, tmp_path, monkeypatch
+):
+    images = sorted(trained_predict_run["data"].rglob("*.png"))[::3]
+    project = tmp_path / "project"
+    copy_folder(tiny_clip_dir, project / "models" / "tiny-clip")
+    run = run_recording(trained_predict_run["run"], project / "run", model="models/tiny-clip")
+    monkeypatch.chdir(project)
+    expected = Detector.load(run, device="cpu").score(images)
+    out = tmp_path / "share" / "detector"
+    invoke("export", str(run), "--out", str(out), "--include-backbone")
+    assert sorted(p.name for p in (out / "backbone").iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "backbone" / "model.safetensors").read_bytes() == (tiny_clip_dir / "model.safetensors").read_bytes()
+    included = json.loads((out / "config.json").read_text())["backbone"]
+    assert included["model"] == "models/tiny-clip" and included["source"] == "local"
+    assert included["included"] == {"folder": "backbone", "revision": local_content_hash(out / "backbone")}
+    card = (out / "README.md").read_text()
+    assert card_metadata(card) == {"library_name": "rine-pipeline", "pipeline_tag": "image-classification",
+                                   "tags": ["synthetic-image-detection", "ai-generated-image-detection", "rine",
+                                            "clip"]}  # fmt: skip
+    assert "This folder carries its backbone" in card
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    environment.pop("HF_HUB_CACHE", None)
+    scores = elsewhere / "s.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "predict", *map(str, images), "--head", str(out), "--out", str(scores),
+         "--device", "cpu", "--no-progress"],
+        cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = [line.split(",") for line in scores.read_text().splitlines()[1:]]
+    np.testing.assert_allclose([float(row[1]) for row in rows], expected, rtol=0, atol=1e-7)
+    assert {row[9] for row in rows} == {f"models/tiny-clip@{local_content_hash(tiny_clip_dir)}"}
+
+    (out / "backbone" / "config.json").write_text(
+        (out / "backbone" / "config.json").read_text().replace('"layer_norm_eps": 1e-05', '"layer_norm_eps": 0.001')
+    )  # an edited copy is not the head's backbone
+    with pytest.raises(PredictError, match="config.json layer_norm_eps: 0.001"):
+        Detector.load(out, device="cpu")
+
+
+def test_a_hub_backbone_export_names_its_base_model_and_carries_it_from_the_cache(
+    trained_predict_run, tiny_clip_dir, tmp_path, monkeypatch
+):
+    fill_hub_cache(tmp_path / "hub", "test-org/tiny-clip", tiny_clip_dir, COMMIT, monkeypatch)
+    run = run_recording(trained_predict_run["run"], tmp_path / "run", model="test-org/tiny-clip",
+                        model_revision=COMMIT)  # fmt: skip
+    plain, carrying = tmp_path / "plain", tmp_path / "carrying"
+    run_export(ExportConfig(run, plain))
+    run_export(ExportConfig(run, carrying, include_backbone=True))
+    card = (plain / "README.md").read_text()
+    assert card_metadata(card)["base_model"] == "test-org/tiny-clip"
+    assert f"huggingface-cli download test-org/tiny-clip --revision {COMMIT}" in card
+    backbone = json.loads((carrying / "config.json").read_text())["backbone"]
+    assert (backbone["model"], backbone["revision"], backbone["source"]) == ("test-org/tiny-clip", COMMIT, "hub")
+    images = sorted(trained_predict_run["data"].rglob("*.png"))[:4]
+    expected = Detector.load(plain, device="cpu").score(images)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(BackboneUnavailable, match="test-org/tiny-clip at revision " + COMMIT):
+        Detector.load(plain, device="cpu")
+    detector = Detector.load(carrying, device="cpu")
+    assert detector.backbone_label() == f"test-org/tiny-clip@{COMMIT}"
+    np.testing.assert_array_equal(detector.score(images), expected)
+
+
+def test_a_detector_repo_id_loads_from_a_prefilled_offline_cache(trained_predict_run, exported, tmp_path, monkeypatch):
+    repo_commit = "fedcba9876543210fedcba9876543210fedcba98"
+    fill_hub_cache(tmp_path / "hub", "test-org/rine-detector", exported, repo_commit, monkeypatch)
+    images = sorted(trained_predict_run["data"].rglob("*.png"))[:5]
+    expected = Detector.load(exported, device="cpu").score(images)
+    for revision in (None, "main", repo_commit):
+        detector = Detector.load("test-org/rine-detector", revision=revision, device="cpu")
+        np.testing.assert_array_equal(detector.score(images), expected)
+    out = tmp_path / "s.jsonl"
+    invoke("predict", *map(str, images), "--head", "test-org/rine-detector", "--revision", "main", "--out", str(out),
+           "--device", "cpu", "--no-progress")  # fmt: skip
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["score"] for r in records] == pytest.approx(expected.tolist(), abs=1e-7)
+    output = invoke("predict", str(images[0]), "--head", "test-org/missing", "--revision", "v2", code=1)
+    assert "test-org/missing (revision v2): no such local path" in output and "HF_HUB_OFFLINE" in output
+    assert "huggingface-cli download test-org/missing --revision v2" in output
