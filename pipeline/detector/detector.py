@@ -279,10 +279,11 @@ class Detector:
         source = choose_backbone(spec, model, spec.backbone_copy, spec.backbone_copy_revision)
         if source.other and not allow_other_backbone:
             raise PredictError(refusal(spec, f"{source.model} (another model)"))
+        available = ensure_available(source, spec)  # before transformers is imported: a missing one fails fast
         from ..features import BlockSelectionError
 
         try:
-            backbone = load_backbone(ensure_available(source, spec), spec, device, dtype)
+            backbone = load_backbone(available, spec, device, dtype)
         except BlockSelectionError as error:
             if not allow_other_backbone:
                 raise PredictError(refusal(spec, f"{source.model} ({error})")) from None

@@ -41,14 +41,22 @@ def in_hub_cache(model: str, revision: str | None) -> bool:
 def hub_unreachable(repo_id: str, revision: str | None) -> str:
     """Why the hub cannot serve ``repo_id`` now ("" when it answers): offline mode, or one request that failed."""
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if constants.is_offline_mode():
         return "the hub is offline (HF_HUB_OFFLINE is set)"
     try:
         get_hf_file_metadata(hf_hub_url(repo_id, "config.json", revision=revision), timeout=HUB_PROBE_TIMEOUT)
-    except HfHubHTTPError:
-        return ""  # the hub answered (a missing or gated repo): the download says what is wrong
+    except (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+        return ""  # the hub answered about this repo (missing, gated): the download says what is wrong
+    except HfHubHTTPError as error:  # an answer, but not the hub's (a proxy, a server error)
+        return f"the hub at {constants.ENDPOINT} does not answer as the hub ({str(error).splitlines()[0]})"
     except Exception as error:  # noqa: BLE001 - any transport failure means the hub is out of reach
         return f"the hub at {constants.ENDPOINT} cannot be reached ({type(error).__name__}: {error})"
     return ""
