@@ -147,7 +147,13 @@ def test_a_damaged_config_json_is_an_error_naming_the_file(exported, tmp_path):
     write_image(tmp_path / "images" / "x.png", (40, 40), 0)
     (copy / "head.safetensors").write_bytes((exported / "head.safetensors").read_bytes())
     config = json.loads((exported / "config.json").read_text())
-    for damage in ({"backbone": None}, {"thresholds": {"val": {}}}, {"format": "something else"}):
+    outside = {**config["backbone"], "included": {"folder": "../elsewhere", "revision": "local-sha256:0"}}
+    for damage in (
+        {"backbone": None},
+        {"thresholds": {"val": {}}},
+        {"format": "something else"},
+        {"backbone": outside},
+    ):
         (copy / "config.json").write_text(json.dumps({**config, **damage}))
         output = invoke("predict", str(tmp_path / "images"), "--head", str(copy), code=1)
         assert output.startswith("Error:") and "config.json" in output, damage

@@ -12,16 +12,24 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import PipelineError
 from .hub import hub_unreachable, in_hub_cache
 
 if TYPE_CHECKING:
     from ..features import Backbone
-    from .detector import DetectorSpec
 
 LOCAL_PREFIX = "local-"  # revisions of local folders: local-sha256:<hex>
+
+
+class RecordedBackbone(Protocol):
+    """What a head records of its backbone (``DetectorSpec``)."""
+
+    model: str  # hub id, or the local path as given
+    revision: str | None  # hub commit or local content hash; None: any revision of ``model``
+    model_config: str | None  # config.json as canonical JSON; None: not recorded
+    origin: str  # the head's file, for messages
 
 
 class BackboneUnavailable(PipelineError, RuntimeError):
@@ -44,7 +52,7 @@ class BackboneSource:
 
 
 def choose_backbone(
-    spec: DetectorSpec, model: str | None, copy: Path | None, copy_revision: str | None
+    spec: RecordedBackbone, model: str | None, copy: Path | None, copy_revision: str | None
 ) -> BackboneSource:
     """The backbone to load for ``spec``: ``model`` when given, else an export's copy, else the recorded one."""
     if model is not None and Path(model).is_dir():
@@ -63,7 +71,7 @@ def choose_backbone(
     return BackboneSource(spec.model, spec.revision, spec.revision)
 
 
-def ensure_available(source: BackboneSource, spec: DetectorSpec) -> BackboneSource:
+def ensure_available(source: BackboneSource, spec: RecordedBackbone) -> BackboneSource:
     """The source as it is loaded: from the hub cache when there; fail fast when the hub cannot provide it."""
     if Path(source.model).is_dir():
         return source
@@ -76,7 +84,7 @@ def ensure_available(source: BackboneSource, spec: DetectorSpec) -> BackboneSour
     return source
 
 
-def unavailable_message(spec: DetectorSpec, reason: str, model: str | None = None) -> str:
+def unavailable_message(spec: RecordedBackbone, reason: str, model: str | None = None) -> str:
     """One message: what the head needs, why it cannot be had, and the three ways to provide it."""
     from huggingface_hub import constants
 
@@ -104,7 +112,7 @@ def unavailable_message(spec: DetectorSpec, reason: str, model: str | None = Non
     )
 
 
-def identity_differences(source: BackboneSource, spec: DetectorSpec, backbone: Backbone) -> list[str]:
+def identity_differences(source: BackboneSource, spec: RecordedBackbone, backbone: Backbone) -> list[str]:
     """How a loaded backbone differs from the one the head recorded (weights or commit, then config keys)."""
     out = []
     revisions = {backbone.revision, downloaded_commit(Path(source.model))}

@@ -140,6 +140,8 @@ class DetectorSpec:
             calibration = None if document["calibration"] is None else HeadCalibration.from_json(document, where)
             model_config = backbone.get("model_config")
             copy = backbone.get("included")
+            if copy is not None and (str(copy["folder"]) in ("", ".", "..") or "/" in str(copy["folder"])):
+                raise ValueError(f"backbone.included.folder {copy['folder']!r} is not a folder of the export")
             return cls(
                 model=str(backbone["model"]),
                 revision=backbone["revision"],
@@ -181,7 +183,10 @@ def read_detector_files(path: str | Path, revision: str | None = None) -> tuple[
                 f"{path.parent}: neither a run folder ({HEAD_FILE}) nor an exported detector ({CONFIG_FILE})"
             )
     if not path.is_file():
-        raise PredictError(f"{path}: no such head file (give a run folder, a head.safetensors or an official .pth)")
+        raise PredictOptionError(
+            f"{path}: no such head file (give a run folder, a head.safetensors, an exported folder, an official "
+            ".pth or a hub repo id ORG/NAME)"
+        )
     if path.suffix == ".safetensors":
         head, metadata = load_head(path)
         return head, DetectorSpec.from_head_metadata(metadata, path)
