@@ -59,7 +59,7 @@ def choose_backbone(
         return BackboneSource(str(model), None, spec.revision, other=spec.revision is None and model != spec.model)
     if model is not None and model != spec.model:
         return BackboneSource(model, None, None, other=True)  # another hub id
-    if model is None and copy is not None:
+    if model is None and copy is not None and copy.is_dir():  # (a removed copy: the recorded backbone instead)
         return BackboneSource(str(copy), None, copy_revision)
     if is_local_revision(spec.revision):
         if Path(spec.model).is_dir():
