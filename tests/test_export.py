@@ -186,8 +186,9 @@ def test_an_export_with_its_backbone_scores_offline_where_no_other_copy_is(
     run = run_recording(trained_predict_run["run"], project / "run", model="models/tiny-clip")
     monkeypatch.chdir(project)
     expected = Detector.load(run, device="cpu").score(images)
-    out = tmp_path / "share" / "detector"
+    out, plain = tmp_path / "share" / "detector", tmp_path / "share" / "plain"
     invoke("export", str(run), "--out", str(out), "--include-backbone")
+    invoke("export", str(run), "--out", str(plain))
     assert sorted(p.name for p in (out / "backbone").iterdir()) == ["config.json", "model.safetensors"]
     assert (out / "backbone" / "model.safetensors").read_bytes() == (tiny_clip_dir / "model.safetensors").read_bytes()
     included = json.loads((out / "config.json").read_text())["backbone"]
@@ -200,7 +201,14 @@ def test_an_export_with_its_backbone_scores_offline_where_no_other_copy_is(
     assert "This folder carries its backbone" in card
 
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    copy_folder(tiny_clip_dir, elsewhere / "my-weights")
+    monkeypatch.chdir(elsewhere)  # the plain export, from here, with --model at a copy: no --allow-other-backbone
+    with_copy = elsewhere / "with-copy.csv"
+    invoke("predict", *map(str, images), "--head", str(plain), "--model", "my-weights", "--out", str(with_copy),
+           "--device", "cpu", "--no-progress")  # fmt: skip
+    rows = [line.split(",") for line in with_copy.read_text().splitlines()[1:]]
+    np.testing.assert_allclose([float(row[1]) for row in rows], expected, rtol=0, atol=1e-7)
+    assert {row[9] for row in rows} == {f"models/tiny-clip@{local_content_hash(tiny_clip_dir)}"}
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
     environment.pop("HF_HUB_CACHE", None)
     scores = elsewhere / "s.csv"
