@@ -267,6 +267,8 @@ def test_a_detector_repo_id_loads_from_a_prefilled_offline_cache(trained_predict
            "--device", "cpu", "--no-progress")  # fmt: skip
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["score"] for r in records] == pytest.approx(expected.tolist(), abs=1e-7)
+    output = invoke("predict", str(images[0]), "--head", str(exported), "--revision", "v2", code=2)
+    assert "--revision (revision=) is for a hub repo id" in output
     output = invoke("predict", str(images[0]), "--head", "test-org/missing", "--revision", "v2", code=1)
     assert "test-org/missing (revision v2): no such local path" in output and "HF_HUB_OFFLINE" in output
     assert "huggingface-cli download test-org/missing --revision v2" in output

@@ -172,6 +172,8 @@ def read_detector_files(path: str | Path, revision: str | None = None) -> tuple[
 
     if not Path(path).exists() and looks_like_repo_id(str(path)):
         path = fetch_detector_repo(str(path), revision)
+    elif revision is not None:
+        raise PredictOptionError(f"{path}: --revision (revision=) is for a hub repo id ORG/NAME, not a local head")
     path = Path(path)
     if path.is_dir():
         config = path / CONFIG_FILE
