@@ -20,6 +20,7 @@ from PIL import Image
 
 from .errors import PipelineError
 from .files import atomic_path
+from .names import RANDOM_WEIGHTS_MARKER
 
 IMAGE_SIZE = 64
 TRAIN_GENERATOR = "progan"
@@ -295,6 +296,7 @@ def make_demo_backbone(path: Path, seed: int) -> None:
     shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
     with atomic_path(path) as partial:
         model.save_pretrained(partial)
+        (partial / RANDOM_WEIGHTS_MARKER).write_text("random weights: the demo's backbone (pipeline demo)\n")
 
 
 def is_backbone_complete(path: Path) -> bool:

@@ -20,12 +20,13 @@ from .. import __version__
 from ..files import write_text_atomic
 from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR
 from ..results import nan_mean, nan_std
-from ..results.bootstrap import Interval
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
 from .gallery import GalleryItem
 from .inputs import GridResults
+from .numbers import interval_text
 from .studies import RobustnessKey
+from .summary import ReportSummaryCard, precision_line
 from .table import ScoreKey, SkippedOutput, StudyKey, Table, format_percent, order_datasets
 
 PAGE_NAME = "index.html"
@@ -125,8 +126,21 @@ class AuditView:
     statistics: HtmlTable
 
 
+# The page's sections, in order: (anchor, link text). A new section gets its entry here and its block in
+# templates/index.html.j2 (a `{% if section == ... %}` branch of the loop over page.sections).
+PAGE_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Summary"),
+    ("audits", "Audit"),
+    ("tables", "Tables"),
+    ("figures", "Figures"),
+    ("runs", "Selected runs"),
+    ("skipped", "Not made"),
+)
+
+
 @dataclass(frozen=True)
 class Page:
+    card: ReportSummaryCard
     grid_dirs: tuple[str, ...]
     version: str
     skipped: tuple[SkippedOutput, ...]
@@ -137,6 +151,23 @@ class Page:
     bootstrap: str
     precision: str
     flagged: Mapping[str, str] = field(default_factory=dict)
+    settings: HtmlTable | None = None  # the legend of the setting ids
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(anchor for anchor, _ in PAGE_SECTIONS)
+
+    @property
+    def nav(self) -> tuple[tuple[str, str], ...]:
+        """(anchor, link text with a count) of every section, in page order."""
+        counts = {
+            "audits": f"{len(self.flagged)} flagged" if self.flagged else "",
+            "tables": str(len(self.tables)),
+            "figures": str(len(self.figures)),
+            "runs": str(len(self.sections)),
+            "skipped": str(len(self.skipped)),
+        }
+        return tuple((a, f"{text} ({counts[a]})" if counts.get(a) else text) for a, text in PAGE_SECTIONS)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -305,15 +336,6 @@ def flagged_datasets(documents: Sequence[AuditDocument]) -> dict[str, str]:
 # ----------------------------------------------------------------------------- run sections
 
 
-def interval_text(interval: Interval | None) -> str:
-    """``[low, high]`` in percent; empty when not computed or undefined."""
-    return (
-        ""
-        if interval is None or math.isnan(interval.low)
-        else f"[{format_percent(interval.low)}, {format_percent(interval.high)}]"
-    )
-
-
 def spread_text(values: Sequence[float]) -> str:
     """Mean ± sample standard deviation, in percent."""
     return f"{format_percent(nan_mean(values))} ± {format_percent(nan_std(values))}" if values else ""
@@ -395,18 +417,6 @@ def section_view(section: RunSection, analysis: ReportAnalysis, figures: Sequenc
 # ----------------------------------------------------------------------------- the page
 
 
-def precision_line(grids: Sequence[GridResults]) -> str:
-    """What precision the heads trained in: the authors' float32, or how many runs used the bf16 opt-in."""
-    runs = [run for grid in grids for run in grid.runs.values()]
-    bf16 = sum(run.row.setting.amp == "bf16" for run in runs)
-    if not bf16:
-        return "heads trained in float32, as the authors"
-    return (
-        f"{bf16} of {len(runs)} runs trained in bf16 (amp: bf16): screening numbers, which differ slightly from "
-        "float32 training; retrain in float32 (amp: none) for numbers to publish"
-    )
-
-
 def png_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
@@ -430,11 +440,13 @@ def write_html(
     skipped: Sequence[SkippedOutput],
     audits: Sequence[AuditDocument],
     analysis: ReportAnalysis,
+    card: ReportSummaryCard,
 ) -> Path:
     """Render the page into ``out/index.html`` (complete or absent) and return its path."""
     flagged = flagged_datasets([document for document in audits if document.variant is None])
     bootstrap = analysis.bootstrap
     page = Page(
+        card=card,
         grid_dirs=tuple(str(grid.path) for grid in grids),
         version=__version__,
         skipped=tuple(skipped),

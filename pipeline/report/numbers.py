@@ -1,0 +1,47 @@
+"""One way of writing each kind of number in the page, ``summary.md``, the terminal and the report's CSVs.
+
+Accuracies, AP, error rates and shares: percent with one decimal (``66.6``); changes: points with a sign
+(``+0.4 pts``); intervals: ``[low, high]`` in percent; thresholds, scores, weights and other real numbers: 4
+significant digits. Column names say the unit (docs/results-format.md#units).
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..results.bootstrap import Interval
+
+SIGNIFICANT_DIGITS = 4
+PERCENT_DECIMALS = 1
+
+
+def percent(value: float | None) -> str:
+    """A fraction as a percentage with one decimal ('91.5'); '' for no value, 'nan' for NaN."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    return f"{round(100 * value, PERCENT_DECIMALS):.{PERCENT_DECIMALS}f}"
+
+
+def points(change: float | None) -> str:
+    """A change of fractions in percentage points with a sign ('+0.4 pts'); '' for none."""
+    if change is None or math.isnan(change):
+        return ""
+    return f"{100 * change:+.{PERCENT_DECIMALS}f} pts"
+
+
+def significant(value: float | None) -> str:
+    """A real number with 4 significant digits ('0.5012', '1.385e-05'); '' for None, 'nan' for NaN."""
+    if value is None:
+        return ""
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.{SIGNIFICANT_DIGITS}g}"
+
+
+def interval_text(interval: Interval | None) -> str:
+    """``[low, high]`` in percent; empty when not computed or undefined."""
+    if interval is None or math.isnan(interval.low):
+        return ""
+    return f"[{percent(interval.low)}, {percent(interval.high)}]"
