@@ -74,6 +74,10 @@ COMPARISONS: dict[str, Comparison] = {
 }
 
 
+ERRORS_NOTE = (
+    "by format: the format the detector saw. On a format-aligned split that is the JPEG every image was "
+    "re-encoded as (with the original file's format in brackets); on other perturbed splits, the original file format."
+)
 LONG_TEXT = 40  # characters: longer text cells wrap
 
 
@@ -392,7 +396,8 @@ def section_errors(section: RunSection) -> HtmlTable | None:
         ]
         rows.append([split, dataset, *accuracy, str(errors), *shares])
     header = ("split", "dataset", "real ACC %", "fake ACC %", "errors", "by size (shorter side vs crop)", "by format")
-    return plain_table("error analysis", header, rows)
+    table = plain_table("error analysis", header, rows)
+    return HtmlTable(table.name, table.header, table.rows, ERRORS_NOTE)
 
 
 def section_view(section: RunSection, analysis: ReportAnalysis, figures: Sequence[Figure], index: int) -> SectionView:

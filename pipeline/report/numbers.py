@@ -45,3 +45,27 @@ def interval_text(interval: Interval | None) -> str:
     if interval is None or math.isnan(interval.low):
         return ""
     return f"[{percent(interval.low)}, {percent(interval.high)}]"
+
+
+# ----------------------------------------------------------------------------- units in column names
+
+PERCENT = "_pct"  # a column in percent (one decimal) ends in this
+POINTS = "_pts"  # a change in percentage points ends in this
+SIGNIFICANT_COLUMNS = frozenset(("brier", "fit_seconds", "weight"))  # with *_threshold: 4 significant digits
+
+
+def is_significant_column(name: str) -> bool:
+    """Thresholds, scores, times and weights: real numbers of their own unit, 4 significant digits."""
+    return name.endswith("_threshold") or name in SIGNIFICANT_COLUMNS
+
+
+def fraction_column(name: str, text: str) -> tuple[str, str]:
+    """A fraction-valued column as the report writes it: (name with its unit, value in that unit).
+
+    Thresholds, times and the Brier score keep their name with 4 significant digits; every other metric (an
+    accuracy, AP, AUC, EER, ECE, rate, share or their interval bound) becomes percent with ``_pct``.
+    """
+    value = None if text == "" else float(text)
+    if is_significant_column(name):
+        return name, significant(value)
+    return name + PERCENT, percent(value)
