@@ -76,7 +76,7 @@ def write_figures(
     Returns (the report's figures, each selected run's own figures, what was skipped).
     """
     try:
-        from . import figures, run_figures
+        from . import figures, ranking, run_figures
     except ImportError as error:
         return [], {}, [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
     except Exception as error:  # noqa: BLE001 - a broken matplotlib must not take the tables down
@@ -85,7 +85,8 @@ def write_figures(
     written: list[Path] = []
     per_run: dict[RunKey, list[Path]] = {}
     skipped: list[SkippedOutput] = []
-    preparers = [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
+    preparers = [(ranking.RANKED_NAME, lambda: [ranking.ranked_job(grids, analysis, out)], None)]
+    preparers += [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
     preparers += [
         (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
     ]

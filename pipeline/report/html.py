@@ -22,9 +22,11 @@ from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR
 from ..results import nan_mean, nan_std
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
+from .captions import TABLE_NOTES, figure_caption
 from .gallery import GalleryItem
 from .inputs import GridResults
 from .numbers import interval_text
+from .reading import SETTING_ID, SETTINGS_NAME
 from .studies import RobustnessKey
 from .summary import ReportSummaryCard, precision_line
 from .table import ScoreKey, SkippedOutput, StudyKey, Table, format_percent, order_datasets
@@ -105,6 +107,10 @@ class HtmlTable:
 class Figure:
     name: str
     uri: str
+
+    @property
+    def caption(self) -> str:
+        return figure_caption(self.name)
 
 
 @dataclass(frozen=True)
@@ -222,25 +228,35 @@ def header_cells(names: Sequence[str], flagged: Mapping[str, str]) -> tuple[Cell
     return tuple(Cell(name, "flagged", title=flagged[name]) if name in flagged else Cell(name) for name in names)
 
 
-def html_table(table: Table, flagged: Mapping[str, str]) -> HtmlTable:
-    """A report table for the page: the authors' rows marked, our values coloured by their difference."""
+def without_empty_columns(table: Table) -> Table:
+    """The table without the columns that are empty in every row (the CSV keeps them: its columns are fixed)."""
+    keep = [i for i in range(len(table.header)) if any(row[i] for row in table.rows)]
+    return Table(table.name, tuple(table.header[i] for i in keep), tuple(tuple(row[i] for i in keep) for row in table.rows))
+
+
+def html_table(table: Table, flagged: Mapping[str, str], settings: Mapping[str, str] | None = None) -> HtmlTable:
+    """A report table for the page: empty columns dropped, the authors' rows marked, our values coloured by their
+    difference, each setting id with its setting on hover."""
+    table = without_empty_columns(table)
     comparison = COMPARISONS.get(table.name)
     coloured = comparison_cells(table, comparison) if comparison else {}
     source = table.header.index("source") if "source" in table.header else None
+    setting = table.header.index(SETTING_ID) if SETTING_ID in table.header and settings else None
     shown = table.rows[:MAX_HTML_ROWS]
     rows = []
     for index, row in enumerate(shown):
         authors = source is not None and row[source] == "authors"
-        rows.append(
-            tuple(
-                coloured.get((index, column), Cell(text, "authors" if authors else ""))
-                for column, text in enumerate(row)
-            )
-        )
-    note = ""
+        cells = []
+        for column, text in enumerate(row):
+            cell = coloured.get((index, column), Cell(text, "authors" if authors else ""))
+            if column == setting and settings:
+                cell = Cell(text, cell.css, cell.style, settings.get(text, ""))
+            cells.append(cell)
+        rows.append(tuple(cells))
+    notes = [TABLE_NOTES.get(table.name, "")]
     if len(table.rows) > len(shown):
-        note = f"first {len(shown)} of {len(table.rows)} rows shown; {table.name} holds them all"
-    return HtmlTable(table.name, header_cells(table.header, flagged), tuple(rows), note)
+        notes.append(f"first {len(shown)} of {len(table.rows)} rows shown; {table.name} holds them all")
+    return HtmlTable(table.name, header_cells(table.header, flagged), tuple(rows), " ".join(filter(None, notes)))
 
 
 def plain_table(name: str, header: Sequence[str], rows: Sequence[Sequence[str | Cell]]) -> HtmlTable:
@@ -450,13 +466,14 @@ def write_html(
     """Render the page into ``out/index.html`` (complete or absent) and return its path."""
     flagged = flagged_datasets([document for document in audits if document.variant is None])
     bootstrap = analysis.bootstrap
+    settings = {row[0]: row[1] for table in tables if table.name == SETTINGS_NAME for row in table.rows}
     page = Page(
         card=card,
         grid_dirs=tuple(str(grid.path) for grid in grids),
         version=__version__,
         skipped=tuple(skipped),
         audits=tuple(audit_view(document) for document in audits),
-        tables=tuple(html_table(table, flagged) for table in tables),
+        tables=tuple(html_table(table, flagged, settings) for table in tables),
         figures=tuple(Figure(path.name, png_uri(path)) for path in figures),
         sections=tuple(
             section_view(

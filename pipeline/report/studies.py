@@ -14,8 +14,8 @@ from ..results import best_run, mean_datasets, nan_mean
 from ..results import reference as ref
 from ..results.run_folder import HEAD_FILE
 from ..variants import VariantKind, VariantSpec
-from .numbers import significant
 from .inputs import GridResults, RunResult, Scores, Selection, all_runs, all_selections, best_by_test_full_models
+from .numbers import significant
 from .table import (
     ABLATION_ORDER,
     AUTHORS,
