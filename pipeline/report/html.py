@@ -25,7 +25,7 @@ from .audits import AuditDocument
 from .captions import TABLE_NOTES, figure_caption
 from .gallery import GalleryItem
 from .inputs import GridResults
-from .numbers import interval_text
+from .numbers import interval_text, real
 from .reading import SETTING_ID, SETTINGS_NAME
 from .studies import RobustnessKey
 from .summary import ReportSummaryCard, precision_line
@@ -140,9 +140,9 @@ class AuditView:
 # templates/index.html.j2 (a `{% if section == ... %}` branch of the loop over page.sections).
 PAGE_SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Summary"),
-    ("audits", "Audit"),
     ("tables", "Tables"),
     ("figures", "Figures"),
+    ("audits", "Audit"),
     ("runs", "Selected runs"),
     ("skipped", "Not made"),
 )
@@ -310,7 +310,7 @@ def audit_view(document: AuditDocument) -> AuditView:
         spread = {
             name: ""
             if record.get(f"{name}_min") is None
-            else f"{record[f'{name}_min']} / {record[f'{name}_median']} / {record[f'{name}_max']}"
+            else " / ".join(real(record[f"{name}_{statistic}"]) for statistic in ("min", "median", "max"))
             for name in ("jpeg_quality", "width", "height", "file_size")
         }
         exif = record.get("exif_fraction")

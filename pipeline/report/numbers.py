@@ -40,6 +40,13 @@ def significant(value: float | None) -> str:
     return f"{value:.{SIGNIFICANT_DIGITS}g}"
 
 
+def real(value: float | int) -> str:
+    """A measured quantity: integers as they are, reals with 4 significant digits (from 1000 on, whole)."""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return str(round(value)) if abs(value) >= 1000 else significant(value)
+
+
 def interval_text(interval: Interval | None) -> str:
     """``[low, high]`` in percent; empty when not computed or undefined."""
     if interval is None or math.isnan(interval.low):
