@@ -27,25 +27,51 @@ TABLE_NOTES: dict[str, str] = {
 
 # (file name prefix, suffix) -> caption, first match wins.
 FIGURE_CAPTIONS: tuple[tuple[str, str, str], ...] = (
-    ("ranked", ".png", "Every config ranked by its val ACC (the best-by-val rule reads the top), against its mean test "
-     "ACC with the 95 % interval where computed; the selected configs are marked. The dashed line is chance (50 %)."),
-    ("per_dataset_", ".png", "ACC and AP per test set of the selected config (ours; the authors' beside it where "
-     "published). The dashed line is chance (50 %)."),
-    ("hyperparams_box", ".png", "Mean test ACC and AP of every run per value of each searched hyper-parameter "
-     "(paper Figs. 3-4), all settings pooled."),
+    (
+        "ranked",
+        ".png",
+        "Every config ranked by its val ACC (the best-by-val rule reads the top), against its mean test "
+        "ACC with the 95 % interval where computed; the selected configs are marked. The dashed line is chance (50 %).",
+    ),
+    (
+        "per_dataset_",
+        ".png",
+        "ACC and AP per test set of the selected config (ours; the authors' beside it where "
+        "published). The dashed line is chance (50 %).",
+    ),
+    (
+        "hyperparams_box",
+        ".png",
+        "Mean test ACC and AP of every run per value of each searched hyper-parameter "
+        "(paper Figs. 3-4), all settings pooled.",
+    ),
     ("epochs", ".png", "Mean test ACC and AP against training length (mean and best over head configs)."),
     ("fraction", ".png", "Mean test ACC and AP against the fraction of the training set used."),
-    ("tie", ".png", "TIE block importance of each setting's selected run: softmax(alpha) per block, mean over the "
-     "projection dims; the dotted line is uniform weight (1 / blocks)."),
+    (
+        "tie",
+        ".png",
+        "TIE block importance of each setting's selected run: softmax(alpha) per block, mean over the "
+        "projection dims; the dotted line is uniform weight (1 / blocks).",
+    ),
     ("tsne_", ".png", "t-SNE of the head's embedding z on the test sets: reals, GAN fakes, other fakes."),
-    ("run_", "_scores.png", "Score histograms of reals and fakes per test set, with 0.5 and the thresholds chosen on "
-     "val (val, EER, FPR 1 %, FPR 5 %) marked; one legend for all panels."),
-    ("run_", "_reliability.png", "Reliability: the fraction of fakes against the mean score per bin, for val and each "
-     "test split (ECE and Brier score in the legend); below, the share of images per bin."),
+    (
+        "run_",
+        "_scores.png",
+        "Score histograms of reals and fakes per test set, with 0.5 and the thresholds chosen on "
+        "val (val, EER, FPR 1 %, FPR 5 %) marked; one legend for all panels.",
+    ),
+    (
+        "run_",
+        "_reliability.png",
+        "Reliability: the fraction of fakes against the mean score per bin, for val and each "
+        "test split (ECE and Brier score in the legend); below, the share of images per bin.",
+    ),
     ("run_", "_tie.png", "This run's TIE block weights; the dotted line is uniform weight (1 / blocks)."),
 )
 
 
 def figure_caption(name: str) -> str:
     """The caption of a figure file of the report ('' for one this version does not describe)."""
-    return next((text for prefix, suffix, text in FIGURE_CAPTIONS if name.startswith(prefix) and name.endswith(suffix)), "")
+    return next(
+        (text for prefix, suffix, text in FIGURE_CAPTIONS if name.startswith(prefix) and name.endswith(suffix)), ""
+    )

@@ -271,7 +271,14 @@ def per_dataset_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob]:
         datasets = order_datasets(d for scores in series.values() for d in scores)
         name = run_plot_name("per_dataset", run, tokens)
         bars = {label: percent_lists(scores, datasets) for label, scores in series.items()}
-        jobs.append((name, functools.partial(plot_per_dataset, out / name, run_title(run, "ACC / AP per test set"), datasets, bars)))
+        jobs.append(
+            (
+                name,
+                functools.partial(
+                    plot_per_dataset, out / name, run_title(run, "ACC / AP per test set"), datasets, bars
+                ),
+            )
+        )
     return jobs
 
 

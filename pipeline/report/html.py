@@ -231,7 +231,9 @@ def header_cells(names: Sequence[str], flagged: Mapping[str, str]) -> tuple[Cell
 def without_empty_columns(table: Table) -> Table:
     """The table without the columns that are empty in every row (the CSV keeps them: its columns are fixed)."""
     keep = [i for i in range(len(table.header)) if any(row[i] for row in table.rows)]
-    return Table(table.name, tuple(table.header[i] for i in keep), tuple(tuple(row[i] for i in keep) for row in table.rows))
+    return Table(
+        table.name, tuple(table.header[i] for i in keep), tuple(tuple(row[i] for i in keep) for row in table.rows)
+    )
 
 
 def html_table(table: Table, flagged: Mapping[str, str], settings: Mapping[str, str] | None = None) -> HtmlTable:

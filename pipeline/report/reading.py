@@ -52,7 +52,9 @@ def metrics_first(table: Table) -> Table:
     """The same table with its metric columns first, then its identifying columns (each group in order)."""
     order = [i for i, name in enumerate(table.header) if name not in IDENTIFYING]
     order += [i for i, name in enumerate(table.header) if name in IDENTIFYING]
-    return Table(table.name, tuple(table.header[i] for i in order), tuple(tuple(r[i] for i in order) for r in table.rows))
+    return Table(
+        table.name, tuple(table.header[i] for i in order), tuple(tuple(r[i] for i in order) for r in table.rows)
+    )
 
 
 def with_setting_id(table: Table, legend: dict[str, str]) -> Table:

@@ -65,7 +65,13 @@ def plot_score_histograms(
         marks = {"0.5": 0.5, **(thresholds or {})}
         for (label, value), (color, line) in zip(marks.items(), THRESHOLD_STYLES):
             if np.isfinite(value):
-                axis.axvline(value, color=color, linestyle=line, linewidth=1, label=label if label == "0.5" else f"{label} ({value:.3g})")
+                axis.axvline(
+                    value,
+                    color=color,
+                    linestyle=line,
+                    linewidth=1,
+                    label=label if label == "0.5" else f"{label} ({value:.3g})",
+                )
         axis.set_xlim(0, 1)
         suffix = "" if len(splits) == 1 else f" [{scored.split}]"
         axis.set_title(f"{dataset}{suffix}, n={labels.size}", fontsize="small")

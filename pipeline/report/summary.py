@@ -139,7 +139,7 @@ def head_words(run: RunResult) -> str:
     return (
         f"{aggregation} head on {blocks} of {run.backbone} ({setting.tap}){classes}, "
         f"xi={config.contrastive_factor:g} q={config.proj_layers} d'={config.proj_dim}; "
-        f"{setting.epochs} epochs, batch {setting.batch_size}, lr {setting.lr:g}"
+        f"{setting.epochs} epoch{'s' * (setting.epochs != 1)}, batch {setting.batch_size}, lr {setting.lr:g}"
     )
 
 
@@ -275,7 +275,7 @@ def selected_config(section: RunSection, analysis: ReportAnalysis, ablations: Se
         test_ap=f"{percent(run.mean_ap)} %",
         test_ap_interval=interval_text(ap_interval),
         n_sets=len(summary.mean_sets),
-        seeds=f", seeds {'+'.join(str(r.setting.seed) for r in seeds)}" if len(seeds) > 1 else "",
+        seeds=f", seed {run.setting.seed} of {'+'.join(str(r.setting.seed) for r in seeds)}" if len(seeds) > 1 else "",
         ablations=deltas,
         ablation_note=note,
         others=(),

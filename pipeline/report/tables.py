@@ -222,19 +222,21 @@ def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None =
     from .analysis_tables import build_errors_table, build_format_align_table, build_seeds_table
 
     score_rows = collect_score_rows(grids)
-    return for_reading([
-        build_score_table("acc.csv", "acc", score_rows),
-        build_score_table("ap.csv", "ap", score_rows),
-        build_best_table(grids),
-        build_ablations_table(grids),
-        build_grid_table(grids, analysis),
-        build_metrics_table(grids, analysis),
-        build_seeds_table(grids),
-        build_format_align_table(grids),
-        build_errors_table(analysis),
-        build_robustness_table(grids),
-        build_epochs_table(grids),
-        build_fractions_table(grids),
-        build_ldm_table(grids),
-        build_tie_table(grids),
-    ])
+    return for_reading(
+        [
+            build_score_table("acc.csv", "acc", score_rows),
+            build_score_table("ap.csv", "ap", score_rows),
+            build_best_table(grids),
+            build_ablations_table(grids),
+            build_grid_table(grids, analysis),
+            build_metrics_table(grids, analysis),
+            build_seeds_table(grids),
+            build_format_align_table(grids),
+            build_errors_table(analysis),
+            build_robustness_table(grids),
+            build_epochs_table(grids),
+            build_fractions_table(grids),
+            build_ldm_table(grids),
+            build_tie_table(grids),
+        ]
+    )
