@@ -186,5 +186,5 @@ def report_command(
         progress=not no_progress,
     )
     summary = run_report(config)
-    click.echo(summary.report(), err=True)
     click.echo(str(summary.out))
+    click.echo(summary.report(), err=True)  # the result (the summary card's lines) last
