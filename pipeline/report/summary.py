@@ -30,6 +30,8 @@ from .table import FULL, averaged
 
 SUMMARY_NAME = "summary.md"
 RULE_WORDS = {BEST_BY_VAL: "best by val", BEST_BY_TEST: "best by mean test ACC+AP (the paper's protocol)"}
+MOVED = 0.02  # a change of ACC under format-align of 2 points or more "moved"
+NEAR_CHANCE = 0.03  # ACC within 3 points of 50 % on both sides: the detector is at chance there anyway
 VERSIONED = ("numpy", "scikit-learn", "matplotlib", "torch", "transformers")
 
 
@@ -218,10 +220,12 @@ def audit_lines(audits: Sequence[AuditDocument], run: RunResult | None) -> tuple
             center = run.center.get(dataset) if run else None
             if center is not None and aligned and dataset in run.test[aligned]:
                 after = run.test[aligned][dataset].acc
-                moved = abs(after - center.acc) >= 0.02
+                moved = abs(after - center.acc) >= MOVED
+                chance = max(abs(center.acc - 0.5), abs(after - 0.5)) < NEAR_CHANCE
+                verdict = "at chance either way" if chance else ("moved" if moved else "did not move")
                 line += (
                     f"; detector ACC {percent(center.acc)} % as the files are, {percent(after)} % {aligned} "
-                    f"({points(after - center.acc)}: {'moved' if moved else 'did not move'})"
+                    f"({points(after - center.acc)}: {verdict})"
                 )
             elif center is not None:
                 line += f"; detector ACC {percent(center.acc)} % (no format-aligned test entry to compare)"
