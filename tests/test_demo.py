@@ -22,6 +22,7 @@ from pipeline.cli import main as cli
 from pipeline.demo import COMPLETE_MARKER, GENERATOR_TRACES, make_demo_backbone, make_demo_data
 from pipeline.features import AuditConfig, build_manifest, run_audit, write_manifest
 from pipeline.heads import load_grid
+from pipeline.names import RANDOM_WEIGHTS_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")
@@ -156,8 +157,10 @@ def test_demo_data_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- backbone
 
 
-def test_demo_backbone_is_a_seeded_tiny_clip_with_zero_mean_patch_kernels(tmp_path: Path) -> None:
+def test_demo_backbone_is_a_seeded_tiny_clip_with_zero_mean_patch_kernels(tmp_path: Path, capfd) -> None:
     make_demo_backbone(tmp_path / "a", seed=3)
+    assert "Writing model shards" not in capfd.readouterr().err  # no third-party bar for one tiny local file
+    assert (tmp_path / "a" / RANDOM_WEIGHTS_MARKER).is_file()  # the report says the backbone is random
     make_demo_backbone(tmp_path / "b", seed=3)
     make_demo_backbone(tmp_path / "c", seed=4)
     model = CLIPVisionModel.from_pretrained(tmp_path / "a")
