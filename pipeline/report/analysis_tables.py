@@ -142,35 +142,35 @@ def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOut
 def build_errors_table(analysis: ReportAnalysis | None) -> Table | SkippedOutput:
     """errors.csv: the error analysis of every selected run's test splits."""
     header = (
-        "grid_dir",
-        "run",
-        "selection",
-        "split",
-        "variant",
+        "error_rate_pct",
+        "share_of_errors_pct",
+        "share_of_images_pct",
         "dataset",
         "facet",
         "bucket",
         "n",
         "n_errors",
-        "error_rate_pct",
-        "share_of_errors_pct",
-        "share_of_images_pct",
+        "split",
+        "variant",
+        "run",
+        "selection",
+        "grid_dir",
     )
     rows = [
         (
-            str(section.run.grid_dir),
-            section.run.run,
-            LIST_SEPARATOR.join(section.rules),
-            count.split,
-            count.variant,
+            format_percent(count.error_rate),
+            format_percent(count.share_of_errors),
+            format_percent(count.share_of_images),
             count.dataset,
             count.facet,
             count.bucket,
             str(count.n),
             str(count.n_errors),
-            format_percent(count.error_rate),
-            format_percent(count.share_of_errors),
-            format_percent(count.share_of_images),
+            count.split,
+            count.variant,
+            section.run.run,
+            LIST_SEPARATOR.join(section.rules),
+            str(section.run.grid_dir),
         )
         for section in (analysis.sections if analysis else ())
         for count in section.errors

@@ -34,6 +34,7 @@ IDENTIFYING = frozenset(
         "note",
         "facet",
         "bucket",
+        "n_errors",
         "block",
         "same_hyper_as_full",
         "published_contrastive_factor",
