@@ -367,6 +367,7 @@ def test_the_page_holds_every_table_figure_audit_and_the_galleries(world) -> Non
     assert {"seeds.csv", "format_align.csv", "errors.csv", "metrics.csv"} <= set(csvs)
     assert sorted(parser.tables) == csvs
     assert sorted(parser.figures) == pngs and any(name.endswith("_scores.png") for name in pngs)
+    assert "ranked.png" in pngs  # every config by val ACC against its test mean
     assert parser.audits == ["audit_test.json", "audit_test_format-align-q95.json"]
     assert parser.thumbnails and parser.external == []
     assert parser.flagged_cells > 0
