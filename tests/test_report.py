@@ -962,3 +962,19 @@ def test_the_page_header_says_which_precision_the_heads_trained_in(report) -> No
         return SimpleNamespace(runs=runs)
 
     assert precision_line([grid("none", "bf16"), grid("bf16")]).startswith("2 of 3 runs trained in bf16 (amp: bf16)")
+
+
+def test_the_ranked_view_orders_every_config_by_val_and_keeps_the_selected(grids, report) -> None:
+    from pipeline.report.analysis import run_key
+    from pipeline.report.inputs import read_grid_dir
+    from pipeline.report.ranking import MAX_ROWS, ranked_runs
+
+    loaded = [read_grid_dir(grid) for grid in grids]
+    ok = {(grid, r["run"]) for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"}
+    selected = {run_key(s.run) for grid in loaded for s in grid.selections}
+    runs, total = ranked_runs(loaded, selected)
+    assert total == len([run for grid in loaded for run in grid.runs.values() if run.has_test_mean]) <= len(ok)
+    val = [(run.summary.val_acc, run.summary.val_ap) for run in runs[:MAX_ROWS]]
+    assert val == sorted(val, reverse=True)  # the best-by-val rule reads the top
+    assert selected <= {run_key(run) for run in runs}  # every selected config is shown, even beyond MAX_ROWS
+    assert (report.out / "ranked.png").is_file()
