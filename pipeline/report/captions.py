@@ -21,7 +21,8 @@ TABLE_NOTES: dict[str, str] = {
     "errors.csv": "Where the errors are, per selected run, split, set and bucket (percent).",
     "format_align.csv": "ACC / AP as the files are (center) and format-aligned, and the change in points (_pts).",
     "tie.csv": "TIE block weights (softmax over blocks, mean over the projection dims; uniform = 1 / blocks).",
-    "settings.csv": "The legend of setting_id: every setting a table names, in full.",
+    "settings.csv": "The legend of setting_id: every setting a table names, in full but for the seed (the seeds of "
+    "one config share an id; the tables name each run and its seeds).",
     "seeds.csv": "Mean and standard deviation over seeds (percent).",
 }
 

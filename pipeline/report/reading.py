@@ -44,9 +44,14 @@ IDENTIFYING = frozenset(
 )
 
 
+def without_seed(label: str) -> str:
+    """A setting label without its ``seed=`` field: the seeds of one config share an id (tables name the run)."""
+    return " ".join(token for token in label.split() if not token.startswith("seed="))
+
+
 def setting_id(label: str) -> str:
-    """A short id of a setting label, the same in every report ('s-3f2a9c'); '' for no setting."""
-    return "s-" + hashlib.sha1(label.encode("utf-8")).hexdigest()[:6] if label else ""
+    """A short id of a setting label (its seed left out), the same in every report ('s-3f2a9c'); '' for none."""
+    return "s-" + hashlib.sha1(without_seed(label).encode("utf-8")).hexdigest()[:6] if label else ""
 
 
 def metrics_first(table: Table) -> Table:
@@ -67,7 +72,7 @@ def with_setting_id(table: Table, legend: dict[str, str]) -> Table:
     for row in table.rows:
         short = setting_id(row[index])
         if short:
-            legend[short] = row[index]
+            legend[short] = without_seed(row[index])
         rows.append((*row[:index], short, *row[index + 1 :]))
     return Table(table.name, (*table.header[:index], SETTING_ID, *table.header[index + 1 :]), tuple(rows))
 
