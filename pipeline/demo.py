@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .errors import PipelineError
 from .files import atomic_path
+from .names import RANDOM_WEIGHTS_MARKER
 
 IMAGE_SIZE = 64
 TRAIN_GENERATOR = "progan"
@@ -219,7 +221,7 @@ def is_demo_complete(root: Path, n_train: int, n_test: int, seed: int) -> bool:
     return json.loads(marker.read_text()) == demo_parameters(n_train, n_test, seed)
 
 
-def make_demo_data(root: Path, n_train: int, n_test: int, seed: int) -> None:
+def make_demo_data(root: Path, n_train: int, n_test: int, seed: int, progress: bool = True) -> None:
     """Write the demo data set under ``root`` (see the module docstring); marker last.
 
     ``root`` must be absent, empty, or a previous demo build (which is
@@ -233,13 +235,16 @@ def make_demo_data(root: Path, n_train: int, n_test: int, seed: int) -> None:
     root.mkdir(parents=True, exist_ok=True)
     parameters = json.dumps(demo_parameters(n_train, n_test, seed), sort_keys=True)
     (root / BUILDING_MARKER).write_text(parameters)
-    for part, generators, count in (
+    parts = (
         ("train", (TRAIN_GENERATOR,), n_train),
         ("val", (TRAIN_GENERATOR,), n_test),
         ("test", tuple(GENERATOR_TRACES), n_test),
-    ):
-        for generator in generators:
-            write_pairs(root / part / generator, seed, part, generator, count)
+    )
+    total = sum(2 * count * len(generators) for _, generators, count in parts)
+    with tqdm(total=total, desc="demo images", unit="img", disable=not progress) as bar:
+        for part, generators, count in parts:
+            for generator in generators:
+                write_pairs(root / part / generator, seed, part, generator, count, lambda: bar.update(2))
     (root / COMPLETE_MARKER).write_text(parameters)
     (root / BUILDING_MARKER).unlink()
 
@@ -257,7 +262,9 @@ def clear_previous_build(root: Path) -> None:
         shutil.rmtree(root / part, ignore_errors=True)
 
 
-def write_pairs(folder: Path, seed: int, part: str, generator: str, count: int) -> None:
+def write_pairs(
+    folder: Path, seed: int, part: str, generator: str, count: int, on_pair: Callable[[], object] = lambda: None
+) -> None:
     (folder / "0_real").mkdir(parents=True, exist_ok=True)
     (folder / "1_fake").mkdir(parents=True, exist_ok=True)
     jpeg_reals = generator in JPEG_REALS.get(part, ())
@@ -268,6 +275,7 @@ def write_pairs(folder: Path, seed: int, part: str, generator: str, count: int) 
         else:
             Image.fromarray(real).save(folder / "0_real" / f"{index:05d}.png")
         Image.fromarray(fake).save(folder / "1_fake" / f"{index:05d}.png")
+        on_pair()
 
 
 # ---------------------------------------------------------------- backbone
@@ -292,9 +300,18 @@ def make_demo_backbone(path: Path, seed: int) -> None:
     kernels = model.get_input_embeddings().weight  # (hidden, 3, patch, patch)
     with torch.no_grad():
         kernels -= kernels.mean(dim=(2, 3), keepdim=True)
+    from transformers.utils import logging as hf_logging
+
     shutil.rmtree(path, ignore_errors=True)  # an incomplete earlier build
-    with atomic_path(path) as partial:
-        model.save_pretrained(partial)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for one tiny local file
+    try:
+        with atomic_path(path) as partial:
+            model.save_pretrained(partial)
+            (partial / RANDOM_WEIGHTS_MARKER).write_text("random weights: the demo's backbone (pipeline demo)\n")
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def is_backbone_complete(path: Path) -> bool:

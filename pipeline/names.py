@@ -87,6 +87,8 @@ FPR_TARGETS: dict[str, float] = {"fpr1": 0.01, "fpr5": 0.05}
 THRESHOLD_RULES: tuple[str, ...] = ("val", "eer", *FPR_TARGETS)  # thresholds chosen on val, carried with a head
 DEFAULT_RESAMPLES = 1000  # bootstrap resamples of the report's 95 % intervals
 DEFAULT_CONFIDENCE = 0.95
+# A file the demo writes into its backbone folder: the report then says the backbone has random weights.
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 
 # ----------------------------------------------------------------------------- the product
 CROPS: tuple[str, ...] = (CENTER, TEN_CROP, "auto")  # pipeline predict --crop

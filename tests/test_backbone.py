@@ -113,6 +113,15 @@ def test_backbone_reports_model_geometry(tiny_clip_dir: Path) -> None:
     assert backbone.revision.startswith("local-sha256:")
 
 
+def test_a_local_backbone_loads_without_the_loading_weights_bar(tiny_clip_dir: Path, capfd) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    Backbone(cpu_config(tiny_clip_dir))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # restored for whatever runs next
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from pipeline.cli import main as cli
 from pipeline.demo import COMPLETE_MARKER, GENERATOR_TRACES, make_demo_backbone, make_demo_data
 from pipeline.features import AuditConfig, build_manifest, run_audit, write_manifest
 from pipeline.heads import load_grid
+from pipeline.names import RANDOM_WEIGHTS_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_GENERATORS = ("dalle", "guided", "progan", "stylegan")
@@ -155,8 +157,10 @@ def test_demo_data_refuses_a_folder_it_did_not_make(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- backbone
 
 
-def test_demo_backbone_is_a_seeded_tiny_clip_with_zero_mean_patch_kernels(tmp_path: Path) -> None:
+def test_demo_backbone_is_a_seeded_tiny_clip_with_zero_mean_patch_kernels(tmp_path: Path, capfd) -> None:
     make_demo_backbone(tmp_path / "a", seed=3)
+    assert "Writing model shards" not in capfd.readouterr().err  # no third-party bar for one tiny local file
+    assert (tmp_path / "a" / RANDOM_WEIGHTS_MARKER).is_file()  # the report says the backbone is random
     make_demo_backbone(tmp_path / "b", seed=3)
     make_demo_backbone(tmp_path / "c", seed=4)
     model = CLIPVisionModel.from_pretrained(tmp_path / "a")
@@ -251,7 +255,10 @@ def test_demo_chain_manifest_extract_fit_report(tmp_path: Path) -> None:
     assert all(0.0 <= float(row["ap"]) <= 1.0 for row in rows)
 
     reports = tmp_path / "reports"
-    invoke("report", "--no-plots", "--out", str(reports), str(results.parent))
+    output = invoke("report", "--no-plots", "--out", str(reports), str(results.parent))
+    lines = output.strip().splitlines()  # the result comes last: the summary card's lines
+    assert "== result ==" in lines and lines[-1].startswith("details: ")
+    assert f"{backbone} is a random-weight backbone (the demo's)" in output
     with open(reports / "metrics.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == n_runs * n_datasets
     with open(reports / "format_align.csv", newline="") as handle:
@@ -277,6 +284,24 @@ def test_demo_grid_file_matches_what_run_all_builds() -> None:
 
 
 # ---------------------------------------------------------------- run_all.sh
+
+
+def run_all_demo_lines() -> list[str]:
+    """The body of run_all.sh's run_demo function, one command per line (continuations joined)."""
+    script = (REPO / "run_all.sh").read_text().replace("\\\n", " ")
+    body = script.split("run_demo() {", 1)[1].split("\n}\n", 1)[0]
+    return [line.strip() for line in body.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_run_all_demo_shows_progress_and_ends_with_the_result() -> None:
+    script = (REPO / "run_all.sh").read_text()
+    assert re.search(r"^DEMO_VIEWS=\d+$", script, re.MULTILINE)
+    lines = run_all_demo_lines()
+    extracts = [line for line in lines if line.startswith("run_pipeline extract")]
+    assert len(extracts) == 3 and not any("--no-progress" in line for line in extracts)  # progress is shown
+    assert '--views "$DEMO_VIEWS"' in extracts[0]
+    assert lines[-1].startswith("run_pipeline report")  # its last lines are the summary card's
+    assert "installing dependencies (~3 min" in script
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -103,6 +104,9 @@ def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_v
     default = tmp_path / "default.csv"
     output = invoke("predict", str(data / "a"), "--head", str(run), "--out", str(default), "--device", "cpu")
     assert read_rows(default)[0]["threshold_name"] == "val" and "chosen on val split test" in output
+    threshold = float(read_rows(default)[0]["threshold"])
+    assert f"threshold {threshold:.4g} (val, chosen" in output  # 4 significant digits on the terminal
+    assert re.search(r"acc \d+\.\d %, real acc \d+\.\d %, fake acc \d+\.\d %", output)
 
 
 def test_bad_threshold_option_exits_2(trained_predict_run):

@@ -15,6 +15,7 @@ import csv
 import html.parser
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from pipeline.heads import FitConfig, parse_grid, run_grid
 from pipeline.names import DEFAULT_RESAMPLES, FORMAT_ALIGN
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.gallery import DEFAULT_GALLERY_SIZE
+from pipeline.report.reading import IDENTIFYING
 from pipeline.results.bootstrap import BootstrapConfig, bootstrap_set
 
 pytestmark = pytest.mark.slow
@@ -46,6 +48,11 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def pct(fraction: float) -> str:
+    """How the report writes a fraction: percent with one decimal."""
+    return f"{round(100 * fraction, 1):.1f}"
 
 
 def scene(seed: int, size: tuple[int, int]) -> np.ndarray:
@@ -156,31 +163,31 @@ def test_metrics_intervals_are_the_bootstrap_of_each_score_file(world) -> None:
     grid, config = world["grid"], BootstrapConfig(RESAMPLES)
     rows = read_rows(world["reports"] / "metrics.csv")
     in_scope = selected_config_runs(grid)
-    assert {row["run"] for row in rows if row["acc_ci_low"]} == in_scope
+    assert {row["run"] for row in rows if row["acc_ci_low_pct"]} == in_scope
     for row in (row for row in rows if row["run"] in in_scope):
         labels, scores, _ = scores_of(grid, row["run"], row["split"])[row["dataset"]]
         replicates = bootstrap_set(labels, scores, row["dataset"], config)
         acc, ap = accuracy_score(labels, scores > 0.5), average_precision_score(labels, scores)
         for metric, point in (("acc", acc), ("ap", ap)):
             low, high = np.percentile(getattr(replicates, metric), (2.5, 97.5))
-            assert (float(row[f"{metric}_ci_low"]), float(row[f"{metric}_ci_high"])) == pytest.approx((low, high))
-            assert low <= point <= high and float(row[metric]) == pytest.approx(point)
+            assert (row[f"{metric}_ci_low_pct"], row[f"{metric}_ci_high_pct"]) == (pct(low), pct(high))
+            assert low <= point <= high and row[f"{metric}_pct"] == pct(point)
 
 
 def test_grid_means_have_the_interval_of_the_mean_over_test_sets(world) -> None:
     grid = world["grid"]
     for row in read_rows(world["reports"] / "grid.csv"):
         if row["run"] not in selected_config_runs(grid):
-            assert row["mean_acc_ci_low"] == ""
+            assert row["mean_acc_ci_low_pct"] == ""
             continue
         per_set = scores_of(grid, row["run"], "test")
         replicates = [
             bootstrap_set(labels, scores, d, BootstrapConfig(RESAMPLES)) for d, (labels, scores, _) in per_set.items()
         ]
         mean_acc = np.mean([r.acc for r in replicates], axis=0)
-        assert float(row["mean_acc_ci_low"]) == pytest.approx(np.percentile(mean_acc, 2.5))
-        assert float(row["mean_acc_ci_low"]) <= float(row["mean_acc"]) <= float(row["mean_acc_ci_high"])
-        assert float(row["mean_ap_ci_low"]) <= float(row["mean_ap"]) <= float(row["mean_ap_ci_high"])
+        assert row["mean_acc_ci_low_pct"] == pct(np.percentile(mean_acc, 2.5))
+        assert float(row["mean_acc_ci_low_pct"]) <= float(row["mean_acc_pct"]) <= float(row["mean_acc_ci_high_pct"])
+        assert float(row["mean_ap_ci_low_pct"]) <= float(row["mean_ap_pct"]) <= float(row["mean_ap_ci_high_pct"])
 
 
 def test_intervals_are_reproducible_and_follow_the_seed(world, tmp_path: Path) -> None:
@@ -190,8 +197,8 @@ def test_intervals_are_reproducible_and_follow_the_seed(world, tmp_path: Path) -
     other = run_report(ReportConfig(grid_dirs=(world["grid"],), out=tmp_path / "b", plots=False, html=False,
                                     bootstrap=BootstrapConfig(RESAMPLES, seed=5), bootstrap_all=True, progress=False))  # fmt: skip
     rows = read_rows(other.out / "metrics.csv")
-    assert all(row["acc_ci_low"] for row in rows)  # --bootstrap-all: every run
-    assert [r["ap_ci_low"] for r in rows] != [r["ap_ci_low"] for r in read_rows(again.out / "metrics.csv")]
+    assert all(row["acc_ci_low_pct"] for row in rows)  # --bootstrap-all: every run
+    assert [r["ap_ci_low_pct"] for r in rows] != [r["ap_ci_low_pct"] for r in read_rows(again.out / "metrics.csv")]
 
 
 # ----------------------------------------------------------------------------- seeds and format-align
@@ -209,12 +216,13 @@ def test_seeds_table_gives_mean_and_std_over_seeds_per_config(world) -> None:
                   and r["variant"] == row["variant"] and r["dataset"] == row["dataset"] and r["split"] != "val"]  # fmt: skip
         accs = [float(r["acc"]) for r in values]
         assert len(accs) == 2
-        assert float(row["acc_mean"]) == pytest.approx(np.mean(accs))
-        assert float(row["acc_std"]) == pytest.approx(np.std(accs, ddof=1))
+        assert row["acc_mean_pct"] == pct(np.mean(accs))
+        assert row["acc_std_pct"] == pct(np.std(accs, ddof=1))
     averages = [row for row in seeds if row["dataset"] == "avg"]
     assert len(averages) == 2 and all(row["variant"] == "" for row in averages)
+    settings = {row["setting_id"]: row["setting"] for row in read_rows(world["reports"] / "settings.csv")}
     for row in read_rows(world["reports"] / "acc.csv"):  # a selected config: the mean over its seeds
-        assert row["seeds"] == "0+1" and "seed=" not in row["setting"]
+        assert row["seeds"] == "0+1" and "seed=" not in settings[row["setting_id"]]
         for dataset in ("gan", "clean"):
             accs = [float(r["acc"]) for r in results if r["contrastive_factor"] == row["contrastive_factor"]
                     and r["split"] == "test" and r["dataset"] == dataset]  # fmt: skip
@@ -234,8 +242,8 @@ def test_format_align_table_compares_center_with_the_aligned_copy(world) -> None
             np.mean([float(r["acc"]) for r in mine if r["variant"] == variant])
             for variant in ("center", "format-align-q95")
         )
-        assert row["acc_center"] == f"{100 * center:.1f}" and row["acc_aligned"] == f"{100 * aligned:.1f}"
-        assert float(row["acc_change"]) == pytest.approx(100 * (aligned - center), abs=0.051)
+        assert row["acc_center_pct"] == pct(center) and row["acc_aligned_pct"] == pct(aligned)
+        assert float(row["acc_change_pts"]) == pytest.approx(100 * (aligned - center), abs=0.051)
 
 
 def test_robustness_table_leaves_format_align_to_its_own_table(world) -> None:
@@ -257,9 +265,12 @@ def test_error_analysis_counts_errors_by_label_size_and_format(world) -> None:
                 wrong = (scores > 0.5) != (labels == 1)
                 images = [Image.open(data / path) for path in paths]
                 sides = np.array([min(image.size) for image in images])
+                formats = [image.format for image in images]
+                if split == "test_aligned":  # the format the detector saw: every image re-encoded as one JPEG
+                    formats = [f"JPEG q95 (was {original})" for original in formats]
                 buckets = {
                     "label": np.where(labels == 1, "fake", "real"),
-                    "format": np.array([image.format for image in images]),
+                    "format": np.array(formats),
                     "size": np.select([sides < CROP, sides < 2 * CROP, sides < 4 * CROP],
                                       [f"< {CROP} (padded)", f"{CROP}-{2 * CROP - 1}", f"{2 * CROP}-{4 * CROP - 1}"],
                                       f">= {4 * CROP}"),
@@ -271,8 +282,8 @@ def test_error_analysis_counts_errors_by_label_size_and_format(world) -> None:
                     assert got == expected, (run, split, dataset, facet)
                     for r in (r for r in mine if r["facet"] == facet):
                         if wrong.sum():
-                            assert float(r["share_of_errors"]) == pytest.approx(int(r["n_errors"]) / wrong.sum())
-                        assert float(r["share_of_images"]) == pytest.approx(int(r["n"]) / len(labels))
+                            assert r["share_of_errors_pct"] == pct(int(r["n_errors"]) / wrong.sum())
+                        assert r["share_of_images_pct"] == pct(int(r["n"]) / len(labels))
 
 
 def test_error_analysis_says_unknown_without_audit_or_data(world, tmp_path: Path) -> None:
@@ -283,8 +294,13 @@ def test_error_analysis_says_unknown_without_audit_or_data(world, tmp_path: Path
     summary = run_report(ReportConfig(grid_dirs=(moved,), out=tmp_path / "out", plots=False,
                                       bootstrap=BootstrapConfig(0), progress=False))  # fmt: skip
     rows = read_rows(summary.out / "errors.csv")
-    assert {r["bucket"] for r in rows if r["facet"] in ("size", "format")} == {"unknown"}
-    assert {row["acc_ci_low"] for row in read_rows(summary.out / "metrics.csv")} == {""}  # --bootstrap 0: none
+    assert {r["bucket"] for r in rows if r["facet"] == "size"} == {"unknown"}
+    # the detector saw the format-aligned JPEG whatever the file was
+    assert {(r["split"], r["bucket"]) for r in rows if r["facet"] == "format"} == {
+        ("test", "unknown"),
+        ("test_aligned", "JPEG q95 (was unknown)"),
+    }
+    assert {row["acc_ci_low_pct"] for row in read_rows(summary.out / "metrics.csv")} == {""}  # --bootstrap 0: none
     page = (summary.out / "index.html").read_text()
     assert "config.yaml is missing" in page and "no thumbnail" in page
 
@@ -299,8 +315,8 @@ def test_a_missing_score_file_is_named_not_silently_skipped(world, tmp_path: Pat
     reasons = {item.name: item.reason for item in summary.skipped}
     assert "test_aligned" in reasons[f"intervals of run {run}"]
     rows = read_rows(summary.out / "metrics.csv")
-    assert {r["acc_ci_low"] == "" for r in rows if r["run"] == run and r["split"] == "test_aligned"} == {True}
-    assert all(r["acc_ci_low"] for r in rows if r["run"] == run and r["split"] == "test")
+    assert {r["acc_ci_low_pct"] == "" for r in rows if r["run"] == run and r["split"] == "test_aligned"} == {True}
+    assert all(r["acc_ci_low_pct"] for r in rows if r["run"] == run and r["split"] == "test")
     assert f"no scores_test_aligned.csv in {copied / 'runs' / run}" in (summary.out / "index.html").read_text()
 
 
@@ -351,6 +367,7 @@ def test_the_page_holds_every_table_figure_audit_and_the_galleries(world) -> Non
     assert {"seeds.csv", "format_align.csv", "errors.csv", "metrics.csv"} <= set(csvs)
     assert sorted(parser.tables) == csvs
     assert sorted(parser.figures) == pngs and any(name.endswith("_scores.png") for name in pngs)
+    assert "ranked.png" in pngs  # every config by val ACC against its test mean
     assert parser.audits == ["audit_test.json", "audit_test_format-align-q95.json"]
     assert parser.thumbnails and parser.external == []
     assert parser.flagged_cells > 0
@@ -359,12 +376,102 @@ def test_the_page_holds_every_table_figure_audit_and_the_galleries(world) -> Non
     assert "Worst false positives" in text and "over 2 seeds" in text
 
 
+# ----------------------------------------------------------------------------- the answer first
+
+
+def selected_full_run(world) -> dict[str, str]:
+    """The run the summary card shows first: the first row of selection.csv (every run of this grid is a full model)."""
+    return read_rows(world["grid"] / "selection.csv")[0]
+
+
+def card_expectations(world, run: str) -> tuple[str, str]:
+    """(mean test ACC in percent, '[low, high]') of ``run``: its center test sets from results.csv, its interval from grid.csv."""
+    rows = [r for r in read_rows(world["grid"] / "results.csv") if r["run"] == run and r["split"] == "test"]
+    grid = next(r for r in read_rows(world["reports"] / "grid.csv") if r["run"] == run)
+    interval = f"[{grid['mean_acc_ci_low_pct']}, {grid['mean_acc_ci_high_pct']}]"
+    return pct(np.mean([float(r["acc"]) for r in rows])), interval
+
+
+def test_the_summary_answers_first_in_summary_md_and_the_last_lines(world) -> None:
+    run = selected_full_run(world)
+    mean_acc, interval = card_expectations(world, run["run"])
+    rules = [r["selection"] for r in read_rows(world["grid"] / "selection.csv") if r["run"] == run["run"]]
+    markdown = (world["reports"] / "summary.md").read_text(encoding="utf-8")
+    lines = world["summary"].report().splitlines()
+    result = lines[lines.index("== result ==") :]
+    for text in (markdown, "\n".join(result)):
+        assert run["run"] in text and f"ACC {mean_acc} % {interval}" in text
+        assert "no comparison with the authors' numbers" in text  # a backbone without published numbers
+        assert "audit flag gan (test): format alone predicts the label (AUC 1.000)" in text
+        assert ("both rules pick this run: shown once" in text) == (len(rules) == 2)
+    gan = [r for r in read_rows(world["grid"] / "results.csv") if r["run"] == run["run"] and r["dataset"] == "gan"]
+    before, after = (pct(float(r["acc"])) for r in sorted(gan, key=lambda r: r["split"]) if r["split"] != "val")
+    assert f"detector ACC {before} % as the files are, {after} % format-align-q95" in markdown
+    assert "pipeline report --out" in markdown and "rine-pipeline" in markdown
+    assert lines[-1].startswith("details: ") and "summary.md" in lines[-1]
+
+
+FLOAT = re.compile(r"(?<![\w.+-])-?\d+\.\d+(?:e[-+]?\d+)?(?![\w.])")
+ONE_DECIMAL = re.compile(r"^(-?\d+(\.\d)?|nan)?$")
+
+
+def too_precise(text: str) -> list[str]:
+    """Numbers written with more than 4 significant digits (the report's widest stated format)."""
+    return [t for t in FLOAT.findall(text) if len(t.lstrip("-").split("e")[0].replace(".", "").lstrip("0")) > 4]
+
+
+class VisibleText(html.parser.HTMLParser):
+    """What a reader sees of a page: text outside scripts and styles, and hover titles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.hidden += tag in ("script", "style")
+        self.parts += [value or "" for name, value in attrs if name == "title"]
+
+    def handle_endtag(self, tag: str) -> None:
+        self.hidden -= tag in ("script", "style")
+
+    def handle_data(self, data: str) -> None:
+        if not self.hidden:
+            self.parts.append(data)
+
+
+def test_no_csv_or_page_number_has_more_than_the_stated_digits(world) -> None:
+    reports = world["reports"]
+    csvs = sorted(reports.glob("*.csv"))
+    assert {"acc.csv", "grid.csv", "metrics.csv", "errors.csv", "seeds.csv", "tie.csv", "audit_test.csv"} <= {
+        path.name for path in csvs
+    }
+    percent_columns = 0
+    for path in csvs:
+        for row in read_rows(path):
+            for column, text in row.items():
+                if column.endswith(("_pct", "_pts")) or (path.name == "acc.csv" and column in ("gan", "clean", "avg")):
+                    percent_columns += 1
+                    assert ONE_DECIMAL.match(text), (path.name, column, text)  # percent: one decimal
+                else:
+                    assert too_precise(text) == [], (path.name, column, text)  # others: 4 significant digits
+    assert percent_columns > 100
+    parser = VisibleText()
+    parser.feed((reports / "index.html").read_text(encoding="utf-8"))
+    assert too_precise(" ".join(parser.parts)) == []
+    assert too_precise((reports / "summary.md").read_text(encoding="utf-8")) == []
+    assert too_precise(world["summary"].report()) == []
+
+
 def test_cli_report_without_arguments_reports_every_grid_under_runs(world, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(world["root"])
     result = CliRunner().invoke(main, ["report", "--out", str(tmp_path / "r"), "--no-plots", "--bootstrap", "0",
                                        "--no-progress"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(tmp_path / "r")
+    result_lines = result.stderr.splitlines()
+    assert "== result ==" in result_lines and "test mean over 2 sets ACC" in result.stderr  # the result comes last
+    assert result_lines[-1].startswith("details: ")
     assert {row["grid_dir"] for row in read_rows(tmp_path / "r" / "metrics.csv")} == {"runs/world"}
     defaults = {param.name: param.default for param in main.commands["report"].params}
     assert (defaults["resamples"], defaults["gallery_size"]) == (DEFAULT_RESAMPLES, DEFAULT_GALLERY_SIZE)
@@ -377,11 +484,17 @@ def test_cli_report_without_arguments_reports_every_grid_under_runs(world, tmp_p
 
 # ----------------------------------------------------------------------------- in a real browser
 
-HARNESS = """<!DOCTYPE html><html><body>
-<iframe id="report" src="index.html" style="width:1280px;height:900px"></iframe><pre id="result">pending</pre>
+SCREEN = (1400, 900)  # the first screen a researcher sees
+HARNESS = """<!DOCTYPE html><html><body style="margin:0">
+<iframe id="report" src="index.html" style="width:1400px;height:900px;border:0"></iframe><pre id="result">pending</pre>
 <script>
 document.getElementById("report").addEventListener("load", function () {
   var doc = this.contentDocument, out = {};
+  function box(element) {
+    if (!element) return null;
+    var r = element.getBoundingClientRect();
+    return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, text: element.textContent.trim()};
+  }
   try {
     out.ready = doc.documentElement.getAttribute("data-ready");
     out.errors = Array.from(doc.querySelectorAll("#page-errors li")).map(function (li) { return li.textContent; });
@@ -391,9 +504,17 @@ document.getElementById("report").addEventListener("load", function () {
       .map(function (img) { return img.getAttribute("data-figure"); });
     out.thumbnails = Array.from(doc.querySelectorAll("figure.thumb img"))
       .filter(function (img) { return img.complete && img.naturalWidth > 0; }).length;
+    var card = doc.querySelector("#summary .selected");
+    out.card = {run: card.getAttribute("data-run"), config: box(card.querySelector(".config")),
+                tiles: Array.from(card.querySelectorAll(".tile.main")).map(function (tile) {
+                  return {box: box(tile), value: tile.querySelector(".value").textContent, ci: tile.querySelector(".ci").textContent};
+                })};
+    var first = doc.querySelector("table[data-csv]");
+    out.first_table = first.getAttribute("data-csv");
+    out.first_header = Array.from(first.tHead.rows[0].cells).map(function (h) { return [h.textContent, h.getBoundingClientRect().left]; });
     var table = doc.querySelector('table[data-csv="grid.csv"]');
     var headers = Array.from(table.tHead.rows[0].cells);
-    var index = headers.findIndex(function (h) { return h.textContent === "mean_acc"; });
+    var index = headers.findIndex(function (h) { return h.textContent === "mean_acc_pct"; });
     var column = function () { return Array.from(table.tBodies[0].rows).map(function (r) { return Number(r.cells[index].textContent); }); };
     headers[index].click(); out.ascending = column();
     headers[index].click(); out.descending = column();
@@ -441,10 +562,30 @@ def test_the_page_renders_in_headless_chromium(world, tmp_path: Path) -> None:
     assert result["thumbnails"] > 0
     assert result["ascending"] == sorted(result["ascending"]) and result["descending"] == result["ascending"][::-1]
 
+    # The first screen (1,400 x 900) answers: the selected config in words and its test mean with its interval.
+    width, height = SCREEN
+    card, run = result["card"], selected_full_run(world)
+    assert card["run"] == run["run"]
+    assert f"xi={float(run['contrastive_factor']):g}" in card["config"]["text"]
+    acc, ap = card["tiles"]
+    mean_acc, interval = card_expectations(world, run["run"])
+    assert (acc["value"], acc["ci"]) == (f"{mean_acc} %", interval)
+    for element in (card["config"], acc["box"], ap["box"]):
+        assert 0 <= element["top"] and element["bottom"] <= height and element["right"] <= width, element
+    # ... and the first results table starts with its metric columns, none beyond the first screen's width.
+    assert result["first_table"] == "acc.csv"
+    metric_columns = [
+        (name, left) for name, left in result["first_header"] if name.lstrip("\u2691 ") not in IDENTIFYING
+    ]
+    assert [name for name, _ in metric_columns] == ["clean", "gan", "avg"]
+    assert all(left < width for _, left in metric_columns), metric_columns
+
     artefacts = Path(os.environ.get("RINE_TEST_ARTEFACTS", tmp_path))
     artefacts.mkdir(parents=True, exist_ok=True)
-    screenshot = artefacts / "report_page.png"
-    shot = browse(browser, page, tmp_path / "profile-c", f"--screenshot={screenshot}", "--window-size=1280,2000")
-    assert shot.returncode == 0, shot.stderr[-2000:]
-    pixels = np.asarray(Image.open(screenshot).convert("L"))
-    assert pixels.shape == (2000, 1280) and pixels.std() > 10  # a drawn page, not a blank one
+    for name, size in (("report_page.png", SCREEN), ("report_page_long.png", (width, 3000))):
+        screenshot = artefacts / name
+        shot = browse(browser, page, tmp_path / f"profile-{name}", f"--screenshot={screenshot}",
+                      f"--window-size={size[0]},{size[1]}", "--hide-scrollbars")  # fmt: skip
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        pixels = np.asarray(Image.open(screenshot).convert("L"))
+        assert pixels.shape == (size[1], size[0]) and pixels.std() > 10  # a drawn page, not a blank one

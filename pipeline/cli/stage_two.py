@@ -162,14 +162,17 @@ def _cluster_spec(scheduler: str | None, devices: str | None, jobs: int):
 def report_command(
     grid_dirs, runs_dir, out, no_plots, no_html, resamples, bootstrap_seed, bootstrap_all, gallery_size, no_progress
 ) -> None:
-    """Write the paper's tables (CSV), plots (PNG) and one self-contained page (index.html) from grid folders.
+    """Write the paper's tables (CSV), plots (PNG), summary.md and one self-contained page (index.html) from grid folders.
 
     GRID_DIRS are grid output folders of `pipeline fit`; without them, every
     grid folder under --runs-dir. Tables whose inputs are absent (no ablation
     runs, no perturbed test variants, ...) are skipped with the reason; plots
-    never stop a table. The page also shows the audits (`pipeline audit`)
-    found in --out and, per selected run, ACC/AP with bootstrap intervals,
-    the error analysis, score histograms, the TIE curve and its worst errors.
+    never stop a table. The page opens with the result (the selected config,
+    its test mean with intervals, ablations, the authors' numbers, audit
+    flags; also summary.md and the last lines printed) and also shows the
+    audits (`pipeline audit`) found in --out and, per selected run, ACC/AP
+    with bootstrap intervals, the error analysis, score histograms, the TIE
+    curve and its worst errors.
     """
     from ..report import ReportConfig, run_report
     from ..results.bootstrap import BootstrapConfig
@@ -186,5 +189,5 @@ def report_command(
         progress=not no_progress,
     )
     summary = run_report(config)
-    click.echo(summary.report(), err=True)
     click.echo(str(summary.out))
+    click.echo(summary.report(), err=True)  # the result (the summary card's lines) last

@@ -356,10 +356,10 @@ class Detector:
             lines.append(f"threshold {self.threshold:g} (fixed){note}")
         else:
             point = self.spec.calibration.thresholds[self.threshold_name]
-            lines.append(
-                f"threshold {self.threshold!r} ({self.threshold_name}, chosen on val split "
-                f"{self.spec.calibration.val_split}: acc {point.acc:.4f}, real acc {point.real_acc:.4f}, "
-                f"fake acc {point.fake_acc:.4f})"
+            lines.append(  # the report's number formats: a threshold with 4 significant digits, rates in percent
+                f"threshold {self.threshold:.4g} ({self.threshold_name}, chosen on val split "
+                f"{self.spec.calibration.val_split}: acc {100 * point.acc:.1f} %, real acc {100 * point.real_acc:.1f} %, "
+                f"fake acc {100 * point.fake_acc:.1f} %; the output's threshold column keeps the full precision)"
             )
         return "\n".join(lines)
 

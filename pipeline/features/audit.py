@@ -463,10 +463,13 @@ def image_records(result: AuditResult, manifest: Manifest) -> list[dict[str, obj
 
 
 def _csv_cell(value: object) -> object:
+    """CSV text: reals with 4 significant digits (from 1000 on, whole numbers); the JSON keeps full precision."""
     if value is None:
         return ""
     if isinstance(value, dict):
         return ";".join(f"{key}={count}" for key, count in value.items())
+    if isinstance(value, float):
+        return str(round(value)) if abs(value) >= 1000 else f"{value:.4g}"
     return value
 
 

@@ -93,7 +93,7 @@ class Backbone:
         self.dtype = resolve_dtype(config.dtype, self.device)
         # A full CLIPModel checkpoint works too: the vision config and the
         # vision_model.* weights are taken from it, the text tower is ignored.
-        with _quiet_transformers():
+        with _quiet_transformers(local=Path(config.model).is_dir()):
             self.model, loading = CLIPVisionModel.from_pretrained(
                 config.model,
                 revision=config.revision,
@@ -161,14 +161,20 @@ class Backbone:
 
 
 @contextmanager
-def _quiet_transformers():
-    """Hide the load report listing the text-tower weights of a full CLIPModel."""
+def _quiet_transformers(local: bool = False):
+    """Hide the load report listing the text-tower weights of a full CLIPModel and, for a local folder (nothing to
+    download), transformers' per-command "Loading weights" bar; a hub download keeps its progress bars."""
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    if local and bars:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if local and bars:
+            hf_logging.enable_progress_bar()
 
 
 def _cls_hook(captured: dict[int, torch.Tensor], block: int):

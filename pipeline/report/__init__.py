@@ -8,6 +8,8 @@ writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``), then 
 
 from __future__ import annotations
 
+import shlex
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +19,13 @@ from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
 from .gallery import DEFAULT_GALLERY_SIZE
 from .inputs import GridResults, ReportError, find_grid_dirs, read_grid_dir
+from .summary import SUMMARY_NAME, ReportSummaryCard, build_summary, precision_line, write_summary
 from .table import SkippedOutput, Table, write_table
 from .tables import build_tables
 
-__all__ = ["ReportConfig", "ReportError", "ReportSummary", "SkippedOutput", "run_report"]
+__all__ = ["ReportConfig", "ReportError", "ReportSummary", "ReportSummaryCard", "SkippedOutput", "run_report"]
+
+KIND_WORDS = {".csv": "tables (CSV)", ".png": "figures (PNG)", ".md": "summary (Markdown)", ".html": "page (HTML)"}
 
 
 @dataclass(frozen=True)
@@ -35,18 +40,31 @@ class ReportConfig:
     gallery_size: int = DEFAULT_GALLERY_SIZE
     progress: bool = True
 
+    def command_line(self) -> str:
+        """The command that makes this report (shown in its summary)."""
+        folders = " ".join(shlex.quote(str(path)) for path in self.grid_dirs) or f"--runs-dir {self.runs_dir}"
+        options = f" --bootstrap {self.bootstrap.resamples} --bootstrap-seed {self.bootstrap.seed}"
+        options += " --bootstrap-all" * self.bootstrap_all + " --no-plots" * (not self.plots)
+        return f"pipeline report --out {shlex.quote(str(self.out))} {folders}{options}"
+
 
 @dataclass(frozen=True)
 class ReportSummary:
     out: Path
     written: tuple[Path, ...]
     skipped: tuple[SkippedOutput, ...]
+    card: ReportSummaryCard | None = None
 
     def report(self) -> str:
-        """Human-readable lines: where the files went and what was skipped, and why."""
-        lines = [f"wrote {len(self.written)} file(s) to {self.out}"]
-        lines += [f"  {path.name}" for path in self.written]
+        """Human-readable lines: what was written and skipped (and why), then the result (the summary card)."""
+        kinds = Counter(path.suffix for path in self.written)
+        counts = ", ".join(f"{n} {KIND_WORDS.get(suffix, suffix)}" for suffix, n in kinds.items())
+        lines = [f"wrote {len(self.written)} file(s) to {self.out}: {counts}"]
         lines += [f"skipped {item.name}: {item.reason}" for item in self.skipped]
+        if self.card is not None:
+            lines += ["", *self.card.lines()]
+            page = self.out / "index.html"
+            lines.append(f"details: {self.out / SUMMARY_NAME}" + (f", {page}" if page in self.written else ""))
         return "\n".join(lines)
 
 
@@ -58,7 +76,7 @@ def write_figures(
     Returns (the report's figures, each selected run's own figures, what was skipped).
     """
     try:
-        from . import figures, run_figures
+        from . import figures, ranking, run_figures
     except ImportError as error:
         return [], {}, [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
     except Exception as error:  # noqa: BLE001 - a broken matplotlib must not take the tables down
@@ -67,7 +85,8 @@ def write_figures(
     written: list[Path] = []
     per_run: dict[RunKey, list[Path]] = {}
     skipped: list[SkippedOutput] = []
-    preparers = [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
+    preparers = [(ranking.RANKED_NAME, lambda: [ranking.ranked_job(grids, analysis, out)], None)]
+    preparers += [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
     preparers += [
         (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
     ]
@@ -126,10 +145,12 @@ def run_report(config: ReportConfig) -> ReportSummary:
         figures, run_figures, figure_skipped = write_figures(grids, analysis, out)
         written += figures
         skipped += figure_skipped
+    card = build_summary(grids, analysis, audits, config.command_line(), precision_line(grids))
+    written.append(write_summary(out, card))
     if config.html:
         from .html import write_html
 
         shown = set(path for paths in run_figures.values() for path in paths)
         report_figures = [path for path in figures if path not in shown]
-        written.append(write_html(out, grids, tables, report_figures, run_figures, skipped, audits, analysis))
-    return ReportSummary(out=out, written=tuple(written), skipped=tuple(skipped))
+        written.append(write_html(out, grids, tables, report_figures, run_figures, skipped, audits, analysis, card))
+    return ReportSummary(out=out, written=tuple(written), skipped=tuple(skipped), card=card)

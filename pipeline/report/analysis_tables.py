@@ -15,7 +15,6 @@ from .table import (
     METRICS,
     SkippedOutput,
     Table,
-    format_float,
     format_hyper,
     format_n_classes,
     format_percent,
@@ -43,10 +42,10 @@ def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         "runs",
         "variant",
         "dataset",
-        "acc_mean",
-        "acc_std",
-        "ap_mean",
-        "ap_std",
+        "acc_mean_pct",
+        "acc_std_pct",
+        "ap_mean_pct",
+        "ap_std_pct",
     )
     rows = []
     for grid in grids:
@@ -77,8 +76,8 @@ def build_seeds_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
 
 
 def spread(per_metric: Sequence[Sequence[float]]) -> tuple[str, ...]:
-    """(mean, std) per metric, full precision."""
-    return tuple(format_float(statistic(values)) for values in per_metric for statistic in (nan_mean, nan_std))
+    """(mean, std) per metric, in percent with one decimal."""
+    return tuple(format_percent(statistic(values)) for values in per_metric for statistic in (nan_mean, nan_std))
 
 
 def is_format_aligned(variant: str) -> bool:
@@ -99,12 +98,12 @@ def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOut
         "seeds",
         "variant",
         "dataset",
-        "acc_center",
-        "acc_aligned",
-        "acc_change",
-        "ap_center",
-        "ap_aligned",
-        "ap_change",
+        "acc_center_pct",
+        "acc_aligned_pct",
+        "acc_change_pts",
+        "ap_center_pct",
+        "ap_aligned_pct",
+        "ap_change_pts",
     )
     rows = []
     for selections in selected_runs(grids).values():
@@ -143,35 +142,35 @@ def build_format_align_table(grids: Sequence[GridResults]) -> Table | SkippedOut
 def build_errors_table(analysis: ReportAnalysis | None) -> Table | SkippedOutput:
     """errors.csv: the error analysis of every selected run's test splits."""
     header = (
-        "grid_dir",
-        "run",
-        "selection",
-        "split",
-        "variant",
+        "error_rate_pct",
+        "share_of_errors_pct",
+        "share_of_images_pct",
         "dataset",
         "facet",
         "bucket",
         "n",
         "n_errors",
-        "error_rate",
-        "share_of_errors",
-        "share_of_images",
+        "split",
+        "variant",
+        "run",
+        "selection",
+        "grid_dir",
     )
     rows = [
         (
-            str(section.run.grid_dir),
-            section.run.run,
-            LIST_SEPARATOR.join(section.rules),
-            count.split,
-            count.variant,
+            format_percent(count.error_rate),
+            format_percent(count.share_of_errors),
+            format_percent(count.share_of_images),
             count.dataset,
             count.facet,
             count.bucket,
             str(count.n),
             str(count.n_errors),
-            format_float(count.error_rate),
-            format_float(count.share_of_errors),
-            format_float(count.share_of_images),
+            count.split,
+            count.variant,
+            section.run.run,
+            LIST_SEPARATOR.join(section.rules),
+            str(section.run.grid_dir),
         )
         for section in (analysis.sections if analysis else ())
         for count in section.errors

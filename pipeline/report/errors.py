@@ -3,7 +3,9 @@
 An error is a real scored > 0.5 or a fake scored <= 0.5. Per dataset, rows are counted in buckets of three
 facets (label; the shorter side against the crop; the file format), each with its images, errors, error rate,
 share of the errors and share of the images. Sizes and formats come from the audit's per-image records when
-present, else from the image headers; ``unknown`` when neither is reachable.
+present, else from the image headers; ``unknown`` when neither is reachable. A format-aligned variant's format
+bucket names what the detector saw and what the file was (``JPEG q95 (was PNG)``); other perturbed variants keep
+the original file format, which the page labels as such.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 from ..features import read_headers
 from ..names import DEFAULT_THRESHOLD
+from ..variants import VariantKind, VariantSpec
 from .audits import UNKNOWN, UNKNOWN_FACTS, ImageFacts
 from .scores import ScoredSplit
 
@@ -63,6 +66,17 @@ def size_bucket(facts: ImageFacts, crop: int) -> tuple[int, str]:
     return 3, f">= {4 * crop}"
 
 
+def format_buckets(variant: str, originals: Sequence[str]) -> list[str]:
+    """The format bucket of each image as the detector saw it: re-encoded for a format-aligned variant."""
+    try:
+        spec = VariantSpec.from_name(variant)
+    except ValueError:
+        return list(originals)
+    if spec.kind is not VariantKind.FORMAT_ALIGN:
+        return list(originals)
+    return [f"JPEG q{spec.quality} (was {original})" for original in originals]
+
+
 def analyse_errors(scored: ScoredSplit, facts: Sequence[ImageFacts], crop: int | None) -> list[BucketCount]:
     """Bucket counts of every dataset of a scored split; ``facts`` is row-aligned with it."""
     if len(facts) != len(scored.labels):
@@ -73,7 +87,7 @@ def analyse_errors(scored: ScoredSplit, facts: Sequence[ImageFacts], crop: int |
     facets = {
         "label": np.where(scored.labels == 1, "fake", "real"),
         "size": np.asarray([label for _, label in sizes], dtype=object),
-        "format": np.asarray([fact.format for fact in facts], dtype=object),
+        "format": np.asarray(format_buckets(scored.variant, [fact.format for fact in facts]), dtype=object),
     }
     counts = []
     for dataset in scored.dataset_names():

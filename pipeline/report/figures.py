@@ -11,7 +11,6 @@ import functools
 import hashlib
 import math
 import re
-import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.patheffects import withStroke
 from matplotlib.ticker import MaxNLocator
 
 from ..files import atomic_path
@@ -30,18 +30,37 @@ from .studies import block_importance, tie_runs
 from .table import SkippedOutput, format_hyper, order_datasets, scores_from_reference
 
 DPI = 100
-ACC_COLOR = "tab:olive"
-AP_COLOR = "goldenrod"
+# Okabe & Ito's colour-blind-safe palette, ordered so that neighbours also differ in lightness (greyscale).
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")
+ACC_COLOR, AP_COLOR = PALETTE[0], PALETTE[1]  # dark blue, light orange
+CHANCE = 50.0  # percent: ACC of a coin flip on a balanced set
+# black with a white edge: readable on the dark ACC box and on the light AP box alike
+MEDIAN = {"color": "black", "linewidth": 1.5, "path_effects": [withStroke(linewidth=3.5, foreground="white")]}
+
+
+def chance_line(axis, horizontal: bool = True) -> None:
+    """The dashed chance line (50 %) on an accuracy axis."""
+    line = axis.axhline if horizontal else axis.axvline
+    line(CHANCE, color="black", linestyle="--", linewidth=1, label="chance (50 %)", zorder=3)
+
+
+def uniform_line(axis, n_blocks: int) -> None:
+    """The dotted uniform TIE weight (1 / blocks) for reference."""
+    axis.axhline(1 / n_blocks, color="grey", linestyle=":", linewidth=1.2, label=f"uniform (1/{n_blocks})")
+
+
+def block_ticks(axis, blocks: Sequence[int]) -> None:
+    """Integer block ticks (every block up to 32 blocks)."""
+    if len(blocks) <= 32:
+        axis.set_xticks(list(blocks))
+    else:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def new_figure(width: float, height: float) -> Figure:
     figure = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure
-
-
-def wrap_title(title: str, width: int = 80) -> str:
-    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 def save_png(figure: Figure, path: Path) -> Path:
@@ -61,17 +80,17 @@ def plot_per_dataset(
     for axis, metric, index in ((axes[0], "ACC", 0), (axes[1], "AP", 1)):
         for k, (label, values) in enumerate(series.items()):
             heights = np.asarray(values[index], dtype=float)
-            present = heights[np.isfinite(heights)]
-            average = f"avg {present.mean():.1f} over {present.size} sets" if present.size else "no values"
-            axis.bar(positions + (k - (len(series) - 1) / 2) * width, heights, width, label=f"{label} ({average})")
+            offset = (k - (len(series) - 1) / 2) * width
+            axis.bar(positions + offset, heights, width, label=label, color=PALETTE[k % len(PALETTE)])
         axis.set_ylabel(f"{metric} (%)")
-        axis.set_ylim(0, 122)  # room for the legend above the 100 % line
+        axis.set_ylim(0, 100)
         axis.set_yticks(range(0, 101, 20))
         axis.grid(axis="y", alpha=0.4)
-        axis.legend(loc="upper center", ncol=len(series), fontsize="small")
+    chance_line(axes[0])
     axes[1].set_xticks(positions, datasets, rotation=40, ha="right")
     axes[1].set_xlabel("test set")
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -86,7 +105,9 @@ def plot_hyperparam_boxes(
         positions = np.arange(len(per_value))
         for offset, index, color in ((-width / 2, 0, ACC_COLOR), (width / 2, 1, AP_COLOR)):
             data = [list(values[index]) for values in per_value.values()]
-            boxes = axis.boxplot(data, positions=positions + offset, widths=width * 0.9, patch_artist=True)
+            boxes = axis.boxplot(
+                data, positions=positions + offset, widths=width * 0.9, patch_artist=True, medianprops=MEDIAN
+            )
             for box in boxes["boxes"]:
                 box.set_facecolor(color)
         axis.set_xticks(positions, list(per_value))
@@ -94,8 +115,8 @@ def plot_hyperparam_boxes(
         axis.grid(axis="y", alpha=0.4)
     axes[0].set_ylabel("mean over test sets (%)")
     legend = [Patch(facecolor=ACC_COLOR, label="ACC"), Patch(facecolor=AP_COLOR, label="AP")]
-    axes[0].legend(handles=legend, loc="lower left")
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.legend(handles=legend, loc="outside lower center", ncols=2, fontsize="small")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -116,8 +137,8 @@ def plot_study(
         axis.set_ylabel("mean over test sets (%)")
         axis.set_title(label, fontsize="medium")
         axis.grid(alpha=0.4)
-        axis.legend(fontsize="small")
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize="small")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -125,14 +146,21 @@ def plot_tie(path: Path, title: str, series: Mapping[str, tuple[Sequence[int], S
     """One line per setting: the TIE weight of each block (label -> (block indices, weights)); legend below."""
     figure = new_figure(8.0, 4.5 + 0.25 * len(series))
     axis = figure.subplots()
-    for label, (blocks, weights) in series.items():
-        axis.plot(blocks, weights, marker="o", markersize=3, label=label)
+    markers = "osD^v<>p"
+    top = 0.0
+    for k, (label, (blocks, weights)) in enumerate(series.items()):
+        color = PALETTE[k % len(PALETTE)]
+        axis.plot(blocks, weights, marker=markers[k % len(markers)], markersize=4, label=label, color=color)
+        top = max(top, max(weights))
+    first = next(iter(series.values()))[0]
+    uniform_line(axis, len(first))
+    block_ticks(axis, first)
+    axis.set_ylim(0, max(top, 1 / len(first)) * 1.1)
     axis.set_xlabel("block")
-    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_ylabel("softmax(alpha), mean over projection dims")
+    axis.set_ylabel("TIE weight (softmax(alpha))")
     axis.grid(alpha=0.4)
     figure.legend(loc="outside lower center", fontsize="small", ncols=1)
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -140,15 +168,15 @@ def plot_embedding(path: Path, title: str, points: np.ndarray, groups: Mapping[s
     """A 2-D scatter of ``points``, one marker style per group (label -> boolean mask)."""
     figure = new_figure(6.5, 5.0)
     axis = figure.subplots()
-    styles = (("tab:blue", "d"), ("tab:red", "o"), ("tab:brown", "^"), ("tab:green", "s"))
+    styles = ((PALETTE[0], "d"), (PALETTE[5], "o"), (PALETTE[2], "^"), (PALETTE[3], "s"))
     for (label, mask), (color, marker) in zip(groups.items(), styles):
         axis.scatter(
             points[mask, 0], points[mask, 1], s=12, facecolors="none", edgecolors=color, marker=marker, label=label
         )
     axis.set_xticks([])
     axis.set_yticks([])
-    axis.legend(fontsize="small")
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.legend(loc="outside lower center", ncols=len(groups), fontsize="small")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -172,6 +200,7 @@ def plot_reliability(path: Path, title: str, curves: Mapping[str, tuple[np.ndarr
             fake_fraction[filled],
             marker="o",
             markersize=0,
+            color=PALETTE[k % len(PALETTE)],
             label=f"{label} (ECE {ece:.3f}, Brier {brier:.3f}, n {len(scores)})",
         )
         top.scatter(
@@ -185,10 +214,10 @@ def plot_reliability(path: Path, title: str, curves: Mapping[str, tuple[np.ndarr
     top.set_xlim(0, 1)
     top.set_ylim(-0.02, 1.02)
     top.grid(alpha=0.4)
-    top.legend(fontsize="small", loc="upper left")
+    figure.legend(*top.get_legend_handles_labels(), loc="outside lower center", ncols=2, fontsize="small")
     bottom.set_xlabel(f"score (probability of fake), {ECE_BINS} bins")
     bottom.set_ylabel("share of images")
-    figure.suptitle(wrap_title(title), fontsize="medium")
+    figure.suptitle(title, fontsize="medium")
     return save_png(figure, path)
 
 
@@ -223,8 +252,9 @@ def percent_lists(scores: Mapping[str, Scores], datasets: Sequence[str]) -> tupl
 
 
 def run_title(run: RunResult, what: str) -> str:
-    classes = f"{run.n_classes}-class" if run.n_classes is not None else f"train={run.setting.train}"
-    return f"{what}: {run.backbone} ({run.setting.tap}), {classes}, run {run.run} (best by mean test ACC+AP)\n{run.setting.label()}"
+    """A short title (the setting is in the caption and the page's run section)."""
+    classes = f", {run.n_classes}-class" if run.n_classes is not None else ""
+    return f"{what}: {run.backbone}{classes}, run {run.run}"
 
 
 def per_dataset_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob]:
@@ -233,15 +263,22 @@ def per_dataset_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob]:
     tokens = common_tokens(runs)
     jobs = []
     for run in runs:
-        series = {f"ours, xi/q/d' = {run.head_config.label()}": run.center}
+        series = {f"ours (xi/q/d' {run.head_config.label()})": run.center}
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         if published is not None:
             pairs = ref.reference_scores(run.backbone, run.n_classes, published)
-            series[f"authors (published), xi/q/d' = {'/'.join(format_hyper(published))}"] = scores_from_reference(pairs)
+            series[f"authors, published (xi/q/d' {'/'.join(format_hyper(published))})"] = scores_from_reference(pairs)
         datasets = order_datasets(d for scores in series.values() for d in scores)
         name = run_plot_name("per_dataset", run, tokens)
         bars = {label: percent_lists(scores, datasets) for label, scores in series.items()}
-        jobs.append((name, functools.partial(plot_per_dataset, out / name, run_title(run, "ACC / AP"), datasets, bars)))
+        jobs.append(
+            (
+                name,
+                functools.partial(
+                    plot_per_dataset, out / name, run_title(run, "ACC / AP per test set"), datasets, bars
+                ),
+            )
+        )
     return jobs
 
 
@@ -276,7 +313,7 @@ def hyperparam_job(grids: Sequence[GridResults], out: Path) -> PlotJob | Skipped
             value: mean_percents([run for run in runs if values[run.run] == value])
             for value in numeric_order(values.values())
         }
-    title = f"Mean test ACC / AP per hyper-parameter value ({len(runs)} runs, all settings pooled)"
+    title = f"Mean test ACC / AP per hyper-parameter value ({len(runs)} runs)"
     return (name, functools.partial(plot_hyperparam_boxes, out / name, title, panels))
 
 
@@ -303,7 +340,7 @@ def study_job(grids: Sequence[GridResults], out: Path, column: str, name: str) -
         }
     if not studies:
         return SkippedOutput(name, f"no runs that differ only in {column} within a setting")
-    title = f"Mean test ACC / AP vs {column} (mean and max over head configs)"
+    title = f"Mean test ACC / AP vs {column}"
     return (name, functools.partial(plot_study, out / name, title, column, studies))
 
 
@@ -323,7 +360,7 @@ def tie_job(grids: Sequence[GridResults], out: Path) -> PlotJob | SkippedOutput:
             blocks.tolist(),
             weights.tolist(),
         )
-    title = "TIE block importance of each setting's selected run (best by mean test ACC+AP)"
+    title = "TIE block importance per setting"
     return (name, functools.partial(plot_tie, out / name, title, series))
 
 
@@ -363,7 +400,7 @@ def tsne_jobs(grids: Sequence[GridResults], out: Path) -> list[PlotJob | Skipped
     jobs: list[PlotJob | SkippedOutput] = []
     for run in with_embeddings:
         name = run_plot_name("tsne", run, tokens)
-        title = run_title(run, "t-SNE of the head's z on the test sets")
+        title = run_title(run, "t-SNE of z")
         jobs.append((name, functools.partial(draw_tsne, out / name, title, run.folder / EMBEDDINGS_FILE)))
     return jobs
 

@@ -20,12 +20,15 @@ from .. import __version__
 from ..files import write_text_atomic
 from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR
 from ..results import nan_mean, nan_std
-from ..results.bootstrap import Interval
 from .analysis import ReportAnalysis, RunSection
 from .audits import AuditDocument
+from .captions import TABLE_NOTES, figure_caption
 from .gallery import GalleryItem
 from .inputs import GridResults
+from .numbers import interval_text, real
+from .reading import SETTING_ID, SETTINGS_NAME
 from .studies import RobustnessKey
+from .summary import ReportSummaryCard, precision_line
 from .table import ScoreKey, SkippedOutput, StudyKey, Table, format_percent, order_datasets
 
 PAGE_NAME = "index.html"
@@ -73,6 +76,10 @@ COMPARISONS: dict[str, Comparison] = {
 }
 
 
+ERRORS_NOTE = (
+    "by format: the format the detector saw. On a format-aligned split that is the JPEG every image was "
+    "re-encoded as (with the original file's format in brackets); on other perturbed splits, the original file format."
+)
 LONG_TEXT = 40  # characters: longer text cells wrap
 
 
@@ -101,6 +108,10 @@ class Figure:
     name: str
     uri: str
 
+    @property
+    def caption(self) -> str:
+        return figure_caption(self.name)
+
 
 @dataclass(frozen=True)
 class SectionView:
@@ -125,8 +136,21 @@ class AuditView:
     statistics: HtmlTable
 
 
+# The page's sections, in order: (anchor, link text). A new section gets its entry here and its block in
+# templates/index.html.j2 (a `{% if section == ... %}` branch of the loop over page.sections).
+PAGE_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Summary"),
+    ("tables", "Tables"),
+    ("figures", "Figures"),
+    ("audits", "Audit"),
+    ("runs", "Selected runs"),
+    ("skipped", "Not made"),
+)
+
+
 @dataclass(frozen=True)
 class Page:
+    card: ReportSummaryCard
     grid_dirs: tuple[str, ...]
     version: str
     skipped: tuple[SkippedOutput, ...]
@@ -137,6 +161,23 @@ class Page:
     bootstrap: str
     precision: str
     flagged: Mapping[str, str] = field(default_factory=dict)
+    settings: HtmlTable | None = None  # the legend of the setting ids
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(anchor for anchor, _ in PAGE_SECTIONS)
+
+    @property
+    def nav(self) -> tuple[tuple[str, str], ...]:
+        """(anchor, link text with a count) of every section, in page order."""
+        counts = {
+            "audits": f"{len(self.flagged)} flagged" if self.flagged else "",
+            "tables": str(len(self.tables)),
+            "figures": str(len(self.figures)),
+            "runs": str(len(self.sections)),
+            "skipped": str(len(self.skipped)),
+        }
+        return tuple((a, f"{text} ({counts[a]})" if counts.get(a) else text) for a, text in PAGE_SECTIONS)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -187,25 +228,37 @@ def header_cells(names: Sequence[str], flagged: Mapping[str, str]) -> tuple[Cell
     return tuple(Cell(name, "flagged", title=flagged[name]) if name in flagged else Cell(name) for name in names)
 
 
-def html_table(table: Table, flagged: Mapping[str, str]) -> HtmlTable:
-    """A report table for the page: the authors' rows marked, our values coloured by their difference."""
+def without_empty_columns(table: Table) -> Table:
+    """The table without the columns that are empty in every row (the CSV keeps them: its columns are fixed)."""
+    keep = [i for i in range(len(table.header)) if any(row[i] for row in table.rows)]
+    return Table(
+        table.name, tuple(table.header[i] for i in keep), tuple(tuple(row[i] for i in keep) for row in table.rows)
+    )
+
+
+def html_table(table: Table, flagged: Mapping[str, str], settings: Mapping[str, str] | None = None) -> HtmlTable:
+    """A report table for the page: empty columns dropped, the authors' rows marked, our values coloured by their
+    difference, each setting id with its setting on hover."""
+    table = without_empty_columns(table)
     comparison = COMPARISONS.get(table.name)
     coloured = comparison_cells(table, comparison) if comparison else {}
     source = table.header.index("source") if "source" in table.header else None
+    setting = table.header.index(SETTING_ID) if SETTING_ID in table.header and settings else None
     shown = table.rows[:MAX_HTML_ROWS]
     rows = []
     for index, row in enumerate(shown):
         authors = source is not None and row[source] == "authors"
-        rows.append(
-            tuple(
-                coloured.get((index, column), Cell(text, "authors" if authors else ""))
-                for column, text in enumerate(row)
-            )
-        )
-    note = ""
+        cells = []
+        for column, text in enumerate(row):
+            cell = coloured.get((index, column), Cell(text, "authors" if authors else ""))
+            if column == setting and settings:
+                cell = Cell(text, cell.css, cell.style, settings.get(text, ""))
+            cells.append(cell)
+        rows.append(tuple(cells))
+    notes = [TABLE_NOTES.get(table.name, "")]
     if len(table.rows) > len(shown):
-        note = f"first {len(shown)} of {len(table.rows)} rows shown; {table.name} holds them all"
-    return HtmlTable(table.name, header_cells(table.header, flagged), tuple(rows), note)
+        notes.append(f"first {len(shown)} of {len(table.rows)} rows shown; {table.name} holds them all")
+    return HtmlTable(table.name, header_cells(table.header, flagged), tuple(rows), " ".join(filter(None, notes)))
 
 
 def plain_table(name: str, header: Sequence[str], rows: Sequence[Sequence[str | Cell]]) -> HtmlTable:
@@ -259,7 +312,7 @@ def audit_view(document: AuditDocument) -> AuditView:
         spread = {
             name: ""
             if record.get(f"{name}_min") is None
-            else f"{record[f'{name}_min']} / {record[f'{name}_median']} / {record[f'{name}_max']}"
+            else " / ".join(real(record[f"{name}_{statistic}"]) for statistic in ("min", "median", "max"))
             for name in ("jpeg_quality", "width", "height", "file_size")
         }
         exif = record.get("exif_fraction")
@@ -303,15 +356,6 @@ def flagged_datasets(documents: Sequence[AuditDocument]) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------- run sections
-
-
-def interval_text(interval: Interval | None) -> str:
-    """``[low, high]`` in percent; empty when not computed or undefined."""
-    return (
-        ""
-        if interval is None or math.isnan(interval.low)
-        else f"[{format_percent(interval.low)}, {format_percent(interval.high)}]"
-    )
 
 
 def spread_text(values: Sequence[float]) -> str:
@@ -370,7 +414,8 @@ def section_errors(section: RunSection) -> HtmlTable | None:
         ]
         rows.append([split, dataset, *accuracy, str(errors), *shares])
     header = ("split", "dataset", "real ACC %", "fake ACC %", "errors", "by size (shorter side vs crop)", "by format")
-    return plain_table("error analysis", header, rows)
+    table = plain_table("error analysis", header, rows)
+    return HtmlTable(table.name, table.header, table.rows, ERRORS_NOTE)
 
 
 def section_view(section: RunSection, analysis: ReportAnalysis, figures: Sequence[Figure], index: int) -> SectionView:
@@ -393,18 +438,6 @@ def section_view(section: RunSection, analysis: ReportAnalysis, figures: Sequenc
 
 
 # ----------------------------------------------------------------------------- the page
-
-
-def precision_line(grids: Sequence[GridResults]) -> str:
-    """What precision the heads trained in: the authors' float32, or how many runs used the bf16 opt-in."""
-    runs = [run for grid in grids for run in grid.runs.values()]
-    bf16 = sum(run.row.setting.amp == "bf16" for run in runs)
-    if not bf16:
-        return "heads trained in float32, as the authors"
-    return (
-        f"{bf16} of {len(runs)} runs trained in bf16 (amp: bf16): screening numbers, which differ slightly from "
-        "float32 training; retrain in float32 (amp: none) for numbers to publish"
-    )
 
 
 def png_uri(path: Path) -> str:
@@ -430,16 +463,19 @@ def write_html(
     skipped: Sequence[SkippedOutput],
     audits: Sequence[AuditDocument],
     analysis: ReportAnalysis,
+    card: ReportSummaryCard,
 ) -> Path:
     """Render the page into ``out/index.html`` (complete or absent) and return its path."""
     flagged = flagged_datasets([document for document in audits if document.variant is None])
     bootstrap = analysis.bootstrap
+    settings = {row[0]: row[1] for table in tables if table.name == SETTINGS_NAME for row in table.rows}
     page = Page(
+        card=card,
         grid_dirs=tuple(str(grid.path) for grid in grids),
         version=__version__,
         skipped=tuple(skipped),
         audits=tuple(audit_view(document) for document in audits),
-        tables=tuple(html_table(table, flagged) for table in tables),
+        tables=tuple(html_table(table, flagged, settings) for table in tables),
         figures=tuple(Figure(path.name, png_uri(path)) for path in figures),
         sections=tuple(
             section_view(

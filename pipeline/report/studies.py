@@ -15,6 +15,7 @@ from ..results import reference as ref
 from ..results.run_folder import HEAD_FILE
 from ..variants import VariantKind, VariantSpec
 from .inputs import GridResults, RunResult, Scores, Selection, all_runs, all_selections, best_by_test_full_models
+from .numbers import significant
 from .table import (
     ABLATION_ORDER,
     AUTHORS,
@@ -196,13 +197,15 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
         "contrastive_factor",
         "proj_layers",
         "proj_dim",
-        "acc_all",
-        "ap_all",
-        "acc_non_gan",
-        "ap_non_gan",
+        "same_hyper_as_full",
+        "acc_all_pct",
+        "ap_all_pct",
+        "acc_non_gan_pct",
+        "ap_non_gan_pct",
         "excluded_from_avg",
         "note",
     )
+    full_hyper: dict[tuple[str, str], tuple[str, str, str]] = {}
     rows = []
     for row in ordered:
         included, excluded = mean_datasets(row.scores)
@@ -213,6 +216,8 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
             for group in (every, non_gan)
             for metric in METRICS
         ]
+        if row.variant == FULL:
+            full_hyper[(row.backbone, row.source)] = row.hyper
         rows.append(
             (
                 row.backbone,
@@ -222,12 +227,23 @@ def build_ablations_table(grids: Sequence[GridResults]) -> Table | SkippedOutput
                 row.source,
                 row.run,
                 *row.hyper,
+                same_hyper_text(row, full_hyper.get((row.backbone, row.source))),
                 *(format_percent(mean) for mean in means),
                 LIST_SEPARATOR.join(excluded),
                 row.note,
             )
         )
     return Table("ablations.csv", header, tuple(rows))
+
+
+def same_hyper_text(row: AblationRow, full: tuple[str, str, str] | None) -> str:
+    """'yes' when an ablation used its full model's xi/q/d' (q/d' and xi=0 without the contrastive loss), else 'no'."""
+    if full is None:
+        return ""
+    if row.variant == FULL:
+        return "yes"
+    same = row.hyper[1:] == full[1:] if row.variant == "without_contrastive" else row.hyper == full
+    return "yes" if same else "no"
 
 
 def split_variant(variant: str) -> tuple[str, str]:
@@ -440,7 +456,7 @@ def build_tie_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
                 run.setting.label(),
                 run.run,
                 str(int(block)),
-                repr(float(weight)),
+                significant(float(weight)),
             )
             for block, weight in zip(blocks, weights)
         ]

@@ -13,6 +13,7 @@ from ..names import LIST_SEPARATOR, PAPER_DATASETS
 from ..results import HeadConfig, mean_datasets, nan_mean
 from ..results.bootstrap import Interval
 from .inputs import RunResult, Scores
+from .numbers import percent
 
 PUBLISHED = "published"
 OURS, AUTHORS = "ours", "authors"
@@ -118,13 +119,7 @@ def order_datasets(names: Iterable[str]) -> list[str]:
     return [name for name in PAPER_DATASETS if name in present] + sorted(present - set(PAPER_DATASETS))
 
 
-def format_percent(value: float | None) -> str:
-    """A fraction as a percentage with one decimal ('91.5'); '' for no value, 'nan' for NaN."""
-    if value is None:
-        return ""
-    if math.isnan(value):
-        return "nan"
-    return f"{round(100 * value, 1):.1f}"
+format_percent = percent  # a fraction as a percentage with one decimal (pipeline.report.numbers)
 
 
 def format_float(value: float) -> str:
@@ -190,11 +185,11 @@ def mean_over_runs(runs: Sequence[RunResult], variant: str = "center") -> dict[s
     }
 
 
-INTERVAL_COLUMNS = ("acc_ci_low", "acc_ci_high", "ap_ci_low", "ap_ci_high")
+INTERVAL_COLUMNS = ("acc_ci_low_pct", "acc_ci_high_pct", "ap_ci_low_pct", "ap_ci_high_pct")
 
 
 def format_intervals(intervals: tuple[Interval, Interval] | None) -> tuple[str, ...]:
-    """(ACC low, ACC high, AP low, AP high) at full precision; empty when not computed."""
+    """(ACC low, ACC high, AP low, AP high) in percent with one decimal; empty when not computed."""
     if intervals is None:
         return ("",) * 4
-    return tuple(format_float(value) for interval in intervals for value in (interval.low, interval.high))
+    return tuple(format_percent(value) for interval in intervals for value in (interval.low, interval.high))

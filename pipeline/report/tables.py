@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 from ..names import BEST_BY_TEST, LIST_SEPARATOR
 from ..results import RESULT_COLUMNS, format_value
 from ..results import reference as ref
-from .inputs import GridResults, all_runs, all_selections
+from ..results.metrics import METRIC_NAMES
+from .inputs import GridResults, Selection, all_runs, all_selections
+from .numbers import fraction_column, significant
+from .reading import for_reading
 from .studies import (
     build_ablations_table,
     build_epochs_table,
@@ -30,10 +33,10 @@ from .table import (
     ScoreRow,
     SkippedOutput,
     Table,
-    format_float,
     format_hyper,
     format_intervals,
     format_n_classes,
+    format_percent,
     group_sort_key,
     mean_over_runs,
     score_table,
@@ -62,6 +65,14 @@ def authors_score_rows(backbone: str, n_classes: int | None) -> list[ScoreRow]:
     return rows
 
 
+def merged_selections(grids: Sequence[GridResults]) -> list[tuple[str, Selection]]:
+    """Each selected run once, with the rules that chose it joined by '+' (two rules, one run: one row)."""
+    merged: dict[tuple, list[Selection]] = {}
+    for selection in all_selections(grids):
+        merged.setdefault((selection.run.grid_dir, selection.run.run), []).append(selection)
+    return [(LIST_SEPARATOR.join(s.rule for s in group), group[0]) for group in merged.values()]
+
+
 def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
     """Ours (every selection of a full-architecture setting, center test sets), each (backbone, n_classes) group then the authors'.
 
@@ -72,7 +83,7 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
     the seed; ``seeds`` lists them).
     """
     ours = []
-    for s in all_selections(grids):
+    for rules, s in merged_selections(grids):
         run = s.run
         if not (run.is_full_architecture and run.center):
             continue
@@ -80,7 +91,7 @@ def collect_score_rows(grids: Sequence[GridResults]) -> list[ScoreRow]:
         setting = run.setting.label(without=("model", "tap", "seed") if several else ("model", "tap"))
         seeds = format_value(tuple(r.setting.seed for r in s.runs))
         key = ScoreKey(
-            OURS, run.backbone, run.setting.tap, run.n_classes, setting, s.rule, run.run, *run.head_config, seeds
+            OURS, run.backbone, run.setting.tap, run.n_classes, setting, rules, run.run, *run.head_config, seeds
         )
         ours.append((run, ScoreRow(key, mean_over_runs(s.runs) if several else run.center)))
     groups = sorted({(run.backbone, run.n_classes) for run, _ in ours}, key=lambda key: group_sort_key(*key))
@@ -99,21 +110,31 @@ def build_score_table(name: str, metric: str, rows: Sequence[ScoreRow]) -> Table
 
 
 def build_metrics_table(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> Table | SkippedOutput:
-    """Every ok results.csv row of every grid folder, values as written, with the folder in front and the intervals."""
-    columns = tuple(column for column in RESULT_COLUMNS if column not in ("status", "error"))
+    """Every ok results.csv row of every grid folder with the folder and the intervals, metrics in their units.
+
+    ACC and AP first, each followed by its interval, then the other metrics (``numbers.fraction_column``), then
+    the columns that say which row it is. results.csv keeps the full precision.
+    """
+    key_columns = ("dataset", "split", "variant", "run", "n", "n_invalid")
+    config = tuple(c for c in RESULT_COLUMNS if c not in (*METRIC_NAMES, *key_columns, "status", "error"))
+    metric_header = [fraction_column(name, "")[0] for name in METRIC_NAMES]
+    header = (*metric_header[:1], *INTERVAL_COLUMNS[:2], metric_header[1], *INTERVAL_COLUMNS[2:], *metric_header[2:])
     rows = []
     for grid in grids:
         for row in grid.ok_rows:
             intervals = analysis.intervals.get((grid.path, row["run"])) if analysis else None
-            per_set = intervals.of(row["split"], row["dataset"]) if intervals else None
-            rows.append((str(grid.path), *(row[column] for column in columns), *format_intervals(per_set)))
+            per_set = format_intervals(intervals.of(row["split"], row["dataset"]) if intervals else None)
+            values = [fraction_column(name, row[name])[1] for name in METRIC_NAMES]
+            metrics = (values[0], *per_set[:2], values[1], *per_set[2:], *values[2:])
+            described = (fraction_column(c, row[c])[1] if c == "fit_seconds" else row[c] for c in config)
+            rows.append((*metrics, *(row[c] for c in key_columns), *described, str(grid.path)))
     if not rows:
         return SkippedOutput("metrics.csv", "no ok rows in any results.csv")
-    return Table("metrics.csv", ("grid_dir", *columns, *INTERVAL_COLUMNS), tuple(rows))
+    return Table("metrics.csv", (*header, *key_columns, *config, "grid_dir"), tuple(rows))
 
 
 def build_grid_table(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> Table | SkippedOutput:
-    """One row per ok run: config, size, time, val and mean test ACC/AP (fractions, full precision), their intervals."""
+    """One row per ok run: val and mean test ACC/AP with the intervals of the means (percent), then config, size, time."""
     # every column of a run's results.csv rows that describes the run (its config and fit), from the schema
     config_columns = RESULT_COLUMNS[RESULT_COLUMNS.index("grid") : RESULT_COLUMNS.index("split")]
     header = (
@@ -121,10 +142,10 @@ def build_grid_table(grids: Sequence[GridResults], analysis: ReportAnalysis | No
         "run",
         *config_columns,
         "backbone",
-        "val_acc",
-        "val_ap",
-        "mean_acc",
-        "mean_ap",
+        "val_acc_pct",
+        "val_ap_pct",
+        "mean_acc_pct",
+        "mean_ap_pct",
         "n_mean_sets",
         "excluded_from_mean",
         *(f"mean_{column}" for column in INTERVAL_COLUMNS),
@@ -134,13 +155,14 @@ def build_grid_table(grids: Sequence[GridResults], analysis: ReportAnalysis | No
         written, summary = run.row.to_csv(), run.summary
         means = (summary.val_acc, summary.val_ap, summary.mean_acc, summary.mean_ap)
         intervals = analysis.intervals_of(run) if analysis else None
+        written["fit_seconds"] = fraction_column("fit_seconds", written["fit_seconds"])[1]
         rows.append(
             (
                 str(run.grid_dir),
                 run.run,
                 *(written[column] for column in config_columns),
                 run.backbone,
-                *(format_float(value) for value in means),
+                *(format_percent(value) for value in means),
                 str(len(summary.mean_sets)),
                 LIST_SEPARATOR.join(summary.excluded_from_mean),
                 *format_intervals(intervals.mean if intervals else None),
@@ -172,7 +194,7 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         "published_proj_dim",
     )
     rows = []
-    for selection in all_selections(grids):
+    for rules, selection in merged_selections(grids):
         run = selection.run
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         rows.append(
@@ -182,10 +204,10 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
                 run.setting.tap,
                 run.setting.train,
                 format_n_classes(run.n_classes),
-                selection.rule,
+                rules,
                 *format_hyper(run.head_config),
                 str(run.row.n_params),
-                str(run.row.fit_seconds),
+                significant(run.row.fit_seconds),
                 run.run,
                 str(run.grid_dir),
                 *(format_hyper(published) if published else ("", "", "")),
@@ -200,19 +222,21 @@ def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None =
     from .analysis_tables import build_errors_table, build_format_align_table, build_seeds_table
 
     score_rows = collect_score_rows(grids)
-    return [
-        build_score_table("acc.csv", "acc", score_rows),
-        build_score_table("ap.csv", "ap", score_rows),
-        build_best_table(grids),
-        build_ablations_table(grids),
-        build_grid_table(grids, analysis),
-        build_metrics_table(grids, analysis),
-        build_seeds_table(grids),
-        build_format_align_table(grids),
-        build_errors_table(analysis),
-        build_robustness_table(grids),
-        build_epochs_table(grids),
-        build_fractions_table(grids),
-        build_ldm_table(grids),
-        build_tie_table(grids),
-    ]
+    return for_reading(
+        [
+            build_score_table("acc.csv", "acc", score_rows),
+            build_score_table("ap.csv", "ap", score_rows),
+            build_best_table(grids),
+            build_ablations_table(grids),
+            build_grid_table(grids, analysis),
+            build_metrics_table(grids, analysis),
+            build_seeds_table(grids),
+            build_format_align_table(grids),
+            build_errors_table(analysis),
+            build_robustness_table(grids),
+            build_epochs_table(grids),
+            build_fractions_table(grids),
+            build_ldm_table(grids),
+            build_tie_table(grids),
+        ]
+    )
