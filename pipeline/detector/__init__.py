@@ -9,9 +9,10 @@ stages through their faces. The names below load their module (and torch) on fir
 from ..lazy import lazy_face
 
 _MODULES = {
-    "detector": ("Detector", "DetectorSpec", "PredictError", "parse_threshold", "read_detector_files"),
+    "detector": ("FIXED", "Detector", "DetectorSpec", "PredictError", "parse_threshold", "read_detector_files"),
     "predict": ("PredictConfig", "collect_inputs", "run_predict"),
-    "output": ("OutputError", "PREDICTION_COLUMNS"),
+    "output": ("OutputError", "PREDICTION_COLUMNS", "ROBUST_COLUMNS"),
+    "robust": ("RobustScores", "reencoded", "robust_scores", "with_copies"),
     "export": ("ExportConfig", "ExportError", "run_export"),
 }
 __all__, __getattr__, __dir__ = lazy_face(__name__, _MODULES)
