@@ -122,18 +122,22 @@ def start_server(run: Path, *options: str, env: dict | None = None) -> Server:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    first = lines.get(timeout=120)
-    assert first.startswith("listening on http://127.0.0.1:"), "".join(log)
-    port = int(first.split("http://127.0.0.1:")[1].split()[0])
-    server = Server(process, "127.0.0.1", port, log, reader)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status, _, body = server.call("GET", "/readyz")
-        if status == 200:
-            return server
-        assert body["status"] == "loading", body
-        time.sleep(0.1)
-    raise AssertionError("the server never got ready: " + "".join(log))
+    server = Server(process, "127.0.0.1", 0, log, reader)
+    try:
+        first = lines.get(timeout=120)
+        assert first.startswith("listening on http://127.0.0.1:"), "".join(log)
+        server.port = int(first.split("http://127.0.0.1:")[1].split()[0])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            status, _, body = server.call("GET", "/readyz")
+            if status == 200:
+                return server
+            assert body["status"] == "loading", body
+            time.sleep(0.1)
+        raise AssertionError("the server never got ready: " + "".join(log))
+    except BaseException:
+        server.stop()
+        raise
 
 
 @pytest.fixture
@@ -335,6 +339,23 @@ def test_sigterm_answers_the_requests_in_flight_and_exits_0(trained_predict_run,
     assert "stopped: 4 requests, 4 images" in "".join(server.log)
 
 
+def test_a_head_that_cannot_be_loaded_or_a_busy_port_stops_the_server_with_one_error_line(tmp_path):
+    head = tmp_path / "head.safetensors"
+    head.write_bytes(b"not a head")
+    command = [sys.executable, "-m", "pipeline", "serve", "--head", str(head), "--device", "cpu"]
+    broken = subprocess.run([*command, "--port", "0"], capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1, broken.stderr
+    assert broken.stderr.startswith("listening on http://127.0.0.1:")
+    (error,) = [line for line in broken.stderr.splitlines() if line.startswith("Error:")]
+    assert str(head) in error and "Traceback" not in broken.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = subprocess.run([*command, "--port", str(taken.getsockname()[1])], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    assert busy.returncode == 1 and "Error: cannot listen on 127.0.0.1:" in busy.stderr, busy.stderr
+
+
 # ---------------------------------------------------------------- the page in a browser
 
 
@@ -361,7 +382,7 @@ def test_the_page_scores_a_picked_image_in_headless_chromium(server, predicted, 
 
     options = Options()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,760",
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,900",
                      f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
