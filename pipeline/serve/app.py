@@ -61,13 +61,13 @@ class Decoded:
 class Service:
     """The detector, its batcher and the decode threads of one server process."""
 
-    def __init__(self, config: ServeConfig, on_failure: Callable[[str], None] = lambda message: None) -> None:
+    def __init__(self, config: ServeConfig, on_loaded: Callable[[str], None] = lambda failure: None) -> None:
         self.config = config
         self.token = config.bearer_token()
         self.detector: Detector | None = None
         self.batcher: Batcher | None = None
         self.failure = ""
-        self.on_failure = on_failure
+        self.on_loaded = on_loaded  # called once loading ends, with the reason it failed or ""
         self.decoders = ThreadPoolExecutor(config.decode_workers, thread_name_prefix="decode")
         self._loading: asyncio.Task | None = None
 
@@ -103,7 +103,7 @@ class Service:
             )
         except (PipelineError, OSError, ValueError) as error:
             self.failure = str(error)
-            self.on_failure(self.failure)
+            self.on_loaded(self.failure)
             return
         batcher = Batcher(
             lambda images, crops: detector.score_arrays(images, crops, batch_size=config.batch_size),
@@ -113,7 +113,7 @@ class Service:
         )
         batcher.start()
         self.detector, self.batcher = detector, batcher
-        self.on_failure("")  # not a failure: the server may say it is ready
+        self.on_loaded("")
 
     # ------------------------------------------------------------------ checks
 
@@ -211,6 +211,8 @@ class Service:
         if not job.future.done():
             self.batcher.cancel(job)
             raise RequestError(499, "the client closed the connection")
+        if job.future.exception() is not None:
+            raise RequestError(500, f"scoring failed: {job.future.exception()!r}")
         return np.asarray(job.future.result(), dtype=np.float64).reshape(-1, copies)
 
     # ------------------------------------------------------------------ descriptions

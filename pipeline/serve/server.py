@@ -47,7 +47,7 @@ def run_serve(config: ServeConfig, log: Callable[[str], object] = print) -> None
         else:
             log(f"ready: {service.detector.describe()}".replace("\n", "\n  "))
 
-    service = Service(config, on_failure=loaded)
+    service = Service(config, on_loaded=loaded)
     uvicorn_config = uvicorn.Config(
         build_app(service),
         lifespan="on",
@@ -59,12 +59,13 @@ def run_serve(config: ServeConfig, log: Callable[[str], object] = print) -> None
     address = f"[{host}]" if ":" in host else host
     token = "a bearer token" if config.bearer_token() else "no token"
     log(f"listening on http://{address}:{port} ({token}); loading the detector {config.head} (GET /readyz: ready?)")
-    # uvicorn raises a captured SIGTERM again once it has drained; a handler of ours then keeps the exit status 0.
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: None)
+    # uvicorn raises a captured SIGTERM or SIGINT again once it has drained; handlers of ours then keep status 0.
+    previous = {number: signal.signal(number, lambda *_: None) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=[sock])
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         sock.close()
     if service.failure:
         raise ServeError(f"{config.head}: cannot serve this detector: {service.failure}")
