@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..errors import PipelineError
+
 ScoreBatch = Callable[[Sequence[np.ndarray], Sequence[str]], np.ndarray]  # (images, crops) -> scores
 
 
-class QueueFull(Exception):
+class QueueFull(PipelineError):
     """The queue holds too many images to take this job; ``retry_after`` seconds is a fair wait."""
 
     def __init__(self, retry_after: int) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ..errors import PipelineError
+
 DISCARD_LIMIT = 64 * 1024 * 1024  # an oversized body is read and dropped up to this much, so that clients see the 413
 
 
-class RequestError(Exception):
-    """A request answered with ``status`` and a JSON ``{"error": message}``."""
+class RequestError(PipelineError):
+    """A client's request answered with ``status`` and a JSON ``{"error": message}``."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
