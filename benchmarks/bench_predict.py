@@ -14,7 +14,10 @@ val thresholds) is saved as a run folder's ``head.safetensors``; N random
   each image, rows written and synced batch by batch.
 
 Prints images/s of both and ``RATIO predict / bare backbone images/s``
-(target >= 0.9).
+(target >= 0.9). Then ``run_predict`` with ``robust=True`` (each image also
+scored as its three re-encoded copies, in the same batches) in the same rounds:
+``RATIO predict --robust / predict images/s`` (the cost of robust verdicts;
+about 1/4 expected, as the backbone sees four images per image).
 
 Memory: the tests' tiny CLIP (32 px) and head; ``python -m pipeline predict``
 over a folder of 2,000 and one of 20,000 random 32x32 PNGs, each in its own
@@ -32,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +136,16 @@ def speed(args: argparse.Namespace, work: Path) -> None:
                            batch_size=args.batch, decode_workers=args.workers, progress=False)  # fmt: skip
     time_backbone(backbone, batches[:2])
     time_predict(config)
-    bare_seconds, predict_seconds = [], []
+    robust_config = replace(config, robust=True)
+    bare_seconds, predict_seconds, robust_seconds = [], [], []
     for _ in range(args.repeats):
         bare_seconds.append(time_backbone(backbone, batches))
         seconds, report = time_predict(config)
         predict_seconds.append(seconds)
         print("  run_predict: " + report.replace("\n", "\n  "))
+        seconds, report = time_predict(robust_config)
+        robust_seconds.append(seconds)
+        print("  run_predict --robust: " + report.replace("\n", "\n  "))
     bare = args.images / statistics.median(bare_seconds)
     end_to_end = args.images / statistics.median(predict_seconds)
     print(f"bare forward_taps: {bare:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in bare_seconds)})")
@@ -145,6 +153,9 @@ def speed(args: argparse.Namespace, work: Path) -> None:
     ratio = end_to_end / bare
     verdict = "meets" if ratio >= TARGET else "BELOW"
     print(f"RATIO predict / bare backbone images/s = {ratio:.3f} ({verdict} target {TARGET})")
+    robust = args.images / statistics.median(robust_seconds)
+    print(f"run_predict --robust: {robust:.1f} img/s (runs: {', '.join(f'{s:.2f} s' for s in robust_seconds)})")
+    print(f"RATIO predict --robust / predict images/s = {robust / end_to_end:.3f}")
 
 
 def peak_rss_kb(run: Path, folder: Path, out: Path, batch: int) -> int:

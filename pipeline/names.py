@@ -93,3 +93,17 @@ RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 # ----------------------------------------------------------------------------- the product
 CROPS: tuple[str, ...] = (CENTER, TEN_CROP, "auto")  # pipeline predict --crop
 OUTPUT_FORMATS: tuple[str, ...] = (".csv", ".jsonl", ".parquet")  # pipeline predict --out, by suffix
+REENCODINGS: tuple[str, ...] = ("jpeg75", "half", "webp")  # predict --robust: the copies each image is scored as
+UNSURE = "unsure"  # predict --robust: the verdict of an image whose copies' scores straddle the threshold
+VERDICTS: tuple[str, ...] = ("real", "fake", UNSURE)
+
+# ----------------------------------------------------------------------------- the service (pipeline serve)
+DEFAULT_SERVE_HOST = "127.0.0.1"  # loopback: reachable from this machine only unless --host says otherwise
+DEFAULT_SERVE_PORT = 8000
+DEFAULT_SERVE_BATCH = 32  # images per forward pass at most (re-encoded copies of --robust count)
+DEFAULT_SERVE_MAX_WAIT_MS = 10.0  # how long the worker waits for more images before a batch
+DEFAULT_SERVE_MAX_QUEUE = 256  # images waiting for the model; more: 503 with Retry-After
+DEFAULT_SERVE_MAX_UPLOAD_MB = 32.0  # bytes of one request's body; more: 413
+DEFAULT_SERVE_MAX_IMAGES = 64  # images of one request; more: 413
+DEFAULT_SERVE_MAX_PIXELS = 50_000_000  # an image with more pixels gets a per-image error
+SERVE_TOKEN_ENV = "RINE_SERVE_TOKEN"  # the bearer token when --token is not given

@@ -20,7 +20,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 STAGE_ONE, STAGE_TWO, CACHE = "pipeline.features", "pipeline.heads", "pipeline.cache"
 RESULTS, REPORT, PRODUCT = "pipeline.results", "pipeline.report", "pipeline.detector"
-APPLICATIONS = ("pipeline.cli", "pipeline.paper", "pipeline.demo", "pipeline.__main__")
+APPLICATIONS = ("pipeline.cli", "pipeline.paper", "pipeline.demo", "pipeline.serve", "pipeline.__main__")
 
 
 @dataclass(frozen=True)
@@ -169,7 +169,7 @@ def test_every_name_a_face_lists_resolves() -> None:
     code = (
         "import importlib\n"
         "for face in ('pipeline', 'pipeline.cache', 'pipeline.features', 'pipeline.heads', 'pipeline.results',\n"
-        "             'pipeline.detector', 'pipeline.report', 'pipeline.cli'):\n"
+        "             'pipeline.detector', 'pipeline.report', 'pipeline.cli', 'pipeline.serve'):\n"
         "    module = importlib.import_module(face)\n"
         "    for name in module.__all__:\n"
         "        getattr(module, name)\n"

@@ -7,7 +7,7 @@ place and prints ``Error: <message>`` with exit status 1. Bad options exit 2 (cl
 statuses are :class:`pipeline.errors.ExitCode`.
 """
 
-from . import apps, product, stage_one, stage_two  # noqa: F401 - each registers its commands on main
+from . import apps, product, serve, stage_one, stage_two  # noqa: F401 - each registers its commands on main
 from .group import main
 
 __all__ = ["main"]

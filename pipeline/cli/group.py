@@ -47,6 +47,7 @@ def main() -> None:
       pipeline audit     -> reports/audit_<split>*.csv: metadata shortcuts of a split
       pipeline predict   -> scores for new images (CSV/JSONL/Parquet, resumable)
       pipeline export    -> a trained run as a self-contained detector folder
+      pipeline serve     -> a detector as an HTTP service (the [serve] extra)
     \b
     All of it on the paper's data:  pipeline paper DATA_ROOT
     On a built-in synthetic demo:   ./run_all.sh demo (pipeline demo builds its data)

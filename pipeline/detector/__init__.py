@@ -10,6 +10,7 @@ from ..lazy import lazy_face
 
 _MODULES = {
     "detector": (
+        "FIXED",
         "Detector",
         "DetectorSpec",
         "PredictError",
@@ -18,7 +19,8 @@ _MODULES = {
         "read_detector_files",
     ),
     "predict": ("NoImagesFound", "PredictConfig", "collect_inputs", "run_predict"),
-    "output": ("OutputError", "PREDICTION_COLUMNS"),
+    "output": ("OutputError", "PREDICTION_COLUMNS", "ROBUST_COLUMNS"),
+    "robust": ("RobustScores", "reencoded", "robust_scores", "with_copies"),
     "export": ("ExportConfig", "ExportError", "run_export"),
     "backbones": ("BackboneUnavailable",),
     "hub": ("HubError",),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ..features import Backbone, ForwardStep
     from ..heads import HeadCalibration, RineHead
     from ..variants import VariantSpec
+    from .robust import RobustScores
 
 FIXED = "fixed"  # the threshold name of a number given by the user (0.5 included)
 EXPORT_FORMAT = "rine-pipeline/detector@1"
@@ -409,18 +410,31 @@ class Detector:
         *,
         batch_size: int = 32,
         auto_min_side: int | None = None,
-    ) -> np.ndarray:
+        robust: bool = False,
+    ) -> np.ndarray | RobustScores:
         """Probability of fake per image (float64 array), in order.
 
         ``images``: file paths, PIL images or (H, W, 3) uint8 RGB arrays (a
-        file that cannot be decoded raises ``PredictError`` naming it).
+        file that cannot be decoded raises ``PredictError`` naming it). With
+        ``robust`` each image is also scored as re-encoded (``robust.REENCODINGS``,
+        in the same batches): a ``RobustScores`` with ``score``, ``score_min``,
+        ``score_max`` and ``verdict`` (real, fake or unsure) per image.
         """
+        arrays = [to_rgb_array(item) for item in images]
+        crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]
+        if not robust:
+            return self.score_arrays(arrays, crops, batch_size=batch_size)
+        from .robust import REENCODINGS, robust_scores, with_copies
+
+        scores = self.score_arrays(*with_copies(arrays, crops), batch_size=batch_size)
+        return robust_scores(scores.reshape(len(arrays), 1 + len(REENCODINGS)), self.threshold)
+
+    def score_arrays(self, arrays: Sequence[np.ndarray], crops: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Scores of (H, W, 3) uint8 RGB arrays, each by its resolved crop (``center`` or ``tencrop``)."""
         import torch
 
         from ..features import PixelRecipe
 
-        arrays = [to_rgb_array(item) for item in images]
-        crops = [self.crop_of(crop, a.shape[0], a.shape[1], auto_min_side) for a in arrays]
         scores = np.empty(len(arrays), dtype=np.float64)
         step = self.forward_step()
         for kind in (CENTER, TEN_CROP):

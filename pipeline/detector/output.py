@@ -13,7 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -43,41 +43,46 @@ class PredictionRow:
     format: str
     backbone: str
     error: str
+    score_min: float | None = None  # predict --robust only (ROBUST_COLUMNS)
+    score_max: float | None = None
+    verdict: str = ""
 
-    def csv_fields(self) -> list[str]:
-        return [
-            "" if value is None else repr(value) if isinstance(value, float) else str(value) for value in astuple(self)
-        ]
+    def csv_fields(self, columns: Sequence[str] = ()) -> list[str]:
+        values = [getattr(self, name) for name in columns or PREDICTION_COLUMNS]
+        return ["" if value is None else repr(value) if isinstance(value, float) else str(value) for value in values]
 
     @classmethod
-    def from_csv_fields(cls, record: Sequence[str]) -> PredictionRow:
-        path, score, label, threshold, name, crop, width, height, file_format, backbone, error = record
-        return cls(
-            path,
-            float(score) if score else None,
-            label,
-            float(threshold),
-            name,
-            crop,
-            int(width) if width else None,
-            int(height) if height else None,
-            file_format,
-            backbone,
-            error,
-        )
+    def from_csv_fields(cls, record: Sequence[str], columns: Sequence[str] = ()) -> PredictionRow:
+        columns = columns or PREDICTION_COLUMNS
+        if len(record) != len(columns):
+            raise ValueError(f"{len(record)} fields, not {len(columns)}")
+        text = dict(zip(columns, record, strict=True))
+        typed: dict[str, Any] = dict(text)
+        for name in ("score", "threshold", "score_min", "score_max"):
+            if name in text:
+                typed[name] = float(text[name]) if text[name] else None
+        for name in ("width", "height"):
+            typed[name] = int(text[name]) if text[name] else None
+        return cls(**typed)
 
-    def json_record(self) -> dict[str, Any]:
+    def json_record(self, columns: Sequence[str] = ()) -> dict[str, Any]:
         """The row as JSON (JSONL, Parquet): a missing value (no score, no error, ...) is null."""
-        return {name: None if value == "" else value for name, value in zip(PREDICTION_COLUMNS, astuple(self))}
+        return {name: None if (value := getattr(self, name)) == "" else value for name in columns or PREDICTION_COLUMNS}
 
     @classmethod
     def from_json_record(cls, record: dict[str, Any]) -> PredictionRow:
-        return cls(**{name: "" if record[name] is None and name in TEXT_COLUMNS else record[name]
-                      for name in PREDICTION_COLUMNS})  # fmt: skip
+        names = PREDICTION_COLUMNS + tuple(name for name in ROBUST_COLUMNS if name in record)
+        return cls(**{name: "" if record[name] is None and name in TEXT_COLUMNS else record[name] for name in names})
 
 
-PREDICTION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PredictionRow))
+ROBUST_COLUMNS: tuple[str, ...] = ("score_min", "score_max", "verdict")  # appended by predict --robust
+PREDICTION_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PredictionRow) if f.name not in ROBUST_COLUMNS)
 TEXT_COLUMNS = frozenset(f.name for f in fields(PredictionRow) if f.type == "str")  # "" in a row, null in JSON
+
+
+def output_columns(robust: bool) -> tuple[str, ...]:
+    """The columns of an output: ``PREDICTION_COLUMNS``, then ``ROBUST_COLUMNS`` with ``--robust``."""
+    return PREDICTION_COLUMNS + ROBUST_COLUMNS if robust else PREDICTION_COLUMNS
 
 
 class PredictionWriter(Protocol):
@@ -94,9 +99,6 @@ def csv_line(fields_: Sequence[str]) -> str:
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerow(fields_)
     return buffer.getvalue()
-
-
-HEADER_LINE = csv_line(PREDICTION_COLUMNS)
 
 
 def sync(handle: TextIO) -> None:
@@ -130,12 +132,15 @@ def open_for_append(path: Path, keep_chars: str) -> TextIO:
 class CsvPredictionWriter:
     """CSV rows to a file (resumable) or to a stream such as stdout."""
 
-    def __init__(self, path: Path | None, stream: TextIO | None = None) -> None:
+    def __init__(
+        self, path: Path | None, stream: TextIO | None = None, columns: tuple[str, ...] = PREDICTION_COLUMNS
+    ) -> None:
         self.path = path
+        self.columns = columns
         self._kept: list[PredictionRow] = []
         if path is None:
             self._handle = stream or sys.stdout
-            self._handle.write(HEADER_LINE)
+            self._handle.write(csv_line(columns))
             return
         kept = ""
         with disk_errors_explained(path):
@@ -143,11 +148,10 @@ class CsvPredictionWriter:
                 kept, self._kept = self._read(path)
             self._handle = open_for_append(path, kept)
             if not kept:
-                self._handle.write(HEADER_LINE)
+                self._handle.write(csv_line(columns))
                 sync(self._handle)
 
-    @staticmethod
-    def _read(path: Path) -> tuple[str, list[PredictionRow]]:
+    def _read(self, path: Path) -> tuple[str, list[PredictionRow]]:
         text = complete_text(path)
         reader = csv.reader(io.StringIO(text, newline=""))
         records: list[list[str]] = []
@@ -155,14 +159,16 @@ class CsvPredictionWriter:
             records.extend(reader)
         except csv.Error:  # a record torn inside a quoted newline
             pass
-        if not records or records[0] != list(PREDICTION_COLUMNS):
+        if not records or records[0] != list(self.columns):
+            other = " (of a run with another --robust)" if records and records[0] in robust_variants() else ""
             raise OutputError(
-                f"{path}: not an output of `pipeline predict` (expected the header {HEADER_LINE.strip()})"
+                f"{path}: not an output of `pipeline predict` with these options{other} (expected the header "
+                f"{csv_line(self.columns).strip()})"
             )
         rows = []
         for line, record in enumerate(records[1:], start=2):
             try:
-                rows.append(PredictionRow.from_csv_fields(record))
+                rows.append(PredictionRow.from_csv_fields(record, self.columns))
             except ValueError as error:
                 raise OutputError(f"{path}: record {line}: not a prediction row ({error})") from None
         kept = "".join(csv_line(record) for record in records)
@@ -178,7 +184,7 @@ class CsvPredictionWriter:
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
         with disk_errors_explained(self.path):
-            self._handle.write("".join(csv_line(row.csv_fields()) for row in rows))
+            self._handle.write("".join(csv_line(row.csv_fields(self.columns)) for row in rows))
             sync(self._handle)
 
     def close(self) -> None:
@@ -192,8 +198,9 @@ class CsvPredictionWriter:
 class JsonlPredictionWriter:
     """One JSON object per line; resumable."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> None:
         self.path = path
+        self.columns = columns
         self._kept: list[PredictionRow] = []
         kept = ""
         with disk_errors_explained(path):
@@ -202,7 +209,10 @@ class JsonlPredictionWriter:
             self._handle = open_for_append(path, kept)
         for line, text in enumerate(kept.splitlines(), start=1):
             try:
-                self._kept.append(PredictionRow.from_json_record(json.loads(text)))
+                record = json.loads(text)
+                if list(record) != list(columns):
+                    raise ValueError(f"its keys are not {', '.join(columns)} (a run with another --robust?)")
+                self._kept.append(PredictionRow.from_json_record(record))
             except (ValueError, TypeError, KeyError) as error:
                 raise OutputError(f"{path}: line {line}: not a prediction row ({error!r})") from None
 
@@ -211,7 +221,7 @@ class JsonlPredictionWriter:
 
     def write(self, rows: Sequence[PredictionRow]) -> None:
         with disk_errors_explained(self.path):
-            self._handle.write("".join(json.dumps(row.json_record()) + "\n" for row in rows))
+            self._handle.write("".join(json.dumps(row.json_record(self.columns)) + "\n" for row in rows))
             sync(self._handle)
 
     def close(self) -> None:
@@ -222,7 +232,7 @@ class JsonlPredictionWriter:
 class ParquetPredictionWriter:
     """Rows collected in a partial JSONL file, written as one Parquet file by :meth:`close`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = PREDICTION_COLUMNS) -> None:
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -230,17 +240,18 @@ class ParquetPredictionWriter:
                 f"{path}: writing Parquet needs pyarrow (pip install pyarrow), or use .csv/.jsonl"
             ) from None
         self.path = path
+        self.columns = columns
         self._finished: list[PredictionRow] = []
         if path.is_file():
             try:
                 table = pq.read_table(path)
             except (OSError, ValueError) as error:  # pyarrow's errors derive from these
                 raise OutputError(f"{path}: not a readable Parquet file ({error})") from None
-            if tuple(table.column_names) != PREDICTION_COLUMNS:
+            if tuple(table.column_names) != columns:
                 raise OutputError(f"{path}: not an output of `pipeline predict` (columns {table.column_names})")
             self._finished = [PredictionRow.from_json_record(record) for record in table.to_pylist()]
         self.partial = path.with_name(f".{path.name}.partial.jsonl")
-        self._partial = JsonlPredictionWriter(self.partial)
+        self._partial = JsonlPredictionWriter(self.partial, columns)
 
     def existing_rows(self) -> Iterator[PredictionRow]:
         yield from self._finished
@@ -254,24 +265,25 @@ class ParquetPredictionWriter:
         import pyarrow.parquet as pq
 
         self._partial.close()
-        rows = self._finished + list(JsonlPredictionWriter(self.partial).existing_rows())
+        rows = self._finished + list(JsonlPredictionWriter(self.partial, self.columns).existing_rows())
         if self.path.is_file() and len(rows) == len(self._finished):
             self.partial.unlink(missing_ok=True)
             return
-        records = [row.json_record() for row in rows]
-        columns = {name: [record[name] for record in records] for name in PREDICTION_COLUMNS}
+        records = [row.json_record(self.columns) for row in rows]
+        columns = {name: [record[name] for record in records] for name in self.columns}
         columns["path"] = [printable(path) for path in columns["path"]]
-        table = pa.table(columns, schema=parquet_schema())
+        table = pa.table(columns, schema=parquet_schema(self.columns))
         with disk_errors_explained(self.path), atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
         self.partial.unlink(missing_ok=True)
 
 
-def parquet_schema() -> Any:
+def parquet_schema(columns: Sequence[str] = PREDICTION_COLUMNS) -> Any:
     import pyarrow as pa
 
-    types = {"score": pa.float64(), "threshold": pa.float64(), "width": pa.int64(), "height": pa.int64()}
-    return pa.schema([(name, types.get(name, pa.string())) for name in PREDICTION_COLUMNS])
+    floats = ("score", "threshold", "score_min", "score_max")
+    types = {**dict.fromkeys(floats, pa.float64()), "width": pa.int64(), "height": pa.int64()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in columns])
 
 
 def printable(path: str) -> str:
@@ -279,15 +291,21 @@ def printable(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def open_prediction_writer(out: Path | None, stream: TextIO | None = None) -> PredictionWriter:
-    """The writer for ``out``'s suffix (CSV to ``stream`` when ``out`` is None)."""
+def robust_variants() -> list[list[str]]:
+    return [list(output_columns(robust)) for robust in (False, True)]
+
+
+def open_prediction_writer(
+    out: Path | None, stream: TextIO | None = None, columns: tuple[str, ...] = PREDICTION_COLUMNS
+) -> PredictionWriter:
+    """The writer for ``out``'s suffix (CSV to ``stream`` when ``out`` is None), with ``columns``."""
     if out is None:
-        return CsvPredictionWriter(None, stream)
+        return CsvPredictionWriter(None, stream, columns=columns)
     suffix = out.suffix.lower()
     if suffix == ".jsonl":
-        return JsonlPredictionWriter(out)
+        return JsonlPredictionWriter(out, columns)
     if suffix == ".parquet":
-        return ParquetPredictionWriter(out)
+        return ParquetPredictionWriter(out, columns)
     if suffix == ".csv":
-        return CsvPredictionWriter(out)
+        return CsvPredictionWriter(out, columns=columns)
     raise OutputError(f"{out}: unknown output format {suffix!r}; use one of {', '.join(OUTPUT_FORMATS)}")

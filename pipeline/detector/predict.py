@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -34,9 +34,10 @@ from ..features import (
     read_sidecar,
     sidecar_path,
 )
-from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, TEN_CROP
+from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, REENCODINGS, TEN_CROP, UNSURE
 from .detector import Detector, PredictError, PredictOptionError, variants_of
-from .output import PredictionRow, PredictionWriter, open_prediction_writer
+from .output import PredictionRow, PredictionWriter, open_prediction_writer, output_columns
+from .robust import RobustRecipe, robust_scores
 
 LIST_SUFFIXES = (".txt", ".lst")
 FAILURE_EXAMPLES = 10
@@ -65,6 +66,7 @@ class PredictConfig:
     decode_workers: int = 2
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
+    robust: bool = False  # also score re-encoded copies: score_min, score_max, verdict (robust.py)
 
     def validate(self) -> None:
         if self.crop not in CROPS:
@@ -86,6 +88,7 @@ class PredictSummary:
     failures: tuple[tuple[str, str], ...]  # (path, error) of every row of the output without a score
     seconds: float
     times: StageTimes  # of the scoring loop: decoding (overlapped), backbone, head and writing
+    n_unsure: int | None = None  # --robust: rows of the output whose verdict is unsure; None without --robust
 
     def report(self) -> str:
         rate = self.n_scored / self.seconds if self.seconds > 0 else 0.0
@@ -96,6 +99,11 @@ class PredictSummary:
             f"time: decoding {t.decode:.1f} s (in {t.wait_for_pixels:.1f} s of waiting), backbone {t.backbone:.1f} s, "
             f"head, headers and writing {t.write:.1f} s",
         ]
+        if self.n_unsure is not None:
+            lines.append(
+                f"robust verdicts: {self.n_unsure} unsure of {self.n_images - len(self.failures)} scored "
+                f"(re-encoded as {', '.join(REENCODINGS)}, the scores straddle the threshold)"
+            )
         if self.failures:
             lines.append(f"{len(self.failures)} images could not be scored (rows with an error):")
             for reason, count in Counter(reason for _, reason in self.failures).most_common():
@@ -172,10 +180,13 @@ def open_batch_rows(done: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def plan_work(
-    n_images: int, batch_size: int, done: np.ndarray, ten_crop: np.ndarray, crop_size: int
+    n_images: int, batch_size: int, done: np.ndarray, ten_crop: np.ndarray, crop_size: int, robust: bool = False
 ) -> list[BatchWork]:
-    """One work item per batch with rows not yet done (with mixed crops: its center and ten-crop halves)."""
+    """One work item per batch with rows not yet done (with mixed crops: its center and ten-crop halves);
+    ``robust``: each item's recipe also makes the re-encoded copies (``RobustRecipe``)."""
     recipes = {crop: PixelRecipe(variants_of(crop), crop_size) for crop in (CENTER, TEN_CROP)}
+    if robust:
+        recipes = {crop: RobustRecipe(recipe) for crop, recipe in recipes.items()}
     work = []
     for start in range(0, n_images, batch_size):
         rows = np.arange(start, min(start + batch_size, n_images))
@@ -218,27 +229,46 @@ class PredictionCommitter:
         self.seconds = 0.0
         self.written = 0
         self.failures: list[tuple[str, str]] = []
+        self.unsure = 0
 
     def submit(self, finished: FinishedShard) -> None:
         start = time.perf_counter()
         item = self.work.pop(finished.shard)
-        names = item.recipe.names
+        robust = isinstance(item.recipe, RobustRecipe)
+        groups = item.recipe.groups() if robust else [item.recipe.names]
         tap = self.detector.spec.tap
-        logits = torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
-        scores = self.detector.scores(logits)
-        crop = TEN_CROP if len(names) > 1 else CENTER
+        scores = np.stack(
+            [
+                self.detector.scores(
+                    torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
+                )
+                for names in groups
+            ],
+            axis=1,
+        )
+        verdicts = robust_scores(scores, self.detector.threshold) if robust else None
+        crop = TEN_CROP if len(groups[0]) > 1 else CENTER
         batch = int(item.rows[0]) // self.batch_size
         rows = self.pending.setdefault(batch, [])
         for i, row in enumerate(item.rows.tolist()):
             if str(self.paths[row]) not in self.done:
-                score = float(scores[i]) if finished.valid[i] else None
-                rows.append((row, self.prediction_row(row, score, crop, finished.errors[i])))
+                score = float(scores[i, 0]) if finished.valid[i] else None
+                prediction = self.prediction_row(row, score, crop, finished.errors[i])
+                if verdicts is not None and score is not None:
+                    prediction = replace(
+                        prediction,
+                        score_min=float(verdicts.score_min[i]),
+                        score_max=float(verdicts.score_max[i]),
+                        verdict=verdicts.verdict[i],
+                    )
+                rows.append((row, prediction))
         self.parts[batch] -= 1
         if not self.parts[batch]:
             ordered = [prediction for _, prediction in sorted(self.pending.pop(batch), key=lambda pair: pair[0])]
             self.writer.write(ordered)
             self.written += len(ordered)
             self.failures += [(p.path, p.error) for p in ordered if p.score is None]
+            self.unsure += sum(p.verdict == UNSURE for p in ordered)
         self.seconds += time.perf_counter() - start
 
     def prediction_row(self, row: int, score: float | None, crop: str, error: str) -> PredictionRow:
@@ -298,7 +328,7 @@ def run_predict(
         threshold=config.threshold,
     )
     log(detector.describe())
-    writer = open_prediction_writer(config.out, stream)
+    writer = open_prediction_writer(config.out, stream, output_columns(config.robust))
     try:
         existing = list(writer.existing_rows())
         check_resumable(existing, detector, config.crop, config.out)
@@ -308,7 +338,7 @@ def run_predict(
         if config.crop == "auto":  # every image of a batch to compute, so that its halves are those of a full run
             rows = open_batch_rows(is_done, config.batch_size)
             ten_crop[rows] = ten_crop_rows(paths, rows, detector, config)
-        work = plan_work(len(paths), config.batch_size, is_done, ten_crop, detector.backbone.crop_size)
+        work = plan_work(len(paths), config.batch_size, is_done, ten_crop, detector.backbone.crop_size, config.robust)
         committer = PredictionCommitter(detector, paths, work, writer, done, config.batch_size)
         source = ImageSource(lambda row: paths[row], config.max_pixels, config.decode_workers)
         total = sum(len(item.rows) for item in work)
@@ -317,6 +347,7 @@ def run_predict(
     finally:
         writer.close()
     earlier = [(row.path, row.error) for row in existing if row.score is None]
+    unsure = sum(row.verdict == UNSURE for row in existing) + committer.unsure
     return PredictSummary(
         out=config.out,
         n_images=len(paths),
@@ -325,4 +356,5 @@ def run_predict(
         failures=tuple(earlier + committer.failures),
         seconds=time.perf_counter() - start,
         times=times,
+        n_unsure=unsure if config.robust else None,
     )

@@ -23,8 +23,8 @@ _MODULES = {
         "variant_group_of",
     ),
     "extract": ("run_extract",),
-    "images": ("IMAGE_EXTENSIONS", "ImageDecodeError", "convert_to_rgb_array", "decode_image"),
-    "image_headers": ("ImageHeader", "read_image_header"),
+    "images": ("IMAGE_EXTENSIONS", "ImageDecodeError", "convert_to_rgb_array", "decode_image", "decode_image_bytes"),
+    "image_headers": ("ImageHeader", "describe_file", "read_image_header"),
     "loop": ("BatchWork", "FinishedShard", "ForwardStep", "ImageSource", "PixelRecipe", "extract_shards"),
     "layouts": ("LAYOUTS", "LayoutConfig", "build_manifest"),
     "manifest": (
