@@ -198,8 +198,8 @@ def test_cache_verify_catches_a_truncated_shard_a_missing_flag_and_nan_rows(tmp_
     assert "3 problem(s) found" in result.output
 
     result = CliRunner().invoke(main, ["cache", "verify", str(store), "--reset-bad"])
-    assert result.exit_code == 1 and "reset 1 shard flag(s)" in result.output
-    assert cache.pending_shards(store, "center") == [0, 2]
+    assert result.exit_code == 1 and "reset 2 shard flag(s)" in result.output  # the damaged one and the NaN one
+    assert cache.pending_shards(store, "center") == [0, 1, 2]
 
 
 def test_cache_verify_says_ok_for_a_sound_store(tmp_path: Path) -> None:

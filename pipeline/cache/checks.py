@@ -9,8 +9,16 @@ import numpy as np
 import zarr
 
 from . import _shard_reader
-from .reading import ShardProblem, _read_flags, _row_chunk_problems, open_store_info, read_features, read_rows
-from .schema import StoreError, shard_bounds
+from .reading import (
+    ShardProblem,
+    _read_flags,
+    _row_chunk_problems,
+    open_store_info,
+    read_digests,
+    read_features,
+    read_rows,
+)
+from .schema import StoreError, StoreInfo, shard_bounds
 from .writing import unflag_shards
 
 
@@ -29,8 +37,10 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
     for name in names:
         array = zarr.open_array(path / "features" / name, mode="r")
         layout = _shard_reader.raw_shard_layout(array)
+        digests = read_digests(info, name)
         for shard in np.flatnonzero(info.shard_flags[name]).tolist():
-            for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard):
+            digest = _shard_reader.NO_DIGEST if digests is None else int(digests[shard])
+            for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard, digest):
                 problems.append(ShardProblem(f"features/{name}", shard, problem, name))
     return problems + _row_chunk_problems(info, names)
 
@@ -47,7 +57,12 @@ def verify_store(path: Path) -> list[str]:
 
 
 def reset_damaged_shards(path: Path) -> int:
-    """Clear the progress flags of committed shards whose files are missing, short or damaged; how many were cleared."""
+    """Clear the progress flags of the committed shards ``verify_store`` finds wrong; how many were cleared.
+
+    Damaged, missing, swapped or short files, unreadable ``valid``/``error``
+    chunks and valid rows holding NaN or Inf: the next ``pipeline extract``
+    rewrites those shards whole (never reading through the damaged files).
+    """
     damaged = _verify(Path(path))[1]
     unflag_shards(path, {variant: sorted(shards) for variant, shards in damaged.items()})
     return sum(len(shards) for shards in damaged.values())
@@ -64,6 +79,10 @@ def _verify(path: Path) -> tuple[list[str], dict[str, set[int]]]:
     try:
         rows = read_rows(path)
     except StoreError as error:
+        for shard in _unreadable_row_chunks(path, info):
+            for name in info.variants:
+                if info.shard_flags[name][shard]:
+                    damaged.setdefault(name, set()).add(shard)
         return [*problems, str(error)], damaged
     for name, values in (("labels", rows.labels), ("paths", rows.paths), ("valid", rows.valid)):
         if len(values) != info.n_rows:
@@ -94,9 +113,23 @@ def _verify(path: Path) -> tuple[list[str], dict[str, set[int]]]:
             valid_rows = np.flatnonzero(rows.valid[start:stop])
             bad = ~np.isfinite(values[valid_rows]).all(axis=(1, 2))
             if bad.any():
+                damaged.setdefault(name, set()).add(shard)
                 first = start + int(valid_rows[np.flatnonzero(bad)[0]])
                 problems.append(
                     f"{path}: features/{name} shard {shard}: {int(bad.sum())} valid row(s) hold NaN or Inf "
                     f"(first: row {first}, {rows.paths[first]})"
                 )
     return problems, damaged
+
+
+def _unreadable_row_chunks(path: Path, info: StoreInfo) -> list[int]:
+    """Shards whose ``valid`` or ``error`` chunk fails to read (checksum, truncation, garbage)."""
+    group = zarr.open_group(path, mode="r")
+    bad = []
+    for shard in range(info.n_shards):
+        start, stop = shard_bounds(shard, info.n_rows, info.identity.shard_rows)
+        try:
+            group["valid"][start:stop], group["error"][start:stop]
+        except (OSError, ValueError, RuntimeError):
+            bad.append(shard)
+    return bad
