@@ -11,12 +11,10 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
+from conftest import make_folder_dataset
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.features import build_manifest, run_extract, write_manifest
-from pipeline.features import BackboneConfig, ExtractConfig
-
-from conftest import make_folder_dataset
+from pipeline.features import BackboneConfig, ExtractConfig, build_manifest, run_extract, write_manifest
 
 N_BLOCKS, DIM = 3, 5
 
@@ -40,7 +38,9 @@ def recommit(path: Path, values: np.ndarray) -> None:
     """What `pipeline extract` does for every pending shard: commit it whole again."""
     for shard in cache.pending_shards(path, "center"):
         start, stop = cache.shard_bounds(shard, len(values), 8)
-        cache.commit_shard(path, shard, {"center": values[start:stop]}, np.ones(stop - start, bool), [""] * (stop - start))
+        cache.commit_shard(
+            path, shard, {"center": values[start:stop]}, np.ones(stop - start, bool), [""] * (stop - start)
+        )
 
 
 def store_files(path: Path) -> dict[str, bytes]:
@@ -127,7 +127,9 @@ def test_nan_rows_are_reset_and_re_extracted(tmp_path: Path) -> None:
     poisoned = values[8:16].copy()
     poisoned[3, 1, 1] = np.nan  # as a backbone gone wrong would commit it: checksums and digest all hold
     cache.commit_shard(path, 1, {"center": poisoned}, np.ones(8, bool), [""] * 8)
-    assert cache.verify_store(path) == [f"{path}: features/center shard 1: 1 valid row(s) hold NaN or Inf (first: row 11, 11.png)"]
+    assert cache.verify_store(path) == [
+        f"{path}: features/center shard 1: 1 valid row(s) hold NaN or Inf (first: row 11, 11.png)"
+    ]
     assert cache.reset_damaged_shards(path) == 1
     recommit(path, values)
     assert cache.verify_store(path) == [] and store_files(path) == clean

@@ -217,4 +217,7 @@ def test_an_export_with_short_label_arrays_is_an_error_line(store: Path, tmp_pat
         handle["labels"] = labels
         handle["labels"].attrs["crc32c"] = crc32c.crc32c(labels)
     result = invoke("cache", "import", out, tmp_path / "back.zarr", "--no-progress")
-    assert result.exit_code == 1 and result.output == f"Error: {out}: dataset /labels has {N_ROWS - 3} rows, the store {N_ROWS}\n"
+    assert (
+        result.exit_code == 1
+        and result.output == f"Error: {out}: dataset /labels has {N_ROWS - 3} rows, the store {N_ROWS}\n"
+    )

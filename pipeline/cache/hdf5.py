@@ -165,7 +165,9 @@ def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress:
         try:
             n_rows, variants = write_store_from(handle, source, tmp, progress)
         except (OSError, KeyError, TypeError) as error:  # h5py's own errors: a damaged or foreign file
-            raise HDF5Error(f"{source}: cannot be read as an exported store ({type(error).__name__}: {error})") from None
+            raise HDF5Error(
+                f"{source}: cannot be read as an exported store ({type(error).__name__}: {error})"
+            ) from None
         delete_store(store)  # --overwrite: the old store goes only once the new one is whole
     return TransferSummary(source, store, n_rows, variants)
 

@@ -14,7 +14,6 @@ from ..variants import VariantSpec
 from . import _shard_reader
 from .schema import SCHEMA, SCHEMA_PREFIX, RowTable, StoreError, StoreIdentity, StoreInfo, shard_count
 
-
 REPAIR_ADVICE = "repair it with `pipeline cache verify {path} --reset-bad`, then the same `pipeline extract` again"
 
 
