@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from conftest import make_folder_dataset
 from pipeline import cache
 from pipeline.cli import main
+from pipeline.variants import VariantSpec
 from pipeline.features import BackboneConfig, ExtractConfig, build_manifest, run_extract, write_manifest
 
 N_BLOCKS, DIM = 3, 5
@@ -181,3 +182,32 @@ def test_digests_are_recorded_with_each_flag(tmp_path: Path) -> None:
     path, _ = write_24(tmp_path / "s.zarr")
     digests = zarr.open_array(path / "digests" / "center", mode="r")[:]
     assert digests.dtype == np.int64 and (digests >= 0).all() and len(set(digests.tolist())) == 3
+
+
+METADATA_DAMAGE = {
+    "garbage-feature-zarr-json": lambda p: (p / "features/center/zarr.json").write_text("garbage"),
+    "deleted-features-folder": lambda p: shutil.rmtree(p / "features"),
+    "garbage-progress-zarr-json": lambda p: (p / "progress/center/zarr.json").write_text("{}"),
+    "garbled-progress-chunk": lambda p: (p / "progress/center/c/1").write_bytes(b"\x00" * 9),
+    "deleted-digests": lambda p: shutil.rmtree(p / "digests/center"),
+}
+
+
+@pytest.mark.parametrize("damage", list(METADATA_DAMAGE))
+def test_damaged_array_metadata_is_one_error_line_and_reset_bad_drops_the_variant(tmp_path: Path, damage: str) -> None:
+    path, values = write_24(tmp_path / "s.zarr")
+    clean = store_files(path)
+    METADATA_DAMAGE[damage](path)
+    if damage == "deleted-digests":  # read as a store of an earlier version: no digests to check
+        assert cache.verify_store(path) == []
+        return
+    result = CliRunner().invoke(main, ["cache", "verify", str(path)])
+    assert result.exit_code == 1 and result.output.strip().splitlines()[-1].startswith("Error: "), result.output
+    result = CliRunner().invoke(main, ["cache", "info", str(path)])
+    assert isinstance(result.exception, (SystemExit, type(None))), result.exception  # no traceback
+    with pytest.raises(cache.StoreError, match="cannot be (opened|read).*--reset-bad"):
+        cache.read_features(path, "center")
+    assert cache.reset_damaged_shards(path) == 3
+    cache.add_variant(path, VariantSpec.from_name("center"), N_BLOCKS, DIM)  # as `pipeline extract` does
+    recommit(path, values)
+    assert cache.verify_store(path) == [] and store_files(path) == clean

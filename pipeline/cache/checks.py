@@ -12,14 +12,15 @@ from . import _shard_reader
 from .reading import (
     ShardProblem,
     _read_flags,
+    open_array,
     _row_chunk_problems,
     open_store_info,
     read_digests,
     read_features,
     read_rows,
 )
-from .schema import StoreError, StoreInfo, shard_bounds
-from .writing import unflag_shards
+from .schema import StoreError, StoreInfo, shard_bounds, shard_count
+from .writing import drop_variants, unflag_shards
 
 
 def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[ShardProblem]:
@@ -35,7 +36,7 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
     names = list(info.variants) if variants is None else list(variants)
     problems: list[ShardProblem] = []
     for name in names:
-        array = zarr.open_array(path / "features" / name, mode="r")
+        array = open_array(path, f"features/{name}")
         layout = _shard_reader.raw_shard_layout(array)
         digests = read_digests(info, name)
         for shard in np.flatnonzero(info.shard_flags[name]).tolist():
@@ -48,11 +49,15 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
 def verify_store(path: Path) -> list[str]:
     """Check a store end to end; a list of what is wrong (empty when it is whole and sound).
 
-    Row arrays readable (their checksums verified by zarr) and aligned with
-    ``n_rows``; every variant complete, each committed shard's files present
-    with the sizes of their index, every chunk's CRC32C, no shard holding
-    data without its progress flag; no NaN or Inf in valid rows.
+    Every variant's arrays openable; row arrays readable (their checksums
+    verified by zarr) and aligned with ``n_rows``; every variant complete,
+    each committed shard's files present with the sizes of their index and
+    the digest recorded with its flag, every chunk's CRC32C, no shard
+    holding data without its progress flag; no NaN or Inf in valid rows.
     """
+    broken = _broken_variants(Path(path))
+    if broken:  # the other checks need every variant's arrays
+        return list(broken.values())
     return list(dict.fromkeys(_verify(Path(path))[0]))  # a lost row chunk is named once, not once per variant
 
 
@@ -62,8 +67,16 @@ def reset_damaged_shards(path: Path) -> int:
     Damaged, missing, swapped or short files, unreadable ``valid``/``error``
     chunks and valid rows holding NaN or Inf: the next ``pipeline extract``
     rewrites those shards whole (never reading through the damaged files).
+    A variant whose arrays cannot be opened (missing or garbage metadata) is
+    dropped whole, every one of its shards counted, and extracted anew.
     """
-    damaged = _verify(Path(path))[1]
+    path = Path(path)
+    broken = _broken_variants(path)
+    if broken:
+        n_rows, shard_rows = (zarr.open_group(path, mode="r").attrs[key] for key in ("n_rows", "shard_rows"))
+        drop_variants(path, list(broken))
+        return len(broken) * shard_count(n_rows, shard_rows)
+    damaged = _verify(path)[1]
     unflag_shards(path, {variant: sorted(shards) for variant, shards in damaged.items()})
     return sum(len(shards) for shards in damaged.values())
 
@@ -89,7 +102,7 @@ def _verify(path: Path) -> tuple[list[str], dict[str, set[int]]]:
             problems.append(f"{path}: array {name} has {len(values)} rows, the store {info.n_rows}")
     flags = _read_flags(path, list(info.variants), info.n_shards)
     for name in info.variants:
-        array = zarr.open_array(path / "features" / name, mode="r")
+        array = open_array(path, f"features/{name}")
         if array.shape[0] != info.n_rows:
             problems.append(f"{path}: features/{name} has {array.shape[0]} rows, the store {info.n_rows}")
             continue
@@ -133,3 +146,27 @@ def _unreadable_row_chunks(path: Path, info: StoreInfo) -> list[int]:
         except (OSError, ValueError, RuntimeError):
             bad.append(shard)
     return bad
+
+
+def _broken_variants(path: Path) -> dict[str, str]:
+    """{variant: what is wrong} for the variants whose feature, progress or digest arrays cannot be opened."""
+    try:
+        variants = dict(zarr.open_group(path, mode="r").attrs).get("variants", {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # open_store_info explains what is wrong with the group
+    broken = {}
+    for name in variants:
+        for array in (f"features/{name}", f"progress/{name}", f"digests/{name}"):
+            if array.startswith("digests/") and not (path / array).exists():
+                continue  # stores written before digests existed
+            try:
+                opened = open_array(path, array)
+                if not array.startswith("features/"):
+                    opened[:]  # one small chunk per shard: a damaged flag or digest is found here
+            except StoreError as error:
+                broken[name] = str(error)
+                break
+            except (OSError, ValueError, RuntimeError) as error:
+                broken[name] = f"{path}: array {array} cannot be read ({type(error).__name__}: {error})"
+                break
+    return broken

@@ -62,8 +62,11 @@ def _read_flags(path: Path, variants: Sequence[str], n_shards: int) -> dict[str,
     for name in variants:
         try:
             out[name] = np.asarray(zarr.open_array(path / "progress" / name, mode="r")[:], dtype=bool)
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{path}: array progress/{name} cannot be read ({error})") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StoreError(
+                f"{path}: array progress/{name} cannot be read ({error}); "
+                f"`pipeline cache verify {path} --reset-bad` resets its variant for the next `pipeline extract`"
+            ) from None
         if out[name].shape != (n_shards,):
             raise StoreError(f"{path}: array progress/{name} has shape {out[name].shape}, expected ({n_shards},)")
     return out
@@ -81,6 +84,17 @@ def read_digests(info: StoreInfo, variant: str) -> np.ndarray | None:
     if digests.shape != (info.n_shards,):
         raise StoreError(f"{info.path}: array digests/{variant} has shape {digests.shape}, expected ({info.n_shards},)")
     return np.where(info.shard_flags[variant], digests, _shard_reader.NO_DIGEST)
+
+
+def open_array(path: Path, name: str) -> zarr.Array:
+    """An array of a store, for reading; missing or unreadable metadata is a :class:`StoreError` naming it."""
+    try:
+        return zarr.open_array(Path(path) / name, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StoreError(
+            f"{path}: array {name} cannot be opened ({type(error).__name__}: {error}); "
+            f"`pipeline cache verify {path} --reset-bad` resets its variant for the next `pipeline extract`"
+        ) from None
 
 
 def check_identity(path: Path, wanted: StoreIdentity) -> None:
@@ -259,7 +273,7 @@ def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr
         raise StoreError(
             f"{info.path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction"
         )
-    return zarr.open_array(info.path / "features" / variant, mode="r")
+    return open_array(info.path, f"features/{variant}")
 
 
 def committed_rows(info: StoreInfo) -> np.ndarray:

@@ -360,3 +360,14 @@ def unflag_shards(path: Path, shards: Mapping[str, Sequence[int]]) -> None:
         for variant, numbers in shards.items():
             for shard in numbers:
                 group[f"progress/{variant}"][shard] = False
+
+
+def drop_variants(path: Path, names: Sequence[str]) -> None:
+    """Remove variants whole (their feature, progress and digest arrays, and their entry in the attributes)."""
+    path = Path(path)
+    with store_lock(path), disk_errors_explained(path):
+        for name in names:
+            for folder in ("features", "progress", "digests"):
+                remove_path(path / folder / name)
+        with _writable_group(path) as group:
+            group.attrs["variants"] = {k: v for k, v in group.attrs["variants"].items() if k not in names}
