@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from conftest import make_folder_dataset
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.variants import VariantSpec
 from pipeline.features import BackboneConfig, ExtractConfig, build_manifest, run_extract, write_manifest
+from pipeline.variants import VariantSpec
 
 N_BLOCKS, DIM = 3, 5
 

@@ -12,8 +12,8 @@ from . import _shard_reader
 from .reading import (
     ShardProblem,
     _read_flags,
-    open_array,
     _row_chunk_problems,
+    open_array,
     open_store_info,
     read_digests,
     read_features,
