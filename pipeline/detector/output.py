@@ -45,13 +45,18 @@ class PredictionRow:
     error: str
 
     def csv_fields(self) -> list[str]:
+        """The row as CSV cells, text cells neutralised for spreadsheets (:func:`spreadsheet_safe`)."""
         return [
-            "" if value is None else repr(value) if isinstance(value, float) else str(value) for value in astuple(self)
+            "" if value is None else repr(value) if isinstance(value, float) else spreadsheet_safe(str(value))
+            for value in astuple(self)
         ]
 
     @classmethod
     def from_csv_fields(cls, record: Sequence[str]) -> PredictionRow:
         path, score, label, threshold, name, crop, width, height, file_format, backbone, error = record
+        path, label, name, crop, file_format, backbone, error = map(
+            from_spreadsheet_safe, (path, label, name, crop, file_format, backbone, error)
+        )
         return cls(
             path,
             float(score) if score else None,
@@ -87,9 +92,25 @@ class PredictionWriter(Protocol):
     def close(self) -> None: ...
 
 
+# OWASP's CSV injection advice: a cell a spreadsheet could run as a formula starts with a single quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_ESCAPE = "'"
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a ``'`` put before a formula's first character (and before a leading ``'``, so it reverses)."""
+    return _ESCAPE + text if text.startswith((*FORMULA_STARTS, _ESCAPE)) else text
+
+
+def from_spreadsheet_safe(cell: str) -> str:
+    return cell[1:] if cell.startswith(_ESCAPE) else cell
+
+
 def csv_line(fields_: Sequence[str]) -> str:
+    """One CSV record; every cell quoted when one holds a carriage return (csv quotes only ``\n`` by itself)."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(fields_)
+    quoting = csv.QUOTE_ALL if any("\r" in field for field in fields_) else csv.QUOTE_MINIMAL
+    csv.writer(buffer, lineterminator="\n", quoting=quoting).writerow(fields_)
     return buffer.getvalue()
 
 
@@ -271,7 +292,10 @@ def parquet_schema() -> Any:
 
 
 def printable(path: str) -> str:
-    """A file name as valid UTF-8 (undecodable bytes as backslash escapes), as Parquet strings require."""
+    """A file name as valid UTF-8 (undecodable bytes as backslash escapes), as Parquet strings require.
+
+    Also the key by which a resumed run knows the images an output holds, whatever its format.
+    """
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

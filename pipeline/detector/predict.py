@@ -36,7 +36,7 @@ from ..features import (
 )
 from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, TEN_CROP
 from .detector import Detector, PredictError, variants_of
-from .output import PredictionRow, PredictionWriter, open_prediction_writer
+from .output import PredictionRow, PredictionWriter, open_prediction_writer, printable
 
 LIST_SUFFIXES = (".txt", ".lst")
 FAILURE_EXAMPLES = 10
@@ -105,7 +105,8 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            # every image-named entry, files or not: a link loop, a FIFO or a folder named x.jpg gets a row saying so
+            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
         elif item.suffix.lower() == ".csv":
             found.extend(read_path_csv(item))
         elif item.suffix.lower() in LIST_SUFFIXES:
@@ -223,7 +224,7 @@ class PredictionCommitter:
         batch = int(item.rows[0]) // self.batch_size
         rows = self.pending.setdefault(batch, [])
         for i, row in enumerate(item.rows.tolist()):
-            if str(self.paths[row]) not in self.done:
+            if printable(str(self.paths[row])) not in self.done:
                 score = float(scores[i]) if finished.valid[i] else None
                 rows.append((row, self.prediction_row(row, score, crop, finished.errors[i])))
         self.parts[batch] -= 1
@@ -289,8 +290,8 @@ def run_predict(
     try:
         existing = list(writer.existing_rows())
         check_resumable(existing, detector, config.crop, config.out)
-        done = {row.path for row in existing}
-        is_done = np.array([str(path) in done for path in paths], dtype=bool)
+        done = {printable(row.path) for row in existing}  # Parquet holds undecodable names escaped
+        is_done = np.array([printable(str(path)) in done for path in paths], dtype=bool)
         ten_crop = np.full(len(paths), config.crop == TEN_CROP)
         if config.crop == "auto":  # every image of a batch to compute, so that its halves are those of a full run
             rows = open_batch_rows(is_done, config.batch_size)

@@ -8,6 +8,7 @@ is ``augment.py``.
 
 from __future__ import annotations
 
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,13 +170,16 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
 
 
 def check_file_readable(path: Path) -> None:
-    """Raise ``ImageDecodeError`` if ``path`` is missing, not a file, or empty."""
+    """Raise ``ImageDecodeError`` if ``path`` is missing, not a regular file (never opened then), or empty."""
     try:
         if path.is_dir():
             raise ImageDecodeError("not a file (it is a directory)", path)
-        size = path.stat().st_size
+        status = path.stat()
+        size = status.st_size
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, a device never end
+            raise ImageDecodeError("not a regular file (a FIFO, socket or device)", path)
     except FileNotFoundError:
-        raise ImageDecodeError("missing file", path) from None
+        raise ImageDecodeError("broken symbolic link" if path.is_symlink() else "missing file", path) from None
     except PermissionError:
         raise ImageDecodeError("permission denied", path) from None
     except OSError as exc:
