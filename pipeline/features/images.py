@@ -247,7 +247,7 @@ def convert_to_rgb_array(image: Image.Image) -> np.ndarray:
     rows = max(1, _STRIP_PIXELS // max(1, width))
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
-        strip = image.crop((0, top, width, bottom))
+        strip = image if bottom - top == height else image.crop((0, top, width, bottom))  # small: no extra copy
         if image.mode in _WIDE_GREY_MODES:
             wide = np.asarray(strip)  # uint16 (I;16*) or int32 (I)
             if wide.dtype.kind == "i":
