@@ -11,7 +11,7 @@ from __future__ import annotations
 import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -165,30 +165,22 @@ def decoded_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
     path = Path(path)
     check_file_readable(path)
-    try:
-        with _PILLOW_LIMIT_SUSPENDED, Image.open(path) as image:
-            check_pixel_count(image.size, max_pixels, path)
-            budget = DECODE_BUDGET.hold(image.size[0] * image.size[1])
-            budget.__enter__()
-            try:
+    with ExitStack() as held:  # the budget, given back when the caller's block ends (or the decode fails)
+        try:
+            with _PILLOW_LIMIT_SUSPENDED, Image.open(path) as image:
+                check_pixel_count(image.size, max_pixels, path)
+                held.enter_context(DECODE_BUDGET.hold(image.size[0] * image.size[1]))
                 image.load()
                 pixels = convert_to_rgb_array(image)
-            except BaseException:
-                budget.__exit__(None, None, None)
-                raise
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (cannot identify format)", path) from None
-    except FileNotFoundError:
-        raise ImageDecodeError("missing file", path) from None
-    except Exception as exc:  # any decoder failure on a bad file becomes a reason
-        raise ImageDecodeError(describe_decode_failure(exc), path) from exc
-    try:
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not an image (cannot identify format)", path) from None
+        except FileNotFoundError:
+            raise ImageDecodeError("missing file", path) from None
+        except Exception as exc:  # any decoder failure on a bad file becomes a reason
+            raise ImageDecodeError(describe_decode_failure(exc), path) from exc
         yield pixels  # Pillow's copy is closed: only the RGB array is held now
-    finally:
-        del pixels
-        budget.__exit__(None, None, None)
 
 
 def check_file_readable(path: Path) -> None:
