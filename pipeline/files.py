@@ -34,6 +34,9 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 class WriteError(PipelineError, OSError):
     """A write the disk refused (full, read-only, no permission), naming the file."""
 
+    def __str__(self) -> str:  # the message alone: OSError's "[Errno N]" says nothing a user needs
+        return self.strerror or super().__str__()
+
 
 def explain_os_error(error: OSError, path: Path | str | None = None) -> str | None:
     """``<file>: <why> ...`` for a disk error a user can fix (full, read-only, denied), else None."""

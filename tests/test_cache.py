@@ -621,8 +621,8 @@ def test_verify_store_finds_a_truncated_shard_a_missing_flag_and_nan_rows(tmp_pa
     assert f"{path}: features/center shard 1 holds data but has no progress flag" in "\n".join(problems)
     assert any("NaN or Inf" in p for p in problems)
 
-    assert cache.reset_damaged_shards(path) == 1
-    assert cache.pending_shards(path, "view_000") == [2] and cache.pending_shards(path, "center") == [1]
+    assert cache.reset_damaged_shards(path) == 2  # the truncated shard and the one holding NaN
+    assert cache.pending_shards(path, "view_000") == [2] and cache.pending_shards(path, "center") == [0, 1]
 
 
 def test_commit_writes_durably_and_the_flag_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -644,11 +644,16 @@ def test_commit_writes_durably_and_the_flag_last(tmp_path: Path, monkeypatch: py
     relative = [p.relative_to(path).as_posix() if p.is_relative_to(path) else str(p) for p in written]
     files_synced = [r for r in relative if files.TEMPORARY_NAME.match(Path(r).name)]
     assert [Path(r).parent.as_posix() for r in files_synced] == [
-        "features/center/c/1/0", "valid/c", "error/c", "progress/center/c"
+        "features/center/c/1/0", "valid/c", "error/c", "digests/center/c", "progress/center/c"
     ]  # fmt: skip
-    for folder in ("features/center/c/1/0", "valid/c", "error/c", "progress/center/c"):
+    for folder in ("features/center/c/1/0", "valid/c", "error/c", "digests/center/c", "progress/center/c"):
         assert folder in relative, relative  # the folder of every renamed file is synced too
-    assert relative.index("progress/center/c") > relative.index("error/c") > relative.index("features/center/c/1/0")
+    assert (
+        relative.index("progress/center/c")
+        > relative.index("digests/center/c")
+        > relative.index("error/c")
+        > relative.index("features/center/c/1/0")
+    )
 
 
 # ---------------------------------------------------------------- deleting, temporaries, concurrency

@@ -19,7 +19,7 @@ from conftest import make_folder_dataset, throttled_environment
 from pipeline import cache, files
 from pipeline.cli import main
 from pipeline.features import build_manifest, write_manifest
-from pipeline.features.claims import ShardClaims
+from pipeline.features.claims import ClaimError, ShardClaims
 from pipeline.features.distribute import shard_order
 
 N_SHARDS = 10  # 40 images in shards of 4
@@ -37,6 +37,16 @@ def test_claims_are_all_or_nothing_and_released(tmp_path: Path) -> None:
         mine.release([a])
         assert not a.exists() and theirs.try_claim([a])
     assert not a.exists() and not b.exists()  # released on exit
+
+
+def test_a_claim_path_that_is_a_folder_is_one_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "center-3").mkdir()
+    with (
+        ShardClaims(rank=0) as claims,
+        pytest.raises(ClaimError, match=r"center-3: not a claim file \(Is a directory\)"),
+    ):
+        claims.try_claim([tmp_path / "center-2", tmp_path / "center-3"])
+    assert not (tmp_path / "center-2").exists()  # all or nothing
 
 
 def test_a_claim_of_a_dead_process_is_taken_over_and_a_live_one_on_another_machine_only_when_stale(
@@ -198,8 +208,8 @@ def test_cache_verify_catches_a_truncated_shard_a_missing_flag_and_nan_rows(tmp_
     assert "3 problem(s) found" in result.output
 
     result = CliRunner().invoke(main, ["cache", "verify", str(store), "--reset-bad"])
-    assert result.exit_code == 1 and "reset 1 shard flag(s)" in result.output
-    assert cache.pending_shards(store, "center") == [0, 2]
+    assert result.exit_code == 1 and "reset 2 shard flag(s)" in result.output  # the damaged one and the NaN one
+    assert cache.pending_shards(store, "center") == [0, 1, 2]
 
 
 def test_cache_verify_says_ok_for_a_sound_store(tmp_path: Path) -> None:

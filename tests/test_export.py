@@ -272,3 +272,46 @@ def test_a_detector_repo_id_loads_from_a_prefilled_offline_cache(trained_predict
     output = invoke("predict", str(images[0]), "--head", "test-org/missing", "--revision", "v2", code=1)
     assert "test-org/missing (revision v2): no such local path" in output and "HF_HUB_OFFLINE" in output
     assert "huggingface-cli download test-org/missing --revision v2" in output
+
+
+# ---------------------------------------------------------------- issue 24: outputs safe to open, no traceback
+
+
+HOSTILE = ("<script>alert(1)</script>", "<img src=x onerror=alert(2)>", "[click](javascript:alert(3)) | cell")
+
+
+def test_the_model_card_escapes_dataset_split_and_config_text(trained_predict_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_predict_run["run"], run)
+    metrics = (run / "metrics.csv").read_text()
+    lines = metrics.splitlines()
+    header = lines[0].split(",")
+    column = header.index("dataset")
+    hostile_lines = [lines[0]]
+    for index, line in enumerate(lines[1:]):
+        cells = line.split(",")
+        cells[column] = '"' + HOSTILE[index % len(HOSTILE)] + '"'
+        hostile_lines.append(",".join(cells))
+    (run / "metrics.csv").write_text("\n".join(hostile_lines) + "\n")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["run"]["note"] = "<b onmouseover=alert(4)>x</b>"
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "card"
+    run_export(ExportConfig(run, out))
+    card = (out / "README.md").read_text()
+    for raw in ("<script", "<img", "<b ", "[click](javascript:"):
+        assert raw not in card, raw
+    assert "| &lt;script&gt;alert(1)&lt;/script&gt; |" in card and "&lt;b onmouseover=alert(4)&gt;x&lt;/b&gt;" in card
+    assert "&lt;img src=x onerror=alert(2)&gt;" in card and "\\[click\\](javascript:alert(3)) \\| cell" in card
+
+
+def test_export_through_a_symbolic_link_is_one_error_line(trained_predict_run, tmp_path):
+    real = tmp_path / "real"
+    run_export(ExportConfig(trained_predict_run["run"], real))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    output = invoke("export", str(trained_predict_run["run"]), "--out", str(link), "--overwrite", code=1)
+    assert output.startswith(f"Error: {link}: is a symbolic link") and output.count("\n") == 1
+    assert link.is_symlink() and (real / "README.md").is_file()  # both untouched

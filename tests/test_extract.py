@@ -318,13 +318,13 @@ def test_image_source_decodes_each_image_once_in_order_and_records_bad_files(
     files[3].write_bytes(b"")
     files[5] = tmp_path / "gone.png"
     decoded = []
-    original = images.decode_image
+    original = images.decoded_image
 
-    def counting(path: Path, max_pixels: int) -> np.ndarray:
+    def counting(path: Path, max_pixels: int):
         decoded.append(path)
         return original(path, max_pixels)
 
-    monkeypatch.setattr(images, "decode_image", counting)
+    monkeypatch.setattr(images, "decoded_image", counting)
     recipe = PixelRecipe((VariantSpec.center(), *ten_crop_variants()), CROP)
     work = plan_batches({0: recipe, 1: recipe}, n_rows=7, shard_rows=4, batch_size=2)
     source = ImageSource(lambda row: files[row], DEFAULT_MAX_PIXELS, workers=2)

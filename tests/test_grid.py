@@ -256,6 +256,12 @@ def test_a_dask_cluster_without_dask_installed_says_what_to_install(stores, tmp_
     ("options", "message"),
     [
         (["--scheduler", "local:0"], "local:N with N >= 1"),
+        (["--scheduler", "local:1000000"], "this machine has"),
+        (["--scheduler", "garbage"], "not a scheduler address"),
+        (["--scheduler", ""], "not a scheduler address"),
+        (["--scheduler", "tcp://"], "not a scheduler address"),
+        (["--scheduler", "inproc://x"], "not a scheduler address"),
+        (["--scheduler", "tcp://head:99999"], "not a scheduler address"),
         (["--devices", "cuda:99"], "CUDA device"),
         (["--devices", "cpu", "--scheduler", "local:2"], "exclusive"),
         (["--jobs", "2", "--scheduler", "local:2"], "--jobs"),
@@ -265,7 +271,13 @@ def test_bad_cluster_options_are_refused(stores, tmp_path, options, message):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(grid_text(stores, tmp_path / "g"))
     result = CliRunner().invoke(main, ["fit", "--grid", str(grid_file), "--no-progress", *options])
-    assert result.exit_code == 2 and message in result.output
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "g").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("address", ["tcp://head:8786", "head:8786", "tls://10.0.0.1:8786", "tcp://[::1]:8786"])
+def test_scheduler_addresses_dask_reaches_are_accepted(address: str) -> None:
+    assert ClusterConfig(scheduler=address).local_ram_sharers() == 0
 
 
 def test_an_unreachable_scheduler_is_an_error_naming_it(stores, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import crc32c
 import h5py
 import numpy as np
 import pytest
@@ -133,3 +134,90 @@ def test_an_interrupted_export_leaves_no_file(store: Path, tmp_path: Path, monke
     with pytest.raises(KeyboardInterrupt):
         hdf5.export_hdf5(store, out, progress=False)
     assert list(tmp_path.glob("*.h5*")) == [] and list(tmp_path.glob(".*")) == []
+
+
+# ---------------------------------------------------------------- never overwrite, never trust (issue 24)
+
+
+def test_export_refuses_an_existing_file_unless_overwrite(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mine.h5"
+    out.write_bytes(b"a user's file")
+    result = invoke("cache", "export", store, out, "--no-progress")
+    assert result.exit_code == 1 and f"{out} exists; pass --overwrite" in result.output
+    assert out.read_bytes() == b"a user's file"
+    assert invoke("cache", "export", store, out, "--overwrite", "--no-progress").exit_code == 0
+    assert h5py.File(out, "r")["labels"].shape == (N_ROWS,)
+
+
+def test_export_overwrite_through_a_link_replaces_the_link_not_its_target(store: Path, tmp_path: Path) -> None:
+    target, link = tmp_path / "target.txt", tmp_path / "link.h5"
+    target.write_text("keep me")
+    link.symlink_to(target)
+    assert "exists; pass --overwrite" in invoke("cache", "export", store, link, "--no-progress").output
+    result = invoke("cache", "export", store, link, "--overwrite", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == "keep me" and not link.is_symlink() and h5py.is_hdf5(link)
+    folder = tmp_path / "folder.h5"
+    folder.mkdir()
+    result = invoke("cache", "export", store, folder, "--overwrite", "--no-progress")
+    assert result.exit_code == 2 and "is a directory" in result.output and "Traceback" not in result.output
+
+
+def test_every_exported_dataset_carries_a_checksum(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    hdf5.export_hdf5(store, out, progress=False)
+    with h5py.File(out, "r") as handle:
+        features = handle["features/center"]
+        assert features.fletcher32 and handle["labels"].fletcher32
+        assert int(features.attrs["crc32c"]) == crc32c.crc32c(np.ascontiguousarray(features[:]))
+        assert all("crc32c" in handle[name].attrs for name in ("labels", "paths", "dataset", "class", "valid", "error"))
+
+
+def flip_feature_bytes(path: Path) -> None:
+    with h5py.File(path, "r") as handle:
+        offset = handle["features/center"].id.get_chunk_info(1).byte_offset
+    with open(path, "r+b") as raw:
+        raw.seek(offset + 5)
+        byte = raw.read(1)
+        raw.seek(offset + 5)
+        raw.write(bytes([byte[0] ^ 0x40]))
+
+
+def rewrite_a_row(path: Path) -> None:  # as another tool would: HDF5's own filter checksums stay valid
+    with h5py.File(path, "r+") as handle:
+        handle["features/center"][3] = handle["features/center"][4]
+
+
+def rename_a_path(path: Path) -> None:
+    with h5py.File(path, "r+") as handle:
+        paths = handle["paths"].asstr()[:]
+        paths[0] = "elsewhere.png"
+        handle["paths"][...] = paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tamper", [flip_feature_bytes, rewrite_a_row, rename_a_path])
+def test_a_tampered_export_is_refused_and_nothing_is_imported(store: Path, tmp_path: Path, tamper) -> None:
+    out = tmp_path / "s.h5"
+    hdf5.export_hdf5(store, out, progress=False)
+    tamper(out)
+    result = invoke("cache", "import", out, tmp_path / "back.zarr", "--no-progress")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {out}: ") and result.output.count("\n") == 1, result.output
+    assert "checksum" in result.output or "cannot be read" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5", "test_gan.zarr"]  # no store, no temporary
+
+
+def test_an_export_with_short_label_arrays_is_an_error_line(store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s.h5"
+    hdf5.export_hdf5(store, out, progress=False)
+    with h5py.File(out, "r+") as handle:
+        labels = handle["labels"][:-3]
+        del handle["labels"]
+        handle["labels"] = labels
+        handle["labels"].attrs["crc32c"] = crc32c.crc32c(labels)
+    result = invoke("cache", "import", out, tmp_path / "back.zarr", "--no-progress")
+    assert (
+        result.exit_code == 1
+        and result.output == f"Error: {out}: dataset /labels has {N_ROWS - 3} rows, the store {N_ROWS}\n"
+    )

@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.heads.head import CheckpointError, FastDropout, RineHead, count_parameters, load_official_checkpoint
+from pipeline.heads.head import (
+    CheckpointError,
+    FastDropout,
+    RineHead,
+    count_parameters,
+    load_head,
+    load_official_checkpoint,
+    save_head,
+)
 
 CHECKPOINT = Path(__file__).parent / "data" / "rine_2class_trainable.pth"  # provenance: tests/data/README.md
 
@@ -264,3 +272,64 @@ def test_tie_block_weights_are_the_softmax_over_blocks_and_do_not_depend_on_the_
             assert torch.equal(block_weights(alpha), weights), threads
     finally:
         torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- heads that cannot be trusted (issue 24)
+
+
+def saved_head(tmp_path: Path, **metadata: str) -> tuple[Path, RineHead]:
+    torch.manual_seed(0)
+    head = RineHead(n_blocks=3, in_dim=8, proj_dim=4, proj_layers=1)
+    path = tmp_path / "head.safetensors"
+    save_head(head, path, {"note": "test"})
+    if metadata:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            old = handle.metadata()
+        save_file(load_file(str(path)), str(path), metadata={**old, **metadata})
+    return path, head
+
+
+def test_a_saved_head_loads_back_equal(tmp_path: Path) -> None:
+    path, head = saved_head(tmp_path)
+    loaded, metadata = load_head(path)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(loaded(x)[0], head.eval()(x)[0])
+    assert metadata["note"] == "test"
+
+
+def test_a_head_with_nan_weights_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path, head = saved_head(tmp_path)
+    state = {key: value.clone() for key, value in head.state_dict().items()}
+    state["proj1.1.weight"][0, 0] = float("nan")
+    state["alpha"][0, 1, 1] = float("inf")
+    from safetensors.torch import save_file
+
+    save_file(state, str(path), metadata={"n_blocks": "3", "in_dim": "8", "proj_dim": "4", "proj_layers": "1",
+                                           "aggregation": "tie"})  # fmt: skip
+    with pytest.raises(CheckpointError, match=rf"^{path}: weights hold NaN or Inf \(alpha, proj1.1.weight\)"):
+        load_head(path)
+    torch.save(state, tmp_path / "official.pth")
+    with pytest.raises(CheckpointError, match="official.pth: weights hold NaN or Inf"):
+        load_official_checkpoint(tmp_path / "official.pth")
+
+
+@pytest.mark.parametrize(
+    ("metadata", "says"),
+    [
+        ({"in_dim": str(10**12)}, r"inconsistent shapes: .*proj1.1.weight"),  # would allocate petabytes
+        ({"n_blocks": "7"}, r"inconsistent shapes: alpha"),
+        ({"proj_layers": "3"}, r"missing keys"),
+        ({"proj_dim": "-4"}, r"metadata incomplete or invalid"),
+        ({"in_dim": "eight"}, r"metadata incomplete or invalid"),
+        ({"aggregation": "max"}, r"metadata incomplete or invalid"),
+    ],
+)
+def test_metadata_that_does_not_match_the_tensors_is_refused_before_allocating(
+    tmp_path: Path, metadata: dict, says: str
+) -> None:
+    path, _ = saved_head(tmp_path, **metadata)
+    with pytest.raises(CheckpointError, match=rf"^{path}: .*{says}"):
+        load_head(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -332,12 +333,36 @@ def test_symlinks_are_followed_and_loops_refused(tmp_path: Path) -> None:
         ("set/1_fake/linked/h.png", 1, "set", None),
     ]
     (root / "set/0_real/broken.png").symlink_to(tmp_path / "nowhere.png")
-    with pytest.raises(ManifestError, match="broken.png: broken symbolic link"):
-        build_manifest("folder", root, "s")
-    (root / "set/0_real/broken.png").unlink()
     (root / "set/0_real/loop").symlink_to(root / "set/0_real", target_is_directory=True)
-    with pytest.raises(ManifestError, match="symbolic link loop"):
-        build_manifest("folder", root, "s")
+    (root / "set/0_real/self.jpg").symlink_to(root / "set/0_real/self.jpg")
+    (root / "set/1_fake/ping.png").symlink_to(root / "set/1_fake/pong.png")
+    (root / "set/1_fake/pong.png").symlink_to(root / "set/1_fake/ping.png")
+    os.mkfifo(root / "set/1_fake/pipe.png")
+    manifest = build_manifest("folder", root, "s")  # recorded, and the manifest goes on
+    assert len(manifest.rows) == 3
+    assert manifest.skipped == (
+        ("set/0_real/broken.png", "broken symbolic link"),
+        ("set/0_real/loop", "symbolic link loop back to a parent folder"),
+        ("set/0_real/self.jpg", "symbolic link loop (Too many levels of symbolic links)"),
+        ("set/1_fake/ping.png", "symbolic link loop (Too many levels of symbolic links)"),
+        ("set/1_fake/pipe.png", "not a regular file (a FIFO, socket or device)"),
+        ("set/1_fake/pong.png", "symbolic link loop (Too many levels of symbolic links)"),
+    )
+
+
+def test_the_manifest_command_records_a_link_loop_and_goes_on(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    touch(tmp_path, "d/0_real/r.png")
+    touch(tmp_path, "d/1_fake/f.png")
+    (tmp_path / "d/0_real/loop.jpg").symlink_to(tmp_path / "d/0_real/loop.jpg")
+    args = ["manifest", "--layout", "folder", "--root", str(tmp_path / "d"), "--split", "s"]
+    result = CliRunner().invoke(main, [*args, "--manifests-dir", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "1 file(s) skipped" in result.output and "loop.jpg" in result.output
+    assert (tmp_path / "m" / "s.csv").read_text().count("\n") == 3  # header and two rows
 
 
 # ------------------------------------------------------------------ LDM training setting

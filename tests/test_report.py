@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import html.parser
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -978,3 +980,22 @@ def test_the_ranked_view_orders_every_config_by_val_and_keeps_the_selected(grids
     assert val == sorted(val, reverse=True)  # the best-by-val rule reads the top
     assert selected <= {run_key(run) for run in runs}  # every selected config is shown, even beyond MAX_ROWS
     assert (report.out / "ranked.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("code", "text"), [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only file system")]
+)
+def test_a_full_or_read_only_output_folder_is_one_error_line(grids, tmp_path, monkeypatch, code, text) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    def refuse(src: object, dst: object) -> None:
+        raise OSError(code, text, str(dst))  # as the kernel reports it when the report's first file lands
+
+    monkeypatch.setattr(os, "replace", refuse)
+    out = tmp_path / "reports"
+    result = CliRunner().invoke(main, ["report", str(grids[0]), "--out", str(out), "--no-plots", "--no-html"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.exception
+    (line,) = result.output.strip().splitlines()[-1:]
+    assert line.startswith(f"Error: {out}/") and f"cannot write ({text})" in line, result.output

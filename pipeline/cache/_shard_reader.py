@@ -27,6 +27,7 @@ _PIECE_BYTES = 1 << 20  # a chunk is checksummed and copied in pieces that stay 
 _PAGE_BYTES = 4096
 _CRC_BYTES = 4
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map every page at once (Linux): far fewer page faults
+NO_DIGEST = -1  # the fill value of ``digests/<variant>``: no digest recorded (shard not committed)
 VERIFY_CHUNK_CHECKSUMS = True  # off only in benchmarks/bench_read.py, to measure what verifying costs
 
 
@@ -140,8 +141,13 @@ def read_shard_index(file: Path, shard: int, geometry: _Geometry) -> np.ndarray 
     return index
 
 
-def shard_file_problems(array_dir: Path, layout: ShardLayout | None, array: zarr.Array, shard: int) -> list[str]:
-    """What is wrong with a committed shard's file, without reading its data (empty when nothing)."""
+def shard_file_problems(
+    array_dir: Path, layout: ShardLayout | None, array: zarr.Array, shard: int, digest: int = NO_DIGEST
+) -> list[str]:
+    """What is wrong with a committed shard's file, without reading its data (empty when nothing).
+
+    ``digest``, when recorded, is the one :func:`shard_digest` gave when the shard was committed.
+    """
     file = shard_file(array_dir, shard, array.ndim)
     if layout is None:
         return [] if file.exists() else [f"file {file} is missing"]
@@ -159,7 +165,54 @@ def shard_file_problems(array_dir: Path, layout: ShardLayout | None, array: zarr
             problems.append(f"chunk {local} is missing from {file}")
         elif nbytes != geometry.stored_chunk_bytes:
             problems.append(f"chunk {local} of {file} has {nbytes} bytes, expected {geometry.stored_chunk_bytes}")
+    if not problems:
+        try:
+            check_digest(file, shard, geometry, index, digest)
+        except ShardFileError as error:
+            problems.append(str(error).removeprefix(f"shard {shard}: "))
     return problems
+
+
+def _digest_of(file: Path, shard: int, geometry: _Geometry, index: np.ndarray) -> int:
+    """CRC32C of the index (offsets, lengths, its checksum) and of every in-range chunk's stored CRC32C.
+
+    The chunks' checksums stand for their contents (every read verifies a
+    chunk against its checksum), so the digest names what the file holds.
+    """
+    with open(file, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        handle.seek(size - geometry.index_bytes if geometry.layout.index_at_end else 0)
+        digest = crc32c.crc32c(handle.read(geometry.index_bytes))
+        for local in range(geometry.chunks_in_range(shard)):
+            offset = int(index[local, 0])
+            if offset == _EMPTY_CHUNK:
+                continue
+            if geometry.layout.chunk_crc:
+                handle.seek(offset + geometry.chunk_bytes)
+                digest = crc32c.crc32c(handle.read(_CRC_BYTES), digest)
+            else:
+                handle.seek(offset)
+                digest = crc32c.crc32c(crc32c.crc32c(handle.read(geometry.chunk_bytes)).to_bytes(4, "little"), digest)
+    return digest
+
+
+def shard_digest(array_dir: Path, layout: ShardLayout, array: zarr.Array, shard: int) -> int:
+    """The digest of a shard file as it is on disk (recorded with the shard's progress flag when committed)."""
+    file = shard_file(array_dir, shard, array.ndim)
+    geometry = _geometry(layout, array)
+    index = read_shard_index(file, shard, geometry)
+    if index is None:
+        raise ShardFileError(f"shard {shard}: file {file} is missing")
+    return _digest_of(file, shard, geometry, index)
+
+
+def check_digest(file: Path, shard: int, geometry: _Geometry, index: np.ndarray, digest: int) -> None:
+    """Refuse a shard file whose digest is not the one recorded for ``shard`` (a file moved, swapped or copied)."""
+    if digest != NO_DIGEST and _digest_of(file, shard, geometry, index) != digest:
+        raise ShardFileError(
+            f"shard {shard}: file {file} does not hold the rows committed as shard {shard} (its digest differs "
+            "from the one recorded with the progress flag: a shard file swapped, moved or copied from elsewhere?)"
+        )
 
 
 @dataclass(frozen=True)
@@ -182,19 +235,22 @@ def read_raw(
     row_index: np.ndarray,
     out: np.ndarray,
     committed: np.ndarray | None = None,
+    digests: np.ndarray | None = None,
 ) -> None:
     """Fill ``out`` with the rows ``row_index`` from the shard files, verifying what is read.
 
     ``committed`` (per shard, bool) marks the shards whose files must exist
     whole; ``None`` treats every absent file or chunk as the fill value.
+    ``digests`` (per shard, ``NO_DIGEST`` where none is recorded) are checked
+    against the files (:func:`check_digest`).
     """
     geometry = _geometry(layout, array)
     if not out.flags.c_contiguous:
         contiguous = np.empty(out.shape, dtype=out.dtype)
-        read_raw(array_dir, layout, array, row_index, contiguous, committed)
+        read_raw(array_dir, layout, array, row_index, contiguous, committed, digests)
         out[...] = contiguous
         return
-    reads, empty = _plan_reads(array_dir, geometry, array.ndim, row_index, committed)
+    reads, empty = _plan_reads(array_dir, geometry, array.ndim, row_index, committed, digests)
     fill = np.asarray(array.fill_value, dtype=array.dtype)
     for lo, hi in empty:
         out[lo:hi] = fill
@@ -211,7 +267,12 @@ def read_raw(
 
 
 def _plan_reads(
-    array_dir: Path, geometry: _Geometry, ndim: int, row_index: np.ndarray, committed: np.ndarray | None
+    array_dir: Path,
+    geometry: _Geometry,
+    ndim: int,
+    row_index: np.ndarray,
+    committed: np.ndarray | None,
+    digests: np.ndarray | None = None,
 ) -> tuple[list[_ChunkRead], list[tuple[int, int]]]:
     """One read per stored chunk holding wanted rows; and the ``out`` row ranges of chunks holding none (fill value)."""
     layout = geometry.layout
@@ -225,6 +286,8 @@ def _plan_reads(
         indexes[shard] = read_shard_index(file, shard, geometry)
         if indexes[shard] is None and committed is not None and committed[shard]:
             raise ShardFileError(f"shard {shard}: file {file} is missing, but the shard is marked done")
+        if indexes[shard] is not None and digests is not None:
+            check_digest(file, shard, geometry, indexes[shard], int(digests[shard]))
     reads: list[_ChunkRead] = []
     empty: list[tuple[int, int]] = []
     for lo, hi in zip(starts.tolist(), stops.tolist()):
@@ -310,8 +373,11 @@ class ShardRowGatherer:
     index or a chunk that fails its checksum raises ``ShardFileError``.
     """
 
-    def __init__(self, array_dir: Path, layout: ShardLayout, array: zarr.Array) -> None:
+    def __init__(
+        self, array_dir: Path, layout: ShardLayout, array: zarr.Array, digests: np.ndarray | None = None
+    ) -> None:
         self.array_dir = Path(array_dir)
+        self.digests = digests
         self.geometry = _geometry(layout, array)
         self.ndim = array.ndim
         self._lock = threading.Lock()
@@ -397,6 +463,8 @@ class ShardRowGatherer:
                 raise ShardFileError(
                     f"shard {shard}: chunk {local} of {file} has {nbytes} bytes, expected {geometry.stored_chunk_bytes}"
                 )
+        if self.digests is not None:
+            check_digest(file, shard, geometry, index, int(self.digests[shard]))
         offsets = index[:, 0].astype(np.int64)
         with self._lock:
             self._offsets[shard] = offsets

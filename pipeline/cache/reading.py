@@ -14,6 +14,8 @@ from ..variants import VariantSpec
 from . import _shard_reader
 from .schema import SCHEMA, SCHEMA_PREFIX, RowTable, StoreError, StoreIdentity, StoreInfo, shard_count
 
+REPAIR_ADVICE = "repair it with `pipeline cache verify {path} --reset-bad`, then the same `pipeline extract` again"
+
 
 def open_store_info(path: Path) -> StoreInfo:
     """Read and type a store's attributes, with clear errors for non-stores and older schemas."""
@@ -60,11 +62,39 @@ def _read_flags(path: Path, variants: Sequence[str], n_shards: int) -> dict[str,
     for name in variants:
         try:
             out[name] = np.asarray(zarr.open_array(path / "progress" / name, mode="r")[:], dtype=bool)
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{path}: array progress/{name} cannot be read ({error})") from None
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise StoreError(
+                f"{path}: array progress/{name} cannot be read ({error}); "
+                f"`pipeline cache verify {path} --reset-bad` resets its variant for the next `pipeline extract`"
+            ) from None
         if out[name].shape != (n_shards,):
             raise StoreError(f"{path}: array progress/{name} has shape {out[name].shape}, expected ({n_shards},)")
     return out
+
+
+def read_digests(info: StoreInfo, variant: str) -> np.ndarray | None:
+    """The digests recorded with the committed shards of a variant (``NO_DIGEST`` elsewhere); None in older stores."""
+    folder = info.path / "digests" / variant
+    if not (folder / "zarr.json").is_file():
+        return None
+    try:
+        digests = np.asarray(zarr.open_array(folder, mode="r")[:], dtype=np.int64)
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{info.path}: array digests/{variant} cannot be read ({error})") from None
+    if digests.shape != (info.n_shards,):
+        raise StoreError(f"{info.path}: array digests/{variant} has shape {digests.shape}, expected ({info.n_shards},)")
+    return np.where(info.shard_flags[variant], digests, _shard_reader.NO_DIGEST)
+
+
+def open_array(path: Path, name: str) -> zarr.Array:
+    """An array of a store, for reading; missing or unreadable metadata is a :class:`StoreError` naming it."""
+    try:
+        return zarr.open_array(Path(path) / name, mode="r")
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise StoreError(
+            f"{path}: array {name} cannot be opened ({type(error).__name__}: {error}); "
+            f"`pipeline cache verify {path} --reset-bad` resets its variant for the next `pipeline extract`"
+        ) from None
 
 
 def check_identity(path: Path, wanted: StoreIdentity) -> None:
@@ -168,9 +198,10 @@ def read_features(
             out[...] = array.get_orthogonal_selection((row_index,))
         else:
             committed = info.shard_flags[variant]
-            _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out, committed)
+            digests = read_digests(info, variant)
+            _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out, committed, digests)
     except _shard_reader.ShardFileError as error:
-        raise StoreError(f"{path}: features/{variant} {error}") from None
+        raise StoreError(f"{path}: features/{variant} {error}; {REPAIR_ADVICE.format(path=path)}") from None
     except (OSError, ValueError) as error:
         raise StoreError(f"{path}: features/{variant} cannot be read ({type(error).__name__}: {error})") from None
     return out
@@ -186,7 +217,7 @@ class FeatureRows:
     through ``zarr`` (slow, the same values). Safe to share between threads.
     """
 
-    def __init__(self, path: Path, variant: str, array: zarr.Array) -> None:
+    def __init__(self, path: Path, variant: str, array: zarr.Array, digests: np.ndarray | None = None) -> None:
         self.path = Path(path)
         self.variant = variant
         self.shape: tuple[int, ...] = tuple(array.shape)
@@ -194,7 +225,7 @@ class FeatureRows:
         self._array = array
         layout = _shard_reader.raw_shard_layout(array)
         array_dir = self.path / "features" / variant
-        self._gatherer = None if layout is None else _shard_reader.ShardRowGatherer(array_dir, layout, array)
+        self._gatherer = None if layout is None else _shard_reader.ShardRowGatherer(array_dir, layout, array, digests)
 
     @property
     def nbytes(self) -> int:
@@ -217,7 +248,9 @@ class FeatureRows:
             else:
                 self._gatherer.gather(rows, out)
         except _shard_reader.ShardFileError as error:
-            raise StoreError(f"{self.path}: features/{self.variant} {error}") from None
+            raise StoreError(
+                f"{self.path}: features/{self.variant} {error}; {REPAIR_ADVICE.format(path=self.path)}"
+            ) from None
         except (OSError, ValueError) as error:
             raise StoreError(
                 f"{self.path}: features/{self.variant} cannot be read ({type(error).__name__}: {error})"
@@ -227,8 +260,8 @@ class FeatureRows:
 
 def open_feature_rows(path: Path, variant: str) -> FeatureRows:
     """A complete variant of a store, opened for row gathers (``FeatureRows``); nothing is read yet."""
-    path = Path(path)
-    return FeatureRows(path, variant, _open_variant(open_store_info(path), variant, require_complete=True))
+    info = open_store_info(Path(path))
+    return FeatureRows(info.path, variant, _open_variant(info, variant, True), read_digests(info, variant))
 
 
 def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr.Array:
@@ -240,7 +273,7 @@ def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr
         raise StoreError(
             f"{info.path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction"
         )
-    return zarr.open_array(info.path / "features" / variant, mode="r")
+    return open_array(info.path, f"features/{variant}")
 
 
 def committed_rows(info: StoreInfo) -> np.ndarray:

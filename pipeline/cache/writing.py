@@ -27,6 +27,8 @@ from ..files import (
     write_bytes_durable,
 )
 from ..variants import VariantSpec
+from . import _shard_reader
+from ._shard_reader import NO_DIGEST
 from .reading import check_identity
 from .schema import SCHEMA, SCHEMA_PREFIX, StoreError, StoreIdentity, shard_bounds, shard_count
 
@@ -279,6 +281,15 @@ def _add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int, lock
             compressors=_CHECKED_CODECS,
             overwrite=True,
         )
+        group.create_array(
+            f"digests/{variant.name}",
+            shape=(shard_count(n_rows, shard_rows),),
+            chunks=(1,),
+            dtype="int64",
+            fill_value=NO_DIGEST,
+            compressors=_CHECKED_CODECS,
+            overwrite=True,
+        )
         variants[variant.name] = _jsonable(asdict(variant))
         group.attrs["variants"] = variants
 
@@ -314,13 +325,20 @@ def _commit(
     lock: AbstractContextManager,
 ) -> None:
     reasons = np.asarray(list(errors), dtype=object)
+    digests: dict[str, int] = {}
     with _writable_group(path) as group:
         shard_rows = group.attrs["shard_rows"]
         start, stop = shard_bounds(shard, group.attrs["n_rows"], shard_rows)
         for variant, values in features.items():
             if values.shape[0] != stop - start:
                 raise ValueError(f"shard {shard} of {path} has {stop - start} rows, got {values.shape[0]}")
-            group[f"features/{variant}"][start:stop] = values
+            array = group[f"features/{variant}"]
+            # The whole shard is rewritten: never read through what a damaged file holds (zarr would merge with it).
+            remove_path(_shard_reader.shard_file(path / "features" / variant, shard, array.ndim))
+            array[start:stop] = values
+            layout = _shard_reader.raw_shard_layout(array)
+            if layout is not None:
+                digests[variant] = _shard_reader.shard_digest(path / "features" / variant, layout, array, shard)
     with lock, _writable_group(path) as group:
         others = [name for name in group.attrs["variants"] if name not in features]
         if any(group[f"progress/{name}"][shard] for name in others):
@@ -331,6 +349,8 @@ def _commit(
         group["valid"][start:stop] = valid
         group["error"][start:stop] = reasons
         for variant in features:
+            if variant in digests and f"digests/{variant}" in group:  # absent in stores of earlier versions
+                group[f"digests/{variant}"][shard] = digests[variant]
             group[f"progress/{variant}"][shard] = True
 
 
@@ -340,3 +360,14 @@ def unflag_shards(path: Path, shards: Mapping[str, Sequence[int]]) -> None:
         for variant, numbers in shards.items():
             for shard in numbers:
                 group[f"progress/{variant}"][shard] = False
+
+
+def drop_variants(path: Path, names: Sequence[str]) -> None:
+    """Remove variants whole (their feature, progress and digest arrays, and their entry in the attributes)."""
+    path = Path(path)
+    with store_lock(path), disk_errors_explained(path):
+        for name in names:
+            for folder in ("features", "progress", "digests"):
+                remove_path(path / folder / name)
+        with _writable_group(path) as group:
+            group.attrs["variants"] = {k: v for k, v in group.attrs["variants"].items() if k not in names}

@@ -453,19 +453,21 @@ def cache_verify_command(path: Path, reset_bad: bool) -> None:
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--format", "file_format", type=click.Choice(["hdf5"]), default="hdf5", help="File format of OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (a link at OUT is replaced, not its target).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def cache_export_command(store: Path, out: Path, file_format: str, no_progress: bool) -> None:
+def cache_export_command(store: Path, out: Path, file_format: str, overwrite: bool, no_progress: bool) -> None:
     """Write STORE (every row array and complete variant, its attributes) to one HDF5 file OUT.
 
     \b
     Datasets: labels, paths, dataset, [class], valid, error, features/<variant>
-    (rows chunked like the store); the store's attributes on the root group.
-    OUT is written under a temporary name and appears only when whole.
+    (rows chunked like the store), each with a CRC32C that `cache import` checks;
+    the store's attributes on the root group. OUT is written under a temporary
+    name and appears only when whole; an existing OUT only with --overwrite.
     """
     from ..cache.hdf5 import export_hdf5
 
     with disk_errors_explained(out):
-        summary = export_hdf5(store, out, progress=not no_progress)
+        summary = export_hdf5(store, out, overwrite=overwrite, progress=not no_progress)
     click.echo(summary.report(), err=True)
     click.echo(str(out))
 

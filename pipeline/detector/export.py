@@ -8,7 +8,9 @@ valid hub model repository, and ``Detector.load(OUT)`` (or its repo id) reads it
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -119,6 +121,11 @@ def run_export(config: ExportConfig) -> ExportSummary:
     """Write ``config.run_dir`` as a detector folder at ``config.out`` (see the module doc)."""
     record = read_run(Path(config.run_dir))
     out = Path(config.out)
+    if out.is_symlink():
+        raise ExportError(
+            f"{out}: is a symbolic link; --out must name the folder itself (give its target, {out.resolve()}, "
+            "or another --out)"
+        )
     if out.exists() and not is_exported_folder(out):
         raise ExportError(f"{out}: exists and is not a folder written by `pipeline export`; choose another --out")
     if out.exists() and not config.overwrite:
@@ -201,6 +208,20 @@ def percent(value: float) -> str:
     return "" if value != value else f"{100 * value:.1f}"  # NaN -> empty
 
 
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*\[\]|])")  # code, emphasis, links and images, table cells
+
+
+def md(value: object) -> str:
+    """Text from a run (dataset and split names, config values) made inert in Markdown: no HTML, links or cells."""
+    text = " ".join(str(value).split())  # no line breaks: one table row stays one row
+    return html.escape(_MARKDOWN_SPECIALS.sub(r"\\\1", text), quote=False)
+
+
+def md_code(value: object) -> str:
+    """A code span holding ``value`` literally (Markdown shows a code span's text as it is, HTML included)."""
+    return "`" + " ".join(str(value).replace("`", "'").split()) + "`"
+
+
 def card_metadata(spec: DetectorSpec) -> list[str]:
     """The model card's metadata block (YAML front matter), as the hub reads it."""
     lines = ["---", "library_name: rine-pipeline", "pipeline_tag: image-classification", "tags:"]
@@ -240,9 +261,10 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
     train = data.get("train", {})
     head = record.head
     setting = record.rows[0].setting if record.rows else None
+    in_code = " ".join(name.replace("`", "'").replace('"', "'").split())  # cannot close the code block or string
     lines = [
         *card_metadata(spec),
-        f"# RINE detector {name}",
+        f"# RINE detector {md(name)}",
         "",
         "A synthetic-image detector: the RINE head (Koutlis & Papadopoulos, *Leveraging Representations from "
         "Intermediate Encoder-Blocks for Synthetic Image Detection*, ECCV 2024) on the CLS tokens of the blocks of "
@@ -254,16 +276,16 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
         "```python",
         "from pipeline import Detector  # pip install rine-pipeline",
         "",
-        f'det = Detector.load("{name}")  # loads the backbone below',
+        f'det = Detector.load("{in_code}")  # loads the backbone below',
         'scores = det.score(["photo.jpg"], crop="center")  # probability of fake',
         "fake = scores >= det.threshold",
         "```",
         "",
         "```bash",
-        f"pipeline predict --head {name} images/ --out scores.csv   # streaming, resumable; --threshold eer|fpr1|...",
+        f"pipeline predict --head {in_code} images/ --out scores.csv   # streaming, resumable; --threshold eer|fpr1|...",
         "```",
         "",
-        "Published on the hub (`huggingface-cli upload ORG/NAME " + name + "`), it loads by its repo id: "
+        "Published on the hub (`huggingface-cli upload ORG/NAME " + in_code + "`), it loads by its repo id: "
         '`Detector.load("ORG/NAME", revision=...)`, `pipeline predict --head ORG/NAME --revision ...`.',
         "",
         *backbone_lines(spec, included),
@@ -281,8 +303,8 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
         "",
         "| backbone | revision | tap | blocks | head reads | feature dtype | crop |",
         "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| `{spec.model}` | `{spec.revision}` | {spec.tap} | {spec.block_selection} | {spec.head_blocks} "
-        f"| {spec.store_dtype} | {record.val_crop} |",
+        f"| {md_code(spec.model)} | {md_code(spec.revision)} | {md(spec.tap)} | {md(spec.block_selection)} "
+        f"| {md(spec.head_blocks)} | {md(spec.store_dtype)} | {md(record.val_crop)} |",
         "",
         "Images are decoded as RGB and center-cropped to the backbone's input size **without resizing** (smaller "
         "images are zero-padded); `tencrop` scores the ten crops (corners, center and their flips) by the sigmoid "
@@ -290,25 +312,25 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
         "",
         "## Training data",
         "",
-        f"- training split `{train.get('name')}` (manifest sha256 `{train.get('manifest')}`): "
+        f"- training split {md_code(train.get('name'))} (manifest sha256 {md_code(train.get('manifest'))}): "
         f"{record.fit.get('n_train', '?')} images used, {record.fit.get('n_train_invalid', 0)} unreadable left out",
-        f"- classes: {setting.classes if setting else run.get('classes')}; fraction of the split: "
-        f"{run.get('train_fraction')}; epochs: {run.get('epochs')}",
-        f"- validation split `{spec.calibration.val_split if spec.calibration else data.get('val', {}).get('name')}`"
+        f"- classes: {md(setting.classes if setting else run.get('classes'))}; fraction of the split: "
+        f"{md(run.get('train_fraction'))}; epochs: {md(run.get('epochs'))}",
+        f"- validation split {md_code(spec.calibration.val_split if spec.calibration else data.get('val', {}).get('name'))}"
         + (f" ({spec.calibration.n_val} images): thresholds and temperature chosen there" if spec.calibration else ""),
         "",
         "## Configuration",
         "",
         "| key | value |",
         "| --- | --- |",
-        *(f"| {key} | {value} |" for key, value in run.items()),
+        *(f"| {md(key)} | {md(value)} |" for key, value in run.items()),
         f"| parameters | {sum(p.numel() for p in head.parameters())} |",
         f"| temperature | {spec.temperature:g} |",
     ]
     if spec.calibration is not None:
         lines += [
             "",
-            f"## Thresholds (chosen on `{spec.calibration.val_split}`; a score >= threshold is called fake)",
+            f"## Thresholds (chosen on {md_code(spec.calibration.val_split)}; a score >= threshold is called fake)",
             "",
             "| name | rule | threshold | val acc | val real acc (1 - FPR) | val fake acc (TPR) |",
             "| --- | --- | --- | --- | --- | --- |",
@@ -335,7 +357,7 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
     for row in record.rows:
         m = row.metrics or {}
         lines.append(
-            f"| {row.split} | {row.variant} | {row.dataset} | {row.n} | {percent(m['acc'])} | {percent(m['ap'])} | "
+            f"| {md(row.split)} | {md(row.variant)} | {md(row.dataset)} | {row.n} | {percent(m['acc'])} | {percent(m['ap'])} | "
             f"{percent(m['auc'])} | {percent(m['eer'])} | {percent(m['calibrated_acc'])} | "
             f"{percent(m['val_fpr1_fake_acc'])} | {percent(m['val_fpr5_fake_acc'])} | {percent(m['ece'])} | "
             f"{m['brier']:.4f} |"

@@ -48,15 +48,19 @@ class PredictionRow:
     verdict: str = ""
 
     def csv_fields(self, columns: Sequence[str] = ()) -> list[str]:
+        """The row as CSV cells, text cells neutralised for spreadsheets (:func:`spreadsheet_safe`)."""
         values = [getattr(self, name) for name in columns or PREDICTION_COLUMNS]
-        return ["" if value is None else repr(value) if isinstance(value, float) else str(value) for value in values]
+        return [
+            "" if value is None else repr(value) if isinstance(value, float) else spreadsheet_safe(str(value))
+            for value in values
+        ]
 
     @classmethod
     def from_csv_fields(cls, record: Sequence[str], columns: Sequence[str] = ()) -> PredictionRow:
         columns = columns or PREDICTION_COLUMNS
         if len(record) != len(columns):
             raise ValueError(f"{len(record)} fields, not {len(columns)}")
-        text = dict(zip(columns, record, strict=True))
+        text = {name: from_spreadsheet_safe(value) for name, value in zip(columns, record, strict=True)}
         typed: dict[str, Any] = dict(text)
         for name in ("score", "threshold", "score_min", "score_max"):
             if name in text:
@@ -95,9 +99,25 @@ class PredictionWriter(Protocol):
     def close(self) -> None: ...
 
 
+# OWASP's CSV injection advice: a cell a spreadsheet could run as a formula starts with a single quote.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_ESCAPE = "'"
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a ``'`` put before a formula's first character (and before a leading ``'``, so it reverses)."""
+    return _ESCAPE + text if text.startswith((*FORMULA_STARTS, _ESCAPE)) else text
+
+
+def from_spreadsheet_safe(cell: str) -> str:
+    return cell[1:] if cell.startswith(_ESCAPE) else cell
+
+
 def csv_line(fields_: Sequence[str]) -> str:
+    """One CSV record; every cell quoted when one holds a carriage return (csv quotes only ``\n`` by itself)."""
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(fields_)
+    quoting = csv.QUOTE_ALL if any("\r" in field for field in fields_) else csv.QUOTE_MINIMAL
+    csv.writer(buffer, lineterminator="\n", quoting=quoting).writerow(fields_)
     return buffer.getvalue()
 
 
@@ -287,7 +307,10 @@ def parquet_schema(columns: Sequence[str] = PREDICTION_COLUMNS) -> Any:
 
 
 def printable(path: str) -> str:
-    """A file name as valid UTF-8 (undecodable bytes as backslash escapes), as Parquet strings require."""
+    """A file name as valid UTF-8 (undecodable bytes as backslash escapes), as Parquet strings require.
+
+    Also the key by which a resumed run knows the images an output holds, whatever its format.
+    """
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 

@@ -36,7 +36,7 @@ from ..features import (
 )
 from ..names import CENTER, CROPS, DEFAULT_MAX_PIXELS, OUTPUT_FORMATS, REENCODINGS, TEN_CROP, UNSURE
 from .detector import Detector, PredictError, PredictOptionError, variants_of
-from .output import PredictionRow, PredictionWriter, open_prediction_writer, output_columns
+from .output import PredictionRow, PredictionWriter, open_prediction_writer, output_columns, printable
 from .robust import RobustRecipe, robust_scores
 
 LIST_SUFFIXES = (".txt", ".lst")
@@ -120,7 +120,8 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
     found: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS))
+            # every image-named entry, files or not: a link loop, a FIFO or a folder named x.jpg gets a row saying so
+            found.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
         elif item.suffix.lower() == ".csv":
             found.extend(read_path_csv(item))
         elif item.suffix.lower() in LIST_SUFFIXES:
@@ -251,7 +252,7 @@ class PredictionCommitter:
         batch = int(item.rows[0]) // self.batch_size
         rows = self.pending.setdefault(batch, [])
         for i, row in enumerate(item.rows.tolist()):
-            if str(self.paths[row]) not in self.done:
+            if printable(str(self.paths[row])) not in self.done:
                 score = float(scores[i, 0]) if finished.valid[i] else None
                 prediction = self.prediction_row(row, score, crop, finished.errors[i])
                 if verdicts is not None and score is not None:
@@ -332,8 +333,8 @@ def run_predict(
     try:
         existing = list(writer.existing_rows())
         check_resumable(existing, detector, config.crop, config.out)
-        done = {row.path for row in existing}
-        is_done = np.array([str(path) in done for path in paths], dtype=bool)
+        done = {printable(row.path) for row in existing}  # Parquet holds undecodable names escaped
+        is_done = np.array([printable(str(path)) in done for path in paths], dtype=bool)
         ten_crop = np.full(len(paths), config.crop == TEN_CROP)
         if config.crop == "auto":  # every image of a batch to compute, so that its halves are those of a full run
             rows = open_batch_rows(is_done, config.batch_size)

@@ -15,8 +15,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
+from ..errors import PipelineError
 from ..files import HOST_TAG, process_alive
 from ..names import DEFAULT_CLAIM_TIMEOUT
+
+
+class ClaimError(PipelineError, RuntimeError):
+    """Something in a store's claims folder that is not a claim."""
 
 
 class ShardClaims:
@@ -59,10 +64,14 @@ class ShardClaims:
 
     def is_stale(self, path: Path) -> bool:
         try:
-            owner = path.read_text(encoding="utf-8").split()
+            owner = path.read_bytes().decode("utf-8", "replace").split()
             age = time.time() - path.stat().st_mtime
         except FileNotFoundError:
             return False
+        except OSError as error:  # a folder, a file this user cannot read ...: not a claim this program wrote
+            raise ClaimError(
+                f"{path}: not a claim file ({error.strerror or error}); remove it, it holds no data of the store"
+            ) from None
         if len(owner) == 3 and owner[0] == HOST_TAG and owner[1].isdigit() and not process_alive(int(owner[1])):
             return True
         return age > self.stale_after or (len(owner) != 3 and age > 1.0)  # unreadable: its creator died mid-write

@@ -9,9 +9,10 @@ is ``augment.py``.
 from __future__ import annotations
 
 import io
+import stat
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -30,6 +31,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", 
 
 
 # Pillow modes holding more than 8 bits of grey per pixel (see decode_image).
+_STRIP_PIXELS = 1 << 20  # pixels converted at a time into the RGB array
 _WIDE_GREY_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
@@ -90,11 +92,11 @@ class PixelBudget:
     changed: a large image waits for room instead of being reduced. With the
     default capacity (100 M pixels) images of ordinary size never wait, while
     two 10000 x 10000 images are never decoded at the same time. A decode
-    holds at most about 7 bytes per pixel at its peak (measured: Pillow's
-    4-byte RGB and the 3-byte result; 16-bit grey: 2 bytes in Pillow, 2 for
-    numpy's view of them, 3 for the result), so the decode threads of a
-    process hold at most about 7 x capacity bytes (700 MB) plus one image
-    larger than the capacity (itself bounded by ``--max-pixels``).
+    holds at most about 8 bytes per pixel (measured: Pillow's 4-byte RGB and
+    the 3-byte result, converted strip by strip), and ``decoded_image`` keeps
+    the budget until its caller has cut the crops, so the decode threads of a
+    process hold at most about 8 x capacity bytes (800 MB); an image larger
+    than the capacity takes all of it (itself bounded by ``--max-pixels``).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -150,11 +152,23 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
     a short reason (missing file, empty file, not an image, truncated data,
     too many pixels, or the decoder's own complaint).
     """
+    with decoded_image(path, max_pixels) as pixels:
+        return pixels
+
+
+@contextmanager
+def decoded_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[np.ndarray]:
+    """:func:`decode_image`, holding its share of :data:`DECODE_BUDGET` until the block ends.
+
+    For callers that cut crops from the pixels and drop them: the budget then
+    covers the decoded array for as long as it lives, not only the decode.
+    """
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
     path = Path(path)
     check_file_readable(path)
-    return _decode(path, max_pixels, path)
+    with _decoded(path, max_pixels, path) as pixels:
+        yield pixels
 
 
 def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -163,34 +177,41 @@ def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
     if not data:
         raise ImageDecodeError("file is empty (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels, None)
+    with _decoded(io.BytesIO(data), max_pixels, None) as pixels:
+        return pixels
 
 
-def _decode(source: Path | BinaryIO, max_pixels: int, path: Path | None) -> np.ndarray:
-    try:
-        with _PILLOW_LIMIT_SUSPENDED, Image.open(source) as image:
-            check_pixel_count(image.size, max_pixels, path)
-            with DECODE_BUDGET.hold(image.size[0] * image.size[1]):
+@contextmanager
+def _decoded(source: Path | BinaryIO, max_pixels: int, path: Path | None) -> Iterator[np.ndarray]:
+    with ExitStack() as held:  # the budget, given back when the caller's block ends (or the decode fails)
+        try:
+            with _PILLOW_LIMIT_SUSPENDED, Image.open(source) as image:
+                check_pixel_count(image.size, max_pixels, path)
+                held.enter_context(DECODE_BUDGET.hold(image.size[0] * image.size[1]))
                 image.load()
-                return convert_to_rgb_array(image)
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (cannot identify format)", path) from None
-    except FileNotFoundError:
-        raise ImageDecodeError("missing file", path) from None
-    except Exception as exc:  # any decoder failure on a bad file becomes a reason
-        raise ImageDecodeError(describe_decode_failure(exc), path) from exc
+                pixels = convert_to_rgb_array(image)
+        except ImageDecodeError:
+            raise
+        except UnidentifiedImageError:
+            raise ImageDecodeError("not an image (cannot identify format)", path) from None
+        except FileNotFoundError:
+            raise ImageDecodeError("missing file", path) from None
+        except Exception as exc:  # any decoder failure on a bad file becomes a reason
+            raise ImageDecodeError(describe_decode_failure(exc), path) from exc
+        yield pixels  # Pillow's copy is closed: only the RGB array is held now
 
 
 def check_file_readable(path: Path) -> None:
-    """Raise ``ImageDecodeError`` if ``path`` is missing, not a file, or empty."""
+    """Raise ``ImageDecodeError`` if ``path`` is missing, not a regular file (never opened then), or empty."""
     try:
         if path.is_dir():
             raise ImageDecodeError("not a file (it is a directory)", path)
-        size = path.stat().st_size
+        status = path.stat()
+        size = status.st_size
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the reader, a device never end
+            raise ImageDecodeError("not a regular file (a FIFO, socket or device)", path)
     except FileNotFoundError:
-        raise ImageDecodeError("missing file", path) from None
+        raise ImageDecodeError("broken symbolic link" if path.is_symlink() else "missing file", path) from None
     except PermissionError:
         raise ImageDecodeError("permission denied", path) from None
     except OSError as exc:
@@ -221,21 +242,30 @@ def describe_decode_failure(exc: BaseException) -> str:
 
 
 def convert_to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Pixels of a loaded Pillow image as a C-contiguous (H, W, 3) uint8 RGB array."""
-    if image.mode in _WIDE_GREY_MODES:
-        wide = np.asarray(image)  # uint16 (I;16*) or int32 (I): no wider copy than that
-        if wide.dtype.kind == "i":
-            wide = np.clip(wide, 0, 65535)
-        grey = (wide >> 8).astype(np.uint8)
-        del wide
-        rgb = np.empty(grey.shape + (3,), dtype=np.uint8)
-        rgb[...] = grey[:, :, None]
-        return rgb
+    """Pixels of a loaded Pillow image as a C-contiguous (H, W, 3) uint8 RGB array.
+
+    Converted strip by strip (every conversion here is pixel-wise) into the
+    result, so that the peak is Pillow's copy and the result, nothing more
+    (``np.asarray`` of a whole image goes through ``tobytes``, two more
+    copies: 10-14 bytes per pixel were measured, 4-7 now).
+    """
     # Transparency metadata does not change the RGB values but makes Pillow
     # warn for palette images whose transparency is stored as bytes.
     image.info.pop("transparency", None)
-    rgb_image = image if image.mode == "RGB" else image.convert("RGB")  # convert("RGB") of RGB is a full copy
-    return np.ascontiguousarray(np.asarray(rgb_image, dtype=np.uint8))
+    width, height = image.size
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        strip = image if bottom - top == height else image.crop((0, top, width, bottom))  # small: no extra copy
+        if image.mode in _WIDE_GREY_MODES:
+            wide = np.asarray(strip)  # uint16 (I;16*) or int32 (I)
+            if wide.dtype.kind == "i":
+                wide = np.clip(wide, 0, 65535)
+            rgb[top:bottom] = (wide >> 8).astype(np.uint8)[:, :, None]
+        else:
+            rgb[top:bottom] = np.asarray(strip if strip.mode == "RGB" else strip.convert("RGB"), dtype=np.uint8)
+    return rgb
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:

@@ -9,6 +9,7 @@ details of the authors' loaders each follows: docs/data.md.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -98,7 +99,7 @@ def build_manifest(
     data_root, found = spec.walk(root.resolve(), options)
     rows, skipped = [], []
     for row in found:
-        problem = path_problem(row.path)
+        problem = getattr(row.path, "problem", None) or path_problem(row.path)
         if problem is None:
             rows.append(row)
         else:
@@ -157,6 +158,28 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+class Unusable(str):
+    """A walked path that cannot be a row (``problem`` says why): ``build_manifest`` records it as skipped."""
+
+    problem: str
+
+    def __new__(cls, path: str, problem: str) -> Unusable:
+        entry = super().__new__(cls, path)
+        entry.problem = problem
+        return entry
+
+
+def entry_problem(entry: os.DirEntry) -> str:
+    """Why an image-named entry that is not a regular file cannot be one (broken link, loop, FIFO, device ...)."""
+    try:
+        os.stat(entry.path)
+    except FileNotFoundError:
+        return "broken symbolic link" if entry.is_symlink() else "vanished while the folder was listed"
+    except OSError as error:
+        return f"symbolic link loop ({error.strerror})" if error.errno == errno.ELOOP else f"unreadable ({error})"
+    return "not a regular file (a FIFO, socket or device)"
+
+
 def walk_images(
     folder: Path,
     relative: str,
@@ -167,8 +190,10 @@ def walk_images(
     """Relative POSIX paths (prefixed by ``relative``) of the images in ``folder``.
 
     When ``recursive``, sub-folders are walked too; a ``0_real``/``1_fake``
-    folder below is an error (the label would be ambiguous), and so is a
-    symbolic link back to a folder being walked.
+    folder below is an error (the label would be ambiguous). Entries that
+    cannot be images -- broken links, link loops (a file link to itself, a
+    folder link back to a folder being walked), FIFOs, devices -- come as
+    :class:`Unusable` paths, recorded as skipped.
     """
     stat = folder.stat()
     ancestors = ancestors | {(stat.st_dev, stat.st_ino)}
@@ -176,7 +201,11 @@ def walk_images(
         if entry.name.startswith("."):
             continue
         entry_relative = join_relative(relative, entry.name)
-        if entry.is_dir():
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link loop: not a folder, see below
+            is_dir = False
+        if is_dir:
             if not recursive:
                 continue
             if entry.name in LABEL_FOLDERS:
@@ -186,13 +215,15 @@ def walk_images(
                 )
             target = os.stat(entry.path)
             if (target.st_dev, target.st_ino) in ancestors:
-                raise ManifestError(f"{entry.path}: symbolic link loop back to a parent folder")
+                yield Unusable(entry_relative, "symbolic link loop back to a parent folder")
+                continue
             yield from walk_images(Path(entry.path), entry_relative, recursive=True, ancestors=ancestors)
         elif is_image_name(entry.name):
-            if entry.is_file():
-                yield entry_relative
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                raise ManifestError(f"{entry.path}: broken symbolic link")
+            try:
+                is_file = entry.is_file()
+            except OSError:
+                is_file = False
+            yield entry_relative if is_file else Unusable(entry_relative, entry_problem(entry))
 
 
 def list_label_folder(root: Path, relative: str, dataset: str, class_name: str | None) -> list[ManifestRow]:

@@ -132,9 +132,9 @@ class ImageSource:
         errors = []
         for i, row in enumerate(work.rows.tolist()):
             try:
-                image = images.decode_image(self.image_path(row), self.max_pixels)
-                for name, pixels in work.recipe(image, row).items():
-                    out[name][i] = pixels
+                with images.decoded_image(self.image_path(row), self.max_pixels) as image:  # budget held till cut
+                    for name, pixels in work.recipe(image, row).items():
+                        out[name][i] = pixels
                 valid[i] = True
                 errors.append("")
             except images.ImageDecodeError as error:

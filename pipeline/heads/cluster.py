@@ -24,6 +24,7 @@ DASK_INSTALL_HINT = "pip install 'rine-pipeline[dask]' (or: pip install 'dask[di
 WORKER_DEVICE_ENV = "RINE_PIPELINE_WORKER_DEVICE"
 WORKER_THREADS_ENV = "RINE_PIPELINE_WORKER_THREADS"
 LOCAL_PREFIX = "local:"
+SCHEDULER_PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")  # dask's network protocols (inproc is one process only)
 # Dask's nanny starts worker processes with MALLOC_TRIM_THRESHOLD_=65536, which turns glibc's dynamic mmap
 # threshold off: every tensor over 128 KiB is then mapped and page-faulted anew, and the heads trained ~40 %
 # slower on this project's CPUs. The local clusters start their workers without it.
@@ -52,6 +53,8 @@ class ClusterConfig:
             check_devices(self.devices)
         if self.scheduler is not None and self.scheduler.startswith(LOCAL_PREFIX):
             local_workers(self.scheduler)
+        elif self.scheduler is not None:
+            check_scheduler_address(self.scheduler)
 
     def local_ram_sharers(self) -> int:
         """Worker processes of this machine that each load the features into its RAM (0: a remote cluster)."""
@@ -66,11 +69,35 @@ class ClusterConfig:
 
 
 def local_workers(scheduler: str) -> int:
-    """N of ``local:N`` (at least 1)."""
+    """N of ``local:N`` (at least 1, at most this machine's CPU count: each worker is a process)."""
     text = scheduler.removeprefix(LOCAL_PREFIX)
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{scheduler!r}: a local cluster is local:N with N >= 1 worker processes, e.g. local:4")
+    cpus = os.cpu_count() or 1
+    if int(text) > cpus:
+        raise ValueError(
+            f"{scheduler!r}: local:N starts N worker processes, and this machine has {cpus} CPU(s); "
+            f"choose N <= {cpus} (or a scheduler address for a larger cluster)"
+        )
     return int(text)
+
+
+def check_scheduler_address(address: str) -> str:
+    """A Dask scheduler address ``[protocol://]host:port`` (tcp, tls, ws, wss, ucx); anything else is a ValueError."""
+    protocol, _, rest = address.rpartition("://") if "://" in address else ("tcp", "", address)
+    host, _, port = rest.rpartition(":")
+    if (
+        protocol not in SCHEDULER_PROTOCOLS
+        or not host.strip("[]")
+        or "/" in rest
+        or not port.isdigit()
+        or not 0 < int(port) < 65536
+    ):
+        raise ValueError(
+            f"{address!r} is not a scheduler address: give PROTOCOL://HOST:PORT "
+            f"({', '.join(SCHEDULER_PROTOCOLS)}; e.g. tcp://head:8786), or local:N"
+        )
+    return address
 
 
 def check_devices(devices: tuple[str, ...]) -> tuple[str, ...]:

@@ -219,6 +219,7 @@ def load_official_checkpoint(path: Path) -> RineHead:
     with torch.random.fork_rng(devices=[]):  # building the module must not move the caller's seed
         model = RineHead(n_blocks, in_dim, proj_dim, proj_layers, aggregation="tie")
     check_state_dict_matches(model, state, path)
+    check_finite(state, path)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -328,17 +329,22 @@ def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors head ({error})") from None
     try:
-        head = RineHead(
-            int(metadata["n_blocks"]),
-            int(metadata["in_dim"]),
-            int(metadata["proj_dim"]),
-            int(metadata["proj_layers"]),
-            aggregation=metadata["aggregation"],
-        )
-    except (KeyError, ValueError) as error:
+        shape = tuple(int(metadata[key]) for key in ("n_blocks", "in_dim", "proj_dim", "proj_layers"))
+        if min(shape) < 1:
+            raise ValueError(f"sizes must be positive, found {shape}")
+        with torch.device("meta"):  # the recorded shape, checked against the tensors before anything is allocated
+            expected = RineHead(*shape, aggregation=metadata["aggregation"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path}: head metadata incomplete or invalid ({error})") from None
-    try:
-        head.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not match the recorded shape ({error})") from None
+    check_state_dict_matches(expected, state, path)
+    check_finite(state, path)
+    head = RineHead(*shape, aggregation=metadata["aggregation"])
+    head.load_state_dict(state, strict=True)
     return head.eval(), metadata
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse weights holding NaN or Inf: such a head scores nothing it could be trusted with."""
+    bad = sorted(key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all())
+    if bad:
+        raise CheckpointError(f"{path}: weights hold NaN or Inf ({', '.join(bad)}); the head cannot be used")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import disk_errors_explained
 from ..results.bootstrap import BootstrapConfig
 from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
@@ -121,7 +122,15 @@ def resolve_grid_dirs(config: ReportConfig) -> tuple[list[Path], list[SkippedOut
 
 
 def run_report(config: ReportConfig) -> ReportSummary:
-    """Read the grid folders, write every table whose inputs exist, then the figures and the page."""
+    """Read the grid folders, write every table whose inputs exist, then the figures and the page.
+
+    A full, read-only or forbidden output folder is a ``WriteError`` naming the file.
+    """
+    with disk_errors_explained(config.out):
+        return _run_report(config)
+
+
+def _run_report(config: ReportConfig) -> ReportSummary:
     grid_dirs, skipped = resolve_grid_dirs(config)
     grids = [read_grid_dir(path) for path in grid_dirs]
     out = Path(config.out)
