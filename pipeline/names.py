@@ -41,8 +41,14 @@ LAYOUT_NAMES: tuple[str, ...] = (
     "synthbuster",
     "ldm-train",
     "ldm-val",
+    "genimage-train",
+    "genimage-val",
+    "parquet",
     "folder",
 )
+GENIMAGE_LABEL_FOLDERS: dict[str, int] = {"nature": 0, "ai": 1}  # GenImage's <generator>/<part>/{ai,nature}/
+DEFAULT_PARQUET_IMAGE_COLUMN = "image"  # the Hugging Face `datasets` Image feature: a struct {bytes, path}
+DEFAULT_PARQUET_LABEL_COLUMN = "label"
 
 # ----------------------------------------------------------------------------- stage two
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks

@@ -212,3 +212,38 @@ def throttled_environment(folder: Path, delay: float, pids: Path | None = None) 
         pids.mkdir(exist_ok=True)
         env["RINE_TEST_PIDS"] = str(pids)
     return env
+
+
+def make_genimage_tree(
+    root: Path, generators: tuple[str, ...], n_per_label: int = 3, size: tuple[int, int] = (40, 36), seed: int = 0
+) -> Path:
+    """A miniature GenImage: root/<generator>/{train,val}/{ai,nature}/*.png (random pixels per image)."""
+    for g, generator in enumerate(generators):
+        for p, part in enumerate(("train", "val")):
+            for label, folder in enumerate(("nature", "ai")):
+                for i in range(n_per_label):
+                    image_seed = seed * 10000 + g * 1000 + p * 100 + label * 10 + i
+                    write_image(root / generator / part / folder / f"{i:03d}.png", size, image_seed)
+    return root
+
+
+def write_image_parquet(
+    path: Path, images: list[bytes | None], labels: list, generators: list[str] | None = None, row_group_size: int = 4
+) -> Path:
+    """A Parquet file in the Hugging Face `datasets` image layout: image {bytes, path}, label[, generator]."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {
+        "image": pa.array(
+            [None if data is None else {"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)],
+            type=image_type,
+        ),
+        "label": pa.array(labels),
+    }
+    if generators is not None:
+        columns["generator"] = pa.array(generators)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path

@@ -8,11 +8,13 @@ is ``augment.py``.
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -152,8 +154,25 @@ def decode_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
     path = Path(path)
     check_file_readable(path)
+    return decode_opened(path, max_pixels, path)
+
+
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: Path | None = None) -> np.ndarray:
+    """:func:`decode_image` of an image file's bytes held in memory (a Parquet row): the same pixels, the same reasons.
+
+    ``name`` is what an :class:`ImageDecodeError` names (the file it came from).
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
+    if len(data) == 0:
+        raise ImageDecodeError("file is empty (0 bytes)", name)
+    return decode_opened(io.BytesIO(data), max_pixels, name)
+
+
+def decode_opened(source: Path | BinaryIO, max_pixels: int, path: Path | None) -> np.ndarray:
+    """Decode a file or an in-memory file (the body of :func:`decode_image`)."""
     try:
-        with _PILLOW_LIMIT_SUSPENDED, Image.open(path) as image:
+        with _PILLOW_LIMIT_SUSPENDED, Image.open(source) as image:
             check_pixel_count(image.size, max_pixels, path)
             with DECODE_BUDGET.hold(image.size[0] * image.size[1]):
                 image.load()

@@ -119,10 +119,18 @@ class ImageSource:
     invalid with the reason; every other exception stops the run.
     """
 
-    def __init__(self, image_path: Callable[[int], Path], max_pixels: int, workers: int) -> None:
+    def __init__(
+        self,
+        image_path: Callable[[int], Path],
+        max_pixels: int,
+        workers: int,
+        decode: Callable[[int], np.ndarray] | None = None,
+    ) -> None:
         self.image_path = image_path
         self.max_pixels = max_pixels
         self.workers = workers
+        # row -> pixels; by default the file at image_path(row) (``sources.RowImages.decode`` reads Parquet rows too)
+        self.decode = decode or (lambda row: images.decode_image(self.image_path(row), self.max_pixels))
 
     def load(self, work: BatchWork) -> PixelBatch:
         start = time.perf_counter()
@@ -132,7 +140,7 @@ class ImageSource:
         errors = []
         for i, row in enumerate(work.rows.tolist()):
             try:
-                image = images.decode_image(self.image_path(row), self.max_pixels)
+                image = self.decode(row)
                 for name, pixels in work.recipe(image, row).items():
                     out[name][i] = pixels
                 valid[i] = True
