@@ -20,10 +20,12 @@ from ..cache import default_store_path
 from ..errors import PipelineError
 from ..names import (
     ALL_CLASSES,
+    ALL_DATASETS,
     CENTER,
     DEFAULT_MODEL,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
+    STANDARD_PROTOCOL,
     TAPS,
 )
 from ..params import RUN_PARAMETERS, ParameterError
@@ -55,6 +57,10 @@ class RunConfig:
     # an explicit opt-in for screening); scores are float32 either way
     amp: str = "none"
     calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.heads.calibration)
+    # which datasets of the training split a run trains on (pipeline.heads.protocols): "standard" with
+    # train_datasets None = all of them; one-vs-rest / leave-one-out expand into one run per dataset
+    protocol: str = STANDARD_PROTOCOL
+    train_datasets: tuple[str, ...] | None = None
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""
@@ -63,6 +69,10 @@ class RunConfig:
 
 def classes_label(classes: tuple[str, ...] | None) -> str:
     return ALL_CLASSES if classes is None else LIST_SEPARATOR.join(classes)
+
+
+def datasets_label(datasets: tuple[str, ...] | None) -> str:
+    return ALL_DATASETS if datasets is None else LIST_SEPARATOR.join(datasets)
 
 
 RUN_KEYS = tuple(f.name for f in fields(RunConfig))
@@ -221,6 +231,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
     override = {} if amp is None else {"amp": amp}
     runs = tuple(make_run_config({**base, **point, **override}, "grid") for point in points)
     check_distinct_runs(runs, points, where)
+    check_protocols(runs, where)
     select_across = document.get("select_across") or []
     if not isinstance(select_across, list) or any(field not in SELECT_ACROSS_FIELDS for field in select_across):
         raise ConfigError(
@@ -285,6 +296,16 @@ def check_distinct_runs(runs: tuple[RunConfig, ...], points: list[dict[str, Any]
                 "once base is applied; every config must appear once"
             )
         first_seen[run] = index
+
+
+def check_protocols(runs: tuple[RunConfig, ...], where: str) -> None:
+    """A protocol other than standard chooses the training datasets of its runs itself."""
+    for run in runs:
+        if run.protocol != STANDARD_PROTOCOL and run.train_datasets is not None:
+            raise ConfigError(
+                f"{where}: protocol {run.protocol} chooses each run's train_datasets itself; give train_datasets "
+                f"only with protocol {STANDARD_PROTOCOL}"
+            )
 
 
 def load_grid(path: Path, out: Path | None = None, amp: str | None = None) -> GridConfig:

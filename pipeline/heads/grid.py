@@ -31,7 +31,7 @@ from .. import cache
 from ..devices import available_memory, bf16_is_fast, exact_float32, resolve_device
 from ..errors import PipelineWarning
 from ..files import disk_errors_explained, explain_os_error, write_text_atomic
-from ..names import MAX_GROUP_SIZE
+from ..names import MAX_GROUP_SIZE, STANDARD_PROTOCOL
 from ..results import (
     ERROR,
     RESULT_COLUMNS,
@@ -47,6 +47,7 @@ from .cluster import ClusterConfig, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, run_config_dict
 from .embeddings import write_embeddings
 from .evaluate import GroupContext, error_row, fit_and_evaluate_group
+from .protocols import ProtocolError, expand_protocols
 from .stores import (
     DataError,
     GridData,
@@ -73,6 +74,9 @@ from .train import fusable_groups
 # row by row, so that no number depends on the count of torch threads. 6: scores in float32 whatever the
 # training precision (bf16 runs scored in bf16 before), float32 matmuls at "highest" precision.
 RUN_PROTOCOL = 6
+# Run config fields left out of the run id at their default value, so that runs fitted before they existed keep
+# their ids (and are not fitted again).
+UNHASHED_DEFAULTS: dict[str, Any] = {"protocol": STANDARD_PROTOCOL, "train_datasets": None}
 
 
 class ViewReuseWarning(PipelineWarning):
@@ -142,7 +146,11 @@ class GridSummary:
 
 
 def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, ...]) -> str:
-    text = json.dumps({"run": run_config_dict(config), "data": data_identity, "views": list(views)}, sort_keys=True)
+    values = run_config_dict(config)
+    for name, default in UNHASHED_DEFAULTS.items():  # fields added later: a run without them keeps its id
+        if values.get(name) == default:
+            del values[name]
+    text = json.dumps({"run": values, "data": data_identity, "views": list(views)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -154,6 +162,18 @@ def plan_grid_stores(spec: GridConfig) -> GridStores:
         check_declared(spec, ref, info)
     check_compatible(list(infos))
     return GridStores(refs, infos, train_views(infos[0], spec.train))
+
+
+def protocol_spec(spec: GridConfig, stores: GridStores) -> GridConfig:
+    """The spec with every run's protocol applied over the datasets of its training store (``protocols.py``)."""
+    if all(run.protocol == STANDARD_PROTOCOL for run in spec.runs):
+        return spec
+    datasets = sorted(set(cache.read_rows(stores.refs[0].path).datasets.tolist()))
+    try:
+        runs = expand_protocols(spec.runs, datasets)
+    except ProtocolError as error:
+        raise DataError(f"grid {spec.name}: {stores.refs[0].path}: {error}") from None
+    return dataclasses.replace(spec, runs=runs)
 
 
 def labelled_spec(spec: GridConfig, stores: GridStores) -> GridConfig:
@@ -271,6 +291,8 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
         write_text_atomic(out / "grid.yaml", spec.source.read_text())
     stores = plan_grid_stores(spec)
     spec = labelled_spec(spec, stores)
+    spec = protocol_spec(spec, stores)
+    runs = list(spec.runs)
     warn_view_reuse(spec, stores)
     identity = stores.identity()
     ids = [run_id(run, identity, stores.run_views(run)) for run in runs]

@@ -255,20 +255,35 @@ def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Pat
     return np.isin(rows.classes, classes)
 
 
-def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
-    """Rows a run trains on, and how many invalid rows of its classes were excluded.
+def dataset_mask(rows: cache.RowTable, datasets: tuple[str, ...] | None, where: Path) -> np.ndarray:
+    """Rows of ``datasets`` (all rows when None), valid or not: a protocol cell's training subset."""
+    if datasets is None:
+        return np.ones(len(rows), dtype=bool)
+    present = set(rows.datasets.tolist())
+    missing = sorted(set(datasets) - present)
+    if missing:
+        raise DataError(f"{where}: datasets {missing} not in the store (it has {sorted(present)})")
+    return np.isin(rows.datasets, datasets)
 
-    Raises ``OneLabelError`` when the valid rows of the run's classes are all
-    real or all fake (before ``train_fraction`` draws from them), and
-    ``DataError`` when fewer than two rows are usable.
+
+def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
+    """Rows a run trains on (of its classes and its ``train_datasets``), and how many invalid rows were excluded.
+
+    Every head trains on these rows, so the protocols (``protocols.py``) hold for all. Raises
+    ``OneLabelError`` when the valid rows are all real or all fake (before
+    ``train_fraction`` draws from them), and ``DataError`` when fewer than
+    two rows are usable.
     """
     of_classes = class_mask(store.rows, config.classes, store.info.path)
+    of_classes &= dataset_mask(store.rows, config.train_datasets, store.info.path)
     rows = np.flatnonzero(of_classes & store.rows.valid)
     n_invalid = int(np.count_nonzero(of_classes)) - len(rows)
     labels = set(store.rows.labels[rows].tolist())
     if len(labels) == 1:
         which = "real (label 0)" if labels == {0} else "fake (label 1)"
         classes = "all classes" if config.classes is None else f"classes {list(config.classes)}"
+        if config.train_datasets is not None:
+            classes += f" of datasets {list(config.train_datasets)}"
         raise OneLabelError(
             f"{store.info.path}: the {len(rows)} valid training rows of {classes} are all {which}; "
             "a detector needs real and fake images to train on"
