@@ -15,6 +15,7 @@ from pathlib import Path
 from ..results.bootstrap import BootstrapConfig
 from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
+from .cross_dataset import HEATMAP_NAME, cross_dataset_tables, heatmap_job
 from .gallery import DEFAULT_GALLERY_SIZE
 from .inputs import GridResults, ReportError, find_grid_dirs, read_grid_dir
 from .table import SkippedOutput, Table, write_table
@@ -68,6 +69,7 @@ def write_figures(
     per_run: dict[RunKey, list[Path]] = {}
     skipped: list[SkippedOutput] = []
     preparers = [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
+    preparers.append((HEATMAP_NAME, lambda: heatmap_job(grids, out), None))
     preparers += [
         (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
     ]
@@ -113,7 +115,7 @@ def run_report(config: ReportConfig) -> ReportSummary:
     skipped += analysis.without_intervals()
     written: list[Path] = []
     tables: list[Table] = []
-    for outcome in build_tables(grids, analysis):
+    for outcome in [*build_tables(grids, analysis), *cross_dataset_tables(grids, config.bootstrap)]:
         if isinstance(outcome, SkippedOutput):
             (out / outcome.name).unlink(missing_ok=True)  # no stale copy of a table this report did not make
             skipped.append(outcome)
