@@ -247,3 +247,24 @@ def write_image_parquet(
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return path
+
+
+GENERATOR_DATASETS = ("a", "b", "c")
+
+
+def generator_features(n_per_dataset: int, seed: int, datasets=GENERATOR_DATASETS, shift: float = 3.0, dim: int = 16):
+    """(features (N, 2, dim), labels, datasets): each dataset's reals at -shift and fakes at +shift along a direction
+    of its own (orthogonal to the others'), so that nothing but that direction tells them apart."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(np.random.default_rng(99).standard_normal((dim, dim)))[0][: len(GENERATOR_DATASETS) + 1]
+    parts, labels, names = [], [], []
+    for dataset in datasets:
+        label = (np.arange(n_per_dataset) % 2).astype(np.int8)
+        direction = directions[
+            GENERATOR_DATASETS.index(dataset) if dataset in GENERATOR_DATASETS else len(GENERATOR_DATASETS)
+        ]
+        sign = (2.0 * label - 1.0)[:, None, None]
+        parts.append(rng.standard_normal((n_per_dataset, 2, dim)) + shift * sign * direction)
+        labels.append(label)
+        names += [dataset] * n_per_dataset
+    return np.concatenate(parts).astype(np.float32), np.concatenate(labels), names

@@ -15,34 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_store
+from conftest import GENERATOR_DATASETS as DATASETS
+from conftest import generator_features, write_store
 from pipeline.heads import FitConfig, run_grid
 from pipeline.heads.config import ConfigError, RunConfig, make_run_config, parse_grid
 from pipeline.heads.grid import run_id
 from pipeline.heads.protocols import ProtocolError, expand_protocols, protocol_cells
 
-DATASETS = ("a", "b", "c")
-
 
 def read(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
-
-
-def generator_features(n_per_dataset: int, seed: int, datasets=DATASETS, shift: float = 3.0, dim: int = 16):
-    """(features (N, 2, dim), labels, datasets): each dataset's reals at -shift and fakes at +shift along a direction
-    of its own (orthogonal to the others'), so that nothing but that direction tells them apart."""
-    rng = np.random.default_rng(seed)
-    directions = np.linalg.qr(np.random.default_rng(99).standard_normal((dim, dim)))[0][: len(DATASETS) + 1]
-    parts, labels, names = [], [], []
-    for dataset in datasets:
-        label = (np.arange(n_per_dataset) % 2).astype(np.int8)
-        direction = directions[DATASETS.index(dataset) if dataset in DATASETS else len(DATASETS)]
-        sign = (2.0 * label - 1.0)[:, None, None]
-        parts.append(rng.standard_normal((n_per_dataset, 2, dim)) + shift * sign * direction)
-        labels.append(label)
-        names += [dataset] * n_per_dataset
-    return np.concatenate(parts).astype(np.float32), np.concatenate(labels), names
 
 
 @pytest.fixture(scope="module")

@@ -143,13 +143,14 @@ class GridConfig:
     source: Path | None = None
     declared: frozenset[str] = frozenset({"model", "tap"})
     select_across: tuple[str, ...] = ()  # setting fields selection compares across (results.select_runs)
+    add_train: StoreRef | None = None  # a split whose rows every run trains on besides the train split's
 
     def __len__(self) -> int:
         return len(self.runs)
 
 
 _GRID_KEYS = ("name", "out", "data", "base", "grid", "select_across")
-_DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test")
+_DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test", "add_train")
 _REF_KEYS = ("split", "store", "variant", "name")
 
 
@@ -237,12 +238,18 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         raise ConfigError(
             f"{where}: select_across: expected a list of {', '.join(SELECT_ACROSS_FIELDS)}, got {select_across!r}"
         )
+    train = _parse_ref(data["train"], "data.train", cache_dir, model, tap, training=True)
+    add_train = None
+    if data.get("add_train") is not None:
+        add_train = _parse_ref(data["add_train"], "data.add_train", cache_dir, model, tap, training=True)
+        train = with_added(train, add_train)
     return GridConfig(
         name=name,
         out=out or Path(document.get("out", Path("runs") / name)),
         model=model,
         tap=tap,
-        train=_parse_ref(data["train"], "data.train", cache_dir, model, tap, training=True),
+        train=train,
+        add_train=add_train,
         val=ref(data["val"], "val"),
         tests=tests,
         runs=runs,
@@ -250,6 +257,11 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         declared=frozenset(key for key in ("model", "tap") if key in data),
         select_across=tuple(select_across),
     )
+
+
+def with_added(train: StoreRef, added: StoreRef) -> StoreRef:
+    """The training entry named for results as ``<train>+<added>``."""
+    return StoreRef(name=f"{train.name}+{added.name}", path=train.path, variant=train.variant)
 
 
 def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:

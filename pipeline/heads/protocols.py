@@ -41,8 +41,9 @@ def expand_protocols(runs: Sequence[RunConfig], datasets: Sequence[str]) -> tupl
     """Every run with its protocol applied, in order: a config's cells by dataset name (duplicates dropped)."""
     expanded: dict[RunConfig, None] = {}
     for run in runs:
+        if run.protocol == STANDARD_PROTOCOL or run.train_datasets is not None:  # all, or already a cell
+            expanded[run] = None
+            continue
         for cell in protocol_cells(run.protocol, datasets):
-            if run.protocol == STANDARD_PROTOCOL:
-                cell = run.train_datasets
             expanded[dataclasses.replace(run, train_datasets=cell)] = None
     return tuple(expanded)
