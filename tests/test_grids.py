@@ -64,3 +64,14 @@ def test_ldm_setting_is_the_authors_grid_tested_on_synthbuster_by_ten_crops() ->
     assert spec.select_across == ("epochs",)  # one best over all 24 runs, as the authors pick their LDM model
     synthbuster = load_grid(REPO / "grids" / "synthbuster_vitl14.yaml")
     assert [(t.path.stem, t.variant) for t in synthbuster.tests] == [("synthbuster", "tencrop")]
+
+
+def test_genimage_grids_run_the_best_4_class_config_by_protocol() -> None:
+    standard = load_grid(REPO / "grids" / "genimage_standard_vitl14.yaml")
+    matrix = load_grid(REPO / "grids" / "genimage_matrix_vitl14.yaml")
+    for spec in (standard, matrix):
+        assert [(r.contrastive_factor, r.proj_layers, r.proj_dim) for r in spec.runs] == [BEST[4]]
+        assert spec.model == "openai/clip-vit-large-patch14" and spec.train.name == "train_genimage"
+        assert [t.name for t in spec.tests] == ["genimage"]
+    assert [(r.protocol, r.train_datasets) for r in standard.runs] == [("standard", ("stable_diffusion_v_1_4",))]
+    assert [(r.protocol, r.train_datasets) for r in matrix.runs] == [("one-vs-rest", None)]
