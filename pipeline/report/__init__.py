@@ -1,7 +1,7 @@
 """Turn stage two's grid folders into the paper's tables (CSV) beside the authors' numbers, figures and one page.
 
 Reads each grid folder's ``results.csv``, ``selection.csv`` and the runs' folders (``results.run_folder``);
-writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``), then the figures (``figures.py``,
+writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``, ``cross_dataset.py``), then the figures (``figures.py``,
 ``run_figures.py``; matplotlib, imported lazily, never stops the tables or the page) and ``index.html``
 (``html.py``). A table without inputs is skipped with its reason. What each file holds: docs/reports.md.
 """
