@@ -115,7 +115,7 @@ def run_report(config: ReportConfig) -> ReportSummary:
     skipped += analysis.without_intervals()
     written: list[Path] = []
     tables: list[Table] = []
-    for outcome in [*build_tables(grids, analysis), *cross_dataset_tables(grids, config.bootstrap)]:
+    for outcome in [*build_tables(grids, analysis), *cross_dataset_tables(grids, config.bootstrap, out)]:
         if isinstance(outcome, SkippedOutput):
             (out / outcome.name).unlink(missing_ok=True)  # no stale copy of a table this report did not make
             skipped.append(outcome)

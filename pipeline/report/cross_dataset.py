@@ -126,21 +126,21 @@ def matrix_table(rows: Sequence[MatrixRow], metric: str) -> Table:
     return Table(MATRIX_NAMES[metric], header, tuple(body))
 
 
-def cross_dataset_tables(grids: Sequence[GridResults], config: BootstrapConfig) -> list[Table | SkippedOutput]:
-    """The two matrices, or why there are none."""
+def cross_dataset_tables(grids: Sequence[GridResults], config: BootstrapConfig, out: Path) -> list[Table]:
+    """The two matrices; none (and no stale copy left in ``out``) for a report without protocol cells, where
+    there is no matrix to make rather than one missing."""
     rows = matrix_rows(grids, config)
     if not rows:
-        reason = "no run trained on a subset of its split (grid key protocol or train_datasets)"
-        return [SkippedOutput(name, reason) for name in MATRIX_NAMES.values()]
+        for name in (*MATRIX_NAMES.values(), HEATMAP_NAME):
+            (out / name).unlink(missing_ok=True)
+        return []
     return [matrix_table(rows, metric) for metric in MATRIX_METRICS]
 
 
 def heatmap_job(grids: Sequence[GridResults], out: Path) -> list[tuple[str, Callable[[], Path]] | SkippedOutput]:
-    """The ACC heatmap (rows: cells, columns: test sets), drawn by matplotlib."""
+    """The ACC heatmap (rows: cells, columns: test sets), drawn by matplotlib; none without a matrix."""
     rows = matrix_rows(grids, BootstrapConfig(resamples=0))
-    if not rows:
-        return [SkippedOutput(HEATMAP_NAME, "no cross-dataset matrix")]
-    return [(HEATMAP_NAME, lambda: draw_heatmap(rows, out / HEATMAP_NAME))]
+    return [(HEATMAP_NAME, lambda: draw_heatmap(rows, out / HEATMAP_NAME))] if rows else []
 
 
 def draw_heatmap(rows: Sequence[MatrixRow], path: Path) -> Path:
