@@ -104,9 +104,9 @@ def test_cli_fit_add_train_takes_a_split_of_the_cache_or_a_store(stores: Path, t
     assert "delta.csv" in result.output
 
 
-def test_the_grid_key_add_train_names_the_training_entry_after_both(stores: Path, tmp_path: Path) -> None:
-    text = grid_text(stores, tmp_path / "g").replace(
-        "  val:", f"  add_train: {{store: {stores / 'new_b.zarr'}}}\n  val:"
+def test_the_grid_key_add_train_names_the_training_entry_after_both(tmp_path: Path) -> None:
+    text = grid_text(tmp_path, tmp_path / "g").replace(
+        "  val:", f"  add_train: {{store: {tmp_path / 'new_b.zarr'}}}\n  val:"
     )
-    spec = parse_grid(text)
-    assert spec.add_train == StoreRef("new_b", stores / "new_b.zarr") and spec.train.name == "train+new_b"
+    spec = parse_grid(text)  # parsing opens no store
+    assert spec.add_train == StoreRef("new_b", tmp_path / "new_b.zarr") and spec.train.name == "train+new_b"

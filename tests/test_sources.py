@@ -232,3 +232,21 @@ def test_audit_of_parquet_rows_reads_the_headers_the_files_have(twin_sources: di
         records[name] = [line.split(",", 1)[1] for line in lines[1:]]  # without the path
     assert len(records["files"]) == 10
     assert records["parquet"] == records["files"]
+
+
+def test_cli_manifest_of_parquet_files_takes_the_column_options(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    images = [png_bytes(tmp_path / "src" / f"{i}.png", (16, 16), i) for i in range(4)]
+    write_image_parquet(tmp_path / "root" / "a.parquet", images, [0, 1, 0, 1], ["x", "x", "y", "y"])
+    args = ["manifest", "--layout", "parquet", "--root", str(tmp_path / "root"), "--split", "wild"]
+    result = CliRunner().invoke(
+        main, [*args, "--generator-column", "generator", "--manifests-dir", str(tmp_path / "m")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 images (2 real, 2 fake) in 2 dataset(s)" in result.output
+    assert read_manifest(tmp_path / "m" / "wild.csv").options["generator_column"] == "generator"
+    refused = CliRunner().invoke(main, [*args, "--layout", "folder", "--image-column", "img"])
+    assert refused.exit_code == 2 and "does not take image_column" in refused.output
