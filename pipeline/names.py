@@ -41,8 +41,14 @@ LAYOUT_NAMES: tuple[str, ...] = (
     "synthbuster",
     "ldm-train",
     "ldm-val",
+    "genimage-train",
+    "genimage-val",
+    "parquet",
     "folder",
 )
+GENIMAGE_LABEL_FOLDERS: dict[str, int] = {"nature": 0, "ai": 1}  # GenImage's <generator>/<part>/{ai,nature}/
+DEFAULT_PARQUET_IMAGE_COLUMN = "image"  # the Hugging Face `datasets` Image feature: a struct {bytes, path}
+DEFAULT_PARQUET_LABEL_COLUMN = "label"
 
 # ----------------------------------------------------------------------------- stage two
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
@@ -51,6 +57,11 @@ AMP_MODES: tuple[str, ...] = ("none", "bf16")  # none: float32 (the default, as 
 CALIBRATIONS: tuple[str, ...] = ("none", "temperature")  # temperature: fitted on val
 SELECT_ACROSS_FIELDS: tuple[str, ...] = ("epochs", "batch_size", "lr", "lr_milestones", "train_fraction")
 ALL_CLASSES = "all"
+ALL_DATASETS = "all"  # train_datasets of a run trained on every dataset of its training split
+STANDARD_PROTOCOL = "standard"
+# standard: the training split as it is; one-vs-rest: one run per dataset of it, trained on that dataset alone;
+# leave-one-out: one run per dataset, trained on all the others (pipeline/heads/protocols.py)
+PROTOCOLS: tuple[str, ...] = (STANDARD_PROTOCOL, "one-vs-rest", "leave-one-out")
 LIST_SEPARATOR = "+"  # tuples in CSV cells: classes car+cat, lr_milestones 6+11
 MAX_GROUP_SIZE = 8  # configs fitted together at most (memory grows with the group)
 

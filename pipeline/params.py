@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PipelineError
-from .names import AGGREGATIONS, ALL_CLASSES, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR
+from .names import AGGREGATIONS, ALL_CLASSES, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR, PROTOCOLS
 
 
 class ParameterError(PipelineError, ValueError):
@@ -97,6 +97,8 @@ RUN_PARAMETERS: Mapping[str, Parameter] = {
     "seed": Parameter("int", low=0),
     "amp": Parameter("choice", choices=AMP_MODES),
     "calibration": Parameter("choice", choices=CALIBRATIONS),
+    "protocol": Parameter("choice", choices=PROTOCOLS),
+    "train_datasets": Parameter("classes"),  # names, 'all' or null, like classes
 }
 
 

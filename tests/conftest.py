@@ -252,3 +252,59 @@ def copy_folder(source: Path, target: Path) -> Path:
         if file.is_file():
             (target / file.name).write_bytes(file.read_bytes())
     return target
+
+
+def make_genimage_tree(
+    root: Path, generators: tuple[str, ...], n_per_label: int = 3, size: tuple[int, int] = (40, 36), seed: int = 0
+) -> Path:
+    """A miniature GenImage: root/<generator>/{train,val}/{ai,nature}/*.png (random pixels per image)."""
+    for g, generator in enumerate(generators):
+        for p, part in enumerate(("train", "val")):
+            for label, folder in enumerate(("nature", "ai")):
+                for i in range(n_per_label):
+                    image_seed = seed * 10000 + g * 1000 + p * 100 + label * 10 + i
+                    write_image(root / generator / part / folder / f"{i:03d}.png", size, image_seed)
+    return root
+
+
+def write_image_parquet(
+    path: Path, images: list[bytes | None], labels: list, generators: list[str] | None = None, row_group_size: int = 4
+) -> Path:
+    """A Parquet file in the Hugging Face `datasets` image layout: image {bytes, path}, label[, generator]."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    columns = {
+        "image": pa.array(
+            [None if data is None else {"bytes": data, "path": f"{i}.png"} for i, data in enumerate(images)],
+            type=image_type,
+        ),
+        "label": pa.array(labels),
+    }
+    if generators is not None:
+        columns["generator"] = pa.array(generators)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+GENERATOR_DATASETS = ("a", "b", "c")
+
+
+def generator_features(n_per_dataset: int, seed: int, datasets=GENERATOR_DATASETS, shift: float = 3.0, dim: int = 16):
+    """(features (N, 2, dim), labels, datasets): each dataset's reals at -shift and fakes at +shift along a direction
+    of its own (orthogonal to the others'), so that nothing but that direction tells them apart."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(np.random.default_rng(99).standard_normal((dim, dim)))[0][: len(GENERATOR_DATASETS) + 1]
+    parts, labels, names = [], [], []
+    for dataset in datasets:
+        label = (np.arange(n_per_dataset) % 2).astype(np.int8)
+        direction = directions[
+            GENERATOR_DATASETS.index(dataset) if dataset in GENERATOR_DATASETS else len(GENERATOR_DATASETS)
+        ]
+        sign = (2.0 * label - 1.0)[:, None, None]
+        parts.append(rng.standard_normal((n_per_dataset, 2, dim)) + shift * sign * direction)
+        labels.append(label)
+        names += [dataset] * n_per_dataset
+    return np.concatenate(parts).astype(np.float32), np.concatenate(labels), names

@@ -9,7 +9,7 @@ import pytest
 from pipeline.heads import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = [REPO / "grid.yaml", *sorted((REPO / "grids").glob("*.yaml"))]
+SHIPPED = [REPO / "grid.yaml", *sorted((REPO / "grids").rglob("*.yaml"))]  # grids/genimage/ too
 SETTINGS = {1: ("horse",), 2: ("chair", "horse"), 4: ("car", "cat", "chair", "horse")}
 # The authors' best 1-epoch config per setting as (xi, q, d') (paper Table 1; results/dataset_size/ file names).
 BEST = {1: (0.1, 4, 1024), 2: (0.2, 4, 128), 4: (0.2, 2, 1024)}
@@ -64,3 +64,14 @@ def test_ldm_setting_is_the_authors_grid_tested_on_synthbuster_by_ten_crops() ->
     assert spec.select_across == ("epochs",)  # one best over all 24 runs, as the authors pick their LDM model
     synthbuster = load_grid(REPO / "grids" / "synthbuster_vitl14.yaml")
     assert [(t.path.stem, t.variant) for t in synthbuster.tests] == [("synthbuster", "tencrop")]
+
+
+def test_genimage_grids_run_the_best_4_class_config_by_protocol() -> None:
+    standard = load_grid(REPO / "grids" / "genimage" / "standard_vitl14.yaml")
+    matrix = load_grid(REPO / "grids" / "genimage" / "matrix_vitl14.yaml")
+    for spec in (standard, matrix):
+        assert [(r.contrastive_factor, r.proj_layers, r.proj_dim) for r in spec.runs] == [BEST[4]]
+        assert spec.model == "openai/clip-vit-large-patch14" and spec.train.name == "train_genimage"
+        assert [t.name for t in spec.tests] == ["genimage"]
+    assert [(r.protocol, r.train_datasets) for r in standard.runs] == [("standard", ("stable_diffusion_v_1_4",))]
+    assert [(r.protocol, r.train_datasets) for r in matrix.runs] == [("one-vs-rest", None)]

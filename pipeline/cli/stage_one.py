@@ -16,6 +16,8 @@ from ..names import (
     DEFAULT_CLAIM_TIMEOUT,
     DEFAULT_MAX_INVALID,
     DEFAULT_MODEL,
+    DEFAULT_PARQUET_IMAGE_COLUMN,
+    DEFAULT_PARQUET_LABEL_COLUMN,
     DEFAULT_PERTURB_PRESET,
     DEFAULT_SHARD_ROWS,
     DEFAULT_STORE_DTYPE,
@@ -56,7 +58,7 @@ from .options import (
     "--split", required=True, callback=_check_split, help="Name of the split; written to <manifests-dir>/<split>.csv."
 )
 @click.option("--classes", help="Comma list of classes to keep (train/val layouts), e.g. car,cat,chair,horse.")
-@click.option("--generators", help="Comma list of generators/sets to keep (test layouts).")
+@click.option("--generators", help="Comma list of generators/sets to keep (test, genimage and parquet layouts).")
 @click.option(
     "--raise-root",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -72,9 +74,32 @@ from .options import (
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="COCO root holding train2014/ and val2014/ (ldm-* layouts).",
 )
+@click.option(
+    "--image-column",
+    help=f"Column of the image bytes: a struct with 'bytes' or binary (parquet layout; default {DEFAULT_PARQUET_IMAGE_COLUMN}).",
+)
+@click.option(
+    "--label-column",
+    help=f"Column of the label: 0/1, false/true or real/fake (parquet layout; default {DEFAULT_PARQUET_LABEL_COLUMN}).",
+)
+@click.option(
+    "--generator-column",
+    help="Column naming each row's generator, its dataset (parquet layout; default: the root folder's name).",
+)
 @click.option("--manifests-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("manifests"))
 def manifest_command(
-    layout, root, split, classes, generators, raise_root, progan_root, coco_root, manifests_dir
+    layout,
+    root,
+    split,
+    classes,
+    generators,
+    raise_root,
+    progan_root,
+    coco_root,
+    image_column,
+    label_column,
+    generator_column,
+    manifests_dir,
 ) -> None:
     """List the images of a data set layout as a split manifest (CSV: path,label,dataset[,class])."""
     from ..features import build_manifest, manifest_path, sidecar_path, write_manifest
@@ -89,6 +114,9 @@ def manifest_command(
             raise_root=raise_root,
             progan_root=progan_root,
             coco_root=coco_root,
+            image_column=image_column,
+            label_column=label_column,
+            generator_column=generator_column,
         )
     except PipelineError:
         raise

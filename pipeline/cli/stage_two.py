@@ -68,10 +68,17 @@ from .options import DEVICE_OPTION, ByteSize, _comma_list
     "on other CPUs; heads differ slightly, see docs: fine for screening configs, not for numbers to publish). "
     "Scores are float32 either way; results.csv records the precision of every run.",
 )
+@click.option(
+    "--add-train",
+    metavar="SPLIT",
+    help="After the grid, refit its selected configs with the rows of SPLIT added to training (a split whose store "
+    "lies beside the training store's, e.g. cache/<model>/<tap>/SPLIT.zarr, or a store path) into <out>/add_SPLIT/, "
+    "and write there delta.csv: per test set, the change of ACC and AP with bootstrap intervals.",
+)
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failing config instead of recording an error row.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def fit_command(
-    grid_file, out, jobs, device, scheduler, devices, no_fuse, memory_budget, amp, fail_fast, no_progress
+    grid_file, out, jobs, device, scheduler, devices, no_fuse, memory_budget, amp, add_train, fail_fast, no_progress
 ) -> None:
     """Train and evaluate every head config of a grid from cached features (finished runs are skipped).
 
@@ -93,6 +100,15 @@ def fit_command(
         memory_budget=memory_budget,
         cluster=cluster,
     )
+    if add_train is not None:
+        from ..heads.add_train import added_store_ref, run_add_train
+
+        added = run_add_train(spec, options, added_store_ref(spec, add_train))
+        click.echo(added.report(), err=True)
+        click.echo(str(added.delta))
+        if added.base.n_errors or added.refit.n_errors:
+            raise SystemExit(ExitCode.ERROR)
+        return
     summary = run_grid(spec, options)
     click.echo(
         f"{summary.n_runs} runs ({summary.n_skipped} already done, {summary.n_errors} failed) in {summary.seconds:.1f} s; "

@@ -1,6 +1,6 @@
 """Stage one: images -> per-block tokens in the cache (manifests, layouts, decoding, backbones, the loop).
 
-``manifest``/``layouts`` list a split's images; ``images``/``augment`` make pixels (a new perturbation goes in
+``manifest``/``layouts`` list a split's images (``parquet``: rows of Parquet files; ``sources`` reads any row); ``images``/``augment`` make pixels (a new perturbation goes in
 ``augment``); ``backbone`` taps a vision transformer; ``loop`` runs pixels through it shard by shard,
 ``distribute`` shares shards among processes (``claims``), ``repair`` checks what a resume may trust, and
 ``extract`` wires them (``run_extract``); ``audit`` checks a split for metadata shortcuts. Never imports stage

@@ -13,10 +13,11 @@ import csv
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -28,8 +29,10 @@ from ..errors import PipelineError
 from ..files import atomic_path
 from ..names import DEFAULT_ALIGN_QUALITY, FORMAT_ALIGN
 from ..variants import VariantSpec
-from .image_headers import ImageHeader, read_format_aligned_header, read_image_header
+from .image_headers import ImageHeader, read_bytes_header, read_format_aligned_header, read_image_header
+from .images import ImageDecodeError
 from .manifest import Manifest, check_split_name, read_manifest
+from .sources import RowImages
 
 DEFAULT_THRESHOLD = 0.8
 DEFAULT_FOLDS = 5
@@ -354,12 +357,23 @@ def audit_headers(
     return AuditResult(threshold, tuple(headers), tuple(aucs), tuple(summaries), tuple(flags))
 
 
+def read_row_header(row_images: RowImages, index: int, config: AuditConfig) -> ImageHeader:
+    """The header of a manifest row's image: its file's, or read from its bytes (a Parquet row, a hashed row)."""
+    if not row_images.is_in_memory(index):
+        return config.header_reader()(row_images.location(index))
+    try:
+        data = row_images.read_bytes(index)
+    except ImageDecodeError as error:
+        return ImageHeader(error=error.reason)
+    return read_bytes_header(data, None if config.perturbation is None else config.align_quality)
+
+
 def read_headers(
-    paths: Sequence[Path],
+    paths: Sequence[Hashable],
     workers: int,
     progress: bool,
     description: str,
-    reader: Callable[[Path], ImageHeader] = read_image_header,
+    reader: Callable[[Any], ImageHeader] = read_image_header,
 ) -> list[ImageHeader]:
     """Headers of ``paths`` in order, read by ``workers`` threads; a file listed twice is read once.
 
@@ -401,8 +415,15 @@ def run_audit(config: AuditConfig) -> AuditSummary:
     """Read a split's manifest and image headers, write the audit tables and JSON into ``config.out``."""
     config.validate()
     manifest = read_manifest(config.manifest)
-    paths = [manifest.resolve(index, config.data_root) for index in range(len(manifest))]
-    headers = read_headers(paths, config.workers, config.progress, f"audit {config.split}", config.header_reader())
+    row_images = RowImages(manifest, config.data_root)
+    index_of = {row.path: index for index, row in enumerate(manifest.rows)}  # a path listed twice is read once
+    headers = read_headers(
+        [row.path for row in manifest.rows],
+        config.workers,
+        config.progress,
+        f"audit {config.split}",
+        lambda path: read_row_header(row_images, index_of[path], config),
+    )
     result = audit_headers(manifest, headers, config.threshold, config.folds, config.seed, config.features())
     try:
         written = write_audit(result, manifest, config)

@@ -23,6 +23,7 @@ from .loop import ForwardStep, ImageSource
 from .manifest import Manifest, read_manifest
 from .options import ExtractConfig, ExtractError, ExtractSummary, OptionError, TooManyInvalid, store_path
 from .repair import collect_failures, unflag_damaged_shards, unflag_invalid_shards
+from .sources import RowImages
 
 
 def run_extract(config: ExtractConfig) -> ExtractSummary:
@@ -47,7 +48,13 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
             for tap, names in wanted.items()
         }
         notes += unflag_invalid_shards(stores)
-    source = ImageSource(lambda row: manifest.resolve(row, config.data_root), config.max_pixels, config.decode_workers)
+    row_images = RowImages(manifest, config.data_root)
+    source = ImageSource(
+        row_images.location,
+        config.max_pixels,
+        config.decode_workers,
+        decoded=lambda row: row_images.decoded(row, config.max_pixels),
+    )
     step = ForwardStep(backbone, config.taps, config.store_dtype)
     pending = pending_targets(stores, wanted)
     n_shards = cache.shard_count(len(manifest), config.shard_rows)

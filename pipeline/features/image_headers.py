@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..names import DEFAULT_MAX_PIXELS
 from .augment import format_align_bytes
-from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable, decode_image
+from .images import _PILLOW_LIMIT_SUSPENDED, ImageDecodeError, check_file_readable, decode_image, decode_image_bytes
 
 # ITU T.81 Annex K tables K.1 (luminance) and K.2 (chrominance), natural
 # (row-major) order, as Pillow's ``image.quantization`` gives them.
@@ -89,6 +89,21 @@ def read_format_aligned_header(path: Path, quality: int, max_pixels: int = DEFAU
         encoded = format_align_bytes(decode_image(path, max_pixels), quality)
     except ImageDecodeError as error:
         return ImageHeader(file_size=file_size_or_none(path), error=error.reason)
+    return describe_file(io.BytesIO(encoded), len(encoded))
+
+
+def read_bytes_header(
+    data: bytes, align_quality: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageHeader:
+    """:func:`read_image_header` (or, with ``align_quality``, :func:`read_format_aligned_header`) of a file's bytes."""
+    if align_quality is None:
+        if not data:
+            return ImageHeader(file_size=0, error="file is empty (0 bytes)")
+        return describe_file(io.BytesIO(data), len(data))
+    try:
+        encoded = format_align_bytes(decode_image_bytes(data, max_pixels), align_quality)
+    except ImageDecodeError as error:
+        return ImageHeader(file_size=len(data), error=error.reason)
     return describe_file(io.BytesIO(encoded), len(encoded))
 
 

@@ -171,14 +171,24 @@ def decoded_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[
         yield pixels
 
 
-def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """:func:`decode_image` of a file's bytes held in memory (an upload): the same pixels, the same reasons."""
+def decode_image_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: Path | None = None) -> np.ndarray:
+    """:func:`decode_image` of an image file's bytes held in memory (an upload, a Parquet row): the same pixels, the
+    same reasons; ``name`` is what an :class:`ImageDecodeError` names (the file it came from)."""
+    with decoded_image_bytes(data, max_pixels, name) as pixels:
+        return pixels
+
+
+@contextmanager
+def decoded_image_bytes(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: Path | None = None
+) -> Iterator[np.ndarray]:
+    """:func:`decode_image_bytes`, holding its share of :data:`DECODE_BUDGET` until the block ends."""
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be a positive integer, got {max_pixels}")
-    if not data:
-        raise ImageDecodeError("file is empty (0 bytes)")
-    with _decoded(io.BytesIO(data), max_pixels, None) as pixels:
-        return pixels
+    if len(data) == 0:
+        raise ImageDecodeError("file is empty (0 bytes)", name)
+    with _decoded(io.BytesIO(data), max_pixels, name) as pixels:
+        yield pixels
 
 
 @contextmanager

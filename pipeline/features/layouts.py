@@ -15,8 +15,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..names import DEFAULT_PARQUET_IMAGE_COLUMN, DEFAULT_PARQUET_LABEL_COLUMN, GENIMAGE_LABEL_FOLDERS
 from .images import IMAGE_EXTENSIONS
 from .manifest import Manifest, ManifestError, ManifestRow, check_split_name, path_problem, printable_name
+from .parquet import ParquetColumns, list_parquet_rows, parse_parquet_path
 
 LABEL_FOLDERS = {"0_real": 0, "1_fake": 1}
 # Test-set folders whose published dataset name differs from the folder name.
@@ -44,9 +46,13 @@ class LayoutConfig:
     raise_root: Path | None = None
     progan_root: Path | None = None
     coco_root: Path | None = None
+    image_column: str | None = None  # parquet: None = names.DEFAULT_PARQUET_IMAGE_COLUMN
+    label_column: str | None = None  # parquet: None = names.DEFAULT_PARQUET_LABEL_COLUMN
+    generator_column: str | None = None  # parquet: None = every row's dataset is the root's folder name
 
 
-Walker = Callable[[Path, LayoutConfig], tuple[Path, list[ManifestRow]]]  # (root, options) -> (data root, rows)
+# (root, options) -> (data root, rows) or (data root, rows, skipped (name, reason)) for layouts that skip rows
+Walker = Callable[[Path, LayoutConfig], tuple]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,9 @@ def build_manifest(
     raise_root: Path | None = None,
     progan_root: Path | None = None,
     coco_root: Path | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    generator_column: str | None = None,
 ) -> Manifest:
     """List the images of a dataset as downloaded, following one of :data:`LAYOUTS`.
 
@@ -91,13 +100,16 @@ def build_manifest(
         raise_root=absolute(raise_root),
         progan_root=absolute(progan_root),
         coco_root=absolute(coco_root),
+        image_column=image_column,
+        label_column=label_column,
+        generator_column=generator_column,
     )
     check_layout_options(spec, options)
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"{root}: data root is not a folder")
-    data_root, found = spec.walk(root.resolve(), options)
-    rows, skipped = [], []
+    data_root, found, *walk_skipped = spec.walk(root.resolve(), options)
+    rows, skipped = [], list(walk_skipped[0]) if walk_skipped else []
     for row in found:
         problem = getattr(row.path, "problem", None) or path_problem(row.path)
         if problem is None:
@@ -107,7 +119,7 @@ def build_manifest(
     if not rows:
         raise ManifestError(f"{root}: no image with a usable name ({len(skipped)} skipped, e.g. {skipped[0][1]})")
     recorded = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(options).items()}
-    ordered = tuple(sorted(rows, key=lambda row: (row.path, row.dataset)))
+    ordered = tuple(sorted(rows, key=row_order))
     return Manifest(
         split=split,
         rows=ordered,
@@ -116,6 +128,12 @@ def build_manifest(
         options={"root": str(root.resolve()), **recorded},
         skipped=tuple(sorted(set(skipped))),
     )
+
+
+def row_order(row: ManifestRow) -> tuple[str, int, str]:
+    """Rows by path then dataset; the rows of a Parquet file in their order in it (``#2`` before ``#10``)."""
+    parsed = parse_parquet_path(row.path)
+    return (row.path, -1, row.dataset) if parsed is None else (parsed[0], parsed[1], row.dataset)
 
 
 def name_list(name: str, value: Sequence[str] | None) -> tuple[str, ...] | None:
@@ -497,6 +515,51 @@ def check_listed_files(paths: Sequence[Path], split_folder: Path) -> None:
         seen.add(path)
 
 
+def list_genimage(root: Path, part: str, generators: Sequence[str] | None) -> list[ManifestRow]:
+    """GenImage's ``<generator>/[<subset>/]<part>/{ai,nature}/`` (the released archives add one subset folder,
+    e.g. ``Midjourney/imagenet_midjourney/train/ai``); dataset = the generator folder's name."""
+    expected = f"<generator>/[<subset>/]{part}/{{ai,nature}}"
+    found = list_subfolders(root)
+    if not found:
+        raise ManifestError(f"no generator folders in {root}: expected {expected}")
+    rows: list[ManifestRow] = []
+    for generator in select_names(found, generators, "generator", root):
+        relative = genimage_part(root, generator, part, expected)
+        for folder, label in GENIMAGE_LABEL_FOLDERS.items():
+            require_folder(root, f"{relative}/{folder}", expected)
+            paths = list(
+                walk_images(root.joinpath(*relative.split("/"), folder), f"{relative}/{folder}", recursive=True)
+            )
+            if not paths:
+                raise ManifestError(f"{root / relative / folder}: no images in this {folder}/ folder")
+            rows += [ManifestRow(path, label, generator) for path in paths]
+    return rows
+
+
+def genimage_part(root: Path, generator: str, part: str, expected: str) -> str:
+    """``generator/part``, or ``generator/<subset>/part`` when one subset folder holds it."""
+    if (root / generator / part).is_dir():
+        return f"{generator}/{part}"
+    holders = [name for name in list_subfolders(root / generator) if (root / generator / name / part).is_dir()]
+    if len(holders) != 1:
+        found = "none" if not holders else ", ".join(holders)
+        raise ManifestError(
+            f"{root / generator}: expected one {part}/ folder directly or in one subset folder ({expected}), "
+            f"found {found}"
+        )
+    return f"{generator}/{holders[0]}/{part}"
+
+
+def list_parquet(root: Path, options: LayoutConfig) -> tuple[Path, list[ManifestRow], list[tuple[str, str]]]:
+    columns = ParquetColumns(
+        image=options.image_column or DEFAULT_PARQUET_IMAGE_COLUMN,
+        label=options.label_column or DEFAULT_PARQUET_LABEL_COLUMN,
+        generator=options.generator_column,
+    )
+    rows, skipped = list_parquet_rows(root, columns, options.generators)
+    return root, rows, skipped
+
+
 # ---------------------------------------------------------------- the table
 
 _CLASSES = ("classes",)
@@ -537,6 +600,9 @@ LAYOUTS: dict[str, Layout] = {
         Layout(
             "ldm-val", lambda root, o: list_ldm_training(root, "valid", o.progan_root, o.coco_root), needs=_LDM_ROOTS
         ),
+        Layout("genimage-train", _rooted(lambda root, o: list_genimage(root, "train", o.generators)), _GENERATORS),
+        Layout("genimage-val", _rooted(lambda root, o: list_genimage(root, "val", o.generators)), _GENERATORS),
+        Layout("parquet", list_parquet, (*_GENERATORS, "image_column", "label_column", "generator_column")),
         Layout("folder", _rooted(lambda root, o: list_label_folders_anywhere(root))),
     )
 }

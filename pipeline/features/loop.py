@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -119,10 +120,19 @@ class ImageSource:
     invalid with the reason; every other exception stops the run.
     """
 
-    def __init__(self, image_path: Callable[[int], Path], max_pixels: int, workers: int) -> None:
+    def __init__(
+        self,
+        image_path: Callable[[int], Path],
+        max_pixels: int,
+        workers: int,
+        decoded: Callable[[int], AbstractContextManager[np.ndarray]] | None = None,
+    ) -> None:
         self.image_path = image_path
         self.max_pixels = max_pixels
         self.workers = workers
+        # row -> its pixels in a block; by default the file at image_path(row) (``sources.RowImages.decoded`` reads
+        # Parquet rows too)
+        self.decoded = decoded or (lambda row: images.decoded_image(self.image_path(row), self.max_pixels))
 
     def load(self, work: BatchWork) -> PixelBatch:
         start = time.perf_counter()
@@ -132,7 +142,7 @@ class ImageSource:
         errors = []
         for i, row in enumerate(work.rows.tolist()):
             try:
-                with images.decoded_image(self.image_path(row), self.max_pixels) as image:  # budget held till cut
+                with self.decoded(row) as image:  # the decode budget held till the crops are cut
                     for name, pixels in work.recipe(image, row).items():
                         out[name][i] = pixels
                 valid[i] = True

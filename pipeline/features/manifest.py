@@ -23,8 +23,10 @@ from ..files import check_split_name, disk_errors_explained, replace_files_atomi
 
 REQUIRED_COLUMNS = ("path", "label", "dataset")
 CLASS_COLUMN = "class"
+SHA256_COLUMN = "sha256"  # the image bytes' hash, for rows read from a container (a Parquet row)
 SIDECAR_KEYS = ("data_root", "layout", "options", "skipped")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class ManifestError(PipelineError, ValueError):
@@ -43,6 +45,7 @@ class ManifestRow:
     label: int  # 0 real, 1 fake
     dataset: str
     class_name: str | None = None  # CSV column `class`
+    sha256: str | None = None  # CSV column `sha256`: hex digest of the image's bytes (Parquet rows)
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Manifest:
 
     def has_classes(self) -> bool:
         return any(row.class_name is not None for row in self.rows)
+
+    def has_hashes(self) -> bool:
+        return any(row.sha256 is not None for row in self.rows)
 
     def sha256(self) -> str:
         """Hash of the canonical CSV text of the rows (not of the data root)."""
@@ -104,20 +110,27 @@ def sidecar_path(csv_path: Path) -> Path:
     return Path(csv_path).with_suffix(".json")
 
 
-def csv_header(with_classes: bool) -> list[str]:
-    return [*REQUIRED_COLUMNS, CLASS_COLUMN] if with_classes else list(REQUIRED_COLUMNS)
+def csv_header(with_classes: bool, with_hashes: bool = False) -> list[str]:
+    return [
+        *REQUIRED_COLUMNS,
+        *([CLASS_COLUMN] if with_classes else []),
+        *([SHA256_COLUMN] if with_hashes else []),
+    ]
 
 
 def render_csv(rows: Sequence[ManifestRow]) -> str:
-    """The canonical CSV text of ``rows``: '\\n' line ends, minimal quoting."""
+    """The canonical CSV text of ``rows``: '\\n' line ends, minimal quoting (no ``sha256`` column unless a row has one)."""
     with_classes = any(row.class_name is not None for row in rows)
+    with_hashes = any(row.sha256 is not None for row in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(csv_header(with_classes))
+    writer.writerow(csv_header(with_classes, with_hashes))
     for row in rows:
         fields_out = [row.path, str(row.label), row.dataset]
         if with_classes:
             fields_out.append(row.class_name or "")
+        if with_hashes:
+            fields_out.append(row.sha256 or "")
         writer.writerow(fields_out)
     return buffer.getvalue()
 
@@ -150,8 +163,10 @@ def printable_name(path: str) -> str:
     return "".join(char if 32 <= ord(char) != 127 else repr(char)[1:-1] for char in text)
 
 
-def row_problem(path: str, label: str, dataset: str, class_name: str | None) -> str | None:
+def row_problem(path: str, label: str, dataset: str, class_name: str | None, sha256: str | None = None) -> str | None:
     """Why a row (label as its CSV text) cannot be stored, or None."""
+    if sha256 is not None and not _SHA256.fullmatch(sha256):
+        return f"sha256 must be 64 lowercase hex digits, got {sha256!r}"
     problem = path_problem(path)
     if problem is not None:
         return problem
@@ -179,7 +194,7 @@ def check_rows(rows: Sequence[ManifestRow], csv_path: Path) -> None:
     for index, row in enumerate(rows):
         line = index + 2
         label_text = str(row.label) if type(row.label) is int else repr(row.label)
-        problem = row_problem(row.path, label_text, row.dataset, row.class_name)
+        problem = row_problem(row.path, label_text, row.dataset, row.class_name, row.sha256)
         if problem is None and row.class_name == "":
             problem = "class must be None or a non-empty name, got ''"
         if problem is not None:
@@ -228,12 +243,11 @@ def parse_csv(text: str, csv_path: Path) -> tuple[ManifestRow, ...]:
     first = next(records, None)
     if first is None:
         raise ManifestError(f"{csv_path} line 1: empty file, expected the header path,label,dataset")
-    with_classes = check_header(first[1], csv_path)
-    n_fields = len(csv_header(with_classes))
+    header = check_header(first[1], csv_path)
     rows: list[ManifestRow] = []
     first_line_of: dict[tuple[str, str], int] = {}
     for line, record in records:
-        row = parse_record(record, line, n_fields, csv_path)
+        row = parse_record(record, line, header, csv_path)
         check_unique(first_line_of, row, line, csv_path)
         rows.append(row)
     if not rows:
@@ -254,9 +268,9 @@ def iter_records(reader: Any, csv_path: Path) -> Iterator[tuple[int, list[str]]]
         yield line, record
 
 
-def check_header(header: list[str], csv_path: Path) -> bool:
-    """Validate the header; True when it has the ``class`` column."""
-    known = (*REQUIRED_COLUMNS, CLASS_COLUMN)
+def check_header(header: list[str], csv_path: Path) -> list[str]:
+    """Validate the header (required columns, then ``class`` and ``sha256`` where present); returns it."""
+    known = (*REQUIRED_COLUMNS, CLASS_COLUMN, SHA256_COLUMN)
     for name in REQUIRED_COLUMNS:
         if name not in header:
             raise ManifestError(f"{csv_path} line 1: missing required column '{name}'")
@@ -265,25 +279,28 @@ def check_header(header: list[str], csv_path: Path) -> bool:
             raise ManifestError(f"{csv_path} line 1: unknown column '{name}' (allowed: {','.join(known)})")
         if header.count(name) > 1:
             raise ManifestError(f"{csv_path} line 1: column '{name}' appears twice")
-    with_classes = CLASS_COLUMN in header
-    if header != csv_header(with_classes):
-        expected = ",".join(csv_header(with_classes))
-        raise ManifestError(f"{csv_path} line 1: columns must be in the order {expected}, got {','.join(header)}")
-    return with_classes
-
-
-def parse_record(record: list[str], line: int, n_fields: int, csv_path: Path) -> ManifestRow:
-    if len(record) != n_fields:
+    expected = csv_header(CLASS_COLUMN in header, SHA256_COLUMN in header)
+    if header != expected:
         raise ManifestError(
-            f"{csv_path} line {line}: expected {n_fields} fields "
-            f"({','.join(csv_header(n_fields == 4))}), got {len(record)}"
+            f"{csv_path} line 1: columns must be in the order {','.join(expected)}, got {','.join(header)}"
         )
-    path, label, dataset = record[:3]
-    class_name = (record[3] or None) if n_fields == 4 else None
-    problem = row_problem(path, label, dataset, class_name)
+    return header
+
+
+def parse_record(record: list[str], line: int, header: list[str], csv_path: Path) -> ManifestRow:
+    if len(record) != len(header):
+        raise ManifestError(
+            f"{csv_path} line {line}: expected {len(header)} fields ({','.join(header)}), got {len(record)}"
+        )
+    values = dict(zip(header, record))
+    class_name = values.get(CLASS_COLUMN) or None
+    sha256 = values.get(SHA256_COLUMN) or None
+    problem = row_problem(values["path"], values["label"], values["dataset"], class_name, sha256)
     if problem is not None:
         raise ManifestError(f"{csv_path} line {line}: {problem}")
-    return ManifestRow(path=path, label=int(label), dataset=dataset, class_name=class_name)
+    return ManifestRow(
+        path=values["path"], label=int(values["label"]), dataset=values["dataset"], class_name=class_name, sha256=sha256
+    )
 
 
 def read_sidecar(

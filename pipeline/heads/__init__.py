@@ -4,7 +4,8 @@
 G heads of one shape as stacked tensors, ``loss`` BCE + SupCon; ``stores`` holds a grid's features in memory or
 streams them, ``train`` fits fused groups, ``scoring`` scores stores, ``calibration`` chooses thresholds and a
 temperature on val, ``evaluate`` writes each run, ``grid`` dispatches a grid's groups (here or on Dask,
-``cluster``), ``embeddings`` samples z for the report. A new head goes in ``head``/``train``. Never imports
+``cluster``), ``protocols`` expands one-vs-rest / leave-one-out into runs, ``add_train`` refits with an added
+split (``--add-train``), ``embeddings`` samples z for the report. A new head goes in ``head``/``train``. Never imports
 stage one, the report or the product. The names below load their module on first use.
 """
 

@@ -20,10 +20,12 @@ from ..cache import default_store_path
 from ..errors import PipelineError
 from ..names import (
     ALL_CLASSES,
+    ALL_DATASETS,
     CENTER,
     DEFAULT_MODEL,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
+    STANDARD_PROTOCOL,
     TAPS,
 )
 from ..params import RUN_PARAMETERS, ParameterError
@@ -55,6 +57,10 @@ class RunConfig:
     # an explicit opt-in for screening); scores are float32 either way
     amp: str = "none"
     calibration: str = "none"  # one of CALIBRATIONS; "temperature": fitted on val (pipeline.heads.calibration)
+    # which datasets of the training split a run trains on (pipeline.heads.protocols): "standard" with
+    # train_datasets None = all of them; one-vs-rest / leave-one-out expand into one run per dataset
+    protocol: str = STANDARD_PROTOCOL
+    train_datasets: tuple[str, ...] | None = None
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""
@@ -63,6 +69,10 @@ class RunConfig:
 
 def classes_label(classes: tuple[str, ...] | None) -> str:
     return ALL_CLASSES if classes is None else LIST_SEPARATOR.join(classes)
+
+
+def datasets_label(datasets: tuple[str, ...] | None) -> str:
+    return ALL_DATASETS if datasets is None else LIST_SEPARATOR.join(datasets)
 
 
 RUN_KEYS = tuple(f.name for f in fields(RunConfig))
@@ -133,13 +143,14 @@ class GridConfig:
     source: Path | None = None
     declared: frozenset[str] = frozenset({"model", "tap"})
     select_across: tuple[str, ...] = ()  # setting fields selection compares across (results.select_runs)
+    add_train: StoreRef | None = None  # a split whose rows every run trains on besides the train split's
 
     def __len__(self) -> int:
         return len(self.runs)
 
 
 _GRID_KEYS = ("name", "out", "data", "base", "grid", "select_across")
-_DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test")
+_DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test", "add_train")
 _REF_KEYS = ("split", "store", "variant", "name")
 
 
@@ -221,17 +232,24 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
     override = {} if amp is None else {"amp": amp}
     runs = tuple(make_run_config({**base, **point, **override}, "grid") for point in points)
     check_distinct_runs(runs, points, where)
+    check_protocols(runs, where)
     select_across = document.get("select_across") or []
     if not isinstance(select_across, list) or any(field not in SELECT_ACROSS_FIELDS for field in select_across):
         raise ConfigError(
             f"{where}: select_across: expected a list of {', '.join(SELECT_ACROSS_FIELDS)}, got {select_across!r}"
         )
+    train = _parse_ref(data["train"], "data.train", cache_dir, model, tap, training=True)
+    add_train = None
+    if data.get("add_train") is not None:
+        add_train = _parse_ref(data["add_train"], "data.add_train", cache_dir, model, tap, training=True)
+        train = with_added(train, add_train)
     return GridConfig(
         name=name,
         out=out or Path(document.get("out", Path("runs") / name)),
         model=model,
         tap=tap,
-        train=_parse_ref(data["train"], "data.train", cache_dir, model, tap, training=True),
+        train=train,
+        add_train=add_train,
         val=ref(data["val"], "val"),
         tests=tests,
         runs=runs,
@@ -239,6 +257,11 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
         declared=frozenset(key for key in ("model", "tap") if key in data),
         select_across=tuple(select_across),
     )
+
+
+def with_added(train: StoreRef, added: StoreRef) -> StoreRef:
+    """The training entry named for results as ``<train>+<added>``."""
+    return StoreRef(name=f"{train.name}+{added.name}", path=train.path, variant=train.variant)
 
 
 def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
@@ -285,6 +308,16 @@ def check_distinct_runs(runs: tuple[RunConfig, ...], points: list[dict[str, Any]
                 "once base is applied; every config must appear once"
             )
         first_seen[run] = index
+
+
+def check_protocols(runs: tuple[RunConfig, ...], where: str) -> None:
+    """A protocol other than standard chooses the training datasets of its runs itself."""
+    for run in runs:
+        if run.protocol != STANDARD_PROTOCOL and run.train_datasets is not None:
+            raise ConfigError(
+                f"{where}: protocol {run.protocol} chooses each run's train_datasets itself; give train_datasets "
+                f"only with protocol {STANDARD_PROTOCOL}"
+            )
 
 
 def load_grid(path: Path, out: Path | None = None, amp: str | None = None) -> GridConfig:

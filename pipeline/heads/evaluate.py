@@ -21,10 +21,19 @@ from ..results import ERROR, NO_VALID_ROWS, OK, SETTING_FIELDS, HeadConfig, Resu
 from ..results.metrics import compute_metrics
 from ..results.run_folder import RunDocument, RunFolder, ScoreFile
 from .calibration import calibrate_head
-from .config import GridConfig, RunConfig, classes_label, run_config_dict
+from .config import GridConfig, RunConfig, classes_label, datasets_label, run_config_dict
 from .head import count_parameters, save_head
 from .scoring import group_logits
-from .stores import DataError, GridData, LoadedStore, TrainStore, class_mask, store_block_indices
+from .stores import (
+    DataError,
+    GridData,
+    LoadedStore,
+    TrainStore,
+    class_mask,
+    dataset_mask,
+    store_block_indices,
+    training_rows,
+)
 from .train import FitResult, fit_group
 
 
@@ -38,8 +47,13 @@ def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) 
         model=spec.model,
         tap=spec.tap,
         train=spec.train.name,
-        **{name: values[name] for name in SETTING_FIELDS if name in values and name != "classes"},
+        **{
+            name: values[name]
+            for name in SETTING_FIELDS
+            if name in values and name not in ("classes", "train_datasets")
+        },
         classes=classes_label(run.classes),
+        train_datasets=datasets_label(run.train_datasets),
         n_classes=n_classes,
     )
     head = HeadConfig(run.contrastive_factor, run.proj_layers, run.proj_dim)
@@ -150,6 +164,9 @@ def write_run(
             "views_used": fit.views_used,
             "views_reused": fit.views_reused,
             "amp": run.amp,
+            "protocol": run.protocol,
+            "train_datasets": None if run.train_datasets is None else list(run.train_datasets),
+            "train_rows": row_ranges(training_rows(data.train, run)[0]),
             **record,
             "features": {ref.name: "memory" if here else "streamed" for ref, here in zip(refs, context.placement)},
             "memory_budget_bytes": context.memory_budget,
@@ -162,10 +179,25 @@ def write_run(
     return rows
 
 
+def row_ranges(rows: np.ndarray) -> list[list[int]]:
+    """Sorted store rows as ``[start, stop)`` ranges: the rows a run trained on, compactly."""
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [[int(rows[a]), int(rows[b - 1]) + 1] for a, b in zip(starts, stops)]
+
+
 def evaluation_scope(store: LoadedStore, run: RunConfig) -> np.ndarray:
-    """Rows a split reports on (valid or not): on a store with classes, those of the run's training classes."""
+    """Rows val reports on (valid or not): on a store with classes, those of the run's training classes; on a store
+    holding every dataset the run trains on (a protocol cell), those datasets' rows."""
     classes = run.classes if store.rows.classes is not None else None
-    return class_mask(store.rows, classes, store.info.path)
+    scope = class_mask(store.rows, classes, store.info.path)
+    datasets = run.train_datasets
+    if datasets is not None and set(datasets) <= set(store.rows.datasets.tolist()):
+        scope &= dataset_mask(store.rows, datasets, store.info.path)
+    return scope
 
 
 def metric_rows(

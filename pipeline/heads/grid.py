@@ -31,7 +31,7 @@ from .. import cache
 from ..devices import available_memory, bf16_is_fast, exact_float32, resolve_device
 from ..errors import PipelineWarning
 from ..files import disk_errors_explained, explain_os_error, write_text_atomic
-from ..names import MAX_GROUP_SIZE
+from ..names import MAX_GROUP_SIZE, STANDARD_PROTOCOL
 from ..results import (
     ERROR,
     RESULT_COLUMNS,
@@ -47,6 +47,7 @@ from .cluster import ClusterConfig, dask_client, pin_worker
 from .config import GridConfig, RunConfig, StoreRef, run_config_dict
 from .embeddings import write_embeddings
 from .evaluate import GroupContext, error_row, fit_and_evaluate_group
+from .protocols import ProtocolError, expand_protocols
 from .stores import (
     DataError,
     GridData,
@@ -73,6 +74,9 @@ from .train import fusable_groups
 # row by row, so that no number depends on the count of torch threads. 6: scores in float32 whatever the
 # training precision (bf16 runs scored in bf16 before), float32 matmuls at "highest" precision.
 RUN_PROTOCOL = 6
+# Run config fields left out of the run id at their default value, so that runs fitted before they existed keep
+# their ids (and are not fitted again).
+UNHASHED_DEFAULTS: dict[str, Any] = {"protocol": STANDARD_PROTOCOL, "train_datasets": None}
 
 
 class ViewReuseWarning(PipelineWarning):
@@ -101,6 +105,8 @@ class GridStores:
     refs: tuple[StoreRef, ...]  # train, val, tests...
     infos: tuple[cache.StoreInfo, ...]
     train_views: tuple[str, ...]  # every training view of the train store
+    added: StoreRef | None = None  # a split trained on besides the train split (add_train)
+    added_info: cache.StoreInfo | None = None
 
     def identity(self) -> dict[str, Any]:
         """What a run's numbers depend on besides its config and its views (for the run id)."""
@@ -123,7 +129,10 @@ class GridStores:
 
         train = describe(self.refs[0], self.infos[0], ())
         evaluated = [describe(ref, info, evaluation_variants(ref)) for ref, info in zip(self.refs[1:], self.infos[1:])]
-        return {"protocol": RUN_PROTOCOL, "train": train, "val": evaluated[0], "tests": evaluated[1:]}
+        identity = {"protocol": RUN_PROTOCOL, "train": train, "val": evaluated[0], "tests": evaluated[1:]}
+        if self.added is not None and self.added_info is not None:
+            identity["add_train"] = describe(self.added, self.added_info, train_views(self.added_info, self.added))
+        return identity
 
     def run_views(self, run: RunConfig) -> tuple[str, ...]:
         """The distinct views a run reads, in epoch order."""
@@ -142,7 +151,11 @@ class GridSummary:
 
 
 def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, ...]) -> str:
-    text = json.dumps({"run": run_config_dict(config), "data": data_identity, "views": list(views)}, sort_keys=True)
+    values = run_config_dict(config)
+    for name, default in UNHASHED_DEFAULTS.items():  # fields added later: a run without them keeps its id
+        if values.get(name) == default:
+            del values[name]
+    text = json.dumps({"run": values, "data": data_identity, "views": list(views)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -152,8 +165,24 @@ def plan_grid_stores(spec: GridConfig) -> GridStores:
     infos = tuple(open_info(ref) for ref in refs)
     for ref, info in zip(refs, infos):
         check_declared(spec, ref, info)
-    check_compatible(list(infos))
-    return GridStores(refs, infos, train_views(infos[0], spec.train))
+    added_info = None
+    if spec.add_train is not None:
+        added_info = open_info(spec.add_train)
+        check_declared(spec, spec.add_train, added_info)
+    check_compatible([*infos, *([added_info] if added_info is not None else [])])
+    return GridStores(refs, infos, train_views(infos[0], spec.train), spec.add_train, added_info)
+
+
+def protocol_spec(spec: GridConfig, stores: GridStores) -> GridConfig:
+    """The spec with every run's protocol applied over the datasets of its training store (``protocols.py``)."""
+    if all(run.protocol == STANDARD_PROTOCOL for run in spec.runs):
+        return spec
+    datasets = sorted(set(cache.read_rows(stores.refs[0].path).datasets.tolist()))
+    try:
+        runs = expand_protocols(spec.runs, datasets)
+    except ProtocolError as error:
+        raise DataError(f"grid {spec.name}: {stores.refs[0].path}: {error}") from None
+    return dataclasses.replace(spec, runs=runs)
 
 
 def labelled_spec(spec: GridConfig, stores: GridStores) -> GridConfig:
@@ -205,7 +234,8 @@ def place_features(spec: GridConfig, stores: GridStores, budget: int) -> tuple[b
     an evaluation store counts every variant it scores.
     """
     longest = max(len(stores.run_views(run)) for run in spec.runs)
-    needs = [variant_bytes(stores.infos[0]) * min(longest, 2)]
+    train_infos = [stores.infos[0], *([stores.added_info] if stores.added_info is not None else [])]
+    needs = [sum(variant_bytes(info) for info in train_infos) * min(longest, 2)]
     needs += [
         variant_bytes(info) * len(evaluation_variants(ref)) for ref, info in zip(stores.refs[1:], stores.infos[1:])
     ]
@@ -217,7 +247,7 @@ def place_features(spec: GridConfig, stores: GridStores, budget: int) -> tuple[b
 
 
 def load_grid_data(stores: GridStores, device: torch.device, placement: tuple[bool, ...]) -> GridData:
-    train = open_train_store(stores.refs[0], device, stores.train_views, in_memory=placement[0])
+    train = open_train_store(stores.refs[0], device, stores.train_views, in_memory=placement[0], added=stores.added)
     val, *tests = (load_store(ref, device, in_memory) for ref, in_memory in zip(stores.refs[1:], placement[1:]))
     return GridData(train, val, tuple(tests), stores.identity())
 
@@ -271,6 +301,8 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
         write_text_atomic(out / "grid.yaml", spec.source.read_text())
     stores = plan_grid_stores(spec)
     spec = labelled_spec(spec, stores)
+    spec = protocol_spec(spec, stores)
+    runs = list(spec.runs)
     warn_view_reuse(spec, stores)
     identity = stores.identity()
     ids = [run_id(run, identity, stores.run_views(run)) for run in runs]
@@ -288,7 +320,9 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
         check_training_labels(spec, data.train, [runs[i] for i in todo])
     elif todo:  # the workers read the features; the labels of the training rows are checked here
         check_training_labels(
-            spec, open_train_store(stores.refs[0], device, stores.train_views), [runs[i] for i in todo]
+            spec,
+            open_train_store(stores.refs[0], device, stores.train_views, added=stores.added),
+            [runs[i] for i in todo],
         )
     groups = fusable_groups([runs[i] for i in todo], MAX_GROUP_SIZE if options.fuse else 1)
     groups = [[todo[i] for i in group] for group in groups]

@@ -76,7 +76,33 @@ class StreamedFeatures:
         return torch.from_numpy(array).to(self.device)
 
 
-FeatureSource = InMemoryFeatures | StreamedFeatures
+@dataclass(frozen=True)
+class ConcatenatedFeatures:
+    """Two feature sources read as one: rows ``[0, split)`` from the first, the others from the second (``--add-train``)."""
+
+    first: InMemoryFeatures | StreamedFeatures
+    second: InMemoryFeatures | StreamedFeatures
+    split: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.first.nbytes + self.second.nbytes
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        in_first = rows < self.split
+        if bool(in_first.all()):
+            return self.first.gather(rows)
+        if not bool(in_first.any()):
+            return self.second.gather(rows - self.split)
+        head = self.first.gather(rows[in_first])
+        tail = self.second.gather(rows[~in_first] - self.split)
+        out = torch.empty((len(rows), *head.shape[1:]), dtype=head.dtype, device=head.device)
+        out[in_first.to(head.device)] = head
+        out[(~in_first).to(head.device)] = tail
+        return out
+
+
+FeatureSource = InMemoryFeatures | StreamedFeatures | ConcatenatedFeatures
 
 
 def variant_bytes(info: cache.StoreInfo) -> int:
@@ -187,6 +213,7 @@ class TrainStore:
     views: tuple[str, ...]
     view_cache: ViewCache = field(compare=False)
     in_memory: bool = True  # False: batches are gathered from the shard files
+    added_rows: np.ndarray | None = None  # rows of an added split (--add-train): trained on by every run
 
     def epoch_views(self, epochs: int) -> tuple[str, ...]:
         """The view each epoch reads: view e mod K."""
@@ -217,13 +244,53 @@ def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> L
 
 
 def open_train_store(
-    ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None, in_memory: bool = True
+    ref: StoreRef,
+    device: torch.device,
+    views: tuple[str, ...] | None = None,
+    in_memory: bool = True,
+    added: StoreRef | None = None,
 ) -> TrainStore:
-    """The training store with a view cache that reads (or opens for streaming) its views on demand."""
+    """The training store with a view cache that reads (or opens for streaming) its views on demand.
+
+    ``added``: a second store whose rows follow the first's (``--add-train``); view ``i`` of the first is read
+    with view ``i mod K`` of the added store's K training views.
+    """
     info = open_info(ref)
     views = views or train_views(info, ref)
-    view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
-    return TrainStore(ref, info, cache.read_rows(ref.path), views, view_cache, in_memory)
+    rows = cache.read_rows(ref.path)
+    if added is None:
+        view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
+        return TrainStore(ref, info, rows, views, view_cache, in_memory)
+    added_views = train_views(open_info(added), added)
+    added_of = {view: added_views[i % len(added_views)] for i, view in enumerate(views)}
+    n_base = len(rows)
+
+    def load(variant: str) -> FeatureSource:
+        first = open_variant(ref, variant, device, in_memory)
+        second = open_variant(added, added_of[variant], device, in_memory)
+        assert not isinstance(first, ConcatenatedFeatures) and not isinstance(second, ConcatenatedFeatures)
+        return ConcatenatedFeatures(first, second, n_base)
+
+    combined = concatenate_rows(rows, cache.read_rows(added.path))
+    added_rows = np.arange(n_base, len(combined))
+    return TrainStore(ref, info, combined, views, ViewCache(load), in_memory, added_rows)
+
+
+def concatenate_rows(first: cache.RowTable, second: cache.RowTable) -> cache.RowTable:
+    """The rows of two stores, one after the other (classes kept where both have them, '' for the missing side)."""
+    classes = None
+    if first.classes is not None or second.classes is not None:
+        classes = np.concatenate(
+            [t.classes if t.classes is not None else np.full(len(t), "", dtype=object) for t in (first, second)]
+        )
+    return cache.RowTable(
+        labels=np.concatenate([first.labels, second.labels]),
+        paths=np.concatenate([first.paths, second.paths]),
+        datasets=np.concatenate([first.datasets, second.datasets]),
+        classes=classes,
+        valid=np.concatenate([first.valid, second.valid]),
+        errors=np.concatenate([first.errors, second.errors]),
+    )
 
 
 def open_info(ref: StoreRef) -> cache.StoreInfo:
@@ -255,20 +322,35 @@ def class_mask(rows: cache.RowTable, classes: tuple[str, ...] | None, where: Pat
     return np.isin(rows.classes, classes)
 
 
-def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
-    """Rows a run trains on, and how many invalid rows of its classes were excluded.
+def dataset_mask(rows: cache.RowTable, datasets: tuple[str, ...] | None, where: Path) -> np.ndarray:
+    """Rows of ``datasets`` (all rows when None), valid or not: a protocol cell's training subset."""
+    if datasets is None:
+        return np.ones(len(rows), dtype=bool)
+    present = set(rows.datasets.tolist())
+    missing = sorted(set(datasets) - present)
+    if missing:
+        raise DataError(f"{where}: datasets {missing} not in the store (it has {sorted(present)})")
+    return np.isin(rows.datasets, datasets)
 
-    Raises ``OneLabelError`` when the valid rows of the run's classes are all
-    real or all fake (before ``train_fraction`` draws from them), and
-    ``DataError`` when fewer than two rows are usable.
+
+def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int]:
+    """Rows a run trains on (of its classes and its ``train_datasets``), and how many invalid rows were excluded.
+
+    Every head trains on these rows, so the protocols (``protocols.py``) hold for all. Raises
+    ``OneLabelError`` when the valid rows are all real or all fake (before
+    ``train_fraction`` draws from them), and ``DataError`` when fewer than
+    two rows are usable.
     """
     of_classes = class_mask(store.rows, config.classes, store.info.path)
+    of_classes &= dataset_mask(store.rows, config.train_datasets, store.info.path)
     rows = np.flatnonzero(of_classes & store.rows.valid)
     n_invalid = int(np.count_nonzero(of_classes)) - len(rows)
     labels = set(store.rows.labels[rows].tolist())
     if len(labels) == 1:
         which = "real (label 0)" if labels == {0} else "fake (label 1)"
         classes = "all classes" if config.classes is None else f"classes {list(config.classes)}"
+        if config.train_datasets is not None:
+            classes += f" of datasets {list(config.train_datasets)}"
         raise OneLabelError(
             f"{store.info.path}: the {len(rows)} valid training rows of {classes} are all {which}; "
             "a detector needs real and fake images to train on"
@@ -277,6 +359,10 @@ def training_rows(store: TrainStore, config: RunConfig) -> tuple[np.ndarray, int
         rng = np.random.default_rng([config.seed, len(rows)])
         count = max(2, round(config.train_fraction * len(rows)))
         rows = np.sort(rng.choice(rows, size=count, replace=False))
+    if store.added_rows is not None:  # an added split's rows, whatever the run's classes, datasets and fraction
+        added = store.added_rows[store.rows.valid[store.added_rows]]
+        n_invalid += len(store.added_rows) - len(added)
+        rows = np.union1d(rows, added)
     if len(rows) < 2:
         raise DataError(f"{store.info.path}: only {len(rows)} usable training rows")
     return rows, n_invalid

@@ -1,7 +1,7 @@
 """Turn stage two's grid folders into the paper's tables (CSV) beside the authors' numbers, figures and one page.
 
 Reads each grid folder's ``results.csv``, ``selection.csv`` and the runs' folders (``results.run_folder``);
-writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``), then the figures (``figures.py``,
+writes the tables (``tables.py``, ``studies.py``, ``analysis_tables.py``, ``cross_dataset.py``), then the figures (``figures.py``,
 ``run_figures.py``; matplotlib, imported lazily, never stops the tables or the page) and ``index.html``
 (``html.py``). A table without inputs is skipped with its reason. What each file holds: docs/reports.md.
 """
@@ -18,6 +18,7 @@ from ..files import disk_errors_explained
 from ..results.bootstrap import BootstrapConfig
 from .analysis import ReportAnalysis, RunKey, analyse_runs
 from .audits import read_audits
+from .cross_dataset import HEATMAP_NAME, cross_dataset_tables, heatmap_job
 from .gallery import DEFAULT_GALLERY_SIZE
 from .inputs import GridResults, ReportError, find_grid_dirs, read_grid_dir
 from .summary import SUMMARY_NAME, ReportSummaryCard, build_summary, precision_line, write_summary
@@ -88,6 +89,7 @@ def write_figures(
     skipped: list[SkippedOutput] = []
     preparers = [(ranking.RANKED_NAME, lambda: [ranking.ranked_job(grids, analysis, out)], None)]
     preparers += [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
+    preparers.append((HEATMAP_NAME, lambda: heatmap_job(grids, out), None))
     preparers += [
         (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
     ]
@@ -141,7 +143,7 @@ def _run_report(config: ReportConfig) -> ReportSummary:
     skipped += analysis.without_intervals()
     written: list[Path] = []
     tables: list[Table] = []
-    for outcome in build_tables(grids, analysis):
+    for outcome in [*build_tables(grids, analysis), *cross_dataset_tables(grids, config.bootstrap, out)]:
         if isinstance(outcome, SkippedOutput):
             (out / outcome.name).unlink(missing_ok=True)  # no stale copy of a table this report did not make
             skipped.append(outcome)

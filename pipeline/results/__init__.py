@@ -2,7 +2,8 @@
 run folders and the authors' reference numbers.
 
 ``rows`` types ``results.csv`` (and holds the CSV I/O every table uses), ``selection`` chooses the best runs
-(``selection.csv``), ``metrics`` computes a scored set's numbers, ``bootstrap`` their intervals,
+(``selection.csv``), ``metrics`` computes a scored set's numbers, ``bootstrap`` their intervals
+(``deltas`` those of paired differences),
 ``run_folder`` is a run's folder as a type, ``reference`` reads the authors' published numbers (``data/``).
 Formats: docs/results-format.md. The grid writes these, the report and the product read them.
 """

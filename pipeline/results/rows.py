@@ -65,6 +65,8 @@ class Setting:
     seed: int
     amp: str
     calibration: str = "none"
+    protocol: str = "standard"
+    train_datasets: str = "all"  # the datasets of the training split it trained on, joined with '+'
 
     def label(self, without: Sequence[str] = ("model", "tap")) -> str:
         """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out."""
@@ -149,6 +151,8 @@ RESULT_COLUMNS: tuple[str, ...] = (
 # Columns added after the first format, and what a file without them implies.
 ADDED_COLUMNS: dict[str, str] = {
     "calibration": "none",
+    "protocol": "standard",
+    "train_datasets": "all",
     **{name: "nan" for name in METRIC_NAMES[METRIC_NAMES.index("calibrated_threshold") + 1 :]},
 }
 
