@@ -129,10 +129,10 @@ def test_the_matrix_has_a_row_per_cell_a_column_per_test_set_and_the_results_val
         for row in rows:
             trained = row["train_datasets"].split("+")
             for dataset in test_sets:
-                assert float(row[dataset]) == float(metric_of[(row["run"], dataset, metric)])
+                assert float(row[dataset]) == round(100 * float(metric_of[(row["run"], dataset, metric)]), 1)  # percent
                 assert float(row[f"{dataset}_low"]) <= float(row[f"{dataset}_high"])
             off = [float(row[d]) for d in test_sets if d not in trained]
-            assert float(row["mean_off_diagonal"]) == pytest.approx(sum(off) / len(off), abs=1e-12)
+            assert float(row["mean_off_diagonal"]) == pytest.approx(sum(off) / len(off), abs=0.1)
             assert not math.isnan(float(row["mean_off_diagonal_low"]))
     assert (out / "cross_dataset_acc.png").is_file()
     page = (out / "index.html").read_text()

@@ -1,8 +1,9 @@
 """The cross-dataset matrix: ``cross_dataset_acc.csv`` / ``cross_dataset_ap.csv`` and their heatmap.
 
 One row per protocol cell (the config selected by val in each training setting, ``selection.csv``), one column
-per test set (center crop), each value the run's metric as in ``results.csv`` with its bootstrap interval, and the
-mean over the test sets the row did not train on ("off the diagonal"). Made when a report holds runs trained on a
+per test set (center crop), each value the run's metric as in ``results.csv`` (in percent with one decimal, as
+every wide per-set table) with its bootstrap interval, and the mean over the test sets the row did not train on
+("off the diagonal"). Made when a report holds runs trained on a
 subset of their split (``protocol``, ``train_datasets``). Format: docs/reports.md.
 """
 
@@ -17,8 +18,8 @@ import numpy as np
 
 from ..names import ALL_DATASETS, BEST_BY_VAL, CENTER, LIST_SEPARATOR, STANDARD_PROTOCOL, VAL_SPLIT
 from ..results.bootstrap import BootstrapConfig, Interval, Replicates, bootstrap_set, mean_replicates
-from ..results.rows import format_value
 from .inputs import GridResults, RunResult
+from .numbers import percent
 from .scores import read_run_scores
 from .table import SkippedOutput, Table
 
@@ -110,7 +111,7 @@ def set_columns(rows: Sequence[MatrixRow]) -> list[str]:
 
 
 def _bound(interval: Interval | None, side: str) -> str:
-    return "" if interval is None else format_value(getattr(interval, side))
+    return "" if interval is None else percent(getattr(interval, side))
 
 
 def matrix_table(rows: Sequence[MatrixRow], metric: str) -> Table:
@@ -121,7 +122,7 @@ def matrix_table(rows: Sequence[MatrixRow], metric: str) -> Table:
         cells = [row.grid, row.protocol, row.train_datasets, row.run.run]
         for column in columns:
             value, interval = row.values[metric].get(column, (math.nan, None))
-            cells += [format_value(value), _bound(interval, "low"), _bound(interval, "high")]
+            cells += [percent(value), _bound(interval, "low"), _bound(interval, "high")]
         body.append(tuple(cells))
     return Table(MATRIX_NAMES[metric], header, tuple(body))
 
