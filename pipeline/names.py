@@ -45,6 +45,15 @@ LAYOUT_NAMES: tuple[str, ...] = (
 )
 
 # ----------------------------------------------------------------------------- stage two
+HEADS: tuple[str, ...] = ("rine", "linear", "knn", "logreg")  # rine: the paper's; the others read one vector
+DEFAULT_HEAD = "rine"
+BLOCKS_FEATURES = "blocks"  # every cached block's token (RINE only)
+EMBEDDING_FEATURES = "embedding"  # the model's pooled image embedding (stored beside the tokens)
+BLOCK_FEATURES_PREFIX = "block:"  # block:K, one block's token (negative K counts from the last cached block)
+FEATURES_CHOICES = f"{BLOCKS_FEATURES}, {BLOCK_FEATURES_PREFIX}K or {EMBEDDING_FEATURES}"
+DEFAULT_KNN_K = 20
+DEFAULT_LOGREG_C = 1.0
+LOGREG_MAX_ITER = 1000
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
 AMP_MODES: tuple[str, ...] = ("none", "bf16")  # none: float32 (the default, as the authors); bf16: an opt-in

@@ -10,7 +10,7 @@ import zarr
 
 from . import _shard_reader
 from .reading import ShardProblem, _read_flags, _row_chunk_problems, open_store_info, read_features, read_rows
-from .schema import StoreError, shard_bounds
+from .schema import EMBEDDING_ARRAY, StoreError, shard_bounds
 from .writing import unflag_shards
 
 
@@ -26,12 +26,14 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
     info = open_store_info(path)
     names = list(info.variants) if variants is None else list(variants)
     problems: list[ShardProblem] = []
+    arrays = ("features", EMBEDDING_ARRAY) if info.identity.embedding_dim else ("features",)
     for name in names:
-        array = zarr.open_array(path / "features" / name, mode="r")
-        layout = _shard_reader.raw_shard_layout(array)
-        for shard in np.flatnonzero(info.shard_flags[name]).tolist():
-            for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard):
-                problems.append(ShardProblem(f"features/{name}", shard, problem, name))
+        for array_name in arrays:
+            array = zarr.open_array(path / array_name / name, mode="r")
+            layout = _shard_reader.raw_shard_layout(array)
+            for shard in np.flatnonzero(info.shard_flags[name]).tolist():
+                for problem in _shard_reader.shard_file_problems(path / array_name / name, layout, array, shard):
+                    problems.append(ShardProblem(f"{array_name}/{name}", shard, problem, name))
     return problems + _row_chunk_problems(info, names)
 
 

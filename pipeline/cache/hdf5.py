@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import PipelineError
 from ..files import atomic_path
 from .reading import open_store_info, read_features, read_rows
-from .schema import SCHEMA, RowTable, StoreIdentity
+from .schema import EMBEDDING_ARRAY, SCHEMA, RowTable, StoreIdentity
 from .writing import delete_store, write_store
 
 JSON_ATTRIBUTES = "json_attributes"  # root attribute: names of the attributes stored as JSON text
@@ -68,18 +68,21 @@ def export_hdf5(store: Path, out: Path, *, progress: bool = True) -> TransferSum
         write_attributes(handle.attrs, info.attrs)
         for name, values in row_arrays(rows).items():
             handle.create_dataset(name, data=values, dtype=_STRING if values.dtype == object else values.dtype)
-        group = handle.create_group("features")
-        for variant in info.variants:
-            for start in range(0, info.n_rows, info.identity.shard_rows):
-                stop = min(start + info.identity.shard_rows, info.n_rows)
-                block = read_features(store, variant, slice(start, stop))
-                if start == 0:
-                    shape = (info.n_rows, *block.shape[1:])
-                    dataset = group.create_dataset(
-                        variant, shape=shape, dtype=block.dtype, chunks=(chunk_rows, *shape[1:])
-                    )
-                dataset[start:stop] = block
-                bar.update(stop - start)
+        arrays = ("features", EMBEDDING_ARRAY) if info.identity.embedding_dim else ("features",)
+        for array_name in arrays:
+            group = handle.create_group(array_name)
+            for variant in info.variants:
+                for start in range(0, info.n_rows, info.identity.shard_rows):
+                    stop = min(start + info.identity.shard_rows, info.n_rows)
+                    block = read_features(store, variant, slice(start, stop), array_name=array_name)
+                    if start == 0:
+                        shape = (info.n_rows, *block.shape[1:])
+                        dataset = group.create_dataset(
+                            variant, shape=shape, dtype=block.dtype, chunks=(chunk_rows, *shape[1:])
+                        )
+                    dataset[start:stop] = block
+                    if array_name == "features":
+                        bar.update(stop - start)
     return TransferSummary(Path(store), Path(out), info.n_rows, tuple(info.variants))
 
 
@@ -175,5 +178,8 @@ def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool
             valid=handle["valid"][:],
             errors=strings["error"],
             extra_attrs={key: value for key, value in attrs.items() if key not in _STORE_OWN_ATTRIBUTES},
+            embeddings={name: handle[EMBEDDING_ARRAY][name] for name in variants}
+            if EMBEDDING_ARRAY in handle
+            else None,
         )
     return attrs["n_rows"], variants

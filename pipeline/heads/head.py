@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import PipelineError
 from ..files import atomic_path
-from ..names import AGGREGATIONS
+from ..names import AGGREGATIONS, DEFAULT_HEAD
+from .probes import ProbeHead, build_probe, probe_shape
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -300,24 +301,31 @@ def check_state_dict_matches(model: RineHead, state: dict[str, torch.Tensor], pa
         raise CheckpointError(f"{path}: not a RINE head state dict for {shape}: {' | '.join(problems)}")
 
 
-def save_head(head: RineHead, path: Path, metadata: dict[str, str]) -> None:
-    """Write a head as safetensors; its shape goes into the metadata so it reloads alone."""
+def save_head(head: RineHead | ProbeHead, path: Path, metadata: dict[str, str]) -> None:
+    """Write a head as safetensors; its shape goes into the metadata so it reloads alone.
+
+    A RINE head's metadata has no ``head`` key (as before the other heads existed); the others record theirs
+    (``probes.probe_shape``).
+    """
     from safetensors.torch import save_file
 
-    shape = {
-        "n_blocks": str(head.n_blocks),
-        "in_dim": str(head.in_dim),
-        "proj_dim": str(head.proj_dim),
-        "proj_layers": str(head.proj_layers),
-        "aggregation": head.aggregation,
-    }
+    if isinstance(head, RineHead):
+        shape = {
+            "n_blocks": str(head.n_blocks),
+            "in_dim": str(head.in_dim),
+            "proj_dim": str(head.proj_dim),
+            "proj_layers": str(head.proj_layers),
+            "aggregation": head.aggregation,
+        }
+    else:
+        shape = probe_shape(head)
     state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={**metadata, **shape})
 
 
-def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
-    """Read a head written by ``save_head``; returns it in eval mode with its metadata."""
+def load_head(path: Path) -> tuple[RineHead | ProbeHead, dict[str, str]]:
+    """Read a head written by ``save_head`` (any kind); returns it in eval mode with its metadata."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -328,13 +336,16 @@ def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors head ({error})") from None
     try:
-        head = RineHead(
-            int(metadata["n_blocks"]),
-            int(metadata["in_dim"]),
-            int(metadata["proj_dim"]),
-            int(metadata["proj_layers"]),
-            aggregation=metadata["aggregation"],
-        )
+        if metadata.get("head", DEFAULT_HEAD) != DEFAULT_HEAD:
+            head = build_probe(metadata)
+        else:
+            head = RineHead(
+                int(metadata["n_blocks"]),
+                int(metadata["in_dim"]),
+                int(metadata["proj_dim"]),
+                int(metadata["proj_layers"]),
+                aggregation=metadata["aggregation"],
+            )
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: head metadata incomplete or invalid ({error})") from None
     try:

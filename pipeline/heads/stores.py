@@ -85,12 +85,18 @@ def variant_bytes(info: cache.StoreInfo) -> int:
     return info.n_rows * len(store_block_indices(identity)) * identity.dim * np.dtype(identity.dtype).itemsize
 
 
-def open_variant(ref: StoreRef, variant: str, device: torch.device, in_memory: bool) -> FeatureSource:
-    """One variant of a store as a feature source: read whole, or opened for streaming."""
+def open_variant(
+    ref: StoreRef, variant: str, device: torch.device, in_memory: bool, array_name: str = "features"
+) -> FeatureSource:
+    """One variant of a store as a feature source: read whole, or opened for streaming.
+
+    ``array_name="embedding"``: the variant's pooled image embeddings, (N, 1, embedding_dim).
+    """
     try:
         if in_memory:
-            return InMemoryFeatures(torch.from_numpy(cache.read_features(ref.path, variant)).to(device))
-        return StreamedFeatures(cache.open_feature_rows(ref.path, variant), device)
+            array = cache.read_features(ref.path, variant, array_name=array_name)
+            return InMemoryFeatures(torch.from_numpy(array).to(device))
+        return StreamedFeatures(cache.open_feature_rows(ref.path, variant, array_name), device)
     except cache.StoreError as error:
         raise DataError(f"{ref.name}: {error}") from None
 
@@ -103,6 +109,7 @@ class LoadedStore:
     info: cache.StoreInfo
     rows: cache.RowTable
     features: dict[str, FeatureSource]  # variant -> its features
+    embeddings: dict[str, FeatureSource] = field(default_factory=dict)  # variant -> its embeddings, when asked
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -187,6 +194,7 @@ class TrainStore:
     views: tuple[str, ...]
     view_cache: ViewCache = field(compare=False)
     in_memory: bool = True  # False: batches are gathered from the shard files
+    embedding_cache: ViewCache | None = field(default=None, compare=False)  # the views' embeddings, when asked
 
     def epoch_views(self, epochs: int) -> tuple[str, ...]:
         """The view each epoch reads: view e mod K."""
@@ -210,20 +218,34 @@ def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
     return tuple(spec.name for spec in ref.group.members)
 
 
-def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> LoadedStore:
-    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming)."""
-    features = {variant: open_variant(ref, variant, device, in_memory) for variant in evaluation_variants(ref)}
-    return LoadedStore(ref=ref, info=open_info(ref), rows=cache.read_rows(ref.path), features=features)
+def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True, embedding: bool = False) -> LoadedStore:
+    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming);
+    with ``embedding``, their pooled image embeddings too (a store without them is a :class:`DataError` saying
+    how to add them)."""
+    variants = evaluation_variants(ref)
+    features = {variant: open_variant(ref, variant, device, in_memory) for variant in variants}
+    embeddings = {v: open_variant(ref, v, device, in_memory, cache.EMBEDDING_ARRAY) for v in variants if embedding}
+    return LoadedStore(ref, open_info(ref), cache.read_rows(ref.path), features, embeddings)
 
 
 def open_train_store(
-    ref: StoreRef, device: torch.device, views: tuple[str, ...] | None = None, in_memory: bool = True
+    ref: StoreRef,
+    device: torch.device,
+    views: tuple[str, ...] | None = None,
+    in_memory: bool = True,
+    embedding: bool = False,
 ) -> TrainStore:
-    """The training store with a view cache that reads (or opens for streaming) its views on demand."""
+    """The training store with a view cache that reads (or opens for streaming) its views on demand; with
+    ``embedding``, a second one for the views' embeddings (checked to exist here)."""
     info = open_info(ref)
     views = views or train_views(info, ref)
     view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
-    return TrainStore(ref, info, cache.read_rows(ref.path), views, view_cache, in_memory)
+    embedding_cache = None
+    if embedding:
+        if not info.identity.embedding_dim:
+            open_variant(ref, views[0], device, False, cache.EMBEDDING_ARRAY)  # raises, saying how to add them
+        embedding_cache = ViewCache(lambda v: open_variant(ref, v, device, in_memory, cache.EMBEDDING_ARRAY))
+    return TrainStore(ref, info, cache.read_rows(ref.path), views, view_cache, in_memory, embedding_cache)
 
 
 def open_info(ref: StoreRef) -> cache.StoreInfo:

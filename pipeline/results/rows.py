@@ -6,13 +6,20 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import PipelineError
 from ..files import write_text_atomic
-from ..names import LIST_SEPARATOR, UNPERTURBED_VARIANTS
+from ..names import (
+    BLOCKS_FEATURES,
+    DEFAULT_HEAD,
+    DEFAULT_KNN_K,
+    DEFAULT_LOGREG_C,
+    LIST_SEPARATOR,
+    UNPERTURBED_VARIANTS,
+)
 from ..params import cell_parsers
 from .metrics import METRIC_NAMES
 
@@ -28,18 +35,22 @@ class ResultsFormatError(PipelineError, ValueError):
 
 
 class HeadConfig(NamedTuple):
-    """The three searched head hyper-parameters: xi, q, d'."""
+    """The searched head hyper-parameters: RINE's xi, q, d'; k of the ``knn`` head, C of the ``logreg`` head."""
 
     contrastive_factor: float
     proj_layers: int
     proj_dim: int
+    k: int = DEFAULT_KNN_K
+    C: float = DEFAULT_LOGREG_C
 
     def matches(self, other: HeadConfig) -> bool:
-        """Same config, comparing the factor with a float tolerance."""
+        """Same config, comparing the floats with a tolerance."""
         return (
             math.isclose(self.contrastive_factor, other.contrastive_factor, rel_tol=1e-9, abs_tol=1e-12)
             and self.proj_layers == other.proj_layers
             and self.proj_dim == other.proj_dim
+            and self.k == other.k
+            and math.isclose(self.C, other.C, rel_tol=1e-9)
         )
 
     def label(self) -> str:
@@ -53,6 +64,8 @@ class Setting:
     model: str
     tap: str
     train: str
+    head: str = field(default=DEFAULT_HEAD, kw_only=True)  # rine, linear, knn, logreg
+    features: str = field(default=BLOCKS_FEATURES, kw_only=True)  # blocks, block:K, embedding
     epochs: int
     batch_size: int
     lr: float
@@ -149,6 +162,10 @@ RESULT_COLUMNS: tuple[str, ...] = (
 # Columns added after the first format, and what a file without them implies.
 ADDED_COLUMNS: dict[str, str] = {
     "calibration": "none",
+    "head": DEFAULT_HEAD,
+    "features": BLOCKS_FEATURES,
+    "k": str(DEFAULT_KNN_K),
+    "C": repr(DEFAULT_LOGREG_C),
     **{name: "nan" for name in METRIC_NAMES[METRIC_NAMES.index("calibrated_threshold") + 1 :]},
 }
 

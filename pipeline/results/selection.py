@@ -199,7 +199,7 @@ def select_runs(summaries: Iterable[RunSummary], across: Sequence[str] = ()) -> 
 
 
 SELECTION_COLUMNS: tuple[str, ...] = (
-    ("selection", "run", "grid", "model", "tap", "train")
+    ("selection", "run", "grid", "model", "tap", "train", "head", "features")
     + HEAD_COLUMNS
     + SETTING_COLUMNS
     + ("val_acc", "val_ap", "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean")
