@@ -10,6 +10,7 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14"  # the paper's backbone and the 
 PAPER_BACKBONES: tuple[str, ...] = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
 TAPS: tuple[str, ...] = ("ln2", "hidden")  # ln2: the authors' tensor (inside the block); hidden: block outputs
 DEFAULT_TAP = "ln2"
+EMBEDDING_TAP = "embedding"  # not a tap of the blocks: the model's pooled image embedding, from the same pass
 STORE_DTYPES: tuple[str, ...] = ("float16", "float32")  # dtypes of the stored features
 DEFAULT_STORE_DTYPE = "float16"
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in
