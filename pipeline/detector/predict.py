@@ -216,7 +216,7 @@ class PredictionCommitter:
         start = time.perf_counter()
         item = self.work.pop(finished.shard)
         names = item.recipe.names
-        tap = self.detector.spec.tap
+        tap = self.detector.spec.input_name  # the tap's tokens, or the embedding
         logits = torch.stack([self.detector.logits(finished.features[(tap, name)]) for name in names], dim=1)
         scores = self.detector.scores(logits)
         crop = TEN_CROP if len(names) > 1 else CENTER
