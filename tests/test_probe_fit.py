@@ -12,12 +12,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from conftest import separable_features
+from conftest import write_store as write_store_without_embedding
 from pipeline import cache
 from pipeline.heads import FitConfig, load_head, parse_grid, run_grid
 from pipeline.heads.config import ConfigError, RunConfig, make_run_config, run_config_dict, run_identity_dict
 from pipeline.heads.stores import DataError
-from tests.conftest import separable_features
-from tests.conftest import write_store as write_store_without_embedding
 
 EMBEDDING_DIM = 8
 

@@ -50,7 +50,7 @@ def scored(
 def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
     assert set(f.name for f in dataclasses.fields(config.RunConfig)) <= set(RESULT_COLUMNS)
     assert RESULT_COLUMNS[:14] == ("run", "status", "error", "grid", "model", "tap", "train", "head", "features",
-                                   "contrastive_factor", "proj_layers", "proj_dim", "k", "C")  # fmt: skip
+                                   "k", "C", "contrastive_factor", "proj_layers", "proj_dim")  # fmt: skip
     assert set(SETTING_COLUMNS) | set(RESULT_COLUMNS[7:14]) | {"n_classes"} >= {
         f.name for f in dataclasses.fields(config.RunConfig)
     }

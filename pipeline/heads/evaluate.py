@@ -43,7 +43,7 @@ def base_row(spec: GridConfig, data: GridData | None, run: RunConfig, rid: str) 
         classes=classes_label(run.classes),
         n_classes=n_classes,
     )
-    head = HeadConfig(run.contrastive_factor, run.proj_layers, run.proj_dim, run.k, run.C)
+    head = HeadConfig(run.contrastive_factor, run.proj_layers, run.proj_dim)
     return ResultRow(run=rid, status=OK, error="", grid=spec.name, head=head, setting=setting)
 
 

@@ -198,6 +198,7 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
 
 def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> list[Table | SkippedOutput]:
     from .analysis_tables import build_errors_table, build_format_align_table, build_seeds_table
+    from .detectors import detector_tables
 
     score_rows = collect_score_rows(grids)
     return [
@@ -215,4 +216,5 @@ def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None =
         build_fractions_table(grids),
         build_ldm_table(grids),
         build_tie_table(grids),
+        *detector_tables(grids, analysis),
     ]

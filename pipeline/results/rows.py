@@ -35,22 +35,18 @@ class ResultsFormatError(PipelineError, ValueError):
 
 
 class HeadConfig(NamedTuple):
-    """The searched head hyper-parameters: RINE's xi, q, d'; k of the ``knn`` head, C of the ``logreg`` head."""
+    """The three searched head hyper-parameters: xi, q, d'."""
 
     contrastive_factor: float
     proj_layers: int
     proj_dim: int
-    k: int = DEFAULT_KNN_K
-    C: float = DEFAULT_LOGREG_C
 
     def matches(self, other: HeadConfig) -> bool:
-        """Same config, comparing the floats with a tolerance."""
+        """Same config, comparing the factor with a float tolerance."""
         return (
             math.isclose(self.contrastive_factor, other.contrastive_factor, rel_tol=1e-9, abs_tol=1e-12)
             and self.proj_layers == other.proj_layers
             and self.proj_dim == other.proj_dim
-            and self.k == other.k
-            and math.isclose(self.C, other.C, rel_tol=1e-9)
         )
 
     def label(self) -> str:
@@ -66,6 +62,8 @@ class Setting:
     train: str
     head: str = field(default=DEFAULT_HEAD, kw_only=True)  # rine, linear, knn, logreg
     features: str = field(default=BLOCKS_FEATURES, kw_only=True)  # blocks, block:K, embedding
+    k: int = field(default=DEFAULT_KNN_K, kw_only=True)  # knn's neighbours (selection compares across it)
+    C: float = field(default=DEFAULT_LOGREG_C, kw_only=True)  # logreg's C (selection compares across it)
     epochs: int
     batch_size: int
     lr: float
@@ -80,11 +78,16 @@ class Setting:
     calibration: str = "none"
 
     def label(self, without: Sequence[str] = ("model", "tap")) -> str:
-        """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out."""
+        """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out (and head and features when they
+        are RINE's, as before the other heads existed)."""
+        if self.head == DEFAULT_HEAD:
+            without = (*without, "head", "features")
+        without = (*without, *(name for name, head in HEAD_VALUES.items() if self.head != head))
         return " ".join(f"{name}={format_value(getattr(self, name))}" for name in SETTING_FIELDS if name not in without)
 
 
 SETTING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Setting))
+HEAD_VALUES: dict[str, str] = {"k": "knn", "C": "logreg"}  # setting fields searched like xi, q, d' -> their head
 
 
 HEAD_COLUMNS: tuple[str, ...] = HeadConfig._fields
