@@ -8,9 +8,12 @@ head takes its vector (one block's token, or the embedding) from what was read. 
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from ..names import EMBEDDING_FEATURES, LOGREG_MAX_ITER
 from .config import RunConfig
@@ -61,15 +65,17 @@ class GroupVectors:
 
     def __init__(self) -> None:
         self._gathered: dict[tuple[int, bytes], torch.Tensor] = {}
+        self._lock = threading.Lock()  # the probes of a group ask from several threads
 
     def get(self, source: FeatureSource, rows: np.ndarray, position: int) -> torch.Tensor:
         index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         if isinstance(source, InMemoryFeatures):
             return source.tensor[:, position].index_select(0, index.to(source.tensor.device))
         key = (id(source), np.asarray(rows, dtype=np.int64).tobytes())
-        if key not in self._gathered:
-            self._gathered[key] = source.gather(index)
-        return self._gathered[key][:, position]
+        with self._lock:
+            if key not in self._gathered:
+                self._gathered[key] = source.gather(index)
+            return self._gathered[key][:, position]
 
 
 def fit_probe_group(
@@ -81,17 +87,25 @@ def fit_probe_group(
         return [fit_linear(store, config, where, rows, n_invalid) for config, where in zip(configs, inputs)]
     view = store.epoch_views(1)[0]  # logreg and knn: one pass over the first epoch's view
     sources = {where.embedding: _acquire(store, view, where.embedding) for where in inputs}
+    labels = store.rows.labels[rows].astype(np.int64)
+    fit = fit_logreg if head == "logreg" else fit_knn
+    vectors = GroupVectors()
+
+    def fit_one(config: RunConfig, where: ProbeInput) -> FitResult:
+        start = time.perf_counter()
+        fitted = fit(vectors.get(sources[where.embedding], rows, where.position), labels, config, where)
+        return FitResult(fitted, time.perf_counter() - start, len(rows), n_invalid, (), (view,), ())
+
     try:
-        vectors = GroupVectors()
-        labels = store.rows.labels[rows].astype(np.int64)
-        results = []
-        for config, where in zip(configs, inputs):
-            start = time.perf_counter()
-            x = vectors.get(sources[where.embedding], rows, where.position)
-            fitted = fit_logreg(x, labels, config, where) if head == "logreg" else fit_knn(x, labels, config, where)
-            seconds = time.perf_counter() - start
-            results.append(FitResult(fitted, seconds, len(rows), n_invalid, (), (view,), ()))
-        return results
+        # the probes of a group at once, one per core, each on one BLAS thread: their solvers are matrix-vector
+        # products, which threads of one BLAS call share badly (10x slower on a loaded 2-core machine, measured)
+        with (
+            warnings.catch_warnings(),
+            threadpool_limits(1),
+            ThreadPoolExecutor(max(1, min(len(configs), os.cpu_count() or 1))) as pool,
+        ):
+            warnings.simplefilter("ignore", ConvergenceWarning)  # n_iter is what it is; the metrics judge the fit
+            return list(pool.map(fit_one, configs, inputs))
     finally:
         for embedding in sources:
             _cache(store, embedding).release(view)
@@ -111,9 +125,7 @@ def fit_logreg(x: torch.Tensor, labels: np.ndarray, config: RunConfig, where: Pr
     ``decision_function`` up to float rounding."""
     features = x.double().cpu().numpy()
     scaler = StandardScaler().fit(features)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # n_iter is what it is; the metrics judge the fit
-        model = LogisticRegression(C=config.C, max_iter=LOGREG_MAX_ITER).fit(scaler.transform(features), labels)
+    model = LogisticRegression(C=config.C, max_iter=LOGREG_MAX_ITER).fit(scaler.transform(features), labels)
     weight = model.coef_[0] / scaler.scale_
     bias = model.intercept_[0] - float(np.dot(weight, scaler.mean_))
     head = LinearProbe(where.n_blocks, where.dim, where.position, "logreg", torch.float64)
