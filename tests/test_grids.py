@@ -64,3 +64,11 @@ def test_ldm_setting_is_the_authors_grid_tested_on_synthbuster_by_ten_crops() ->
     assert spec.select_across == ("epochs",)  # one best over all 24 runs, as the authors pick their LDM model
     synthbuster = load_grid(REPO / "grids" / "synthbuster_vitl14.yaml")
     assert [(t.path.stem, t.variant) for t in synthbuster.tests] == [("synthbuster", "tencrop")]
+
+
+def test_the_baselines_grid_runs_ufds_probes_and_a_probe_per_block_beside_one_rine_config() -> None:
+    spec = load_grid(REPO / "grids" / "baselines_vitl14.yaml")
+    heads = {(run.head, run.features) for run in spec.runs if run.head in ("rine", "linear", "knn")}
+    assert heads == {("rine", "blocks"), ("linear", "embedding"), ("knn", "embedding")}
+    probes = [run for run in spec.runs if run.head == "logreg"]
+    assert {run.block for run in probes} == set(range(24)) and {run.C for run in probes} == {0.1, 1.0}
