@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import zarr
 
 from conftest import TINY_CLIP, make_folder_dataset
 from pipeline import cache
@@ -136,5 +137,28 @@ def test_extraction_stores_the_embedding_row_aligned_from_the_same_pass(model_di
     expected = backbone.forward_taps(crops, ("ln2", "embedding"))
     np.testing.assert_allclose(tokens, expected["ln2"].numpy().astype(np.float16), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(pooled, expected["embedding"].numpy().astype(np.float16), rtol=1e-3, atol=1e-3)
-    # a store written before the embedding existed resumes without it, and a head asking for it is told how to add it
     assert replace(info.identity, embedding_dim=0).compatible_features(info.identity) == []
+
+
+@pytest.mark.slow
+def test_a_store_written_before_the_embedding_resumes_without_it(model_dirs, tmp_path):
+    root = make_folder_dataset(tmp_path / "data", n_per_label=3, size=(40, 36))
+    manifest = tmp_path / "val.csv"
+    write_manifest(build_manifest("folder", root, "val"), manifest)
+    config = ExtractConfig(
+        split="val", manifest=manifest, cache_dir=tmp_path / "cache", batch_size=4, shard_rows=8, chunk_rows=4,
+        backbone=BackboneConfig(model=str(model_dirs["clip"]), device="cpu", dtype="float32"), progress=False,
+    )  # fmt: skip
+    store = run_extract(config).stores["ln2"]
+    group = zarr.open_group(store, mode="r+")  # as an older version wrote it: no token, no embedding
+    for key in ("token", "embedding_dim"):
+        del group.attrs[key]
+    before = cache.read_features(store, "center")
+    cache.unflag_shards(store, {"center": [0]})  # something left to do
+    run_extract(config)  # resumed, not refused
+    info = cache.open_store_info(store)
+    assert "embedding_dim" not in info.attrs and info.identity.embedding_dim == 0
+    assert info.complete_variants == ("center",)
+    np.testing.assert_array_equal(cache.read_features(store, "center"), before)
+    with pytest.raises(cache.NoEmbeddingError, match=r"re-extract the split with `pipeline extract \.\.\. --overwrite`"):
+        cache.read_features(store, "center", array_name="embedding")
