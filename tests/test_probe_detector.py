@@ -93,3 +93,21 @@ def test_an_exported_probe_scores_as_its_run(probe_runs, tmp_path, name):
     detector = Detector.load(summary.out, device="cpu")
     assert detector.score(paths) == pytest.approx([expected[p] for p in paths], abs=1e-6)
     assert "# Detector det" in (summary.out / "README.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEADS)
+def test_the_onnx_graph_of_a_probe_gives_the_torch_logits(probe_runs, tmp_path, name):
+    import numpy as np
+    import onnxruntime
+
+    summary = run_export(ExportConfig(run_dir=probe_runs["runs"][name], out=tmp_path / "det", onnx=True))
+    detector = Detector.load(summary.out, device="cpu")
+    crops = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    session = onnxruntime.InferenceSession(str(summary.out / "detector.onnx"))
+    logits, _ = session.run(["logit", "score"], {"pixels": crops})
+    expected = detector.logits(detector.forward_step()(crops)[detector.spec.input_name])
+    # both graphs round the tokens to float16; one on a rounding boundary may land a float16 step apart in the
+    # two, which the logreg head's standardised (large) weights turn into ~1e-3 of its logit
+    np.testing.assert_allclose(logits, expected.numpy(), rtol=0, atol=2e-3)
+    assert np.ptp(logits) > 0.05
