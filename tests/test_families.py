@@ -160,5 +160,7 @@ def test_a_store_written_before_the_embedding_resumes_without_it(model_dirs, tmp
     assert "embedding_dim" not in info.attrs and info.identity.embedding_dim == 0
     assert info.complete_variants == ("center",)
     np.testing.assert_array_equal(cache.read_features(store, "center"), before)
-    with pytest.raises(cache.NoEmbeddingError, match=r"re-extract the split with `pipeline extract \.\.\. --overwrite`"):
+    with pytest.raises(
+        cache.NoEmbeddingError, match=r"re-extract the split with `pipeline extract \.\.\. --overwrite`"
+    ):
         cache.read_features(store, "center", array_name="embedding")

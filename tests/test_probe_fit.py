@@ -192,3 +192,13 @@ def test_a_rine_config_keeps_the_run_id_it_had_before_the_head_fields():
     assert set(run_config_dict(RunConfig())) - set(run_identity_dict(RunConfig())) == {"head", "features", "k", "C"}
     knn = make_run_config({"head": "knn", "features": "embedding"})
     assert {"head", "features"} <= set(run_identity_dict(knn))
+
+
+def test_a_block_the_store_lacks_fails_its_config_alone(stores, tmp_path):
+    grid = '  - {head: [logreg], features: ["block:1", "block:7"]}\n'
+    summary = run_grid(parse_grid(grid_text(stores, tmp_path / "g", grid)), FitConfig(device="cpu", progress=False))
+    rows = read(summary.results)
+    assert summary.n_errors == 1
+    (error,) = [r for r in rows if r["status"] == "error"]
+    assert error["features"] == "block:7" and "the store holds blocks [0, 1, 2, 3]" in error["error"]
+    assert {r["status"] for r in rows if r["features"] == "block:1"} == {"ok"}

@@ -121,8 +121,20 @@ def fit_and_evaluate_probes(
     """A group of ``linear``/``logreg``/``knn`` configs: fitted on one read of the training view, val and every
     test store scored by all of them from one read each, each run written like a RINE run."""
     data = context.data
+    failed, inputs, kept = [], [], []
+    for index, run, rid in members:  # a block the store lacks fails its config alone
+        try:
+            inputs.append(probe_input(data.train, run))
+            kept.append((index, run, rid))
+        except DataError as error:
+            message = f"{type(error).__name__}: {error}"
+            (runs_dir / rid).mkdir(parents=True, exist_ok=True)
+            RunFolder(runs_dir / rid).write_error(message + "\n")
+            failed.append((index, [error_row(context.spec, data, run, rid, message)]))
+    members = kept
+    if not members:
+        return failed
     configs = [run for _, run, _ in members]
-    inputs = [probe_input(data.train, run) for run in configs]
     train_rows, n_invalid = training_rows(data.train, configs[0])
     start = time.perf_counter()
     fits = fit_probe_group(data.train, configs, inputs, train_rows, n_invalid)
@@ -149,7 +161,7 @@ def fit_and_evaluate_probes(
         ]
         record = {"group": {**group_record, "index": position}}
         finished.append((index, write_run(context, run, RunFolder(runs_dir / rid), fit, val, evaluated, record)))
-    return finished
+    return failed + finished
 
 
 def write_run(
