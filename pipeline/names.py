@@ -10,6 +10,7 @@ DEFAULT_MODEL = "openai/clip-vit-large-patch14"  # the paper's backbone and the 
 PAPER_BACKBONES: tuple[str, ...] = ("openai/clip-vit-large-patch14", "openai/clip-vit-base-patch32")
 TAPS: tuple[str, ...] = ("ln2", "hidden")  # ln2: the authors' tensor (inside the block); hidden: block outputs
 DEFAULT_TAP = "ln2"
+EMBEDDING_TAP = "embedding"  # not a tap of the blocks: the model's pooled image embedding, from the same pass
 STORE_DTYPES: tuple[str, ...] = ("float16", "float32")  # dtypes of the stored features
 DEFAULT_STORE_DTYPE = "float16"
 COMPUTE_DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")  # dtypes the backbone may run in
@@ -51,6 +52,15 @@ DEFAULT_PARQUET_IMAGE_COLUMN = "image"  # the Hugging Face `datasets` Image feat
 DEFAULT_PARQUET_LABEL_COLUMN = "label"
 
 # ----------------------------------------------------------------------------- stage two
+HEADS: tuple[str, ...] = ("rine", "linear", "knn", "logreg")  # rine: the paper's; the others read one vector
+DEFAULT_HEAD = "rine"
+BLOCKS_FEATURES = "blocks"  # every cached block's token (RINE only)
+EMBEDDING_FEATURES = "embedding"  # the model's pooled image embedding (stored beside the tokens)
+BLOCK_FEATURES_PREFIX = "block:"  # block:K, one block's token (negative K counts from the last cached block)
+FEATURES_CHOICES = f"{BLOCKS_FEATURES}, {BLOCK_FEATURES_PREFIX}K or {EMBEDDING_FEATURES}"
+DEFAULT_KNN_K = 20
+DEFAULT_LOGREG_C = 1.0
+LOGREG_MAX_ITER = 1000
 HEAD_BLOCKS: tuple[str, ...] = ("all", "last")  # "last": ablation without intermediate blocks
 AGGREGATIONS: tuple[str, ...] = ("tie", "mean")  # "mean": ablation without TIE
 AMP_MODES: tuple[str, ...] = ("none", "bf16")  # none: float32 (the default, as the authors); bf16: an opt-in

@@ -13,7 +13,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import PipelineError
-from .names import AGGREGATIONS, ALL_CLASSES, AMP_MODES, CALIBRATIONS, HEAD_BLOCKS, LIST_SEPARATOR, PROTOCOLS
+from .names import (
+    AGGREGATIONS,
+    ALL_CLASSES,
+    AMP_MODES,
+    BLOCK_FEATURES_PREFIX,
+    BLOCKS_FEATURES,
+    CALIBRATIONS,
+    EMBEDDING_FEATURES,
+    FEATURES_CHOICES,
+    HEAD_BLOCKS,
+    HEADS,
+    LIST_SEPARATOR,
+    PROTOCOLS,
+)
 
 
 class ParameterError(PipelineError, ValueError):
@@ -24,7 +37,7 @@ class ParameterError(PipelineError, ValueError):
 class Parameter:
     """What one parameter accepts."""
 
-    kind: str  # "int", "float", "choice", "int_list" (increasing), "classes" (names, 'all' or null)
+    kind: str  # "int", "float", "choice", "int_list" (increasing), "classes" (names, 'all' or null), "features"
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False  # low itself is refused
@@ -45,6 +58,8 @@ class Parameter:
             if list(items) != sorted(set(items)):
                 raise ParameterError(f"{name}: expected increasing epoch numbers, got {list(value)!r}")
             return items
+        if self.kind == "features":
+            return self._features(name, value)
         return self._classes(name, value)
 
     def parse_cell(self, text: str) -> Any:
@@ -67,6 +82,17 @@ class Parameter:
             bound = f"({self.low:g}, {self.high:g}]" if self.low_open else f"[{self.low:g}, {self.high:g}]"
             raise ParameterError(f"{name}: {value!r} is outside {bound}")
         return int(value) if integer else float(value)
+
+    @staticmethod
+    def _features(name: str, value: Any) -> str:
+        """``blocks``, ``embedding`` or ``block:K`` (K an integer, negative from the end), as written."""
+        if value in (BLOCKS_FEATURES, EMBEDDING_FEATURES):
+            return value
+        if isinstance(value, str) and value.startswith(BLOCK_FEATURES_PREFIX):
+            number = value.removeprefix(BLOCK_FEATURES_PREFIX)
+            if number.lstrip("-").isdigit():
+                return f"{BLOCK_FEATURES_PREFIX}{int(number)}"
+        raise ParameterError(f"{name}: {value!r} is not one of {FEATURES_CHOICES}")
 
     @staticmethod
     def _classes(name: str, value: Any) -> tuple[str, ...] | None:
@@ -99,6 +125,10 @@ RUN_PARAMETERS: Mapping[str, Parameter] = {
     "calibration": Parameter("choice", choices=CALIBRATIONS),
     "protocol": Parameter("choice", choices=PROTOCOLS),
     "train_datasets": Parameter("classes"),  # names, 'all' or null, like classes
+    "head": Parameter("choice", choices=HEADS),
+    "features": Parameter("features"),
+    "k": Parameter("int", low=1),  # knn: neighbours
+    "C": Parameter("float", low=0.0, low_open=True),  # logreg: inverse regularisation strength
 }
 
 

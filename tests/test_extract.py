@@ -409,7 +409,8 @@ def test_the_variant_group_follows_the_split_and_options(tmp_path: Path, split, 
 def fake_backbone() -> SimpleNamespace:
     """What prepare_store reads from a backbone."""
     return SimpleNamespace(revision="r1", model_config="{}", block_indices=(0, 1), dim=3, crop_size=CROP,
-                           mean=(0.5,) * 3, std=(0.25,) * 3, dtype=torch.float32, n_layers=2)  # fmt: skip
+                           mean=(0.5,) * 3, std=(0.25,) * 3, dtype=torch.float32, n_layers=2, token="cls",
+                           embedding_dim=0)  # fmt: skip
 
 
 def test_a_new_variant_joins_an_existing_store_and_only_it_is_pending(tmp_path: Path) -> None:

@@ -75,3 +75,11 @@ def test_genimage_grids_run_the_best_4_class_config_by_protocol() -> None:
         assert [t.name for t in spec.tests] == ["genimage"]
     assert [(r.protocol, r.train_datasets) for r in standard.runs] == [("standard", ("stable_diffusion_v_1_4",))]
     assert [(r.protocol, r.train_datasets) for r in matrix.runs] == [("one-vs-rest", None)]
+
+
+def test_the_baselines_grid_runs_ufds_probes_and_a_probe_per_block_beside_one_rine_config() -> None:
+    spec = load_grid(REPO / "grids" / "baselines_vitl14.yaml")
+    heads = {(run.head, run.features) for run in spec.runs if run.head in ("rine", "linear", "knn")}
+    assert heads == {("rine", "blocks"), ("linear", "embedding"), ("knn", "embedding")}
+    probes = [run for run in spec.runs if run.head == "logreg"]
+    assert {run.block for run in probes} == set(range(24)) and {run.C for run in probes} == {0.1, 1.0}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from conftest import TINY_CLIP, write_image
 from pipeline.cli import main as cli
@@ -236,11 +236,12 @@ def shrink_grid(source: Path, target: Path) -> Path:
 
 
 def save_hub_model(hub: Path, model_id: str, config: dict, seed: int) -> None:
-    """A tiny random CLIP saved where the hub cache keeps `model_id` (snapshots/<commit>, refs/main)."""
+    """A tiny random CLIP saved where the hub cache keeps `model_id` (snapshots/<commit>, refs/main), with its
+    visual projection as the real checkpoints have it (the image embedding of grids/baselines_vitl14.yaml)."""
     commit = f"{seed:040x}"
     snapshot = hub / f"models--{model_id.replace('/', '--')}" / "snapshots" / commit
     torch.manual_seed(seed)
-    CLIPVisionModel(CLIPVisionConfig(**config)).save_pretrained(snapshot)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**config, projection_dim=8)).save_pretrained(snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(commit)
 
@@ -254,7 +255,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_paper_mode_runs_every_grid_on_a_miniature_layout_from_the_hub_cache(tmp_path: Path) -> None:
     data = make_paper_layout(tmp_path / "data", synthbuster=True, ldm=True)
     hub = tmp_path / "hf" / "hub"
-    save_hub_model(hub, LARGE, TINY_CLIP, seed=1)
+    save_hub_model(hub, LARGE, {**TINY_CLIP, "num_hidden_layers": 24}, seed=1)  # 24 blocks, as ViT-L/14's
     save_hub_model(hub, BASE, {**TINY_CLIP, "num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}, seed=2)
     work = tmp_path / "work"
     grids = [shrink_grid(REPO / "grid.yaml", work / "grid.yaml")]
@@ -277,7 +278,7 @@ def test_paper_mode_runs_every_grid_on_a_miniature_layout_from_the_hub_cache(tmp
     log = result.stderr
 
     tables = ["acc.csv", "ap.csv", "best.csv", "ablations.csv", "grid.csv", "metrics.csv", "robustness.csv"]
-    tables += ["epochs.csv", "fractions.csv", "tie.csv"]
+    tables += ["epochs.csv", "fractions.csv", "tie.csv", "detectors.csv", "blocks.csv"]
     planned = {p.name for p in grids}
     if SPLITS["train_ldm"].layout in LAYOUTS:
         tables.append("ldm.csv")

@@ -670,7 +670,8 @@ def test_plots_are_non_empty_pngs(grids, report) -> None:
     assert len([name for name in names if name.startswith("tsne_")]) == 1  # the one selected run with embeddings
     selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}
     assert {name for name in names if name.startswith("run_")} >= {f"run_{run}_scores.png" for run in selected}
-    assert {item.name for item in report.skipped} == {"seeds.csv", "format_align.csv"}  # no such runs; no figure
+    # no such runs (no seeds, no format-align entry, no per-block probe); no figure failed
+    assert {item.name for item in report.skipped} == {"seeds.csv", "format_align.csv", "blocks.csv", "which_block.png"}
     for path in pngs:
         data = path.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 5000, path
@@ -692,6 +693,7 @@ def test_no_ablation_runs_skips_the_ablation_table_and_plots_off_writes_no_png(g
         "metrics.csv",
         "tie.csv",
         "errors.csv",
+        "detectors.csv",
         "settings.csv",
         "summary.md",
         "index.html",
@@ -721,7 +723,7 @@ def test_missing_matplotlib_still_writes_every_table(grids, tmp_path: Path, monk
     monkeypatch.setitem(sys.modules, "pipeline.report.figures", None)  # makes `from . import figures` raise ImportError
     monkeypatch.delattr(pipeline.report, "figures", raising=False)
     summary = run_report(ReportConfig(grid_dirs=grids, out=tmp_path / "out", plots=True))
-    assert {path.suffix for path in summary.written} == {".csv", ".md", ".html"} and len(summary.written) == 15
+    assert {path.suffix for path in summary.written} == {".csv", ".md", ".html"} and len(summary.written) == 16
     assert any(item.name == "plots" and "matplotlib" in item.reason for item in summary.skipped)
 
 

@@ -49,9 +49,9 @@ def scored(
 
 def test_every_run_config_field_is_a_column_and_rows_round_trip(tmp_path):
     assert set(f.name for f in dataclasses.fields(config.RunConfig)) <= set(RESULT_COLUMNS)
-    assert RESULT_COLUMNS[:10] == ("run", "status", "error", "grid", "model", "tap", "train", "contrastive_factor",
-                                   "proj_layers", "proj_dim")  # fmt: skip
-    assert set(SETTING_COLUMNS) | {"contrastive_factor", "proj_layers", "proj_dim", "n_classes"} >= {
+    assert RESULT_COLUMNS[:14] == ("run", "status", "error", "grid", "model", "tap", "train", "head", "features",
+                                   "k", "C", "contrastive_factor", "proj_layers", "proj_dim")  # fmt: skip
+    assert set(SETTING_COLUMNS) | set(RESULT_COLUMNS[7:14]) | {"n_classes"} >= {
         f.name for f in dataclasses.fields(config.RunConfig)
     }
     assert RESULT_COLUMNS[-len(metrics.METRIC_NAMES) :] == metrics.METRIC_NAMES

@@ -10,6 +10,7 @@ reads it with every checksum verified (raw shard files: ``_shard_reader``), ``ch
 from .checks import damaged_shards, reset_damaged_shards, verify_store
 from .reading import (
     FeatureRows,
+    NoEmbeddingError,
     ShardProblem,
     check_identity,
     committed_rows,
@@ -21,6 +22,7 @@ from .reading import (
     read_rows,
 )
 from .schema import (
+    EMBEDDING_ARRAY,
     SCHEMA,
     RowTable,
     StoreError,
@@ -48,8 +50,10 @@ from .writing import (
 )
 
 __all__ = [
+    "EMBEDDING_ARRAY",
     "SCHEMA",
     "FeatureRows",
+    "NoEmbeddingError",
     "RowTable",
     "ShardProblem",
     "StoreError",

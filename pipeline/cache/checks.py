@@ -19,7 +19,7 @@ from .reading import (
     read_features,
     read_rows,
 )
-from .schema import StoreError, StoreInfo, shard_bounds, shard_count
+from .schema import EMBEDDING_ARRAY, StoreError, StoreInfo, digest_folder, shard_bounds, shard_count
 from .writing import drop_variants, unflag_shards
 
 
@@ -35,14 +35,17 @@ def damaged_shards(path: Path, variants: Sequence[str] | None = None) -> list[Sh
     info = open_store_info(path)
     names = list(info.variants) if variants is None else list(variants)
     problems: list[ShardProblem] = []
+    arrays = ("features", EMBEDDING_ARRAY) if info.identity.embedding_dim else ("features",)
     for name in names:
-        array = open_array(path, f"features/{name}")
-        layout = _shard_reader.raw_shard_layout(array)
-        digests = read_digests(info, name)
-        for shard in np.flatnonzero(info.shard_flags[name]).tolist():
-            digest = _shard_reader.NO_DIGEST if digests is None else int(digests[shard])
-            for problem in _shard_reader.shard_file_problems(path / "features" / name, layout, array, shard, digest):
-                problems.append(ShardProblem(f"features/{name}", shard, problem, name))
+        for array_name in arrays:
+            array = open_array(path, f"{array_name}/{name}")
+            layout = _shard_reader.raw_shard_layout(array)
+            digests = read_digests(info, name, array_name)
+            for shard in np.flatnonzero(info.shard_flags[name]).tolist():
+                digest = _shard_reader.NO_DIGEST if digests is None else int(digests[shard])
+                folder = path / array_name / name
+                for problem in _shard_reader.shard_file_problems(folder, layout, array, shard, digest):
+                    problems.append(ShardProblem(f"{array_name}/{name}", shard, problem, name))
     return problems + _row_chunk_problems(info, names)
 
 
@@ -151,17 +154,21 @@ def _unreadable_row_chunks(path: Path, info: StoreInfo) -> list[int]:
 def _broken_variants(path: Path) -> dict[str, str]:
     """{variant: what is wrong} for the variants whose feature, progress or digest arrays cannot be opened."""
     try:
-        variants = dict(zarr.open_group(path, mode="r").attrs).get("variants", {})
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+        variants = attrs.get("variants", {})
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # open_store_info explains what is wrong with the group
+    folders = ["features", "progress", "digests"]
+    if attrs.get("embedding_dim"):
+        folders += [EMBEDDING_ARRAY, digest_folder(EMBEDDING_ARRAY)]
     broken = {}
     for name in variants:
-        for array in (f"features/{name}", f"progress/{name}", f"digests/{name}"):
-            if array.startswith("digests/") and not (path / array).exists():
+        for array in (f"{folder}/{name}" for folder in folders):
+            if "digests/" in array and not (path / array).exists():
                 continue  # stores written before digests existed
             try:
                 opened = open_array(path, array)
-                if not array.startswith("features/"):
+                if not array.startswith(("features/", f"{EMBEDDING_ARRAY}/")):
                     opened[:]  # one small chunk per shard: a damaged flag or digest is found here
             except StoreError as error:
                 broken[name] = str(error)

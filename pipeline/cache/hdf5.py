@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..errors import PipelineError
 from ..files import atomic_path
 from .reading import open_store_info, read_features, read_rows
-from .schema import SCHEMA, RowTable, StoreIdentity
+from .schema import EMBEDDING_ARRAY, SCHEMA, RowTable, StoreIdentity
 from .writing import delete_store, write_store
 
 JSON_ATTRIBUTES = "json_attributes"  # root attribute: names of the attributes stored as JSON text
@@ -85,22 +85,25 @@ def export_hdf5(store: Path, out: Path, *, overwrite: bool = False, progress: bo
                 name, data=values, dtype=_STRING if strings else values.dtype, fletcher32=not strings
             )
             dataset.attrs[CHECKSUM] = _checksum(values)
-        group = handle.create_group("features")
-        for variant in info.variants:
-            crc = 0
-            for start in range(0, info.n_rows, info.identity.shard_rows):
-                stop = min(start + info.identity.shard_rows, info.n_rows)
-                block = read_features(store, variant, slice(start, stop))
-                if start == 0:
-                    shape = (info.n_rows, *block.shape[1:])
-                    dataset = group.create_dataset(
-                        variant, shape=shape, dtype=block.dtype, chunks=(chunk_rows, *shape[1:]), fletcher32=True
-                    )
-                dataset[start:stop] = block
-                crc = crc32c.crc32c(np.ascontiguousarray(block), crc)
-                bar.update(stop - start)
-            dataset.attrs[CHECKSUM] = crc
-    return TransferSummary(Path(store), out, info.n_rows, tuple(info.variants))
+        arrays = ("features", EMBEDDING_ARRAY) if info.identity.embedding_dim else ("features",)
+        for array_name in arrays:
+            group = handle.create_group(array_name)
+            for variant in info.variants:
+                crc = 0
+                for start in range(0, info.n_rows, info.identity.shard_rows):
+                    stop = min(start + info.identity.shard_rows, info.n_rows)
+                    block = read_features(store, variant, slice(start, stop), array_name=array_name)
+                    if start == 0:
+                        shape = (info.n_rows, *block.shape[1:])
+                        dataset = group.create_dataset(
+                            variant, shape=shape, dtype=block.dtype, chunks=(chunk_rows, *shape[1:]), fletcher32=True
+                        )
+                    dataset[start:stop] = block
+                    crc = crc32c.crc32c(np.ascontiguousarray(block), crc)
+                    if array_name == "features":
+                        bar.update(stop - start)
+                dataset.attrs[CHECKSUM] = crc
+    return TransferSummary(Path(store), Path(out), info.n_rows, tuple(info.variants))
 
 
 def _checksum(values: np.ndarray) -> int:
@@ -175,7 +178,7 @@ def import_hdf5(source: Path, store: Path, *, overwrite: bool = False, progress:
 class _CountedRows:
     """An HDF5 dataset read by row ranges in order, counting the rows on a progress bar and checksumming them."""
 
-    def __init__(self, dataset: h5py.Dataset, bar: tqdm) -> None:
+    def __init__(self, dataset: h5py.Dataset, bar: tqdm | None) -> None:
         self.dataset, self.bar, self.shape = dataset, bar, dataset.shape
         self.crc, self.next_row = 0, 0
 
@@ -185,7 +188,8 @@ class _CountedRows:
             raise RuntimeError("rows of an export must be read in order, once")  # write_store reads them so
         self.crc = crc32c.crc32c(np.ascontiguousarray(values), self.crc)
         self.next_row = rows.start + len(values)
-        self.bar.update(len(values))
+        if self.bar is not None:
+            self.bar.update(len(values))
         return values
 
 
@@ -233,6 +237,11 @@ def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool
     total = n_rows * len(variants)
     with tqdm(total=total, unit="row", desc=f"import {attrs['split']}", disable=not progress) as bar:
         features = {name: _CountedRows(handle["features"][name], bar) for name in variants}
+        embeddings = (
+            {name: _CountedRows(handle[EMBEDDING_ARRAY][name], None) for name in variants}
+            if EMBEDDING_ARRAY in handle
+            else None
+        )
         write_store(
             path,
             identity,
@@ -245,7 +254,10 @@ def write_store_from(handle: h5py.File, source: Path, path: Path, progress: bool
             valid=valid,
             errors=strings["error"],
             extra_attrs={key: value for key, value in attrs.items() if key not in _STORE_OWN_ATTRIBUTES},
+            embeddings=embeddings,
         )
-    for name, rows in features.items():  # checked before the store gets its name: a bad file imports nothing
-        _check_sum(handle["features"][name], f"features/{name}", source, rows.crc)
+    checked = {"features": features, EMBEDDING_ARRAY: embeddings or {}}
+    for array_name, arrays in checked.items():  # checked before the store gets its name: a bad file imports nothing
+        for name, rows in arrays.items():
+            _check_sum(handle[array_name][name], f"{array_name}/{name}", source, rows.crc)
     return n_rows, variants

@@ -12,7 +12,17 @@ import zarr
 
 from ..variants import VariantSpec
 from . import _shard_reader
-from .schema import SCHEMA, SCHEMA_PREFIX, RowTable, StoreError, StoreIdentity, StoreInfo, shard_count
+from .schema import (
+    EMBEDDING_ARRAY,
+    SCHEMA,
+    SCHEMA_PREFIX,
+    RowTable,
+    StoreError,
+    StoreIdentity,
+    StoreInfo,
+    digest_folder,
+    shard_count,
+)
 
 REPAIR_ADVICE = "repair it with `pipeline cache verify {path} --reset-bad`, then the same `pipeline extract` again"
 
@@ -72,17 +82,19 @@ def _read_flags(path: Path, variants: Sequence[str], n_shards: int) -> dict[str,
     return out
 
 
-def read_digests(info: StoreInfo, variant: str) -> np.ndarray | None:
-    """The digests recorded with the committed shards of a variant (``NO_DIGEST`` elsewhere); None in older stores."""
-    folder = info.path / "digests" / variant
+def read_digests(info: StoreInfo, variant: str, array_name: str = "features") -> np.ndarray | None:
+    """The digests recorded with the committed shards of a variant's array (``NO_DIGEST`` elsewhere); None in older
+    stores."""
+    name = f"{digest_folder(array_name)}/{variant}"
+    folder = info.path / name
     if not (folder / "zarr.json").is_file():
         return None
     try:
         digests = np.asarray(zarr.open_array(folder, mode="r")[:], dtype=np.int64)
     except (OSError, ValueError) as error:
-        raise StoreError(f"{info.path}: array digests/{variant} cannot be read ({error})") from None
+        raise StoreError(f"{info.path}: array {name} cannot be read ({error})") from None
     if digests.shape != (info.n_shards,):
-        raise StoreError(f"{info.path}: array digests/{variant} has shape {digests.shape}, expected ({info.n_shards},)")
+        raise StoreError(f"{info.path}: array {name} has shape {digests.shape}, expected ({info.n_shards},)")
     return np.where(info.shard_flags[variant], digests, _shard_reader.NO_DIGEST)
 
 
@@ -170,6 +182,7 @@ def read_features(
     *,
     out: np.ndarray | None = None,
     require_complete: bool = True,
+    array_name: str = "features",
 ) -> np.ndarray:
     """Load features of ``variant`` for ``rows`` (all by default) as one array.
 
@@ -181,11 +194,12 @@ def read_features(
     ``zarr``. ``out`` may be a pre-allocated (len(rows), n_blocks, dim)
     array to fill. Arrays that start on a page boundary (as the ones
     allocated here do) are filled fastest; others go through a small staging
-    buffer.
+    buffer. ``array_name="embedding"`` reads the variant's pooled image
+    embeddings (N, 1, embedding_dim) instead of its block tokens.
     """
     path = Path(path)
     info = open_store_info(path)
-    array = _open_variant(info, variant, require_complete)
+    array = _open_variant(info, variant, require_complete, array_name)
     row_index = _row_index(rows, array.shape[0])
     shape = (len(row_index),) + tuple(array.shape[1:])
     if out is None:
@@ -198,12 +212,12 @@ def read_features(
             out[...] = array.get_orthogonal_selection((row_index,))
         else:
             committed = info.shard_flags[variant]
-            digests = read_digests(info, variant)
-            _shard_reader.read_raw(path / "features" / variant, layout, array, row_index, out, committed, digests)
+            digests = read_digests(info, variant, array_name)
+            _shard_reader.read_raw(path / array_name / variant, layout, array, row_index, out, committed, digests)
     except _shard_reader.ShardFileError as error:
-        raise StoreError(f"{path}: features/{variant} {error}; {REPAIR_ADVICE.format(path=path)}") from None
+        raise StoreError(f"{path}: {array_name}/{variant} {error}; {REPAIR_ADVICE.format(path=path)}") from None
     except (OSError, ValueError) as error:
-        raise StoreError(f"{path}: features/{variant} cannot be read ({type(error).__name__}: {error})") from None
+        raise StoreError(f"{path}: {array_name}/{variant} cannot be read ({type(error).__name__}: {error})") from None
     return out
 
 
@@ -217,14 +231,22 @@ class FeatureRows:
     through ``zarr`` (slow, the same values). Safe to share between threads.
     """
 
-    def __init__(self, path: Path, variant: str, array: zarr.Array, digests: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        variant: str,
+        array: zarr.Array,
+        digests: np.ndarray | None = None,
+        array_name: str = "features",
+    ) -> None:
         self.path = Path(path)
         self.variant = variant
+        self.array_name = array_name
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.dtype = np.dtype(array.dtype)
         self._array = array
         layout = _shard_reader.raw_shard_layout(array)
-        array_dir = self.path / "features" / variant
+        array_dir = self.path / array_name / variant
         self._gatherer = None if layout is None else _shard_reader.ShardRowGatherer(array_dir, layout, array, digests)
 
     @property
@@ -249,23 +271,34 @@ class FeatureRows:
                 self._gatherer.gather(rows, out)
         except _shard_reader.ShardFileError as error:
             raise StoreError(
-                f"{self.path}: features/{self.variant} {error}; {REPAIR_ADVICE.format(path=self.path)}"
+                f"{self.path}: {self.array_name}/{self.variant} {error}; {REPAIR_ADVICE.format(path=self.path)}"
             ) from None
         except (OSError, ValueError) as error:
             raise StoreError(
-                f"{self.path}: features/{self.variant} cannot be read ({type(error).__name__}: {error})"
+                f"{self.path}: {self.array_name}/{self.variant} cannot be read ({type(error).__name__}: {error})"
             ) from None
         return out
 
 
-def open_feature_rows(path: Path, variant: str) -> FeatureRows:
+def open_feature_rows(path: Path, variant: str, array_name: str = "features") -> FeatureRows:
     """A complete variant of a store, opened for row gathers (``FeatureRows``); nothing is read yet."""
     info = open_store_info(Path(path))
-    return FeatureRows(info.path, variant, _open_variant(info, variant, True), read_digests(info, variant))
+    array = _open_variant(info, variant, True, array_name)
+    return FeatureRows(info.path, variant, array, read_digests(info, variant, array_name), array_name)
 
 
-def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr.Array:
-    """A variant's feature array, refused when the store has no such variant or it is incomplete."""
+class NoEmbeddingError(StoreError):
+    """A store written without the model's pooled image embedding."""
+
+
+def _open_variant(info: StoreInfo, variant: str, require_complete: bool, array_name: str = "features") -> zarr.Array:
+    """A variant's feature (or embedding) array, refused when the store has no such variant or it is incomplete."""
+    if array_name == EMBEDDING_ARRAY and not info.identity.embedding_dim:
+        raise NoEmbeddingError(
+            f"{info.path}: holds no image embedding (it was extracted before the embedding was stored, or from a "
+            "checkpoint without a pooled output); re-extract the split with `pipeline extract ... --overwrite`, "
+            "which stores the embedding from the same forward pass as the block tokens"
+        )
     if variant not in info.variants:
         raise StoreError(f"{info.path}: no variant {variant!r}; it has {sorted(info.variants) or 'none'}")
     if require_complete and variant not in info.complete_variants:
@@ -273,7 +306,7 @@ def _open_variant(info: StoreInfo, variant: str, require_complete: bool) -> zarr
         raise StoreError(
             f"{info.path}: variant {variant!r} is incomplete ({missing} shards missing); re-run the extraction"
         )
-    return open_array(info.path, f"features/{variant}")
+    return open_array(info.path, f"{array_name}/{variant}")
 
 
 def committed_rows(info: StoreInfo) -> np.ndarray:

@@ -50,6 +50,10 @@ class StoreIdentity:
     increasing), ``dtype`` the stored dtype, ``compute_dtype`` the backbone's,
     ``model_config`` the model's ``config.json`` as canonical JSON text
     (activation, layer-norm eps, ...: what the weights' hash does not cover).
+    ``token`` is the per-block token rule (``cls``, or ``mean`` of the patch
+    tokens for backbones without a CLS token), ``embedding_dim`` the width of
+    the model's pooled image embedding stored beside the tokens (0: none, as
+    in stores written before it was stored). Both default for older stores.
     """
 
     manifest_sha256: str
@@ -68,11 +72,15 @@ class StoreIdentity:
     max_pixels: int
     shard_rows: int
     chunk_rows: int
+    token: str = "cls"
+    embedding_dim: int = 0
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreIdentity:
         values = {}
         for f in fields(cls):
+            if f.name in _ADDED_FIELDS and f.name not in attrs:
+                continue  # a store written before the field existed: its default
             value = attrs[f.name]
             values[f.name] = tuple(value) if isinstance(value, list) else value
         return cls(**values)
@@ -92,8 +100,22 @@ class StoreIdentity:
 
     def compatible_features(self, other: StoreIdentity) -> list[str]:
         """Differences that forbid training on one store and scoring another."""
-        keys = ("model_id", "model_revision", "model_config", "tap", "block_indices", "dim", "crop_size", "mean", "std")
+        keys = (
+            "model_id",
+            "model_revision",
+            "model_config",
+            "tap",
+            "token",
+            "block_indices",
+            "dim",
+            "crop_size",
+            "mean",
+            "std",
+        )
         return [d for d in self.differences(other) if d.split(":")[0].split(".")[0] in keys]
+
+
+_ADDED_FIELDS = ("token", "embedding_dim")  # identity fields newer than the schema: absent in older stores
 
 
 def _config_differences(mine: str, theirs: str) -> list[str]:
@@ -172,6 +194,15 @@ class StoreInfo:
     @property
     def n_shards(self) -> int:
         return shard_count(self.n_rows, self.identity.shard_rows)
+
+
+EMBEDDING_ARRAY = "embedding"  # embedding/<variant>: (N, 1, embedding_dim), row-aligned with features/<variant>
+
+
+def digest_folder(array_name: str) -> str:
+    """Where the digests of an array's committed shards are kept: ``digests/<variant>`` for the block tokens,
+    ``<array>_digests/<variant>`` for another array (``embedding_digests``)."""
+    return "digests" if array_name == "features" else f"{array_name}_digests"
 
 
 def model_slug(model: str) -> str:

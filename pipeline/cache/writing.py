@@ -30,7 +30,16 @@ from ..variants import VariantSpec
 from . import _shard_reader
 from ._shard_reader import NO_DIGEST
 from .reading import check_identity
-from .schema import SCHEMA, SCHEMA_PREFIX, StoreError, StoreIdentity, shard_bounds, shard_count
+from .schema import (
+    EMBEDDING_ARRAY,
+    SCHEMA,
+    SCHEMA_PREFIX,
+    StoreError,
+    StoreIdentity,
+    digest_folder,
+    shard_bounds,
+    shard_count,
+)
 
 # Row and flag arrays: compressed, and checksummed like the features.
 _CHECKED_CODECS = (ZstdCodec(level=3), Crc32cCodec())
@@ -155,6 +164,7 @@ def write_store(
     valid: Sequence[bool] | None = None,
     errors: Sequence[str] | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
+    embeddings: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a complete store in one call from features already in hand.
 
@@ -166,7 +176,9 @@ def write_store(
     "" for valid rows and "invalid" for the others. Shards are committed as
     an extraction commits them, so the result is indistinguishable from an
     extracted store. The store is the caller's alone while it is written
-    (typically under a temporary name): no lock is taken.
+    (typically under a temporary name): no lock is taken. ``embeddings``: the
+    same variants' (N, identity.embedding_dim) pooled embeddings, required
+    exactly when ``identity.embedding_dim`` is not 0.
     """
     n_rows = len(labels)
     valid_rows = np.ones(n_rows, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
@@ -177,6 +189,8 @@ def write_store(
     for name, array in features.items():
         if tuple(array.shape) != expected:
             raise ValueError(f"features[{name!r}] has shape {tuple(array.shape)}, the store needs {expected}")
+    if bool(identity.embedding_dim) != bool(embeddings) or set(embeddings or features) != set(features):
+        raise ValueError("embeddings: give one per variant exactly when identity.embedding_dim is not 0")
     if len(valid_rows) != n_rows or len(reasons) != n_rows:
         raise ValueError(f"valid and errors need {n_rows} entries, got {len(valid_rows)} and {len(reasons)}")
     specs = [VariantSpec.from_name(name) for name in features]
@@ -189,7 +203,11 @@ def write_store(
     for shard in range(shard_count(n_rows, identity.shard_rows)):
         start, stop = shard_bounds(shard, n_rows, identity.shard_rows)
         values = {spec.name: np.asarray(features[spec.name][start:stop], dtype=identity.dtype) for spec in specs}
-        _commit(path, shard, values, valid_rows[start:stop], reasons[start:stop], lock=nullcontext())
+        pooled = {
+            name: np.asarray(array[start:stop], dtype=identity.dtype).reshape(stop - start, 1, -1)
+            for name, array in (embeddings or {}).items()
+        }
+        _commit(path, shard, values, valid_rows[start:stop], reasons[start:stop], nullcontext(), pooled)
     return path
 
 
@@ -272,6 +290,17 @@ def _add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int, lock
             fill_value=0,
             overwrite=True,  # left over by a run killed before the variant was recorded
         )
+        if identity.embedding_dim:
+            group.create_array(
+                f"{EMBEDDING_ARRAY}/{variant.name}",
+                shape=(n_rows, 1, identity.embedding_dim),
+                chunks=(chunk_rows, 1, identity.embedding_dim),
+                shards=(shard_rows, 1, identity.embedding_dim),
+                dtype=identity.dtype,
+                compressors=[Crc32cCodec()],
+                fill_value=0,
+                overwrite=True,
+            )
         group.create_array(
             f"progress/{variant.name}",
             shape=(shard_count(n_rows, shard_rows),),
@@ -281,15 +310,16 @@ def _add_variant(path: Path, variant: VariantSpec, n_blocks: int, dim: int, lock
             compressors=_CHECKED_CODECS,
             overwrite=True,
         )
-        group.create_array(
-            f"digests/{variant.name}",
-            shape=(shard_count(n_rows, shard_rows),),
-            chunks=(1,),
-            dtype="int64",
-            fill_value=NO_DIGEST,
-            compressors=_CHECKED_CODECS,
-            overwrite=True,
-        )
+        for array_name in ("features", EMBEDDING_ARRAY) if identity.embedding_dim else ("features",):
+            group.create_array(
+                f"{digest_folder(array_name)}/{variant.name}",
+                shape=(shard_count(n_rows, shard_rows),),
+                chunks=(1,),
+                dtype="int64",
+                fill_value=NO_DIGEST,
+                compressors=_CHECKED_CODECS,
+                overwrite=True,
+            )
         variants[variant.name] = _jsonable(asdict(variant))
         group.attrs["variants"] = variants
 
@@ -305,15 +335,18 @@ def commit_shard(
     features: Mapping[str, np.ndarray],
     valid: np.ndarray,
     errors: Sequence[str],
+    embeddings: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Write one whole shard of one or more variants, then its validity and progress flags (in that order).
 
     ``features`` maps variant names to the shard's (rows, n_blocks, dim)
-    tokens. When other variants already hold this shard, ``valid`` is merged
-    with what they recorded (a row stays valid only where it was valid for
-    them, with their reason where not).
+    tokens; ``embeddings`` the same names to the shard's (rows, 1, embedding_dim)
+    pooled image embeddings, required when the store holds them (its identity's
+    ``embedding_dim``) and ignored when it does not. When other variants already
+    hold this shard, ``valid`` is merged with what they recorded (a row stays
+    valid only where it was valid for them, with their reason where not).
     """
-    _commit(Path(path), shard, features, np.asarray(valid, dtype=bool), errors, lock=store_lock(path))
+    _commit(Path(path), shard, features, np.asarray(valid, dtype=bool), errors, store_lock(path), embeddings)
 
 
 def _commit(
@@ -323,22 +356,31 @@ def _commit(
     valid: np.ndarray,
     errors: Sequence[str],
     lock: AbstractContextManager,
+    embeddings: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     reasons = np.asarray(list(errors), dtype=object)
-    digests: dict[str, int] = {}
+    digests: dict[str, int] = {}  # digest array -> the digest of the shard file just written
     with _writable_group(path) as group:
         shard_rows = group.attrs["shard_rows"]
         start, stop = shard_bounds(shard, group.attrs["n_rows"], shard_rows)
+        with_embedding = bool(group.attrs.get("embedding_dim", 0))
+        missing = [variant for variant in features if with_embedding and variant not in (embeddings or {})]
+        if missing:
+            raise ValueError(f"{path} stores image embeddings, but shard {shard} of {missing} comes without them")
         for variant, values in features.items():
             if values.shape[0] != stop - start:
                 raise ValueError(f"shard {shard} of {path} has {stop - start} rows, got {values.shape[0]}")
-            array = group[f"features/{variant}"]
-            # The whole shard is rewritten: never read through what a damaged file holds (zarr would merge with it).
-            remove_path(_shard_reader.shard_file(path / "features" / variant, shard, array.ndim))
-            array[start:stop] = values
-            layout = _shard_reader.raw_shard_layout(array)
-            if layout is not None:
-                digests[variant] = _shard_reader.shard_digest(path / "features" / variant, layout, array, shard)
+            arrays = {"features": values, **({EMBEDDING_ARRAY: embeddings[variant]} if with_embedding else {})}
+            for array_name, data in arrays.items():
+                array = group[f"{array_name}/{variant}"]
+                # The whole shard is rewritten: never read through what a damaged file holds (zarr merges with it).
+                remove_path(_shard_reader.shard_file(path / array_name / variant, shard, array.ndim))
+                array[start:stop] = data
+                layout = _shard_reader.raw_shard_layout(array)
+                if layout is not None:
+                    digests[f"{digest_folder(array_name)}/{variant}"] = _shard_reader.shard_digest(
+                        path / array_name / variant, layout, array, shard
+                    )
     with lock, _writable_group(path) as group:
         others = [name for name in group.attrs["variants"] if name not in features]
         if any(group[f"progress/{name}"][shard] for name in others):
@@ -348,9 +390,10 @@ def _commit(
             valid = valid & earlier_valid
         group["valid"][start:stop] = valid
         group["error"][start:stop] = reasons
+        for name, digest in digests.items():
+            if name in group:  # absent in stores of earlier versions
+                group[name][shard] = digest
         for variant in features:
-            if variant in digests and f"digests/{variant}" in group:  # absent in stores of earlier versions
-                group[f"digests/{variant}"][shard] = digests[variant]
             group[f"progress/{variant}"][shard] = True
 
 
@@ -367,7 +410,7 @@ def drop_variants(path: Path, names: Sequence[str]) -> None:
     path = Path(path)
     with store_lock(path), disk_errors_explained(path):
         for name in names:
-            for folder in ("features", "progress", "digests"):
+            for folder in ("features", "progress", "digests", EMBEDDING_ARRAY, digest_folder(EMBEDDING_ARRAY)):
                 remove_path(path / folder / name)
         with _writable_group(path) as group:
             group.attrs["variants"] = {k: v for k, v in group.attrs["variants"].items() if k not in names}

@@ -140,7 +140,12 @@ def manifest_command(
 
 @main.command("extract")
 @_split_options
-@click.option("--model", default=DEFAULT_MODEL, help="Hugging Face hub id or local directory of a CLIP (vision) model.")
+@click.option(
+    "--model",
+    default=DEFAULT_MODEL,
+    help="Hugging Face hub id or local directory of the backbone: CLIP/MetaCLIP (default), SigLIP, DINOv2 (with or "
+    "without registers) or DINOv3 (docs/data.md, Backbones).",
+)
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) to load.")
 @click.option(
     "--tap",
@@ -282,7 +287,7 @@ def extract_command(
     claim_timeout,
     no_progress,
 ) -> None:
-    """Run the frozen CLIP tower over a split and cache per-block CLS tokens (resumable, shareable).
+    """Run the frozen vision tower over a split and cache per-block tokens and its image embedding (resumable, shareable).
 
     Prints the store path(s). Several processes may extract into the same
     store: under torchrun (`torchrun --nproc-per-node N -m pipeline extract

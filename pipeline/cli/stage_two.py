@@ -82,6 +82,8 @@ def fit_command(
 ) -> None:
     """Train and evaluate every head config of a grid from cached features (finished runs are skipped).
 
+    A grid's configs choose their head (head: rine, linear, knn, logreg) and
+    what it reads (features: blocks, block:K, embedding): docs/training.md.
     The groups run in this process (--jobs threads) or on a Dask cluster
     (--scheduler, --devices); the results are the same, bit for bit.
     Prints the results table path. Exit status 1 when any config failed

@@ -19,7 +19,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import PipelineError
-from ..names import CENTER, CROPS, DEFAULT_MODEL, DEFAULT_THRESHOLD, TEN_CROP
+from ..names import (
+    BLOCKS_FEATURES,
+    CENTER,
+    CROPS,
+    DEFAULT_HEAD,
+    DEFAULT_MODEL,
+    DEFAULT_THRESHOLD,
+    EMBEDDING_FEATURES,
+    EMBEDDING_TAP,
+    TEN_CROP,
+)
 from ..results.run_folder import CALIBRATION_METADATA_KEYS, HEAD_FILE, REQUIRED_HEAD_METADATA
 from .backbones import BackboneSource, choose_backbone, ensure_available, identity_differences, is_local_revision
 from .hub import fetch_detector_repo, looks_like_repo_id
@@ -63,6 +73,13 @@ class DetectorSpec:
     model_config: str | None = None  # the backbone's config.json as canonical JSON; None: not recorded
     backbone_copy: Path | None = None  # an export's own copy of the backbone (--include-backbone)
     backbone_copy_revision: str | None = None  # that copy's content hash, as exported
+    head: str = DEFAULT_HEAD  # rine, linear, knn or logreg
+    features: str = BLOCKS_FEATURES  # what the head reads: blocks, block:K (of those stored) or embedding
+
+    @property
+    def input_name(self) -> str:
+        """What the head reads of a forward pass: its tap's tokens, or the pooled embedding."""
+        return EMBEDDING_TAP if self.features == EMBEDDING_FEATURES else self.tap
 
     @property
     def temperature(self) -> float:
@@ -108,6 +125,8 @@ class DetectorSpec:
             calibration=HeadCalibration.from_metadata(metadata, where) if has_calibration else None,
             origin=str(where),
             model_config=metadata.get("model_config") or None,
+            head=metadata.get("head", DEFAULT_HEAD),
+            features=metadata.get("features", BLOCKS_FEATURES),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -125,6 +144,7 @@ class DetectorSpec:
             },
             "block_indices": None if self.block_indices is None else list(self.block_indices),
             "head_blocks": self.head_blocks,
+            "features": self.features,
             "store_dtype": self.store_dtype,
             "amp": self.amp,
             **calibration,
@@ -156,6 +176,8 @@ class DetectorSpec:
                 model_config=None if model_config is None else canonical_json(model_config),
                 backbone_copy=None if copy is None else Path(where).parent / str(copy["folder"]),
                 backbone_copy_revision=None if copy is None else str(copy["revision"]),
+                head=str(document.get("head", {}).get("kind", DEFAULT_HEAD)),
+                features=str(document.get("features", BLOCKS_FEATURES)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise PredictError(f"{where}: not a detector config written by `pipeline export` ({error!r})") from None
@@ -302,11 +324,15 @@ class Detector:
             if not allow_other_backbone:
                 raise PredictError(refusal(spec, f"{source.model} ({'; '.join(differences) or backbone.revision})"))
             other = f"other than the head's {spec.model} ({spec.revision or 'any revision'}): allowed"
-        n_blocks = 1 if spec.head_blocks == "last" else len(backbone.block_indices)
-        if (head.n_blocks, head.in_dim) != (n_blocks, backbone.dim):
+        if spec.features == EMBEDDING_FEATURES:
+            n_blocks, dim, what = 1, backbone.embedding_dim, "image embedding"
+        else:
+            n_blocks, dim, what = 1 if spec.head_blocks == "last" else len(backbone.block_indices), backbone.dim, ""
+        if (head.n_blocks, head.in_dim) != (n_blocks, dim):
             raise PredictError(
                 f"the head expects {head.n_blocks} blocks of dim {head.in_dim}, "
-                f"the backbone {source.model} gives {n_blocks} of dim {backbone.dim}"
+                f"the backbone {source.model} gives {n_blocks} of dim {dim}"
+                + (f" (its {what}; 0: it has none)" if what else "")
             )
         return cls(spec, head, backbone, threshold=threshold, other_backbone=other)
 
@@ -377,10 +403,10 @@ class Detector:
         """Pixels -> {tap: tokens} rounded to the dtype the head was trained on."""
         from ..features import ForwardStep
 
-        return ForwardStep(self.backbone, (self.spec.tap,), self.spec.store_dtype)
+        return ForwardStep(self.backbone, (self.spec.input_name,), self.spec.store_dtype)
 
     def logits(self, tokens: np.ndarray) -> torch.Tensor:
-        """Head logits (B,) of tokens (B, n_blocks, dim), on the CPU in float32."""
+        """Head logits (B,) of tokens (B, n_blocks, dim) (or embeddings (B, 1, e)), on the CPU in float32."""
         import torch
 
         from ..devices import exact_float32
@@ -444,7 +470,8 @@ class Detector:
                 chunk = members[start : start + batch_size]
                 pixels = [recipe(arrays[i], i) for i in chunk]
                 logits = [
-                    self.logits(step(np.stack([p[name] for p in pixels]))[self.spec.tap]) for name in recipe.names
+                    self.logits(step(np.stack([p[name] for p in pixels]))[self.spec.input_name])
+                    for name in recipe.names
                 ]
                 scores[chunk] = self.scores(torch.stack(logits, dim=1))
         return scores

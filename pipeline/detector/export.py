@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import PipelineError
 from ..files import atomic_path, disk_errors_explained
 from ..heads import RineHead
-from ..names import CENTER, THRESHOLD_RULES, VAL_SPLIT
+from ..names import CENTER, DEFAULT_HEAD, THRESHOLD_RULES, VAL_SPLIT
 from ..results import OK, ResultRow
 from ..results.run_folder import HEAD_FILE, RunDocument, RunFolder
 from .backbone_copy import copy_backbone
@@ -93,14 +93,7 @@ def config_document(record: RunRecord, onnx: bool, included: dict[str, str] | No
         "format": EXPORT_FORMAT,
         **spec_json,
         "crop": record.val_crop,
-        "head": {
-            "file": HEAD_FILE,
-            "n_blocks": head.n_blocks,
-            "in_dim": head.in_dim,
-            "proj_dim": head.proj_dim,
-            "proj_layers": head.proj_layers,
-            "aggregation": head.aggregation,
-        },
+        "head": head_description(head, record.spec.head),
         "source": {
             "run": record.folder.run_id,
             "grid": record.document.grid,
@@ -115,6 +108,14 @@ def config_document(record: RunRecord, onnx: bool, included: dict[str, str] | No
             "outputs": {"logit": "float32 (batch,)", "score": "float32 (batch,) = sigmoid(logit / temperature)"},
         }
     return document
+
+
+def head_description(head: Any, kind: str) -> dict[str, Any]:
+    """config.json's ``head``: its file, its kind and its shape (RINE's q, d', aggregation; a probe's position)."""
+    shape = {"file": HEAD_FILE, "kind": kind, "n_blocks": head.n_blocks, "in_dim": head.in_dim}
+    if kind == DEFAULT_HEAD:
+        return shape | {"proj_dim": head.proj_dim, "proj_layers": head.proj_layers, "aggregation": head.aggregation}
+    return shape | {"position": head.position} | ({"k": head.k} if kind == "knn" else {})
 
 
 def run_export(config: ExportConfig) -> ExportSummary:
@@ -169,7 +170,7 @@ class PixelsToScore(torch.nn.Module):
         self.spec = detector.spec
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tap = self.spec.tap
+        tap = self.spec.input_name  # the tap's tokens, or the embedding
         tokens = self.backbone.tap_tokens(self.backbone.normalise(pixels), (tap,))[tap]
         tokens = tokens.to(getattr(torch, self.spec.store_dtype)).float()
         if self.spec.head_blocks == "last":
@@ -254,6 +255,13 @@ def backbone_lines(spec: DetectorSpec, included: dict[str, str] | None) -> list[
     ]
 
 
+HEAD_WORDS = {
+    "linear": "one linear layer trained with BCE (UFD's linear probe)",
+    "logreg": "a logistic regression (scikit-learn, on standardised features)",
+    "knn": "cosine k nearest neighbours among its training images (UFD's nearest-neighbour variant)",
+}
+
+
 def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str] | None = None) -> str:
     spec = record.spec
     run = record.document.run
@@ -262,14 +270,20 @@ def model_card(record: RunRecord, name: str, onnx: bool, included: dict[str, str
     head = record.head
     setting = record.rows[0].setting if record.rows else None
     in_code = " ".join(name.replace("`", "'").replace('"', "'").split())  # cannot close the code block or string
+    what = HEAD_WORDS.get(spec.head, "")
     lines = [
         *card_metadata(spec),
-        f"# RINE detector {md(name)}",
+        f"# {'RINE detector' if spec.head == DEFAULT_HEAD else 'Detector'} {md(name)}",
         "",
-        "A synthetic-image detector: the RINE head (Koutlis & Papadopoulos, *Leveraging Representations from "
-        "Intermediate Encoder-Blocks for Synthetic Image Detection*, ECCV 2024) on the CLS tokens of the blocks of "
-        "a frozen CLIP vision tower, trained with rine-pipeline "
-        f"(version {__version__}). Its score is the probability that an image is synthetic (AI-generated).",
+        (
+            "A synthetic-image detector: the RINE head (Koutlis & Papadopoulos, *Leveraging Representations from "
+            "Intermediate Encoder-Blocks for Synthetic Image Detection*, ECCV 2024) on the CLS tokens of the blocks "
+            "of a frozen CLIP vision tower"
+            if spec.head == DEFAULT_HEAD
+            else f"A synthetic-image detector: {what} on the features `{spec.features}` of a frozen vision tower"
+        )
+        + f", trained with rine-pipeline (version {__version__}). Its score is the probability that an image is "
+        "synthetic (AI-generated).",
         "",
         "## How to load",
         "",

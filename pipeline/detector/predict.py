@@ -237,7 +237,7 @@ class PredictionCommitter:
         item = self.work.pop(finished.shard)
         robust = isinstance(item.recipe, RobustRecipe)
         groups = item.recipe.groups() if robust else [item.recipe.names]
-        tap = self.detector.spec.tap
+        tap = self.detector.spec.input_name  # the tap's tokens, or the embedding
         scores = np.stack(
             [
                 self.detector.scores(

@@ -1,8 +1,10 @@
-"""Load a frozen CLIP vision tower and tap the CLS token of its blocks.
+"""Load a frozen vision transformer (CLIP, SigLIP, DINOv2, DINOv3: ``families``) and tap a token of its blocks.
 
-Two taps come out of one forward pass: ``ln2``, each layer's ``layer_norm2`` output (inside the block, before
-the MLP: the authors' tensor, the only one their heads and numbers were made with), and ``hidden``, the block
-outputs (``hidden_states[1:]``: what the paper's text describes). docs/data.md, "Which tap".
+Two taps come out of one forward pass: ``ln2``, each block's layer norm before its MLP (CLIP's ``layer_norm2``:
+the authors' tensor, the only one their heads and numbers were made with), and ``hidden``, the block outputs
+(``hidden_states[1:]``: what the paper's text describes). The token of a block is its CLS token, or the mean of
+its patch tokens for a backbone without one (SigLIP). The same pass gives the model's pooled image embedding
+(``EMBEDDING``). docs/data.md, "Which tap" and "Backbones".
 """
 
 from __future__ import annotations
@@ -13,20 +15,22 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
+import transformers
 from transformers.utils import cached_file
 from transformers.utils import logging as hf_logging
 
 from ..cache import canonical_model_config
 from ..devices import resolve_device
 from ..errors import PipelineError
-from ..names import COMPUTE_DTYPES, DEFAULT_MODEL, TAPS
+from ..names import COMPUTE_DTYPES, DEFAULT_MODEL, EMBEDDING_TAP, TAPS
+from .families import CLIP_MEAN as CLIP_MEAN  # re-exported: the CLIP normalisation stays importable from here
+from .families import CLIP_STD as CLIP_STD
+from .families import Family, family_of
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
@@ -85,16 +89,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 class Backbone:
-    """A frozen CLIP vision tower returning per-block CLS tokens for chosen taps."""
+    """A frozen vision tower returning per-block tokens for chosen taps, and its pooled image embedding."""
 
     def __init__(self, config: BackboneConfig, block_selection: str = "all") -> None:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        # A full CLIPModel checkpoint works too: the vision config and the
+        checkpoint_config = _checkpoint_config(config)
+        self.family: Family = family_of(checkpoint_config, config.model)
+        self.token = self.family.token
+        # A full CLIPModel (SiglipModel) checkpoint works too: the vision config and the
         # vision_model.* weights are taken from it, the text tower is ignored.
         with _quiet_transformers(local=Path(config.model).is_dir()):
-            self.model, loading = CLIPVisionModel.from_pretrained(
+            self.model, loading = getattr(transformers, self.family.model_class).from_pretrained(
                 config.model,
                 revision=config.revision,
                 dtype=self.dtype,
@@ -109,16 +116,19 @@ class Backbone:
                 f"(e.g. {missing[:3]}); refusing to run a partly random backbone"
             )
         self.model.to(self.device).eval().requires_grad_(False)
-        vision: CLIPVisionConfig = self.model.config
+        vision = self.model.config
         self.n_layers = vision.num_hidden_layers
         self.dim = vision.hidden_size
-        self.crop_size = vision.image_size
         self.block_indices = parse_block_selection(block_selection, self.n_layers)
-        self.mean, self.std = _normalisation(config)
+        preprocessor = _preprocessor_config(config)
+        self.crop_size = _crop_size(self.family, vision.image_size, preprocessor)
+        self.mean, self.std = _normalisation(self.family, preprocessor)
         self.revision = _resolved_revision(config)
-        self.model_config = _model_config_text(config)
+        self.model_config = canonical_model_config(checkpoint_config)
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        self.projection = _clip_projection(config, self.dtype, self.device) if self.family.name == "clip" else None
+        self.embedding_dim = _embedding_dim(self.family, vision, self.projection)
 
     def pixel_values(self, images: np.ndarray) -> torch.Tensor:
         """(B, S, S, 3) uint8 RGB -> normalised (B, 3, S, S) in the model dtype."""
@@ -131,21 +141,23 @@ class Backbone:
 
     @torch.inference_mode()
     def forward_taps(self, images: np.ndarray, taps: Sequence[str]) -> dict[str, torch.Tensor]:
-        """CLS tokens (B, n_blocks, dim) per tap, from one forward pass."""
+        """Tokens (B, n_blocks, dim) per tap, and with ``EMBEDDING_TAP`` the embedding (B, 1, e), from one pass."""
         return self.tap_tokens(self.pixel_values(images), taps)
 
     def tap_tokens(self, pixel_values: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
         """:meth:`forward_taps` from normalised pixels (B, 3, S, S); plain torch, so it traces (ONNX export)."""
-        unknown = set(taps) - set(TAPS)
+        unknown = set(taps) - set(TAPS) - {EMBEDDING_TAP}
         if unknown:
             raise ValueError(f"unknown tap(s) {sorted(unknown)}; choose from {TAPS}")
+        if EMBEDDING_TAP in taps and not self.embedding_dim:
+            raise ValueError(f"{self.config.model}: this checkpoint has no pooled image embedding")
         captured: dict[int, torch.Tensor] = {}
         handles = []
         if "ln2" in taps:
-            # transformers 5 puts the encoder on CLIPVisionModel itself, 4.x under .vision_model
-            layers = getattr(self.model, "vision_model", self.model).encoder.layers
+            layers = self.family.layers(self.model)
             for block in self.block_indices:
-                handles.append(layers[block].layer_norm2.register_forward_hook(_cls_hook(captured, block)))
+                norm = getattr(layers[block], self.family.ln2)
+                handles.append(norm.register_forward_hook(_token_hook(captured, block, self.token)))
         try:
             outputs = self.model(pixel_values=pixel_values, output_hidden_states="hidden" in taps)
         finally:
@@ -156,8 +168,16 @@ class Backbone:
             result["ln2"] = torch.stack([captured[b] for b in self.block_indices], dim=1)
         if "hidden" in taps:
             hidden = outputs.hidden_states[1:]
-            result["hidden"] = torch.stack([hidden[b][:, 0] for b in self.block_indices], dim=1)
+            result["hidden"] = torch.stack([block_token(hidden[b], self.token) for b in self.block_indices], dim=1)
+        if EMBEDDING_TAP in taps:
+            pooled = outputs.pooler_output
+            result[EMBEDDING_TAP] = (pooled if self.projection is None else self.projection(pooled)).unsqueeze(1)
         return result
+
+
+def block_token(tokens: torch.Tensor, rule: str) -> torch.Tensor:
+    """A block's token (B, dim) of its output (B, T, dim): the CLS token, or the mean of the patch tokens."""
+    return tokens[:, 0] if rule == "cls" else tokens.mean(dim=1)
 
 
 @contextmanager
@@ -177,15 +197,22 @@ def _quiet_transformers(local: bool = False):
             hf_logging.enable_progress_bar()
 
 
-def _cls_hook(captured: dict[int, torch.Tensor], block: int):
+def _token_hook(captured: dict[int, torch.Tensor], block: int, rule: str):
     def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        captured[block] = output[:, 0]
+        captured[block] = block_token(output, rule)
 
     return hook
 
 
-def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean/std from the checkpoint's preprocessor_config.json, else CLIP's."""
+def _checkpoint_config(config: BackboneConfig) -> dict[str, Any]:
+    config_file = cached_file(
+        config.model, "config.json", revision=config.revision, local_files_only=config.local_files_only
+    )
+    return json.loads(Path(config_file).read_text(encoding="utf-8"))
+
+
+def _preprocessor_config(config: BackboneConfig) -> dict[str, Any]:
+    """The checkpoint's preprocessor_config.json (its image processor), or {} when it has none."""
     config_file = cached_file(
         config.model,
         "preprocessor_config.json",
@@ -193,19 +220,70 @@ def _normalisation(config: BackboneConfig) -> tuple[tuple[float, ...], tuple[flo
         local_files_only=config.local_files_only,
         _raise_exceptions_for_missing_entries=False,
     )
-    if config_file is None:
-        return CLIP_MEAN, CLIP_STD
-    preprocessor = json.loads(Path(config_file).read_text())
-    mean, std = preprocessor.get("image_mean", CLIP_MEAN), preprocessor.get("image_std", CLIP_STD)
+    return {} if config_file is None else json.loads(Path(config_file).read_text())
+
+
+def _normalisation(family: Family, preprocessor: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from the checkpoint's image processor, else the family's (CLIP's for CLIP)."""
+    mean, std = preprocessor.get("image_mean", family.mean), preprocessor.get("image_std", family.std)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _model_config_text(config: BackboneConfig) -> str:
     """The checkpoint's config.json as canonical JSON: part of a store's identity (``cache.canonical_model_config``)."""
-    config_file = cached_file(
-        config.model, "config.json", revision=config.revision, local_files_only=config.local_files_only
+    return canonical_model_config(_checkpoint_config(config))
+
+
+def _crop_size(family: Family, image_size: int, preprocessor: dict[str, Any]) -> int:
+    """The model's input size: its config's for position embeddings of one size (CLIP, SigLIP), else its image
+    processor's crop (DINOv2 and DINOv3 interpolate theirs: 224 where their config says 518)."""
+    if family.fixed_size:
+        return int(image_size)
+    for key in ("crop_size", "size"):
+        size = preprocessor.get(key)
+        if isinstance(size, dict) and "height" in size:
+            return int(size["height"])
+        if isinstance(size, int):
+            return size
+    return int(image_size)
+
+
+def _clip_projection(config: BackboneConfig, dtype: torch.dtype, device: torch.device) -> torch.nn.Linear | None:
+    """CLIP's ``visual_projection`` read from the checkpoint's safetensors, when it has one (a full CLIPModel or a
+    CLIPVisionModelWithProjection); the vision tower itself is loaded as ``CLIPVisionModel``, as always."""
+    from safetensors import safe_open
+
+    files = []
+    local = {"revision": config.revision, "local_files_only": config.local_files_only}
+    index = cached_file(
+        config.model, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **local
     )
-    return canonical_model_config(json.loads(Path(config_file).read_text(encoding="utf-8")))
+    if index is not None:
+        shard = json.loads(Path(index).read_text()).get("weight_map", {}).get(PROJECTION_KEY)
+        files = [] if shard is None else [cached_file(config.model, shard, **local)]
+    else:
+        single = cached_file(config.model, "model.safetensors", _raise_exceptions_for_missing_entries=False, **local)
+        files = [] if single is None else [single]
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            if PROJECTION_KEY in handle.keys():
+                weight = handle.get_tensor(PROJECTION_KEY)
+                projection = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                projection.weight.data.copy_(weight)
+                return projection.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return None
+
+
+PROJECTION_KEY = "visual_projection.weight"
+
+
+def _embedding_dim(family: Family, vision: Any, projection: torch.nn.Linear | None) -> int:
+    """Width of the pooled image embedding, 0 when the checkpoint has none."""
+    if family.name == "clip":
+        return 0 if projection is None else projection.out_features
+    if family.name == "siglip" and not getattr(vision, "vision_use_head", True):
+        return 0
+    return int(vision.hidden_size)
 
 
 def _resolved_revision(config: BackboneConfig) -> str:

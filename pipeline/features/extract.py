@@ -8,6 +8,7 @@ store (``distribute.py``, ``loop.py``); a run whose share of undecodable rows ex
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,7 +56,7 @@ def run_extract(config: ExtractConfig) -> ExtractSummary:
         config.decode_workers,
         decoded=lambda row: row_images.decoded(row, config.max_pixels),
     )
-    step = ForwardStep(backbone, config.taps, config.store_dtype)
+    step = ForwardStep(backbone, config.taps, config.store_dtype, embedding=True)
     pending = pending_targets(stores, wanted)
     n_shards = cache.shard_count(len(manifest), config.shard_rows)
     first_pending = len(pending)
@@ -123,7 +124,11 @@ def prepare_store(
         max_pixels=config.max_pixels,
         shard_rows=config.shard_rows,
         chunk_rows=config.chunk_rows,
+        token=backbone.token,
+        embedding_dim=backbone.embedding_dim,
     )
+    if not config.overwrite:
+        identity = as_older_store(path, identity)
     try:
         cache.create_store(
             path,
@@ -148,3 +153,15 @@ def prepare_store(
     for variant in variants:
         cache.add_variant(path, variant, len(backbone.block_indices), backbone.dim)
     return path
+
+
+def as_older_store(path: Path, identity: cache.StoreIdentity) -> cache.StoreIdentity:
+    """An existing store written before the image embedding was stored is resumed as it is, without one (its
+    identity has no ``embedding_dim``); ``--overwrite`` rebuilds it with the embedding."""
+    try:
+        info = cache.open_store_info(path)
+    except cache.StoreError:
+        return identity
+    if "embedding_dim" not in info.attrs:
+        return dataclasses.replace(identity, embedding_dim=0)
+    return identity

@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from .. import cache
-from ..names import PERTURBATIONS
+from ..names import EMBEDDING_TAP, PERTURBATIONS
 from ..variants import VariantKind, VariantSpec
 from . import augment, images
 from .backbone import Backbone
@@ -169,11 +169,12 @@ class ImageSource:
 
 
 class ForwardStep:
-    """(B, S, S, 3) uint8 pixels -> ``{tap: (B, n_blocks, dim)}`` numpy tokens in ``dtype``."""
+    """(B, S, S, 3) uint8 pixels -> ``{tap: (B, n_blocks, dim)}`` numpy tokens in ``dtype``; with ``embedding``
+    (and a backbone that has one) also ``{EMBEDDING_TAP: (B, 1, e)}``, from the same forward pass."""
 
-    def __init__(self, backbone: Backbone, taps: Sequence[str], dtype: str | np.dtype) -> None:
+    def __init__(self, backbone: Backbone, taps: Sequence[str], dtype: str | np.dtype, embedding: bool = False) -> None:
         self.backbone = backbone
-        self.taps = tuple(taps)
+        self.taps = tuple(taps) + ((EMBEDDING_TAP,) if embedding and backbone.embedding_dim else ())
         self.dtype = np.dtype(dtype)
 
     def __call__(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
@@ -183,7 +184,8 @@ class ForwardStep:
 
 @dataclass(frozen=True)
 class FinishedShard:
-    """Every row of one shard: tokens per (tap, variant), zero for invalid rows."""
+    """Every row of one shard: tokens per (tap, variant) (and the embedding per (EMBEDDING_TAP, variant)), zero for
+    invalid rows."""
 
     shard: int
     features: dict[tuple[str, str], np.ndarray]
@@ -233,7 +235,10 @@ class ShardCommitter:
         job = self.jobs[finished.shard]
         for tap, variants in job.targets.items():
             features = {variant: finished.features[(tap, variant)] for variant in variants}
-            cache.commit_shard(self.stores[tap], finished.shard, features, finished.valid, finished.errors)
+            pooled = {
+                v: finished.features[(EMBEDDING_TAP, v)] for v in variants if (EMBEDDING_TAP, v) in finished.features
+            }
+            cache.commit_shard(self.stores[tap], finished.shard, features, finished.valid, finished.errors, pooled)
         if self.claims is not None:
             self.claims.release(job.claims)
         self.committed.append(finished.shard)

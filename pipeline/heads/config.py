@@ -21,8 +21,14 @@ from ..errors import PipelineError
 from ..names import (
     ALL_CLASSES,
     ALL_DATASETS,
+    BLOCK_FEATURES_PREFIX,
+    BLOCKS_FEATURES,
     CENTER,
+    DEFAULT_HEAD,
+    DEFAULT_KNN_K,
+    DEFAULT_LOGREG_C,
     DEFAULT_MODEL,
+    EMBEDDING_FEATURES,
     LIST_SEPARATOR,
     SELECT_ACROSS_FIELDS,
     STANDARD_PROTOCOL,
@@ -61,6 +67,17 @@ class RunConfig:
     # train_datasets None = all of them; one-vs-rest / leave-one-out expand into one run per dataset
     protocol: str = STANDARD_PROTOCOL
     train_datasets: tuple[str, ...] | None = None
+    head: str = DEFAULT_HEAD  # one of HEADS (docs/training.md, "Heads")
+    features: str = BLOCKS_FEATURES  # blocks (RINE only), block:K or embedding
+    k: int = DEFAULT_KNN_K  # knn: neighbours
+    C: float = DEFAULT_LOGREG_C  # logreg: inverse regularisation strength (scikit-learn's name)
+
+    @property
+    def block(self) -> int | None:
+        """K of ``features: block:K`` (None for blocks and embedding)."""
+        if self.features.startswith(BLOCK_FEATURES_PREFIX):
+            return int(self.features.removeprefix(BLOCK_FEATURES_PREFIX))
+        return None
 
     def lr_at_epoch(self, epoch: int) -> float:
         """The lr of 0-based ``epoch``: ``lr / 10**k``, k = milestones reached (epoch + 1 >= m), as the authors compute it."""
@@ -89,8 +106,9 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
-def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConfig:
-    """Validate a mapping of hyper-parameters into a RunConfig."""
+def make_run_config(values: Mapping[str, Any], where: str = "config", whole: bool = True) -> RunConfig:
+    """Validate a mapping of hyper-parameters into a RunConfig (``whole``: also that head and features go
+    together; False for a part of a config, such as a grid's base or one grid value)."""
     unknown = sorted(set(values) - set(RUN_KEYS))
     if unknown:
         raise ConfigError(
@@ -105,7 +123,19 @@ def make_run_config(values: Mapping[str, Any], where: str = "config") -> RunConf
         checked = {key: RUN_PARAMETERS[key].check(f"{where}.{key}", value) for key, value in values.items()}
     except ParameterError as error:
         raise ConfigError(str(error)) from None
-    return RunConfig(**checked)
+    run = RunConfig(**checked)
+    if whole:
+        check_head_features(run, where)
+    return run
+
+
+def check_head_features(run: RunConfig, where: str) -> None:
+    """RINE reads every cached block; the other heads read one vector (one block's token or the embedding)."""
+    if (run.head == DEFAULT_HEAD) != (run.features == BLOCKS_FEATURES):
+        wanted = BLOCKS_FEATURES if run.head == DEFAULT_HEAD else f"{BLOCK_FEATURES_PREFIX}K or {EMBEDDING_FEATURES}"
+        raise ConfigError(
+            f"{where}: head {run.head} with features {run.features}: head {run.head} reads features {wanted}"
+        )
 
 
 @dataclass(frozen=True)
@@ -227,7 +257,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
     base = document.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base: expected a mapping of hyper-parameters")
-    make_run_config(base, "base")  # validate base alone, so its errors name it
+    make_run_config(base, "base", whole=False)  # validate base alone, so its errors name it
     points = expand_grid(document.get("grid"), where)
     override = {} if amp is None else {"amp": amp}
     runs = tuple(make_run_config({**base, **point, **override}, "grid") for point in points)
@@ -283,7 +313,7 @@ def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
         raise ConfigError(f"{where}: grid: an empty list gives no config; leave grid out to run the base config once")
     for i, block in enumerate(blocks):
         for key, values in block.items():
-            checked = [getattr(make_run_config({key: value}, "grid"), key) for value in values]
+            checked = [getattr(make_run_config({key: value}, "grid", whole=False), key) for value in values]
             repeats = [values[j] for j, value in enumerate(checked) if value in checked[:j]]
             if repeats:
                 repeated = repeats[0]
@@ -293,7 +323,7 @@ def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
                 )
     points = list(ParameterGrid(blocks))
     for point in points:
-        make_run_config(point, "grid")
+        make_run_config(point, "grid", whole=False)
     return points
 
 
@@ -330,3 +360,22 @@ def run_config_dict(config: RunConfig) -> dict[str, Any]:
     """Plain, YAML-friendly values (tuples as lists)."""
     values = asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+# Fields added with the head zoo: left out of a run's identity while at their defaults, so that a RINE config
+# keeps the run id (and the finished run folder) it had before they existed.
+# Fields added after run ids were first hashed: at these defaults they are left out, so a run keeps its id.
+_ADDED_FIELD_DEFAULTS: dict[str, Any] = {
+    "head": DEFAULT_HEAD,
+    "features": BLOCKS_FEATURES,
+    "k": DEFAULT_KNN_K,
+    "C": DEFAULT_LOGREG_C,
+    "protocol": STANDARD_PROTOCOL,
+    "train_datasets": None,
+}
+
+
+def run_identity_dict(config: RunConfig) -> dict[str, Any]:
+    """``run_config_dict`` without the fields added later that are at their defaults: what a run id hashes."""
+    values = run_config_dict(config)
+    return {k: v for k, v in values.items() if k not in _ADDED_FIELD_DEFAULTS or v != _ADDED_FIELD_DEFAULTS[k]}

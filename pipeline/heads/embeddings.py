@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..files import atomic_path
-from ..names import CENTER
+from ..names import CENTER, EMBEDDING_FEATURES
 from ..results.run_folder import RunFolder
 from .config import GridConfig, make_run_config
 from .head import load_head
@@ -38,17 +38,20 @@ def write_embeddings(spec: GridConfig, data: GridData | None, folders: list[RunF
     refs = [ref for ref in spec.tests if (ref.variant or CENTER) == CENTER]
     if not missing or not refs:
         return
-    if data is not None:
+    runs = {folder: make_run_config(folder.read_document().run, str(folder.config_path)) for folder in missing}
+    embedding = any(run.features == EMBEDDING_FEATURES for run in runs.values())
+    if data is not None and (not embedding or all(t.embeddings for t in data.tests)):
         tests = [t for t in data.tests if t.ref in refs]
     else:  # a finished grid: a few hundred rows per set, gathered from the shard files
-        tests = [load_store(ref, device, in_memory=False) for ref in refs]
+        tests = [load_store(ref, device, in_memory=False, embedding=embedding) for ref in refs]
     samples = [(test, embedding_sample(test)) for test in tests]
     for folder in missing:
         head = load_head(folder.head_path)[0].to(device)
-        run = make_run_config(folder.read_document().run, str(folder.config_path))
+        run = runs[folder]
         parts: dict[str, list[np.ndarray]] = {"z": [], "label": [], "dataset": [], "split": [], "path": []}
         for test, rows in samples:
-            _, z = forward_rows(head, test.features[CENTER], rows, run)
+            source = (test.embeddings if run.features == EMBEDDING_FEATURES else test.features)[CENTER]
+            _, z = forward_rows(head, source, rows, run)
             parts["z"].append(z.numpy())
             parts["label"].append(test.rows.labels[rows].astype(np.int8))
             parts["dataset"].append(test.rows.datasets[rows].astype(str))

@@ -16,13 +16,14 @@ import numpy as np
 import torch
 
 from ..devices import peak_memory
-from ..names import CENTER, VAL_SPLIT
+from ..names import CENTER, DEFAULT_HEAD, VAL_SPLIT
 from ..results import ERROR, NO_VALID_ROWS, OK, SETTING_FIELDS, HeadConfig, ResultRow, Setting
 from ..results.metrics import compute_metrics
 from ..results.run_folder import RunDocument, RunFolder, ScoreFile
 from .calibration import calibrate_head
 from .config import GridConfig, RunConfig, classes_label, datasets_label, run_config_dict
 from .head import count_parameters, save_head
+from .probe_fit import fit_probe_group, probe_input, probe_logits
 from .scoring import group_logits
 from .stores import (
     DataError,
@@ -97,6 +98,8 @@ def fit_and_evaluate_group(
     val_rows = np.flatnonzero(val_scope & data.val.rows.valid)
     if not len(val_rows):
         raise DataError(f"{data.val.ref.name}: no valid row of the run's classes to choose its thresholds on")
+    if first.head != DEFAULT_HEAD:
+        return fit_and_evaluate_probes(context, members, runs_dir, val_scope, val_rows)
     group = fit_group(data.train, configs, device=context.device, progress=progress)
     scoring_start = time.perf_counter()
     val_logits = group_logits(group.stack, data.val, val_rows, first)
@@ -120,6 +123,59 @@ def fit_and_evaluate_group(
         record = {"group": {**group_record, "index": position}}
         finished.append((index, write_run(context, run, RunFolder(runs_dir / rid), fit, val, evaluated, record)))
     return finished
+
+
+def fit_and_evaluate_probes(
+    context: GroupContext,
+    members: list[tuple[int, RunConfig, str]],
+    runs_dir: Path,
+    val_scope: np.ndarray,
+    val_rows: np.ndarray,
+) -> list[tuple[int, list[ResultRow]]]:
+    """A group of ``linear``/``logreg``/``knn`` configs: fitted on one read of the training view, val and every
+    test store scored by all of them from one read each, each run written like a RINE run."""
+    data = context.data
+    failed, inputs, kept = [], [], []
+    for index, run, rid in members:  # a block the store lacks fails its config alone
+        try:
+            inputs.append(probe_input(data.train, run))
+            kept.append((index, run, rid))
+        except DataError as error:
+            message = f"{type(error).__name__}: {error}"
+            (runs_dir / rid).mkdir(parents=True, exist_ok=True)
+            RunFolder(runs_dir / rid).write_error(message + "\n")
+            failed.append((index, [error_row(context.spec, data, run, rid, message)]))
+    members = kept
+    if not members:
+        return failed
+    configs = [run for _, run, _ in members]
+    train_rows, n_invalid = training_rows(data.train, configs[0])
+    start = time.perf_counter()
+    fits = fit_probe_group(data.train, configs, inputs, train_rows, n_invalid)
+    fit_seconds = time.perf_counter() - start
+    heads = [fit.head for fit in fits]
+    scoring_start = time.perf_counter()
+    val_logits = probe_logits(heads, inputs, data.val, val_rows)
+    tests = []
+    for test in data.tests:
+        test_rows = np.flatnonzero(test.rows.valid)
+        tests.append((test, test_rows, probe_logits(heads, inputs, test, test_rows)))
+    group_record = {
+        "runs": [rid for _, _, rid in members],
+        "fused": False,
+        "fit_seconds": fit_seconds,
+        "score_seconds": time.perf_counter() - scoring_start,
+        "cuda_graph": False,
+    }
+    finished = []
+    for position, ((index, run, rid), fit) in enumerate(zip(members, fits, strict=True)):
+        val = Evaluated(data.val, val_rows, val_logits[position], val_scope)
+        evaluated = [
+            Evaluated(test, rows, logits[position], np.ones(len(test.rows), dtype=bool)) for test, rows, logits in tests
+        ]
+        record = {"group": {**group_record, "index": position}}
+        finished.append((index, write_run(context, run, RunFolder(runs_dir / rid), fit, val, evaluated, record)))
+    return failed + finished
 
 
 def write_run(
@@ -246,6 +302,8 @@ def head_metadata(train: TrainStore, run: RunConfig) -> dict[str, str]:
     """The head's metadata (``run_folder.HEAD_METADATA_KEYS``): what it needs of the backbone and its features."""
     identity = train.info.identity
     return {
+        "head": run.head,
+        "features": run.features,
         "head_blocks": run.head_blocks,
         "amp": run.amp,
         "model": identity.model_id,

@@ -31,7 +31,7 @@ from .. import cache
 from ..devices import available_memory, bf16_is_fast, exact_float32, resolve_device
 from ..errors import PipelineWarning
 from ..files import disk_errors_explained, explain_os_error, write_text_atomic
-from ..names import MAX_GROUP_SIZE, STANDARD_PROTOCOL
+from ..names import DEFAULT_HEAD, EMBEDDING_FEATURES, MAX_GROUP_SIZE, STANDARD_PROTOCOL
 from ..results import (
     ERROR,
     RESULT_COLUMNS,
@@ -44,7 +44,7 @@ from ..results import (
 )
 from ..results.run_folder import RunFolder
 from .cluster import ClusterConfig, dask_client, pin_worker
-from .config import GridConfig, RunConfig, StoreRef, run_config_dict
+from .config import GridConfig, RunConfig, StoreRef, run_identity_dict
 from .embeddings import write_embeddings
 from .evaluate import GroupContext, error_row, fit_and_evaluate_group
 from .protocols import ProtocolError, expand_protocols
@@ -76,7 +76,7 @@ from .train import fusable_groups
 RUN_PROTOCOL = 6
 # Run config fields left out of the run id at their default value, so that runs fitted before they existed keep
 # their ids (and are not fitted again).
-UNHASHED_DEFAULTS: dict[str, Any] = {"protocol": STANDARD_PROTOCOL, "train_datasets": None}
+EPOCH_HEADS = (DEFAULT_HEAD, "linear")  # the heads trained over epochs (knn and logreg: one pass over one view)
 
 
 class ViewReuseWarning(PipelineWarning):
@@ -151,11 +151,7 @@ class GridSummary:
 
 
 def run_id(config: RunConfig, data_identity: dict[str, Any], views: tuple[str, ...]) -> str:
-    values = run_config_dict(config)
-    for name, default in UNHASHED_DEFAULTS.items():  # fields added later: a run without them keeps its id
-        if values.get(name) == default:
-            del values[name]
-    text = json.dumps({"run": values, "data": data_identity, "views": list(views)}, sort_keys=True)
+    text = json.dumps({"run": run_identity_dict(config), "data": data_identity, "views": list(views)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -213,7 +209,7 @@ def check_declared(spec: GridConfig, ref: StoreRef, info: cache.StoreInfo) -> No
 def warn_view_reuse(spec: GridConfig, stores: GridStores) -> None:
     """Warn once per grid when runs have more epochs than the store has views."""
     n_views = len(stores.train_views)
-    longer = [run for run in spec.runs if run.epochs > n_views]
+    longer = [run for run in spec.runs if run.epochs > n_views and run.head in EPOCH_HEADS]
     if longer:
         most = max(run.epochs for run in longer)
         warnings.warn(
@@ -246,10 +242,30 @@ def place_features(spec: GridConfig, stores: GridStores, budget: int) -> tuple[b
     return tuple(placement)
 
 
-def load_grid_data(stores: GridStores, device: torch.device, placement: tuple[bool, ...]) -> GridData:
-    train = open_train_store(stores.refs[0], device, stores.train_views, in_memory=placement[0], added=stores.added)
-    val, *tests = (load_store(ref, device, in_memory) for ref, in_memory in zip(stores.refs[1:], placement[1:]))
+def load_grid_data(
+    stores: GridStores, device: torch.device, placement: tuple[bool, ...], embedding: bool = False
+) -> GridData:
+    """The grid's stores on ``device``; with ``embedding`` (a config reads ``features: embedding``) their pooled
+    image embeddings too."""
+    train = open_train_store(
+        stores.refs[0], device, stores.train_views, placement[0], added=stores.added, embedding=embedding
+    )
+    val, *tests = (
+        load_store(ref, device, in_memory, embedding) for ref, in_memory in zip(stores.refs[1:], placement[1:])
+    )
     return GridData(train, val, tuple(tests), stores.identity())
+
+
+def reads_embedding(runs: tuple[RunConfig, ...] | list[RunConfig]) -> bool:
+    return any(run.features == EMBEDDING_FEATURES for run in runs)
+
+
+def run_label(run: RunConfig) -> str:
+    """How the progress lines name a config."""
+    if run.head == DEFAULT_HEAD:
+        return f"xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim}"
+    extra = {"knn": f", k {run.k}", "logreg": f", C {run.C:g}"}.get(run.head, "")
+    return f"{run.head} on {run.features}{extra}"
 
 
 def check_training_labels(spec: GridConfig, train: TrainStore, runs: list[RunConfig]) -> None:
@@ -344,7 +360,7 @@ def _run_grid(spec: GridConfig, options: FitConfig, client: Any | None) -> GridS
         for finished in parallel(calls):
             for index, rows in finished:
                 run = runs[index]
-                label = f"run {ids[index]} (xi {run.contrastive_factor}, q {run.proj_layers}, d' {run.proj_dim})"
+                label = f"run {ids[index]} ({run_label(run)})"
                 if rows[0].status == ERROR:
                     errors[index] = rows
                     bar.write(f"{label} failed: {rows[0].error}")
@@ -409,7 +425,7 @@ def load_group_context(task: GridTask, device: torch.device) -> GroupContext:
     """The grid's stores loaded on ``device``: those that fit the memory budget in memory, the others streamed."""
     budget = available_memory(device) if task.memory_budget is None else task.memory_budget
     placement = place_features(task.spec, task.stores, budget)
-    data = load_grid_data(task.stores, device, placement)
+    data = load_grid_data(task.stores, device, placement, reads_embedding(task.runs))
     return GroupContext(task.spec, data, device, budget, placement, task.fuse)
 
 

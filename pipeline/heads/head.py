@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import PipelineError
 from ..files import atomic_path
-from ..names import AGGREGATIONS
+from ..names import AGGREGATIONS, DEFAULT_HEAD
+from .probes import ProbeHead, build_probe, probe_shape
 
 _PROJ1_WEIGHT_KEY = re.compile(r"proj1\.(\d+)\.weight")
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -279,7 +280,7 @@ def infer_head_shape(state: dict[str, torch.Tensor], path: Path) -> tuple[int, i
     return int(alpha.shape[1]), int(first.shape[1]), int(alpha.shape[2]), proj_layers
 
 
-def check_state_dict_matches(model: RineHead, state: dict[str, torch.Tensor], path: Path) -> None:
+def check_state_dict_matches(model: RineHead | ProbeHead, state: dict[str, torch.Tensor], path: Path) -> None:
     """Raise ``CheckpointError`` listing missing keys, unexpected keys and shape mismatches against ``model``."""
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
@@ -301,24 +302,31 @@ def check_state_dict_matches(model: RineHead, state: dict[str, torch.Tensor], pa
         raise CheckpointError(f"{path}: not a RINE head state dict for {shape}: {' | '.join(problems)}")
 
 
-def save_head(head: RineHead, path: Path, metadata: dict[str, str]) -> None:
-    """Write a head as safetensors; its shape goes into the metadata so it reloads alone."""
+def save_head(head: RineHead | ProbeHead, path: Path, metadata: dict[str, str]) -> None:
+    """Write a head as safetensors; its shape goes into the metadata so it reloads alone.
+
+    A RINE head's metadata has no ``head`` key (as before the other heads existed); the others record theirs
+    (``probes.probe_shape``).
+    """
     from safetensors.torch import save_file
 
-    shape = {
-        "n_blocks": str(head.n_blocks),
-        "in_dim": str(head.in_dim),
-        "proj_dim": str(head.proj_dim),
-        "proj_layers": str(head.proj_layers),
-        "aggregation": head.aggregation,
-    }
+    if isinstance(head, RineHead):
+        shape = {
+            "n_blocks": str(head.n_blocks),
+            "in_dim": str(head.in_dim),
+            "proj_dim": str(head.proj_dim),
+            "proj_layers": str(head.proj_layers),
+            "aggregation": head.aggregation,
+        }
+    else:
+        shape = probe_shape(head)
     state = {key: value.detach().cpu().contiguous() for key, value in head.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={**metadata, **shape})
 
 
-def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
-    """Read a head written by ``save_head``; returns it in eval mode with its metadata."""
+def load_head(path: Path) -> tuple[RineHead | ProbeHead, dict[str, str]]:
+    """Read a head written by ``save_head`` (any kind); returns it in eval mode with its metadata."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -329,18 +337,25 @@ def load_head(path: Path) -> tuple[RineHead, dict[str, str]]:
     except (OSError, ValueError, SafetensorError) as error:
         raise CheckpointError(f"{path}: not a readable safetensors head ({error})") from None
     try:
-        shape = tuple(int(metadata[key]) for key in ("n_blocks", "in_dim", "proj_dim", "proj_layers"))
-        if min(shape) < 1:
-            raise ValueError(f"sizes must be positive, found {shape}")
         with torch.device("meta"):  # the recorded shape, checked against the tensors before anything is allocated
-            expected = RineHead(*shape, aggregation=metadata["aggregation"])
+            expected = head_of(metadata)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         raise CheckpointError(f"{path}: head metadata incomplete or invalid ({error})") from None
     check_state_dict_matches(expected, state, path)
     check_finite(state, path)
-    head = RineHead(*shape, aggregation=metadata["aggregation"])
+    head = head_of(metadata)
     head.load_state_dict(state, strict=True)
     return head.eval(), metadata
+
+
+def head_of(metadata: dict[str, str]) -> RineHead | ProbeHead:
+    """An empty head of the kind and shape its metadata records (on the current default device)."""
+    if metadata.get("head", DEFAULT_HEAD) != DEFAULT_HEAD:
+        return build_probe(metadata)
+    shape = tuple(int(metadata[key]) for key in ("n_blocks", "in_dim", "proj_dim", "proj_layers"))
+    if min(shape) < 1:
+        raise ValueError(f"sizes must be positive, found {shape}")
+    return RineHead(*shape, aggregation=metadata["aggregation"])
 
 
 def check_finite(state: dict[str, torch.Tensor], path: Path) -> None:

@@ -8,6 +8,7 @@ import torch
 from .config import RunConfig
 from .head import RineHead
 from .head_stack import HeadStack
+from .probes import ProbeHead
 from .stores import FeatureSource, InMemoryFeatures, LoadedStore
 from .train import block_view
 
@@ -48,9 +49,14 @@ def group_logits(stack: HeadStack, store: LoadedStore, rows: np.ndarray, config:
 
 
 def forward_rows(
-    head: RineHead, features: FeatureSource, rows: np.ndarray, config: RunConfig
+    head: RineHead | ProbeHead, features: FeatureSource, rows: np.ndarray, config: RunConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (N,), z (N, proj_dim)) of one head on ``rows``, float32 on the CPU."""
+    """(logits (N,), z (N, proj_dim)) of one head on ``rows``, float32 on the CPU (z: a probe's input vector)."""
+    if not isinstance(head, RineHead):
+        with torch.inference_mode():
+            x = features.gather(torch.from_numpy(np.asarray(rows, dtype=np.int64)))
+            logits, z = head.to(x.device)(x)
+        return logits[:, 0].float().cpu(), z.float().cpu()
     logits, z = stack_outputs(HeadStack([head]).to(_source_device(features)), features, rows, config)
     return logits[0], z[0]
 

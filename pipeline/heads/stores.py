@@ -15,6 +15,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +112,18 @@ def variant_bytes(info: cache.StoreInfo) -> int:
     return info.n_rows * len(store_block_indices(identity)) * identity.dim * np.dtype(identity.dtype).itemsize
 
 
-def open_variant(ref: StoreRef, variant: str, device: torch.device, in_memory: bool) -> FeatureSource:
-    """One variant of a store as a feature source: read whole, or opened for streaming."""
+def open_variant(
+    ref: StoreRef, variant: str, device: torch.device, in_memory: bool, array_name: str = "features"
+) -> FeatureSource:
+    """One variant of a store as a feature source: read whole, or opened for streaming.
+
+    ``array_name="embedding"``: the variant's pooled image embeddings, (N, 1, embedding_dim).
+    """
     try:
         if in_memory:
-            return InMemoryFeatures(torch.from_numpy(cache.read_features(ref.path, variant)).to(device))
-        return StreamedFeatures(cache.open_feature_rows(ref.path, variant), device)
+            array = cache.read_features(ref.path, variant, array_name=array_name)
+            return InMemoryFeatures(torch.from_numpy(array).to(device))
+        return StreamedFeatures(cache.open_feature_rows(ref.path, variant, array_name), device)
     except cache.StoreError as error:
         raise DataError(f"{ref.name}: {error}") from None
 
@@ -129,6 +136,7 @@ class LoadedStore:
     info: cache.StoreInfo
     rows: cache.RowTable
     features: dict[str, FeatureSource]  # variant -> its features
+    embeddings: dict[str, FeatureSource] = field(default_factory=dict)  # variant -> its embeddings, when asked
 
     @property
     def variants(self) -> tuple[str, ...]:
@@ -214,6 +222,7 @@ class TrainStore:
     view_cache: ViewCache = field(compare=False)
     in_memory: bool = True  # False: batches are gathered from the shard files
     added_rows: np.ndarray | None = None  # rows of an added split (--add-train): trained on by every run
+    embedding_cache: ViewCache | None = field(default=None, compare=False)  # the views' embeddings, when asked
 
     def epoch_views(self, epochs: int) -> tuple[str, ...]:
         """The view each epoch reads: view e mod K."""
@@ -237,10 +246,14 @@ def evaluation_variants(ref: StoreRef) -> tuple[str, ...]:
     return tuple(spec.name for spec in ref.group.members)
 
 
-def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True) -> LoadedStore:
-    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming)."""
-    features = {variant: open_variant(ref, variant, device, in_memory) for variant in evaluation_variants(ref)}
-    return LoadedStore(ref=ref, info=open_info(ref), rows=cache.read_rows(ref.path), features=features)
+def load_store(ref: StoreRef, device: torch.device, in_memory: bool = True, embedding: bool = False) -> LoadedStore:
+    """An evaluation store's rows, and its evaluation variants read into memory once (or opened for streaming);
+    with ``embedding``, their pooled image embeddings too (a store without them is a :class:`DataError` saying
+    how to add them)."""
+    variants = evaluation_variants(ref)
+    features = {variant: open_variant(ref, variant, device, in_memory) for variant in variants}
+    embeddings = {v: open_variant(ref, v, device, in_memory, cache.EMBEDDING_ARRAY) for v in variants if embedding}
+    return LoadedStore(ref, open_info(ref), cache.read_rows(ref.path), features, embeddings)
 
 
 def open_train_store(
@@ -249,8 +262,10 @@ def open_train_store(
     views: tuple[str, ...] | None = None,
     in_memory: bool = True,
     added: StoreRef | None = None,
+    embedding: bool = False,
 ) -> TrainStore:
-    """The training store with a view cache that reads (or opens for streaming) its views on demand.
+    """The training store with a view cache that reads (or opens for streaming) its views on demand; with
+    ``embedding``, a second one for the views' embeddings (checked to exist here).
 
     ``added``: a second store whose rows follow the first's (``--add-train``); view ``i`` of the first is read
     with view ``i mod K`` of the added store's K training views.
@@ -258,22 +273,35 @@ def open_train_store(
     info = open_info(ref)
     views = views or train_views(info, ref)
     rows = cache.read_rows(ref.path)
+    if embedding and not info.identity.embedding_dim:
+        open_variant(ref, views[0], device, False, cache.EMBEDDING_ARRAY)  # raises, saying how to add them
+    arrays = ("features", cache.EMBEDDING_ARRAY) if embedding else ("features",)
     if added is None:
-        view_cache = ViewCache(lambda variant: open_variant(ref, variant, device, in_memory))
-        return TrainStore(ref, info, rows, views, view_cache, in_memory)
+        caches = [ViewCache(partial(_open_view, ref, device, in_memory, name)) for name in arrays]
+        embedding_cache = caches[-1] if embedding else None
+        return TrainStore(ref, info, rows, views, caches[0], in_memory, embedding_cache=embedding_cache)
     added_views = train_views(open_info(added), added)
     added_of = {view: added_views[i % len(added_views)] for i, view in enumerate(views)}
     n_base = len(rows)
 
-    def load(variant: str) -> FeatureSource:
-        first = open_variant(ref, variant, device, in_memory)
-        second = open_variant(added, added_of[variant], device, in_memory)
-        assert not isinstance(first, ConcatenatedFeatures) and not isinstance(second, ConcatenatedFeatures)
-        return ConcatenatedFeatures(first, second, n_base)
+    def loader(array_name: str) -> Callable[[str], FeatureSource]:
+        def load(variant: str) -> FeatureSource:
+            first = open_variant(ref, variant, device, in_memory, array_name)
+            second = open_variant(added, added_of[variant], device, in_memory, array_name)
+            assert not isinstance(first, ConcatenatedFeatures) and not isinstance(second, ConcatenatedFeatures)
+            return ConcatenatedFeatures(first, second, n_base)
 
+        return load
+
+    caches = [ViewCache(loader(name)) for name in arrays]
     combined = concatenate_rows(rows, cache.read_rows(added.path))
     added_rows = np.arange(n_base, len(combined))
-    return TrainStore(ref, info, combined, views, ViewCache(load), in_memory, added_rows)
+    embedding_cache = caches[-1] if embedding else None
+    return TrainStore(ref, info, combined, views, caches[0], in_memory, added_rows, embedding_cache=embedding_cache)
+
+
+def _open_view(ref: StoreRef, device: torch.device, in_memory: bool, array_name: str, variant: str) -> FeatureSource:
+    return open_variant(ref, variant, device, in_memory, array_name)
 
 
 def concatenate_rows(first: cache.RowTable, second: cache.RowTable) -> cache.RowTable:

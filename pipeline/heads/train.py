@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .. import cache
 from ..devices import compute_dtype
+from ..names import DEFAULT_HEAD
 from .config import RunConfig
 from .head import RineHead
 from .head_stack import HalfMasks, HeadStack
@@ -45,17 +46,21 @@ def build_head(info: cache.StoreInfo, config: RunConfig) -> RineHead:
 def group_key(config: RunConfig) -> RunConfig:
     """What configs must share to train as one group: everything but the contrastive factor and the calibration.
 
-    (The calibration is fitted per head on its val logits, after training.)
+    (The calibration is fitted per head on its val logits, after training.) The other heads group by their kind
+    and training rows: any features, k and C (``probe_fit``: one read of the data for the group).
     """
+    if config.head != DEFAULT_HEAD:
+        config = dataclasses.replace(config, features="", k=0, C=0.0)
     return dataclasses.replace(config, contrastive_factor=0.0, calibration="none")
 
 
 def fusable_groups(configs: Sequence[RunConfig], max_size: int) -> list[list[int]]:
-    """Indices of ``configs`` grouped by ``group_key``, at most ``max_size`` per group, in the order of their first."""
+    """Indices of ``configs`` grouped by ``group_key``, in the order of their first; at most ``max_size`` per RINE
+    group (memory grows with a stack), any number per group of the other heads."""
     by_key: dict[RunConfig, list[list[int]]] = {}
     for index, config in enumerate(configs):
         groups = by_key.setdefault(group_key(config), [[]])
-        if len(groups[-1]) == max_size:
+        if len(groups[-1]) == max_size and config.head == DEFAULT_HEAD:
             groups.append([])
         groups[-1].append(index)
     return sorted((group for groups in by_key.values() for group in groups), key=lambda group: group[0])

@@ -78,7 +78,7 @@ def write_figures(
     Returns (the report's figures, each selected run's own figures, what was skipped).
     """
     try:
-        from . import figures, ranking, run_figures
+        from . import block_figures, figures, ranking, run_figures
     except ImportError as error:
         return [], {}, [SkippedOutput("plots", f"matplotlib is not available ({error}); tables only")]
     except Exception as error:  # noqa: BLE001 - a broken matplotlib must not take the tables down
@@ -90,6 +90,7 @@ def write_figures(
     preparers = [(ranking.RANKED_NAME, lambda: [ranking.ranked_job(grids, analysis, out)], None)]
     preparers += [(label, prepare, None) for label, prepare in figures.plot_preparers(grids, out)]
     preparers.append((HEATMAP_NAME, lambda: heatmap_job(grids, out), None))
+    preparers += [(label, prepare, None) for label, prepare in block_figures.plot_preparers(grids, out)]
     preparers += [
         (label, prepare, key) for label, prepare, key in run_figures.run_plot_preparers(analysis.sections, out)
     ]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PipelineError
-from ..names import BEST_BY_TEST, CENTER, SELECTION_RULES, VAL_SPLIT
+from ..names import BEST_BY_TEST, CENTER, DEFAULT_HEAD, SELECTION_RULES, VAL_SPLIT
 from ..results import (
     OK,
     SELECTION_COLUMNS,
@@ -111,12 +111,17 @@ class RunResult:
             )
             if flagged
         ]
-        return kinds[0] if len(kinds) == 1 else None
+        return kinds[0] if len(kinds) == 1 and self.is_rine else None
 
     @property
     def is_full_architecture(self) -> bool:
-        """All blocks and TIE (the contrastive factor may be 0)."""
-        return self.setting.head_blocks == "all" and self.setting.aggregation == "tie"
+        """A RINE head on all blocks with TIE (the contrastive factor may be 0)."""
+        return self.is_rine and self.setting.head_blocks == "all" and self.setting.aggregation == "tie"
+
+    @property
+    def is_rine(self) -> bool:
+        """A RINE head (the paper's tables are about these; the other heads are in detectors.csv)."""
+        return self.setting.head == DEFAULT_HEAD
 
     @property
     def is_full_model(self) -> bool:

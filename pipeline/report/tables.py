@@ -220,6 +220,7 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
 
 def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None = None) -> list[Table | SkippedOutput]:
     from .analysis_tables import build_errors_table, build_format_align_table, build_seeds_table
+    from .detectors import detector_tables
 
     score_rows = collect_score_rows(grids)
     return for_reading(
@@ -238,5 +239,6 @@ def build_tables(grids: Sequence[GridResults], analysis: ReportAnalysis | None =
             build_fractions_table(grids),
             build_ldm_table(grids),
             build_tie_table(grids),
+            *detector_tables(grids, analysis),
         ]
     )

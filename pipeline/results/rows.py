@@ -6,13 +6,20 @@ import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import PipelineError
 from ..files import write_text_atomic
-from ..names import LIST_SEPARATOR, UNPERTURBED_VARIANTS
+from ..names import (
+    BLOCKS_FEATURES,
+    DEFAULT_HEAD,
+    DEFAULT_KNN_K,
+    DEFAULT_LOGREG_C,
+    LIST_SEPARATOR,
+    UNPERTURBED_VARIANTS,
+)
 from ..params import cell_parsers
 from .metrics import METRIC_NAMES
 
@@ -53,6 +60,10 @@ class Setting:
     model: str
     tap: str
     train: str
+    head: str = field(default=DEFAULT_HEAD, kw_only=True)  # rine, linear, knn, logreg
+    features: str = field(default=BLOCKS_FEATURES, kw_only=True)  # blocks, block:K, embedding
+    k: int = field(default=DEFAULT_KNN_K, kw_only=True)  # knn's neighbours (selection compares across it)
+    C: float = field(default=DEFAULT_LOGREG_C, kw_only=True)  # logreg's C (selection compares across it)
     epochs: int
     batch_size: int
     lr: float
@@ -69,11 +80,16 @@ class Setting:
     train_datasets: str = "all"  # the datasets of the training split it trained on, joined with '+'
 
     def label(self, without: Sequence[str] = ("model", "tap")) -> str:
-        """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out."""
+        """``key=value`` pairs, e.g. for titles; ``without`` leaves fields out (and head and features when they
+        are RINE's, as before the other heads existed)."""
+        if self.head == DEFAULT_HEAD:
+            without = (*without, "head", "features")
+        without = (*without, *(name for name, head in HEAD_VALUES.items() if self.head != head))
         return " ".join(f"{name}={format_value(getattr(self, name))}" for name in SETTING_FIELDS if name not in without)
 
 
 SETTING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Setting))
+HEAD_VALUES: dict[str, str] = {"k": "knn", "C": "logreg"}  # setting fields searched like xi, q, d' -> their head
 
 
 HEAD_COLUMNS: tuple[str, ...] = HeadConfig._fields
@@ -153,6 +169,10 @@ ADDED_COLUMNS: dict[str, str] = {
     "calibration": "none",
     "protocol": "standard",
     "train_datasets": "all",
+    "head": DEFAULT_HEAD,
+    "features": BLOCKS_FEATURES,
+    "k": str(DEFAULT_KNN_K),
+    "C": repr(DEFAULT_LOGREG_C),
     **{name: "nan" for name in METRIC_NAMES[METRIC_NAMES.index("calibrated_threshold") + 1 :]},
 }
 

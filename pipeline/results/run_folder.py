@@ -35,6 +35,8 @@ SCORES_COLUMNS: tuple[str, ...] = ("path", "label", "dataset", "score")
 
 # The head's metadata: what it needs of the backbone and its features (the detector's contract) ...
 HEAD_METADATA_KEYS: tuple[str, ...] = (
+    "head",  # rine, linear, logreg or knn (absent in heads of older versions: rine)
+    "features",  # blocks, block:K or embedding: what the head reads
     "head_blocks",  # "all" or "last": the blocks the head reads of those stored
     "amp",  # the precision it trained in
     "model",  # the backbone: hub id or local path

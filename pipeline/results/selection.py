@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..names import BEST_BY_TEST, BEST_BY_VAL, LIST_SEPARATOR, PAPER_DATASETS, SELECTION_RULES, VAL_SPLIT
-from .rows import HEAD_COLUMNS, OK, SETTING_COLUMNS, SETTING_FIELDS, ResultRow, Setting, format_value
+from .rows import HEAD_COLUMNS, HEAD_VALUES, OK, SETTING_COLUMNS, SETTING_FIELDS, ResultRow, Setting, format_value
 
 
 def nan_mean(values: Iterable[float]) -> float:
@@ -188,6 +188,7 @@ def select_runs(summaries: Iterable[RunSummary], across: Sequence[str] = ()) -> 
     model (over all 24 runs of 1, 3 and 5 epochs).
     """
     by_setting: dict[tuple, list[ConfigSummary]] = {}
+    across = (*across, *HEAD_VALUES)  # k and C are chosen like xi, q, d'
     for config in summarize_configs(summaries):
         by_setting.setdefault(setting_without_seed(config.representative.row.setting, across), []).append(config)
     selections = []
@@ -199,7 +200,7 @@ def select_runs(summaries: Iterable[RunSummary], across: Sequence[str] = ()) -> 
 
 
 SELECTION_COLUMNS: tuple[str, ...] = (
-    ("selection", "run", "grid", "model", "tap", "train")
+    ("selection", "run", "grid", "model", "tap", "train", "head", "features", "k", "C")
     + HEAD_COLUMNS
     + SETTING_COLUMNS
     + ("val_acc", "val_ap", "mean_acc", "mean_ap", "n_mean_sets", "excluded_from_mean")
