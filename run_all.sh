@@ -20,9 +20,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$REPO/.venv"
 STAMP="$VENV/.run_all-installed"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-# Training views the demo extracts. grids/demo.yaml trains 60 epochs, so `pipeline fit` warns that they
-# reuse views: one view per epoch would add ~3 min of extraction, and shorter schedules that fit 10 or 20
-# views left several configs at chance (measured; see the grid's comment).
+# Training views the demo extracts: the views grids/demo.yaml reads (data.train.views) and cycles over its
+# 60 epochs; one view per epoch would add ~3 min of extraction (see the grid's comment).
 DEMO_VIEWS=2
 
 usage() {

@@ -21,7 +21,7 @@ from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_sco
 from conftest import separable_features, write_store
 from pipeline import cache
 from pipeline.cli import main
-from pipeline.heads import DataError, cluster, parse_grid
+from pipeline.heads import ConfigError, DataError, cluster, parse_grid
 from pipeline.heads.cluster import ClusterConfig, ClusterError, dask_client
 from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
 
@@ -678,3 +678,29 @@ def test_a_device_the_pipeline_cannot_run_on_is_a_bad_option(tmp_path, device):
     result = CliRunner().invoke(main, ["fit", "--grid", str(tmp_path / "grid.yaml"), "--device", device])
     assert result.exit_code == 2, result.output
     assert "Invalid value for '--device'" in result.output and "Traceback" not in result.output
+
+
+def test_a_grid_that_says_how_many_views_it_reads_cycles_them_without_warning(stores, tmp_path):
+    grid = "  epochs: [3]\n  proj_dim: [16]\n"
+    text = grid_text(stores, tmp_path / "g", grid).replace(
+        f"train: {{store: {stores / 'train.zarr'}}}", f"train: {{store: {stores / 'train.zarr'}, views: 1}}"
+    )
+    spec = parse_grid(text)
+    assert spec.train.views == 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_grid(spec, FitConfig(device="cpu", progress=False))
+    assert not [w for w in caught if issubclass(w.category, ViewReuseWarning)]
+    (run_id,) = {r["run"] for r in read(summary.results)}
+    fit = json.loads((tmp_path / "g" / "runs" / run_id / "fit.json").read_text())
+    assert fit["epoch_views"] == ["view_000"] * 3  # the store has two views; the grid reads the first
+    too_many = parse_grid(text.replace("views: 1", "views: 3").replace(str(tmp_path / "g"), str(tmp_path / "h")))
+    with pytest.raises(DataError, match=r"has 2 complete training view\(s\), the grid reads 3 .*--views 3"):
+        run_grid(too_many, FitConfig(device="cpu", progress=False))
+    for bad, message in (("views: 0", "positive number"), ("views: 1, variant: view_000", "not both")):
+        with pytest.raises(ConfigError, match=message):
+            parse_grid(text.replace("views: 1", bad))
+    with pytest.raises(ConfigError, match="only the training entry"):
+        parse_grid(
+            text.replace(f"val: {{store: {stores / 'val.zarr'}}}", f"val: {{store: {stores / 'val.zarr'}, views: 1}}")
+        )

@@ -189,7 +189,8 @@ def test_bad_head_and_features_values_are_refused_naming_them(values, message):
 
 
 def test_a_rine_config_keeps_the_run_id_it_had_before_the_head_fields():
-    assert set(run_config_dict(RunConfig())) - set(run_identity_dict(RunConfig())) == {"head", "features", "k", "C"}
+    unhashed = {"head", "features", "k", "C", "protocol", "train_datasets"}  # at their defaults
+    assert set(run_config_dict(RunConfig())) - set(run_identity_dict(RunConfig())) == unhashed
     knn = make_run_config({"head": "knn", "features": "embedding"})
     assert {"head", "features"} <= set(run_identity_dict(knn))
 

@@ -46,11 +46,11 @@ def test_detectors_table_has_every_selected_head_with_its_results_and_intervals(
     for row in rows:
         tests = [r for r in results if r["run"] == row["run"] and r["split"] == "test"]
         for result in tests:
-            assert row[f"{result['dataset']}_acc"] == f"{100 * float(result['acc']):.1f}"
-            low, high = (float(v) for v in row[f"{result['dataset']}_ap_ci"].split("-"))
+            assert row[f"{result['dataset']}_acc_pct"] == f"{100 * float(result['acc']):.1f}"
+            low, high = (float(v) for v in row[f"{result['dataset']}_ap_ci_pct"].strip("[]").split(","))
             assert low - 0.05 <= 100 * float(result["ap"]) <= high + 0.05
         assert row["mean_ap"] == f"{100 * np.mean([float(r['ap']) for r in tests]):.1f}"
-        assert row["mean_acc_ci"]
+        assert row["mean_acc_ci_pct"]
     knn = [r for r in rows if r["head"] == "knn"]
     assert {r["hyper"] for r in knn} <= {"k=1", "k=5"} and all(r["features"] == "embedding" for r in knn)
 
@@ -65,9 +65,9 @@ def test_blocks_table_puts_each_blocks_probe_beside_rines_tie_weight(report):
     for row, weight in zip(rows, weights):
         probe = selection[row["probe_run"]]
         assert probe["head"] == "logreg" and probe["features"] == f"block:{row['block']}"
-        assert float(row["probe_val_ap"]) == pytest.approx(float(probe["val_ap"]))
-        assert float(row["probe_mean_ap"]) == pytest.approx(float(probe["mean_ap"]))
-        assert float(row["tie_weight"]) == pytest.approx(weight) and row["rine_run"] == rine
+        assert float(row["probe_val_ap_pct"]) == pytest.approx(100 * float(probe["val_ap"]), abs=0.05)
+        assert float(row["probe_mean_ap_pct"]) == pytest.approx(100 * float(probe["mean_ap"]), abs=0.05)
+        assert float(row["tie_weight"]) == pytest.approx(weight, rel=1e-3) and row["rine_run"] == rine
 
 
 def test_the_page_shows_the_detectors_table_and_the_block_figure_in_a_browser(report, tmp_path):

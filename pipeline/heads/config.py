@@ -145,6 +145,7 @@ class StoreRef:
     name: str  # label in results (split name by default)
     path: Path
     variant: str | None = None  # None: "center" for evaluation, training views for train
+    views: int | None = None  # training entry only: read its first N views, epoch e view e mod N (None: all)
 
     @property
     def group(self) -> VariantGroup:
@@ -181,7 +182,7 @@ class GridConfig:
 
 _GRID_KEYS = ("name", "out", "data", "base", "grid", "select_across")
 _DATA_KEYS = ("cache_dir", "model", "tap", "train", "val", "test", "add_train")
-_REF_KEYS = ("split", "store", "variant", "name")
+_REF_KEYS = ("split", "store", "variant", "name", "views")
 
 
 def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str, training: bool = False) -> StoreRef:
@@ -213,7 +214,21 @@ def _parse_ref(value: Any, where: str, cache_dir: Path, model: str, tap: str, tr
     name = str(value.get("name", default_name))
     if not name or "/" in name:
         raise ConfigError(f"{where}.name: {name!r} must be a non-empty name without '/'")
-    return StoreRef(name=name, path=path, variant=variant)
+    return StoreRef(name=name, path=path, variant=variant, views=_parse_views(value, where, training))
+
+
+def _parse_views(value: dict[str, Any], where: str, training: bool) -> int | None:
+    """``views: N`` of the training entry: the grid reads that many training views and cycles them on purpose."""
+    if "views" not in value:
+        return None
+    views = value["views"]
+    if not training:
+        raise ConfigError(f"{where}.views: only the training entry reads views")
+    if "variant" in value:
+        raise ConfigError(f"{where}: give views (the first N training views) or variant (one of them), not both")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ConfigError(f"{where}.views: expected a positive number of training views, got {views!r}")
+    return views
 
 
 def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None, amp: str | None = None) -> GridConfig:

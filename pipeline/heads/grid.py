@@ -207,7 +207,10 @@ def check_declared(spec: GridConfig, ref: StoreRef, info: cache.StoreInfo) -> No
 
 
 def warn_view_reuse(spec: GridConfig, stores: GridStores) -> None:
-    """Warn once per grid when runs have more epochs than the store has views."""
+    """Warn once per grid when runs have more epochs than the store has views (unless the grid says how many views
+    it reads, ``data.train.views``: then it cycles them on purpose)."""
+    if spec.train.views is not None:
+        return
     n_views = len(stores.train_views)
     longer = [run for run in spec.runs if run.epochs > n_views and run.head in EPOCH_HEADS]
     if longer:

@@ -230,10 +230,18 @@ class TrainStore:
 
 
 def train_views(info: cache.StoreInfo, ref: StoreRef) -> tuple[str, ...]:
-    """The complete training views of a store (or the variant the grid names, or ``center`` without views)."""
+    """The complete training views of a store (its first ``ref.views`` when the grid says how many, the variant the
+    grid names, or ``center`` without views)."""
     if ref.variant is not None:
         return (ref.variant,)
     views = info.train_views()
+    if ref.views is not None:
+        if len(views) < ref.views:
+            raise DataError(
+                f"{info.path}: has {len(views)} complete training view(s), the grid reads {ref.views} "
+                f"(data.train.views); extract the split with --views {ref.views}"
+            )
+        return views[: ref.views]
     if views:
         return views
     if CENTER in info.complete_variants:

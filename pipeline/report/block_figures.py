@@ -7,15 +7,13 @@ import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from matplotlib.ticker import MaxNLocator
-
 from .detectors import PROBE_HEAD, BlockSeries, block_series
-from .figures import ACC_COLOR, AP_COLOR, new_figure, save_png, wrap_title
+from .figures import ACC_COLOR, AP_COLOR, PALETTE, block_ticks, new_figure, save_png
 from .inputs import GridResults
 from .table import SkippedOutput
 
 FIGURE_NAME = "which_block.png"
-TIE_COLOR = "tab:blue"
+TIE_COLOR = PALETTE[2]  # bluish green: apart from the AP lines in hue and in grey
 
 
 def plot_which_block(path: Path, series: Sequence[BlockSeries]) -> Path:
@@ -28,20 +26,20 @@ def plot_which_block(path: Path, series: Sequence[BlockSeries]) -> Path:
         axis.plot(blocks, [100 * p.mean_ap for p in one.points], marker="d", color=AP_COLOR, label="probe test AP")
         axis.set_xlabel("block")
         axis.set_ylabel("AP (%)")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        block_ticks(axis, blocks)
         axis.grid(alpha=0.4)
         axis.set_title(one.label, fontsize="medium")
         handles, labels = axis.get_legend_handles_labels()
         if one.tie:
             twin = axis.twinx()
             twin.plot([b for b, _ in one.tie], [w for _, w in one.tie], linestyle="--", color=TIE_COLOR,
-                      label=f"RINE TIE weight (run {one.tie_run.run})")  # fmt: skip
+                      label="RINE TIE weight")  # fmt: skip
             twin.set_ylabel("TIE weight")
             more_handles, more_labels = twin.get_legend_handles_labels()
             handles, labels = handles + more_handles, labels + more_labels
-        axis.legend(handles, labels, fontsize="small")
-    title = f"Which block knows most: a {PROBE_HEAD} probe per block (best C by val) beside RINE's TIE weights"
-    figure.suptitle(wrap_title(title), fontsize="medium")
+            twin.set_ylim(bottom=0)
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize="small")
+    figure.suptitle("Which block knows most", fontsize="medium")
     return save_png(figure, path)
 
 

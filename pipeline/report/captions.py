@@ -24,6 +24,13 @@ TABLE_NOTES: dict[str, str] = {
     "settings.csv": "The legend of setting_id: every setting a table names, in full but for the seed (the seeds of "
     "one config share an id; the tables name each run and its seeds).",
     "seeds.csv": "Mean and standard deviation over seeds (percent).",
+    "detectors.csv": "Every selected detector (backbone, head, features) with ACC / AP per test set, their 95 % "
+    "intervals and the mean (percent): RINE beside the probes, same images, crops and metrics.",
+    "blocks.csv": "Which block knows most: per block, the val and mean test AP of a logistic-regression probe on "
+    "that block's token (the best C by val), beside RINE's TIE weight of the block.",
+    "cross_dataset_acc.csv": "Cross-dataset ACC (percent): one row per training cell (protocol, datasets trained "
+    "on), one column per test set with its 95 % interval, and the mean over the sets the row did not train on.",
+    "cross_dataset_ap.csv": "Cross-dataset AP (percent), as cross_dataset_acc.csv.",
 }
 
 # (file name prefix, suffix) -> caption, first match wins.
@@ -68,6 +75,18 @@ FIGURE_CAPTIONS: tuple[tuple[str, str, str], ...] = (
         "test split (ECE and Brier score in the legend); below, the share of images per bin.",
     ),
     ("run_", "_tie.png", "This run's TIE block weights; the dotted line is uniform weight (1 / blocks)."),
+    (
+        "which_block",
+        ".png",
+        "Per backbone: the val and mean test AP of a logistic-regression probe on each block's token (left axis, "
+        "percent) and RINE's TIE weight of that block (right axis, from 0).",
+    ),
+    (
+        "cross_dataset",
+        ".png",
+        "Cross-dataset ACC (percent): rows are the datasets trained on, columns the test sets and the mean off the "
+        "diagonal; * marks a set the row trained on.",
+    ),
 )
 
 

@@ -145,14 +145,12 @@ def heatmap_job(grids: Sequence[GridResults], out: Path) -> list[tuple[str, Call
 
 
 def draw_heatmap(rows: Sequence[MatrixRow], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import new_figure, save_png  # matplotlib only when there is a matrix to draw
 
     columns = [*set_columns(rows), OFF_DIAGONAL]
     values = np.array([[row.values["acc"].get(column, (math.nan, None))[0] for column in columns] for row in rows])
-    figure, axes = plt.subplots(figsize=(1.0 + 0.8 * len(columns), 1.2 + 0.45 * len(rows)))
+    figure = new_figure(1.0 + 0.8 * len(columns), 1.2 + 0.45 * len(rows))
+    axes = figure.subplots()
     image = axes.imshow(100 * values, cmap="viridis", vmin=50, vmax=100, aspect="auto")
     for i, row in enumerate(rows):
         for j, column in enumerate(columns):
@@ -167,9 +165,6 @@ def draw_heatmap(rows: Sequence[MatrixRow], path: Path) -> Path:
     axes.tick_params(axis="x", labelrotation=45)
     axes.set_xlabel("test set")
     axes.set_ylabel("trained on")
-    axes.set_title("Cross-dataset ACC (%); * = a set trained on")
+    axes.set_title("Cross-dataset ACC (%)")
     figure.colorbar(image, ax=axes, fraction=0.04)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_png(figure, path)

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..names import BEST_BY_VAL, BLOCK_FEATURES_PREFIX, CENTER, DEFAULT_HEAD, HEADS
-from ..results.bootstrap import Interval
 from ..results.run_folder import HEAD_FILE
 from .analysis import ReportAnalysis
 from .inputs import GridResults, RunResult, all_selections
+from .numbers import interval_text, percent, significant
 from .studies import block_importance, tie_runs
-from .table import SkippedOutput, Table, format_float, format_percent, order_datasets
+from .table import SkippedOutput, Table, format_percent, order_datasets
 
 PROBE_HEAD = "logreg"  # the per-block probe of "which block knows most"
 
@@ -26,13 +26,6 @@ def head_label(run: RunResult) -> str:
     if head == DEFAULT_HEAD:
         return run.head_config.label()
     return {"knn": f"k={setting.k}", "logreg": f"C={setting.C:g}"}.get(head, "")
-
-
-def interval_text(interval: Interval | None) -> str:
-    """'low-high' in percent; '' when not computed."""
-    if interval is None:
-        return ""
-    return f"{format_percent(interval.low)}-{format_percent(interval.high)}"
 
 
 def center_sets(run: RunResult) -> list[tuple[str, str]]:
@@ -55,8 +48,8 @@ def build_detectors_table(grids: Sequence[GridResults], analysis: ReportAnalysis
     datasets = order_datasets({dataset for s in selections for dataset in s.run.center})
     header = ["backbone", "tap", "train", "head", "features", "hyper", "selection", "run", "grid_dir"]
     for dataset in datasets:
-        header += [f"{dataset}_acc", f"{dataset}_acc_ci", f"{dataset}_ap", f"{dataset}_ap_ci"]
-    header += ["mean_acc", "mean_acc_ci", "mean_ap", "mean_ap_ci"]
+        header += [f"{dataset}_acc_pct", f"{dataset}_acc_ci_pct", f"{dataset}_ap_pct", f"{dataset}_ap_ci_pct"]
+    header += ["mean_acc_pct", "mean_acc_ci_pct", "mean_ap_pct", "mean_ap_ci_pct"]
     order = {head: index for index, head in enumerate(HEADS)}
     selections.sort(
         key=lambda s: (s.run.setting.model, s.run.setting.tap, s.run.setting.train, s.rule,
@@ -167,8 +160,8 @@ def build_blocks_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         return SkippedOutput(
             "blocks.csv", f"no selected per-block probe (head: {PROBE_HEAD}, features: {BLOCK_FEATURES_PREFIX}K)"
         )
-    header = ("backbone", "tap", "train", "block", "probe_val_ap", "probe_mean_ap", "probe_run", "tie_weight",
-              "rine_run")  # fmt: skip
+    header = ("backbone", "tap", "train", "block", "probe_val_ap_pct", "probe_mean_ap_pct", "probe_run",
+              "tie_weight", "rine_run")  # fmt: skip
     rows = []
     for one in series:
         tie = dict(one.tie)
@@ -180,10 +173,10 @@ def build_blocks_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
                     one.tap,
                     one.train,
                     str(point.block),
-                    format_float(point.val_ap),
-                    format_float(point.mean_ap),
+                    percent(point.val_ap),
+                    percent(point.mean_ap),
                     point.run.run,
-                    "" if weight is None else repr(weight),
+                    "" if weight is None else significant(weight),
                     "" if one.tie_run is None else one.tie_run.run,
                 )
             )
