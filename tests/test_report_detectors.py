@@ -47,10 +47,10 @@ def test_detectors_table_has_every_selected_head_with_its_results_and_intervals(
         tests = [r for r in results if r["run"] == row["run"] and r["split"] == "test"]
         for result in tests:
             assert row[f"{result['dataset']}_acc_pct"] == f"{100 * float(result['acc']):.1f}"
-            low, high = (float(v) for v in row[f"{result['dataset']}_ap_ci_pct"].strip("[]").split(","))
+            low, high = (float(row[f"{result['dataset']}_ap_ci_{side}_pct"]) for side in ("low", "high"))
             assert low - 0.05 <= 100 * float(result["ap"]) <= high + 0.05
-        assert row["mean_ap"] == f"{100 * np.mean([float(r['ap']) for r in tests]):.1f}"
-        assert row["mean_acc_ci_pct"]
+        assert row["mean_ap_pct"] == f"{100 * np.mean([float(r['ap']) for r in tests]):.1f}"
+        assert float(row["mean_acc_ci_low_pct"]) <= float(row["mean_acc_pct"]) <= float(row["mean_acc_ci_high_pct"])
     knn = [r for r in rows if r["head"] == "knn"]
     assert {r["hyper"] for r in knn} <= {"k=1", "k=5"} and all(r["features"] == "embedding" for r in knn)
 

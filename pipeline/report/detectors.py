@@ -6,16 +6,18 @@ beside RINE's TIE weights for the same backbone), whose figure ``block_figures``
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..names import BEST_BY_VAL, BLOCK_FEATURES_PREFIX, CENTER, DEFAULT_HEAD, HEADS
+from ..results.bootstrap import Interval
 from ..results.run_folder import HEAD_FILE
 from .analysis import ReportAnalysis
 from .inputs import GridResults, RunResult, all_selections
-from .numbers import interval_text, percent, significant
+from .numbers import percent, significant
 from .studies import block_importance, tie_runs
-from .table import SkippedOutput, Table, format_percent, order_datasets
+from .table import SkippedOutput, Table, order_datasets
 
 PROBE_HEAD = "logreg"  # the per-block probe of "which block knows most"
 
@@ -39,6 +41,22 @@ def center_sets(run: RunResult) -> list[tuple[str, str]]:
     ]
 
 
+METRIC_COLUMNS = ("acc_pct", "acc_ci_low_pct", "acc_ci_high_pct", "ap_pct", "ap_ci_low_pct", "ap_ci_high_pct")
+
+
+def metric_cells(acc: float | None, ap: float | None, intervals: tuple[Interval, Interval] | None) -> list[str]:
+    """ACC and AP (percent) each followed by its 95 % interval's bounds (empty where not computed)."""
+    cells = []
+    for value, interval in zip((acc, ap), intervals or (None, None)):
+        undefined = interval is None or math.isnan(interval.low)
+        cells += [
+            percent(value),
+            "" if undefined else percent(interval.low),
+            "" if undefined else percent(interval.high),
+        ]
+    return cells
+
+
 def build_detectors_table(grids: Sequence[GridResults], analysis: ReportAnalysis | None) -> Table | SkippedOutput:
     """detectors.csv: one row per selected (backbone, tap, train, head, features) and rule, the per-set ACC and AP
     (percent) of the center crop with their bootstrap intervals, and their means over the test sets."""
@@ -48,8 +66,8 @@ def build_detectors_table(grids: Sequence[GridResults], analysis: ReportAnalysis
     datasets = order_datasets({dataset for s in selections for dataset in s.run.center})
     header = ["backbone", "tap", "train", "head", "features", "hyper", "selection", "run", "grid_dir"]
     for dataset in datasets:
-        header += [f"{dataset}_acc_pct", f"{dataset}_acc_ci_pct", f"{dataset}_ap_pct", f"{dataset}_ap_ci_pct"]
-    header += ["mean_acc_pct", "mean_acc_ci_pct", "mean_ap_pct", "mean_ap_ci_pct"]
+        header += [f"{dataset}_{column}" for column in METRIC_COLUMNS]
+    header += [f"mean_{column}" for column in METRIC_COLUMNS]
     order = {head: index for index, head in enumerate(HEADS)}
     selections.sort(
         key=lambda s: (s.run.setting.model, s.run.setting.tap, s.run.setting.train, s.rule,
@@ -65,19 +83,8 @@ def build_detectors_table(grids: Sequence[GridResults], analysis: ReportAnalysis
         for dataset in datasets:
             scores = run.center.get(dataset)
             per_set = intervals.of(by_dataset[dataset], dataset) if intervals and dataset in by_dataset else None
-            cells += [
-                format_percent(scores.acc if scores else None),
-                interval_text(per_set[0] if per_set else None),
-                format_percent(scores.ap if scores else None),
-                interval_text(per_set[1] if per_set else None),
-            ]
-        mean = intervals.mean if intervals else None
-        cells += [
-            format_percent(run.mean_acc),
-            interval_text(mean[0] if mean else None),
-            format_percent(run.mean_ap),
-            interval_text(mean[1] if mean else None),
-        ]
+            cells += metric_cells(scores.acc if scores else None, scores.ap if scores else None, per_set)
+        cells += metric_cells(run.mean_acc, run.mean_ap, intervals.mean if intervals else None)
         rows.append(tuple(cells))
     return Table("detectors.csv", tuple(header), tuple(rows))
 
