@@ -134,6 +134,14 @@ class ReportSummaryCard:
 def head_words(run: RunResult) -> str:
     """The selected config in words: head, backbone, key hyper-parameters."""
     setting = run.setting
+    if not run.is_rine:
+        probe = {"knn": f"k-NN (k={setting.k})", "logreg": f"logistic regression (C={setting.C:g})"}
+        name = probe.get(setting.head, "linear probe")
+        return f"{name} on {setting.features} of {run.backbone} ({setting.tap})" + (
+            f"; {setting.epochs} epoch{'s' * (setting.epochs != 1)}, lr {setting.lr:g}"
+            if setting.head == "linear"
+            else ""
+        )
     blocks = "the last block" if setting.head_blocks == "last" else "all blocks"
     aggregation = "TIE" if setting.aggregation == "tie" else setting.aggregation
     classes = f", {run.n_classes}-class" if run.n_classes is not None else ""
@@ -298,17 +306,19 @@ def build_summary(
     ablations = ours_ablation_rows(grids)
     sections = [section for section in analysis.sections if section.run.is_full_architecture]
     chosen = [selected_config(section, analysis, ablations) for section in sections]
-    if len(sections) > 1:
+    # the other heads (probes, issue 19) are compared with the first RINE selection, not shown as cards of their own
+    probes = list({s.run.run: s for s in analysis.sections if not s.run.is_rine}.values())  # each run once
+    if sections and (len(sections) > 1 or probes):
         first = sections[0].run
         others = tuple(
             Delta(
-                f"other selection, {head_words(s.run)}",
+                f"{'other selection' if s.run.is_rine else 'other head'}, {head_words(s.run)}",
                 s.run.mean_acc,
                 s.run.mean_ap,
-                s.run.mean_acc - first.mean_acc,
-                s.run.mean_ap - first.mean_ap,
+                change(s.run.mean_acc, first.mean_acc),
+                change(s.run.mean_ap, first.mean_ap),
             )
-            for s in sections[1:]
+            for s in [*sections[1:], *probes]
         )
         chosen[0] = SelectedConfig(**{**chosen[0].__dict__, "others": others})
     return ReportSummaryCard(

@@ -196,6 +196,8 @@ def build_best_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
     rows = []
     for rules, selection in merged_selections(grids):
         run = selection.run
+        if not run.is_rine:  # the probes' sizes and numbers are in detectors.csv
+            continue
         published = ref.PUBLISHED_BEST.get((run.backbone, run.n_classes)) if run.n_classes is not None else None
         rows.append(
             (
