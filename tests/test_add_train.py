@@ -56,7 +56,7 @@ name: new_generator
 out: {out}
 data:
   model: synthetic
-  train: {{store: {root / "train.zarr"}}}
+  train: {{store: {root / "train.zarr"}, views: 1}}  # one view, cycled on purpose
   val: {{store: {root / "val.zarr"}}}
   test: [{{store: {root / "test.zarr"}, name: test}}]
 base: {{proj_layers: 1, proj_dim: 16, batch_size: 32, epochs: 8, lr: 0.01, lr_milestones: []}}

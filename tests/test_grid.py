@@ -23,6 +23,7 @@ from pipeline import cache
 from pipeline.cli import main
 from pipeline.heads import ConfigError, DataError, cluster, parse_grid
 from pipeline.heads.cluster import ClusterConfig, ClusterError, dask_client
+from pipeline.heads.config import with_added
 from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
 
 
@@ -687,6 +688,7 @@ def test_a_grid_that_says_how_many_views_it_reads_cycles_them_without_warning(st
     )
     spec = parse_grid(text)
     assert spec.train.views == 1
+    assert with_added(spec.train, spec.val).views == 1  # an --add-train refit reads the views the grid reads
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = run_grid(spec, FitConfig(device="cpu", progress=False))

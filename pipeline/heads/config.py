@@ -8,6 +8,7 @@ unknown keys rejected by name.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -306,7 +307,7 @@ def parse_grid(text: str, *, source: Path | None = None, out: Path | None = None
 
 def with_added(train: StoreRef, added: StoreRef) -> StoreRef:
     """The training entry named for results as ``<train>+<added>``."""
-    return StoreRef(name=f"{train.name}+{added.name}", path=train.path, variant=train.variant)
+    return dataclasses.replace(train, name=f"{train.name}+{added.name}")  # the same views, variant and store
 
 
 def expand_grid(grid: Any, where: str) -> list[dict[str, Any]]:
