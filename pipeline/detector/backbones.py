@@ -65,9 +65,12 @@ def choose_backbone(
         if Path(spec.model).is_dir():
             return BackboneSource(spec.model, None, spec.revision)
         raise BackboneUnavailable(
-            unavailable_message(spec, f"the folder {spec.model} it was trained with is not here (relative paths "
-                                      "are read from the working directory)")
-        )  # fmt: skip
+            unavailable_message(
+                spec,
+                f"the folder {spec.model} it was trained with is not here (relative paths "
+                "are read from the working directory)",
+            )
+        )
     return BackboneSource(spec.model, spec.revision, spec.revision)
 
 

@@ -52,17 +52,62 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("clip", ("clip", "clip_vision_model"), "CLIPVisionModel", "cls", "layer_norm2", True, CLIP_MEAN, CLIP_STD,
-           "the projected image_embeds (visual_projection of the pooled CLS), when the checkpoint has the projection"),
-    Family("siglip", ("siglip", "siglip_vision_model"), "SiglipVisionModel", "mean", "layer_norm2", True, HALF, HALF,
-           "the attention-pooled pooler_output"),
-    Family("dinov2", ("dinov2",), "Dinov2Model", "cls", "norm2", False, IMAGENET_MEAN, IMAGENET_STD,
-           "the final layer norm's CLS token (pooler_output)"),
-    Family("dinov2-registers", ("dinov2_with_registers",), "Dinov2WithRegistersModel", "cls", "norm2", False,
-           IMAGENET_MEAN, IMAGENET_STD, "the final layer norm's CLS token (pooler_output)"),
-    Family("dinov3", ("dinov3_vit",), "DINOv3ViTModel", "cls", "norm2", False, IMAGENET_MEAN, IMAGENET_STD,
-           "the final layer norm's CLS token (pooler_output)"),
-)  # fmt: skip
+    Family(
+        name="clip",
+        model_types=("clip", "clip_vision_model"),
+        model_class="CLIPVisionModel",
+        token="cls",
+        ln2="layer_norm2",
+        fixed_size=True,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        embedding="the projected image_embeds (visual_projection of the pooled CLS), when the checkpoint has the projection",
+    ),
+    Family(
+        name="siglip",
+        model_types=("siglip", "siglip_vision_model"),
+        model_class="SiglipVisionModel",
+        token="mean",
+        ln2="layer_norm2",
+        fixed_size=True,
+        mean=HALF,
+        std=HALF,
+        embedding="the attention-pooled pooler_output",
+    ),
+    Family(
+        name="dinov2",
+        model_types=("dinov2",),
+        model_class="Dinov2Model",
+        token="cls",
+        ln2="norm2",
+        fixed_size=False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="the final layer norm's CLS token (pooler_output)",
+    ),
+    Family(
+        name="dinov2-registers",
+        model_types=("dinov2_with_registers",),
+        model_class="Dinov2WithRegistersModel",
+        token="cls",
+        ln2="norm2",
+        fixed_size=False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="the final layer norm's CLS token (pooler_output)",
+    ),
+    Family(
+        name="dinov3",
+        model_types=("dinov3_vit",),
+        model_class="DINOv3ViTModel",
+        token="cls",
+        ln2="norm2",
+        fixed_size=False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="the final layer norm's CLS token (pooler_output)",
+    ),
+)
 
 SUPPORTED = (
     "CLIP and MetaCLIP (model_type clip), SigLIP and fixed-resolution SigLIP 2 (siglip), DINOv2 (dinov2), "

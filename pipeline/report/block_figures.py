@@ -32,8 +32,13 @@ def plot_which_block(path: Path, series: Sequence[BlockSeries]) -> Path:
         handles, labels = axis.get_legend_handles_labels()
         if one.tie:
             twin = axis.twinx()
-            twin.plot([b for b, _ in one.tie], [w for _, w in one.tie], linestyle="--", color=TIE_COLOR,
-                      label="RINE TIE weight")  # fmt: skip
+            twin.plot(
+                [b for b, _ in one.tie],
+                [w for _, w in one.tie],
+                linestyle="--",
+                color=TIE_COLOR,
+                label="RINE TIE weight",
+            )
             twin.set_ylabel("TIE weight")
             more_handles, more_labels = twin.get_legend_handles_labels()
             handles, labels = handles + more_handles, labels + more_labels

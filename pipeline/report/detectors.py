@@ -70,9 +70,15 @@ def build_detectors_table(grids: Sequence[GridResults], analysis: ReportAnalysis
     header += [f"mean_{column}" for column in METRIC_COLUMNS]
     order = {head: index for index, head in enumerate(HEADS)}
     selections.sort(
-        key=lambda s: (s.run.setting.model, s.run.setting.tap, s.run.setting.train, s.rule,
-                       order[s.run.setting.head], feature_order(s.run.setting.features))
-    )  # fmt: skip
+        key=lambda s: (
+            s.run.setting.model,
+            s.run.setting.tap,
+            s.run.setting.train,
+            s.rule,
+            order[s.run.setting.head],
+            feature_order(s.run.setting.features),
+        )
+    )
     rows = []
     for selection in selections:
         run = selection.run
@@ -167,8 +173,17 @@ def build_blocks_table(grids: Sequence[GridResults]) -> Table | SkippedOutput:
         return SkippedOutput(
             "blocks.csv", f"no selected per-block probe (head: {PROBE_HEAD}, features: {BLOCK_FEATURES_PREFIX}K)"
         )
-    header = ("backbone", "tap", "train", "block", "probe_val_ap_pct", "probe_mean_ap_pct", "probe_run",
-              "tie_weight", "rine_run")  # fmt: skip
+    header = (
+        "backbone",
+        "tap",
+        "train",
+        "block",
+        "probe_val_ap_pct",
+        "probe_mean_ap_pct",
+        "probe_run",
+        "tie_weight",
+        "rine_run",
+    )
     rows = []
     for one in series:
         tie = dict(one.tie)

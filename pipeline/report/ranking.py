@@ -47,8 +47,17 @@ def plot_ranked(path: Path, runs: Sequence[RunResult], total: int, analysis: Rep
         low.append(mean - 100 * interval.low if interval else 0.0)
         high.append(100 * interval.high - mean if interval else 0.0)
     axis.scatter(val, rows, marker="o", facecolors="none", edgecolors=PALETTE[5], s=36, label="val ACC", zorder=4)
-    axis.errorbar(test, rows, xerr=[low, high], fmt="s", color=PALETTE[0], markersize=5, capsize=2,
-                  label="mean test ACC (95 % interval where computed)", zorder=4)  # fmt: skip
+    axis.errorbar(
+        test,
+        rows,
+        xerr=[low, high],
+        fmt="s",
+        color=PALETTE[0],
+        markersize=5,
+        capsize=2,
+        label="mean test ACC (95 % interval where computed)",
+        zorder=4,
+    )
     chance_line(axis, horizontal=False)
     labels = [("\u2605 " if run_key(run) in selected else "") + config_label(run) for run in runs]
     axis.set_yticks(rows, labels, fontsize="x-small", family="monospace")

@@ -123,8 +123,9 @@ class Service:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise RequestError(401, "missing or wrong token: send Authorization: Bearer <token>",
-                               {"WWW-Authenticate": "Bearer"})  # fmt: skip
+            raise RequestError(
+                401, "missing or wrong token: send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"}
+            )
 
     def ready_detector(self) -> Detector:
         if self.detector is None:
