@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import sys
@@ -308,3 +309,9 @@ def generator_features(n_per_dataset: int, seed: int, datasets=GENERATOR_DATASET
         labels.append(label)
         names += [dataset] * n_per_dataset
     return np.concatenate(parts).astype(np.float32), np.concatenate(labels), names
+
+
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header, as dicts of text."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

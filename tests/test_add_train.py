@@ -4,7 +4,6 @@ with an interval above zero, while a barely moves."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,18 +11,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import generator_features, write_store
+from conftest import generator_features, read_csv_rows, write_store
 from pipeline.cli import main
 from pipeline.heads import FitConfig
 from pipeline.heads.add_train import DELTA_COLUMNS, run_add_train
 from pipeline.heads.config import StoreRef, parse_grid
 from pipeline.results.bootstrap import BootstrapConfig
 from pipeline.results.deltas import paired_delta_replicates
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_paired_deltas_of_a_run_with_itself_are_zero_and_of_a_better_run_positive() -> None:
@@ -71,16 +65,18 @@ def test_adding_a_new_generators_rows_raises_its_accuracy_and_the_delta_says_so(
     added = StoreRef("new_b", stores / "new_b.zarr")
     summary = run_add_train(spec, FitConfig(device="cpu", progress=False), added, BootstrapConfig(resamples=200))
     assert summary.refit.out == tmp_path / "g" / "add_new_b" and summary.refit.n_errors == 0
-    refit_rows = read(summary.refit.results)
+    refit_rows = read_csv_rows(summary.refit.results)
     assert {row["train"] for row in refit_rows} == {"train+new_b"}
     fit = json.loads((summary.refit.out / "runs" / refit_rows[0]["run"] / "fit.json").read_text())
     assert fit["n_train"] == 96 + 64 and fit["train_rows"] == [[0, 160]]
-    delta = read(summary.delta)
+    delta = read_csv_rows(summary.delta)
     assert list(delta[0]) == list(DELTA_COLUMNS)
     assert {(row["selection"], row["dataset"]) for row in delta} == {
         (rule, dataset) for rule in ("best_by_val", "best_by_test_mean_acc_ap") for dataset in ("a", "b")
     }
-    before = {(r["run"], r["dataset"]): float(r["acc"]) for r in read(summary.base.results) if r["split"] == "test"}
+    before = {
+        (r["run"], r["dataset"]): float(r["acc"]) for r in read_csv_rows(summary.base.results) if r["split"] == "test"
+    }
     after = {(r["run"], r["dataset"]): float(r["acc"]) for r in refit_rows if r["split"] == "test"}
     for row in delta:
         assert float(row["acc"]) == before[(row["run"], row["dataset"])]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import zlib
@@ -16,6 +15,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from conftest import read_csv_rows
 from pipeline.cli import main
 from pipeline.features import Manifest, ManifestRow, write_manifest
 from pipeline.features.audit import (
@@ -75,11 +75,6 @@ def write_split(root: Path, name: str, images: list[tuple[str, int, str, dict]])
 
 def audit(csv_path: Path, out: Path, **options):
     return run_audit(AuditConfig(split=csv_path.stem, manifest=csv_path, out=out, progress=False, **options))
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def format_shortcut(n: int = 10) -> list[tuple[str, int, str, dict]]:
@@ -254,7 +249,7 @@ def test_format_shortcut_is_flagged_and_a_clean_dataset_is_not(tmp_path: Path) -
     summary = audit(csv_path, tmp_path / "out")
     assert [(flag.dataset, flag.feature, flag.auc) for flag in summary.result.flags] == [("gan", "format", 1.0)]
     assert "FLAGGED gan: format alone predicts real vs fake (AUC 1.000)" in summary.report()
-    aucs = {(row["dataset"], row["feature"]): row for row in read_csv(tmp_path / "out" / "audit_mixed.csv")}
+    aucs = {(row["dataset"], row["feature"]): row for row in read_csv_rows(tmp_path / "out" / "audit_mixed.csv")}
     assert aucs[("gan", "format")]["auc"] == "1" and aucs[("gan", "format")]["responsible"] == "True"
     assert float(aucs[("gan", "mode")]["auc"]) == 0.5  # both labels RGB
     assert [row["responsible"] for key, row in aucs.items() if key[0] == "gan"].count("True") == 1
@@ -291,7 +286,7 @@ def test_summary_statistics_against_the_files(tmp_path: Path) -> None:
     images += [("d", 1, "missing.png", None)]
     csv_path = write_split(tmp_path / "data", "stats", images)
     audit(csv_path, tmp_path / "out", folds=2)
-    real, fake = read_csv(tmp_path / "out" / "audit_stats_summary.csv")
+    real, fake = read_csv_rows(tmp_path / "out" / "audit_stats_summary.csv")
     real_sizes = [(tmp_path / "data" / "d" / "0" / f"r{i}.jpg").stat().st_size for i in range(3)]
     assert real == {
         "dataset": "d", "label": "0", "n": "3", "n_errors": "0", "formats": "JPEG=3", "modes": "RGB=3",
@@ -310,7 +305,7 @@ def test_unreadable_files_are_counted_rows_not_crashes(tmp_path: Path) -> None:
     summary = audit(csv_path, tmp_path / "out")
     assert summary.result.n_errors == 2
     assert "14 images in 1 dataset(s), 2 unreadable" in summary.report()
-    rows = read_csv(tmp_path / "out" / "audit_broken_images.csv")
+    rows = read_csv_rows(tmp_path / "out" / "audit_broken_images.csv")
     assert len(rows) == 14
     errors = {row["path"]: row["error"] for row in rows if row["error"]}
     assert errors["gan/1/missing.png"] == "missing file"
@@ -325,7 +320,7 @@ def test_a_dataset_with_one_label_is_reported_unmeasured(tmp_path: Path) -> None
     images = format_shortcut(4) + [("reals_only", 0, f"r{i}.png", {"size": (8, 8)}) for i in range(3)]
     summary = audit(write_split(tmp_path / "data", "one_label", images), tmp_path / "out")
     assert "not measured (too few readable images of a label): reals_only" in summary.report()
-    rows = [row for row in read_csv(tmp_path / "out" / "audit_one_label.csv") if row["dataset"] == "reals_only"]
+    rows = [row for row in read_csv_rows(tmp_path / "out" / "audit_one_label.csv") if row["dataset"] == "reals_only"]
     assert len(rows) == len(FEATURE_NAMES) + 1 and {(row["auc"], row["flagged"], row["folds"]) for row in rows} == {
         ("", "False", "0")
     }
@@ -343,7 +338,7 @@ def test_json_holds_the_csv_content(tmp_path: Path) -> None:
         "audit_j_images.csv",
         "audit_j.json",
     ]
-    csv_aucs = read_csv(tmp_path / "out" / "audit_j.csv")
+    csv_aucs = read_csv_rows(tmp_path / "out" / "audit_j.csv")
     assert [(row["feature"], row["auc"]) for row in csv_aucs] == [  # the CSV: 4 significant digits
         (row["feature"], f"{row['auc']:.4g}") for row in document["feature_aucs"]
     ]

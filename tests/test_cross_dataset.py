@@ -4,13 +4,12 @@ cross_dataset_{acc,ap}.csv is the metric of its run in results.csv."""
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import pytest
 
-from conftest import make_genimage_tree, write_image_parquet
+from conftest import make_genimage_tree, read_csv_rows, write_image_parquet
 from pipeline.features import AuditConfig, ExtractConfig, build_manifest, run_audit, run_extract, write_manifest
 from pipeline.features.backbone import BackboneConfig
 from pipeline.heads import FitConfig, run_grid
@@ -19,11 +18,6 @@ from pipeline.report import ReportConfig, run_report
 from pipeline.results.bootstrap import BootstrapConfig
 
 GENERATORS = ("adm", "biggan", "sdv14")
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +99,7 @@ def test_sources_go_through_manifest_audit_and_extract(matrix_run: dict) -> None
 @pytest.mark.slow
 def test_the_matrix_has_a_row_per_cell_a_column_per_test_set_and_the_results_values(matrix_run: dict) -> None:
     out = matrix_run["base"] / "report"
-    results = read(matrix_run["fit"].results)
+    results = read_csv_rows(matrix_run["fit"].results)
     metric_of = {
         (r["run"], r["dataset"], metric): r[metric]
         for r in results
@@ -115,7 +109,7 @@ def test_the_matrix_has_a_row_per_cell_a_column_per_test_set_and_the_results_val
     test_sets = sorted({key[1] for key in metric_of})
     assert test_sets == ["adm", "biggan", "sdv14", "wild_diffusion", "wild_gan"]
     for metric in ("acc", "ap"):
-        rows = read(out / f"cross_dataset_{metric}.csv")
+        rows = read_csv_rows(out / f"cross_dataset_{metric}.csv")
         assert [(r["protocol"], r["train_datasets"]) for r in rows] == [
             ("leave-one-out", "adm+biggan"),
             ("leave-one-out", "adm+sdv14"),

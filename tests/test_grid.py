@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import errno
 import json
 import math
@@ -18,18 +17,13 @@ import torch
 from click.testing import CliRunner
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from conftest import separable_features, write_store
+from conftest import read_csv_rows, separable_features, write_store
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.heads import ConfigError, DataError, cluster, parse_grid
 from pipeline.heads.cluster import ClusterConfig, ClusterError, dask_client
 from pipeline.heads.config import with_added
 from pipeline.heads.grid import FitConfig, ViewReuseWarning, run_grid
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +80,13 @@ def run(root: Path, out: Path, jobs: int = 1, grid: str | None = None):
 
 def test_results_equal_metrics_recomputed_from_saved_scores(stores, tmp_path):
     summary = run(stores, tmp_path / "g")
-    rows = read(summary.results)
+    rows = read_csv_rows(summary.results)
     runs = sorted({r["run"] for r in rows})
     assert summary.n_runs == 4 and len(runs) == 4
     # 1 val dataset + 2 datasets x 2 test entries, per run
     assert len(rows) == 4 * 5
     for row in rows:
-        scores = read(tmp_path / "g" / "runs" / row["run"] / f"scores_{row['split']}.csv")
+        scores = read_csv_rows(tmp_path / "g" / "runs" / row["run"] / f"scores_{row['split']}.csv")
         mine = [s for s in scores if s["dataset"] == row["dataset"]]
         labels = np.array([int(s["label"]) for s in mine])
         values = np.array([float(s["score"]) for s in mine])
@@ -135,8 +129,8 @@ def test_run_folder_holds_config_head_scores_and_metrics(stores, tmp_path):
 
 def test_selection_labels_both_rules(stores, tmp_path):
     summary = run(stores, tmp_path / "g")
-    rows = read(summary.results)
-    selection = read(summary.selection)
+    rows = read_csv_rows(summary.results)
+    selection = read_csv_rows(summary.selection)
     assert [s["selection"] for s in selection] == ["best_by_val", "best_by_test_mean_acc_ap"]
     per_run = {}
     for r in rows:
@@ -151,13 +145,13 @@ def test_a_grid_of_seeds_selects_the_config_with_the_best_mean_over_seeds(stores
     summary = run(
         stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  seed: [0, 1, 2]\n  proj_dim: [16]\n"
     )
-    rows = [r for r in read(summary.results) if r["split"] == "test" and r["variant"] == "center"]
+    rows = [r for r in read_csv_rows(summary.results) if r["split"] == "test" and r["variant"] == "center"]
     assert len({r["run"] for r in rows}) == 6 and {r["seed"] for r in rows} == {"0", "1", "2"}
     per_config: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         per_config.setdefault(r["contrastive_factor"], {}).setdefault(r["seed"], []).append(float(r["acc"]))
     seed_means = {factor: [np.mean(per_config[factor][seed]) for seed in "012"] for factor in per_config}
-    selection = read(summary.selection)
+    selection = read_csv_rows(summary.selection)
     assert len(selection) == 2  # one setting: the seed is not part of it
     chosen = selection[1]
     assert (chosen["n_seeds"], chosen["seeds"], chosen["seed"]) == ("3", "0+1+2", "0")
@@ -174,7 +168,7 @@ def test_rerun_skips_finished_runs_and_same_seed_gives_same_metrics(stores, tmp_
         patch.setattr("pipeline.cache.read_features", lambda *a, **k: pytest.fail("a finished grid read features"))
         again = run(stores, tmp_path / "a")
     assert again.n_skipped == 4
-    assert read(again.results) == read(first.results)
+    assert read_csv_rows(again.results) == read_csv_rows(first.results)
     threads = torch.get_num_threads()
     other_folder = run(stores, tmp_path / "b", jobs=2)
     assert torch.get_num_threads() == threads  # --jobs shares the CPU out while it runs, then gives it back
@@ -299,8 +293,8 @@ def assert_same_results(one: Path, two: Path) -> None:
     def timeless(rows: list[dict[str, str]]) -> list[dict[str, str]]:
         return [{column: value for column, value in row.items() if column != "fit_seconds"} for row in rows]
 
-    assert timeless(read(one / "results.csv")) == timeless(read(two / "results.csv"))
-    assert read(one / "selection.csv") == read(two / "selection.csv")
+    assert timeless(read_csv_rows(one / "results.csv")) == timeless(read_csv_rows(two / "results.csv"))
+    assert read_csv_rows(one / "selection.csv") == read_csv_rows(two / "selection.csv")
     scores = sorted(path.relative_to(one) for path in one.glob("runs/*/scores_*.csv"))
     assert scores == sorted(path.relative_to(two) for path in two.glob("runs/*/scores_*.csv"))
     for path in scores:
@@ -310,7 +304,7 @@ def assert_same_results(one: Path, two: Path) -> None:
 def test_a_failing_config_becomes_an_error_row_and_the_grid_goes_on(stores, tmp_path):
     grid = "  - {proj_dim: [16]}\n  - {proj_dim: [16], classes: [[dog]]}\n"
     summary = run(stores, tmp_path / "g", grid=grid)
-    rows = read(summary.results)
+    rows = read_csv_rows(summary.results)
     errors = [r for r in rows if r["status"] == "error"]
     assert summary.n_errors == 1 and len(errors) == 1
     assert "classes ['dog'] not in the store" in errors[0]["error"]
@@ -357,7 +351,7 @@ def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp
         f"    - {{store: {tmp_path / 'big.zarr'}, variant: tencrop}}\n",
     )
     summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
-    rows = [r for r in read(summary.results) if r["split"] == "big_tencrop"]
+    rows = [r for r in read_csv_rows(summary.results) if r["split"] == "big_tencrop"]
     assert len(rows) == 1 and rows[0]["variant"] == "tencrop" and rows[0]["n"] == "40"
     head, _ = load_head(tmp_path / "g" / "runs" / rows[0]["run"] / "head.safetensors")
     with torch.no_grad():  # by hand, from the stored (float16) crops: the authors' sigmoid(logits.view(B, 10).mean(1))
@@ -366,7 +360,7 @@ def test_ten_crop_score_is_the_sigmoid_of_the_mean_of_the_ten_logits(stores, tmp
     expected = 1 / (1 + np.exp(-logits.mean(axis=1)))
     mean_of_sigmoids = (1 / (1 + np.exp(-logits))).mean(axis=1)
     assert not np.allclose(expected, mean_of_sigmoids, atol=1e-4)  # the two rules differ on these crops
-    saved = read(tmp_path / "g" / "runs" / rows[0]["run"] / "scores_big_tencrop.csv")
+    saved = read_csv_rows(tmp_path / "g" / "runs" / rows[0]["run"] / "scores_big_tencrop.csv")
     assert np.allclose([float(s["score"]) for s in saved], expected, atol=1e-6)
     assert float(rows[0]["acc"]) == pytest.approx(accuracy_score(labels, expected > 0.5))
 
@@ -378,7 +372,7 @@ def test_more_epochs_than_views_warns_once_per_grid_and_is_recorded(stores, tmp_
         summary = run(stores, tmp_path / "g", grid=grid)
     reuse = [w for w in caught if issubclass(w.category, ViewReuseWarning)]
     assert len(reuse) == 1 and "2 of 3 runs" in str(reuse[0].message) and "--views 4" in str(reuse[0].message)
-    rows = read(summary.results)
+    rows = read_csv_rows(summary.results)
     assert {(r["epochs"], r["views_used"], r["views_reused"]) for r in rows} == {
         ("1", "1", "0"),
         ("3", "2", "1"),
@@ -413,9 +407,9 @@ def test_the_paper_sets_alone_form_the_mean_and_a_stray_set_is_named(stores, tmp
         f"    - {{store: {tmp_path / 'mixed.zarr'}, name: mixed}}\n",
     )
     summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
-    rows = read(summary.results)
+    rows = read_csv_rows(summary.results)
     assert "whichfaceisreal" in {r["dataset"] for r in rows}  # still scored, in its own rows
-    for selected in read(summary.selection):
+    for selected in read_csv_rows(summary.selection):
         mine = [
             r
             for r in rows
@@ -431,7 +425,7 @@ def test_selected_runs_get_embeddings_of_a_sample_of_their_test_rows(stores, tmp
     from pipeline.heads import load_head
 
     summary = run(stores, tmp_path / "g", grid="  contrastive_factor: [0.1, 0.8]\n  proj_dim: [16]\n")
-    selected = {r["run"] for r in read(summary.selection)}
+    selected = {r["run"] for r in read_csv_rows(summary.selection)}
     folders = {folder.name: folder for folder in (tmp_path / "g" / "runs").iterdir()}
     assert {name for name, folder in folders.items() if (folder / "embeddings.npz").is_file()} == selected
     folder = folders[sorted(selected)[0]]
@@ -464,13 +458,13 @@ def test_training_precision_is_float32_unless_asked_recorded_and_scores_are_floa
     grid = "  proj_dim: [16]\n" + ("" if amp is None else f"  amp: [{amp}]\n")
     summary = run(stores, tmp_path / "g", grid=grid)
     expected = amp or "none"
-    assert {row["amp"] for row in read(summary.results)} == {expected}
+    assert {row["amp"] for row in read_csv_rows(summary.results)} == {expected}
     (folder,) = (tmp_path / "g" / "runs").iterdir()
     assert json.loads((folder / "fit.json").read_text())["amp"] == expected
     head, metadata = load_head(folder / "head.safetensors")
     assert metadata["amp"] == expected
     assert {*HEAD_METADATA_KEYS, *CALIBRATION_METADATA_KEYS} <= set(metadata)  # the detector's contract
-    saved = {row["path"]: float(row["score"]) for row in read(folder / "scores_test.csv")}
+    saved = {row["path"]: float(row["score"]) for row in read_csv_rows(folder / "scores_test.csv")}
     rows = cache.read_rows(stores / "test.zarr")
     valid = np.flatnonzero(rows.valid)
     features = torch.from_numpy(cache.read_features(stores / "test.zarr", "center")[valid]).float()
@@ -500,7 +494,7 @@ def test_fit_amp_option_sets_every_configs_precision_and_the_run_ids_say_so(stor
             main, ["fit", "--grid", str(grid), "--amp", amp, "--device", "cpu", "--no-progress"]
         )
         assert result.exit_code == 0, result.output
-        rows = read(tmp_path / "g" / "results.csv")
+        rows = read_csv_rows(tmp_path / "g" / "results.csv")
         assert {row["amp"] for row in rows} == {amp}
         ids[amp] = {row["run"] for row in rows}
     assert ids["none"].isdisjoint(ids["bf16"])  # another precision is another run, never a reused one
@@ -514,10 +508,10 @@ def test_select_across_epochs_selects_one_best_over_every_epoch_count(stores, tm
     if select_across:
         text += f"select_across: {select_across}\n"
     summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
-    selected = read(summary.selection)
+    selected = read_csv_rows(summary.selection)
     assert len(selected) == n_selected  # two rules x (one setting, or one per epoch count)
     if select_across:  # the winner by the paper's rule is the best of all four runs, whatever its epochs
-        results = read(summary.results)
+        results = read_csv_rows(summary.results)
         score = {}
         for row in results:
             if row["split"] == "test":
@@ -534,7 +528,7 @@ def test_fused_groups_give_the_unfused_metrics_and_record_their_group(stores, tm
     alone = run_grid(
         parse_grid(grid_text(stores, tmp_path / "alone", grid)), FitConfig(device="cpu", progress=False, fuse=False)
     )
-    fused_rows, alone_rows = read(fused.results), read(alone.results)
+    fused_rows, alone_rows = read_csv_rows(fused.results), read_csv_rows(alone.results)
     assert [r["run"] for r in fused_rows] == [r["run"] for r in alone_rows]  # same configs, same ids
     for a, b in zip(fused_rows, alone_rows):
         for metric in ("acc", "ap", "auc", "real_acc", "fake_acc", "calibrated_acc"):
@@ -561,8 +555,8 @@ def test_a_grid_beyond_its_memory_budget_streams_and_gives_the_same_results(stor
     spec = parse_grid(grid_text(stores, tmp_path / "streamed"))
     streamed = run_grid(spec, FitConfig(device="cpu", progress=False, memory_budget=1000))
     assert loads == []  # no variant was read whole
-    assert strip_timing(read(streamed.results)) == strip_timing(read(in_memory.results))
-    run_id = read(streamed.results)[0]["run"]
+    assert strip_timing(read_csv_rows(streamed.results)) == strip_timing(read_csv_rows(in_memory.results))
+    run_id = read_csv_rows(streamed.results)[0]["run"]
     fit = json.loads((tmp_path / "streamed" / "runs" / run_id / "fit.json").read_text())
     assert fit["features"] == {"train": "streamed", "val": "streamed", "test": "streamed", "test_jpeg": "streamed"}
     assert fit["memory_budget_bytes"] == 1000
@@ -617,7 +611,7 @@ data:
 base: {{proj_layers: 1, proj_dim: 8, batch_size: 32}}
 """
     summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
-    assert {(r["model"], r["tap"]) for r in read(summary.results)} == {("mine", "hidden")}
+    assert {(r["model"], r["tap"]) for r in read_csv_rows(summary.results)} == {("mine", "hidden")}
     declared = text.replace("data:\n", "data:\n  tap: ln2\n")
     with pytest.raises(DataError, match="holds features of tap 'hidden', but the grid's data.tap is 'ln2'"):
         run_grid(parse_grid(declared), FitConfig(device="cpu", progress=False))
@@ -644,7 +638,7 @@ def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp
         f"    - {{store: {tmp_path / 't.zarr'}, name: partly_broken}}\n",
     )
     summary = run_grid(parse_grid(text), FitConfig(device="cpu", progress=False))
-    rows = {r["dataset"]: r for r in read(summary.results) if r["split"] == "partly_broken"}
+    rows = {r["dataset"]: r for r in read_csv_rows(summary.results) if r["split"] == "partly_broken"}
     assert set(rows) == {"broken_set", "fine_set"}
     broken = rows["broken_set"]
     assert (broken["status"], broken["n"], broken["n_invalid"], broken["acc"]) == ("no_valid_rows", "0", "30", "")
@@ -654,7 +648,7 @@ def test_a_test_set_whose_rows_are_all_invalid_gets_a_row_saying_why(stores, tmp
     )
     assert rows["fine_set"]["status"] == "ok" and rows["fine_set"]["n"] == "30"
     assert summary.n_errors == 0
-    assert len(read(summary.selection)) == 2  # the run is still selected on its valid sets
+    assert len(read_csv_rows(summary.selection)) == 2  # the run is still selected on its valid sets
 
 
 @pytest.mark.parametrize("code", [errno.EROFS, errno.ENOSPC])
@@ -693,7 +687,7 @@ def test_a_grid_that_says_how_many_views_it_reads_cycles_them_without_warning(st
         warnings.simplefilter("always")
         summary = run_grid(spec, FitConfig(device="cpu", progress=False))
     assert not [w for w in caught if issubclass(w.category, ViewReuseWarning)]
-    (run_id,) = {r["run"] for r in read(summary.results)}
+    (run_id,) = {r["run"] for r in read_csv_rows(summary.results)}
     fit = json.loads((tmp_path / "g" / "runs" / run_id / "fit.json").read_text())
     assert fit["epoch_views"] == ["view_000"] * 3  # the store has two views; the grid reads the first
     too_many = parse_grid(text.replace("views: 1", "views: 3").replace(str(tmp_path / "g"), str(tmp_path / "h")))

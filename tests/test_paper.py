@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
@@ -14,7 +13,7 @@ import torch
 import yaml
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from conftest import TINY_CLIP, write_image
+from conftest import TINY_CLIP, read_csv_rows, write_image
 from pipeline.cli import main as cli
 from pipeline.features import LAYOUTS
 from pipeline.paper import (
@@ -246,11 +245,6 @@ def save_hub_model(hub: Path, model_id: str, config: dict, seed: int) -> None:
     (snapshot.parents[1] / "refs" / "main").write_text(commit)
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 @pytest.mark.slow
 def test_paper_mode_runs_every_grid_on_a_miniature_layout_from_the_hub_cache(tmp_path: Path) -> None:
     data = make_paper_layout(tmp_path / "data", synthbuster=True, ldm=True)
@@ -295,15 +289,15 @@ def test_paper_mode_runs_every_grid_on_a_miniature_layout_from_the_hub_cache(tmp
     for table in tables:
         assert (reports / table).is_file(), table
     for table in ("acc.csv", "ap.csv"):
-        columns = list(read_csv(reports / table)[0])
+        columns = list(read_csv_rows(reports / table)[0])
         sets = [c for c in columns if c in PAPER_TEST_SETS or c == "avg" or c == STRAY_TEST_FOLDER]
         assert sets == [*PAPER_TEST_SETS, "avg"], columns
     for grid in grids:
         out = work / yaml.safe_load(grid.read_text())["out"]
         if grid.name in planned:
-            rows = read_csv(out / "results.csv")
+            rows = read_csv_rows(out / "results.csv")
             assert rows and {row["status"] for row in rows} == {"ok"}, grid.name
-    ten_crop = read_csv(work / "runs" / "vitl14-synthbuster" / "results.csv")
+    ten_crop = read_csv_rows(work / "runs" / "vitl14-synthbuster" / "results.csv")
     assert {row["dataset"] for row in ten_crop if row["split"] != "val"} == set(SYNTHBUSTER_GENERATORS)
 
     # resumable: a second run extracts and fits nothing new

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from conftest import TINY_CLIP, make_folder_dataset, write_image
+from conftest import TINY_CLIP, make_folder_dataset, read_csv_rows, write_image
 from pipeline.cli import main
 from pipeline.detector import (
     PREDICTION_COLUMNS,
@@ -54,11 +54,6 @@ def read_scores(path: Path) -> dict[str, float]:
         return {row["path"]: float(row["score"]) for row in csv.DictReader(handle)}
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(trained_predict_run, tmp_path):
     run, data = trained_predict_run["run"], trained_predict_run["data"]
     for crop, saved in (("center", "scores_test.csv"), ("tencrop", "scores_test_tencrop.csv")):
@@ -67,7 +62,7 @@ def test_predict_scores_equal_the_grids_saved_scores_for_center_and_ten_crops(tr
         summary = run_predict(
             PredictConfig(head=run, inputs=(data,), out=out, crop=crop, device="cpu", batch_size=5, progress=False)
         )
-        rows = read_rows(out)
+        rows = read_csv_rows(out)
         assert summary.n_scored == len(rows) == len(expected) == 32 and not summary.failures
         for row in rows:
             key = Path(row["path"]).relative_to(data).as_posix()
@@ -85,7 +80,7 @@ def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_v
     run, data = trained_predict_run["run"], trained_predict_run["data"]
     with safe_open(str(run / "head.safetensors"), framework="np") as handle:
         stored = json.loads(handle.metadata()["thresholds"])
-    val = read_rows(run / "scores_val.csv")
+    val = read_csv_rows(run / "scores_val.csv")
     labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
     for rule in THRESHOLD_RULES:
         point = operating_point(labels, scores, stored[rule]["threshold"])
@@ -96,15 +91,15 @@ def test_every_threshold_name_labels_by_its_val_threshold_which_reproduces_its_v
         out = tmp_path / f"{name}.csv"
         invoke("predict", str(data), "--head", str(run), "--threshold", name, "--out", str(out), "--device", "cpu",
                "--no-progress")  # fmt: skip
-        rows = read_rows(out)
+        rows = read_csv_rows(out)
         assert {(r["threshold_name"], float(r["threshold"])) for r in rows} == {
             (name if name in THRESHOLD_RULES else "fixed", expected)
         }
         assert all((r["label"] == "fake") == (float(r["score"]) >= expected) for r in rows)
     default = tmp_path / "default.csv"
     output = invoke("predict", str(data / "a"), "--head", str(run), "--out", str(default), "--device", "cpu")
-    assert read_rows(default)[0]["threshold_name"] == "val" and "chosen on val split test" in output
-    threshold = float(read_rows(default)[0]["threshold"])
+    assert read_csv_rows(default)[0]["threshold_name"] == "val" and "chosen on val split test" in output
+    threshold = float(read_csv_rows(default)[0]["threshold"])
     assert f"threshold {threshold:.4g} (val, chosen" in output  # 4 significant digits on the terminal
     assert re.search(r"acc \d+\.\d %, real acc \d+\.\d %, fake acc \d+\.\d %", output)
 
@@ -210,7 +205,7 @@ def test_jsonl_and_parquet_hold_the_csv_rows_and_parquet_resumes_from_its_partia
 
     run, data = trained_predict_run["run"], trained_predict_run["data"]
     invoke(*predict_args(run, data, tmp_path / "s.csv"))
-    expected = read_rows(tmp_path / "s.csv")
+    expected = read_csv_rows(tmp_path / "s.csv")
     invoke(*predict_args(run, data, tmp_path / "s.jsonl"))
     records = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [list(r) for r in records[:1]] == [list(PREDICTION_COLUMNS)]
@@ -279,7 +274,7 @@ def test_bad_files_get_rows_with_their_reason_and_exit_status_3(trained_predict_
     out = tmp_path / "s.csv"
     output = invoke("predict", str(listing), "--head", str(run), "--out", str(out), "--max-pixels", "5000",
                     "--device", "cpu", "--no-progress", code=3)  # fmt: skip
-    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_csv_rows(out)}
     assert rows["good.png"]["error"] == "" and rows["good.png"]["label"] in ("fake", "real")
     for name, reason in (("missing.png", "missing file"), ("empty.png", "empty"), ("text.jpg", "not an image"),
                          ("big.png", "exceeds the limit")):  # fmt: skip
@@ -294,14 +289,14 @@ def test_auto_crop_takes_ten_crops_of_large_images_only(trained_predict_run, tmp
     large = write_image(tmp_path / "large.png", (90, 70), 2)
     out = tmp_path / "s.csv"
     run_predict(PredictConfig(head=run, inputs=(tmp_path,), out=out, crop="auto", device="cpu", progress=False))
-    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    rows = {Path(r["path"]).name: r for r in read_csv_rows(out)}
     assert (rows["small.png"]["crop"], rows["large.png"]["crop"]) == ("center", "tencrop")
     detector = Detector.load(run, device="cpu")
     assert float(rows["large.png"]["score"]) == pytest.approx(detector.score([large], crop="tencrop")[0], abs=1e-6)
     assert float(rows["small.png"]["score"]) == pytest.approx(detector.score([small])[0], abs=1e-6)
     run_predict(PredictConfig(head=run, inputs=(tmp_path,), out=tmp_path / "t.csv", crop="auto", auto_min_side=30,
                               device="cpu", progress=False))  # fmt: skip
-    assert {r["crop"] for r in read_rows(tmp_path / "t.csv")} == {"tencrop"}
+    assert {r["crop"] for r in read_csv_rows(tmp_path / "t.csv")} == {"tencrop"}
 
 
 # ---------------------------------------------------------------- backbones and head files
@@ -328,7 +323,7 @@ def test_another_backbone_is_refused_unless_allowed_and_then_recorded(trained_pr
     out = tmp_path / "s.csv"
     invoke("predict", str(data), "--head", str(run), "--model", str(other_clips["seed"]), "--allow-other-backbone",
            "--out", str(out), "--device", "cpu", "--no-progress")  # fmt: skip
-    backbones = {r["backbone"] for r in read_rows(out)}
+    backbones = {r["backbone"] for r in read_csv_rows(out)}
     assert len(backbones) == 1 and "allowed" in backbones.pop()
     output = invoke("predict", str(data), "--head", str(run), "--model", str(other_clips["fewer"]),
                     "--allow-other-backbone", "--device", "cpu", code=1)  # fmt: skip

@@ -3,7 +3,6 @@ the same stores; their numbers against scikit-learn and an independent k-NN; the
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from conftest import separable_features
+from conftest import read_csv_rows, separable_features
 from conftest import write_store as write_store_without_embedding
 from pipeline import cache
 from pipeline.heads import FitConfig, load_head, parse_grid, run_grid
@@ -75,13 +74,8 @@ ZOO = """  - {head: [rine]}
 """
 
 
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def scores_of(folder: Path, split: str) -> np.ndarray:
-    return np.array([float(row["score"]) for row in read(folder / f"scores_{split}.csv")])
+    return np.array([float(row["score"]) for row in read_csv_rows(folder / f"scores_{split}.csv")])
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +87,14 @@ def zoo(stores, tmp_path_factory) -> Path:
 
 
 def run_of(out: Path, head: str, features: str, **where: str) -> Path:
-    rows = [r for r in read(out / "results.csv") if r["head"] == head and r["features"] == features]
+    rows = [r for r in read_csv_rows(out / "results.csv") if r["head"] == head and r["features"] == features]
     rows = [r for r in rows if all(r[key] == value for key, value in where.items())]
     assert len({r["run"] for r in rows}) == 1
     return out / "runs" / rows[0]["run"]
 
 
 def test_one_grid_fits_every_head_and_labels_its_rows(zoo):
-    rows = read(zoo / "results.csv")
+    rows = read_csv_rows(zoo / "results.csv")
     assert {(r["head"], r["features"]) for r in rows} == {
         ("rine", "blocks"),
         ("linear", "embedding"),
@@ -112,7 +106,7 @@ def test_one_grid_fits_every_head_and_labels_its_rows(zoo):
     assert len({r["run"] for r in rows}) == 1 + 2 + 2 + 5
     assert all(r["status"] == "ok" for r in rows)
     assert {r["k"] for r in rows if r["head"] == "knn"} == {"1", "5"}
-    selection = read(zoo / "selection.csv")
+    selection = read_csv_rows(zoo / "selection.csv")
     # one setting per (head, features): each selected by both rules
     assert len(selection) == 2 * 9 and {s["head"] for s in selection} == {"rine", "linear", "knn", "logreg"}
 
@@ -198,7 +192,7 @@ def test_a_rine_config_keeps_the_run_id_it_had_before_the_head_fields():
 def test_a_block_the_store_lacks_fails_its_config_alone(stores, tmp_path):
     grid = '  - {head: [logreg], features: ["block:1", "block:7"]}\n'
     summary = run_grid(parse_grid(grid_text(stores, tmp_path / "g", grid)), FitConfig(device="cpu", progress=False))
-    rows = read(summary.results)
+    rows = read_csv_rows(summary.results)
     assert summary.n_errors == 1
     (error,) = [r for r in rows if r["status"] == "error"]
     assert error["features"] == "block:7" and "the store holds blocks [0, 1, 2, 3]" in error["error"]

@@ -8,7 +8,6 @@ alone tells d's fakes apart and not the others' (a known direction for the cells
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -16,16 +15,11 @@ import numpy as np
 import pytest
 
 from conftest import GENERATOR_DATASETS as DATASETS
-from conftest import generator_features, write_store
+from conftest import generator_features, read_csv_rows, write_store
 from pipeline.heads import FitConfig, run_grid
 from pipeline.heads.config import ConfigError, RunConfig, make_run_config, parse_grid
 from pipeline.heads.grid import run_id
 from pipeline.heads.protocols import ProtocolError, expand_protocols, protocol_cells
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +86,12 @@ def protocol_run(generator_stores: Path, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("protocol-grid")
     spec = parse_grid(protocol_grid(generator_stores, out, "[one-vs-rest, leave-one-out]"))
     summary = run_grid(spec, FitConfig(device="cpu", progress=False))
-    return {"summary": summary, "out": out, "rows": read(summary.results), "selection": read(summary.selection)}
+    return {
+        "summary": summary,
+        "out": out,
+        "rows": read_csv_rows(summary.results),
+        "selection": read_csv_rows(summary.selection),
+    }
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
+from conftest import read_csv_rows
 from pipeline.heads import RunConfig
 from pipeline.report import ReportConfig, ReportError, run_report
 from pipeline.results import reference
@@ -251,11 +252,6 @@ def build_ldm_grid(root: Path) -> Path:
 # ----------------------------------------------------------------------------- independent expectations
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
 def percent(value: float) -> str:
     return f"{round(100 * value, 1):.1f}"
 
@@ -263,7 +259,7 @@ def percent(value: float) -> str:
 def scores_per_dataset(score_file: Path) -> dict[str, tuple[float, float]]:
     """Dataset -> (accuracy at 0.5, average precision) recomputed from a per-image score file."""
     grouped: dict[str, tuple[list[int], list[float]]] = {}
-    for row in read_rows(score_file):
+    for row in read_csv_rows(score_file):
         labels, scores = grouped.setdefault(row["dataset"], ([], []))
         labels.append(int(row["label"]))
         scores.append(float(row["score"]))
@@ -378,7 +374,7 @@ def test_backbone_name_of_hub_ids_and_local_folders() -> None:
 
 def test_acc_and_ap_tables_match_a_recomputation_from_the_score_files(grids, report) -> None:
     folders = run_folders(*grids)
-    selections = [row for grid in grids for row in read_rows(grid / "selection.csv")]
+    selections = [row for grid in grids for row in read_csv_rows(grid / "selection.csv")]
     # Architecture-ablation settings go to ablations.csv, not to Tables 2/3.
     # The LDM setting (scored by ten crops on Synthbuster) goes to ldm.csv.
     selections = [row for row in selections if row["head_blocks"] != "last" and row["aggregation"] != "mean"
@@ -386,7 +382,7 @@ def test_acc_and_ap_tables_match_a_recomputation_from_the_score_files(grids, rep
     assert selections
     selections.sort(key=lambda row: int(row["n_classes"]))  # rows are grouped by (backbone, n_classes)
     for name, index in (("acc.csv", 0), ("ap.csv", 1)):
-        table = read_rows(report.out / name)
+        table = read_csv_rows(report.out / name)
         ours = [row for row in table if row["source"] == "ours"]
         assert [(r["selection"], r["run"]) for r in ours] == merged_rules(selections)
         columns = [c for c in table[0] if c in PAPER_ORDER or c == "my_extra"]
@@ -406,13 +402,13 @@ def test_dataset_columns_are_in_paper_order_with_extras_last(report) -> None:
         assert header == [*PAPER_ORDER, "my_extra", "avg", "source", "backbone", "tap", "n_classes", "setting_id",
                           "selection", "run", "contrastive_factor", "proj_layers", "proj_dim", "seeds",
                           "excluded_from_avg"]  # fmt: skip
-    acc = read_rows(report.out / "acc.csv")
+    acc = read_csv_rows(report.out / "acc.csv")
     assert {row["excluded_from_avg"] for row in acc if row["source"] == "ours" and row["my_extra"]} == {"my_extra"}
     assert {row["excluded_from_avg"] for row in acc if row["source"] == "authors"} == {""}
 
 
 def test_authors_rows_equal_the_shared_reference_numbers(report) -> None:
-    acc, ap = read_rows(report.out / "acc.csv"), read_rows(report.out / "ap.csv")
+    acc, ap = read_csv_rows(report.out / "acc.csv"), read_csv_rows(report.out / "ap.csv")
     authors = [(a, p) for a, p in zip(acc, ap) if a["source"] == "authors"]
     # Our grids are ViT-L/14 4-class and 2-class; the published config is also the authors' best by test.
     assert [(a["n_classes"], a["selection"]) for a, _ in authors] == [("2", "published"), ("4", "published")]
@@ -471,7 +467,7 @@ def test_the_page_colours_our_values_by_their_difference_with_the_authors(report
     cells = TableCells("acc.csv")
     cells.feed((report.out / "index.html").read_text(encoding="utf-8"))
     rows = [dict(zip(cells.header, row)) for row in cells.rows if row]
-    assert [row["source"][0] for row in rows] == [row["source"] for row in read_rows(report.out / "acc.csv")]
+    assert [row["source"][0] for row in rows] == [row["source"] for row in read_csv_rows(report.out / "acc.csv")]
     coloured = 0
     for row in (row for row in rows if row["source"][0] == "ours"):
         authors = next(r for r in rows if r["source"][0] == "authors" and r["n_classes"][0] == row["n_classes"][0])
@@ -492,7 +488,7 @@ def test_the_page_colours_our_values_by_their_difference_with_the_authors(report
 def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
     grid = build_grid(tmp_path, "vitb32-1class", BASE, "horse", [RunSpec(0.1, 2, 512, 1.2)], ["progan"], seed=3)
     summary = run_report(ReportConfig(grid_dirs=(grid,), out=tmp_path / "out", plots=False))
-    authors = [row for row in read_rows(summary.out / "acc.csv") if row["source"] == "authors"]
+    authors = [row for row in read_csv_rows(summary.out / "acc.csv") if row["source"] == "authors"]
     assert [
         (r["backbone"], r["selection"], r["contrastive_factor"], r["proj_layers"], r["proj_dim"]) for r in authors
     ] == [("ViT-B/32", "published", "0.1", "2", "512")]
@@ -504,10 +500,10 @@ def test_vitb32_authors_rows_use_the_grid_best(tmp_path: Path) -> None:
 
 
 def test_best_table_lists_each_selection_with_size_and_time(grids, report) -> None:
-    results = {(r["run"]): r for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"}
-    selections = [row for grid in grids for row in read_rows(grid / "selection.csv")]  # best.csv keeps input order
-    best = read_rows(report.out / "best.csv")
-    settings = {row["setting_id"]: row["setting"] for row in read_rows(report.out / "settings.csv")}
+    results = {(r["run"]): r for grid in grids for r in read_csv_rows(grid / "results.csv") if r["status"] == "ok"}
+    selections = [row for grid in grids for row in read_csv_rows(grid / "selection.csv")]  # best.csv keeps input order
+    best = read_csv_rows(report.out / "best.csv")
+    settings = {row["setting_id"]: row["setting"] for row in read_csv_rows(report.out / "settings.csv")}
     assert [(r["selection"], r["run"]) for r in best] == merged_rules(selections)
     for row in best:
         source = results[row["run"]]
@@ -533,8 +529,8 @@ def test_best_table_lists_each_selection_with_size_and_time(grids, report) -> No
 
 def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
     folders = run_folders(*grids)
-    ok_rows = [(grid, r) for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"]
-    table = read_rows(report.out / "grid.csv")
+    ok_rows = [(grid, r) for grid in grids for r in read_csv_rows(grid / "results.csv") if r["status"] == "ok"]
+    table = read_csv_rows(report.out / "grid.csv")
     assert sorted(r["run"] for r in table) == sorted({r["run"] for _, r in ok_rows}) == sorted(folders)
     # every field of a run's config is a column (calibration was once left out), as results.csv wrote it
     assert {f.name for f in dataclasses.fields(RunConfig)} <= set(table[0])
@@ -547,7 +543,7 @@ def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
         assert row["mean_ap_pct"] == percent(paper_mean({d: p for d, (_, p) in test.items()}))
         assert row["excluded_from_mean"] == ("my_extra" if "my_extra" in test else "")
         assert row["val_acc_pct"] == percent(val["progan"][0])
-    metrics = read_rows(report.out / "metrics.csv")
+    metrics = read_csv_rows(report.out / "metrics.csv")
     assert len(metrics) == len(ok_rows)
     assert "status" not in metrics[0] and "error" not in metrics[0]
     assert list(metrics[0])[:6] == ["acc_pct", "acc_ci_low_pct", "acc_ci_high_pct", "ap_pct", "ap_ci_low_pct",
@@ -566,12 +562,12 @@ def test_grid_and_metrics_tables_cover_every_ok_run(grids, report) -> None:
 
 def test_ablations_table_compares_each_ablation_with_the_full_model(grids, report) -> None:
     folders = run_folders(*grids)
-    study = {r["run"]: r for r in read_rows(grids[1] / "results.csv")}
-    table = read_rows(report.out / "ablations.csv")
+    study = {r["run"]: r for r in read_csv_rows(grids[1] / "results.csv")}
+    table = read_csv_rows(report.out / "ablations.csv")
     ours = [row for row in table if row["source"] == "ours"]
     assert [row["variant"] for row in ours] == ["full", "without_intermediate", "without_tie", "without_contrastive"]
     full = ours[0]
-    best_by_test = next(r for r in read_rows(grids[1] / "selection.csv")
+    best_by_test = next(r for r in read_csv_rows(grids[1] / "selection.csv")
                         if r["selection"] == "best_by_test_mean_acc_ap" and r["epochs"] == "1" and r["head_blocks"] == "all"
                         and r["aggregation"] == "tie")  # fmt: skip
     assert full["run"] == best_by_test["run"]
@@ -619,9 +615,9 @@ def test_ablations_table_compares_each_ablation_with_the_full_model(grids, repor
 
 def test_robustness_table_has_ours_per_perturbed_variant_and_the_authors(grids, report) -> None:
     folders = run_folders(*grids)
-    table = read_rows(report.out / "robustness.csv")
+    table = read_csv_rows(report.out / "robustness.csv")
     best_runs = {
-        r["run"] for r in read_rows(grids[1] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"
+        r["run"] for r in read_csv_rows(grids[1] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"
     }
     ours = [row for row in table if row["source"] == "ours"]
     perturbed_best = {row["run"] for row in ours}
@@ -658,7 +654,7 @@ def test_plots_are_non_empty_pngs(grids, report) -> None:
     pngs = sorted(path for path in report.written if path.suffix == ".png")
     names = [path.name for path in pngs]
     full_settings = [
-        r for grid in grids for r in read_rows(grid / "selection.csv")
+        r for grid in grids for r in read_csv_rows(grid / "selection.csv")
         if r["selection"] == "best_by_test_mean_acc_ap" and r["head_blocks"] == "all" and r["aggregation"] == "tie"
         and float(r["contrastive_factor"]) != 0 and r["train"] != "train_ldm"
     ]  # fmt: skip
@@ -668,7 +664,7 @@ def test_plots_are_non_empty_pngs(grids, report) -> None:
     assert sum("epochs-3" in name for name in per_dataset) == 1
     assert {"hyperparams_box.png", "epochs.png", "fraction.png", "tie.png"} <= set(names)
     assert len([name for name in names if name.startswith("tsne_")]) == 1  # the one selected run with embeddings
-    selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}
+    selected = {row["run"] for grid in grids for row in read_csv_rows(grid / "selection.csv")}
     assert {name for name in names if name.startswith("run_")} >= {f"run_{run}_scores.png" for run in selected}
     # no such runs (no seeds, no format-align entry, no per-block probe); no figure failed
     assert {item.name for item in report.skipped} == {"seeds.csv", "format_align.csv", "blocks.csv", "which_block.png"}
@@ -816,7 +812,7 @@ def test_study_reference_files_have_their_shape_and_agree_with_the_grid_file() -
 
 
 def study_rows(report, name: str) -> list[dict[str, str]]:
-    return read_rows(report.out / name)
+    return read_csv_rows(report.out / name)
 
 
 def test_epochs_table_has_ours_per_epochs_and_the_authors_top_three(grids, report) -> None:
@@ -879,15 +875,19 @@ def test_ldm_table_averages_the_synthbuster_sets_beside_the_authors(grids, repor
                == ("0.2", "4", "1024", "1", "acc"))  # fmt: skip
     assert {c: row[c] for c in SYNTHBUSTER} == {d: percent(a) for d, (a, _) in expected.items()}
     assert row["avg"] == percent(np.mean([a for a, _ in expected.values()]))
-    assert not set(SYNTHBUSTER) & set(read_rows(report.out / "acc.csv")[0])  # ten-crop LDM runs stay out of Tables 2/3
+    assert not set(SYNTHBUSTER) & set(
+        read_csv_rows(report.out / "acc.csv")[0]
+    )  # ten-crop LDM runs stay out of Tables 2/3
 
 
 def test_tie_table_is_the_softmax_of_alpha_per_block_of_the_selected_runs(grids, report) -> None:
     import torch
     from safetensors.torch import load_file
 
-    table = read_rows(report.out / "tie.csv")
-    selected = {r["run"] for r in read_rows(grids[0] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"}
+    table = read_csv_rows(report.out / "tie.csv")
+    selected = {
+        r["run"] for r in read_csv_rows(grids[0] / "selection.csv") if r["selection"] == "best_by_test_mean_acc_ap"
+    }
     with_heads = {folder.name for folder in (grids[0] / "runs").iterdir() if (folder / "head.safetensors").is_file()}
     assert {row["run"] for row in table} == selected & with_heads and len(table) == N_BLOCKS * len(
         selected & with_heads
@@ -931,19 +931,19 @@ def test_each_selected_run_gets_a_reliability_diagram_and_histograms_marked_with
     from pipeline.results.metrics import best_threshold, choose_thresholds
 
     names = {path.name for path in report.written}
-    selected = {row["run"] for grid in grids for row in read_rows(grid / "selection.csv")}
+    selected = {row["run"] for grid in grids for row in read_csv_rows(grid / "selection.csv")}
     assert {f"run_{run}_reliability.png" for run in selected} <= names
     run = next(r for r in all_runs([read_grid_dir(grids[0])]) if r.run in selected)
     tests, _ = read_run_scores(run)
     section = RunSection(run, (), tuple(tests), (), (), (), ())
     jobs = {job[0]: job[1] for job in run_jobs(section, report.out)}
-    val = read_rows(run.folder / "scores_val.csv")
+    val = read_csv_rows(run.folder / "scores_val.csv")
     labels, scores = np.array([int(r["label"]) for r in val]), np.array([float(r["score"]) for r in val])
     curves = jobs[f"run_{run.run}_reliability.png"].args[2]
     assert list(curves) == ["val", "test"]
     np.testing.assert_array_equal(curves["val"][0], labels)
     np.testing.assert_array_equal(curves["val"][1], scores)
-    test = read_rows(run.folder / "scores_test.csv")
+    test = read_csv_rows(run.folder / "scores_test.csv")
     np.testing.assert_array_equal(curves["test"][1], [float(r["score"]) for r in test])
     thresholds = jobs[f"run_{run.run}_scores.png"].args[3]
     chosen = choose_thresholds(labels, scores)
@@ -974,7 +974,7 @@ def test_the_ranked_view_orders_every_config_by_val_and_keeps_the_selected(grids
     from pipeline.report.ranking import MAX_ROWS, ranked_runs
 
     loaded = [read_grid_dir(grid) for grid in grids]
-    ok = {(grid, r["run"]) for grid in grids for r in read_rows(grid / "results.csv") if r["status"] == "ok"}
+    ok = {(grid, r["run"]) for grid in grids for r in read_csv_rows(grid / "results.csv") if r["status"] == "ok"}
     selected = {run_key(s.run) for grid in loaded for s in grid.selections}
     runs, total = ranked_runs(loaded, selected)
     assert total == len([run for grid in loaded for run in grid.runs.values() if run.has_test_mean]) <= len(ok)

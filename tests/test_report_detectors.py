@@ -4,10 +4,8 @@ browser."""
 
 from __future__ import annotations
 
-import csv
 import html
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,17 +13,13 @@ from test_probe_fit import ZOO, grid_text
 from test_probe_fit import stores as stores  # noqa: F401 - the module fixture, reused
 from test_report_page import HARNESS, browse, chromium
 
+from conftest import read_csv_rows
 from pipeline.heads import FitConfig, parse_grid, run_grid
 from pipeline.report import ReportConfig, run_report
 from pipeline.report.studies import block_importance
 from pipeline.results.bootstrap import BootstrapConfig
 
 pytestmark = pytest.mark.slow
-
-
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +32,11 @@ def report(stores, tmp_path_factory) -> dict:  # noqa: F811
 
 
 def test_detectors_table_has_every_selected_head_with_its_results_and_intervals(report):
-    rows = read(report["out"] / "detectors.csv")
-    selection = read(report["grid"] / "selection.csv")
+    rows = read_csv_rows(report["out"] / "detectors.csv")
+    selection = read_csv_rows(report["grid"] / "selection.csv")
     assert sorted((r["run"], r["selection"]) for r in rows) == sorted((s["run"], s["selection"]) for s in selection)
     assert {r["head"] for r in rows} == {"rine", "linear", "knn", "logreg"}
-    results = read(report["grid"] / "results.csv")
+    results = read_csv_rows(report["grid"] / "results.csv")
     for row in rows:
         tests = [r for r in results if r["run"] == row["run"] and r["split"] == "test"]
         for result in tests:
@@ -56,10 +50,12 @@ def test_detectors_table_has_every_selected_head_with_its_results_and_intervals(
 
 
 def test_blocks_table_puts_each_blocks_probe_beside_rines_tie_weight(report):
-    rows = read(report["out"] / "blocks.csv")
+    rows = read_csv_rows(report["out"] / "blocks.csv")
     assert [r["block"] for r in rows] == ["0", "1", "2", "3"]
-    selection = {s["run"]: s for s in read(report["grid"] / "selection.csv") if s["selection"] == "best_by_val"}
-    rine = next(s["run"] for s in read(report["grid"] / "selection.csv")
+    selection = {
+        s["run"]: s for s in read_csv_rows(report["grid"] / "selection.csv") if s["selection"] == "best_by_val"
+    }
+    rine = next(s["run"] for s in read_csv_rows(report["grid"] / "selection.csv")
                 if s["head"] == "rine" and s["selection"] == "best_by_test_mean_acc_ap")  # fmt: skip
     _, weights = block_importance(report["grid"] / "runs" / rine / "head.safetensors")
     for row, weight in zip(rows, weights):

@@ -11,7 +11,6 @@ module, numpy, scikit-learn and Pillow.
 
 from __future__ import annotations
 
-import csv
 import html.parser
 import json
 import os
@@ -26,6 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 from sklearn.metrics import accuracy_score, average_precision_score
 
+from conftest import read_csv_rows
 from pipeline import cache
 from pipeline.cli import main
 from pipeline.features import AuditConfig, Manifest, ManifestRow, run_audit, write_manifest
@@ -43,11 +43,6 @@ SIZES = ((24, 24), (48, 40), (80, 96))  # shorter side < crop, in [crop, 2 crop)
 RESAMPLES = 200
 N_BLOCKS, DIM = 3, 12
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
-
-
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def pct(fraction: float) -> str:
@@ -141,7 +136,7 @@ grid:
 def scores_of(grid: Path, run: str, split: str) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
     """Dataset -> (labels, scores, paths) read from a run's scores file."""
     grouped: dict[str, tuple[list, list, list]] = {}
-    for row in read_rows(grid / "runs" / run / f"scores_{split}.csv"):
+    for row in read_csv_rows(grid / "runs" / run / f"scores_{split}.csv"):
         labels, scores, paths = grouped.setdefault(row["dataset"], ([], [], []))
         labels.append(int(row["label"]))
         scores.append(float(row["score"]))
@@ -151,8 +146,8 @@ def scores_of(grid: Path, run: str, split: str) -> dict[str, tuple[np.ndarray, n
 
 def selected_config_runs(grid: Path) -> set[str]:
     """Every run of a selected config (all its seeds): the runs the report bootstraps by default."""
-    results = read_rows(grid / "results.csv")
-    factors = {row["contrastive_factor"] for row in read_rows(grid / "selection.csv")}
+    results = read_csv_rows(grid / "results.csv")
+    factors = {row["contrastive_factor"] for row in read_csv_rows(grid / "selection.csv")}
     return {row["run"] for row in results if row["contrastive_factor"] in factors}
 
 
@@ -161,7 +156,7 @@ def selected_config_runs(grid: Path) -> set[str]:
 
 def test_metrics_intervals_are_the_bootstrap_of_each_score_file(world) -> None:
     grid, config = world["grid"], BootstrapConfig(RESAMPLES)
-    rows = read_rows(world["reports"] / "metrics.csv")
+    rows = read_csv_rows(world["reports"] / "metrics.csv")
     in_scope = selected_config_runs(grid)
     assert {row["run"] for row in rows if row["acc_ci_low_pct"]} == in_scope
     for row in (row for row in rows if row["run"] in in_scope):
@@ -176,7 +171,7 @@ def test_metrics_intervals_are_the_bootstrap_of_each_score_file(world) -> None:
 
 def test_grid_means_have_the_interval_of_the_mean_over_test_sets(world) -> None:
     grid = world["grid"]
-    for row in read_rows(world["reports"] / "grid.csv"):
+    for row in read_csv_rows(world["reports"] / "grid.csv"):
         if row["run"] not in selected_config_runs(grid):
             assert row["mean_acc_ci_low_pct"] == ""
             continue
@@ -193,20 +188,20 @@ def test_grid_means_have_the_interval_of_the_mean_over_test_sets(world) -> None:
 def test_intervals_are_reproducible_and_follow_the_seed(world, tmp_path: Path) -> None:
     again = run_report(ReportConfig(grid_dirs=(world["grid"],), out=tmp_path / "a", plots=False, html=False,
                                     bootstrap=BootstrapConfig(RESAMPLES), progress=False))  # fmt: skip
-    assert read_rows(again.out / "metrics.csv") == read_rows(world["reports"] / "metrics.csv")
+    assert read_csv_rows(again.out / "metrics.csv") == read_csv_rows(world["reports"] / "metrics.csv")
     other = run_report(ReportConfig(grid_dirs=(world["grid"],), out=tmp_path / "b", plots=False, html=False,
                                     bootstrap=BootstrapConfig(RESAMPLES, seed=5), bootstrap_all=True, progress=False))  # fmt: skip
-    rows = read_rows(other.out / "metrics.csv")
+    rows = read_csv_rows(other.out / "metrics.csv")
     assert all(row["acc_ci_low_pct"] for row in rows)  # --bootstrap-all: every run
-    assert [r["ap_ci_low_pct"] for r in rows] != [r["ap_ci_low_pct"] for r in read_rows(again.out / "metrics.csv")]
+    assert [r["ap_ci_low_pct"] for r in rows] != [r["ap_ci_low_pct"] for r in read_csv_rows(again.out / "metrics.csv")]
 
 
 # ----------------------------------------------------------------------------- seeds and format-align
 
 
 def test_seeds_table_gives_mean_and_std_over_seeds_per_config(world) -> None:
-    results = [row for row in read_rows(world["grid"] / "results.csv") if row["status"] == "ok"]
-    seeds = read_rows(world["reports"] / "seeds.csv")
+    results = [row for row in read_csv_rows(world["grid"] / "results.csv") if row["status"] == "ok"]
+    seeds = read_csv_rows(world["reports"] / "seeds.csv")
     assert {row["contrastive_factor"] for row in seeds} == {"0.1", "0.8"}
     assert {(row["n_seeds"], row["seeds"]) for row in seeds} == {("2", "0+1")}
     for row in seeds:
@@ -220,8 +215,8 @@ def test_seeds_table_gives_mean_and_std_over_seeds_per_config(world) -> None:
         assert row["acc_std_pct"] == pct(np.std(accs, ddof=1))
     averages = [row for row in seeds if row["dataset"] == "avg"]
     assert len(averages) == 2 and all(row["variant"] == "" for row in averages)
-    settings = {row["setting_id"]: row["setting"] for row in read_rows(world["reports"] / "settings.csv")}
-    for row in read_rows(world["reports"] / "acc.csv"):  # a selected config: the mean over its seeds
+    settings = {row["setting_id"]: row["setting"] for row in read_csv_rows(world["reports"] / "settings.csv")}
+    for row in read_csv_rows(world["reports"] / "acc.csv"):  # a selected config: the mean over its seeds
         assert row["seeds"] == "0+1" and "seed=" not in settings[row["setting_id"]]
         for dataset in ("gan", "clean"):
             accs = [float(r["acc"]) for r in results if r["contrastive_factor"] == row["contrastive_factor"]
@@ -230,9 +225,9 @@ def test_seeds_table_gives_mean_and_std_over_seeds_per_config(world) -> None:
 
 
 def test_format_align_table_compares_center_with_the_aligned_copy(world) -> None:
-    selection = read_rows(world["grid"] / "selection.csv")
-    results = [row for row in read_rows(world["grid"] / "results.csv") if row["status"] == "ok"]
-    table = read_rows(world["reports"] / "format_align.csv")
+    selection = read_csv_rows(world["grid"] / "selection.csv")
+    results = [row for row in read_csv_rows(world["grid"] / "results.csv") if row["status"] == "ok"]
+    table = read_csv_rows(world["reports"] / "format_align.csv")
     assert {row["run"] for row in table} == {row["run"] for row in selection}
     for row in table:
         factor = next(s["contrastive_factor"] for s in selection if s["run"] == row["run"])
@@ -256,8 +251,8 @@ def test_robustness_table_leaves_format_align_to_its_own_table(world) -> None:
 
 def test_error_analysis_counts_errors_by_label_size_and_format(world) -> None:
     grid, data = world["grid"], world["data"]
-    table = read_rows(world["reports"] / "errors.csv")
-    selected = {row["run"] for row in read_rows(grid / "selection.csv")}
+    table = read_csv_rows(world["reports"] / "errors.csv")
+    selected = {row["run"] for row in read_csv_rows(grid / "selection.csv")}
     assert {row["run"] for row in table} == selected
     for run in selected:
         for split in ("test", "test_aligned"):
@@ -293,14 +288,14 @@ def test_error_analysis_says_unknown_without_audit_or_data(world, tmp_path: Path
         config_file.unlink()  # the stores can no longer be found: no data root
     summary = run_report(ReportConfig(grid_dirs=(moved,), out=tmp_path / "out", plots=False,
                                       bootstrap=BootstrapConfig(0), progress=False))  # fmt: skip
-    rows = read_rows(summary.out / "errors.csv")
+    rows = read_csv_rows(summary.out / "errors.csv")
     assert {r["bucket"] for r in rows if r["facet"] == "size"} == {"unknown"}
     # the detector saw the format-aligned JPEG whatever the file was
     assert {(r["split"], r["bucket"]) for r in rows if r["facet"] == "format"} == {
         ("test", "unknown"),
         ("test_aligned", "JPEG q95 (was unknown)"),
     }
-    assert {row["acc_ci_low_pct"] for row in read_rows(summary.out / "metrics.csv")} == {""}  # --bootstrap 0: none
+    assert {row["acc_ci_low_pct"] for row in read_csv_rows(summary.out / "metrics.csv")} == {""}  # --bootstrap 0: none
     page = (summary.out / "index.html").read_text()
     assert "config.yaml is missing" in page and "no thumbnail" in page
 
@@ -308,13 +303,13 @@ def test_error_analysis_says_unknown_without_audit_or_data(world, tmp_path: Path
 def test_a_missing_score_file_is_named_not_silently_skipped(world, tmp_path: Path) -> None:
     copied = tmp_path / "grid"
     shutil.copytree(world["grid"], copied)
-    run = read_rows(copied / "selection.csv")[0]["run"]
+    run = read_csv_rows(copied / "selection.csv")[0]["run"]
     (copied / "runs" / run / "scores_test_aligned.csv").unlink()
     summary = run_report(ReportConfig(grid_dirs=(copied,), out=tmp_path / "out", plots=False,
                                       bootstrap=BootstrapConfig(50), progress=False))  # fmt: skip
     reasons = {item.name: item.reason for item in summary.skipped}
     assert "test_aligned" in reasons[f"intervals of run {run}"]
-    rows = read_rows(summary.out / "metrics.csv")
+    rows = read_csv_rows(summary.out / "metrics.csv")
     assert {r["acc_ci_low_pct"] == "" for r in rows if r["run"] == run and r["split"] == "test_aligned"} == {True}
     assert all(r["acc_ci_low_pct"] for r in rows if r["run"] == run and r["split"] == "test")
     assert f"no scores_test_aligned.csv in {copied / 'runs' / run}" in (summary.out / "index.html").read_text()
@@ -381,13 +376,13 @@ def test_the_page_holds_every_table_figure_audit_and_the_galleries(world) -> Non
 
 def selected_full_run(world) -> dict[str, str]:
     """The run the summary card shows first: the first row of selection.csv (every run of this grid is a full model)."""
-    return read_rows(world["grid"] / "selection.csv")[0]
+    return read_csv_rows(world["grid"] / "selection.csv")[0]
 
 
 def card_expectations(world, run: str) -> tuple[str, str]:
     """(mean test ACC in percent, '[low, high]') of ``run``: its center test sets from results.csv, its interval from grid.csv."""
-    rows = [r for r in read_rows(world["grid"] / "results.csv") if r["run"] == run and r["split"] == "test"]
-    grid = next(r for r in read_rows(world["reports"] / "grid.csv") if r["run"] == run)
+    rows = [r for r in read_csv_rows(world["grid"] / "results.csv") if r["run"] == run and r["split"] == "test"]
+    grid = next(r for r in read_csv_rows(world["reports"] / "grid.csv") if r["run"] == run)
     interval = f"[{grid['mean_acc_ci_low_pct']}, {grid['mean_acc_ci_high_pct']}]"
     return pct(np.mean([float(r["acc"]) for r in rows])), interval
 
@@ -395,7 +390,7 @@ def card_expectations(world, run: str) -> tuple[str, str]:
 def test_the_summary_answers_first_in_summary_md_and_the_last_lines(world) -> None:
     run = selected_full_run(world)
     mean_acc, interval = card_expectations(world, run["run"])
-    rules = [r["selection"] for r in read_rows(world["grid"] / "selection.csv") if r["run"] == run["run"]]
+    rules = [r["selection"] for r in read_csv_rows(world["grid"] / "selection.csv") if r["run"] == run["run"]]
     markdown = (world["reports"] / "summary.md").read_text(encoding="utf-8")
     lines = world["summary"].report().splitlines()
     result = lines[lines.index("== result ==") :]
@@ -404,7 +399,7 @@ def test_the_summary_answers_first_in_summary_md_and_the_last_lines(world) -> No
         assert "no comparison with the authors' numbers" in text  # a backbone without published numbers
         assert "audit flag gan (test): format alone predicts the label (AUC 1.000)" in text
         assert ("both rules pick this run: shown once" in text) == (len(rules) == 2)
-    gan = [r for r in read_rows(world["grid"] / "results.csv") if r["run"] == run["run"] and r["dataset"] == "gan"]
+    gan = [r for r in read_csv_rows(world["grid"] / "results.csv") if r["run"] == run["run"] and r["dataset"] == "gan"]
     before, after = (pct(float(r["acc"])) for r in sorted(gan, key=lambda r: r["split"]) if r["split"] != "val")
     assert f"detector ACC {before} % as the files are, {after} % format-align-q95" in markdown
     assert "pipeline report --out" in markdown and "rine-pipeline" in markdown
@@ -448,7 +443,7 @@ def test_no_csv_or_page_number_has_more_than_the_stated_digits(world) -> None:
     }
     percent_columns = 0
     for path in csvs:
-        for row in read_rows(path):
+        for row in read_csv_rows(path):
             for column, text in row.items():
                 if column.endswith(("_pct", "_pts")) or (path.name == "acc.csv" and column in ("gan", "clean", "avg")):
                     percent_columns += 1
@@ -472,7 +467,7 @@ def test_cli_report_without_arguments_reports_every_grid_under_runs(world, tmp_p
     result_lines = result.stderr.splitlines()
     assert "== result ==" in result_lines and "test mean over 2 sets ACC" in result.stderr  # the result comes last
     assert result_lines[-1].startswith("details: ")
-    assert {row["grid_dir"] for row in read_rows(tmp_path / "r" / "metrics.csv")} == {"runs/world"}
+    assert {row["grid_dir"] for row in read_csv_rows(tmp_path / "r" / "metrics.csv")} == {"runs/world"}
     defaults = {param.name: param.default for param in main.commands["report"].params}
     assert (defaults["resamples"], defaults["gallery_size"]) == (DEFAULT_RESAMPLES, DEFAULT_GALLERY_SIZE)
     empty = tmp_path / "empty"
