@@ -51,6 +51,21 @@ class Family:
         raise UnsupportedBackbone(f"{type(model).__name__}: no transformer blocks found")
 
 
+def _dino(name: str, model_type: str, model_class: str) -> Family:
+    """A DINO family: CLS token, ``norm2`` before the MLP, ImageNet normalisation, the processor's crop."""
+    return Family(
+        name=name,
+        model_types=(model_type,),
+        model_class=model_class,
+        token="cls",
+        ln2="norm2",
+        fixed_size=False,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="the final layer norm's CLS token (pooler_output)",
+    )
+
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="clip",
@@ -74,39 +89,9 @@ FAMILIES: tuple[Family, ...] = (
         std=HALF,
         embedding="the attention-pooled pooler_output",
     ),
-    Family(
-        name="dinov2",
-        model_types=("dinov2",),
-        model_class="Dinov2Model",
-        token="cls",
-        ln2="norm2",
-        fixed_size=False,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="the final layer norm's CLS token (pooler_output)",
-    ),
-    Family(
-        name="dinov2-registers",
-        model_types=("dinov2_with_registers",),
-        model_class="Dinov2WithRegistersModel",
-        token="cls",
-        ln2="norm2",
-        fixed_size=False,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="the final layer norm's CLS token (pooler_output)",
-    ),
-    Family(
-        name="dinov3",
-        model_types=("dinov3_vit",),
-        model_class="DINOv3ViTModel",
-        token="cls",
-        ln2="norm2",
-        fixed_size=False,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="the final layer norm's CLS token (pooler_output)",
-    ),
+    _dino("dinov2", "dinov2", "Dinov2Model"),
+    _dino("dinov2-registers", "dinov2_with_registers", "Dinov2WithRegistersModel"),
+    _dino("dinov3", "dinov3_vit", "DINOv3ViTModel"),
 )
 
 SUPPORTED = (
