@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -294,6 +295,19 @@ def fit_head(store: TrainStore, config: RunConfig, *, device: torch.device, prog
     return fit_group(store, [config], device=device, progress=progress).results()[0]
 
 
+# torch.optim.Adam's defaults (betas, eps, no weight decay, no AMSGrad), as the fused kernel takes them
+ADAM_OPTIONS: dict[str, Any] = {
+    "amsgrad": False,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "weight_decay": 0.0,
+    "eps": 1e-8,
+    "maximize": False,
+    "grad_scale": None,
+    "found_inf": None,
+}
+
+
 class FusedAdam:
     """Adam with torch's defaults (betas 0.9 / 0.999, eps 1e-8, no weight decay) as one call of torch's fused
     kernel per step: ``torch.optim.Adam(fused=True)``'s update, bit for bit (tested), without ``torch.optim``'s
@@ -327,15 +341,8 @@ class FusedAdam:
             [self.exp_avg_sqs[i] for i in with_grad],
             [],
             steps,
-            amsgrad=False,
             lr=float(self.param_groups[0]["lr"]),
-            beta1=0.9,
-            beta2=0.999,
-            weight_decay=0.0,
-            eps=1e-8,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
+            **ADAM_OPTIONS,
         )
 
 
@@ -351,15 +358,8 @@ def has_fused_adam(device_type: str) -> bool:
             [probe.clone()],
             [],
             [probe.clone()],
-            amsgrad=False,
             lr=0.0,
-            beta1=0.9,
-            beta2=0.999,
-            weight_decay=0.0,
-            eps=1e-8,
-            maximize=False,
-            grad_scale=None,
-            found_inf=None,
+            **ADAM_OPTIONS,
         )
     except (AttributeError, NotImplementedError, RuntimeError):
         return False
